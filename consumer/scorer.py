@@ -1,0 +1,279 @@
+"""The scorer loop one worker process runs.
+
+Per batch: consume up to ``batch_size`` records, decode them, compute the features for the
+whole batch, call ``predict`` once, produce one prediction per order (and the sampled ones to
+the drift topic), wait until the broker acknowledged every record produced, then commit the
+batch's offsets. A crash anywhere before the commit means the batch is consumed again:
+at-least-once, never at-most-once.
+
+Bad data never stops the loop: a record that does not decode, or that makes scoring fail, goes
+to the dead-letter topic with the reason. Infrastructure failures (a delivery the broker
+refused, a commit that cannot be made) raise :class:`InfrastructureError`; the process exits
+non-zero and the supervisor restarts it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from bus.clients import make_consumer, make_producer
+from bus.settings import Settings
+from consumer.deadletter import dead_letter_headers
+from consumer.sampler import sampled_indices
+from model.artifact import Model
+from model.features import FeatureBatch
+from model.orders import OrderColumns
+from model.reference import ReferenceTables
+from schemas.codec import Codec, DecodeError
+
+# Commit errors that mean "these partitions are no longer yours": the new owner re-reads them.
+_LOST_OWNERSHIP = {KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
+                   KafkaError.UNKNOWN_MEMBER_ID, KafkaError._ASSIGNMENT_LOST,
+                   KafkaError.FENCED_INSTANCE_ID}
+_FLUSH_TIMEOUT_S = 60.0
+_COMMIT_ATTEMPTS = 5
+
+
+class InfrastructureError(RuntimeError):
+    """The broker did not take what this worker produced or committed; restart the worker."""
+
+
+@dataclass
+class ScorerStats:
+    consumed: int = 0
+    predicted: int = 0
+    sampled: int = 0
+    dead_lettered: Counter[str] = field(default_factory=Counter)
+    batches: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"consumed": self.consumed, "predicted": self.predicted, "sampled": self.sampled,
+                "dead_lettered": dict(self.dead_lettered), "batches": self.batches}
+
+
+class Scorer:
+    def __init__(self, settings: Settings, model: Model, reference: ReferenceTables,
+                 worker_id: str = "0", status_file: Path | None = None) -> None:
+        self.settings = settings
+        self.model = model
+        self.reference = reference
+        self.worker_id = worker_id
+        registry = settings.schema_registry_url
+        self.orders = Codec("order", topic=settings.orders_topic, registry_url=registry)
+        self.predictions = Codec("prediction", topic=settings.predictions_topic,
+                                 registry_url=registry)
+        self.samples = Codec("drift_sample", topic=settings.drift_topic, registry_url=registry)
+        self.consumer = make_consumer(settings)
+        self.status_file = status_file
+        self.assigned: set[int] = set()
+        self.producer = make_producer(settings)
+        self.class_names = [str(c) for c in model.classes]
+        self.stats = ScorerStats()
+        self.log = structlog.get_logger("scorer").bind(worker=worker_id)
+        self._stop_requested = False
+        self._delivery_errors: list[str] = []
+
+    def request_stop(self) -> None:
+        """Finish the batch in hand, commit it, leave the group (safe from a signal handler)."""
+        self._stop_requested = True
+
+    def run(self) -> ScorerStats:
+        self.consumer.subscribe([self.settings.orders_topic], on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_lost)
+        self.log.info("worker_started", topic=self.settings.orders_topic,
+                      group=self.settings.group_id, model_version=self.model.version)
+        timeout_s = self.settings.batch_timeout_ms / 1000.0
+        last_report = time.monotonic()
+        try:
+            while not self._stop_requested:
+                batch = self.consumer.consume(self.settings.batch_size, timeout_s)
+                if batch:
+                    self.process(batch)
+                if time.monotonic() - last_report >= 10.0:
+                    self.log.info("progress", **self.stats.as_dict())
+                    last_report = time.monotonic()
+        finally:
+            self.consumer.close()  # leaves the group, so the partitions move on at once
+            self.producer.flush(_FLUSH_TIMEOUT_S)
+            self.log.info("worker_stopped", **self.stats.as_dict())
+        return self.stats
+
+    # -- one batch -------------------------------------------------------------------------
+
+    def process(self, batch: list[Message]) -> None:
+        records: list[dict] = []
+        decoded: list[Message] = []
+        consumed: list[Message] = []
+        for msg in batch:
+            err = msg.error()
+            if err is not None:
+                if err.fatal():
+                    raise KafkaException(err)
+                if err.code() != KafkaError._PARTITION_EOF:
+                    self.log.warning("consumer_error", error=err.str())
+                continue
+            consumed.append(msg)
+            try:
+                records.append(self.orders.decode(msg.value()))
+            except DecodeError as exc:
+                self._dead_letter(msg, "undecodable", "DecodeError", exc.reason)
+                continue
+            decoded.append(msg)
+        if records:
+            self._score(decoded, records)
+        self._await_deliveries()
+        self._commit(consumed)
+        self.stats.consumed += len(consumed)
+        self.stats.batches += 1
+
+    def _score(self, msgs: list[Message], records: list[dict]) -> None:
+        orders = OrderColumns.from_records(records)
+        try:
+            features = orders.features(self.reference)
+            recommendations, proba = self.model.predict(features)
+        except Exception as exc:
+            if len(records) > 1:  # find the record(s) to blame; the rest are scored as usual
+                for msg, record in zip(msgs, records, strict=True):
+                    self._score([msg], [record])
+                return
+            self._dead_letter(msgs[0], "scoring_failed", type(exc).__name__, str(exc))
+            return
+        self._publish(msgs, orders, features, recommendations.tolist(), proba.tolist())
+
+    def _publish(self, msgs: list[Message], orders: OrderColumns, features: FeatureBatch,
+                 recommendations: list[str], proba: list[list[float]]) -> None:
+        scored_at = int(time.time() * 1000)
+        version = self.model.version
+        hours = features.order_hour_of_day.tolist()
+        stock = [None if v != v else v for v in features.inventory.tolist()]  # NaN -> null
+        statuses = features.payment_status.tolist()
+        zips = features.zip_code_available.tolist()
+        timestamps = orders.timestamp_ms.tolist()
+        produce = self.producer.produce
+        encode = self.predictions.encode
+        topic = self.settings.predictions_topic
+        feature_records = []
+        for i, msg in enumerate(msgs):
+            feature_record = {"order_hour_of_day": hours[i], "inventory": stock[i],
+                              "payment_status": statuses[i], "zip_code_available": zips[i]}
+            feature_records.append(feature_record)
+            value = encode({
+                "order_id": orders.order_id[i],
+                "customer_id": orders.customer_id[i],
+                "recommendation": recommendations[i],
+                "probabilities": dict(zip(self.class_names, proba[i], strict=True)),
+                "model_version": version,
+                "features": feature_record,
+                "order_timestamp_ms": timestamps[i],
+                "scored_at_ms": scored_at,
+                "order_published_at_ms": msg.timestamp()[1],
+                "order_partition": msg.partition(),
+                "order_offset": msg.offset(),
+            })
+            self._produce(produce, topic, orders.order_id[i].encode(), value)
+        self.stats.predicted += len(msgs)
+
+        for i in sampled_indices(orders.order_id, self.settings.sample_rate):
+            value = self.samples.encode({
+                "order": {"order_id": orders.order_id[i], "customer_id": orders.customer_id[i],
+                          "timestamp_ms": timestamps[i], "sku_code": orders.sku_code[i],
+                          "zip_code": orders.zip_code[i]},
+                "features": feature_records[i],
+                "recommendation": recommendations[i],
+                "probabilities": dict(zip(self.class_names, proba[i], strict=True)),
+                "model_version": version,
+                "scored_at_ms": scored_at,
+            })
+            self._produce(produce, self.settings.drift_topic, orders.order_id[i].encode(), value)
+            self.stats.sampled += 1
+
+    def _dead_letter(self, msg: Message, reason: str, error_class: str, message: str) -> None:
+        headers = dead_letter_headers(msg, reason, error_class, message, self.worker_id)
+        self._produce(self.producer.produce, self.settings.dlq_topic, msg.key(), msg.value(),
+                      headers=headers)
+        self.stats.dead_lettered[reason] += 1
+        self.log.warning("dead_lettered", reason=reason, error=message[:200],
+                         partition=msg.partition(), offset=msg.offset())
+
+    def _produce(self, produce, topic: str, key: bytes | None, value: bytes | None,
+                 **kwargs) -> None:
+        while True:
+            try:
+                produce(topic, value=value, key=key, on_delivery=self._on_delivery, **kwargs)
+                return
+            except BufferError:  # local queue full: serve delivery reports, then retry
+                self.producer.poll(0.05)
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._delivery_errors.append(f"{msg.topic()}: {err.str()}")
+
+    def _await_deliveries(self) -> None:
+        remaining = self.producer.flush(_FLUSH_TIMEOUT_S)
+        errors, self._delivery_errors = self._delivery_errors, []
+        if remaining or errors:
+            raise InfrastructureError(
+                f"{len(errors)} record(s) refused and {remaining} not acknowledged within "
+                f"{_FLUSH_TIMEOUT_S:.0f} s; not committing this batch"
+                + (f"; first error: {errors[0]}" if errors else ""))
+
+    def _commit(self, consumed: list[Message]) -> None:
+        if not consumed:
+            return
+        next_offsets: dict[tuple[str, int], int] = {}
+        for msg in consumed:
+            key = (msg.topic(), msg.partition())
+            next_offsets[key] = max(next_offsets.get(key, 0), msg.offset() + 1)
+        offsets = [TopicPartition(t, p, o) for (t, p), o in next_offsets.items()]
+        for attempt in range(1, _COMMIT_ATTEMPTS + 1):
+            try:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.code() in _LOST_OWNERSHIP:
+                    self.log.warning("commit_rejected_after_rebalance", error=err.str(),
+                                     note="the partitions' new owner re-reads this batch")
+                    return
+                if not err.retriable() or attempt == _COMMIT_ATTEMPTS:
+                    raise InfrastructureError(f"commit failed: {err.str()}") from exc
+                time.sleep(0.2 * 2**attempt)  # back off before retrying a transient failure
+
+    # -- group membership ------------------------------------------------------------------
+    # Callbacks receive only the partitions that change (cooperative-sticky is incremental).
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned |= {p.partition for p in partitions}
+        self.log.info("partitions_assigned", partitions=sorted(p.partition for p in partitions),
+                      now_owned=sorted(self.assigned))
+        self._write_status()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Batches are committed before the next consume(), which is where revocation happens,
+        # so nothing delivered is left uncommitted when the partitions go.
+        self.assigned -= {p.partition for p in partitions}
+        self.log.info("partitions_revoked", partitions=sorted(p.partition for p in partitions),
+                      now_owned=sorted(self.assigned))
+        self._write_status()
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned -= {p.partition for p in partitions}
+        self.log.warning("partitions_lost", partitions=sorted(p.partition for p in partitions))
+        self._write_status()
+
+    def _write_status(self) -> None:
+        """Publish this worker's partitions for its supervisor (readiness, scaling, tests)."""
+        if self.status_file is None:
+            return
+        tmp = self.status_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "worker": self.worker_id,
+                                   "partitions": sorted(self.assigned)}))
+        tmp.replace(self.status_file)

@@ -1,0 +1,65 @@
+"""One scorer worker process: ``python -m consumer.worker --model DIR --reference DIR``.
+
+Settings come from the ``TRIAGE_*`` environment the supervisor passes down. Exit status: 0 after
+a requested stop (SIGTERM/SIGINT: finish the batch, commit, leave the group), 1 after an
+infrastructure failure (the supervisor restarts the worker), 2 for a configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+import structlog
+from confluent_kafka import KafkaException
+
+from bus.embedded import BrokerNotFound
+from bus.logs import configure_logging
+from bus.settings import Settings, SettingsError
+from consumer.scorer import InfrastructureError, Scorer
+from model import artifact
+from model.reference import ReferenceDataError, ReferenceTables
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="consumer.worker")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--reference", required=True)
+    parser.add_argument("--worker-id", default="0")
+    parser.add_argument("--status-file", type=Path,
+                        help="where to keep this worker's assigned partitions (JSON)")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    log = structlog.get_logger("worker").bind(worker=args.worker_id)
+    try:
+        model = artifact.load(args.model)
+        reference = ReferenceTables.load(args.reference)
+        scorer = Scorer(settings, model, reference, worker_id=args.worker_id,
+                        status_file=args.status_file)
+    except (artifact.ArtifactError, ReferenceDataError, BrokerNotFound) as exc:
+        log.error("worker_config_error", error=str(exc))
+        return 2
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("stop_requested", signal=signal.Signals(signum).name)
+        scorer.request_stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        scorer.run()
+    except (InfrastructureError, KafkaException) as exc:
+        log.error("worker_failed", error=str(exc))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

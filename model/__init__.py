@@ -1,0 +1,1 @@
+"""Reading the data users already have, and the model."""

@@ -1,0 +1,37 @@
+"""Training-time distributions of the features and predictions, kept in the manifest so that
+the drift monitor compares live traffic with what the model was trained on."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from model.features import FeatureBatch
+
+INVENTORY_QUANTILES = tuple(q / 10 for q in range(1, 10))
+
+
+def _frequencies(values: np.ndarray) -> dict[str, float]:
+    counts = Counter(values.tolist())
+    total = sum(counts.values())
+    return {str(k): v / total for k, v in sorted(counts.items())}
+
+
+def training_baseline(features: FeatureBatch, recommendations: np.ndarray) -> dict[str, Any]:
+    stock = features.inventory[~np.isnan(features.inventory)]
+    return {
+        "rows": len(features),
+        "order_hour_of_day": (np.bincount(features.order_hour_of_day, minlength=24)
+                              / len(features)).tolist(),
+        "inventory": {
+            "missing_rate": float(np.isnan(features.inventory).mean()),
+            "quantiles": dict(zip(map(str, INVENTORY_QUANTILES),
+                                  np.quantile(stock, INVENTORY_QUANTILES).tolist(), strict=True))
+            if len(stock) else {},
+        },
+        "payment_status": _frequencies(features.payment_status),
+        "zip_code_available": float(features.zip_code_available.mean()),
+        "recommendation": _frequencies(recommendations),
+    }

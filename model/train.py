@@ -1,0 +1,116 @@
+"""Training: label the history with the policy, fit XGBoost, gate on holdout accuracy, save."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sklearn
+import xgboost
+from sklearn.metrics import accuracy_score, confusion_matrix
+from sklearn.model_selection import train_test_split
+from xgboost import XGBClassifier
+
+from model import artifact
+from model.artifact import UNSEEN_STATUS, Model, feature_order
+from model.baseline import training_baseline
+from model.features import FeatureBatch
+from model.orders import read_orders_csv
+from model.policy import CLASSES, label
+from model.reference import MISSING_STATUS, ReferenceTables
+
+MIN_ACCURACY = 0.995
+UNSEEN_SHARE = 0.1  # share of non-OK statuses relabelled __UNSEEN__ to teach that category
+PARAMS = {"n_estimators": 60, "max_depth": 5, "learning_rate": 0.3, "tree_method": "hist"}
+
+
+class TrainingError(RuntimeError):
+    """The data cannot train a model, or the model misses the accuracy gate."""
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    model_dir: Path | None
+    version: str | None
+    holdout_accuracy: float
+    confusion: list[list[int]]
+    classes: tuple[str, ...]
+    rows: int
+
+    def confusion_table(self) -> str:
+        width = max(len(c) for c in self.classes) + 2
+        lines = ["policy \\ model".ljust(width) + "".join(c[:14].rjust(16) for c in self.classes)]
+        for name, row in zip(self.classes, self.confusion, strict=True):
+            lines.append(name.ljust(width) + "".join(str(v).rjust(16) for v in row))
+        return "\n".join(lines)
+
+
+def _with_unseen(features: FeatureBatch, rng: np.random.Generator) -> FeatureBatch:
+    statuses = features.payment_status.copy()
+    not_ok = np.flatnonzero(statuses != "OK")
+    chosen = rng.choice(not_ok, size=int(len(not_ok) * UNSEEN_SHARE), replace=False)
+    statuses[chosen] = UNSEEN_STATUS
+    return FeatureBatch(features.order_hour_of_day, features.inventory, statuses,
+                        features.zip_code_available)
+
+
+def train(data_dir: str | Path, out_dir: str | Path, *, seed: int = 0, holdout: float = 0.2,
+          min_accuracy: float = MIN_ACCURACY) -> TrainReport:
+    """Train on ``data_dir``'s CSVs and write the artifact to ``out_dir`` if the gate passes."""
+    data_dir = Path(data_dir)
+    orders = read_orders_csv(data_dir / "orders.csv")
+    reference = ReferenceTables.load(data_dir)
+    features = orders.features(reference)
+    labels = label(features)
+    present = set(labels.tolist())
+    if len(present) < len(CLASSES):
+        raise TrainingError(f"the history has no order labelled {sorted(set(CLASSES) - present)}; "
+                            "every recommendation needs examples")
+
+    rng = np.random.default_rng(seed)
+    vocabulary = [MISSING_STATUS, *sorted(set(reference.payment_statuses) - {MISSING_STATUS}),
+                  UNSEEN_STATUS]
+    class_order = sorted(CLASSES)  # XGBoost's class indices follow the sorted names
+    manifest: dict[str, Any] = {
+        "categories": {"payment_status": vocabulary},
+        "classes": class_order,
+        "features": ["order_hour_of_day", "inventory", "payment_status", "zip_code_available"],
+        "feature_order": feature_order(vocabulary),
+    }
+    encoder = Model(XGBClassifier(), manifest)
+    matrix = encoder.design_matrix(_with_unseen(features, rng))
+    targets = np.searchsorted(np.array(class_order), labels.astype(str))
+
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=holdout,
+                                           random_state=seed, stratify=targets)
+    classifier = XGBClassifier(**PARAMS, random_state=seed, n_jobs=2)
+    classifier.fit(matrix[train_idx], targets[train_idx])
+    predicted = classifier.predict(matrix[test_idx])
+    accuracy = float(accuracy_score(targets[test_idx], predicted))
+    confusion = confusion_matrix(targets[test_idx], predicted,
+                                 labels=range(len(class_order))).tolist()
+    report = TrainReport(None, None, accuracy, confusion, tuple(class_order), len(labels))
+    if accuracy < min_accuracy:
+        raise TrainingError(f"holdout accuracy {accuracy:.4%} is below the gate "
+                            f"{min_accuracy:.2%}; no artifact written\n{report.confusion_table()}")
+
+    manifest.update({
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "metrics": {"holdout_accuracy": accuracy, "confusion_matrix": confusion,
+                    "train_rows": len(train_idx), "holdout_rows": len(test_idx)},
+        "baseline": training_baseline(features, labels),
+        "training": {"data_dir": str(data_dir.resolve()), "seed": seed, "params": PARAMS,
+                     "data_sha256": {name: artifact.sha256_of(data_dir / name) for name in
+                                     ("orders.csv", "payments.csv", "inventory.csv",
+                                      "zip_codes.csv")}},
+        "libraries": {"xgboost": xgboost.__version__, "scikit-learn": sklearn.__version__,
+                      "python": platform.python_version()},
+    })
+    artifact.save(classifier, manifest, out_dir)
+    version = artifact.read_manifest(out_dir)["version"]
+    return TrainReport(Path(out_dir), version, accuracy, confusion, tuple(class_order),
+                       len(labels))

@@ -1,0 +1,127 @@
+"""Avro codec for the service's records.
+
+Two framings, one decoder:
+
+* **Single-object encoding** (the Avro specification's): ``C3 01``, the 8-byte little-endian
+  CRC-64-AVRO fingerprint of the schema's parsing canonical form, then the Avro binary body.
+  The default: it needs no registry and still names its schema.
+* **Confluent Schema Registry framing**: ``00``, a 4-byte big-endian schema id, then the body.
+  Written when a registry URL is set, through confluent-kafka's Avro serializers.
+
+:meth:`Codec.decode` looks at the first byte and accepts either, so producers and consumers can
+move between the two without a stop.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+from importlib import resources
+from typing import Any
+
+import fastavro
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+SINGLE_OBJECT_MAGIC = b"\xc3\x01"
+REGISTRY_MAGIC = 0
+_SINGLE_OBJECT_HEADER = len(SINGLE_OBJECT_MAGIC) + 8
+
+
+class DecodeError(ValueError):
+    """A record's bytes are not a valid record of the expected schema; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@functools.cache
+def load_schema(name: str) -> dict[str, Any]:
+    """The parsed schema ``schemas/<name>.avsc``, e.g. ``order``."""
+    text = resources.files("schemas").joinpath(f"{name}.avsc").read_text()
+    return fastavro.parse_schema(json.loads(text))
+
+
+def schema_fingerprint(schema: dict[str, Any]) -> bytes:
+    """CRC-64-AVRO of the parsing canonical form, little-endian, as single-object encoding uses."""
+    return bytes.fromhex(fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO"))
+
+
+@functools.cache
+def _registry_client(url: str):
+    # One client per URL per process: it caches schema ids, which is what keeps decoding cheap.
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    return SchemaRegistryClient.new_client({"url": url})  # "mock://..." gives an in-memory one
+
+
+class Codec:
+    """Encode and decode records of one schema, for one topic."""
+
+    def __init__(self, schema_name: str, *, topic: str = "", registry_url: str = "") -> None:
+        self.schema_name = schema_name
+        self.schema = load_schema(schema_name)
+        self.topic = topic
+        self.registry_url = registry_url
+        self._header = SINGLE_OBJECT_MAGIC + schema_fingerprint(self.schema)
+        # Writer schemas this decoder knows by fingerprint. Older versions of a contract go here
+        # when a schema evolves, and fastavro resolves them to the current one.
+        self._writers = {self._header[2:]: self.schema}
+        self._serializer = self._deserializer = None
+        if registry_url:
+            from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
+
+            client = _registry_client(registry_url)
+            schema_str = to_parsing_canonical_form(self.schema)
+            self._serializer = AvroSerializer(client, schema_str)
+            self._deserializer = AvroDeserializer(client, schema_str)
+
+    def encode(self, record: dict[str, Any]) -> bytes:
+        if self._serializer is not None:
+            from confluent_kafka.serialization import MessageField, SerializationContext
+
+            return self._serializer(record, SerializationContext(self.topic, MessageField.VALUE))
+        out = io.BytesIO()
+        out.write(self._header)
+        fastavro.schemaless_writer(out, self.schema, record)
+        return out.getvalue()
+
+    def decode(self, data: bytes | None) -> dict[str, Any]:
+        """The record in ``data``, in either framing; raises :class:`DecodeError` with a reason."""
+        if data is None:
+            raise DecodeError("null value (tombstone)")
+        if data[:2] == SINGLE_OBJECT_MAGIC:
+            return self._decode_single_object(data)
+        if data[:1] == b"\x00" and len(data) >= 5:
+            return self._decode_registry_framed(data)
+        raise DecodeError(f"unknown framing: first bytes {data[:2].hex() or 'empty'} are neither "
+                          "Avro single-object (c301) nor Schema Registry (00) framing")
+
+    def _decode_single_object(self, data: bytes) -> dict[str, Any]:
+        writer = self._writers.get(data[2:_SINGLE_OBJECT_HEADER])
+        if writer is None:
+            raise DecodeError(f"unknown schema fingerprint {data[2:10].hex()} for "
+                              f"{self.schema_name}")
+        body = io.BytesIO(data)
+        body.seek(_SINGLE_OBJECT_HEADER)
+        try:
+            record = fastavro.schemaless_reader(body, writer, self.schema)
+        except Exception as exc:  # fastavro raises EOFError, ValueError, UnicodeDecodeError, ...
+            raise DecodeError(f"invalid Avro body: {type(exc).__name__}: {exc}") from None
+        if body.tell() != len(data):
+            raise DecodeError(f"{len(data) - body.tell()} bytes left over after the record")
+        return record
+
+    def _decode_registry_framed(self, data: bytes) -> dict[str, Any]:
+        schema_id = int.from_bytes(data[1:5], "big")
+        if self._deserializer is None:
+            raise DecodeError(f"Schema Registry framed record (schema id {schema_id}) but no "
+                              "registry is configured (TRIAGE_SCHEMA_REGISTRY_URL)")
+        from confluent_kafka.serialization import MessageField, SerializationContext
+
+        try:
+            return self._deserializer(data, SerializationContext(self.topic, MessageField.VALUE))
+        except Exception as exc:
+            raise DecodeError(f"registry-framed record (schema id {schema_id}) could not be "
+                              f"decoded: {type(exc).__name__}: {exc}") from None

@@ -1,0 +1,110 @@
+"""End to end on a real broker: replay 5,000 orders through 2 worker processes, then check the
+predictions, the drift samples and the committed offsets after a SIGTERM."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from confluent_kafka import TopicPartition
+
+from bus.clients import make_consumer
+from bus.settings import Settings
+from consumer.reader import TopicReader, collect
+from consumer.supervisor import Supervisor
+from model import artifact
+from model.orders import read_orders_csv
+from model.reference import ReferenceTables
+from producer.replay import ReplaySummary, replay
+
+pytestmark = pytest.mark.integration
+
+ORDERS = 5_000
+SAMPLE_RATE = 0.05
+
+
+@dataclass
+class Run:
+    settings: Settings
+    order_ids: list[str]
+    replayed: ReplaySummary
+    predictions: dict[str, list[dict]]
+    drift: list[dict]
+    exit_codes: dict[str, int | None]
+
+
+@pytest.fixture(scope="module")
+def run(bootstrap: str, history: Path, model_dir: Path,
+        tmp_path_factory: pytest.TempPathFactory) -> Run:
+    from tests.conftest import settings as make_settings
+
+    settings = make_settings.__wrapped__(bootstrap, tmp_path_factory.mktemp("pipeline"))
+    settings = settings.replace(sample_rate=SAMPLE_RATE, batch_size=200)
+    supervisor = Supervisor(settings, model_dir, history, workers=2)
+    supervisor.start()
+    try:
+        supervisor.wait_until_assigned(settings.orders_partitions)
+        started_ms = int(time.time() * 1000)
+        replayed = replay(settings, history / "orders.csv", limit=ORDERS, progress=False)
+        order_ids = read_orders_csv(history / "orders.csv", limit=ORDERS).order_id
+        predictions = collect(settings, settings.predictions_topic, "prediction", set(order_ids),
+                              timeout_s=120, since_ms=started_ms)
+    finally:
+        exit_codes = supervisor.stop()
+    with TopicReader(settings, settings.drift_topic, "drift_sample") as reader:
+        drift = [record for _, record in reader.read(idle_s=3.0)]
+    return Run(settings, order_ids, replayed, predictions, drift, exit_codes)
+
+
+def test_every_replayed_order_gets_exactly_the_offline_prediction(run: Run, history: Path,
+                                                                  model_dir: Path) -> None:
+    assert run.replayed.sent == ORDERS and run.replayed.failed == 0
+    assert set(run.predictions) == set(run.order_ids)
+
+    model = artifact.load(model_dir)
+    orders = read_orders_csv(history / "orders.csv", limit=ORDERS)
+    expected, proba = model.predict(orders.features(ReferenceTables.load(history)))
+    for order_id, recommendation, row in zip(orders.order_id, expected, proba, strict=True):
+        first = run.predictions[order_id][0]
+        assert first["recommendation"] == recommendation, order_id
+        assert [first["probabilities"][c] for c in model.classes] == row.tolist(), order_id
+        assert first["model_version"] == model.version
+
+
+def test_duplicates_if_any_are_identical(run: Run) -> None:
+    for records in run.predictions.values():
+        content = [{k: v for k, v in r.items() if k != "scored_at_ms"} for r in records]
+        assert all(c == content[0] for c in content)
+
+
+def test_drift_samples_are_exactly_the_hashed_subset(run: Run) -> None:
+    def fraction(order_id: str) -> float:
+        digest = hashlib.sha256(order_id.encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    expected = {o for o in run.order_ids if fraction(o) < SAMPLE_RATE}
+    sampled = {s["order"]["order_id"] for s in run.drift}
+    assert sampled == expected
+    assert 0.03 * ORDERS < len(expected) < 0.07 * ORDERS
+    for sample in run.drift:
+        prediction = run.predictions[sample["order"]["order_id"]][0]
+        assert sample["features"] == prediction["features"]
+        assert sample["recommendation"] == prediction["recommendation"]
+
+
+def test_after_sigterm_committed_offsets_are_at_the_end_of_each_partition(run: Run) -> None:
+    assert run.exit_codes == {"0": 0, "1": 0}
+    consumer = make_consumer(run.settings)
+    try:
+        committed = consumer.committed(
+            [TopicPartition(run.settings.orders_topic, p) for p in run.replayed.end_offsets],
+            timeout=10)
+    finally:
+        consumer.close()
+    # End offsets come from the producer's delivery reports, not from ListOffsets, because the
+    # embedded broker answers ListOffsets(latest) with the last batch's base offset + 1.
+    assert {tp.partition: tp.offset for tp in committed} == run.replayed.end_offsets
+    assert sum(run.replayed.end_offsets.values()) == ORDERS

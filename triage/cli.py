@@ -1,0 +1,307 @@
+"""The ``triage`` command line. It only parses flags and wires the other packages together."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from bus.embedded import (
+    BrokerNotFound,
+    BrokerStartError,
+    EmbeddedBroker,
+    clear_state,
+    resolve_bootstrap,
+    running_embedded,
+    write_state,
+)
+from bus.logs import configure_logging
+from bus.settings import Settings, SettingsError, settings_table
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _connection_flags() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("connection and topics (override TRIAGE_* variables)")
+    group.add_argument("--bootstrap", dest="bootstrap_servers", metavar="HOST:PORT",
+                       help="Kafka bootstrap servers (TRIAGE_BOOTSTRAP_SERVERS)")
+    group.add_argument("--schema-registry-url", metavar="URL",
+                       help="Schema Registry URL (TRIAGE_SCHEMA_REGISTRY_URL)")
+    group.add_argument("--orders-topic", metavar="NAME")
+    group.add_argument("--predictions-topic", metavar="NAME")
+    group.add_argument("--drift-topic", metavar="NAME")
+    group.add_argument("--dlq-topic", metavar="NAME")
+    group.add_argument("--log-format", choices=["json", "console"])
+    group.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _connection_flags()
+    parser = argparse.ArgumentParser(
+        prog="triage", description="Streaming order triage on Kafka: Avro orders in, XGBoost "
+        "recommendations out. Settings come from TRIAGE_* variables; flags override them.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("broker", parents=[common],
+                            help="run the embedded Kafka-compatible broker (tansu) until Ctrl-C")
+    p.add_argument("--port", type=int, default=0, help="loopback port (default: a free one)")
+
+    p = commands.add_parser("topics", parents=[common], help="manage the service's topics")
+    p.add_argument("action", choices=["create"])
+    p.add_argument("--orders-partitions", type=int)
+    p.add_argument("--output-partitions", type=int)
+    p.add_argument("--replication-factor", type=int)
+
+    p = commands.add_parser("datagen", parents=[common], help="generate the four input CSVs")
+    p.add_argument("--orders", type=int, default=20_000, help="how many orders (default 20000)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--weeks", type=int, default=4, help="weeks the orders span (default 4)")
+    p.add_argument("--out", type=Path, required=True, help="directory to write the CSVs to")
+
+    p = commands.add_parser("train", parents=[common], help="train and save the model")
+    p.add_argument("--data", type=Path, required=True, help="directory with the four CSVs")
+    p.add_argument("--out", type=Path, required=True, help="model directory to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-accuracy", type=float, default=0.995,
+                   help="refuse to save a model below this holdout accuracy (default 0.995)")
+
+    p = commands.add_parser("replay", parents=[common], help="publish orders.csv as orders")
+    p.add_argument("csv", type=Path)
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--rate", type=float, help="orders per second")
+    pace.add_argument("--speedup", type=float,
+                      help="pace by the orders' timestamps; 3600 = an hour of orders per second")
+    p.add_argument("--limit", type=int, help="publish only the first N orders")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = commands.add_parser("produce", parents=[common], help="publish one order")
+    p.add_argument("--order-id", required=True)
+    p.add_argument("--customer-id", required=True)
+    p.add_argument("--sku", required=True)
+    p.add_argument("--zip", required=True)
+    p.add_argument("--timestamp", help="YYYY-MM-DD HH:MM:SS, UTC (default: now)")
+
+    p = commands.add_parser("consume", parents=[common],
+                            help="run N scorer workers in the consumer group")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--model", type=Path, required=True, help="model directory")
+    p.add_argument("--reference", type=Path, required=True,
+                   help="directory with inventory.csv, payments.csv, zip_codes.csv")
+    p.add_argument("--group", dest="group_id", help="consumer group (TRIAGE_GROUP_ID)")
+    p.add_argument("--batch-size", type=int, help="orders per batch (TRIAGE_BATCH_SIZE)")
+    p.add_argument("--batch-timeout-ms", type=int, help="TRIAGE_BATCH_TIMEOUT_MS")
+    p.add_argument("--sample-rate", type=float, help="drift sample share (TRIAGE_SAMPLE_RATE)")
+
+    p = commands.add_parser("predictions", parents=[common],
+                            help="print the predictions from the beginning, as JSON lines")
+    p.add_argument("--follow", action="store_true", help="keep waiting for new predictions")
+    p.add_argument("--idle", type=float, default=5.0,
+                   help="without --follow, stop after this many seconds with nothing new")
+    p.add_argument("--out", type=Path, help="write to this .jsonl file instead of stdout")
+
+    p = commands.add_parser("demo", parents=[common],
+                            help="generate, train, start broker and 2 workers, replay, report")
+    p.add_argument("--data", type=Path, help="use these CSVs instead of generating 20k orders")
+    p.add_argument("--model", type=Path, default=Path("models/demo"),
+                   help="model directory; trained there unless it exists (default models/demo)")
+    p.add_argument("--results", type=Path, default=Path("results"))
+
+    commands.add_parser("settings", help="list every TRIAGE_* setting with its default")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    names = ("bootstrap_servers", "schema_registry_url", "orders_topic", "predictions_topic",
+             "drift_topic", "dlq_topic", "log_format", "log_level", "orders_partitions",
+             "output_partitions", "replication_factor", "group_id", "batch_size",
+             "batch_timeout_ms", "sample_rate")
+    settings = Settings.from_env().replace(**{n: getattr(args, n, None) for n in names})
+    if getattr(args, "log_format", None) is None and "TRIAGE_LOG_FORMAT" not in os.environ \
+            and sys.stderr.isatty():
+        settings = settings.replace(log_format="console")  # people at a terminal read console
+    return settings
+
+
+def _resolved(settings: Settings) -> Settings:
+    return settings.replace(
+        bootstrap_servers=resolve_bootstrap(settings.bootstrap_servers, settings.state_dir))
+
+
+# -- commands --------------------------------------------------------------------------------
+
+def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
+    existing = running_embedded(settings.state_dir)
+    if existing:
+        print(f"error: an embedded broker is already running on {existing}", file=sys.stderr)
+        return EXIT_USAGE
+    log_path = Path(settings.state_dir) / "tansu.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    broker = EmbeddedBroker(port=args.port, log_path=log_path)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    bootstrap = broker.start()
+    write_state(settings.state_dir, bootstrap, os.getpid())
+    print(f"embedded broker (tansu, in-memory) listening on {bootstrap}; Ctrl-C stops it",
+          flush=True)
+    try:
+        while not stop.wait(0.5) and broker.process is not None \
+                and broker.process.poll() is None:
+            pass
+    finally:
+        clear_state(settings.state_dir, os.getpid())
+        crashed = broker.process is not None and broker.process.poll() is not None
+        broker.stop()
+    if crashed:
+        print(f"error: tansu exited unexpectedly; see {log_path}", file=sys.stderr)
+        return EXIT_FAILED
+    print("embedded broker stopped", flush=True)
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
+    from bus.clients import create_topics
+
+    for name, outcome in create_topics(settings).items():
+        print(f"{name}: {outcome}")
+    return 0
+
+
+def cmd_datagen(args: argparse.Namespace, settings: Settings) -> int:
+    from model.datagen import generate
+
+    paths = generate(args.orders, args.seed, args.out, weeks=args.weeks)
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from model.train import train
+
+    report = train(args.data, args.out, seed=args.seed, min_accuracy=args.min_accuracy)
+    print(f"trained on {report.rows} orders; holdout accuracy against the policy "
+          f"{report.holdout_accuracy:.4%}")
+    print(report.confusion_table())
+    print(f"model {report.version} written to {report.model_dir}")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.replay import replay
+
+    summary = replay(settings, args.csv, rate=args.rate, speedup=args.speedup, limit=args.limit,
+                     progress=not args.no_progress)
+    print(summary)
+    return EXIT_FAILED if summary.failed else 0
+
+
+def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.publisher import OrderPublisher, order_record
+
+    record = order_record(args.order_id, args.customer_id, args.sku, args.zip, args.timestamp)
+    publisher = OrderPublisher(settings)
+    publisher.publish(record)
+    publisher.flush(30.0)
+    if publisher.failed:
+        print(f"error: not delivered: {', '.join(publisher.errors)}", file=sys.stderr)
+        return EXIT_FAILED
+    partition, end = next(iter(publisher.end_offsets.items()))
+    print(f"published order {args.order_id} to {settings.orders_topic} "
+          f"partition {partition} offset {end - 1}")
+    return 0
+
+
+def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
+    import structlog
+
+    from consumer.supervisor import Supervisor
+    from model.artifact import verify
+
+    if args.workers < 1:
+        raise SettingsError("--workers must be at least 1")
+    verify(args.model)  # fail here, once, rather than in every worker
+    supervisor = Supervisor(_resolved(settings), args.model.resolve(), args.reference.resolve(),
+                            args.workers)
+    signal.signal(signal.SIGTERM, lambda *_: supervisor.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: supervisor.request_stop())
+    structlog.get_logger("supervisor").info("starting", workers=args.workers,
+                                            group=settings.group_id)
+    supervisor.start()
+    supervisor.run()
+    codes = supervisor.stop()
+    return 0 if all(code == 0 for code in codes.values()) else EXIT_FAILED
+
+
+def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
+    from consumer.reader import TopicReader
+
+    out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115
+    count = 0
+    try:
+        with TopicReader(settings, settings.predictions_topic, "prediction") as reader:
+            for _, record in reader.read(follow=args.follow, idle_s=args.idle):
+                out.write(json.dumps(record) + "\n")
+                count += 1
+                if args.follow:
+                    out.flush()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if args.out:
+            out.close()
+    if args.out:
+        print(f"wrote {count} predictions to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from triage.demo import run_demo
+
+    summary = run_demo(settings, data_dir=args.data, model_dir=args.model,
+                       results_dir=args.results)
+    print(summary.report())
+    return 0 if summary.agreement == 1.0 else EXIT_FAILED
+
+
+def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
+    for env, default, doc in settings_table():
+        print(f"{env}={default}\n    {doc}")
+    return 0
+
+
+COMMANDS = {
+    "broker": cmd_broker, "topics": cmd_topics, "datagen": cmd_datagen, "train": cmd_train,
+    "replay": cmd_replay, "produce": cmd_produce, "consume": cmd_consume,
+    "predictions": cmd_predictions, "demo": cmd_demo, "settings": cmd_settings,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from model.artifact import ArtifactError
+    from model.reference import ReferenceDataError
+    from model.train import TrainingError
+    from producer.publisher import OrderError
+
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        configure_logging(settings.log_format, settings.log_level)
+        return COMMANDS[args.command](args, settings)
+    except (BrokerNotFound, BrokerStartError, SettingsError, ArtifactError, ReferenceDataError,
+            TrainingError, OrderError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
