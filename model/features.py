@@ -39,11 +39,8 @@ def compute_features(reference: ReferenceTables, order_ids: list[str], skus: lis
     seconds = np.floor_divide(np.asarray(timestamps_ms, dtype=np.int64), 1000)
     hours = np.floor_divide(seconds, 3600) % 24
 
-    stock_rows = reference.inventory.lookup(skus, seconds)
-    inventory = np.where(stock_rows >= 0, reference.inventory.values[stock_rows], np.nan)
-
-    payment_rows = reference.payments.lookup(order_ids, seconds)
-    status_codes = np.where(payment_rows >= 0, reference.payments.values[payment_rows], 0)
+    inventory = reference.inventory.values_at(reference.inventory.lookup(skus, seconds), np.nan)
+    status_codes = reference.payments.values_at(reference.payments.lookup(order_ids, seconds), 0)
 
     available_from = reference.zip_available_from
     # An unknown zip gets the largest int64, which no order time is after.

@@ -94,6 +94,12 @@ class AsOfTable:
         found[found] = self.row_keys[rows[found]] == key_ids[found]
         return np.where(found, rows, -1)
 
+    def values_at(self, rows: np.ndarray, fill: float | int) -> np.ndarray:
+        """``values[rows]``, with ``fill`` where a row is -1 (nothing at or before the time)."""
+        if len(self.values) == 0:
+            return np.full(len(rows), fill, dtype=np.result_type(self.values, type(fill)))
+        return np.where(rows >= 0, self.values[rows], fill)
+
 
 @dataclass(frozen=True)
 class ReferenceTables:

@@ -1,0 +1,107 @@
+"""The command line as a person uses it: real processes, the real embedded broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bus.embedded import BrokerNotFound, resolve_bootstrap, write_state
+from bus.settings import Settings, SettingsError
+
+TRIAGE = [sys.executable, "-m", "triage.cli"]
+
+
+def clean_env(state_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+    return {**env, "TRIAGE_STATE_DIR": str(state_dir), "TRIAGE_LOG_FORMAT": "json", **extra}
+
+
+def triage(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*TRIAGE, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_settings_come_from_the_environment_and_flags_override_them() -> None:
+    settings = Settings.from_env({"TRIAGE_BATCH_SIZE": "64", "TRIAGE_ORDERS_TOPIC": "o2"})
+    assert (settings.batch_size, settings.orders_topic) == (64, "o2")
+    assert settings.replace(batch_size=8, orders_topic=None).batch_size == 8
+    assert settings.replace(orders_topic=None).orders_topic == "o2"
+    with pytest.raises(SettingsError, match="TRIAGE_BATCH_SIZE='many' is not a valid int"):
+        Settings.from_env({"TRIAGE_BATCH_SIZE": "many"})
+    with pytest.raises(SettingsError, match="sample_rate"):
+        Settings.from_env({"TRIAGE_SAMPLE_RATE": "1.5"})
+
+
+def test_broker_resolution_order(tmp_path: Path) -> None:
+    assert resolve_bootstrap("flag:1", str(tmp_path)) == "flag:1"
+    with pytest.raises(BrokerNotFound, match="triage broker"):
+        resolve_bootstrap("", str(tmp_path))
+    write_state(str(tmp_path), "127.0.0.1:1234", os.getpid())
+    assert resolve_bootstrap("", str(tmp_path)) == "127.0.0.1:1234"
+    assert resolve_bootstrap("flag:1", str(tmp_path)) == "flag:1"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    write_state(str(tmp_path), "127.0.0.1:1234", dead.pid)  # a stale file is ignored
+    with pytest.raises(BrokerNotFound):
+        resolve_bootstrap("", str(tmp_path))
+
+
+def test_commands_without_a_broker_say_how_to_start_one(tmp_path: Path) -> None:
+    result = triage("topics", "create", env=clean_env(tmp_path))
+    assert result.returncode == 2
+    assert "triage broker" in result.stderr and "TRIAGE_BOOTSTRAP_SERVERS" in result.stderr
+
+
+@pytest.mark.integration
+def test_embedded_broker_command_is_found_by_other_commands_and_stops_cleanly(
+        tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+    broker = subprocess.Popen([*TRIAGE, "broker"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        line = broker.stdout.readline()  # printed once the broker answers metadata requests
+        assert "listening on 127.0.0.1:" in line, line
+        state = json.loads((tmp_path / "broker.json").read_text())
+        assert state["pid"] == broker.pid and state["bootstrap"] in line
+
+        created = triage("topics", "create", "--orders-partitions", "3", env=env)
+        assert created.returncode == 0, created.stderr
+        assert "orders: created (3 partitions)" in created.stdout
+        again = triage("topics", "create", env=env)
+        assert "orders: exists" in again.stdout and again.returncode == 0
+
+        produced = triage("produce", "--order-id", "O-1", "--customer-id", "C-1", "--sku",
+                          "SKU-1", "--zip", "10001", "--timestamp", "2026-01-05 10:00:00",
+                          env=env)
+        assert produced.returncode == 0, produced.stderr
+        assert "published order O-1 to orders partition" in produced.stdout
+    finally:
+        broker.send_signal(signal.SIGTERM)
+        assert broker.wait(timeout=20) == 0
+    assert not (tmp_path / "broker.json").exists()
+
+
+def test_produce_rejects_a_bad_timestamp_before_connecting(tmp_path: Path) -> None:
+    result = triage("produce", "--order-id", "O-1", "--customer-id", "C-1", "--sku", "S",
+                    "--zip", "1", "--timestamp", "yesterday",
+                    env=clean_env(tmp_path, TRIAGE_BOOTSTRAP_SERVERS="127.0.0.1:9"))
+    assert result.returncode == 2 and "not YYYY-MM-DD HH:MM:SS" in result.stderr
+
+
+@pytest.mark.integration
+def test_demo_reports_full_agreement(bootstrap: str, tmp_path: Path) -> None:
+    """What `make demo` runs, from a directory with nothing in it yet."""
+    env = clean_env(tmp_path / "state", TRIAGE_BOOTSTRAP_SERVERS=bootstrap)
+    result = subprocess.run([*TRIAGE, "demo"], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "agreement with offline batch scoring: 100.00%" in result.stdout
+    lines = (tmp_path / "results" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 20_000
+    assert {json.loads(line)["recommendation"] for line in lines} == {
+        "Deliver", "HoldCheckAvailability", "HoldCheckDelivery", "HoldCheckPayment", "Decline"}
