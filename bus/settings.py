@@ -70,7 +70,9 @@ class Settings:
         "Where `triage broker` records the embedded broker's address "
         "(default $XDG_STATE_HOME/triage, else ~/.local/state/triage).")
     log_format: str = _setting(
-        "json", "TRIAGE_LOG_FORMAT", "`json` (one JSON object per line) or `console`.")
+        "json", "TRIAGE_LOG_FORMAT",
+        "`json` (one JSON object per line) or `console`. Unset: `console` when stderr is a "
+        "terminal, else `json`.")
     log_level: str = _setting("info", "TRIAGE_LOG_LEVEL", "debug, info, warning or error.")
 
     def __post_init__(self) -> None:

@@ -105,3 +105,14 @@ def test_demo_reports_full_agreement(bootstrap: str, tmp_path: Path) -> None:
     assert len(lines) == 20_000
     assert {json.loads(line)["recommendation"] for line in lines} == {
         "Deliver", "HoldCheckAvailability", "HoldCheckDelivery", "HoldCheckPayment", "Decline"}
+
+
+def test_the_readme_lists_every_setting_and_every_command() -> None:
+    from bus.settings import settings_table
+    from triage.cli import COMMANDS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for env, _, _ in settings_table():
+        assert f"| `{env}` |" in readme, env
+    for command in COMMANDS:
+        assert f"`triage {command}" in readme, command

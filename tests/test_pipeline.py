@@ -4,6 +4,10 @@ predictions, the drift samples and the committed offsets after a SIGTERM."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,3 +112,18 @@ def test_after_sigterm_committed_offsets_are_at_the_end_of_each_partition(run: R
     # embedded broker answers ListOffsets(latest) with the last batch's base offset + 1.
     assert {tp.partition: tp.offset for tp in committed} == run.replayed.end_offsets
     assert sum(run.replayed.end_offsets.values()) == ORDERS
+
+
+def test_predictions_command_writes_every_prediction_as_json_lines(run: Run,
+                                                                   tmp_path: Path) -> None:
+    out = tmp_path / "predictions.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+    env.update({**run.settings.to_env(), "TRIAGE_LOG_FORMAT": "json"})
+    result = subprocess.run([sys.executable, "-m", "triage.cli", "predictions", "--idle", "2",
+                             "--out", str(out)], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(written) == sum(len(records) for records in run.predictions.values())
+    assert {p["order_id"] for p in written} == set(run.order_ids)
+    assert f"wrote {len(written)} predictions" in result.stderr
