@@ -11,10 +11,26 @@ from bus.embedded import resolve_bootstrap
 from bus.settings import Settings
 
 
+def security_config(settings: Settings) -> dict[str, Any]:
+    """TLS and SASL client settings; only what is set, so librdkafka's defaults stay intact."""
+    optional = {
+        "sasl.mechanism": settings.sasl_mechanism,
+        "sasl.username": settings.sasl_username,
+        "sasl.password": settings.sasl_password,
+        "ssl.ca.location": settings.ssl_ca_location,
+        "ssl.certificate.location": settings.ssl_certificate_location,
+        "ssl.key.location": settings.ssl_key_location,
+        "ssl.key.password": settings.ssl_key_password,
+    }
+    return {"security.protocol": settings.security_protocol,
+            **{key: value for key, value in optional.items() if value}}
+
+
 def base_config(settings: Settings) -> dict[str, Any]:
     return {
         "bootstrap.servers": resolve_bootstrap(settings.bootstrap_servers, settings.state_dir),
         "client.id": "triage",
+        **security_config(settings),
     }
 
 
@@ -48,6 +64,16 @@ def consumer_config(settings: Settings, group_id: str | None = None,
 
 def make_producer(settings: Settings, **overrides: Any) -> Producer:
     return Producer(producer_config(settings, **overrides))
+
+
+def produce(producer: Producer, topic: str, **kwargs: Any) -> None:
+    """``producer.produce``, waiting out a full local queue instead of failing."""
+    while True:
+        try:
+            producer.produce(topic, **kwargs)
+            return
+        except BufferError:  # serve delivery reports so the queue drains, then try again
+            producer.poll(0.05)
 
 
 def make_consumer(settings: Settings, group_id: str | None = None, **overrides: Any) -> Consumer:

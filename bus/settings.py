@@ -11,6 +11,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,13 @@ class SettingsError(ValueError):
 
 def _setting(default: Any, env: str, doc: str) -> Any:
     return field(default=default, metadata={"env": env, "doc": doc})
+
+
+def _secret(env: str, doc: str) -> Any:
+    """A secret: also read from the file named by ``<env>_FILE``; never in repr or logs."""
+    return field(default="", repr=False,
+                 metadata={"env": env, "doc": doc + f" Or put it in a file named by {env}_FILE.",
+                           "secret": True})
 
 
 def _default_state_dir() -> str:
@@ -74,6 +82,39 @@ class Settings:
         "`json` (one JSON object per line) or `console`. Unset: `console` when stderr is a "
         "terminal, else `json`.")
     log_level: str = _setting("info", "TRIAGE_LOG_LEVEL", "debug, info, warning or error.")
+    max_message_bytes: int = _setting(
+        16384, "TRIAGE_MAX_MESSAGE_BYTES",
+        "Largest order record accepted; larger ones are dead-lettered as `oversized`.")
+    max_field_length: int = _setting(
+        128, "TRIAGE_MAX_FIELD_LENGTH",
+        "Longest order_id, customer_id, sku_code or zip_code accepted.")
+    earliest_order_time: str = _setting(
+        "2000-01-01 00:00:00", "TRIAGE_EARLIEST_ORDER_TIME",
+        "Orders timestamped before this (UTC) are dead-lettered as `invalid_timestamp`.")
+    max_future_seconds: int = _setting(
+        86400, "TRIAGE_MAX_FUTURE_SECONDS",
+        "Orders timestamped more than this far ahead of the worker's clock are dead-lettered.")
+    hooks: str = _setting(
+        "", "TRIAGE_HOOKS",
+        "Extra per-batch hooks, comma-separated `module:factory` (see consumer/hooks.py).")
+    metrics_port: int = _setting(
+        0, "TRIAGE_METRICS_PORT",
+        "Serve Prometheus /metrics from each worker on this port + worker number; 0: off.")
+    security_protocol: str = _setting(
+        "PLAINTEXT", "TRIAGE_SECURITY_PROTOCOL", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.")
+    sasl_mechanism: str = _setting(
+        "", "TRIAGE_SASL_MECHANISM", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (with SASL_*).")
+    sasl_username: str = _setting("", "TRIAGE_SASL_USERNAME", "SASL user name.")
+    sasl_password: str = _secret("TRIAGE_SASL_PASSWORD", "SASL password.")
+    ssl_ca_location: str = _setting(
+        "", "TRIAGE_SSL_CA_LOCATION", "CA certificate file (PEM) to verify the brokers with.")
+    ssl_certificate_location: str = _setting(
+        "", "TRIAGE_SSL_CERTIFICATE_LOCATION", "Client certificate (PEM), for mutual TLS.")
+    ssl_key_location: str = _setting(
+        "", "TRIAGE_SSL_KEY_LOCATION", "Client private key (PEM), for mutual TLS.")
+    ssl_key_password: str = _secret("TRIAGE_SSL_KEY_PASSWORD", "Password of the client key.")
+    schema_registry_basic_auth: str = _secret(
+        "TRIAGE_SCHEMA_REGISTRY_BASIC_AUTH", "`user:password` for the Schema Registry.")
 
     def __post_init__(self) -> None:
         if not self.state_dir:
@@ -86,6 +127,26 @@ class Settings:
             raise SettingsError(f"sample_rate must be within [0, 1], got {self.sample_rate}")
         if self.log_format not in ("json", "console"):
             raise SettingsError(f"log_format must be json or console, got {self.log_format!r}")
+        self.earliest_order_ms  # noqa: B018 -- parse now, so a bad value fails at start-up
+        if self.security_protocol not in SECURITY_PROTOCOLS:
+            raise SettingsError(f"TRIAGE_SECURITY_PROTOCOL must be one of "
+                                f"{', '.join(SECURITY_PROTOCOLS)}, got {self.security_protocol!r}")
+        if self.security_protocol.startswith("SASL"):
+            if self.sasl_mechanism not in SASL_MECHANISMS:
+                raise SettingsError(f"TRIAGE_SASL_MECHANISM must be one of "
+                                    f"{', '.join(SASL_MECHANISMS)} with {self.security_protocol}")
+            if not self.sasl_username or not self.sasl_password:
+                raise SettingsError(f"{self.security_protocol} needs TRIAGE_SASL_USERNAME and "
+                                    "TRIAGE_SASL_PASSWORD (or TRIAGE_SASL_PASSWORD_FILE)")
+
+    @property
+    def earliest_order_ms(self) -> int:
+        try:
+            moment = datetime.fromisoformat(self.earliest_order_time)
+        except ValueError:
+            raise SettingsError(f"TRIAGE_EARLIEST_ORDER_TIME={self.earliest_order_time!r} is "
+                                "not YYYY-MM-DD HH:MM:SS") from None
+        return int(moment.replace(tzinfo=moment.tzinfo or UTC).timestamp() * 1000)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -94,6 +155,9 @@ class Settings:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = environ.get(f.metadata["env"])
+            if not raw and f.metadata.get("secret") and environ.get(f.metadata["env"] + "_FILE"):
+                raw = _read_secret_file(f.metadata["env"] + "_FILE",
+                                        environ[f.metadata["env"] + "_FILE"])
             if raw is None or raw == "":
                 continue
             values[f.name] = _parse(f, raw)
@@ -106,6 +170,17 @@ class Settings:
     def to_env(self) -> dict[str, str]:
         """The ``TRIAGE_*`` variables that reproduce these settings in a child process."""
         return {f.metadata["env"]: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def _read_secret_file(variable: str, path: str) -> str:
+    try:
+        return Path(path).read_text().rstrip("\n")
+    except OSError as exc:
+        raise SettingsError(f"{variable}={path!r} cannot be read: {exc.strerror}") from None
 
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:

@@ -15,12 +15,15 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Messag
 
 from bus.clients import make_consumer, partitions_of
 from bus.settings import Settings
-from schemas.codec import Codec
+from schemas.codec import codec_for
 
 
 class TopicReader:
-    def __init__(self, settings: Settings, topic: str, schema_name: str) -> None:
-        self.codec = Codec(schema_name, topic=topic, registry_url=settings.schema_registry_url)
+    """Decodes with ``schema_name``'s codec; with ``schema_name=None`` yields raw messages and
+    ``None`` records (the dead-letter tools read bytes that may not decode)."""
+
+    def __init__(self, settings: Settings, topic: str, schema_name: str | None) -> None:
+        self.codec = codec_for(settings, schema_name, topic) if schema_name else None
         self.consumer = make_consumer(settings, group_id=f"triage-reader-{uuid.uuid4().hex}")
         partitions = partitions_of(self.consumer, topic)
         for tp in partitions:
@@ -28,18 +31,18 @@ class TopicReader:
         self.consumer.assign(partitions)
 
     def poll(self, timeout_s: float = 0.5, max_records: int = 1000
-             ) -> list[tuple[Message, dict[str, Any]]]:
+             ) -> list[tuple[Message, dict[str, Any] | None]]:
         out = []
         for msg in self.consumer.consume(max_records, timeout_s):
             err = msg.error()
             if err is None:
-                out.append((msg, self.codec.decode(msg.value())))
+                out.append((msg, self.codec.decode(msg.value()) if self.codec else None))
             elif err.fatal() or err.code() != KafkaError._PARTITION_EOF:
                 raise KafkaException(err)
         return out
 
     def read(self, *, follow: bool = False, idle_s: float = 5.0
-             ) -> Iterator[tuple[Message, dict[str, Any]]]:
+             ) -> Iterator[tuple[Message, dict[str, Any] | None]]:
         """Every record from the beginning; without ``follow``, stop after ``idle_s`` of quiet."""
         quiet_since = time.monotonic()
         while True:

@@ -6,8 +6,9 @@ the drift topic), wait until the broker acknowledged every record produced, then
 batch's offsets. A crash anywhere before the commit means the batch is consumed again:
 at-least-once, never at-most-once.
 
-Bad data never stops the loop: a record that does not decode, or that makes scoring fail, goes
-to the dead-letter topic with the reason. Infrastructure failures (a delivery the broker
+Bad data never stops the loop: a record that is too large, does not decode, fails a check hook
+(validation is one) or makes scoring fail goes to the dead-letter topic with the reason, and
+the rest of its batch is scored as usual. Infrastructure failures (a delivery the broker
 refused, a commit that cannot be made) raise :class:`InfrastructureError`; the process exits
 non-zero and the supervisor restarts it.
 """
@@ -24,15 +25,18 @@ from pathlib import Path
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from bus.clients import make_consumer, make_producer
+from bus.clients import make_consumer, make_producer, produce
 from bus.settings import Settings
+from consumer import metrics
 from consumer.deadletter import dead_letter_headers
+from consumer.hooks import CheckHook, ObserveHook, Rejection, ScoredBatch, hook_name
 from consumer.sampler import sampled_indices
+from consumer.validation import OrderValidator
 from model.artifact import Model
 from model.features import FeatureBatch
 from model.orders import OrderColumns
 from model.reference import ReferenceTables
-from schemas.codec import Codec, DecodeError
+from schemas.codec import DecodeError, codec_for
 
 # Commit errors that mean "these partitions are no longer yours": the new owner re-reads them.
 _LOST_OWNERSHIP = {KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
@@ -61,16 +65,18 @@ class ScorerStats:
 
 class Scorer:
     def __init__(self, settings: Settings, model: Model, reference: ReferenceTables,
-                 worker_id: str = "0", status_file: Path | None = None) -> None:
+                 worker_id: str = "0", status_file: Path | None = None,
+                 extra_hooks: list[object] | None = None) -> None:
         self.settings = settings
         self.model = model
         self.reference = reference
         self.worker_id = worker_id
-        registry = settings.schema_registry_url
-        self.orders = Codec("order", topic=settings.orders_topic, registry_url=registry)
-        self.predictions = Codec("prediction", topic=settings.predictions_topic,
-                                 registry_url=registry)
-        self.samples = Codec("drift_sample", topic=settings.drift_topic, registry_url=registry)
+        self.orders = codec_for(settings, "order", settings.orders_topic)
+        self.predictions = codec_for(settings, "prediction", settings.predictions_topic)
+        self.samples = codec_for(settings, "drift_sample", settings.drift_topic)
+        hooks = [OrderValidator(settings), *(extra_hooks or [])]
+        self.check_hooks = [h for h in hooks if isinstance(h, CheckHook)]
+        self.observe_hooks = [h for h in hooks if isinstance(h, ObserveHook)]
         self.consumer = make_consumer(settings)
         self.status_file = status_file
         self.assigned: set[int] = set()
@@ -109,9 +115,12 @@ class Scorer:
     # -- one batch -------------------------------------------------------------------------
 
     def process(self, batch: list[Message]) -> None:
-        records: list[dict] = []
-        decoded: list[Message] = []
+        """Score one consumed batch; every record ends as a prediction or a dead letter."""
+        started = time.perf_counter()
         consumed: list[Message] = []
+        decoded: list[Message] = []
+        records: list[dict] = []
+        max_bytes = self.settings.max_message_bytes
         for msg in batch:
             err = msg.error()
             if err is not None:
@@ -121,18 +130,50 @@ class Scorer:
                     self.log.warning("consumer_error", error=err.str())
                 continue
             consumed.append(msg)
+            value = msg.value()
+            if value is not None and len(value) > max_bytes:
+                self._dead_letter(msg, "oversized", "RecordTooLarge",
+                                  f"{len(value)} bytes, most allowed {max_bytes}")
+                continue
             try:
-                records.append(self.orders.decode(msg.value()))
+                records.append(self.orders.decode(value))
             except DecodeError as exc:
-                self._dead_letter(msg, "undecodable", "DecodeError", exc.reason)
+                self._dead_letter(msg, exc.kind, "DecodeError", exc.reason)
                 continue
             decoded.append(msg)
+        for hook in self.check_hooks:
+            decoded, records = self._apply_check(hook, decoded, records)
         if records:
             self._score(decoded, records)
         self._await_deliveries()
         self._commit(consumed)
         self.stats.consumed += len(consumed)
         self.stats.batches += 1
+        metrics.CONSUMED.inc(len(consumed))
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+
+    def _apply_check(self, hook: CheckHook, msgs: list[Message], records: list[dict]
+                     ) -> tuple[list[Message], list[dict]]:
+        """Run one check hook; dead-letter what it rejects, return what it lets through."""
+        if not records:
+            return msgs, records
+        try:
+            rejections = {r.index: r for r in hook.check(records)}
+        except Exception:
+            metrics.HOOK_ERRORS.labels(hook_name(hook)).inc()
+            rejections = {}
+            for index, record in enumerate(records):  # find the orders it fails on
+                try:
+                    rejections.update((index, r) for r in hook.check([record]))
+                except Exception as exc:
+                    rejections[index] = Rejection(index, "hook_failed",
+                                                  f"{hook_name(hook)}: {type(exc).__name__}: {exc}")
+        for index, rejection in rejections.items():
+            if 0 <= index < len(msgs):
+                self._dead_letter(msgs[index], rejection.reason, "ValidationError",
+                                  rejection.message)
+        kept = [i for i in range(len(records)) if i not in rejections]
+        return [msgs[i] for i in kept], [records[i] for i in kept]
 
     def _score(self, msgs: list[Message], records: list[dict]) -> None:
         orders = OrderColumns.from_records(records)
@@ -146,18 +187,29 @@ class Scorer:
                 return
             self._dead_letter(msgs[0], "scoring_failed", type(exc).__name__, str(exc))
             return
-        self._publish(msgs, orders, features, recommendations.tolist(), proba.tolist())
+        scored_at = int(time.time() * 1000)
+        self._publish(msgs, orders, features, recommendations.tolist(), proba.tolist(),
+                      scored_at)
+        if self.observe_hooks:
+            self._observe(ScoredBatch(orders, features, recommendations.tolist(), proba,
+                                      [m.timestamp()[1] for m in msgs], scored_at))
+
+    def _observe(self, scored: ScoredBatch) -> None:
+        for hook in self.observe_hooks:
+            try:
+                hook.observe(scored)
+            except Exception as exc:
+                metrics.HOOK_ERRORS.labels(hook_name(hook)).inc()
+                self.log.error("hook_failed", hook=hook_name(hook), error=str(exc))
 
     def _publish(self, msgs: list[Message], orders: OrderColumns, features: FeatureBatch,
-                 recommendations: list[str], proba: list[list[float]]) -> None:
-        scored_at = int(time.time() * 1000)
+                 recommendations: list[str], proba: list[list[float]], scored_at: int) -> None:
         version = self.model.version
         hours = features.order_hour_of_day.tolist()
         stock = [None if v != v else v for v in features.inventory.tolist()]  # NaN -> null
         statuses = features.payment_status.tolist()
         zips = features.zip_code_available.tolist()
         timestamps = orders.timestamp_ms.tolist()
-        produce = self.producer.produce
         encode = self.predictions.encode
         topic = self.settings.predictions_topic
         feature_records = []
@@ -178,8 +230,10 @@ class Scorer:
                 "order_partition": msg.partition(),
                 "order_offset": msg.offset(),
             })
-            self._produce(produce, topic, orders.order_id[i].encode(), value)
+            self._produce(topic, orders.order_id[i].encode(), value)
         self.stats.predicted += len(msgs)
+        for recommendation, count in Counter(recommendations).items():
+            metrics.PREDICTIONS.labels(recommendation).inc(count)
 
         for i in sampled_indices(orders.order_id, self.settings.sample_rate):
             value = self.samples.encode({
@@ -192,25 +246,20 @@ class Scorer:
                 "model_version": version,
                 "scored_at_ms": scored_at,
             })
-            self._produce(produce, self.settings.drift_topic, orders.order_id[i].encode(), value)
+            self._produce(self.settings.drift_topic, orders.order_id[i].encode(), value)
             self.stats.sampled += 1
 
     def _dead_letter(self, msg: Message, reason: str, error_class: str, message: str) -> None:
         headers = dead_letter_headers(msg, reason, error_class, message, self.worker_id)
-        self._produce(self.producer.produce, self.settings.dlq_topic, msg.key(), msg.value(),
-                      headers=headers)
+        self._produce(self.settings.dlq_topic, msg.key(), msg.value(), headers=headers)
         self.stats.dead_lettered[reason] += 1
+        metrics.DEAD_LETTERS.labels(reason).inc()
         self.log.warning("dead_lettered", reason=reason, error=message[:200],
                          partition=msg.partition(), offset=msg.offset())
 
-    def _produce(self, produce, topic: str, key: bytes | None, value: bytes | None,
-                 **kwargs) -> None:
-        while True:
-            try:
-                produce(topic, value=value, key=key, on_delivery=self._on_delivery, **kwargs)
-                return
-            except BufferError:  # local queue full: serve delivery reports, then retry
-                self.producer.poll(0.05)
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None, **kwargs) -> None:
+        produce(self.producer, topic, key=key, value=value, on_delivery=self._on_delivery,
+                **kwargs)
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:

@@ -18,6 +18,8 @@ from confluent_kafka import KafkaException
 from bus.embedded import BrokerNotFound
 from bus.logs import configure_logging
 from bus.settings import Settings, SettingsError
+from consumer import metrics
+from consumer.hooks import load_hooks
 from consumer.scorer import InfrastructureError, Scorer
 from model import artifact
 from model.reference import ReferenceDataError, ReferenceTables
@@ -42,8 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         model = artifact.load(args.model)
         reference = ReferenceTables.load(args.reference)
         scorer = Scorer(settings, model, reference, worker_id=args.worker_id,
-                        status_file=args.status_file)
-    except (artifact.ArtifactError, ReferenceDataError, BrokerNotFound) as exc:
+                        status_file=args.status_file,
+                        extra_hooks=load_hooks(settings.hooks, settings))
+        if settings.metrics_port:
+            port = settings.metrics_port + int(args.worker_id)
+            metrics.serve(port)
+            log.info("metrics_serving", port=port)
+    except (artifact.ArtifactError, ReferenceDataError, BrokerNotFound, SettingsError,
+            OSError) as exc:
         log.error("worker_config_error", error=str(exc))
         return 2
 

@@ -12,9 +12,9 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message
 
-from bus.clients import make_producer
+from bus.clients import make_producer, produce
 from bus.settings import Settings
-from schemas.codec import Codec
+from schemas.codec import codec_for
 
 
 class OrderError(ValueError):
@@ -49,7 +49,7 @@ class OrderPublisher:
 
     def __init__(self, settings: Settings, **producer_overrides: Any) -> None:
         self.topic = settings.orders_topic
-        self.codec = Codec("order", topic=self.topic, registry_url=settings.schema_registry_url)
+        self.codec = codec_for(settings, "order", self.topic)
         self.producer = make_producer(settings, **producer_overrides)
         self.sent = 0
         self.failed = 0
@@ -60,12 +60,7 @@ class OrderPublisher:
     def publish(self, record: dict[str, Any]) -> None:
         value = self.codec.encode(record)
         key = record["order_id"].encode()
-        while True:
-            try:
-                self.producer.produce(self.topic, value=value, key=key, on_delivery=self._report)
-                break
-            except BufferError:  # local queue full: let deliveries drain, then try again
-                self.producer.poll(0.05)
+        produce(self.producer, self.topic, value=value, key=key, on_delivery=self._report)
         self.producer.poll(0)
 
     def _report(self, err: KafkaError | None, msg: Message) -> None:

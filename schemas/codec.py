@@ -23,16 +23,24 @@ from typing import Any
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
+from bus.settings import Settings
+
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 REGISTRY_MAGIC = 0
 _SINGLE_OBJECT_HEADER = len(SINGLE_OBJECT_MAGIC) + 8
 
 
 class DecodeError(ValueError):
-    """A record's bytes are not a valid record of the expected schema; ``reason`` says why."""
+    """A record's bytes are not a valid record of the expected schema.
 
-    def __init__(self, reason: str) -> None:
+    ``kind`` is a short machine-readable code (``tombstone``, ``unknown_framing``,
+    ``unknown_schema``, ``invalid_avro``, ``trailing_bytes``, ``no_registry``,
+    ``registry_error``); ``reason`` says what exactly was wrong.
+    """
+
+    def __init__(self, kind: str, reason: str) -> None:
         super().__init__(reason)
+        self.kind = kind
         self.reason = reason
 
 
@@ -49,17 +57,27 @@ def schema_fingerprint(schema: dict[str, Any]) -> bytes:
 
 
 @functools.cache
-def _registry_client(url: str):
+def _registry_client(url: str, basic_auth: str = ""):
     # One client per URL per process: it caches schema ids, which is what keeps decoding cheap.
     from confluent_kafka.schema_registry import SchemaRegistryClient
 
-    return SchemaRegistryClient.new_client({"url": url})  # "mock://..." gives an in-memory one
+    conf = {"url": url}
+    if basic_auth:
+        conf["basic.auth.user.info"] = basic_auth
+    return SchemaRegistryClient.new_client(conf)  # "mock://..." gives an in-memory one
+
+
+def codec_for(settings: Settings, schema_name: str, topic: str) -> Codec:
+    """The codec for one of the service's topics, framed as the settings say."""
+    return Codec(schema_name, topic=topic, registry_url=settings.schema_registry_url,
+                 registry_auth=settings.schema_registry_basic_auth)
 
 
 class Codec:
     """Encode and decode records of one schema, for one topic."""
 
-    def __init__(self, schema_name: str, *, topic: str = "", registry_url: str = "") -> None:
+    def __init__(self, schema_name: str, *, topic: str = "", registry_url: str = "",
+                 registry_auth: str = "") -> None:
         self.schema_name = schema_name
         self.schema = load_schema(schema_name)
         self.topic = topic
@@ -72,7 +90,7 @@ class Codec:
         if registry_url:
             from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 
-            client = _registry_client(registry_url)
+            client = _registry_client(registry_url, registry_auth)
             schema_str = to_parsing_canonical_form(self.schema)
             self._serializer = AvroSerializer(client, schema_str)
             self._deserializer = AvroDeserializer(client, schema_str)
@@ -90,38 +108,43 @@ class Codec:
     def decode(self, data: bytes | None) -> dict[str, Any]:
         """The record in ``data``, in either framing; raises :class:`DecodeError` with a reason."""
         if data is None:
-            raise DecodeError("null value (tombstone)")
+            raise DecodeError("tombstone", "null value (tombstone)")
         if data[:2] == SINGLE_OBJECT_MAGIC:
             return self._decode_single_object(data)
         if data[:1] == b"\x00" and len(data) >= 5:
             return self._decode_registry_framed(data)
-        raise DecodeError(f"unknown framing: first bytes {data[:2].hex() or 'empty'} are neither "
-                          "Avro single-object (c301) nor Schema Registry (00) framing")
+        raise DecodeError("unknown_framing",
+                          f"unknown framing: first bytes {data[:2].hex() or 'empty'} are "
+                          "neither Avro single-object (c301) nor Schema Registry (00) framing")
 
     def _decode_single_object(self, data: bytes) -> dict[str, Any]:
         writer = self._writers.get(data[2:_SINGLE_OBJECT_HEADER])
         if writer is None:
-            raise DecodeError(f"unknown schema fingerprint {data[2:10].hex()} for "
-                              f"{self.schema_name}")
+            raise DecodeError("unknown_schema", f"unknown schema fingerprint "
+                              f"{data[2:10].hex()} for {self.schema_name}")
         body = io.BytesIO(data)
         body.seek(_SINGLE_OBJECT_HEADER)
         try:
             record = fastavro.schemaless_reader(body, writer, self.schema)
         except Exception as exc:  # fastavro raises EOFError, ValueError, UnicodeDecodeError, ...
-            raise DecodeError(f"invalid Avro body: {type(exc).__name__}: {exc}") from None
+            raise DecodeError("invalid_avro",
+                              f"invalid Avro body: {type(exc).__name__}: {exc}") from None
         if body.tell() != len(data):
-            raise DecodeError(f"{len(data) - body.tell()} bytes left over after the record")
+            raise DecodeError("trailing_bytes",
+                              f"{len(data) - body.tell()} bytes left over after the record")
         return record
 
     def _decode_registry_framed(self, data: bytes) -> dict[str, Any]:
         schema_id = int.from_bytes(data[1:5], "big")
         if self._deserializer is None:
-            raise DecodeError(f"Schema Registry framed record (schema id {schema_id}) but no "
-                              "registry is configured (TRIAGE_SCHEMA_REGISTRY_URL)")
+            raise DecodeError("no_registry", f"Schema Registry framed record (schema id "
+                              f"{schema_id}) but no registry is configured "
+                              "(TRIAGE_SCHEMA_REGISTRY_URL)")
         from confluent_kafka.serialization import MessageField, SerializationContext
 
         try:
             return self._deserializer(data, SerializationContext(self.topic, MessageField.VALUE))
         except Exception as exc:
-            raise DecodeError(f"registry-framed record (schema id {schema_id}) could not be "
-                              f"decoded: {type(exc).__name__}: {exc}") from None
+            raise DecodeError("registry_error", f"registry-framed record (schema id "
+                              f"{schema_id}) could not be decoded: "
+                              f"{type(exc).__name__}: {exc}") from None

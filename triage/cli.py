@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model directory; trained there unless it exists (default models/demo)")
     p.add_argument("--results", type=Path, default=Path("results"))
 
+    p = commands.add_parser("dlq", parents=[common], help="inspect or replay dead letters")
+    p.add_argument("action", choices=["inspect", "replay"])
+    p.add_argument("--reason", help="replay: only records dead-lettered for this reason")
+    p.add_argument("--samples", type=int, default=3, help="inspect: samples per reason")
+    p.add_argument("--idle", type=float, default=3.0,
+                   help="stop reading after this many seconds with nothing new")
+
     commands.add_parser("settings", help="list every TRIAGE_* setting with its default")
     return parser
 
@@ -271,6 +278,17 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if summary.agreement == 1.0 else EXIT_FAILED
 
 
+def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
+    from consumer import dlq
+
+    if args.action == "inspect":
+        print(dlq.inspect(settings, samples_per_reason=args.samples, idle_s=args.idle))
+        return 0
+    summary = dlq.replay(settings, reason=args.reason, idle_s=args.idle)
+    print(summary)
+    return EXIT_FAILED if summary.failed else 0
+
+
 def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
     for env, default, doc in settings_table():
         print(f"{env}={default}\n    {doc}")
@@ -280,7 +298,7 @@ def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
 COMMANDS = {
     "broker": cmd_broker, "topics": cmd_topics, "datagen": cmd_datagen, "train": cmd_train,
     "replay": cmd_replay, "produce": cmd_produce, "consume": cmd_consume,
-    "predictions": cmd_predictions, "demo": cmd_demo, "settings": cmd_settings,
+    "predictions": cmd_predictions, "demo": cmd_demo, "dlq": cmd_dlq, "settings": cmd_settings,
 }
 
 

@@ -1,0 +1,107 @@
+"""Tools for the dead-letter topic: count and look at what is there, and send it back.
+
+``replay`` re-publishes records to the orders topic byte for byte (same key, same value), for
+example after a fix to a validation bound or a schema. Each replayed record carries the header
+``triage.replayed-from`` = ``<dlq topic>/<partition>/<offset>``. Running it twice sends the
+records twice; the scorer is at-least-once anyway and predictions are keyed by ``order_id``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from bus.clients import make_producer, produce
+from bus.settings import Settings
+from consumer.deadletter import headers_dict
+from consumer.reader import TopicReader
+from schemas.codec import DecodeError, codec_for
+
+REASON_HEADER = "triage.errors.reason"
+REPLAY_HEADER = "triage.replayed-from"
+
+
+@dataclass
+class DlqReport:
+    counts: Counter[str] = field(default_factory=Counter)
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __str__(self) -> str:
+        lines = [f"{self.total} dead-lettered records"]
+        for reason, count in self.counts.most_common():
+            lines.append(f"  {reason:<22}{count:>8}")
+            lines += [f"      {sample}" for sample in self.samples.get(reason, [])]
+        return "\n".join(lines)
+
+
+def inspect(settings: Settings, *, samples_per_reason: int = 3, idle_s: float = 3.0
+            ) -> DlqReport:
+    """Count the dead letters by reason; keep a few samples of each, decoded where possible."""
+    codec = codec_for(settings, "order", settings.orders_topic)
+    report = DlqReport()
+    with TopicReader(settings, settings.dlq_topic, None) as reader:
+        for msg, _ in reader.read(idle_s=idle_s):
+            headers = headers_dict(msg.headers())
+            reason = headers.get(REASON_HEADER, "unknown")
+            report.counts[reason] += 1
+            samples = report.samples.setdefault(reason, [])
+            if len(samples) < samples_per_reason:
+                samples.append(_sample(msg.value(), headers, codec))
+    return report
+
+
+def _sample(value: bytes | None, headers: dict[str, str], codec) -> dict[str, Any]:
+    sample: dict[str, Any] = {
+        "source": f"{headers.get('__connect.errors.topic')}/"
+                  f"{headers.get('__connect.errors.partition')}/"
+                  f"{headers.get('__connect.errors.offset')}",
+        "error": headers.get("__connect.errors.exception.message", "")[:200],
+    }
+    try:
+        sample["order"] = codec.decode(value)
+    except DecodeError:
+        sample["bytes"] = len(value) if value is not None else None
+        sample["head"] = value[:24].hex() if value else ""
+    return sample
+
+
+@dataclass(frozen=True)
+class DlqReplaySummary:
+    republished: int
+    skipped: int
+    failed: int
+
+    def __str__(self) -> str:
+        return (f"republished {self.republished}, skipped {self.skipped} (other reasons), "
+                f"failed {self.failed}")
+
+
+def replay(settings: Settings, *, reason: str | None = None, idle_s: float = 3.0
+           ) -> DlqReplaySummary:
+    """Re-publish dead letters (those with ``reason``, or all) to the orders topic."""
+    producer = make_producer(settings)
+    failures: list[str] = []
+
+    def delivered(err, _msg) -> None:
+        if err is not None:
+            failures.append(err.str())
+
+    republished = skipped = 0
+    with TopicReader(settings, settings.dlq_topic, None) as reader:
+        for msg, _ in reader.read(idle_s=idle_s):
+            if reason is not None and headers_dict(msg.headers()).get(REASON_HEADER) != reason:
+                skipped += 1
+                continue
+            source = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
+            produce(producer, settings.orders_topic, key=msg.key(), value=msg.value(),
+                    headers=[(REPLAY_HEADER, source.encode())], on_delivery=delivered)
+            producer.poll(0)
+            republished += 1
+    undelivered = producer.flush(60.0)
+    return DlqReplaySummary(republished - len(failures) - undelivered, skipped,
+                            len(failures) + undelivered)

@@ -1,0 +1,19 @@
+"""Prometheus metrics of a scorer worker, served on /metrics when TRIAGE_METRICS_PORT is set."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+CONSUMED = Counter("triage_records_consumed_total", "Order records consumed.")
+PREDICTIONS = Counter("triage_predictions_total", "Predictions produced.", ["recommendation"])
+DEAD_LETTERS = Counter("triage_dead_letters_total", "Records sent to the dead-letter topic.",
+                       ["reason"])
+HOOK_ERRORS = Counter("triage_hook_errors_total", "Exceptions raised by processing hooks.",
+                      ["hook"])
+BATCH_SECONDS = Histogram("triage_batch_seconds", "Time to score, deliver and commit a batch.",
+                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+
+
+def serve(port: int) -> None:
+    """Start the /metrics endpoint in a background thread."""
+    start_http_server(port, addr="0.0.0.0")
