@@ -57,7 +57,8 @@ def consumer_config(settings: Settings, group_id: str | None = None,
         "auto.offset.reset": "earliest",
         "session.timeout.ms": settings.session_timeout_ms,
         "heartbeat.interval.ms": max(1, settings.session_timeout_ms // 3),
-        "partition.assignment.strategy": "cooperative-sticky",
+        "partition.assignment.strategy": settings.assignment_strategy,
+        "isolation.level": "read_committed",  # never see an aborted transaction's records
         **overrides,
     }
 
@@ -91,6 +92,8 @@ def topic_specs(settings: Settings) -> dict[str, int]:
         settings.predictions_topic: settings.output_partitions,
         settings.drift_topic: settings.output_partitions,
         settings.dlq_topic: settings.output_partitions,
+        # One partition: a few reports per hour, read back in window order by the HTML report.
+        settings.drift_reports_topic: 1,
     }
 
 

@@ -70,6 +70,26 @@ class Settings:
     sample_rate: float = _setting(
         0.05, "TRIAGE_SAMPLE_RATE",
         "Share of orders (by order_id hash) the sampler copies to the drift topic.")
+    drift_reports_topic: str = _setting(
+        "drift.reports", "TRIAGE_DRIFT_REPORTS_TOPIC",
+        "Topic the drift monitor writes one report per window to.")
+    drift_group_id: str = _setting(
+        "triage-drift-monitor", "TRIAGE_DRIFT_GROUP_ID", "Consumer group of the drift monitor.")
+    drift_window_samples: int = _setting(
+        1000, "TRIAGE_DRIFT_WINDOW_SAMPLES",
+        "A drift window closes after this many samples; 0: by time only.")
+    drift_window_minutes: float = _setting(
+        0.0, "TRIAGE_DRIFT_WINDOW_MINUTES",
+        "A drift window also closes after this many minutes; 0: by sample count only.")
+    drift_min_samples: int = _setting(
+        500, "TRIAGE_DRIFT_MIN_SAMPLES",
+        "A window with fewer samples reports `insufficient_data` instead of testing.")
+    drift_alpha: float = _setting(
+        0.01, "TRIAGE_DRIFT_ALPHA",
+        "Chance that a window without drift raises any alarm (Holm-corrected over the checks).")
+    drift_metrics_port: int = _setting(
+        0, "TRIAGE_DRIFT_METRICS_PORT",
+        "Serve the drift monitor's Prometheus /metrics on this port; 0: off.")
     session_timeout_ms: int = _setting(
         6000, "TRIAGE_SESSION_TIMEOUT_MS",
         "Consumer group session timeout. 6000 keeps the embedded broker's first join at 3 s.")
@@ -100,6 +120,16 @@ class Settings:
     metrics_port: int = _setting(
         0, "TRIAGE_METRICS_PORT",
         "Serve Prometheus /metrics from each worker on this port + worker number; 0: off.")
+    exactly_once: bool = _setting(
+        False, "TRIAGE_EXACTLY_ONCE",
+        "Transactional consume-transform-produce (`--exactly-once`); needs Apache Kafka.")
+    assignment_strategy: str = _setting(
+        "cooperative-sticky", "TRIAGE_ASSIGNMENT_STRATEGY",
+        "Partition assignment: `cooperative-sticky` (incremental rebalances) or an eager one "
+        "(`range`, `roundrobin`) for brokers that cannot do cooperative rebalancing.")
+    test_batch_delay_ms: int = _setting(
+        0, "TRIAGE_TEST_BATCH_DELAY_MS",
+        "For tests only: sleep this long in every batch, to make a worker slow on purpose.")
     security_protocol: str = _setting(
         "PLAINTEXT", "TRIAGE_SECURITY_PROTOCOL", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.")
     sasl_mechanism: str = _setting(
@@ -125,6 +155,15 @@ class Settings:
                 raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.sample_rate <= 1.0:
             raise SettingsError(f"sample_rate must be within [0, 1], got {self.sample_rate}")
+        if self.drift_window_samples < 0 or self.drift_window_minutes < 0 \
+                or not (self.drift_window_samples or self.drift_window_minutes):
+            raise SettingsError("drift windows need TRIAGE_DRIFT_WINDOW_SAMPLES or "
+                                "TRIAGE_DRIFT_WINDOW_MINUTES above 0 (and neither below 0)")
+        if self.drift_min_samples < 1:
+            raise SettingsError(f"drift_min_samples must be at least 1, "
+                                f"got {self.drift_min_samples}")
+        if not 0.0 < self.drift_alpha < 1.0:
+            raise SettingsError(f"drift_alpha must be within (0, 1), got {self.drift_alpha}")
         if self.log_format not in ("json", "console"):
             raise SettingsError(f"log_format must be json or console, got {self.log_format!r}")
         self.earliest_order_ms  # noqa: B018 -- parse now, so a bad value fails at start-up
@@ -184,7 +223,12 @@ def _read_secret_file(variable: str, path: str) -> str:
 
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:
-    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float}.get(f.type, str)
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float,
+                                                    "bool": bool}.get(f.type, str)
+    if kind is bool:
+        if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise SettingsError(f"{f.metadata['env']}={raw!r} is not true or false")
+        return raw.lower() in ("1", "true", "yes")
     try:
         return kind(raw)
     except ValueError:

@@ -28,6 +28,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from bus.clients import make_consumer, make_producer, produce
 from bus.settings import Settings
 from consumer import metrics
+from consumer.commit import AtLeastOnce, ExactlyOnce, transactional_id
 from consumer.deadletter import dead_letter_headers
 from consumer.hooks import CheckHook, ObserveHook, Rejection, ScoredBatch, hook_name
 from consumer.sampler import sampled_indices
@@ -37,17 +38,6 @@ from model.features import FeatureBatch
 from model.orders import OrderColumns
 from model.reference import ReferenceTables
 from schemas.codec import DecodeError, codec_for
-
-# Commit errors that mean "these partitions are no longer yours": the new owner re-reads them.
-_LOST_OWNERSHIP = {KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
-                   KafkaError.UNKNOWN_MEMBER_ID, KafkaError._ASSIGNMENT_LOST,
-                   KafkaError.FENCED_INSTANCE_ID}
-_FLUSH_TIMEOUT_S = 60.0
-_COMMIT_ATTEMPTS = 5
-
-
-class InfrastructureError(RuntimeError):
-    """The broker did not take what this worker produced or committed; restart the worker."""
 
 
 @dataclass
@@ -80,12 +70,18 @@ class Scorer:
         self.consumer = make_consumer(settings)
         self.status_file = status_file
         self.assigned: set[int] = set()
-        self.producer = make_producer(settings)
+        self.log = structlog.get_logger("scorer").bind(worker=worker_id)
+        if settings.exactly_once:
+            self.producer = make_producer(settings, **{
+                "transactional.id": transactional_id(settings.group_id, worker_id)})
+            self.committer: AtLeastOnce = ExactlyOnce(self.producer, self.consumer, self.log)
+        else:
+            self.producer = make_producer(settings)
+            self.committer = AtLeastOnce(self.producer, self.consumer, self.log)
         self.class_names = [str(c) for c in model.classes]
         self.stats = ScorerStats()
-        self.log = structlog.get_logger("scorer").bind(worker=worker_id)
         self._stop_requested = False
-        self._delivery_errors: list[str] = []
+        self._test_delay_s = settings.test_batch_delay_ms / 1000.0
 
     def request_stop(self) -> None:
         """Finish the batch in hand, commit it, leave the group (safe from a signal handler)."""
@@ -95,20 +91,25 @@ class Scorer:
         self.consumer.subscribe([self.settings.orders_topic], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
         self.log.info("worker_started", topic=self.settings.orders_topic,
-                      group=self.settings.group_id, model_version=self.model.version)
+                      group=self.settings.group_id, model_version=self.model.version,
+                      exactly_once=self.committer.transactional)
         timeout_s = self.settings.batch_timeout_ms / 1000.0
-        last_report = time.monotonic()
+        last_report = last_status = time.monotonic()
         try:
             while not self._stop_requested:
                 batch = self.consumer.consume(self.settings.batch_size, timeout_s)
                 if batch:
                     self.process(batch)
-                if time.monotonic() - last_report >= 10.0:
+                now = time.monotonic()
+                if now - last_status >= 1.0:
+                    self._write_status()
+                    last_status = now
+                if now - last_report >= 10.0:
                     self.log.info("progress", **self.stats.as_dict())
-                    last_report = time.monotonic()
+                    last_report = now
         finally:
             self.consumer.close()  # leaves the group, so the partitions move on at once
-            self.producer.flush(_FLUSH_TIMEOUT_S)
+            self.producer.flush(10.0)
             self.log.info("worker_stopped", **self.stats.as_dict())
         return self.stats
 
@@ -117,6 +118,7 @@ class Scorer:
     def process(self, batch: list[Message]) -> None:
         """Score one consumed batch; every record ends as a prediction or a dead letter."""
         started = time.perf_counter()
+        self.committer.begin()
         consumed: list[Message] = []
         decoded: list[Message] = []
         records: list[dict] = []
@@ -145,8 +147,9 @@ class Scorer:
             decoded, records = self._apply_check(hook, decoded, records)
         if records:
             self._score(decoded, records)
-        self._await_deliveries()
-        self._commit(consumed)
+        if self._test_delay_s:
+            time.sleep(self._test_delay_s)  # TRIAGE_TEST_BATCH_DELAY_MS: tests only
+        self.committer.finish(consumed)
         self.stats.consumed += len(consumed)
         self.stats.batches += 1
         metrics.CONSUMED.inc(len(consumed))
@@ -258,43 +261,8 @@ class Scorer:
                          partition=msg.partition(), offset=msg.offset())
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, **kwargs) -> None:
-        produce(self.producer, topic, key=key, value=value, on_delivery=self._on_delivery,
-                **kwargs)
-
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self._delivery_errors.append(f"{msg.topic()}: {err.str()}")
-
-    def _await_deliveries(self) -> None:
-        remaining = self.producer.flush(_FLUSH_TIMEOUT_S)
-        errors, self._delivery_errors = self._delivery_errors, []
-        if remaining or errors:
-            raise InfrastructureError(
-                f"{len(errors)} record(s) refused and {remaining} not acknowledged within "
-                f"{_FLUSH_TIMEOUT_S:.0f} s; not committing this batch"
-                + (f"; first error: {errors[0]}" if errors else ""))
-
-    def _commit(self, consumed: list[Message]) -> None:
-        if not consumed:
-            return
-        next_offsets: dict[tuple[str, int], int] = {}
-        for msg in consumed:
-            key = (msg.topic(), msg.partition())
-            next_offsets[key] = max(next_offsets.get(key, 0), msg.offset() + 1)
-        offsets = [TopicPartition(t, p, o) for (t, p), o in next_offsets.items()]
-        for attempt in range(1, _COMMIT_ATTEMPTS + 1):
-            try:
-                self.consumer.commit(offsets=offsets, asynchronous=False)
-                return
-            except KafkaException as exc:
-                err = exc.args[0]
-                if err.code() in _LOST_OWNERSHIP:
-                    self.log.warning("commit_rejected_after_rebalance", error=err.str(),
-                                     note="the partitions' new owner re-reads this batch")
-                    return
-                if not err.retriable() or attempt == _COMMIT_ATTEMPTS:
-                    raise InfrastructureError(f"commit failed: {err.str()}") from exc
-                time.sleep(0.2 * 2**attempt)  # back off before retrying a transient failure
+        produce(self.producer, topic, key=key, value=value,
+                on_delivery=self.committer.on_delivery, **kwargs)
 
     # -- group membership ------------------------------------------------------------------
     # Callbacks receive only the partitions that change (cooperative-sticky is incremental).
@@ -318,11 +286,26 @@ class Scorer:
         self.log.warning("partitions_lost", partitions=sorted(p.partition for p in partitions))
         self._write_status()
 
+    def lag(self) -> int | None:
+        """Records behind the end of this worker's partitions, from the high watermarks of its
+        own fetches (exact on any broker); None until every partition has been fetched."""
+        if not self.assigned:
+            return 0
+        topic = self.settings.orders_topic
+        total = 0
+        for tp in self.consumer.position([TopicPartition(topic, p) for p in self.assigned]):
+            high = self.consumer.get_watermark_offsets(tp, cached=True)
+            if tp.offset < 0 or high is None or high[1] < 0:
+                return None
+            total += max(0, high[1] - tp.offset)
+        return total
+
     def _write_status(self) -> None:
-        """Publish this worker's partitions for its supervisor (readiness, scaling, tests)."""
+        """Publish partitions, lag and counts for the supervisor (readiness, autoscaling)."""
         if self.status_file is None:
             return
         tmp = self.status_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"pid": os.getpid(), "worker": self.worker_id,
-                                   "partitions": sorted(self.assigned)}))
+                                   "partitions": sorted(self.assigned), "lag": self.lag(),
+                                   "consumed": self.stats.consumed}))
         tmp.replace(self.status_file)

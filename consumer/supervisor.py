@@ -1,16 +1,24 @@
-"""Runs N scorer worker processes in one consumer group and keeps them running.
+"""Runs scorer worker processes in one consumer group and keeps them running.
 
 Workers are separate processes (not threads, not forks): each has its own librdkafka clients
 and its own XGBoost, and a crash or a SIGKILL takes out one worker only. A worker that exits
-unasked is restarted after an exponential backoff. :meth:`Supervisor.stop` sends SIGTERM, which
-each worker answers by finishing its batch, committing and leaving the group.
+unasked is restarted after an exponential backoff (1 s doubling to 30 s; back to 1 s after a
+minute of health). :meth:`Supervisor.stop` sends SIGTERM, which each worker answers by finishing
+its batch, committing and leaving the group.
+
+With an :class:`~consumer.autoscale.Autoscaler`, the supervisor samples its workers' lag (each
+worker reports the lag of its own partitions in its status file) and adds or retires workers.
+Scaling across machines needs nothing from here: another ``triage consume`` anywhere joins the
+same group, and the group rebalances.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,10 +31,11 @@ from pathlib import Path
 import structlog
 
 from bus.settings import Settings
+from consumer.autoscale import Autoscaler
 
 _BACKOFF_START_S = 1.0
 _BACKOFF_MAX_S = 30.0
-_HEALTHY_AFTER_S = 60.0  # a worker that ran this long starts over at the shortest backoff
+_HEALTHY_AFTER_S = 60.0
 
 
 @dataclass
@@ -37,6 +46,7 @@ class _Slot:
     restarts: int = 0
     backoff_s: float = _BACKOFF_START_S
     restart_at: float | None = None
+    retiring: bool = False
 
 
 @dataclass
@@ -45,13 +55,21 @@ class Supervisor:
     model_dir: Path
     reference_dir: Path
     workers: int
+    autoscaler: Autoscaler | None = None
+    scale_interval_s: float = 5.0
     slots: list[_Slot] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.log = structlog.get_logger("supervisor")
         self._stopping = threading.Event()
         self._lock = threading.Lock()
+        self._ids = itertools.count()
         self.status_dir = Path(tempfile.mkdtemp(prefix="triage-workers-"))
+        self.restarts = 0
+        self.retired: dict[str, int] = {}
+        self._next_scale_check = 0.0
+
+    # -- worker processes --------------------------------------------------------------------
 
     def _status_file(self, slot: _Slot) -> Path:
         return self.status_dir / f"worker-{slot.worker_id}.json"
@@ -67,24 +85,47 @@ class Supervisor:
         slot.restart_at = None
         self.log.info("worker_spawned", worker=slot.worker_id, pid=slot.process.pid)
 
+    def _add_worker(self) -> None:
+        slot = _Slot(str(next(self._ids)))
+        self.slots.append(slot)
+        self._spawn(slot)
+
+    def retire_worker(self) -> str:
+        """SIGTERM the newest active worker; it drains and leaves the group, and its slot goes
+        once it has exited (its exit code lands in ``retired``). Returns its id."""
+        with self._lock:
+            slot = [s for s in self.slots if not s.retiring][-1]
+            slot.retiring = True
+            if slot.process and slot.process.poll() is None:
+                slot.process.send_signal(signal.SIGTERM)
+            return slot.worker_id
+
     def start(self) -> None:
         with self._lock:
-            for i in range(self.workers):
-                slot = _Slot(str(i))
-                self.slots.append(slot)
-                self._spawn(slot)
+            for _ in range(self.workers):
+                self._add_worker()
 
-    def assignments(self) -> dict[str, list[int]]:
-        """Partitions each running worker reports it owns (from its status file)."""
-        owned = {}
+    def pids(self) -> list[int]:
+        return [s.process.pid for s in self.slots if s.process and s.process.poll() is None]
+
+    def active_workers(self) -> int:
+        return sum(1 for s in self.slots if not s.retiring)
+
+    def statuses(self) -> dict[str, dict]:
+        """What each running worker last reported: partitions, lag, consumed."""
+        found = {}
         for slot in self.slots:
             if slot.process is None or slot.process.poll() is not None:
                 continue
             with contextlib.suppress(FileNotFoundError, ValueError):
                 status = json.loads(self._status_file(slot).read_text())
                 if status["pid"] == slot.process.pid:
-                    owned[slot.worker_id] = status["partitions"]
-        return owned
+                    found[slot.worker_id] = status
+        return found
+
+    def assignments(self) -> dict[str, list[int]]:
+        """Partitions each running worker reports it owns."""
+        return {worker: s["partitions"] for worker, s in self.statuses().items()}
 
     def balanced(self, partitions: int) -> bool:
         """True when the workers together own all ``partitions`` and each (up to the partition
@@ -92,7 +133,7 @@ class Supervisor:
         owned = self.assignments()
         busy = sum(1 for p in owned.values() if p)
         return (sum(len(p) for p in owned.values()) == partitions
-                and busy == min(partitions, len(self.slots)))
+                and busy == min(partitions, self.active_workers()))
 
     def wait_until_assigned(self, partitions: int, timeout_s: float = 60.0) -> None:
         """Block until :meth:`balanced` (readiness for a replay or a test)."""
@@ -103,22 +144,28 @@ class Supervisor:
                                    f"expected {partitions} partitions in all")
             self._stopping.wait(0.1)
 
-    def pids(self) -> list[int]:
-        return [s.process.pid for s in self.slots if s.process and s.process.poll() is None]
+    # -- supervision -------------------------------------------------------------------------
 
     def check(self) -> None:
-        """Restart workers that exited unasked, after their backoff."""
+        """Restart workers that exited unasked; drop retired ones; autoscale."""
         now = time.monotonic()
         with self._lock:
             if self._stopping.is_set():
                 return
-            for slot in self.slots:
+            for slot in list(self.slots):
+                code = slot.process.poll() if slot.process else None
+                if slot.retiring:
+                    if code is not None:
+                        self.slots.remove(slot)
+                        self.retired[slot.worker_id] = code
+                        self.log.info("worker_retired", worker=slot.worker_id, exit_code=code)
+                    continue
                 if slot.restart_at is not None:
                     if now >= slot.restart_at:
                         slot.restarts += 1
+                        self.restarts += 1
                         self._spawn(slot)
                     continue
-                code = slot.process.poll() if slot.process else None
                 if code is None:
                     continue
                 if now - slot.started_at >= _HEALTHY_AFTER_S:
@@ -127,6 +174,27 @@ class Supervisor:
                 self.log.warning("worker_exited", worker=slot.worker_id, exit_code=code,
                                  restart_in_s=slot.backoff_s, restarts=slot.restarts)
                 slot.backoff_s = min(slot.backoff_s * 2, _BACKOFF_MAX_S)
+            if self.autoscaler is not None and now >= self._next_scale_check:
+                self._next_scale_check = now + self.scale_interval_s
+                self._autoscale()
+
+    def _autoscale(self) -> None:
+        statuses = self.statuses()
+        lags = [s.get("lag") for s in statuses.values()]
+        if not statuses or any(lag is None for lag in lags):
+            return  # a worker is (re)joining: no trustworthy figure this round
+        workers = self.active_workers()
+        decision = self.autoscaler.decide(sum(lags), workers)
+        if decision.change:
+            self.log.info("autoscale", change=decision.change, reason=decision.reason,
+                          lag_window=list(decision.lag_window), workers_before=workers,
+                          workers_after=workers + decision.change)
+            if decision.change > 0:
+                self._add_worker()
+            else:
+                slot = [s for s in self.slots if not s.retiring][-1]
+                slot.retiring = True
+                slot.process.send_signal(signal.SIGTERM)
 
     def request_stop(self) -> None:
         """Make :meth:`run` return (safe from a signal handler); then call :meth:`stop`."""
@@ -141,9 +209,9 @@ class Supervisor:
         """SIGTERM every worker, wait for them to drain, SIGKILL any still running at timeout."""
         self._stopping.set()
         with self._lock:
-            running = [s for s in self.slots if s.process and s.process.poll() is None]
-            for slot in running:
-                slot.process.send_signal(signal.SIGTERM)
+            for slot in self.slots:
+                if slot.process and slot.process.poll() is None:
+                    slot.process.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + timeout_s
             codes: dict[str, int | None] = {}
             for slot in self.slots:
@@ -156,5 +224,6 @@ class Supervisor:
                     self.log.error("worker_kill_after_timeout", worker=slot.worker_id)
                     slot.process.kill()
                     codes[slot.worker_id] = slot.process.wait()
+        shutil.rmtree(self.status_dir, ignore_errors=True)
         self.log.info("workers_stopped", exit_codes=codes)
         return codes

@@ -19,8 +19,9 @@ from bus.embedded import BrokerNotFound
 from bus.logs import configure_logging
 from bus.settings import Settings, SettingsError
 from consumer import metrics
+from consumer.commit import InfrastructureError
 from consumer.hooks import load_hooks
-from consumer.scorer import InfrastructureError, Scorer
+from consumer.scorer import Scorer
 from model import artifact
 from model.reference import ReferenceDataError, ReferenceTables
 

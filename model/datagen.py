@@ -126,9 +126,11 @@ def generate(
     *,
     weeks: int = 4,
     start: str = "2026-01-05 00:00:00",
+    shift: str | None = None,
 ) -> dict[str, Path]:
     """Write orders.csv, payments.csv, inventory.csv, zip_codes.csv into out_dir (created if
-    needed); return name -> path."""
+    needed); return name -> path. ``shift`` names a scenario of ``model.shifts``: the same data,
+    changed only as the scenario says."""
     if n_orders < 1:
         raise ValueError(f"n_orders must be >= 1, got {n_orders}")
     if weeks < 1:
@@ -149,6 +151,16 @@ def generate(
     payments = _payments(rng, orders)
     order_ids = _order_ids(rng, n_orders)
     customer_ids = _customer_ids(rng, orders.customer, max(1, n_orders // 3))
+    if shift is not None:
+        from model.shifts import RawData, apply_shift
+
+        raw = apply_shift(shift, seed, RawData(
+            orders.ts, orders.sku, orders.zip, order_ids, customer_ids, payments, inventory,
+            available_from, period.start, period.end, sku_share, zip_share))
+        orders = _Orders(ts=raw.order_ts, sku=raw.order_sku, zip=raw.order_zip,
+                         customer=np.empty(0, dtype=np.int64))  # customer_ids carry them now
+        order_ids, customer_ids = raw.order_ids, raw.customer_ids
+        payments, inventory, available_from = raw.payments, raw.inventory, raw.zip_available_from
 
     frames = {
         "orders.csv": pd.DataFrame(

@@ -102,7 +102,10 @@ def train(data_dir: str | Path, out_dir: str | Path, *, seed: int = 0, holdout: 
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "metrics": {"holdout_accuracy": accuracy, "confusion_matrix": confusion,
                     "train_rows": len(train_idx), "holdout_rows": len(test_idx)},
-        "baseline": training_baseline(features, labels),
+        # The model's own predictions on every training row: live predictions are compared
+        # with these, not with the policy's labels.
+        "baseline": training_baseline(features, np.array(class_order, dtype=object)[
+            classifier.predict(encoder.design_matrix(features))]),
         "training": {"data_dir": str(data_dir.resolve()), "seed": seed, "params": PARAMS,
                      "data_sha256": {name: artifact.sha256_of(data_dir / name) for name in
                                      ("orders.csv", "payments.csv", "inventory.csv",

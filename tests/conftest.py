@@ -53,6 +53,7 @@ def settings(bootstrap: str, tmp_path: Path) -> Settings:
         bootstrap_servers=bootstrap,
         orders_topic=f"orders-{run}", predictions_topic=f"predictions-{run}",
         drift_topic=f"drift-{run}", dlq_topic=f"orders.dlq-{run}",
+        drift_reports_topic=f"drift.reports-{run}", drift_group_id=f"triage-drift-{run}",
         group_id=f"triage-scorer-{run}", state_dir=str(tmp_path / "state"),
     )
     create_topics(settings)
@@ -87,3 +88,28 @@ def env(**values: str) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+_SESSION_STARTED: list[float] = []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    import time
+
+    _SESSION_STARTED.append(time.time())
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the delivery figures tests/test_delivery.py measured in this run."""
+    import json
+
+    folder = Path(__file__).parent.parent / "results" / "delivery"
+    started = _SESSION_STARTED[0] if _SESSION_STARTED else 0.0
+    files = [f for f in sorted(folder.glob("*.json")) if f.stat().st_mtime >= started]
+    if not files:
+        return
+    terminalreporter.section("delivery figures (results/delivery)")
+    for path in files:
+        figures = json.loads(path.read_text())
+        terminalreporter.write_line(f"{path.stem}: " + ", ".join(
+            f"{k} {v}" for k, v in figures.items()))

@@ -116,3 +116,26 @@ def test_the_readme_lists_every_setting_and_every_command() -> None:
         assert f"| `{env}` |" in readme, env
     for command in COMMANDS:
         assert f"`triage {command}" in readme, command
+
+
+@pytest.mark.integration
+def test_lag_command_reports_committed_end_and_lag_per_partition(bootstrap: str,
+                                                                 tmp_path: Path) -> None:
+    from bus.clients import create_topics
+    from producer.publisher import OrderPublisher, order_record
+
+    settings = Settings(bootstrap_servers=bootstrap, orders_topic=f"lag-{tmp_path.name}",
+                        orders_partitions=2, state_dir=str(tmp_path))
+    create_topics(settings)
+    publisher = OrderPublisher(settings)
+    for i in range(30):
+        publisher.publish(order_record(f"O-{i}", "C", "S", "1", "2026-01-05 10:00:00"))
+    assert publisher.flush(30) == 0
+    result = triage("lag", "--group", "nobody-yet", env=clean_env(
+        tmp_path, TRIAGE_BOOTSTRAP_SERVERS=bootstrap, TRIAGE_ORDERS_TOPIC=settings.orders_topic))
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[2:]]
+    ends = {int(row[0]): int(row[2]) for row in rows[:-1]}
+    assert ends == publisher.end_offsets  # from delivery reports, not from the broker
+    assert all(row[1] == "-" and row[2] == row[3] for row in rows[:-1])  # nothing committed
+    assert rows[-1] == ["total", "30", "30"]

@@ -34,6 +34,7 @@ EXPECTED_COMMAND = {
     "init-model": "train",
     "consumer": "consume",
     "replay": "replay",
+    "drift-monitor": "drift",
 }
 DEPENDS_ON_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 

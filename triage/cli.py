@@ -10,6 +10,8 @@ import sys
 import threading
 from pathlib import Path
 
+from confluent_kafka import KafkaException
+
 from bus.embedded import (
     BrokerNotFound,
     BrokerStartError,
@@ -64,6 +66,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--weeks", type=int, default=4, help="weeks the orders span (default 4)")
     p.add_argument("--out", type=Path, required=True, help="directory to write the CSVs to")
+    from model.shifts import SCENARIOS
+
+    p.add_argument("--shift", choices=list(SCENARIOS), metavar="SCENARIO",
+                   help="the same data with one realistic shift: " + "; ".join(
+                       f"{name}: {what}" for name, what in SCENARIOS.items()).replace("%", "%%"))
+
+    p = commands.add_parser("drift", help="drift monitoring: the monitor and its HTML report")
+    drift = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = drift.add_parser("monitor", parents=[common],
+                         help="compare windows of the drift topic with the training baseline")
+    p.add_argument("--model", type=Path, required=True,
+                   help="model directory whose manifest holds the training baseline")
+    p.add_argument("--group", dest="drift_group_id", metavar="G", help="TRIAGE_DRIFT_GROUP_ID")
+    p.add_argument("--window-samples", dest="drift_window_samples", type=int, metavar="N",
+                   help="TRIAGE_DRIFT_WINDOW_SAMPLES (default 1000)")
+    p.add_argument("--window-minutes", dest="drift_window_minutes", type=float, metavar="T",
+                   help="TRIAGE_DRIFT_WINDOW_MINUTES (default 0: by count only)")
+    p.add_argument("--min-samples", dest="drift_min_samples", type=int, metavar="N",
+                   help="TRIAGE_DRIFT_MIN_SAMPLES (default 500)")
+    p.add_argument("--alpha", dest="drift_alpha", type=float, metavar="A",
+                   help="TRIAGE_DRIFT_ALPHA (default 0.01)")
+    p.add_argument("--metrics-port", dest="drift_metrics_port", type=int, metavar="PORT",
+                   help="serve Prometheus /metrics here (TRIAGE_DRIFT_METRICS_PORT)")
+    p.add_argument("--reports-topic", dest="drift_reports_topic", metavar="NAME")
+    p = drift.add_parser("report", parents=[common],
+                         help="write a self-contained HTML page of the latest drift reports")
+    p.add_argument("--out", type=Path, default=Path("report.html"))
+    p.add_argument("--last", type=int, default=20, help="windows in the trends (default 20)")
+    p.add_argument("--idle", type=float, default=3.0,
+                   help="stop reading after this many seconds with nothing new")
+    p.add_argument("--reports-topic", dest="drift_reports_topic", metavar="NAME")
 
     p = commands.add_parser("train", parents=[common], help="train and save the model")
     p.add_argument("--data", type=Path, required=True, help="directory with the four CSVs")
@@ -90,7 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("consume", parents=[common],
                             help="run N scorer workers in the consumer group")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", default="1",
+                   help="worker processes, or 'auto' to scale on lag between --min and --max")
+    p.add_argument("--min", dest="min_workers", type=int, default=1,
+                   help="with --workers auto: fewest workers (default 1)")
+    p.add_argument("--max", dest="max_workers", type=int, default=4,
+                   help="with --workers auto: most workers (default 4)")
+    p.add_argument("--scale-interval", type=float, default=5.0,
+                   help="with --workers auto: seconds between lag samples (default 5); a "
+                   "decision needs a window of 6 samples")
+    p.add_argument("--exactly-once", action="store_true", default=None,
+                   help="transactional consume-transform-produce (TRIAGE_EXACTLY_ONCE)")
     p.add_argument("--model", type=Path, required=True, help="model directory")
     p.add_argument("--reference", type=Path, required=True,
                    help="directory with inventory.csv, payments.csv, zip_codes.csv")
@@ -98,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="orders per batch (TRIAGE_BATCH_SIZE)")
     p.add_argument("--batch-timeout-ms", type=int, help="TRIAGE_BATCH_TIMEOUT_MS")
     p.add_argument("--sample-rate", type=float, help="drift sample share (TRIAGE_SAMPLE_RATE)")
+
+    p = commands.add_parser("lag", parents=[common],
+                            help="committed offset, end offset and lag per partition")
+    p.add_argument("--group", dest="group_id", help="consumer group (TRIAGE_GROUP_ID)")
 
     p = commands.add_parser("predictions", parents=[common],
                             help="print the predictions from the beginning, as JSON lines")
@@ -128,7 +175,9 @@ def _settings(args: argparse.Namespace) -> Settings:
     names = ("bootstrap_servers", "schema_registry_url", "orders_topic", "predictions_topic",
              "drift_topic", "dlq_topic", "log_format", "log_level", "orders_partitions",
              "output_partitions", "replication_factor", "group_id", "batch_size",
-             "batch_timeout_ms", "sample_rate")
+             "batch_timeout_ms", "sample_rate", "exactly_once", "drift_reports_topic",
+             "drift_group_id", "drift_window_samples", "drift_window_minutes",
+             "drift_min_samples", "drift_alpha", "drift_metrics_port")
     settings = Settings.from_env().replace(**{n: getattr(args, n, None) for n in names})
     if getattr(args, "log_format", None) is None and "TRIAGE_LOG_FORMAT" not in os.environ \
             and sys.stderr.isatty():
@@ -184,9 +233,32 @@ def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_datagen(args: argparse.Namespace, settings: Settings) -> int:
     from model.datagen import generate
 
-    paths = generate(args.orders, args.seed, args.out, weeks=args.weeks)
+    paths = generate(args.orders, args.seed, args.out, weeks=args.weeks, shift=args.shift)
     for path in paths.values():
         print(f"wrote {path}")
+    return 0
+
+
+def cmd_drift(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "report":
+        from consumer.drift_report import read_reports, render
+
+        reports = read_reports(settings, idle_s=args.idle)
+        args.out.write_text(render(reports, last=args.last))
+        latest = reports[-1]["status"] if reports else "no reports yet"
+        print(f"wrote {args.out}: {min(len(reports), args.last)} window(s), latest: {latest}")
+        return 0
+
+    from consumer.drift_monitor import DriftMonitor
+    from model.artifact import verify
+
+    monitor = DriftMonitor(settings, verify(args.model))
+    signal.signal(signal.SIGTERM, lambda *_: monitor.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: monitor.request_stop())
+    try:
+        monitor.run()
+    finally:
+        monitor.close()
     return 0
 
 
@@ -229,22 +301,56 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     import structlog
 
+    from bus.clients import make_admin, partitions_of
+    from consumer.autoscale import Autoscaler
     from consumer.supervisor import Supervisor
     from model.artifact import verify
 
-    if args.workers < 1:
-        raise SettingsError("--workers must be at least 1")
     verify(args.model)  # fail here, once, rather than in every worker
-    supervisor = Supervisor(_resolved(settings), args.model.resolve(), args.reference.resolve(),
-                            args.workers)
+    settings = _resolved(settings)
+    log = structlog.get_logger("supervisor")
+    autoscaler = None
+    if args.workers == "auto":
+        autoscaler = Autoscaler(args.min_workers, args.max_workers,
+                                grow_above=settings.batch_size)
+        workers = args.min_workers
+    elif args.workers.isdigit() and int(args.workers) >= 1:
+        workers = int(args.workers)
+    else:
+        raise SettingsError(f"--workers must be a number >= 1 or 'auto', got {args.workers!r}")
+    most = args.max_workers if autoscaler else workers
+    try:
+        partitions = len(partitions_of(make_admin(settings), settings.orders_topic))
+    except KafkaException as exc:  # the workers retry on their own; this check is advisory
+        log.warning("partitions_unknown", topic=settings.orders_topic, error=str(exc))
+        partitions = most
+    if most > partitions:
+        log.warning("more_workers_than_partitions", workers=most, partitions=partitions,
+                    note=f"{most - partitions} worker(s) will sit idle; add partitions to "
+                    f"{settings.orders_topic} to use them")
+    supervisor = Supervisor(settings, args.model.resolve(), args.reference.resolve(), workers,
+                            autoscaler=autoscaler, scale_interval_s=args.scale_interval)
     signal.signal(signal.SIGTERM, lambda *_: supervisor.request_stop())
     signal.signal(signal.SIGINT, lambda *_: supervisor.request_stop())
-    structlog.get_logger("supervisor").info("starting", workers=args.workers,
-                                            group=settings.group_id)
+    log.info("starting", workers=args.workers, group=settings.group_id,
+             exactly_once=settings.exactly_once)
     supervisor.start()
     supervisor.run()
     codes = supervisor.stop()
     return 0 if all(code == 0 for code in codes.values()) else EXIT_FAILED
+
+
+def cmd_lag(args: argparse.Namespace, settings: Settings) -> int:
+    from bus.offsets import group_lag
+
+    rows = group_lag(settings, settings.group_id, settings.orders_topic)
+    print(f"group {settings.group_id} on {settings.orders_topic}")
+    print(f"{'partition':>9} {'committed':>12} {'end':>12} {'lag':>10}")
+    for row in rows:
+        committed = "-" if row.committed is None else str(row.committed)
+        print(f"{row.partition:>9} {committed:>12} {row.end:>12} {row.lag:>10}")
+    print(f"{'total':>9} {'':>12} {sum(r.end for r in rows):>12} {sum(r.lag for r in rows):>10}")
+    return 0
 
 
 def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
@@ -298,11 +404,14 @@ def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
 COMMANDS = {
     "broker": cmd_broker, "topics": cmd_topics, "datagen": cmd_datagen, "train": cmd_train,
     "replay": cmd_replay, "produce": cmd_produce, "consume": cmd_consume,
-    "predictions": cmd_predictions, "demo": cmd_demo, "dlq": cmd_dlq, "settings": cmd_settings,
+    "predictions": cmd_predictions, "demo": cmd_demo, "dlq": cmd_dlq, "lag": cmd_lag,
+    "settings": cmd_settings,
+    "drift": cmd_drift,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    from consumer.commit import InfrastructureError
     from model.artifact import ArtifactError
     from model.reference import ReferenceDataError
     from model.train import TrainingError
@@ -317,6 +426,12 @@ def main(argv: list[str] | None = None) -> int:
             TrainingError, OrderError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KafkaException as exc:
+        print(f"error: Kafka: {exc.args[0].str() if exc.args else exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except InfrastructureError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
 

@@ -1,0 +1,70 @@
+"""Committed offsets, end offsets and lag of a consumer group on a topic.
+
+End offsets come from the high watermark in fetch responses (a throwaway consumer fetches at
+most a kilobyte from each partition), not from ListOffsets: that is exact on Apache Kafka and
+on the embedded broker alike, whose ListOffsets(latest) answers the last batch's base offset + 1.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from confluent_kafka import OFFSET_BEGINNING, ConsumerGroupTopicPartitions, TopicPartition
+
+from bus.clients import make_admin, make_consumer, partitions_of
+from bus.settings import Settings
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    partition: int
+    committed: int | None   # None: the group has committed nothing here yet
+    start: int              # earliest offset still in the log
+    end: int
+
+    @property
+    def lag(self) -> int:
+        return self.end - (self.committed if self.committed is not None else self.start)
+
+
+def committed_offsets(settings: Settings, group: str, topic: str) -> dict[int, int | None]:
+    admin = make_admin(settings)
+    partitions = partitions_of(admin, topic)
+    request = ConsumerGroupTopicPartitions(group, partitions)
+    result = admin.list_consumer_group_offsets([request])[group].result(timeout=30)
+    found = {tp.partition: (tp.offset if tp.offset >= 0 else None)
+             for tp in result.topic_partitions}
+    return {tp.partition: found.get(tp.partition) for tp in partitions}
+
+
+def watermarks(settings: Settings, topic: str, timeout_s: float = 30.0
+               ) -> dict[int, tuple[int, int]]:
+    """(earliest, end) offset of every partition of ``topic``."""
+    consumer = make_consumer(settings, group_id=f"triage-offsets-{uuid.uuid4().hex}",
+                             **{"max.partition.fetch.bytes": 1024})
+    try:
+        partitions = partitions_of(consumer, topic)
+        consumer.assign([TopicPartition(topic, tp.partition, OFFSET_BEGINNING)
+                         for tp in partitions])
+        deadline = time.monotonic() + timeout_s
+        marks: dict[int, tuple[int, int]] = {}
+        while len(marks) < len(partitions):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no fetch response from {topic} partitions "
+                                   f"{sorted({tp.partition for tp in partitions} - set(marks))}")
+            consumer.consume(100, 0.1)
+            for tp in partitions:
+                low, high = consumer.get_watermark_offsets(tp, cached=True) or (-1, -1)
+                if high >= 0:
+                    marks[tp.partition] = (max(low, 0), high)
+        return marks
+    finally:
+        consumer.close()
+
+
+def group_lag(settings: Settings, group: str, topic: str) -> list[PartitionLag]:
+    committed = committed_offsets(settings, group, topic)
+    marks = watermarks(settings, topic)
+    return [PartitionLag(p, committed[p], *marks[p]) for p in sorted(marks)]

@@ -1,0 +1,130 @@
+"""How a worker makes a batch's outputs and its consumed offsets final.
+
+* :class:`AtLeastOnce` (default): wait until the broker acknowledged every record the batch
+  produced, then commit the consumed offsets. A crash between the two re-reads the batch, so
+  a prediction can be published twice (identical, keyed by ``order_id``), never lost.
+* :class:`ExactlyOnce` (``--exactly-once``): one Kafka transaction per batch, holding the
+  predictions, drift samples, dead letters and the consumed offsets (sent with the consumer
+  group's metadata, so a fenced zombie cannot commit). Readers with ``read_committed`` see each
+  batch once or not at all. Needs a broker with working transactions (Apache Kafka; see the
+  README on the embedded broker).
+
+Both raise :class:`InfrastructureError` when the broker will not take the batch; the worker then
+exits non-zero, its supervisor restarts it, and it resumes from the last committed offsets.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+_FLUSH_TIMEOUT_S = 60.0
+_ATTEMPTS = 5
+# Commit errors that mean "these partitions are no longer yours": the new owner re-reads them.
+_LOST_OWNERSHIP = {KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
+                   KafkaError.UNKNOWN_MEMBER_ID, KafkaError._ASSIGNMENT_LOST,
+                   KafkaError.FENCED_INSTANCE_ID}
+
+
+class InfrastructureError(RuntimeError):
+    """The broker did not take what this worker produced or committed; restart the worker."""
+
+
+def next_offsets(consumed: list[Message]) -> list[TopicPartition]:
+    """The offsets to commit after ``consumed``: per partition, the highest offset + 1."""
+    highest: dict[tuple[str, int], int] = {}
+    for msg in consumed:
+        key = (msg.topic(), msg.partition())
+        highest[key] = max(highest.get(key, -1), msg.offset())
+    return [TopicPartition(t, p, o + 1) for (t, p), o in highest.items()]
+
+
+def transactional_id(group_id: str, worker_id: str) -> str:
+    """Unique per process: fencing of zombies comes from the group metadata (KIP-447), so two
+    hosts running worker "0" of the same group must not share an id and fence each other."""
+    return f"{group_id}-{socket.gethostname()}-{worker_id}-{time.time_ns()}"
+
+
+class AtLeastOnce:
+    transactional = False
+
+    def __init__(self, producer: Producer, consumer: Consumer, log: Any) -> None:
+        self.producer, self.consumer, self.log = producer, consumer, log
+        self._errors: list[str] = []
+
+    def on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._errors.append(f"{msg.topic()}: {err.str()}")
+
+    def begin(self) -> None:
+        """Nothing to open: records are produced as they come."""
+
+    def finish(self, consumed: list[Message]) -> None:
+        self.finish_offsets(next_offsets(consumed))
+
+    def finish_offsets(self, offsets: list[TopicPartition]) -> None:
+        """Wait for every delivery, then commit ``offsets`` (the next offset to read)."""
+        remaining = self.producer.flush(_FLUSH_TIMEOUT_S)
+        errors, self._errors = self._errors, []
+        if remaining or errors:
+            raise InfrastructureError(
+                f"{len(errors)} record(s) refused and {remaining} not acknowledged within "
+                f"{_FLUSH_TIMEOUT_S:.0f} s; not committing"
+                + (f"; first error: {errors[0]}" if errors else ""))
+        if offsets:
+            self._commit(offsets)
+
+    def _commit(self, offsets: list[TopicPartition]) -> None:
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.code() in _LOST_OWNERSHIP:
+                    self.log.warning("commit_rejected_after_rebalance", error=err.str(),
+                                     note="the partitions' new owner re-reads this batch")
+                    return
+                if not err.retriable() or attempt == _ATTEMPTS:
+                    raise InfrastructureError(f"commit failed: {err.str()}") from exc
+                time.sleep(0.2 * 2**attempt)  # back off before retrying a transient failure
+
+
+class ExactlyOnce(AtLeastOnce):
+    transactional = True
+
+    def __init__(self, producer: Producer, consumer: Consumer, log: Any) -> None:
+        super().__init__(producer, consumer, log)
+        producer.init_transactions(30.0)
+
+    def begin(self) -> None:
+        self.producer.begin_transaction()
+
+    def finish(self, consumed: list[Message]) -> None:
+        try:
+            if consumed:
+                self.producer.send_offsets_to_transaction(
+                    next_offsets(consumed), self.consumer.consumer_group_metadata(), 30.0)
+            self._commit_transaction()
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.txn_requires_abort():
+                self.producer.abort_transaction(30.0)
+            raise InfrastructureError(f"transaction failed: {err.str()}; aborted, the batch "
+                                      "will be read again") from exc
+        if self._errors:  # a refused record makes commit_transaction fail; this is a backstop
+            errors, self._errors = self._errors, []
+            raise InfrastructureError(f"{len(errors)} record(s) refused: {errors[0]}")
+
+    def _commit_transaction(self) -> None:
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                self.producer.commit_transaction(_FLUSH_TIMEOUT_S)
+                return
+            except KafkaException as exc:
+                if not exc.args[0].retriable() or attempt == _ATTEMPTS:
+                    raise
+                time.sleep(0.2 * 2**attempt)

@@ -1,0 +1,312 @@
+"""The drift monitor: reads the drift topic in its own consumer group, cuts it into tumbling
+windows, and compares each window with the model's training baseline (``model.drift``).
+
+Per window it writes one ``DriftReport`` (Avro) to the reports topic, logs ``drift_detected``
+for every check that alarms (feature, statistic, threshold, p-values), and sets the latest
+scores as Prometheus gauges. Then it commits the window's offsets: a crash before that means
+the window is read and reported again (at-least-once; the report's ``window_id`` comes from the
+offsets, so a repeat is recognisable).
+
+Windows close after ``drift_window_samples`` samples or ``drift_window_minutes`` minutes of
+wall-clock time, whichever comes first; a time window with too few samples reports
+``insufficient_data``, which is also how a stalled sampler shows up. Windows span every
+partition the monitor owns: run one monitor per group (a second one would split the samples
+and report smaller windows).
+
+Windows compare *marginal* distributions: the baseline covers whole days and weeks of training
+orders, so a window should too. With the default 5% sampling a window of 1,000 samples spans
+20,000 orders; where that is less than a day of traffic, the hour-of-day check compares part
+of a daily cycle with a whole one and will alarm. Choose the window (or the sample rate) so a
+window spans at least a day, or read the hour check with that in mind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import Counter as PromCounter
+
+from bus.clients import make_consumer, make_producer, produce
+from bus.settings import Settings
+from consumer.commit import AtLeastOnce
+from model.drift import DRIFT, MIN_BASELINE_ROWS, Reference, WindowResult, evaluate
+from model.features import FeatureBatch
+from schemas.codec import DecodeError, codec_for
+
+_FLUSH_TIMEOUT_S = 30.0
+@dataclass
+class _Window:
+    """Samples of the open window, column by column, and where each came from."""
+
+    opened_at_ms: int
+    opened_mono: float
+    hours: list[int] = field(default_factory=list)
+    inventory: list[float] = field(default_factory=list)
+    statuses: list[str] = field(default_factory=list)
+    zips: list[bool] = field(default_factory=list)
+    recommendations: list[str] = field(default_factory=list)
+    scored_at: list[int] = field(default_factory=list)
+    partitions: list[int] = field(default_factory=list)
+    versions: Counter[str] = field(default_factory=Counter)
+    offsets: dict[int, tuple[int, int]] = field(default_factory=dict)  # partition -> first, last
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.hours)
+
+    def add(self, msg: Message, sample: dict[str, Any] | None) -> None:
+        partition, offset = msg.partition(), msg.offset()
+        first, _ = self.offsets.get(partition, (offset, offset))
+        self.offsets[partition] = (first, offset)
+        if sample is None:
+            self.skipped += 1
+            return
+        f = sample["features"]
+        self.hours.append(f["order_hour_of_day"])
+        self.inventory.append(np.nan if f["inventory"] is None else f["inventory"])
+        self.statuses.append(f["payment_status"])
+        self.zips.append(f["zip_code_available"])
+        self.recommendations.append(sample["recommendation"])
+        self.scored_at.append(sample["scored_at_ms"])
+        self.partitions.append(partition)
+        self.versions[sample["model_version"]] += 1
+
+    def drop_partitions(self, lost: set[int]) -> None:
+        """Forget the samples of partitions this monitor no longer owns: their new owner reads
+        them again from the last commit."""
+        keep = [i for i, p in enumerate(self.partitions) if p not in lost]
+        for name in ("hours", "inventory", "statuses", "zips", "recommendations", "scored_at",
+                     "partitions"):
+            column = getattr(self, name)
+            setattr(self, name, [column[i] for i in keep])
+        self.offsets = {p: o for p, o in self.offsets.items() if p not in lost}
+
+    def features(self) -> FeatureBatch:
+        return FeatureBatch(np.array(self.hours, dtype=np.int64),
+                            np.array(self.inventory, dtype=np.float64),
+                            np.array(self.statuses, dtype=object),
+                            np.array(self.zips, dtype=bool))
+
+    def window_id(self) -> str:
+        text = ",".join(f"{p}:{a}-{b}" for p, (a, b) in sorted(self.offsets.items()))
+        return hashlib.sha256(f"{self.opened_at_ms if not text else ''}|{text}".encode()
+                              ).hexdigest()[:16]
+
+
+class DriftMetrics:
+    """The latest window's scores as Prometheus gauges, on a registry of this monitor's own."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        labels = ["check", "feature", "test"]
+        self.statistic = Gauge("triage_drift_statistic", "Latest window's test statistic.",
+                               labels, registry=registry)
+        self.threshold = Gauge("triage_drift_threshold",
+                               "Critical value of the statistic at the check's Holm level.",
+                               labels, registry=registry)
+        self.p_value = Gauge("triage_drift_p_value", "Latest window's p-value.", labels,
+                             registry=registry)
+        self.adjusted_p_value = Gauge("triage_drift_adjusted_p_value",
+                                      "Holm-adjusted p-value; drift when <= alpha.", labels,
+                                      registry=registry)
+        self.psi = Gauge("triage_drift_psi", "Population stability index (effect size).",
+                         labels, registry=registry)
+        self.alarm = Gauge("triage_drift_alarm", "1 when the latest window alarmed on the check.",
+                           labels, registry=registry)
+        self.samples = Gauge("triage_drift_window_samples", "Samples in the latest window.",
+                             registry=registry)
+        self.closed_at = Gauge("triage_drift_window_closed_timestamp_seconds",
+                               "When the latest window closed.", registry=registry)
+        self.windows = PromCounter("triage_drift_windows", "Windows reported, by status.",
+                                   ["status"], registry=registry)
+
+    def update(self, result: WindowResult, closed_at_ms: int) -> None:
+        self.samples.set(result.samples)
+        self.closed_at.set(closed_at_ms / 1000.0)
+        self.windows.labels(result.status).inc()
+        for check in result.checks:
+            key = (check.name, check.feature, check.test)
+            self.statistic.labels(*key).set(check.statistic)
+            self.threshold.labels(*key).set(check.threshold)
+            self.p_value.labels(*key).set(check.p_value)
+            self.adjusted_p_value.labels(*key).set(check.adjusted_p_value)
+            self.psi.labels(*key).set(check.psi)
+            self.alarm.labels(*key).set(1.0 if check.verdict == DRIFT else 0.0)
+
+
+def report_record(result: WindowResult, *, window_id: str, model_version: str,
+                  opened_at_ms: int, closed_at_ms: int, scored_at_ms: Sequence[int] = (),
+                  other_model_samples: int = 0, skipped: int = 0) -> dict[str, Any]:
+    """The ``DriftReport`` Avro record of one evaluated window."""
+    return {
+        "window_id": window_id,
+        "model_version": model_version,
+        "status": result.status,
+        "samples": result.samples,
+        "min_samples": result.min_samples,
+        "alpha": result.alpha,
+        "correction": "holm",
+        "opened_at_ms": opened_at_ms,
+        "closed_at_ms": closed_at_ms,
+        "first_scored_at_ms": min(scored_at_ms) if scored_at_ms else None,
+        "last_scored_at_ms": max(scored_at_ms) if scored_at_ms else None,
+        "other_model_samples": other_model_samples,
+        "skipped": skipped,
+        "checks": [{
+            "name": c.name, "feature": c.feature, "test": c.test, "verdict": c.verdict,
+            "samples": c.samples, "statistic": c.statistic,
+            "threshold": None if np.isnan(c.threshold) else c.threshold,
+            "p_value": c.p_value, "adjusted_p_value": c.adjusted_p_value, "psi": c.psi,
+            "reason": c.reason,
+            "bins": [{"label": label, "baseline": b, "current": w} for label, b, w
+                     in zip(c.labels, c.baseline_shares, c.window_shares, strict=True)],
+            "unseen": dict(c.unseen),
+        } for c in result.checks],
+    }
+
+
+class DriftMonitor:
+    def __init__(self, settings: Settings, manifest: dict[str, Any], *,
+                 metrics_addr: str = "0.0.0.0") -> None:
+        self.settings = settings
+        self.reference = Reference.from_manifest(manifest)
+        self.samples = codec_for(settings, "drift_sample", settings.drift_topic)
+        self.reports = codec_for(settings, "drift_report", settings.drift_reports_topic)
+        self.consumer = make_consumer(settings, group_id=settings.drift_group_id)
+        self.producer = make_producer(settings)
+        self.metrics = DriftMetrics(CollectorRegistry())
+        self.log = structlog.get_logger("drift_monitor")
+        self._server = None
+        if settings.drift_metrics_port:
+            self._server, _ = start_http_server(settings.drift_metrics_port, addr=metrics_addr,
+                                                registry=self.metrics.registry)
+            self.log.info("metrics_serving", port=settings.drift_metrics_port)
+        self._window = self._new_window()
+        self._stop_requested = False
+        self.committer = AtLeastOnce(self.producer, self.consumer, self.log)
+        self.consumer.subscribe([settings.drift_topic], on_revoke=self._on_revoke,
+                                on_lost=self._on_revoke)
+        if self.reference.rows < MIN_BASELINE_ROWS:
+            self.log.warning("small_baseline", rows=self.reference.rows,
+                             note=f"fewer than {MIN_BASELINE_ROWS} training rows: the baseline's "
+                                  "own noise weighs on every test")
+        self.log.info("drift_monitor_started", topic=settings.drift_topic,
+                      group=settings.drift_group_id, model_version=self.reference.model_version,
+                      window_samples=settings.drift_window_samples,
+                      window_minutes=settings.drift_window_minutes,
+                      min_samples=settings.drift_min_samples, alpha=settings.drift_alpha)
+
+    @staticmethod
+    def _new_window() -> _Window:
+        return _Window(opened_at_ms=int(time.time() * 1000), opened_mono=time.monotonic())
+
+    def request_stop(self) -> None:
+        """Return from :meth:`run` after the batch in hand (safe from a signal handler). The
+        open window is not reported; its samples are read again on the next start."""
+        self._stop_requested = True
+
+    def run(self, max_windows: int | None = None, timeout_s: float | None = None
+            ) -> list[dict[str, Any]]:
+        """Report windows until stopped, or until ``max_windows`` were reported by this call
+        (raising TimeoutError if ``timeout_s`` passes first); returns the reports written."""
+        written: list[dict[str, Any]] = []
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        samples_per_window = self.settings.drift_window_samples
+        window_s = self.settings.drift_window_minutes * 60.0
+        while not self._stop_requested and (max_windows is None or len(written) < max_windows):
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{len(written)} of {max_windows} window(s) reported after "
+                                   f"{timeout_s:.0f} s; {len(self._window)} sample(s) in the "
+                                   "open window")
+            timeout = 0.5
+            if window_s:
+                timeout = max(0.0, min(timeout, self._window.opened_mono + window_s
+                                       - time.monotonic()))
+            for msg in self.consumer.consume(500, timeout):
+                err = msg.error()
+                if err is not None:
+                    if err.fatal():
+                        raise KafkaException(err)
+                    if err.code() != KafkaError._PARTITION_EOF:
+                        self.log.warning("consumer_error", error=err.str())
+                    continue
+                try:
+                    sample = self.samples.decode(msg.value())
+                except DecodeError as exc:
+                    self.log.warning("undecodable_sample", error=exc.reason,
+                                     partition=msg.partition(), offset=msg.offset())
+                    sample = None
+                self._window.add(msg, sample)
+                if samples_per_window and len(self._window) >= samples_per_window:
+                    written.append(self._close())
+            if window_s and time.monotonic() - self._window.opened_mono >= window_s:
+                written.append(self._close())
+        return written
+
+    def _close(self) -> dict[str, Any]:
+        """Evaluate the open window, report it, commit it, open the next one."""
+        window, self._window = self._window, self._new_window()
+        result = evaluate(self.reference, window.features(),
+                          np.array(window.recommendations, dtype=object),
+                          alpha=self.settings.drift_alpha,
+                          min_samples=self.settings.drift_min_samples)
+        closed_at_ms = int(time.time() * 1000)
+        version = self.reference.model_version
+        record = report_record(
+            result, window_id=window.window_id(), model_version=version,
+            opened_at_ms=window.opened_at_ms, closed_at_ms=closed_at_ms,
+            scored_at_ms=window.scored_at,
+            other_model_samples=sum(n for v, n in window.versions.items() if v != version),
+            skipped=window.skipped)
+        produce(self.producer, self.settings.drift_reports_topic,
+                key=record["window_id"].encode(), value=self.reports.encode(record),
+                on_delivery=self.committer.on_delivery)
+        self.committer.finish_offsets(
+            [TopicPartition(self.settings.drift_topic, p, last + 1)
+             for p, (_, last) in window.offsets.items()])
+        self.metrics.update(result, closed_at_ms)
+        self._log(result, record)
+        return record
+
+    def _log(self, result: WindowResult, record: dict[str, Any]) -> None:
+        for check in result.drifted:
+            self.log.warning("drift_detected", window_id=record["window_id"],
+                             feature=check.feature, check=check.name, test=check.test,
+                             statistic=round(check.statistic, 6),
+                             threshold=round(check.threshold, 6)
+                             if not np.isnan(check.threshold) else None,
+                             p_value=check.p_value, adjusted_p_value=check.adjusted_p_value,
+                             alpha=result.alpha, psi=round(check.psi, 6), samples=check.samples,
+                             unseen=check.unseen or None, reason=check.reason)
+        self.log.info("drift_window", window_id=record["window_id"], status=result.status,
+                      samples=result.samples, drifted=[c.name for c in result.drifted],
+                      skipped=record["skipped"])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._window.drop_partitions({p.partition for p in partitions})
+
+    def close(self) -> None:
+        """Leave the group (the open window is read again by the next monitor), stop serving
+        metrics."""
+        self.consumer.close()
+        self.producer.flush(_FLUSH_TIMEOUT_S)
+        self.producer.close()  # now, not when a reference cycle is collected
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        self.log.info("drift_monitor_stopped", open_window_samples=len(self._window))
+
+    def __enter__(self) -> DriftMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
