@@ -23,10 +23,13 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 _FLUSH_TIMEOUT_S = 60.0
 _ATTEMPTS = 5
+# A rebalance overtook the commit. With cooperative rebalancing our partitions are revoked only
+# through our own callback, inside a later consume(), so they are still ours: retry once the
+# group has its new generation. Giving up here would hand the batch to the next owner again.
+_REBALANCING = {KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION}
 # Commit errors that mean "these partitions are no longer yours": the new owner re-reads them.
-_LOST_OWNERSHIP = {KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
-                   KafkaError.UNKNOWN_MEMBER_ID, KafkaError._ASSIGNMENT_LOST,
-                   KafkaError.FENCED_INSTANCE_ID}
+_LOST_OWNERSHIP = _REBALANCING | {KafkaError.UNKNOWN_MEMBER_ID, KafkaError._ASSIGNMENT_LOST,
+                                  KafkaError.FENCED_INSTANCE_ID}
 
 
 class InfrastructureError(RuntimeError):
@@ -84,13 +87,17 @@ class AtLeastOnce:
                 return
             except KafkaException as exc:
                 err = exc.args[0]
-                if err.code() in _LOST_OWNERSHIP:
+                last = attempt == _ATTEMPTS
+                if err.code() in _REBALANCING and not last:
+                    self.log.info("commit_retry_during_rebalance", error=err.str(),
+                                  attempt=attempt)
+                elif err.code() in _LOST_OWNERSHIP:
                     self.log.warning("commit_rejected_after_rebalance", error=err.str(),
                                      note="the partitions' new owner re-reads this batch")
                     return
-                if not err.retriable() or attempt == _ATTEMPTS:
+                elif not err.retriable() or last:
                     raise InfrastructureError(f"commit failed: {err.str()}") from exc
-                time.sleep(0.2 * 2**attempt)  # back off before retrying a transient failure
+                time.sleep(0.2 * 2**attempt)  # back off: transient failure or rebalance
 
 
 class ExactlyOnce(AtLeastOnce):
