@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint venv lock clean
+.PHONY: demo test lint venv lock clean bench
 
 venv: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/triage demo
+
+# The benchmark of docs/benchmarks.md: passthrough vs scorer vs per-message, latency, scaling,
+# batch-size sweep; about 8 minutes on 2 cores. BENCH_FLAGS="--orders 50000" for a shorter run.
+bench: $(STAMP)
+	$(BIN)/triage bench $(BENCH_FLAGS)
 
 test: $(STAMP) lint
 	$(BIN)/pytest

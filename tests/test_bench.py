@@ -1,0 +1,76 @@
+"""``triage bench`` as a smoke run: it completes and its JSON has every figure. No timings are
+asserted; the figures belong in docs/benchmarks.md, measured by ``make bench``.
+
+The run uses what ``make bench`` uses, a fresh embedded broker of its own (so the session's
+broker is not filled with a benchmark's topics), with a shorter session timeout: on the
+embedded broker a group's first join takes half of it, and the run joins five groups."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+TRIAGE = [sys.executable, "-m", "triage.cli"]
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+    return {**env, "TRIAGE_STATE_DIR": str(tmp_path / "state"),
+            "TRIAGE_SESSION_TIMEOUT_MS": "3000"}
+
+
+def test_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [*TRIAGE, "bench", "--orders", "5000", "--json", "--latency-seconds", "1",
+         "--saturation-orders", "2000", "--sweep", "500", "--out", str(out)],
+        env=_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    figures = json.loads(result.stdout)
+
+    for config in ("passthrough", "scorer", "per_message"):
+        row = figures["throughput"][config]
+        for key in ("orders_per_s", "seconds", "cpu_s_per_1000", "peak_rss_mb"):
+            assert _number(row[key]) and row[key] > 0, (config, key, row[key])
+        assert row["orders"] == 5000
+        assert row["outputs"] >= 5000, (config, row["outputs"])  # every order came out
+    assert _number(figures["ratios"]["scorer_vs_passthrough"])
+    assert _number(figures["ratios"]["scorer_vs_per_message"])
+    for load in ("fixed_load", "saturation"):
+        latency = figures["latency_ms"][load]
+        assert all(_number(latency[p]) for p in ("p50", "p95", "p99")), latency
+        assert latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
+        assert latency["cdf"] and latency["orders"] > 0
+    assert figures["latency_ms"]["fixed_load"]["orders"] == 5000  # 5000/s for 1 s
+    assert _number(figures["worker_peak_rss_mb"])
+    assert set(figures["cpu_s_per_1000"]) == {"passthrough", "scorer", "per_message"}
+    assert _number(figures["scaling"]["workers_2_orders_per_s"])
+    assert _number(figures["scaling"]["speedup"])
+    assert [p["batch_size"] for p in figures["batch_sweep"]] == [500]
+    assert set(figures["targets"]) == {
+        "scorer_at_least_half_of_passthrough", "scorer_at_least_15x_per_message",
+        "p99_at_most_50ms_at_fixed_load", "worker_rss_at_most_300mb"}
+    assert figures["machine"]["cores"] >= 1
+    assert _number(figures["throughput"]["scorer"]["broker_cpu_s_per_1000"])  # its own broker
+    for name in ("json", "throughput_plot", "latency_plot"):
+        assert Path(figures["files"][name]).is_file(), name
+    assert json.loads((out / "bench.json").read_text())["ratios"] == figures["ratios"]
+
+
+def test_bench_rejects_bad_options(tmp_path: Path) -> None:
+    for flags, named in ((["--orders", "0"], "--orders"), (["--sweep", "10,x"], "--sweep")):
+        result = subprocess.run([*TRIAGE, "bench", *flags], env=_env(tmp_path),
+                                capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert result.returncode == 2 and named in result.stderr, result.stderr
+    assert result.returncode == 2 and "--sweep" in result.stderr
