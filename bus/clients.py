@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from bus.embedded import resolve_bootstrap
@@ -83,6 +83,21 @@ def produce(producer: Producer, topic: str, **kwargs: Any) -> None:
             return
         except BufferError:  # serve delivery reports so the queue drains, then try again
             producer.poll(0.05)
+
+
+def records_of(batch: list[Message], log: Any) -> list[Message]:
+    """The records of a consumed batch, without its events: partition ends are skipped, a fatal
+    error raises, any other error is logged (librdkafka retries those on its own)."""
+    records = []
+    for msg in batch:
+        err = msg.error()
+        if err is None:
+            records.append(msg)
+        elif err.fatal():
+            raise KafkaException(err)
+        elif err.code() != KafkaError._PARTITION_EOF:
+            log.warning("consumer_error", error=err.str())
+    return records
 
 
 def make_consumer(settings: Settings, group_id: str | None = None, **overrides: Any) -> Consumer:

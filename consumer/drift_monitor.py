@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client import Counter as PromCounter
 
-from bus.clients import make_consumer, make_producer, produce
+from bus.clients import make_consumer, make_producer, produce, records_of
 from bus.settings import Settings
 from consumer.commit import AtLeastOnce
 from model.drift import DRIFT, MIN_BASELINE_ROWS, Reference, WindowResult, evaluate
@@ -231,14 +231,7 @@ class DriftMonitor:
             if window_s:
                 timeout = max(0.0, min(timeout, self._window.opened_mono + window_s
                                        - time.monotonic()))
-            for msg in self.consumer.consume(500, timeout):
-                err = msg.error()
-                if err is not None:
-                    if err.fatal():
-                        raise KafkaException(err)
-                    if err.code() != KafkaError._PARTITION_EOF:
-                        self.log.warning("consumer_error", error=err.str())
-                    continue
+            for msg in records_of(self.consumer.consume(500, timeout), self.log):
                 try:
                     sample = self.samples.decode(msg.value())
                 except DecodeError as exc:

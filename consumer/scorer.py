@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 
-from bus.clients import make_consumer, make_producer, produce
+from bus.clients import make_consumer, make_producer, produce, records_of
 from bus.settings import Settings
 from consumer import metrics
 from consumer.commit import AtLeastOnce, ExactlyOnce, transactional_id
@@ -127,14 +127,7 @@ class Scorer:
         decoded: list[Message] = []
         records: list[dict] = []
         max_bytes = self.settings.max_message_bytes
-        for msg in batch:
-            err = msg.error()
-            if err is not None:
-                if err.fatal():
-                    raise KafkaException(err)
-                if err.code() != KafkaError._PARTITION_EOF:
-                    self.log.warning("consumer_error", error=err.str())
-                continue
+        for msg in records_of(batch, self.log):
             consumed.append(msg)
             value = msg.value()
             if value is not None and len(value) > max_bytes:
