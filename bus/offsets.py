@@ -26,7 +26,8 @@ class PartitionLag:
 
     @property
     def lag(self) -> int:
-        return self.end - (self.committed if self.committed is not None else self.start)
+        # Records deleted by retention before the group read them are not lag any more.
+        return self.end - max(self.committed if self.committed is not None else 0, self.start)
 
 
 def committed_offsets(settings: Settings, group: str, topic: str) -> dict[int, int | None]:

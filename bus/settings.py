@@ -165,6 +165,9 @@ class Settings:
                                 f"got {self.drift_min_samples}")
         if not 0.0 < self.drift_alpha < 1.0:
             raise SettingsError(f"drift_alpha must be within (0, 1), got {self.drift_alpha}")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise SettingsError(f"log_level must be debug, info, warning or error, got "
+                                f"{self.log_level!r}")
         if self.log_format not in ("json", "console"):
             raise SettingsError(f"log_format must be json or console, got {self.log_format!r}")
         self.earliest_order_ms  # noqa: B018 -- parse now, so a bad value fails at start-up

@@ -15,6 +15,7 @@ exits non-zero, its supervisor restarts it, and it resumes from the last committ
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from typing import Any
@@ -65,6 +66,9 @@ class AtLeastOnce:
     def begin(self) -> None:
         """Nothing to open: records are produced as they come."""
 
+    def abort_open(self) -> None:
+        """Nothing to abort: what was produced stays, and is read again after a restart."""
+
     def finish(self, consumed: list[Message]) -> None:
         self.finish_offsets(next_offsets(consumed))
 
@@ -106,9 +110,19 @@ class ExactlyOnce(AtLeastOnce):
     def __init__(self, producer: Producer, consumer: Consumer, log: Any) -> None:
         super().__init__(producer, consumer, log)
         producer.init_transactions(30.0)
+        self.open = False
 
     def begin(self) -> None:
         self.producer.begin_transaction()
+        self.open = True
+
+    def abort_open(self) -> None:
+        """Abort a transaction a failure left open, so read_committed readers move on now
+        rather than after transaction.timeout.ms."""
+        if self.open:
+            self.open = False
+            with contextlib.suppress(KafkaException):
+                self.producer.abort_transaction(10.0)
 
     def finish(self, consumed: list[Message]) -> None:
         try:
@@ -116,10 +130,11 @@ class ExactlyOnce(AtLeastOnce):
                 self.producer.send_offsets_to_transaction(
                     next_offsets(consumed), self.consumer.consumer_group_metadata(), 30.0)
             self._commit_transaction()
+            self.open = False
         except KafkaException as exc:
             err = exc.args[0]
             if err.txn_requires_abort():
-                self.producer.abort_transaction(30.0)
+                self.abort_open()
             raise InfrastructureError(f"transaction failed: {err.str()}; aborted, the batch "
                                       "will be read again") from exc
         if self._errors:  # a refused record makes commit_transaction fail; this is a backstop

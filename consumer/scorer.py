@@ -39,6 +39,9 @@ from model.orders import OrderColumns
 from model.reference import ReferenceTables
 from schemas.codec import DecodeError, codec_for
 
+# librdkafka's default message.max.bytes is 1,000,000; stay under it with the headers.
+_LARGEST_DEAD_LETTER = 900_000
+
 
 @dataclass
 class ScorerStats:
@@ -81,6 +84,7 @@ class Scorer:
         self.class_names = [str(c) for c in model.classes]
         self.stats = ScorerStats()
         self._stop_requested = False
+        self._revoked_now: set[int] = set()
         self._test_delay_s = settings.test_batch_delay_ms / 1000.0
 
     def request_stop(self) -> None:
@@ -99,9 +103,12 @@ class Scorer:
             while not self._stop_requested:
                 # Wait for the first record only; the batch is whatever is fetched by then (up
                 # to batch_size), so a lone order is scored at once and a backlog in bulk.
+                self._revoked_now.clear()
                 batch = self.consumer.consume(1, timeout_s)
                 if batch and self.settings.batch_size > 1:
                     batch += self.consumer.consume(self.settings.batch_size - 1, 0)
+                if self._revoked_now:  # revoked by the second consume(): no longer ours
+                    batch = [m for m in batch if m.partition() not in self._revoked_now]
                 if batch:
                     self.process(batch)
                 now = time.monotonic()
@@ -112,6 +119,7 @@ class Scorer:
                     self.log.info("progress", **self.stats.as_dict())
                     last_report = now
         finally:
+            self.committer.abort_open()  # an unfinished transaction must not block readers
             self.consumer.close()  # leaves the group, so the partitions move on at once
             self.producer.flush(10.0)
             self.log.info("worker_stopped", **self.stats.as_dict())
@@ -251,7 +259,13 @@ class Scorer:
 
     def _dead_letter(self, msg: Message, reason: str, error_class: str, message: str) -> None:
         headers = dead_letter_headers(msg, reason, error_class, message, self.worker_id)
-        self._produce(self.settings.dlq_topic, msg.key(), msg.value(), headers=headers)
+        value = msg.value()
+        if value is not None and len(value) > _LARGEST_DEAD_LETTER:
+            # Too large for any producer to send: keep its size, not its bytes, so the
+            # record cannot stop the loop by failing its own dead-lettering.
+            headers.append(("triage.errors.original-bytes", str(len(value)).encode()))
+            value = None
+        self._produce(self.settings.dlq_topic, msg.key(), value, headers=headers)
         self.stats.dead_lettered[reason] += 1
         metrics.DEAD_LETTERS.labels(reason).inc()
         self.log.warning("dead_lettered", reason=reason, error=message[:200],
@@ -271,15 +285,18 @@ class Scorer:
         self._write_status()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Batches are committed before the next consume(), which is where revocation happens,
-        # so nothing delivered is left uncommitted when the partitions go.
+        # Batches are committed before the next consume(), where revocation happens, so
+        # nothing delivered is left uncommitted when the partitions go; records of a revoked
+        # partition that the same loop already fetched are dropped unscored (_revoked_now).
         self.assigned -= {p.partition for p in partitions}
+        self._revoked_now |= {p.partition for p in partitions}
         self.log.info("partitions_revoked", partitions=sorted(p.partition for p in partitions),
                       now_owned=sorted(self.assigned))
         self._write_status()
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned -= {p.partition for p in partitions}
+        self._revoked_now |= {p.partition for p in partitions}
         self.log.warning("partitions_lost", partitions=sorted(p.partition for p in partitions))
         self._write_status()
 

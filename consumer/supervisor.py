@@ -101,7 +101,10 @@ class Supervisor:
         """SIGTERM the newest active worker; it drains and leaves the group, and its slot goes
         once it has exited (its exit code lands in ``retired``). Returns its id."""
         with self._lock:
-            slot = [s for s in self.slots if not s.retiring][-1]
+            active = [s for s in self.slots if not s.retiring]
+            if not active:
+                raise RuntimeError("no active worker left to retire")
+            slot = active[-1]
             slot.retiring = True
             if slot.process and slot.process.poll() is None:
                 slot.process.send_signal(signal.SIGTERM)
@@ -113,15 +116,16 @@ class Supervisor:
                 self._add_worker()
 
     def pids(self) -> list[int]:
-        return [s.process.pid for s in self.slots if s.process and s.process.poll() is None]
+        return [s.process.pid for s in list(self.slots)
+                if s.process and s.process.poll() is None]
 
     def active_workers(self) -> int:
-        return sum(1 for s in self.slots if not s.retiring)
+        return sum(1 for s in list(self.slots) if not s.retiring)
 
     def statuses(self) -> dict[str, dict]:
         """What each running worker last reported: partitions, lag, consumed."""
         found = {}
-        for slot in self.slots:
+        for slot in list(self.slots):  # a copy: check() may change the list meanwhile
             if slot.process is None or slot.process.poll() is not None:
                 continue
             with contextlib.suppress(FileNotFoundError, ValueError):
@@ -198,7 +202,7 @@ class Supervisor:
                           workers_after=workers + decision.change)
             if decision.change > 0:
                 self._add_worker()
-            else:
+            else:  # the autoscaler never goes below --min >= 1, so one is active
                 slot = [s for s in self.slots if not s.retiring][-1]
                 slot.retiring = True
                 slot.process.send_signal(signal.SIGTERM)
@@ -212,8 +216,9 @@ class Supervisor:
         while not self._stopping.wait(poll_s):
             self.check()
 
-    def stop(self, timeout_s: float = 30.0) -> dict[str, int | None]:
-        """SIGTERM every worker, wait for them to drain, SIGKILL any still running at timeout."""
+    def stop(self, timeout_s: float = 90.0) -> dict[str, int | None]:
+        """SIGTERM every worker, wait for them to drain, SIGKILL any still running at timeout
+        (90 s: longer than a worker's worst drain, a 60 s flush plus commit retries)."""
         self._stopping.set()
         with self._lock:
             for slot in self.slots:
