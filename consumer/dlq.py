@@ -1,9 +1,10 @@
 """Tools for the dead-letter topic: count and look at what is there, and send it back.
 
-``replay`` re-publishes records to the orders topic byte for byte (same key, same value), for
+``replay`` re-publishes records to the orders topic with their original key and value, for
 example after a fix to a validation bound or a schema. Each replayed record carries the header
-``triage.replayed-from`` = ``<dlq topic>/<partition>/<offset>``. Running it twice sends the
-records twice; the scorer is at-least-once anyway and predictions are keyed by ``order_id``.
+``triage.replayed-from`` = ``<dlq topic>/<partition>/<offset>``. It replays up to the end the
+topic had when it started. Running it twice sends the records twice; the scorer is
+at-least-once anyway and predictions are keyed by ``order_id``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bus.clients import make_producer, produce
+from bus.offsets import watermarks
 from bus.settings import Settings
 from consumer.deadletter import headers_dict
 from consumer.reader import TopicReader
@@ -91,9 +93,14 @@ def replay(settings: Settings, *, reason: str | None = None, idle_s: float = 3.0
         if err is not None:
             failures.append(err.str())
 
+    # Stop at the end the topic had when we started: records dead-lettered again while we
+    # replay (the cause is not fixed after all) must not be replayed again, forever.
+    ends = {p: high for p, (_, high) in watermarks(settings, settings.dlq_topic).items()}
     republished = skipped = 0
     with TopicReader(settings, settings.dlq_topic, None) as reader:
         for msg, _ in reader.read(idle_s=idle_s):
+            if msg.offset() >= ends.get(msg.partition(), 0):
+                continue
             if reason is not None and headers_dict(msg.headers()).get(REASON_HEADER) != reason:
                 skipped += 1
                 continue

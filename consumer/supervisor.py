@@ -32,6 +32,7 @@ import structlog
 
 from bus.settings import Settings
 from consumer.autoscale import Autoscaler
+from consumer.worker import EXIT_CONFIG_ERROR
 
 _BACKOFF_START_S = 1.0
 _BACKOFF_MAX_S = 30.0
@@ -178,6 +179,10 @@ class Supervisor:
                         self._spawn(slot)
                     continue
                 if code is None:
+                    continue
+                if code == EXIT_CONFIG_ERROR:  # a restart would fail the same way
+                    self.log.error("worker_config_error_not_restarting", worker=slot.worker_id)
+                    slot.retiring = True
                     continue
                 if now - slot.started_at >= _HEALTHY_AFTER_S:
                     slot.backoff_s = _BACKOFF_START_S

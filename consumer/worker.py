@@ -25,6 +25,8 @@ from consumer.scorer import Scorer
 from model import artifact
 from model.reference import ReferenceDataError, ReferenceTables
 
+EXIT_CONFIG_ERROR = 2  # the supervisor does not restart a worker that exits with this
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="consumer.worker")
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG_ERROR
     configure_logging(settings.log_format, settings.log_level)
     log = structlog.get_logger("worker").bind(worker=args.worker_id)
     try:
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except (artifact.ArtifactError, ReferenceDataError, BrokerNotFound, SettingsError,
             OSError) as exc:
         log.error("worker_config_error", error=str(exc))
-        return 2
+        return EXIT_CONFIG_ERROR
 
     def stop(signum: int, _frame: object) -> None:
         log.info("stop_requested", signal=signal.Signals(signum).name)
