@@ -128,6 +128,25 @@ def retire_one_at_a_time(leaving: Supervisor, staying: Supervisor, partitions: i
         assert leaving.retired[worker] == 0
 
 
+def kill_workers_during_replay(bg: Background, supervisor: Supervisor, settings: Settings,
+                               at_least: int, seed: int = 7) -> list[dict]:
+    """SIGKILL a random worker about every 3 s while the replay runs (and until ``at_least``
+    kills); per kill, the victim's partitions and the group's committed offsets just after."""
+    rng = random.Random(seed)
+    kills: list[dict] = []
+    while bg.replay_running() or len(kills) < at_least:
+        time.sleep(3.0)  # the fault schedule
+        statuses = supervisor.statuses()
+        if not statuses:
+            continue
+        worker, status = rng.choice(sorted(statuses.items()))
+        os.kill(status["pid"], signal.SIGKILL)
+        kills.append({"worker": worker, "partitions": status["partitions"],
+                      "committed": committed_offsets(settings, settings.group_id,
+                                                     settings.orders_topic)})
+    return kills
+
+
 def order_ids(history: Path, n: int) -> list[str]:
     return read_orders_csv(history / "orders.csv", limit=n).order_id
 
@@ -150,19 +169,8 @@ def test_a_killed_workers_lose_nothing_and_duplicate_only_in_flight_orders(
     supervisor.wait_until_assigned(settings.orders_partitions)
     since = int(time.time() * 1000)
     bg.replay(settings, big_history / "orders.csv", limit=n, rate=2_000)
-    rng = random.Random(7)
-    kills: list[dict] = []
     try:
-        while bg.replay_running() or len(kills) < kills_wanted:
-            time.sleep(3.0)  # the fault schedule: one SIGKILL about every 3 s
-            statuses = supervisor.statuses()
-            if not statuses:
-                continue
-            worker, status = rng.choice(sorted(statuses.items()))
-            os.kill(status["pid"], signal.SIGKILL)
-            kills.append({"worker": worker, "partitions": status["partitions"],
-                          "committed": committed_offsets(settings, settings.group_id,
-                                                         settings.orders_topic)})
+        kills = kill_workers_during_replay(bg, supervisor, settings, at_least=kills_wanted)
         bg.wait_replay()
         result = outcome(settings, order_ids(big_history, n), since)
     finally:
@@ -334,14 +342,8 @@ def test_exactly_once_hides_killed_workers_duplicates_from_read_committed_reader
     supervisor.wait_until_assigned(settings.orders_partitions)
     since = int(time.time() * 1000)
     bg.replay(settings, big_history / "orders.csv", limit=n, rate=2_000)
-    kills = 0
     try:
-        while bg.replay_running():
-            time.sleep(3.0)
-            statuses = supervisor.statuses()
-            if statuses:
-                os.kill(random.choice(list(statuses.values()))["pid"], signal.SIGKILL)
-                kills += 1
+        kills = len(kill_workers_during_replay(bg, supervisor, settings, at_least=0))
         bg.wait_replay()
         result = outcome(settings, order_ids(big_history, n), since)
     finally:
