@@ -40,6 +40,8 @@ PASSTHROUGH, SCORER, PER_MESSAGE = "passthrough", "scorer", "per_message"
 _POLL_S = 0.01           # status files and process liveness
 _COMMIT_POLL_S = 0.02    # committed offsets: the end of a run is known to within this
 _CDF_PERCENTILES = [*range(0, 100), 99.5, 99.9, 100]
+_WARMUP_S = 1.0             # of the offered load before the latency is measured
+_WARMUP_MIN_ORDERS = 100
 
 
 class BenchError(RuntimeError):
@@ -54,6 +56,7 @@ class BenchOptions:
     partitions: int = 12
     rate: float = 5_000.0             # offered load for the fixed-load latency figure
     latency_seconds: float = 10.0     # how long that load is offered
+    latency_partitions: int = 2       # of the latency topic (docs/benchmarks.md says why)
     saturation_orders: int = 50_000   # burst published as fast as possible for saturation
     scaling_workers: int = 2          # 0 skips the scaling figure
     sweep: tuple[int, ...] = (10, 50, 100, 250, 500, 1000, 2000)
@@ -67,7 +70,8 @@ class BenchOptions:
     stall_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        for name in ("orders", "partitions", "saturation_orders", "sweep_orders"):
+        for name in ("orders", "partitions", "latency_partitions", "saturation_orders",
+                     "sweep_orders"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.rate <= 0 or self.latency_seconds <= 0:
@@ -114,6 +118,18 @@ class Published:
     orders: int
     end_offsets: dict[int, int]
     seconds: float
+
+
+@dataclass
+class _Timed:
+    """Latencies (ms) of one latency-phase worker, by phase."""
+
+    fixed: np.ndarray
+    burst: np.ndarray
+    achieved_per_s: float
+    peak_rss_mb: float
+    burst_offered_per_s: float | None = None
+    burst_drain_s: float = 0.0
 
 
 @dataclass
@@ -265,14 +281,15 @@ class Bench:
             dlq_topic=names["dlq"], group_id=self._topic(f"{tag}-group"),
             batch_size=batch_size or self.settings.batch_size)
 
-    def _command(self, config: str, models: tuple[Path, Path], status: Path) -> list[str]:
+    def _command(self, config: str, models: tuple[Path, Path], status: Path,
+                 extra: list[str]) -> list[str]:
         model_dir, data_dir = models
         if config == SCORER:
             return [sys.executable, "-m", self.options.scorer_module, "--model", str(model_dir),
                     "--reference", str(data_dir), "--status-file", str(status)]
         mode = "passthrough" if config == PASSTHROUGH else "per-message"
         return [sys.executable, "-m", "bench.workers", mode, "--model", str(model_dir),
-                "--reference", str(data_dir), "--status-file", str(status)]
+                "--reference", str(data_dir), "--status-file", str(status), *extra]
 
     def _run_config(self, config: str, source: Published, models: tuple[Path, Path], *,
                     workers: int = 1, batch_size: int | None = None,
@@ -312,7 +329,8 @@ class Bench:
 
     @contextlib.contextmanager
     def _workers(self, config: str, settings: Settings, models: tuple[Path, Path],
-                 count: int, tag: str) -> Iterator[list[_Worker]]:
+                 count: int, tag: str, extra: list[str] | None = None
+                 ) -> Iterator[list[_Worker]]:
         env = {**worker_env(settings), "TRIAGE_LOG_FORMAT": "json"}
         procs: list[_Worker] = []
         try:
@@ -320,7 +338,7 @@ class Bench:
                 status = self.logs / f"{tag}-{i}.status.json"
                 status.unlink(missing_ok=True)
                 log_path = self.logs / f"{tag}-{i}.log"
-                command = self._command(config, models, status)
+                command = self._command(config, models, status, extra or [])
                 if config == SCORER:
                     command += ["--worker-id", str(i)]
                 with open(log_path, "wb") as log:
@@ -408,58 +426,86 @@ class Bench:
     def _latency(self, records: list[dict[str, Any]],
                  models: tuple[Path, Path]) -> dict[str, Any]:
         """End-to-end latency of the scorer (1 worker, caught up): first at a fixed offered
-        load, then for a burst published as fast as possible (saturation, with queueing)."""
+        load, then for a burst published as fast as possible (saturation, with queueing); and
+        of the passthrough at the same fixed load, on the same broker: the floor that the
+        broker and the clients set before any scoring."""
         options = self.options
         fixed = _cycled(records, int(options.rate * options.latency_seconds))
         burst = _cycled(records, options.saturation_orders)
-        topic = self._topic("latency")
-        self._create_topics({topic: options.partitions})
-        settings = self._config_settings("latency", topic, None)
-        publisher = OrderPublisher(settings)
-        self.say(f"latency: scorer (batch {settings.batch_size}, timeout "
-                 f"{settings.batch_timeout_ms} ms) at {options.rate:,.0f} orders/s for "
-                 f"{options.latency_seconds:g} s, then a burst of {len(burst):,} orders")
-        with self._workers(SCORER, settings, models, 1, "latency") as procs:
-            self._wait_assigned(procs, "latency")
-            fixed_pub = self._publish("latency", fixed, publisher, rate=options.rate)
-            self._wait_done(procs, settings, fixed_pub.end_offsets, "latency (fixed load)")
-            burst_pub = self._publish("latency", burst, publisher)
-            self._wait_done(procs, settings, burst_pub.end_offsets, "latency (saturation)")
-            reaped = stop_and_reap(procs[0].proc)
-        if reaped.exit_code != 0:
-            raise BenchError(f"latency: worker exited {reaped.exit_code}; see "
-                             f"{procs[0].log_path}:\n" + _tail(procs[0].log_path))
-        phase1 = fixed_pub.end_offsets
-        lat_fixed, lat_burst = [], []
-        last_scored, first_published = 0, None
-        for record in read_all(settings, settings.predictions_topic, "prediction",
-                               sum(burst_pub.end_offsets.values())):
-            latency = record["scored_at_ms"] - record["order_published_at_ms"]
-            if record["order_offset"] < phase1.get(record["order_partition"], 0):
-                lat_fixed.append(latency)
-            else:
-                lat_burst.append(latency)
-                published = record["order_published_at_ms"]
-                first_published = min(first_published or published, published)
-                last_scored = max(last_scored, record["scored_at_ms"])
-        self._delete_outputs(settings)
-        drain_s = (last_scored - (first_published or 0)) / 1000.0
-        self.latency_samples = {"fixed": np.array(lat_fixed), "saturation": np.array(lat_burst)}
+        warmup = _cycled(records, max(_WARMUP_MIN_ORDERS, int(options.rate * _WARMUP_S)))
+        scorer = self._timed_run(SCORER, models, warmup, fixed, burst)
+        passthrough = self._timed_run(PASSTHROUGH, models, warmup, fixed, [])
+        self.latency_samples = {"fixed": scorer.fixed, "saturation": scorer.burst,
+                                "passthrough": passthrough.fixed}
+        drain_s = scorer.burst_drain_s
         return {
             "fixed_load": {
                 "offered_per_s": options.rate,
-                "achieved_offered_per_s": round(fixed_pub.orders / fixed_pub.seconds, 1),
-                **_percentiles(self.latency_samples["fixed"]),
+                "achieved_offered_per_s": scorer.achieved_per_s,
+                **_percentiles(scorer.fixed),
             },
             "saturation": {
-                "offered_per_s": round(burst_pub.orders / burst_pub.seconds, 1),
-                "drained_per_s": round(burst_pub.orders / drain_s, 1) if drain_s > 0 else None,
-                **_percentiles(self.latency_samples["saturation"]),
+                "offered_per_s": scorer.burst_offered_per_s,
+                "drained_per_s": round(len(burst) / drain_s, 1) if drain_s > 0 else None,
+                **_percentiles(scorer.burst),
             },
-            "peak_rss_mb": round(reaped.peak_rss_mb, 1),
-            "batch_size": settings.batch_size,
-            "batch_timeout_ms": settings.batch_timeout_ms,
+            "passthrough_fixed_load": {
+                "offered_per_s": options.rate,
+                "achieved_offered_per_s": passthrough.achieved_per_s,
+                **_percentiles(passthrough.fixed),
+            },
+            "partitions": options.latency_partitions,
+            "warmup_orders": len(warmup),
+            "peak_rss_mb": round(scorer.peak_rss_mb, 1),
+            "batch_size": self.settings.batch_size,
+            "batch_timeout_ms": self.settings.batch_timeout_ms,
         }
+
+    def _timed_run(self, config: str, models: tuple[Path, Path], warmup: list[dict[str, Any]],
+                   fixed: list[dict[str, Any]], burst: list[dict[str, Any]]) -> _Timed:
+        """One worker of ``config`` on a fresh topic: a warm-up (excluded: the consumer's first
+        offset lookup and fetch set-up, not steady state), then ``fixed`` at the offered rate,
+        then ``burst`` as fast as the producer goes; each waited for until committed."""
+        options = self.options
+        tag = f"latency-{config}".replace("_", "-")
+        topic = self._topic(tag)
+        self._create_topics({topic: options.latency_partitions})
+        settings = self._config_settings(tag, topic, None)
+        publisher = OrderPublisher(settings)
+        self.say(f"latency: {config} (batch {settings.batch_size}, timeout "
+                 f"{settings.batch_timeout_ms} ms, {options.latency_partitions} partitions) at "
+                 f"{options.rate:,.0f} orders/s for {options.latency_seconds:g} s after "
+                 f"{len(warmup):,} warm-up orders"
+                 + (f", then a burst of {len(burst):,} orders" if burst else ""))
+        extra = ["--source-header"] if config == PASSTHROUGH else []
+        with self._workers(config, settings, models, 1, tag, extra) as procs:
+            self._wait_assigned(procs, tag)
+            phases = [self._publish(topic, warmup, publisher, rate=options.rate)]
+            self._wait_done(procs, settings, phases[-1].end_offsets, f"{config} warm-up")
+            phases.append(self._publish(topic, fixed, publisher, rate=options.rate))
+            self._wait_done(procs, settings, phases[-1].end_offsets, f"{config} fixed load")
+            if burst:
+                phases.append(self._publish(topic, burst, publisher))
+                self._wait_done(procs, settings, phases[-1].end_offsets, f"{config} burst")
+            reaped = stop_and_reap(procs[0].proc)
+        if reaped.exit_code != 0:
+            raise BenchError(f"latency: {config} worker exited {reaped.exit_code}; see "
+                             f"{procs[0].log_path}:\n" + _tail(procs[0].log_path))
+        rows = output_times(settings, config, sum(phases[-1].end_offsets.values()))
+        self._delete_outputs(settings)
+        # Which phase a row is from: its source offset against each phase's end offsets.
+        phase = np.zeros(len(rows), dtype=int)
+        for ends in (p.end_offsets for p in phases[:-1]):
+            phase += rows[:, 1] >= np.array([ends.get(int(p), 0) for p in rows[:, 0]])
+        latency = rows[:, 3] - rows[:, 2]
+        timed = _Timed(fixed=latency[phase == 1], burst=latency[phase == 2],
+                       achieved_per_s=round(phases[1].orders / phases[1].seconds, 1),
+                       peak_rss_mb=reaped.peak_rss_mb)
+        if burst:
+            in_burst = rows[phase == 2]
+            timed.burst_offered_per_s = round(phases[2].orders / phases[2].seconds, 1)
+            timed.burst_drain_s = (in_burst[:, 3].max() - in_burst[:, 2].min()) / 1000.0
+        return timed
 
     def _wait_assigned(self, procs: list[_Worker], label: str, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -493,6 +539,7 @@ class Bench:
                 "batch_timeout_ms": self.settings.batch_timeout_ms,
                 "sample_rate": self.settings.sample_rate,
                 "rate": self.options.rate, "latency_seconds": self.options.latency_seconds,
+                "latency_partitions": self.options.latency_partitions,
                 "saturation_orders": self.options.saturation_orders,
                 "scorer_module": self.options.scorer_module,
                 "publish_orders_per_s": round(main.orders / main.seconds, 1),
@@ -597,21 +644,35 @@ def count_records(settings: Settings, topic: str, timeout_s: float = 60.0) -> in
         consumer.close()
 
 
-def read_all(settings: Settings, topic: str, schema_name: str, expected: int,
-             timeout_s: float = 120.0) -> list[dict[str, Any]]:
-    """The first record per consumed order (by lineage partition/offset) until ``expected``."""
+def output_times(settings: Settings, config: str, expected: int,
+                 timeout_s: float = 120.0) -> np.ndarray:
+    """One row per consumed order, read back from ``config``'s output topic until ``expected``:
+    (source partition, source offset, published at ms, output at ms). The scorer's output time
+    is the prediction's ``scored_at_ms``; the passthrough's, its record's producer timestamp
+    (taken when it called produce), with the source from its header."""
+    from bench.workers import source_of
     from consumer.reader import TopicReader
 
-    seen: dict[tuple[int, int], dict[str, Any]] = {}
+    seen: dict[tuple[int, int], tuple[int, int, int, int]] = {}
     deadline = time.monotonic() + timeout_s
-    with TopicReader(settings, topic, schema_name) as reader:
+    schema = "prediction" if config == SCORER else None
+    with TopicReader(settings, settings.predictions_topic, schema) as reader:
         while len(seen) < expected:
             if time.monotonic() > deadline:
-                raise BenchError(f"{topic}: {len(seen)} of {expected} records after "
-                                 f"{timeout_s:.0f} s")
-            for _, record in reader.poll(max_records=10_000):
-                seen.setdefault((record["order_partition"], record["order_offset"]), record)
-    return list(seen.values())
+                raise BenchError(f"{settings.predictions_topic}: {len(seen)} of {expected} "
+                                 f"records after {timeout_s:.0f} s")
+            for msg, record in reader.poll(max_records=10_000):
+                if record is not None:
+                    row = (record["order_partition"], record["order_offset"],
+                           record["order_published_at_ms"], record["scored_at_ms"])
+                else:
+                    source = source_of(msg.headers())
+                    if source is None:
+                        raise BenchError(f"{settings.predictions_topic}: a record without "
+                                         "its source header")
+                    row = (*source, msg.timestamp()[1])
+                seen.setdefault(row[:2], row)  # the first output of an order counts
+    return np.array(list(seen.values()), dtype=np.int64).reshape(-1, 4)
 
 
 def machine_info(load_before: list[float], load_after: list[float]) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 ``python -m bench.workers passthrough``: consume the raw order bytes and produce them, untouched,
 to the predictions topic, with the scorer's batching and commit policy and no decoding. What
-Kafka and librdkafka cost on their own: the ceiling for any scorer.
+Kafka and librdkafka cost on their own: the ceiling for any scorer. With ``--source-header`` it
+also names each record's source (partition, offset, producer timestamp) in a header, so the
+latency phase can time the broker and client path alone; the throughput runs go without it.
 
 ``python -m bench.workers per-message --model DIR --reference DIR``: what the earlier HTTP
 services did for every request: decode one order, build a one-row DataFrame, predict, produce
@@ -50,10 +52,12 @@ class BatchLoop:
         self.stop_requested = False
         self.delivery_errors: list[str] = []
 
-    def produce(self, topic: str, key: bytes | None, value: bytes | None) -> None:
+    def produce(self, topic: str, key: bytes | None, value: bytes | None,
+                headers: list[tuple[str, bytes]] | None = None) -> None:
         while True:
             try:
-                self.producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+                self.producer.produce(topic, value=value, key=key, headers=headers,
+                                      on_delivery=self._on_delivery)
                 return
             except BufferError:  # local queue full: serve delivery reports, then retry
                 self.producer.poll(0.05)
@@ -118,7 +122,19 @@ class BatchLoop:
         tmp.replace(self.status_file)
 
 
-def passthrough(loop: BatchLoop) -> Callable[[list[Message]], None]:
+SOURCE_HEADER = "triage.bench.source"
+
+
+def source_of(headers: list[tuple[str, bytes]] | None) -> tuple[int, int, int] | None:
+    """(partition, offset, producer timestamp in ms) from a passthrough record's headers."""
+    for name, value in headers or ():
+        if name == SOURCE_HEADER:
+            partition, offset, published_at = value.decode().split(":")
+            return int(partition), int(offset), int(published_at)
+    return None
+
+
+def passthrough(loop: BatchLoop, source_header: bool = False) -> Callable[[list[Message]], None]:
     """(a): the raw bytes, keyed as they came, to the output topic. No decoding at all."""
     topic, produce = loop.settings.predictions_topic, loop.produce
 
@@ -126,7 +142,12 @@ def passthrough(loop: BatchLoop) -> Callable[[list[Message]], None]:
         for msg in batch:
             produce(topic, msg.key(), msg.value())
 
-    return handle
+    def handle_with_source(batch: list[Message]) -> None:
+        for msg in batch:
+            source = f"{msg.partition()}:{msg.offset()}:{msg.timestamp()[1]}".encode()
+            produce(topic, msg.key(), msg.value(), [(SOURCE_HEADER, source)])
+
+    return handle_with_source if source_header else handle
 
 
 def per_message(loop: BatchLoop, model_dir: Path,
@@ -195,11 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path)
     parser.add_argument("--reference", type=Path)
     parser.add_argument("--status-file", type=Path)
+    parser.add_argument("--source-header", action="store_true",
+                        help=f"passthrough: add a {SOURCE_HEADER} header (partition:offset:"
+                             "published_at_ms) to every record, for the latency figure")
     args = parser.parse_args(argv)
     if args.mode == "per-message" and not (args.model and args.reference):
         parser.error("per-message needs --model and --reference")
     loop = BatchLoop(Settings.from_env(), args.status_file)
-    handle = (passthrough(loop) if args.mode == "passthrough"
+    handle = (passthrough(loop, args.source_header) if args.mode == "passthrough"
               else per_message(loop, args.model, args.reference))
 
     def stop(signum: int, _frame: object) -> None:

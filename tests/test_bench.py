@@ -47,12 +47,14 @@ def test_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
         assert row["outputs"] >= 5000, (config, row["outputs"])  # every order came out
     assert _number(figures["ratios"]["scorer_vs_passthrough"])
     assert _number(figures["ratios"]["scorer_vs_per_message"])
-    for load in ("fixed_load", "saturation"):
+    for load in ("fixed_load", "saturation", "passthrough_fixed_load"):
         latency = figures["latency_ms"][load]
         assert all(_number(latency[p]) for p in ("p50", "p95", "p99")), latency
         assert latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
         assert latency["cdf"] and latency["orders"] > 0
     assert figures["latency_ms"]["fixed_load"]["orders"] == 5000  # 5000/s for 1 s
+    assert figures["latency_ms"]["passthrough_fixed_load"]["orders"] == 5000
+    assert figures["latency_ms"]["saturation"]["orders"] == 2000
     assert _number(figures["worker_peak_rss_mb"])
     assert set(figures["cpu_s_per_1000"]) == {"passthrough", "scorer", "per_message"}
     assert _number(figures["scaling"]["workers_2_orders_per_s"])

@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offered load for the fixed-load latency figure (default 5000/s)")
     p.add_argument("--latency-seconds", type=float, default=10.0,
                    help="how long that load is offered (default 10)")
+    p.add_argument("--latency-partitions", type=int, default=2,
+                   help="partitions of the latency topic (default 2; docs/benchmarks.md)")
     p.add_argument("--saturation-orders", type=int, default=50_000,
                    help="burst published as fast as possible for the saturation latency")
     p.add_argument("--scaling-workers", type=int, default=2,
@@ -436,7 +438,8 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
                             ) from None
     options = BenchOptions(
         orders=args.orders, partitions=args.partitions, rate=args.rate,
-        latency_seconds=args.latency_seconds, saturation_orders=args.saturation_orders,
+        latency_seconds=args.latency_seconds, latency_partitions=args.latency_partitions,
+        saturation_orders=args.saturation_orders,
         scaling_workers=args.scaling_workers, sweep=sweep, sweep_orders=args.sweep_orders,
         data_dir=args.data, model_dir=args.model, out_dir=args.out,
         keep_topics=args.keep_topics, scorer_module=args.scorer_module)
