@@ -24,6 +24,7 @@ from consumer.hooks import load_hooks
 from consumer.scorer import Scorer
 from model import artifact
 from model.reference import ReferenceDataError, ReferenceTables
+from schemas.codec import RegistryUnavailable
 
 EXIT_CONFIG_ERROR = 2  # the supervisor does not restart a worker that exits with this
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     try:
         scorer.run()
-    except (InfrastructureError, KafkaException) as exc:
+    except (InfrastructureError, KafkaException, RegistryUnavailable) as exc:
         log.error("worker_failed", error=str(exc))
         return 1
     return 0

@@ -30,6 +30,13 @@ REGISTRY_MAGIC = 0
 _SINGLE_OBJECT_HEADER = len(SINGLE_OBJECT_MAGIC) + 8
 
 
+class RegistryUnavailable(RuntimeError):
+    """The Schema Registry could not be reached, or refused for a reason of its own (a 5xx, a
+    timeout, an authentication failure): not the record's fault, so nothing is dead-lettered.
+    The worker stops without committing; the supervisor restarts it with backoff, and the
+    batch is read again once the registry answers."""
+
+
 class DecodeError(ValueError):
     """A record's bytes are not a valid record of the expected schema.
 
@@ -90,7 +97,7 @@ class Codec:
         if registry_url:
             from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 
-            client = _registry_client(registry_url, registry_auth)
+            client = self._registry = _registry_client(registry_url, registry_auth)
             schema_str = to_parsing_canonical_form(self.schema)
             self._serializer = AvroSerializer(client, schema_str)
             self._deserializer = AvroDeserializer(client, schema_str)
@@ -99,7 +106,15 @@ class Codec:
         if self._serializer is not None:
             from confluent_kafka.serialization import MessageField, SerializationContext
 
-            return self._serializer(record, SerializationContext(self.topic, MessageField.VALUE))
+            try:
+                return self._serializer(record,
+                                        SerializationContext(self.topic, MessageField.VALUE))
+            except (ValueError, TypeError):  # the record itself: a bug here, not the registry
+                raise
+            except Exception as exc:  # registering or looking up the schema failed
+                raise RegistryUnavailable(
+                    f"Schema Registry {self.registry_url}: could not register or look up the "
+                    f"{self.schema_name} schema: {type(exc).__name__}: {exc}") from exc
         out = io.BytesIO()
         out.write(self._header)
         fastavro.schemaless_writer(out, self.schema, record)
@@ -140,8 +155,22 @@ class Codec:
             raise DecodeError("no_registry", f"Schema Registry framed record (schema id "
                               f"{schema_id}) but no registry is configured "
                               "(TRIAGE_SCHEMA_REGISTRY_URL)")
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
         from confluent_kafka.serialization import MessageField, SerializationContext
 
+        try:
+            self._registry.get_schema(schema_id)  # cached by the client after the first time
+        except SchemaRegistryError as exc:
+            if exc.http_status_code != 404:
+                raise RegistryUnavailable(
+                    f"Schema Registry {self.registry_url}: looking up schema id {schema_id}: "
+                    f"HTTP {exc.http_status_code}: {exc.error_message}") from exc
+            raise DecodeError("registry_error", f"registry-framed record: schema id "
+                              f"{schema_id} is not in the registry") from None
+        except Exception as exc:  # the registry did not answer: connection, TLS, timeout
+            raise RegistryUnavailable(
+                f"Schema Registry {self.registry_url}: looking up schema id {schema_id}: "
+                f"{type(exc).__name__}: {exc}") from exc
         try:
             return self._deserializer(data, SerializationContext(self.topic, MessageField.VALUE))
         except Exception as exc:

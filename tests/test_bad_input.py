@@ -5,6 +5,7 @@ dead letter, counted by offsets; the worker never crashes; the DLQ tools re-driv
 from __future__ import annotations
 
 import dataclasses
+import socket
 import threading
 import time
 from collections import Counter
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from bus.clients import make_producer
+from bus.offsets import committed_offsets
 from bus.settings import Settings
 from consumer import dlq
 from consumer.deadletter import headers_dict
@@ -22,7 +24,7 @@ from consumer.scorer import Scorer
 from model import artifact
 from model.orders import read_orders_csv
 from model.reference import AsOfTable, ReferenceTables
-from schemas.codec import Codec
+from schemas.codec import Codec, RegistryUnavailable, codec_for
 
 pytestmark = pytest.mark.integration
 
@@ -187,3 +189,47 @@ def test_dlq_replay_redrives_fixed_records_to_predictions(
     with TopicReader(settings, settings.predictions_topic, "prediction") as reader:
         predicted = {p["order_id"] for _, p in reader.read(idle_s=2)}
     assert predicted == {r["order_id"] for r in skewed}
+
+
+def test_a_registry_outage_stops_the_worker_and_loses_nothing(
+        settings: Settings, history: Path, model_dir: Path) -> None:
+    """Registry-framed orders while the Schema Registry does not answer are not bad input: the
+    scorer stops with RegistryUnavailable (a worker process exits 1 and is restarted), dead-letters
+    nothing and commits nothing; once the registry answers, every order is predicted."""
+    good = read_orders_csv(history / "orders.csv", limit=300).records()
+    online = settings.replace(schema_registry_url="mock://bad-input-registry")
+    codec = codec_for(online, "order", online.orders_topic)
+    producer = make_producer(settings)
+    for r in good:
+        producer.produce(settings.orders_topic, key=r["order_id"].encode(), value=codec.encode(r))
+    assert producer.flush(30) == 0
+
+    with socket.socket() as sock:  # a port nothing listens on: the registry is down
+        sock.bind(("127.0.0.1", 0))
+        down_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    model, reference = artifact.load(model_dir), ReferenceTables.load(history)
+    scorer = Scorer(settings.replace(schema_registry_url=down_url), model, reference)
+    failure: list[BaseException] = []
+    thread = threading.Thread(target=lambda: failure.append(_raised(scorer.run)))
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "the scorer kept going with the registry down"
+    assert isinstance(failure[0], RegistryUnavailable), failure
+    assert scorer.stats.dead_lettered == Counter() and scorer.stats.consumed == 0
+    committed = committed_offsets(settings, settings.group_id, settings.orders_topic)
+    assert all(offset is None for offset in committed.values()), committed
+    with TopicReader(settings, settings.dlq_topic, None) as reader:
+        assert list(reader.read(idle_s=2)) == []
+
+    assert run_scorer(Scorer(online, model, reference), len(good)) == Counter()
+    with TopicReader(online, online.predictions_topic, "prediction") as reader:
+        predicted = {p["order_id"] for _, p in reader.read(idle_s=2)}
+    assert predicted == {r["order_id"] for r in good}
+
+
+def _raised(call) -> BaseException | None:
+    try:
+        call()
+    except BaseException as exc:  # the test asserts which
+        return exc
+    return None

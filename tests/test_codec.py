@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import fastavro
 import pytest
 
-from schemas.codec import Codec, DecodeError
+from schemas.codec import Codec, DecodeError, RegistryUnavailable
 
 ORDER = {"order_id": "O-1", "customer_id": "C-9", "timestamp_ms": 1_767_225_600_000,
          "sku_code": "SKU-00042", "zip_code": "01234"}
@@ -67,6 +72,76 @@ def test_registry_framing_without_a_registry_is_a_clear_decode_error() -> None:
     framed = Codec("order", topic="orders", registry_url="mock://codec-test-2").encode(ORDER)
     with pytest.raises(DecodeError, match="no registry is configured"):
         Codec("order").decode(framed)
+
+
+def test_a_schema_id_the_registry_does_not_have_is_the_record_s_fault() -> None:
+    framed = Codec("order", topic="orders", registry_url="mock://codec-test-3").encode(ORDER)
+    unknown = framed[:1] + (999_999).to_bytes(4, "big") + framed[5:]
+    with pytest.raises(DecodeError, match="schema id 999999 is not in the registry") as caught:
+        Codec("order", topic="orders", registry_url="mock://codec-test-3").decode(unknown)
+    assert caught.value.kind == "registry_error"
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def registry_answering(status: int) -> Iterator[str]:
+    """A real HTTP server on loopback that answers every request with ``status``."""
+
+    class Handler(BaseHTTPRequestHandler):
+
+        def do_GET(self) -> None:
+            self._answer()
+
+        def do_POST(self) -> None:
+            self._answer()
+
+        def _answer(self) -> None:
+            body = json.dumps({"error_code": status * 100,
+                               "message": "registry in trouble"}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_registry_that_does_not_answer_is_not_the_record_s_fault() -> None:
+    """Nothing listens: decoding and encoding stop with RegistryUnavailable, not a DecodeError
+    that would dead-letter a good record."""
+    framed = Codec("order", topic="orders", registry_url="mock://codec-test-4").encode(ORDER)
+    down = Codec("order", topic="orders", registry_url=f"http://127.0.0.1:{_closed_port()}")
+    with pytest.raises(RegistryUnavailable, match="looking up schema id"):
+        down.decode(framed)
+    with pytest.raises(RegistryUnavailable, match="could not register or look up"):
+        down.encode(ORDER)
+    assert down.decode(Codec("order").encode(ORDER)) == ORDER  # no registry needed for these
+
+
+@pytest.mark.parametrize("status", [503, 401])
+def test_a_registry_that_fails_or_refuses_us_is_not_the_record_s_fault(status: int) -> None:
+    """A 5xx, or credentials it does not take: every record would fail alike, so none is
+    dead-lettered."""
+    framed = Codec("order", topic="orders", registry_url="mock://codec-test-5").encode(ORDER)
+    with registry_answering(status) as url, pytest.raises(RegistryUnavailable,
+                                                           match=f"HTTP {status}"):
+        Codec("order", topic="orders", registry_url=url).decode(framed)
 
 
 @pytest.mark.parametrize(("data", "reason"), [

@@ -474,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.reference import ReferenceDataError
     from model.train import TrainingError
     from producer.publisher import OrderError
+    from schemas.codec import RegistryUnavailable
 
     args = build_parser().parse_args(argv)
     try:
@@ -487,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     except KafkaException as exc:
         print(f"error: Kafka: {exc.args[0].str() if exc.args else exc}", file=sys.stderr)
         return EXIT_FAILED
-    except InfrastructureError as exc:
+    except (InfrastructureError, RegistryUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
