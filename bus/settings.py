@@ -146,6 +146,16 @@ class Settings:
     ssl_key_password: str = _secret("TRIAGE_SSL_KEY_PASSWORD", "Password of the client key.")
     schema_registry_basic_auth: str = _secret(
         "TRIAGE_SCHEMA_REGISTRY_BASIC_AUTH", "`user:password` for the Schema Registry.")
+    schema_registry_ssl_ca_location: str = _setting(
+        "", "TRIAGE_SCHEMA_REGISTRY_SSL_CA_LOCATION",
+        "CA certificate file (PEM) to verify an `https://` Schema Registry with. Empty: the "
+        "system's CAs (or `SSL_CERT_FILE`).")
+    schema_registry_ssl_certificate_location: str = _setting(
+        "", "TRIAGE_SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION",
+        "Client certificate (PEM), for mutual TLS with the Schema Registry.")
+    schema_registry_ssl_key_location: str = _setting(
+        "", "TRIAGE_SCHEMA_REGISTRY_SSL_KEY_LOCATION",
+        "Client private key (PEM), for mutual TLS with the Schema Registry.")
 
     def __post_init__(self) -> None:
         if not self.state_dir:
@@ -181,6 +191,10 @@ class Settings:
             if not self.sasl_username or not self.sasl_password:
                 raise SettingsError(f"{self.security_protocol} needs TRIAGE_SASL_USERNAME and "
                                     "TRIAGE_SASL_PASSWORD (or TRIAGE_SASL_PASSWORD_FILE)")
+        if self.schema_registry_ssl_key_location and not \
+                self.schema_registry_ssl_certificate_location:
+            raise SettingsError("TRIAGE_SCHEMA_REGISTRY_SSL_KEY_LOCATION needs "
+                                "TRIAGE_SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION")
 
     @property
     def earliest_order_ms(self) -> int:

@@ -63,28 +63,35 @@ def schema_fingerprint(schema: dict[str, Any]) -> bytes:
     return bytes.fromhex(fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO"))
 
 
+def registry_config(settings: Settings) -> dict[str, str]:
+    """The Schema Registry client's configuration beyond its URL: credentials and TLS files."""
+    conf = {"basic.auth.user.info": settings.schema_registry_basic_auth,
+            "ssl.ca.location": settings.schema_registry_ssl_ca_location,
+            "ssl.certificate.location": settings.schema_registry_ssl_certificate_location,
+            "ssl.key.location": settings.schema_registry_ssl_key_location}
+    return {key: value for key, value in conf.items() if value}
+
+
 @functools.cache
-def _registry_client(url: str, basic_auth: str = ""):
-    # One client per URL per process: it caches schema ids, which is what keeps decoding cheap.
+def _registry_client(url: str, conf: tuple[tuple[str, str], ...] = ()):
+    # One client per URL and configuration per process: it caches schema ids, which is what
+    # keeps decoding cheap.
     from confluent_kafka.schema_registry import SchemaRegistryClient
 
-    conf = {"url": url}
-    if basic_auth:
-        conf["basic.auth.user.info"] = basic_auth
-    return SchemaRegistryClient.new_client(conf)  # "mock://..." gives an in-memory one
+    return SchemaRegistryClient.new_client({"url": url, **dict(conf)})  # "mock://": in memory
 
 
 def codec_for(settings: Settings, schema_name: str, topic: str) -> Codec:
     """The codec for one of the service's topics, framed as the settings say."""
     return Codec(schema_name, topic=topic, registry_url=settings.schema_registry_url,
-                 registry_auth=settings.schema_registry_basic_auth)
+                 registry_conf=registry_config(settings))
 
 
 class Codec:
     """Encode and decode records of one schema, for one topic."""
 
     def __init__(self, schema_name: str, *, topic: str = "", registry_url: str = "",
-                 registry_auth: str = "") -> None:
+                 registry_conf: dict[str, str] | None = None) -> None:
         self.schema_name = schema_name
         self.schema = load_schema(schema_name)
         self.topic = topic
@@ -93,11 +100,12 @@ class Codec:
         # Writer schemas this decoder knows by fingerprint. Older versions of a contract go here
         # when a schema evolves, and fastavro resolves them to the current one.
         self._writers = {self._header[2:]: self.schema}
-        self._serializer = self._deserializer = None
+        self._serializer = self._deserializer = self._registry = None
         if registry_url:
             from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 
-            client = self._registry = _registry_client(registry_url, registry_auth)
+            conf = tuple(sorted((registry_conf or {}).items()))
+            client = self._registry = _registry_client(registry_url, conf)
             schema_str = to_parsing_canonical_form(self.schema)
             self._serializer = AvroSerializer(client, schema_str)
             self._deserializer = AvroDeserializer(client, schema_str)

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import io
+import ipaddress
 import json
 import socket
+import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import fastavro
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from schemas.codec import Codec, DecodeError, RegistryUnavailable
+from bus.settings import Settings, SettingsError
+from schemas.codec import Codec, DecodeError, RegistryUnavailable, codec_for, load_schema
 
 ORDER = {"order_id": "O-1", "customer_id": "C-9", "timestamp_ms": 1_767_225_600_000,
          "sku_code": "SKU-00042", "zip_code": "01234"}
@@ -89,11 +97,12 @@ def _closed_port() -> int:
 
 
 @contextlib.contextmanager
-def registry_answering(status: int) -> Iterator[str]:
-    """A real HTTP server on loopback that answers every request with ``status``."""
+def registry_server(answer: Callable[[str], tuple[int, dict]],
+                    tls: ssl.SSLContext | None = None) -> Iterator[str]:
+    """A real HTTP(S) server on loopback; ``answer(path)`` gives each request's status and
+    JSON body."""
 
     class Handler(BaseHTTPRequestHandler):
-
         def do_GET(self) -> None:
             self._answer()
 
@@ -101,8 +110,8 @@ def registry_answering(status: int) -> Iterator[str]:
             self._answer()
 
         def _answer(self) -> None:
-            body = json.dumps({"error_code": status * 100,
-                               "message": "registry in trouble"}).encode()
+            status, payload = answer(self.path)
+            body = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -113,13 +122,21 @@ def registry_answering(status: int) -> Iterator[str]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+def registry_answering(status: int) -> contextlib.AbstractContextManager[str]:
+    """A registry in trouble: every request answered with ``status``."""
+    return registry_server(lambda _path: (status, {"error_code": status * 100,
+                                                   "message": "registry in trouble"}))
 
 
 def test_a_registry_that_does_not_answer_is_not_the_record_s_fault() -> None:
@@ -183,3 +200,53 @@ def test_shared_record_types_are_defined_alike_in_every_contract() -> None:
 
     assert shape(drift["order"]) == shape(order)
     assert shape(drift["features"]) == shape(features)
+
+
+def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that is its own CA, and its key (PEM files)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "triage test registry")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "registry.pem", folder / "registry.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_an_https_registry_is_verified_with_the_configured_ca(tmp_path: Path) -> None:
+    """TRIAGE_SCHEMA_REGISTRY_SSL_CA_LOCATION reaches the registry client: with the CA the
+    record decodes over TLS; without it the handshake fails, which is the registry's problem,
+    not the record's."""
+    cert_path, key_path = _self_signed_certificate(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert_path, key_path)
+    schema = json.dumps(load_schema("order"))
+
+    def answer(path: str) -> tuple[int, dict]:
+        if path.startswith("/schemas/ids/7"):
+            return 200, {"schema": schema}
+        return 404, {"error_code": 40403, "message": "Schema not found"}
+
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, load_schema("order"), ORDER)
+    framed = b"\x00" + (7).to_bytes(4, "big") + body.getvalue()
+    with registry_server(answer, tls) as url:
+        trusted = Settings(schema_registry_url=url,
+                           schema_registry_ssl_ca_location=str(cert_path))
+        assert codec_for(trusted, "order", "orders").decode(framed) == ORDER
+        with pytest.raises(RegistryUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            codec_for(Settings(schema_registry_url=url), "order", "orders").decode(framed)
+
+
+def test_a_registry_client_key_needs_its_certificate() -> None:
+    with pytest.raises(SettingsError, match="TRIAGE_SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION"):
+        Settings(schema_registry_ssl_key_location="/run/secrets/registry.key")
