@@ -480,12 +480,12 @@ class Bench:
         extra = ["--source-header"] if config == PASSTHROUGH else []
         with self._workers(config, settings, models, 1, tag, extra) as procs:
             self._wait_assigned(procs, tag)
-            phases = [self._publish(topic, warmup, publisher, rate=options.rate)]
+            phases = [self._publish(tag, warmup, publisher, rate=options.rate)]
             self._wait_done(procs, settings, phases[-1].end_offsets, f"{config} warm-up")
-            phases.append(self._publish(topic, fixed, publisher, rate=options.rate))
+            phases.append(self._publish(tag, fixed, publisher, rate=options.rate))
             self._wait_done(procs, settings, phases[-1].end_offsets, f"{config} fixed load")
             if burst:
-                phases.append(self._publish(topic, burst, publisher))
+                phases.append(self._publish(tag, burst, publisher))
                 self._wait_done(procs, settings, phases[-1].end_offsets, f"{config} burst")
             reaped = stop_and_reap(procs[0].proc)
         if reaped.exit_code != 0:

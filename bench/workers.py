@@ -160,7 +160,7 @@ def per_message(loop: BatchLoop, model_dir: Path,
     from model.artifact import UNSEEN_STATUS, feature_order
     from model.orders import OrderColumns
     from model.reference import ReferenceTables
-    from schemas.codec import Codec
+    from schemas.codec import codec_for
 
     settings = loop.settings
     model = artifact.load(model_dir)
@@ -168,10 +168,8 @@ def per_message(loop: BatchLoop, model_dir: Path,
     vocabulary = model.manifest["categories"]["payment_status"]
     columns = feature_order(vocabulary)
     classes = [str(c) for c in model.classes]
-    orders = Codec("order", topic=settings.orders_topic,
-                   registry_url=settings.schema_registry_url)
-    predictions = Codec("prediction", topic=settings.predictions_topic,
-                        registry_url=settings.schema_registry_url)
+    orders = codec_for(settings, "order", settings.orders_topic)
+    predictions = codec_for(settings, "prediction", settings.predictions_topic)
     topic = settings.predictions_topic
 
     def score(msg: Message) -> bytes:

@@ -148,8 +148,9 @@ class Settings:
         "TRIAGE_SCHEMA_REGISTRY_BASIC_AUTH", "`user:password` for the Schema Registry.")
     schema_registry_ssl_ca_location: str = _setting(
         "", "TRIAGE_SCHEMA_REGISTRY_SSL_CA_LOCATION",
-        "CA certificate file (PEM) to verify an `https://` Schema Registry with. Empty: the "
-        "system's CAs (or `SSL_CERT_FILE`).")
+        "CA certificate file (PEM) or directory to verify an `https://` Schema Registry with. "
+        "Empty: `SSL_CERT_FILE` or `SSL_CERT_DIR` if set, else certifi's CA bundle (not the "
+        "system's store).")
     schema_registry_ssl_certificate_location: str = _setting(
         "", "TRIAGE_SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION",
         "Client certificate (PEM), for mutual TLS with the Schema Registry.")
@@ -195,6 +196,12 @@ class Settings:
                 self.schema_registry_ssl_certificate_location:
             raise SettingsError("TRIAGE_SCHEMA_REGISTRY_SSL_KEY_LOCATION needs "
                                 "TRIAGE_SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION")
+        for name in ("schema_registry_ssl_ca_location",
+                     "schema_registry_ssl_certificate_location",
+                     "schema_registry_ssl_key_location"):
+            path = getattr(self, name)
+            if path and not Path(path).exists():
+                raise SettingsError(f"TRIAGE_{name.upper()}={path}: no such file")
 
     @property
     def earliest_order_ms(self) -> int:

@@ -100,12 +100,12 @@ class Codec:
         # Writer schemas this decoder knows by fingerprint. Older versions of a contract go here
         # when a schema evolves, and fastavro resolves them to the current one.
         self._writers = {self._header[2:]: self.schema}
-        self._serializer = self._deserializer = self._registry = None
+        self._serializer = self._deserializer = None
         if registry_url:
             from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 
             conf = tuple(sorted((registry_conf or {}).items()))
-            client = self._registry = _registry_client(registry_url, conf)
+            client = _registry_client(registry_url, conf)
             schema_str = to_parsing_canonical_form(self.schema)
             self._serializer = AvroSerializer(client, schema_str)
             self._deserializer = AvroDeserializer(client, schema_str)
@@ -117,12 +117,12 @@ class Codec:
             try:
                 return self._serializer(record,
                                         SerializationContext(self.topic, MessageField.VALUE))
-            except (ValueError, TypeError):  # the record itself: a bug here, not the registry
+            except Exception as exc:
+                if _registry_in_trouble(exc):
+                    raise RegistryUnavailable(
+                        f"Schema Registry {self.registry_url}: could not register or look up "
+                        f"the {self.schema_name} schema: {type(exc).__name__}: {exc}") from exc
                 raise
-            except Exception as exc:  # registering or looking up the schema failed
-                raise RegistryUnavailable(
-                    f"Schema Registry {self.registry_url}: could not register or look up the "
-                    f"{self.schema_name} schema: {type(exc).__name__}: {exc}") from exc
         out = io.BytesIO()
         out.write(self._header)
         fastavro.schemaless_writer(out, self.schema, record)
@@ -163,25 +163,36 @@ class Codec:
             raise DecodeError("no_registry", f"Schema Registry framed record (schema id "
                               f"{schema_id}) but no registry is configured "
                               "(TRIAGE_SCHEMA_REGISTRY_URL)")
-        from confluent_kafka.schema_registry.error import SchemaRegistryError
         from confluent_kafka.serialization import MessageField, SerializationContext
 
         try:
-            self._registry.get_schema(schema_id)  # cached by the client after the first time
-        except SchemaRegistryError as exc:
-            if exc.http_status_code != 404:
-                raise RegistryUnavailable(
-                    f"Schema Registry {self.registry_url}: looking up schema id {schema_id}: "
-                    f"HTTP {exc.http_status_code}: {exc.error_message}") from exc
-            raise DecodeError("registry_error", f"registry-framed record: schema id "
-                              f"{schema_id} is not in the registry") from None
-        except Exception as exc:  # the registry did not answer: connection, TLS, timeout
-            raise RegistryUnavailable(
-                f"Schema Registry {self.registry_url}: looking up schema id {schema_id}: "
-                f"{type(exc).__name__}: {exc}") from exc
-        try:
             return self._deserializer(data, SerializationContext(self.topic, MessageField.VALUE))
         except Exception as exc:
+            if _registry_in_trouble(exc):
+                raise RegistryUnavailable(
+                    f"Schema Registry {self.registry_url}: looking up schema id {schema_id}: "
+                    f"{type(exc).__name__}: {exc}") from exc
             raise DecodeError("registry_error", f"registry-framed record (schema id "
                               f"{schema_id}) could not be decoded: "
                               f"{type(exc).__name__}: {exc}") from None
+
+
+# What a Schema Registry answers for a schema id it does not have (the mock client: 40400).
+_SCHEMA_NOT_FOUND = (40403, 40400)
+
+
+def _registry_in_trouble(exc: Exception) -> bool:
+    """True when the registry, not the record, failed: it did not answer (connection, TLS,
+    timeout: the HTTP client's transport errors), or answered with anything but "schema not
+    found" (a 5xx, a refused credential, a proxy's 404 page). Anything else, a body that does
+    not decode included, is the record's fault: dead-lettering it is safe, while stopping on a
+    poison record would stop its partition for good."""
+    from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+    if isinstance(exc, SchemaRegistryError):
+        return exc.error_code not in _SCHEMA_NOT_FOUND
+    # httpx (which confluent-kafka's registry client uses, under a package name that varies
+    # with its version) raises TransportError subclasses, not OSError.
+    return isinstance(exc, OSError) or any(
+        cls.__name__ == "TransportError" and cls.__module__.startswith("httpx")
+        for cls in type(exc).__mro__)

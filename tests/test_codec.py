@@ -85,7 +85,7 @@ def test_registry_framing_without_a_registry_is_a_clear_decode_error() -> None:
 def test_a_schema_id_the_registry_does_not_have_is_the_record_s_fault() -> None:
     framed = Codec("order", topic="orders", registry_url="mock://codec-test-3").encode(ORDER)
     unknown = framed[:1] + (999_999).to_bytes(4, "big") + framed[5:]
-    with pytest.raises(DecodeError, match="schema id 999999 is not in the registry") as caught:
+    with pytest.raises(DecodeError, match=r"schema id 999999\).*Schema Not Found") as caught:
         Codec("order", topic="orders", registry_url="mock://codec-test-3").decode(unknown)
     assert caught.value.kind == "registry_error"
 
@@ -157,8 +157,36 @@ def test_a_registry_that_fails_or_refuses_us_is_not_the_record_s_fault(status: i
     dead-lettered."""
     framed = Codec("order", topic="orders", registry_url="mock://codec-test-5").encode(ORDER)
     with registry_answering(status) as url, pytest.raises(RegistryUnavailable,
-                                                           match=f"HTTP {status}"):
+                                                           match=f"HTTP status code {status}"):
         Codec("order", topic="orders", registry_url=url).decode(framed)
+
+
+def test_a_404_that_is_not_schema_not_found_is_the_registry_s_fault() -> None:
+    """A proxy's 404 page (a wrong URL path) would make every record look unknown."""
+    framed = Codec("order", topic="orders", registry_url="mock://codec-test-6").encode(ORDER)
+    with registry_server(lambda _path: (404, {"message": "no route"})) as url, \
+            pytest.raises(RegistryUnavailable, match="HTTP status code 404"):
+        Codec("order", topic="orders", registry_url=url).decode(framed)
+
+
+def test_a_registry_that_fails_after_the_schema_lookup_is_not_the_record_s_fault() -> None:
+    """The schema itself is served, every other request the client makes answers 503."""
+    schema = json.dumps(load_schema("order"))
+
+    def answer(path: str) -> tuple[int, dict]:
+        if path.split("?")[0] == "/schemas/ids/7":
+            return 200, {"schema": schema}
+        return 503, {"error_code": 50300, "message": "registry in trouble"}
+
+    with registry_server(answer) as url, pytest.raises(RegistryUnavailable, match="503"):
+        Codec("order", topic="orders", registry_url=url).decode(_framed_with_id(7))
+
+
+def _framed_with_id(schema_id: int) -> bytes:
+    """ORDER in registry framing with ``schema_id``, written without a registry."""
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, load_schema("order"), ORDER)
+    return b"\x00" + schema_id.to_bytes(4, "big") + body.getvalue()
 
 
 @pytest.mark.parametrize(("data", "reason"), [
@@ -222,13 +250,16 @@ def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def test_an_https_registry_is_verified_with_the_configured_ca(tmp_path: Path) -> None:
-    """TRIAGE_SCHEMA_REGISTRY_SSL_CA_LOCATION reaches the registry client: with the CA the
-    record decodes over TLS; without it the handshake fails, which is the registry's problem,
-    not the record's."""
+def test_an_https_registry_is_reached_with_the_configured_ca_and_client_certificate(
+        tmp_path: Path) -> None:
+    """The registry TLS settings reach the client: a server that requires a client certificate
+    answers with all three set; without the CA, or without the client certificate, the
+    handshake fails, which is the registry's problem, not the record's."""
     cert_path, key_path = _self_signed_certificate(tmp_path)
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(cert_path, key_path)
+    tls.verify_mode = ssl.CERT_REQUIRED
+    tls.load_verify_locations(cert_path)  # the same self-signed certificate signs the client's
     schema = json.dumps(load_schema("order"))
 
     def answer(path: str) -> tuple[int, dict]:
@@ -236,17 +267,24 @@ def test_an_https_registry_is_verified_with_the_configured_ca(tmp_path: Path) ->
             return 200, {"schema": schema}
         return 404, {"error_code": 40403, "message": "Schema not found"}
 
-    body = io.BytesIO()
-    fastavro.schemaless_writer(body, load_schema("order"), ORDER)
-    framed = b"\x00" + (7).to_bytes(4, "big") + body.getvalue()
+    framed = _framed_with_id(7)
     with registry_server(answer, tls) as url:
-        trusted = Settings(schema_registry_url=url,
-                           schema_registry_ssl_ca_location=str(cert_path))
-        assert codec_for(trusted, "order", "orders").decode(framed) == ORDER
+        mutual = Settings(schema_registry_url=url,
+                          schema_registry_ssl_ca_location=str(cert_path),
+                          schema_registry_ssl_certificate_location=str(cert_path),
+                          schema_registry_ssl_key_location=str(key_path))
+        assert codec_for(mutual, "order", "orders").decode(framed) == ORDER
         with pytest.raises(RegistryUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
             codec_for(Settings(schema_registry_url=url), "order", "orders").decode(framed)
+        ca_only = Settings(schema_registry_url=url,
+                           schema_registry_ssl_ca_location=str(cert_path))
+        with pytest.raises(RegistryUnavailable):
+            codec_for(ca_only, "order", "orders").decode(framed)
 
 
-def test_a_registry_client_key_needs_its_certificate() -> None:
+def test_registry_tls_files_are_checked_at_start_up(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="TRIAGE_SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION"):
         Settings(schema_registry_ssl_key_location="/run/secrets/registry.key")
+    missing = tmp_path / "ca.pem"
+    with pytest.raises(SettingsError, match=f"SSL_CA_LOCATION={missing}: no such file"):
+        Settings(schema_registry_ssl_ca_location=str(missing))
