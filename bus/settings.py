@@ -157,6 +157,9 @@ class Settings:
     schema_registry_ssl_key_location: str = _setting(
         "", "TRIAGE_SCHEMA_REGISTRY_SSL_KEY_LOCATION",
         "Client private key (PEM), for mutual TLS with the Schema Registry.")
+    schema_registry_ssl_key_password: str = _secret(
+        "TRIAGE_SCHEMA_REGISTRY_SSL_KEY_PASSWORD",
+        "Password of the Schema Registry client key.")
 
     def __post_init__(self) -> None:
         if not self.state_dir:
@@ -192,9 +195,9 @@ class Settings:
             if not self.sasl_username or not self.sasl_password:
                 raise SettingsError(f"{self.security_protocol} needs TRIAGE_SASL_USERNAME and "
                                     "TRIAGE_SASL_PASSWORD (or TRIAGE_SASL_PASSWORD_FILE)")
-        if self.schema_registry_ssl_key_location and not \
-                self.schema_registry_ssl_certificate_location:
-            raise SettingsError("TRIAGE_SCHEMA_REGISTRY_SSL_KEY_LOCATION needs "
+        if (self.schema_registry_ssl_key_location or self.schema_registry_ssl_key_password) \
+                and not self.schema_registry_ssl_certificate_location:
+            raise SettingsError("TRIAGE_SCHEMA_REGISTRY_SSL_KEY_LOCATION and _KEY_PASSWORD need "
                                 "TRIAGE_SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION")
         for name in ("schema_registry_ssl_ca_location",
                      "schema_registry_ssl_certificate_location",

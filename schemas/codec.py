@@ -68,7 +68,8 @@ def registry_config(settings: Settings) -> dict[str, str]:
     conf = {"basic.auth.user.info": settings.schema_registry_basic_auth,
             "ssl.ca.location": settings.schema_registry_ssl_ca_location,
             "ssl.certificate.location": settings.schema_registry_ssl_certificate_location,
-            "ssl.key.location": settings.schema_registry_ssl_key_location}
+            "ssl.key.location": settings.schema_registry_ssl_key_location,
+            "ssl.key.password": settings.schema_registry_ssl_key_password}
     return {key: value for key, value in conf.items() if value}
 
 

@@ -230,8 +230,9 @@ def test_shared_record_types_are_defined_alike_in_every_contract() -> None:
     assert shape(drift["features"]) == shape(features)
 
 
-def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 that is its own CA, and its key (PEM files)."""
+def _self_signed_certificate(folder: Path, password: bytes) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that is its own CA, and its key encrypted with ``password``
+    (PEM files)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "triage test registry")])
     now = datetime.now(UTC)
@@ -246,18 +247,18 @@ def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                            serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+                                           serialization.BestAvailableEncryption(password)))
     return cert_path, key_path
 
 
 def test_an_https_registry_is_reached_with_the_configured_ca_and_client_certificate(
         tmp_path: Path) -> None:
     """The registry TLS settings reach the client: a server that requires a client certificate
-    answers with all three set; without the CA, or without the client certificate, the
-    handshake fails, which is the registry's problem, not the record's."""
-    cert_path, key_path = _self_signed_certificate(tmp_path)
+    answers with all four set (the key is encrypted); without the CA, or without the client
+    certificate, the handshake fails, which is the registry's problem, not the record's."""
+    cert_path, key_path = _self_signed_certificate(tmp_path, b"key password")
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls.load_cert_chain(cert_path, key_path)
+    tls.load_cert_chain(cert_path, key_path, password=b"key password")
     tls.verify_mode = ssl.CERT_REQUIRED
     tls.load_verify_locations(cert_path)  # the same self-signed certificate signs the client's
     schema = json.dumps(load_schema("order"))
@@ -272,7 +273,8 @@ def test_an_https_registry_is_reached_with_the_configured_ca_and_client_certific
         mutual = Settings(schema_registry_url=url,
                           schema_registry_ssl_ca_location=str(cert_path),
                           schema_registry_ssl_certificate_location=str(cert_path),
-                          schema_registry_ssl_key_location=str(key_path))
+                          schema_registry_ssl_key_location=str(key_path),
+                          schema_registry_ssl_key_password="key password")
         assert codec_for(mutual, "order", "orders").decode(framed) == ORDER
         with pytest.raises(RegistryUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
             codec_for(Settings(schema_registry_url=url), "order", "orders").decode(framed)
@@ -285,6 +287,8 @@ def test_an_https_registry_is_reached_with_the_configured_ca_and_client_certific
 def test_registry_tls_files_are_checked_at_start_up(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="TRIAGE_SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION"):
         Settings(schema_registry_ssl_key_location="/run/secrets/registry.key")
+    with pytest.raises(SettingsError, match="TRIAGE_SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION"):
+        Settings(schema_registry_ssl_key_password="key password")
     missing = tmp_path / "ca.pem"
     with pytest.raises(SettingsError, match=f"SSL_CA_LOCATION={missing}: no such file"):
         Settings(schema_registry_ssl_ca_location=str(missing))
