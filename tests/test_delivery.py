@@ -58,6 +58,16 @@ class Background:
         self.threads.append(thread)
         self.replay_thread = thread
 
+    def start(self, settings: Settings, model_dir: Path, history: Path, *, workers: int,
+              orders: int, rate: float) -> tuple[Supervisor, int]:
+        """A supervisor with ``workers`` that has every partition, then a replay of ``orders``
+        at ``rate``; returns the supervisor and the wall-clock ms the replay started at."""
+        supervisor = self.supervise(Supervisor(settings, model_dir, history, workers=workers))
+        supervisor.wait_until_assigned(settings.orders_partitions)
+        since = int(time.time() * 1000)
+        self.replay(settings, history / "orders.csv", limit=orders, rate=rate)
+        return supervisor, since
+
     def replay_running(self) -> bool:
         return self.replay_thread.is_alive()
 
@@ -165,10 +175,8 @@ def test_a_killed_workers_lose_nothing_and_duplicate_only_in_flight_orders(
     n, kills_wanted = 50_000, 5
     settings = settings.replace(batch_size=500)
     bg = Background()
-    supervisor = bg.supervise(Supervisor(settings, model_dir, big_history, workers=3))
-    supervisor.wait_until_assigned(settings.orders_partitions)
-    since = int(time.time() * 1000)
-    bg.replay(settings, big_history / "orders.csv", limit=n, rate=2_000)
+    supervisor, since = bg.start(settings, model_dir, big_history, workers=3, orders=n,
+                                 rate=2_000)
     try:
         kills = kill_workers_during_replay(bg, supervisor, settings, at_least=kills_wanted)
         bg.wait_replay()
@@ -253,10 +261,8 @@ def test_d_graceful_stop_and_restart_creates_no_duplicates(
     longer than the session timeout; see the README's embedded broker limits.)"""
     n = 20_000
     bg = Background()
-    old = bg.supervise(Supervisor(settings, model_dir, big_history, workers=2))
-    old.wait_until_assigned(settings.orders_partitions)
-    since = int(time.time() * 1000)
-    bg.replay(settings, big_history / "orders.csv", limit=n, rate=4_000)
+    old, since = bg.start(settings, model_dir, big_history, workers=2, orders=n,
+                          rate=4_000)
     new = bg.supervise(Supervisor(settings, model_dir, big_history, workers=2))
     try:
         deadline = time.monotonic() + 60
@@ -314,10 +320,8 @@ def test_exactly_once_scores_every_order_through_transactions(
     n = 5_000
     settings = settings.replace(exactly_once=True)
     bg = Background()
-    supervisor = bg.supervise(Supervisor(settings, model_dir, history, workers=2))
-    supervisor.wait_until_assigned(settings.orders_partitions)
-    since = int(time.time() * 1000)
-    bg.replay(settings, history / "orders.csv", limit=n, rate=5_000)
+    supervisor, since = bg.start(settings, model_dir, history, workers=2, orders=n,
+                                 rate=5_000)
     try:
         replayed = bg.wait_replay()
         result = outcome(settings, order_ids(history, n), since)
@@ -338,10 +342,8 @@ def test_exactly_once_hides_killed_workers_duplicates_from_read_committed_reader
     n = 20_000
     settings = settings.replace(exactly_once=True)
     bg = Background()
-    supervisor = bg.supervise(Supervisor(settings, model_dir, big_history, workers=3))
-    supervisor.wait_until_assigned(settings.orders_partitions)
-    since = int(time.time() * 1000)
-    bg.replay(settings, big_history / "orders.csv", limit=n, rate=2_000)
+    supervisor, since = bg.start(settings, model_dir, big_history, workers=3, orders=n,
+                                 rate=2_000)
     try:
         kills = len(kill_workers_during_replay(bg, supervisor, settings, at_least=0))
         bg.wait_replay()
