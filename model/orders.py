@@ -10,9 +10,22 @@ from typing import Any
 import numpy as np
 
 from model.features import FeatureBatch, compute_features
-from model.reference import ReferenceTables, parse_timestamps, read_csv
+from model.reference import ReferenceTables, parse_timestamps_lenient, read_csv
 
 ORDER_COLUMNS = ["order_id", "customer_id", "timestamp", "sku_code", "zip_code"]
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    """A row of orders.csv that cannot become an order record at all; it is reported, not
+    published. (A row with an empty or malformed id *is* published: the scorer dead-letters
+    it with the reason.)"""
+
+    line: int    # line of the file, the header being line 1
+    reason: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -22,6 +35,7 @@ class OrderColumns:
     sku_code: list[str]
     zip_code: list[str]
     timestamp_ms: np.ndarray  # int64, UTC milliseconds since the epoch
+    skipped: tuple[SkippedRow, ...] = ()  # rows of the file left out (read_orders_csv)
 
     def __len__(self) -> int:
         return len(self.order_id)
@@ -51,14 +65,30 @@ class OrderColumns:
                                 self.timestamp_ms)
 
 
-def read_orders_csv(path: str | Path, limit: int | None = None) -> OrderColumns:
-    frame = read_csv(Path(path), ORDER_COLUMNS)
+def read_orders_csv(path: str | Path, limit: int | None = None,
+                    encoding: str = "utf-8") -> OrderColumns:
+    """The first ``limit`` rows (all by default) of an orders CSV, as columns.
+
+    Each row is handled on its own: one whose timestamp is not ``YYYY-MM-DD HH:MM:SS`` cannot
+    become an order record and is left out, listed in ``skipped``; empty or malformed ids are
+    kept (the scorer dead-letters them with the reason). Only a file that cannot be read at
+    all (missing, lacking a column, not ``encoding`` text) raises ReferenceDataError.
+    """
+    frame = read_csv(Path(path), ORDER_COLUMNS, encoding)
     if limit is not None:
         frame = frame.iloc[:limit]
+    seconds, bad = parse_timestamps_lenient(frame["timestamp"])
+    skipped = tuple(
+        SkippedRow(int(i) + 2, f"timestamp {frame['timestamp'].iloc[i]!r} is not "
+                               "YYYY-MM-DD HH:MM:SS")
+        for i in np.flatnonzero(bad))
+    if skipped:
+        frame, seconds = frame[~bad], seconds[~bad]
     return OrderColumns(
         order_id=frame["order_id"].tolist(),
         customer_id=frame["customer_id"].tolist(),
         sku_code=frame["sku_code"].tolist(),
         zip_code=frame["zip_code"].tolist(),
-        timestamp_ms=parse_timestamps(frame["timestamp"], f"{path} timestamp") * 1000,
+        timestamp_ms=seconds * 1000,
+        skipped=skipped,
     )

@@ -21,7 +21,7 @@ from model.baseline import training_baseline
 from model.features import FeatureBatch
 from model.orders import read_orders_csv
 from model.policy import CLASSES, label
-from model.reference import MISSING_STATUS, ReferenceTables
+from model.reference import MISSING_STATUS, ReferenceTables, zip_code_warnings
 
 MIN_ACCURACY = 0.995
 UNSEEN_SHARE = 0.1  # share of non-OK statuses relabelled __UNSEEN__ to teach that category
@@ -40,6 +40,7 @@ class TrainReport:
     confusion: list[list[int]]
     classes: tuple[str, ...]
     rows: int
+    warnings: tuple[str, ...] = ()  # about the data: rows skipped, zips that look truncated
 
     def confusion_table(self) -> str:
         width = max(len(c) for c in self.classes) + 2
@@ -59,11 +60,16 @@ def _with_unseen(features: FeatureBatch, rng: np.random.Generator) -> FeatureBat
 
 
 def train(data_dir: str | Path, out_dir: str | Path, *, seed: int = 0, holdout: float = 0.2,
-          min_accuracy: float = MIN_ACCURACY) -> TrainReport:
-    """Train on ``data_dir``'s CSVs and write the artifact to ``out_dir`` if the gate passes."""
+          min_accuracy: float = MIN_ACCURACY, encoding: str = "utf-8") -> TrainReport:
+    """Train on ``data_dir``'s CSVs and write the artifact to ``out_dir`` if the gate passes.
+
+    Raises TrainingError (no artifact written) when a class has no example or the holdout
+    accuracy is below ``min_accuracy``; ReferenceDataError when a CSV cannot be read."""
     data_dir = Path(data_dir)
-    orders = read_orders_csv(data_dir / "orders.csv")
-    reference = ReferenceTables.load(data_dir)
+    orders = read_orders_csv(data_dir / "orders.csv", encoding=encoding)
+    reference = ReferenceTables.load(data_dir, encoding=encoding)
+    warnings = (*(f"orders.csv {row}; not trained on" for row in orders.skipped),
+                *zip_code_warnings(reference.zip_available_from, orders.zip_code))
     features = orders.features(reference)
     labels = label(features)
     present = set(labels.tolist())
@@ -93,7 +99,8 @@ def train(data_dir: str | Path, out_dir: str | Path, *, seed: int = 0, holdout: 
     accuracy = float(accuracy_score(targets[test_idx], predicted))
     confusion = confusion_matrix(targets[test_idx], predicted,
                                  labels=range(len(class_order))).tolist()
-    report = TrainReport(None, None, accuracy, confusion, tuple(class_order), len(labels))
+    report = TrainReport(None, None, accuracy, confusion, tuple(class_order), len(labels),
+                         warnings)
     if accuracy < min_accuracy:
         raise TrainingError(f"holdout accuracy {accuracy:.4%} is below the gate "
                             f"{min_accuracy:.2%}; no artifact written\n{report.confusion_table()}")
@@ -116,4 +123,4 @@ def train(data_dir: str | Path, out_dir: str | Path, *, seed: int = 0, holdout: 
     artifact.save(classifier, manifest, out_dir)
     version = artifact.read_manifest(out_dir)["version"]
     return TrainReport(Path(out_dir), version, accuracy, confusion, tuple(class_order),
-                       len(labels))
+                       len(labels), warnings)

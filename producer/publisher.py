@@ -6,6 +6,7 @@ is idempotent (``enable.idempotence``), so librdkafka's retries never duplicate 
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
@@ -56,14 +57,21 @@ class OrderPublisher:
         self.errors: Counter[str] = Counter()
         # Highest delivered offset + 1 per partition: where a consumer that read everything ends.
         self.end_offsets: dict[int, int] = {}
+        # publish(..., position=i) -> (partition, offset) of that record, once acknowledged.
+        self.delivered: dict[int, tuple[int, int]] = {}
 
-    def publish(self, record: dict[str, Any]) -> None:
+    def publish(self, record: dict[str, Any], position: int | None = None) -> None:
+        """Encode and send ``record``; with ``position``, its (partition, offset) is kept in
+        ``delivered[position]`` once the broker acknowledged it."""
         value = self.codec.encode(record)
         key = record["order_id"].encode()
-        produce(self.producer, self.topic, value=value, key=key, on_delivery=self._report)
+        report = self._report if position is None else functools.partial(self._report,
+                                                                          position=position)
+        produce(self.producer, self.topic, value=value, key=key, on_delivery=report)
         self.producer.poll(0)
 
-    def _report(self, err: KafkaError | None, msg: Message) -> None:
+    def _report(self, err: KafkaError | None, msg: Message, position: int | None = None
+                ) -> None:
         if err is not None:
             self.failed += 1
             self.errors[err.str()] += 1
@@ -71,6 +79,8 @@ class OrderPublisher:
         self.sent += 1
         partition = msg.partition()
         self.end_offsets[partition] = max(self.end_offsets.get(partition, 0), msg.offset() + 1)
+        if position is not None:
+            self.delivered[position] = (partition, msg.offset())
 
     def poll(self) -> None:
         self.producer.poll(0)

@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bus.settings import Settings
-from model.orders import read_orders_csv
+from model.orders import SkippedRow, read_orders_csv
 from producer.publisher import OrderPublisher
 
 
@@ -20,6 +20,9 @@ class ReplaySummary:
     elapsed_s: float
     end_offsets: dict[int, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
+    skipped: tuple[SkippedRow, ...] = ()  # rows that could not become an order record
+    # With replay(..., track=True): (partition, offset) of each published row, in file order.
+    positions: list[tuple[int, int] | None] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -30,22 +33,27 @@ class ReplaySummary:
                 f"rate {self.rate:,.0f} orders/s")
         for reason, count in self.errors.items():
             text += f"\n  {count} failed: {reason}"
+        if self.skipped:
+            text += f"\n  {len(self.skipped)} row(s) of the file skipped, not orders: " + \
+                "; ".join(map(str, self.skipped[:5])) + ("; ..." if len(self.skipped) > 5 else "")
         return text
 
 
 def replay(settings: Settings, csv_path: str | Path, *, rate: float | None = None,
            speedup: float | None = None, limit: int | None = None,
-           progress: bool = True) -> ReplaySummary:
+           progress: bool = True, track: bool = False) -> ReplaySummary:
     """Publish each row of ``csv_path`` as an order.
 
     ``rate`` paces to that many orders per second; ``speedup`` paces by the orders' own
     timestamps (3600: an hour of orders per second). Neither: as fast as the broker takes them.
+    Rows that cannot become an order (a timestamp that does not parse) are skipped and listed
+    in the summary; ``track`` keeps where each published row landed (``positions``).
     """
     if rate is not None and speedup is not None:
         raise ValueError("give --rate or --speedup, not both")
     if (rate is not None and rate <= 0) or (speedup is not None and speedup <= 0):
         raise ValueError("--rate and --speedup must be positive")
-    orders = read_orders_csv(csv_path, limit=limit)
+    orders = read_orders_csv(csv_path, limit=limit, encoding=settings.csv_encoding)
     publisher = OrderPublisher(settings)
     records = orders.records()
     if speedup is not None:
@@ -62,8 +70,10 @@ def replay(settings: Settings, csv_path: str | Path, *, rate: float | None = Non
                 # Pacing: serve delivery reports while waiting for this order's turn.
                 while (wait := started + due[i] - time.monotonic()) > 0:
                     publisher.producer.poll(wait)
-            publisher.publish(record)
+            publisher.publish(record, position=i if track else None)
             bar.update(1)
         publisher.flush()
+    positions = [publisher.delivered.get(i) for i in range(len(records))] if track else []
     return ReplaySummary(publisher.sent, publisher.failed, time.monotonic() - started,
-                         dict(publisher.end_offsets), dict(publisher.errors))
+                         dict(publisher.end_offsets), dict(publisher.errors), orders.skipped,
+                         positions)
