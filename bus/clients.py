@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from bus.embedded import resolve_bootstrap
 from bus.settings import Settings
@@ -27,11 +27,20 @@ def security_config(settings: Settings) -> dict[str, Any]:
 
 
 def base_config(settings: Settings) -> dict[str, Any]:
+    """What every client shares. ``topic.metadata.refresh.interval.ms`` bounds how long a
+    client takes to see a topic created again (after a broker lost it) or a partition added:
+    librdkafka's default, 5 minutes, would leave a worker assigned nothing that long."""
     return {
         "bootstrap.servers": resolve_bootstrap(settings.bootstrap_servers, settings.state_dir),
         "client.id": "triage",
+        "topic.metadata.refresh.interval.ms": settings.metadata_refresh_ms,
         **security_config(settings),
     }
+
+
+# Largest record a producer here sends (librdkafka's default, written out so that code sizing
+# records, such as dead letters, and the client agree).
+PRODUCER_MAX_MESSAGE_BYTES = 1_000_000
 
 
 def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
@@ -42,8 +51,25 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "acks": "all",
         "linger.ms": 5,
         "compression.type": "lz4",
+        "message.max.bytes": PRODUCER_MAX_MESSAGE_BYTES,
         **overrides,
     }
+
+
+def topic_max_message_bytes(settings: Settings, topic: str, timeout_s: float = 10.0
+                            ) -> int | None:
+    """The topic's ``max.message.bytes`` (the largest record batch the brokers accept), or None
+    when the broker does not say (the embedded broker answers DescribeConfigs with nothing) or
+    cannot be asked."""
+    admin = make_admin(settings)
+    try:
+        futures = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, topic)],
+                                         request_timeout=timeout_s)
+        configs = next(iter(futures.values())).result(timeout=timeout_s)
+    except Exception:  # an old broker, no DescribeConfigs ACL, a timeout: use the producer's
+        return None
+    entry = configs.get("max.message.bytes")
+    return int(entry.value) if entry is not None and str(entry.value).isdigit() else None
 
 
 def consumer_config(settings: Settings, group_id: str | None = None,
@@ -56,6 +82,7 @@ def consumer_config(settings: Settings, group_id: str | None = None,
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
         "session.timeout.ms": settings.session_timeout_ms,
+        "max.poll.interval.ms": settings.max_poll_interval_ms,
         "heartbeat.interval.ms": max(1, settings.session_timeout_ms // 3),
         "partition.assignment.strategy": settings.assignment_strategy,
         "isolation.level": "read_committed",  # never see an aborted transaction's records
@@ -95,6 +122,10 @@ def records_of(batch: list[Message], log: Any) -> list[Message]:
             records.append(msg)
         elif err.fatal():
             raise KafkaException(err)
+        elif err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            log.warning("topic_missing", error=err.str(),
+                        note="waiting for it; a topic created again is picked up within "
+                        "TRIAGE_METADATA_REFRESH_MS")
         elif err.code() != KafkaError._PARTITION_EOF:
             log.warning("consumer_error", error=err.str())
     return records

@@ -7,6 +7,7 @@ receive their settings through the environment) stay in step with this file.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import os
 from collections.abc import Mapping
@@ -94,10 +95,27 @@ class Settings:
     session_timeout_ms: int = _setting(
         6000, "TRIAGE_SESSION_TIMEOUT_MS",
         "Consumer group session timeout. 6000 keeps the embedded broker's first join at 3 s.")
+    max_poll_interval_ms: int = _setting(
+        300_000, "TRIAGE_MAX_POLL_INTERVAL_MS",
+        "Consumer `max.poll.interval.ms`: a worker that does not ask for records for this long "
+        "is evicted from the group. At least TRIAGE_SESSION_TIMEOUT_MS.")
+    processing_deadline_ms: int = _setting(
+        30_000, "TRIAGE_PROCESSING_DEADLINE_MS",
+        "Longest the check and observe hooks may take on one batch; orders a hook has not "
+        "finished by then are dead-lettered as `timeout`. At most half of "
+        "TRIAGE_MAX_POLL_INTERVAL_MS.")
+    metadata_refresh_ms: int = _setting(
+        10_000, "TRIAGE_METADATA_REFRESH_MS",
+        "Clients' `topic.metadata.refresh.interval.ms`: a topic created again or a partition "
+        "added is picked up within this time (librdkafka's default is 5 minutes).")
+    csv_encoding: str = _setting(
+        "utf-8", "TRIAGE_CSV_ENCODING",
+        "Text encoding of the input CSVs (`--encoding`), e.g. `cp1252` for files saved by "
+        "Excel on Windows. UTF-8 files may start with a byte-order mark.")
     state_dir: str = _setting(
         "", "TRIAGE_STATE_DIR",
         "Where `triage broker` records the embedded broker's address "
-        "(default $XDG_STATE_HOME/triage, else ~/.local/state/triage).")
+        "(default `$XDG_STATE_HOME/triage`, else `~/.local/state/triage`).")
     log_format: str = _setting(
         "json", "TRIAGE_LOG_FORMAT",
         "`json` (one JSON object per line) or `console`. Unset: `console` when stderr is a "
@@ -165,9 +183,21 @@ class Settings:
         if not self.state_dir:
             object.__setattr__(self, "state_dir", _default_state_dir())
         for name in ("orders_partitions", "output_partitions", "replication_factor",
-                     "batch_size", "batch_timeout_ms", "session_timeout_ms"):
+                     "batch_size", "batch_timeout_ms", "session_timeout_ms",
+                     "processing_deadline_ms", "metadata_refresh_ms"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_poll_interval_ms < self.session_timeout_ms:
+            raise SettingsError(
+                f"TRIAGE_MAX_POLL_INTERVAL_MS ({self.max_poll_interval_ms}) must be at least "
+                f"TRIAGE_SESSION_TIMEOUT_MS ({self.session_timeout_ms})")
+        if 2 * self.processing_deadline_ms > self.max_poll_interval_ms:
+            raise SettingsError(
+                f"TRIAGE_PROCESSING_DEADLINE_MS ({self.processing_deadline_ms}) must be at most "
+                f"half of TRIAGE_MAX_POLL_INTERVAL_MS ({self.max_poll_interval_ms}): a batch that "
+                "runs past max.poll.interval.ms gets its worker evicted and is scored again by "
+                "another, forever")
+        _check_encoding(self.csv_encoding)
         if not 0.0 <= self.sample_rate <= 1.0:
             raise SettingsError(f"sample_rate must be within [0, 1], got {self.sample_rate}")
         if self.drift_window_samples < 0 or self.drift_window_minutes < 0 \
@@ -241,6 +271,14 @@ class Settings:
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def _check_encoding(name: str) -> None:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        raise SettingsError(f"TRIAGE_CSV_ENCODING={name!r} is not a text encoding Python "
+                            "knows (e.g. utf-8, cp1252, latin-1)") from None
 
 
 def _read_secret_file(variable: str, path: str) -> str:

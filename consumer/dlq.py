@@ -16,11 +16,10 @@ from typing import Any
 from bus.clients import make_producer, produce
 from bus.offsets import watermarks
 from bus.settings import Settings
-from consumer.deadletter import headers_dict
+from consumer.deadletter import REASON_HEADER, headers_dict
 from consumer.reader import TopicReader
 from schemas.codec import DecodeError, codec_for
 
-REASON_HEADER = "triage.errors.reason"
 REPLAY_HEADER = "triage.replayed-from"
 
 

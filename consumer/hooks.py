@@ -23,11 +23,22 @@ called once per worker with the :class:`~bus.settings.Settings` and returns the 
 A hook that raises never stops the loop: if ``check`` raises for a batch, it is run again order
 by order and the orders it still raises on are dead-lettered as ``hook_failed``; if ``observe``
 raises, the error is logged and counted.
+
+A hook that hangs never stops the loop either. Hooks run on a thread of their own
+(:class:`HookRunner`), and all of a batch's hook calls share one deadline,
+``TRIAGE_PROCESSING_DEADLINE_MS`` (at most half of ``max.poll.interval.ms``, so the worker is
+never evicted from its group for being slow). Orders a ``check`` has not finished by then are
+dead-lettered as ``timeout``; an ``observe`` that overruns is logged and counted. A call that
+overran keeps running (Python cannot stop a thread), and its hook is not called again until it
+has returned: later batches wait for it within their own deadline, so hooks never run
+concurrently with themselves and need not be thread-safe.
 """
 
 from __future__ import annotations
 
 import importlib
+import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -87,3 +98,61 @@ def load_hooks(spec: str, settings: Settings) -> list[object]:
             raise SettingsError(f"hook {item!r} has neither check() nor observe()")
         hooks.append(hook)
     return hooks
+
+
+class HookTimeout(Exception):
+    """A hook call did not return by the batch's deadline."""
+
+
+class _Call:
+    def __init__(self, function: Callable[[Any], Any], argument: Any) -> None:
+        self.function, self.argument = function, argument
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            result = self.function(self.argument)
+            # A check() may return a generator: its work must happen here, within the deadline.
+            self.result = list(result) if result is not None else None
+        except Exception as exc:  # handed to the caller, which decides
+            self.error = exc
+        except BaseException as exc:  # SystemExit and the like must not stop the worker
+            self.error = RuntimeError(f"{type(exc).__name__}: {exc}")
+        finally:
+            self.done.set()
+
+
+class HookRunner:
+    """Runs one hook's calls on a daemon thread each, so that the scorer can give up on a call
+    at a deadline without interrupting it (see the module docstring)."""
+
+    def __init__(self, hook: object) -> None:
+        self.hook = hook
+        self.name = hook_name(hook)
+        self._overrun: _Call | None = None
+
+    @property
+    def busy(self) -> bool:
+        """True while a call that overran its deadline is still running."""
+        return self._overrun is not None and not self._overrun.done.is_set()
+
+    def call(self, method: str, argument: Any, deadline: float) -> Any:
+        """``hook.<method>(argument)`` (a returned iterable as a list), by ``deadline``
+        (``time.monotonic()`` seconds). Raises what the hook raised, or :class:`HookTimeout`
+        if it, or an earlier call that overran, has not returned by then."""
+        if self._overrun is not None:
+            if not self._overrun.done.wait(max(0.0, deadline - time.monotonic())):
+                raise HookTimeout(f"hook {self.name} is still running a call that overran an "
+                                  "earlier batch's deadline")
+            self._overrun = None
+        call = _Call(getattr(self.hook, method), argument)
+        threading.Thread(target=call.run, name=f"hook-{self.name}", daemon=True).start()
+        if not call.done.wait(max(0.0, deadline - time.monotonic())):
+            self._overrun = call
+            raise HookTimeout(f"hook {self.name}.{method} did not return within the batch's "
+                              "processing deadline (TRIAGE_PROCESSING_DEADLINE_MS)")
+        if call.error is not None:
+            raise call.error
+        return call.result

@@ -10,6 +10,12 @@ DEAD_LETTERS = Counter("triage_dead_letters_total", "Records sent to the dead-le
                        ["reason"])
 HOOK_ERRORS = Counter("triage_hook_errors_total", "Exceptions raised by processing hooks.",
                       ["hook"])
+HOOK_TIMEOUTS = Counter("triage_hook_timeouts_total",
+                        "Hook calls that did not return within the batch's processing deadline.",
+                        ["hook"])
+UNKNOWN_ZIPS = Counter("triage_unknown_zip_codes_total",
+                       "Orders to a zip code the reference data does not know (scored as not "
+                       "served).")
 BATCH_SECONDS = Histogram("triage_batch_seconds", "Time to score, deliver and commit a batch.",
                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 

@@ -8,9 +8,12 @@ at-least-once, never at-most-once.
 
 Bad data never stops the loop: a record that is too large, does not decode, fails a check hook
 (validation is one) or makes scoring fail goes to the dead-letter topic with the reason, and
-the rest of its batch is scored as usual. Infrastructure failures (a delivery the broker
-refused, a commit that cannot be made) raise :class:`InfrastructureError`; the process exits
-non-zero and the supervisor restarts it.
+the rest of its batch is scored as usual. A slow hook cannot stop it either: the hooks of one
+batch share a deadline (``TRIAGE_PROCESSING_DEADLINE_MS``, see :mod:`consumer.hooks`), and the
+orders they have not finished by then are dead-lettered as ``timeout``; the consumer is never
+polled in the middle of a batch. Infrastructure failures (a delivery the broker refused, a
+commit that cannot be made) raise :class:`InfrastructureError`; the process exits non-zero and
+the supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -25,22 +28,34 @@ from pathlib import Path
 import structlog
 from confluent_kafka import Consumer, Message, TopicPartition
 
-from bus.clients import make_consumer, make_producer, produce, records_of
+from bus.clients import (
+    PRODUCER_MAX_MESSAGE_BYTES,
+    make_consumer,
+    make_producer,
+    produce,
+    records_of,
+    topic_max_message_bytes,
+)
 from bus.settings import Settings
 from consumer import metrics
 from consumer.commit import AtLeastOnce, ExactlyOnce, transactional_id
-from consumer.deadletter import dead_letter_headers
-from consumer.hooks import CheckHook, ObserveHook, Rejection, ScoredBatch, hook_name
+from consumer.deadletter import dead_letter_headers, fit_dead_letter
+from consumer.hooks import (
+    CheckHook,
+    HookRunner,
+    HookTimeout,
+    ObserveHook,
+    Rejection,
+    ScoredBatch,
+    hook_name,
+)
 from consumer.sampler import sampled_indices
 from consumer.validation import OrderValidator
 from model.artifact import Model
 from model.features import FeatureBatch
 from model.orders import OrderColumns
-from model.reference import ReferenceTables
+from model.reference import ReferenceTables, truncated_zip_match
 from schemas.codec import DecodeError, codec_for
-
-# librdkafka's default message.max.bytes is 1,000,000; stay under it with the headers.
-_LARGEST_DEAD_LETTER = 900_000
 
 
 @dataclass
@@ -67,9 +82,18 @@ class Scorer:
         self.orders = codec_for(settings, "order", settings.orders_topic)
         self.predictions = codec_for(settings, "prediction", settings.predictions_topic)
         self.samples = codec_for(settings, "drift_sample", settings.drift_topic)
-        hooks = [OrderValidator(settings), *(extra_hooks or [])]
-        self.check_hooks = [h for h in hooks if isinstance(h, CheckHook)]
-        self.observe_hooks = [h for h in hooks if isinstance(h, ObserveHook)]
+        # The built-in validation runs inline (it is bounded by construction); hooks from
+        # TRIAGE_HOOKS run through a HookRunner, under the batch's deadline.
+        runners = [HookRunner(h) for h in extra_hooks or []]
+        self.check_hooks: list[CheckHook | HookRunner] = [
+            OrderValidator(settings), *(r for r in runners if isinstance(r.hook, CheckHook))]
+        self.observe_hooks = [r for r in runners if isinstance(r.hook, ObserveHook)]
+        self.deadline_s = settings.processing_deadline_ms / 1000.0
+        # The largest dead letter the producer and the dead-letter topic both accept.
+        topic_limit = topic_max_message_bytes(settings, settings.dlq_topic)
+        self.dead_letter_limit = min(PRODUCER_MAX_MESSAGE_BYTES,
+                                     topic_limit or PRODUCER_MAX_MESSAGE_BYTES)
+        self._zip_warned = False
         self.consumer = make_consumer(settings)
         self.status_file = status_file
         self.assigned: set[int] = set()
@@ -130,6 +154,7 @@ class Scorer:
     def process(self, batch: list[Message]) -> None:
         """Score one consumed batch; every record ends as a prediction or a dead letter."""
         started = time.perf_counter()
+        deadline = time.monotonic() + self.deadline_s
         self.committer.begin()
         consumed: list[Message] = []
         decoded: list[Message] = []
@@ -138,9 +163,10 @@ class Scorer:
         for msg in records_of(batch, self.log):
             consumed.append(msg)
             value = msg.value()
-            if value is not None and len(value) > max_bytes:
+            size = len(value or b"") + len(msg.key() or b"")
+            if size > max_bytes:
                 self._dead_letter(msg, "oversized", "RecordTooLarge",
-                                  f"{len(value)} bytes, most allowed {max_bytes}")
+                                  f"key and value {size} bytes, most allowed {max_bytes}")
                 continue
             try:
                 records.append(self.orders.decode(value))
@@ -149,9 +175,9 @@ class Scorer:
                 continue
             decoded.append(msg)
         for hook in self.check_hooks:
-            decoded, records = self._apply_check(hook, decoded, records)
+            decoded, records = self._apply_check(hook, decoded, records, deadline)
         if records:
-            self._score(decoded, records)
+            self._score(decoded, records, deadline)
         if self._test_delay_s:
             time.sleep(self._test_delay_s)  # TRIAGE_TEST_BATCH_DELAY_MS: tests only
         self.committer.finish(consumed)
@@ -160,55 +186,100 @@ class Scorer:
         metrics.CONSUMED.inc(len(consumed))
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
 
-    def _apply_check(self, hook: CheckHook, msgs: list[Message], records: list[dict]
+    def _apply_check(self, hook: CheckHook | HookRunner, msgs: list[Message],
+                     records: list[dict], deadline: float
                      ) -> tuple[list[Message], list[dict]]:
-        """Run one check hook; dead-letter what it rejects, return what it lets through."""
+        """Run one check hook; dead-letter what it rejects, and what it has not finished by
+        ``deadline`` (monotonic seconds); return what it lets through."""
         if not records:
             return msgs, records
+        name = hook.name if isinstance(hook, HookRunner) else hook_name(hook)
         try:
-            rejections = {r.index: r for r in hook.check(records)}
+            rejections = {r.index: r for r in self._check(hook, records, deadline)}
+        except HookTimeout as exc:
+            rejections = self._timed_out(name, exc, range(len(records)))
         except Exception:
-            metrics.HOOK_ERRORS.labels(hook_name(hook)).inc()
+            metrics.HOOK_ERRORS.labels(name).inc()
             rejections = {}
             for index, record in enumerate(records):  # find the orders it fails on
                 try:
-                    rejections.update((index, r) for r in hook.check([record]))
+                    rejections.update((index, r) for r in self._check(hook, [record], deadline))
+                except HookTimeout as exc:
+                    rejections.update(self._timed_out(name, exc, range(index, len(records))))
+                    break
                 except Exception as exc:
                     rejections[index] = Rejection(index, "hook_failed",
-                                                  f"{hook_name(hook)}: {type(exc).__name__}: {exc}")
+                                                  f"{name}: {type(exc).__name__}: {exc}")
         for index, rejection in rejections.items():
             if 0 <= index < len(msgs):
-                self._dead_letter(msgs[index], rejection.reason, "ValidationError",
-                                  rejection.message)
+                error_class = "TimeoutError" if rejection.reason == "timeout" \
+                    else "ValidationError"
+                self._dead_letter(msgs[index], rejection.reason, error_class, rejection.message)
         kept = [i for i in range(len(records)) if i not in rejections]
         return [msgs[i] for i in kept], [records[i] for i in kept]
 
-    def _score(self, msgs: list[Message], records: list[dict]) -> None:
+    @staticmethod
+    def _check(hook: CheckHook | HookRunner, records: list[dict], deadline: float
+               ) -> list[Rejection]:
+        if isinstance(hook, HookRunner):
+            return hook.call("check", records, deadline) or []
+        return list(hook.check(records))
+
+    def _timed_out(self, name: str, exc: HookTimeout, indices: range) -> dict[int, Rejection]:
+        metrics.HOOK_TIMEOUTS.labels(name).inc()
+        self.log.error("hook_timeout", hook=name, orders=len(indices), error=str(exc))
+        return {i: Rejection(i, "timeout", str(exc)) for i in indices}
+
+    def _score(self, msgs: list[Message], records: list[dict], deadline: float) -> None:
         orders = OrderColumns.from_records(records)
         try:
             features = orders.features(self.reference)
             recommendations, proba = self.model.predict(features)
         except Exception as exc:
             if len(records) > 1:  # find the record(s) to blame; the rest are scored as usual
-                for msg, record in zip(msgs, records, strict=True):
-                    self._score([msg], [record])
+                for i, (msg, record) in enumerate(zip(msgs, records, strict=True)):
+                    if time.monotonic() > deadline:
+                        for late in msgs[i:]:
+                            self._dead_letter(late, "timeout", "TimeoutError",
+                                              "not scored within the processing deadline "
+                                              "while the batch was re-scored order by order")
+                        return
+                    self._score([msg], [record], deadline)
                 return
             self._dead_letter(msgs[0], "scoring_failed", type(exc).__name__, str(exc))
             return
+        self._count_unknown_zips(orders.zip_code)
         scored_at = int(time.time() * 1000)
         self._publish(msgs, orders, features, recommendations.tolist(), proba.tolist(),
                       scored_at)
         if self.observe_hooks:
             self._observe(ScoredBatch(orders, features, recommendations.tolist(), proba,
-                                      [m.timestamp()[1] for m in msgs], scored_at))
+                                      [m.timestamp()[1] for m in msgs], scored_at), deadline)
 
-    def _observe(self, scored: ScoredBatch) -> None:
-        for hook in self.observe_hooks:
+    def _count_unknown_zips(self, zip_codes: list[str]) -> None:
+        """Count orders to zips the reference data does not know (scored as not served), and
+        warn once if they look like reference zips that lost their leading zeros."""
+        known = self.reference.zip_available_from
+        unknown = [z for z in zip_codes if z not in known]
+        if not unknown:
+            return
+        metrics.UNKNOWN_ZIPS.inc(len(unknown))
+        if not self._zip_warned:
+            warning = truncated_zip_match(known, unknown)
+            if warning:
+                self._zip_warned = True
+                self.log.warning("zip_codes_look_truncated", detail=warning)
+
+    def _observe(self, scored: ScoredBatch, deadline: float) -> None:
+        for runner in self.observe_hooks:
             try:
-                hook.observe(scored)
+                runner.call("observe", scored, deadline)
+            except HookTimeout as exc:
+                metrics.HOOK_TIMEOUTS.labels(runner.name).inc()
+                self.log.error("hook_timeout", hook=runner.name, error=str(exc))
             except Exception as exc:
-                metrics.HOOK_ERRORS.labels(hook_name(hook)).inc()
-                self.log.error("hook_failed", hook=hook_name(hook), error=str(exc))
+                metrics.HOOK_ERRORS.labels(runner.name).inc()
+                self.log.error("hook_failed", hook=runner.name, error=str(exc))
 
     def _publish(self, msgs: list[Message], orders: OrderColumns, features: FeatureBatch,
                  recommendations: list[str], proba: list[list[float]], scored_at: int) -> None:
@@ -258,14 +329,13 @@ class Scorer:
             self.stats.sampled += 1
 
     def _dead_letter(self, msg: Message, reason: str, error_class: str, message: str) -> None:
-        headers = dead_letter_headers(msg, reason, error_class, message, self.worker_id)
-        value = msg.value()
-        if value is not None and len(value) > _LARGEST_DEAD_LETTER:
-            # Too large for any producer to send: keep its size, not its bytes, so the
-            # record cannot stop the loop by failing its own dead-lettering.
-            headers.append(("triage.errors.original-bytes", str(len(value)).encode()))
-            value = None
-        self._produce(self.settings.dlq_topic, msg.key(), value, headers=headers)
+        # Fitted to what the producer and the topic accept: a dead letter that cannot be sent
+        # would stop the loop on the very record it is about (consumer/deadletter.py).
+        key, value, headers = fit_dead_letter(
+            msg.key(), msg.value(),
+            dead_letter_headers(msg, reason, error_class, message, self.worker_id),
+            self.dead_letter_limit)
+        self._produce(self.settings.dlq_topic, key, value, headers=headers)
         self.stats.dead_lettered[reason] += 1
         metrics.DEAD_LETTERS.labels(reason).inc()
         self.log.warning("dead_lettered", reason=reason, error=message[:200],
