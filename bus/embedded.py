@@ -37,6 +37,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something already listens on ``host:port``. Connections of a closed broker
+    still in TIME_WAIT do not count (SO_REUSEADDR, as tansu binds too)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def broker_answers(bootstrap: str, timeout_s: float = 1.0) -> bool:
     """True when a metadata request to ``bootstrap`` succeeds within ``timeout_s``."""
     admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _QUIET})
@@ -73,8 +85,18 @@ class EmbeddedBroker:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 30.0) -> str:
+        """Start tansu and wait until it answers a metadata request; returns its address.
+
+        Raises :class:`BrokerStartError` if the port is taken (checked first, so that another
+        process's broker answering the readiness probe is never taken for ours), if tansu
+        exits, or if it does not answer within ``timeout_s``.
+        """
         if not self.port:
             self.port = free_port()
+        elif port_in_use(self.port):
+            raise BrokerStartError(
+                f"port {self.port} on 127.0.0.1 is already in use by another process (another "
+                "broker?); choose a free one or leave --port out to get one")
         url = f"tcp://127.0.0.1:{self.port}"
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
@@ -93,7 +115,7 @@ class EmbeddedBroker:
                 raise BrokerStartError(
                     f"tansu exited with code {self.process.returncode} while starting on "
                     f"{self.bootstrap}" + (f"; see {self.log_path}" if self.log_path else ""))
-            if broker_answers(self.bootstrap, timeout_s=0.5):
+            if broker_answers(self.bootstrap, timeout_s=0.5) and self.process.poll() is None:
                 return self.bootstrap
         self.stop()
         raise BrokerStartError(f"tansu did not answer on {self.bootstrap} within {timeout_s:.0f} s")

@@ -75,6 +75,10 @@ class Supervisor:
         self.status_dir = Path(tempfile.mkdtemp(prefix="triage-workers-"))
         self.restarts = 0
         self.retired: dict[str, int] = {}
+        # Set when no worker can run any more (all stopped with a configuration error):
+        # run() returns, and the command exits with this status instead of idling forever.
+        self.failure: str | None = None
+        self.config_errors = 0
         self._next_scale_check = 0.0
 
     # -- worker processes --------------------------------------------------------------------
@@ -87,7 +91,8 @@ class Supervisor:
         slot.process = subprocess.Popen(
             [sys.executable, "-m", "consumer.worker", "--model", str(self.model_dir),
              "--reference", str(self.reference_dir), "--worker-id", slot.worker_id,
-             "--status-file", str(self._status_file(slot))],
+             "--status-file", str(self._status_file(slot)),
+             "--supervisor-pid", str(os.getpid())],
             env=env, stdin=subprocess.DEVNULL)
         slot.started_at = time.monotonic()
         slot.restart_at = None
@@ -182,7 +187,9 @@ class Supervisor:
                     continue
                 if code == EXIT_CONFIG_ERROR:  # a restart would fail the same way
                     self.log.error("worker_config_error_not_restarting", worker=slot.worker_id)
-                    slot.retiring = True
+                    self.slots.remove(slot)
+                    self.retired[slot.worker_id] = code
+                    self.config_errors += 1
                     continue
                 if now - slot.started_at >= _HEALTHY_AFTER_S:
                     slot.backoff_s = _BACKOFF_START_S
@@ -190,6 +197,12 @@ class Supervisor:
                 self.log.warning("worker_exited", worker=slot.worker_id, exit_code=code,
                                  restart_in_s=slot.backoff_s, restarts=slot.restarts)
                 slot.backoff_s = min(slot.backoff_s * 2, _BACKOFF_MAX_S)
+            if self.config_errors and not any(not s.retiring for s in self.slots):
+                self.failure = ("every worker stopped with a configuration error (see the "
+                                "worker_config_error log lines); none is left to run")
+                self.log.error("no_worker_can_run", reason=self.failure)
+                self._stopping.set()
+                return
             if self.autoscaler is not None and now >= self._next_scale_check:
                 self._next_scale_check = now + self.scale_interval_s
                 self._autoscale()

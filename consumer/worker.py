@@ -2,14 +2,22 @@
 
 Settings come from the ``TRIAGE_*`` environment the supervisor passes down. Exit status: 0 after
 a requested stop (SIGTERM/SIGINT: finish the batch, commit, leave the group), 1 after an
-infrastructure failure (the supervisor restarts the worker), 2 for a configuration error.
+infrastructure failure or an unexpected error (the supervisor restarts the worker), 2 for a
+configuration error (it does not: a restart would fail the same way).
+
+Started with ``--supervisor-pid``, the worker stops as if sent SIGTERM once that process is
+gone (it checks its parent every 0.5 s), so a supervisor killed with SIGKILL leaves no orphan
+workers polling the group.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -23,10 +31,27 @@ from consumer.commit import InfrastructureError
 from consumer.hooks import load_hooks
 from consumer.scorer import Scorer
 from model import artifact
-from model.reference import ReferenceDataError, ReferenceTables
+from model.reference import ReferenceDataError, ReferenceTables, zip_code_warnings
 from schemas.codec import RegistryUnavailable
 
 EXIT_CONFIG_ERROR = 2  # the supervisor does not restart a worker that exits with this
+_PARENT_CHECK_S = 0.5
+
+
+def watch_parent(supervisor_pid: int, on_gone: Callable[[], None],
+                 interval_s: float = _PARENT_CHECK_S) -> threading.Thread:
+    """Call ``on_gone()`` once this process's parent is no longer ``supervisor_pid`` (it died
+    and the process was re-parented). A daemon thread; works on Linux and macOS alike."""
+    def watch() -> None:
+        stop = threading.Event()
+        while not stop.wait(interval_s):
+            if os.getppid() != supervisor_pid:
+                on_gone()
+                return
+
+    thread = threading.Thread(target=watch, name="watch-supervisor", daemon=True)
+    thread.start()
+    return thread
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-id", default="0")
     parser.add_argument("--status-file", type=Path,
                         help="where to keep this worker's assigned partitions (JSON)")
+    parser.add_argument("--supervisor-pid", type=int,
+                        help="stop when this process (the parent) is gone")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -44,9 +71,27 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     configure_logging(settings.log_format, settings.log_level)
     log = structlog.get_logger("worker").bind(worker=args.worker_id)
+
+    scorer: Scorer | None = None
+    stop_requested = threading.Event()
+
+    def stop(reason: str) -> None:
+        log.info("stop_requested", reason=reason)
+        stop_requested.set()
+        if scorer is not None:
+            scorer.request_stop()
+
+    signal.signal(signal.SIGTERM, lambda signum, _: stop(signal.Signals(signum).name))
+    signal.signal(signal.SIGINT, lambda signum, _: stop(signal.Signals(signum).name))
+    if args.supervisor_pid:
+        watch_parent(args.supervisor_pid, lambda: stop("supervisor_gone"))
+        if os.getppid() != args.supervisor_pid:  # it died before the watch began
+            stop("supervisor_gone")
     try:
         model = artifact.load(args.model)
-        reference = ReferenceTables.load(args.reference)
+        reference = ReferenceTables.load(args.reference, encoding=settings.csv_encoding)
+        for warning in zip_code_warnings(reference.zip_available_from):
+            log.warning("zip_codes_look_truncated", detail=warning)
         scorer = Scorer(settings, model, reference, worker_id=args.worker_id,
                         status_file=args.status_file,
                         extra_hooks=load_hooks(settings.hooks, settings))
@@ -58,17 +103,15 @@ def main(argv: list[str] | None = None) -> int:
             OSError) as exc:
         log.error("worker_config_error", error=str(exc))
         return EXIT_CONFIG_ERROR
-
-    def stop(signum: int, _frame: object) -> None:
-        log.info("stop_requested", signal=signal.Signals(signum).name)
+    if stop_requested.is_set():
         scorer.request_stop()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     try:
         scorer.run()
     except (InfrastructureError, KafkaException, RegistryUnavailable) as exc:
         log.error("worker_failed", error=str(exc))
+        return 1
+    except Exception:  # a bug: say so, with the traceback in the log, and let it be restarted
+        log.exception("worker_crashed")
         return 1
     return 0
 

@@ -93,6 +93,17 @@ def env(**values: str) -> Iterator[None]:
 _SESSION_STARTED: list[float] = []
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Give this test run a state directory of its own, before any test or child process
+    starts: the embedded broker's state file (``triage broker``) is per user by default, and a
+    test must never find a broker that another run, or a person, started."""
+    import tempfile
+
+    state = tempfile.mkdtemp(prefix="triage-test-state-")
+    os.environ["TRIAGE_STATE_DIR"] = state
+    os.environ["XDG_STATE_HOME"] = state
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     import time
 
