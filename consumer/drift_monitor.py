@@ -43,6 +43,7 @@ from model.features import FeatureBatch
 from schemas.codec import DecodeError, codec_for
 
 _FLUSH_TIMEOUT_S = 30.0
+_PROGRESS_S = 10.0  # how often the open window's progress is logged
 @dataclass
 class _Window:
     """Samples of the open window, column by column, and where each came from."""
@@ -124,6 +125,8 @@ class DriftMetrics:
                            labels, registry=registry)
         self.samples = Gauge("triage_drift_window_samples", "Samples in the latest window.",
                              registry=registry)
+        self.open_samples = Gauge("triage_drift_open_window_samples",
+                                  "Samples in the window not closed yet.", registry=registry)
         self.closed_at = Gauge("triage_drift_window_closed_timestamp_seconds",
                                "When the latest window closed.", registry=registry)
         self.windows = PromCounter("triage_drift_windows", "Windows reported, by status.",
@@ -220,6 +223,7 @@ class DriftMonitor:
         (raising TimeoutError if ``timeout_s`` passes first); returns the reports written."""
         written: list[dict[str, Any]] = []
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        next_progress = time.monotonic() + _PROGRESS_S
         samples_per_window = self.settings.drift_window_samples
         window_s = self.settings.drift_window_minutes * 60.0
         while not self._stop_requested and (max_windows is None or len(written) < max_windows):
@@ -243,7 +247,20 @@ class DriftMonitor:
                     written.append(self._close())
             if window_s and time.monotonic() - self._window.opened_mono >= window_s:
                 written.append(self._close())
+            if time.monotonic() >= next_progress:
+                next_progress = time.monotonic() + _PROGRESS_S
+                self._log_open_window()
         return written
+
+    def _log_open_window(self) -> None:
+        """Say how full the open window is and what closes it (a monitor with no report yet
+        is otherwise silent); also the ``triage_drift_open_window_samples`` gauge."""
+        self.metrics.open_samples.set(len(self._window))
+        minutes = self.settings.drift_window_minutes
+        self.log.info("window_open", samples=len(self._window),
+                      closes_at_samples=self.settings.drift_window_samples or None,
+                      closes_in_s=round(self._window.opened_mono + minutes * 60
+                                        - time.monotonic(), 1) if minutes else None)
 
     def _close(self) -> dict[str, Any]:
         """Evaluate the open window, report it, commit it, open the next one."""

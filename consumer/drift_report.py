@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
+from bus.offsets import watermarks
 from bus.settings import Settings
 from consumer.reader import TopicReader
 
@@ -31,6 +32,30 @@ def read_reports(settings: Settings, idle_s: float = 3.0) -> list[dict[str, Any]
         for _, record in reader.read(idle_s=idle_s):
             by_id[record["window_id"]] = record
     return sorted(by_id.values(), key=lambda r: (r["closed_at_ms"], r["window_id"]))
+
+
+def unreported_samples(settings: Settings, reports: Sequence[dict[str, Any]]) -> int:
+    """Samples on the drift topic that no report covers yet: what the monitor's open window
+    holds (or will read). The topic's record count minus the samples and undecodable records
+    of every distinct window reported; records deleted by retention are not counted."""
+    marks = watermarks(settings, settings.drift_topic)
+    on_topic = sum(high - low for low, high in marks.values())
+    return max(0, on_topic - sum(r["samples"] + r["skipped"] for r in reports))
+
+
+def open_window_note(unreported: int, settings: Settings) -> str:
+    """One sentence: how many samples wait in the open window and what closes it."""
+    closes = []
+    if settings.drift_window_samples:
+        closes.append(f"{settings.drift_window_samples:,} samples "
+                      "(TRIAGE_DRIFT_WINDOW_SAMPLES)")
+    if settings.drift_window_minutes:
+        closes.append(f"{settings.drift_window_minutes:g} minutes "
+                      "(TRIAGE_DRIFT_WINDOW_MINUTES)")
+    return (f"{unreported:,} sample(s) on {settings.drift_topic} are in no report yet: the "
+            f"monitor's open window closes at {' or after '.join(closes)}, as the monitor was "
+            f"started (these are this command's settings). The sampler copies "
+            f"{settings.sample_rate:.0%} of orders (TRIAGE_SAMPLE_RATE).")
 
 
 def _time(ms: int | None) -> str:
@@ -183,15 +208,17 @@ def _badge(verdict: str) -> str:
 
 
 def render(reports: Sequence[dict[str, Any]], *, last: int = 20,
-           title: str = "Drift report") -> str:
-    """The HTML page for the last ``last`` reports (oldest first in ``reports``)."""
+           title: str = "Drift report", open_window: str = "") -> str:
+    """The HTML page for the last ``last`` reports (oldest first in ``reports``);
+    ``open_window`` is a sentence on the window not reported yet (:func:`open_window_note`)."""
     shown = list(reports)[-last:]
     head = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>"
             f"<h1>{escape(title)}</h1>")
+    note = f"<p class='note'>{escape(open_window)}</p>" if open_window else ""
     if not shown:
         return head + "<p>No drift reports yet: is <code>triage drift monitor</code> " \
-                      "running, and has it closed a window?</p></body></html>"
+                      f"running, and has it closed a window?</p>{note}</body></html>"
     latest = shown[-1]
     # The distributions come from the latest window that was tested, if any was.
     tested = [r for r in shown if r["status"] != "insufficient_data"]
@@ -207,7 +234,7 @@ def render(reports: Sequence[dict[str, Any]], *, last: int = 20,
            f"alarms when its Holm-adjusted p-value is at most α = {latest['alpha']:g} (the "
            f"chance that a window without drift raises any alarm) and its PSI is at least "
            f"0.01; a value never seen in training always alarms. Windows under "
-           f"{latest['min_samples']} samples are not tested.</p>",
+           f"{latest['min_samples']} samples are not tested.</p>", note,
            "<table><tr><th>check</th><th>feature</th><th>test</th><th>latest verdict</th>"
            "<th>statistic</th><th>threshold</th><th>adjusted p</th><th>PSI</th>"
            f"<th>alarms in {len(shown)} windows</th></tr>"]

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message
 
 from bus.clients import make_consumer, partitions_of
 from bus.settings import Settings
+from consumer.deadletter import HEADER_PREFIX, REASON_HEADER, headers_dict
 from schemas.codec import codec_for
 
 
@@ -83,3 +85,59 @@ def collect(settings: Settings, topic: str, schema_name: str, expected_ids: set[
                 if record["scored_at_ms"] >= since_ms and order_id in expected_ids:
                     found.setdefault(order_id, []).append(record)
     return found
+
+
+@dataclass
+class Outcomes:
+    """What became of consumed order records, by their (partition, offset) on the orders topic:
+    every prediction made for each (duplicates included, in topic order), and the dead-letter
+    reason of each dead-lettered one."""
+
+    predictions: dict[tuple[int, int], list[dict[str, Any]]] = field(default_factory=dict)
+    dead_letters: dict[tuple[int, int], str] = field(default_factory=dict)
+
+    def settled(self) -> set[tuple[int, int]]:
+        return self.predictions.keys() | self.dead_letters.keys()
+
+
+def collect_outcomes(settings: Settings, positions: set[tuple[int, int]], *, since_ms: int = 0,
+                     stall_s: float = 60.0, progress: Callable[[int], None] | None = None
+                     ) -> Outcomes:
+    """Read the predictions and the dead-letter topic until every order record at
+    ``positions`` ((partition, offset) on the orders topic) has a prediction or a dead letter
+    made at or after ``since_ms``. ``progress(n)`` is told of each n newly settled records.
+
+    Raises TimeoutError, naming how many are missing, once ``stall_s`` pass with nothing new.
+    """
+    outcomes = Outcomes()
+    topic = settings.orders_topic
+    last_news = time.monotonic()
+    with TopicReader(settings, settings.predictions_topic, "prediction") as predictions, \
+            TopicReader(settings, settings.dlq_topic, None) as letters:
+        while not positions <= (settled := outcomes.settled()):
+            if time.monotonic() - last_news > stall_s:
+                missing = len(positions - settled)
+                raise TimeoutError(
+                    f"{missing} of {len(positions)} orders have neither a prediction on "
+                    f"{settings.predictions_topic} nor a dead letter on {settings.dlq_topic} "
+                    f"after {stall_s:.0f} s without progress: are the workers running?")
+            before = len(settled & positions)
+            for _, record in predictions.poll(timeout_s=0.2):
+                where = (record["order_partition"], record["order_offset"])
+                if record["scored_at_ms"] >= since_ms and where in positions:
+                    outcomes.predictions.setdefault(where, []).append(record)
+            for msg, _ in letters.poll(timeout_s=0.05):
+                headers = headers_dict(msg.headers())
+                if headers.get(HEADER_PREFIX + "topic") != topic \
+                        or msg.timestamp()[1] < since_ms:
+                    continue
+                where = (int(headers[HEADER_PREFIX + "partition"]),
+                         int(headers[HEADER_PREFIX + "offset"]))
+                if where in positions:
+                    outcomes.dead_letters.setdefault(where, headers.get(REASON_HEADER, "unknown"))
+            news = len(outcomes.settled() & positions) - before
+            if news:
+                last_news = time.monotonic()
+                if progress is not None:
+                    progress(news)
+    return outcomes

@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-accuracy", type=float, default=0.995,
                    help="refuse to save a model below this holdout accuracy (default 0.995)")
+    p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
+                   help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
 
     p = commands.add_parser("replay", parents=[common], help="publish orders.csv as orders")
     p.add_argument("csv", type=Path)
@@ -113,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pace by the orders' timestamps; 3600 = an hour of orders per second")
     p.add_argument("--limit", type=int, help="publish only the first N orders")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
+                   help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
 
     p = commands.add_parser("produce", parents=[common], help="publish one order")
     p.add_argument("--order-id", required=True)
@@ -141,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="orders per batch (TRIAGE_BATCH_SIZE)")
     p.add_argument("--batch-timeout-ms", type=int, help="TRIAGE_BATCH_TIMEOUT_MS")
     p.add_argument("--sample-rate", type=float, help="drift sample share (TRIAGE_SAMPLE_RATE)")
+    p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
+                   help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
 
     p = commands.add_parser("lag", parents=[common],
                             help="committed offset, end offset and lag per partition")
@@ -159,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=Path("models/demo"),
                    help="model directory; trained there unless it exists (default models/demo)")
     p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
+                   help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
 
     p = commands.add_parser("dlq", parents=[common], help="inspect or replay dead letters")
     p.add_argument("action", choices=["inspect", "replay"])
@@ -209,7 +217,7 @@ def _settings(args: argparse.Namespace) -> Settings:
              "output_partitions", "replication_factor", "group_id", "batch_size",
              "batch_timeout_ms", "sample_rate", "exactly_once", "drift_reports_topic",
              "drift_group_id", "drift_window_samples", "drift_window_minutes",
-             "drift_min_samples", "drift_alpha", "drift_metrics_port")
+             "drift_min_samples", "drift_alpha", "drift_metrics_port", "csv_encoding")
     settings = Settings.from_env().replace(**{n: getattr(args, n, None) for n in names})
     if getattr(args, "log_format", None) is None and "TRIAGE_LOG_FORMAT" not in os.environ \
             and sys.stderr.isatty():
@@ -273,12 +281,19 @@ def cmd_datagen(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_drift(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "report":
-        from consumer.drift_report import read_reports, render
+        from consumer.drift_report import (
+            open_window_note,
+            read_reports,
+            render,
+            unreported_samples,
+        )
 
         reports = read_reports(settings, idle_s=args.idle)
-        args.out.write_text(render(reports, last=args.last))
+        note = open_window_note(unreported_samples(settings, reports), settings)
+        args.out.write_text(render(reports, last=args.last, open_window=note))
         latest = reports[-1]["status"] if reports else "no reports yet"
         print(f"wrote {args.out}: {min(len(reports), args.last)} window(s), latest: {latest}")
+        print(note)
         return 0
 
     from consumer.drift_monitor import DriftMonitor
@@ -297,7 +312,10 @@ def cmd_drift(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from model.train import train
 
-    report = train(args.data, args.out, seed=args.seed, min_accuracy=args.min_accuracy)
+    report = train(args.data, args.out, seed=args.seed, min_accuracy=args.min_accuracy,
+                   encoding=settings.csv_encoding)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"trained on {report.rows} orders; holdout accuracy against the policy "
           f"{report.holdout_accuracy:.4%}")
     print(report.confusion_table())
@@ -337,8 +355,10 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     from consumer.autoscale import Autoscaler
     from consumer.supervisor import Supervisor
     from model.artifact import verify
+    from model.reference import check_reference_dir
 
     verify(args.model)  # fail here, once, rather than in every worker
+    check_reference_dir(args.reference, settings.csv_encoding)
     settings = _resolved(settings)
     log = structlog.get_logger("supervisor")
     autoscaler = None
@@ -369,6 +389,9 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     supervisor.start()
     supervisor.run()
     codes = supervisor.stop()
+    if supervisor.failure:
+        print(f"error: {supervisor.failure}", file=sys.stderr)
+        return EXIT_USAGE
     return 0 if all(code == 0 for code in codes.values()) else EXIT_FAILED
 
 
@@ -408,10 +431,14 @@ def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from triage.demo import run_demo
+    from triage.demo import DemoError, run_demo
 
-    summary = run_demo(settings, data_dir=args.data, model_dir=args.model,
-                       results_dir=args.results)
+    try:
+        summary = run_demo(settings, data_dir=args.data, model_dir=args.model,
+                           results_dir=args.results)
+    except DemoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     print(summary.report())
     return 0 if summary.agreement == 1.0 else EXIT_FAILED
 
@@ -488,11 +515,18 @@ def main(argv: list[str] | None = None) -> int:
     except KafkaException as exc:
         print(f"error: Kafka: {exc.args[0].str() if exc.args else exc}", file=sys.stderr)
         return EXIT_FAILED
-    except (InfrastructureError, RegistryUnavailable) as exc:
+    except (InfrastructureError, RegistryUnavailable, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: the traceback goes to the log, the person gets one line
+        import structlog
+
+        structlog.get_logger("triage").exception("unexpected_error", command=args.command)
+        print(f"error: unexpected {type(exc).__name__}: {exc} (a bug in triage; the traceback "
+              "is in the log above)", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

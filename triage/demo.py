@@ -1,44 +1,56 @@
 """``triage demo``: the whole path once, on the embedded broker unless one is configured.
 
 Generate 20k orders (or use --data), train (unless the model exists), start the broker and
-create the topics, run 2 workers, replay, wait for every prediction, compare each with offline
-batch scoring of the same orders, report, write results/predictions.jsonl, shut down.
+create the topics, run 2 workers, replay, wait until every published order has a prediction or
+a dead letter, compare each prediction with offline batch scoring of the same orders, report,
+write results/predictions.jsonl, shut down.
+
+Every record ends as exactly one of the two, so the demo waits for either: a bad row (an empty
+or malformed ``order_id``) is dead-lettered by the workers and reported by reason; a row that
+cannot become an order at all (a timestamp that does not parse) is skipped by the replay and
+reported by line. Only a file that cannot be read at all is refused whole.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from bus.clients import create_topics, make_admin, partitions_of
 from bus.embedded import EmbeddedBroker, running_embedded
 from bus.settings import Settings
-from consumer.reader import collect
+from consumer.reader import collect_outcomes
 from consumer.supervisor import Supervisor
 from model import artifact
 from model.datagen import CSV_FILES, generate
-from model.orders import read_orders_csv
-from model.reference import ReferenceTables
+from model.orders import SkippedRow, read_orders_csv
+from model.reference import ReferenceDataError, ReferenceTables, zip_code_warnings
 from model.train import train
 from producer.replay import replay
 
 DEMO_ORDERS = 20_000
 DEMO_SEED = 7
 DEMO_WORKERS = 2
-WAIT_FOR_PREDICTIONS_S = 90.0
+STALL_S = 60.0  # give up when no prediction or dead letter arrived for this long
+
+
+class DemoError(RuntimeError):
+    """The demo could not run to the end (a delivery failed, the workers stalled)."""
 
 
 @dataclass(frozen=True)
 class DemoSummary:
-    orders: int
-    counts: dict[str, int]
-    agreement: float
+    orders: int                      # rows of orders.csv published
+    counts: dict[str, int]           # predictions by recommendation
+    agreement: float                 # of the predicted orders, share equal to offline scoring
     disagreements: list[str]
     throughput: float
     latency_ms: dict[str, float]
@@ -46,17 +58,31 @@ class DemoSummary:
     broker: str
     model_version: str
     output: Path
+    dead_letters: dict[str, int] = field(default_factory=dict)  # reason -> records
+    skipped: tuple[SkippedRow, ...] = ()
+
+    @property
+    def predicted(self) -> int:
+        return sum(self.counts.values())
 
     def report(self) -> str:
         lines = [
             "",
-            f"triage demo: {self.orders} orders scored by model {self.model_version} "
-            f"on {self.broker}",
+            f"triage demo: {self.orders} orders published, {self.predicted} scored by model "
+            f"{self.model_version} on {self.broker}",
             "",
             "recommendation          orders",
         ]
         for name, count in sorted(self.counts.items(), key=lambda kv: -kv[1]):
-            lines.append(f"  {name:<22}{count:>6}  ({count / self.orders:.1%})")
+            lines.append(f"  {name:<22}{count:>6}  ({count / max(self.predicted, 1):.1%})")
+        if self.dead_letters:
+            lines += ["", f"dead-lettered (not scored; `triage dlq inspect` shows them): "
+                          f"{sum(self.dead_letters.values())}"]
+            lines += [f"  {reason:<22}{count:>6}"
+                      for reason, count in sorted(self.dead_letters.items())]
+        if self.skipped:
+            lines += ["", f"rows of orders.csv skipped, not orders: {len(self.skipped)}"]
+            lines += [f"  {row}" for row in self.skipped[:5]]
         lines += [
             "",
             f"agreement with offline batch scoring: {self.agreement:.2%}"
@@ -76,7 +102,7 @@ def _ensure_data(data_dir: Path | None) -> Path:
     if data_dir is not None:
         missing = [name for name in CSV_FILES if not (data_dir / name).is_file()]
         if missing:
-            raise ValueError(f"--data {data_dir} lacks {', '.join(missing)}")
+            raise ReferenceDataError(f"--data {data_dir} lacks {', '.join(missing)}")
         return data_dir
     data_dir = Path("data/demo")
     if not all((data_dir / name).is_file() for name in CSV_FILES):
@@ -85,22 +111,27 @@ def _ensure_data(data_dir: Path | None) -> Path:
     return data_dir
 
 
-def _ensure_model(model_dir: Path, data_dir: Path) -> None:
+def _ensure_model(model_dir: Path, data_dir: Path, encoding: str) -> None:
     if (model_dir / artifact.MANIFEST).is_file():
         return
     print(f"training a model on {data_dir} into {model_dir}", flush=True)
-    report = train(data_dir, model_dir)
+    report = train(data_dir, model_dir, encoding=encoding)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     print(f"holdout accuracy {report.holdout_accuracy:.4%}\n{report.confusion_table()}",
           flush=True)
 
 
 def run_demo(settings: Settings, *, data_dir: Path | None, model_dir: Path,
              results_dir: Path) -> DemoSummary:
+    """Run the demo; raises DemoError, or ReferenceDataError for data that cannot be read."""
     data_dir = _ensure_data(data_dir)
-    _ensure_model(model_dir, data_dir)
+    _ensure_model(model_dir, data_dir, settings.csv_encoding)
     model = artifact.load(model_dir)
-    reference = ReferenceTables.load(data_dir)
-    orders = read_orders_csv(data_dir / "orders.csv")
+    reference = ReferenceTables.load(data_dir, encoding=settings.csv_encoding)
+    orders = read_orders_csv(data_dir / "orders.csv", encoding=settings.csv_encoding)
+    for warning in zip_code_warnings(reference.zip_available_from, orders.zip_code):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
 
     with contextlib.ExitStack() as stack:
         bootstrap = settings.bootstrap_servers or running_embedded(settings.state_dir)
@@ -119,39 +150,47 @@ def run_demo(settings: Settings, *, data_dir: Path | None, model_dir: Path,
 
         started_ms = int(time.time() * 1000)
         print(f"replaying {len(orders)} orders through {DEMO_WORKERS} workers", flush=True)
-        summary = replay(settings, data_dir / "orders.csv")
-        if summary.failed:
-            raise RuntimeError(f"replay failed: {summary}")
-        found = collect(settings, settings.predictions_topic, "prediction",
-                        set(orders.order_id), timeout_s=WAIT_FOR_PREDICTIONS_S,
-                        since_ms=started_ms)
+        replayed = replay(settings, data_dir / "orders.csv", track=True)
+        if replayed.failed:
+            raise DemoError(f"replay failed: {replayed}")
+        positions = replayed.positions
+        with tqdm(total=len(positions), unit="order", desc="scored or dead-lettered",
+                  disable=not sys.stderr.isatty()) as bar:
+            outcomes = collect_outcomes(settings, set(positions), since_ms=started_ms,
+                                        stall_s=STALL_S, progress=bar.update)
 
     expected, expected_proba = model.predict(orders.features(reference))
-    first = {order_id: records[0] for order_id, records in found.items()}
-    disagreements = [
-        order_id for order_id, rec, proba in zip(orders.order_id, expected.tolist(),
-                                                 expected_proba.tolist(), strict=True)
-        if first[order_id]["recommendation"] != rec
-        or [first[order_id]["probabilities"][c] for c in model.classes] != proba
-    ]
-    latencies = np.array([r["scored_at_ms"] - r["order_published_at_ms"] for r in first.values()])
-    span_s = (max(r["scored_at_ms"] for r in first.values())
-              - min(r["order_published_at_ms"] for r in first.values())) / 1000.0
+    first: dict[int, dict] = {}  # row of orders.csv -> its first prediction
+    disagreements = []
+    for row, where in enumerate(positions):
+        if where not in outcomes.predictions:
+            continue
+        record = first[row] = outcomes.predictions[where][0]
+        if record["recommendation"] != expected[row] or [
+                record["probabilities"][c] for c in model.classes] != expected_proba[row].tolist():
+            disagreements.append(orders.order_id[row])
+    scored = list(first.values())
+    latencies = np.array([r["scored_at_ms"] - r["order_published_at_ms"] for r in scored])
+    span_s = (max(r["scored_at_ms"] for r in scored)
+              - min(r["order_published_at_ms"] for r in scored)) / 1000.0 if scored else 0.0
 
     results_dir.mkdir(parents=True, exist_ok=True)
     output = results_dir / "predictions.jsonl"
     with open(output, "w") as out:
-        for order_id in orders.order_id:
-            out.write(json.dumps(first[order_id]) + "\n")
+        for row in sorted(first):
+            out.write(json.dumps(first[row]) + "\n")
     return DemoSummary(
-        orders=len(orders),
-        counts=dict(Counter(r["recommendation"] for r in first.values())),
-        agreement=1.0 - len(disagreements) / len(orders),
+        orders=len(positions),
+        counts=dict(Counter(r["recommendation"] for r in scored)),
+        agreement=1.0 - len(disagreements) / len(scored) if scored else 1.0,
         disagreements=disagreements,
-        throughput=len(orders) / span_s if span_s > 0 else float("nan"),
-        latency_ms={f"p{q}": float(np.percentile(latencies, q)) for q in (50, 95, 99)},
-        duplicates=sum(len(records) - 1 for records in found.values()),
+        throughput=len(scored) / span_s if span_s > 0 else float("nan"),
+        latency_ms={f"p{q}": float(np.percentile(latencies, q)) if len(latencies) else 0.0
+                    for q in (50, 95, 99)},
+        duplicates=sum(len(records) - 1 for records in outcomes.predictions.values()),
         broker=bootstrap,
         model_version=model.version,
         output=output,
+        dead_letters=dict(Counter(outcomes.dead_letters.values())),
+        skipped=replayed.skipped,
     )

@@ -1,0 +1,506 @@
+"""Real input and real faults (issue 10): each test is one kind of failure that once broke
+triage, reproduced small, on a real broker and with real processes where it involves them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bus.clients import consumer_config, create_topics, make_producer, producer_config
+from bus.embedded import EmbeddedBroker, free_port
+from bus.offsets import committed_offsets
+from bus.settings import Settings, SettingsError
+from consumer.deadletter import (
+    MAX_HEADER_VALUE_BYTES,
+    RECORD_OVERHEAD_BYTES,
+    fit_dead_letter,
+    headers_dict,
+    record_size,
+)
+from consumer.hooks import Rejection
+from consumer.reader import TopicReader, collect
+from consumer.scorer import Scorer
+from consumer.supervisor import Supervisor
+from model import artifact
+from model.features import FeatureBatch
+from model.orders import read_orders_csv
+from model.policy import label
+from model.reference import (
+    ReferenceDataError,
+    ReferenceTables,
+    read_csv,
+    truncated_zip_match,
+    zip_code_warnings,
+)
+from producer.replay import replay
+from schemas.codec import Codec
+from tests.test_bad_input import run_scorer
+from tests.test_cli import TRIAGE, clean_env, triage
+from tests.test_features import oracle
+
+EXERCISE = Path(__file__).resolve().parents[2] / "shared" / "data" / "exercise-2021"
+
+
+def _env(settings: Settings, tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A child process's environment: these settings (own topics, group, state dir) only."""
+    return clean_env(tmp_path, **{**settings.to_env(), "TRIAGE_LOG_FORMAT": "json", **extra})
+
+
+def _write_rows(path: Path, rows: list[list[str]], encoding: str = "utf-8") -> None:
+    with open(path, "w", newline="", encoding=encoding) as f:
+        csv.writer(f).writerows(rows)
+
+
+def _small_data(history: Path, out: Path, orders: int) -> list[list[str]]:
+    """The reference CSVs of ``history`` and the first ``orders`` rows of its orders.csv."""
+    out.mkdir()
+    for name in ("inventory.csv", "payments.csv", "zip_codes.csv"):
+        shutil.copy(history / name, out / name)
+    with open(history / "orders.csv", newline="") as f:
+        return [row for _, row in zip(range(orders + 1), csv.reader(f), strict=False)]
+
+
+# -- 1. the demo waits for a prediction or a dead letter, whichever the record becomes -------
+
+@pytest.mark.integration
+def test_demo_ends_when_every_row_is_a_prediction_or_a_dead_letter(
+        settings: Settings, history: Path, model_dir: Path, tmp_path: Path) -> None:
+    rows = _small_data(history, tmp_path / "data", 300)
+    rows[3][0] = ""              # empty order_id: dead-lettered as missing_field
+    rows[4][0] = "O-\x01-bad"    # unprintable: invalid_field
+    rows[5][2] = "yesterday"     # not a timestamp: not an order at all, skipped by line
+    _write_rows(tmp_path / "data" / "orders.csv", rows)
+
+    result = subprocess.run(
+        [*TRIAGE, "demo", "--data", str(tmp_path / "data"), "--model", str(model_dir),
+         "--results", str(tmp_path / "results")],
+        env=_env(settings, tmp_path), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "299 orders published, 297 scored" in result.stdout
+    assert "missing_field              1" in result.stdout
+    assert "invalid_field              1" in result.stdout
+    assert "line 6: timestamp 'yesterday' is not YYYY-MM-DD HH:MM:SS" in result.stdout
+    assert "agreement with offline batch scoring: 100.00%" in result.stdout
+    written = [json.loads(line) for line in
+               (tmp_path / "results" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["order_id"] for p in written] == [r[0] for r in rows[1:] if r[0] and r[2] !=
+                                                "yesterday" and r[0].isprintable()]
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not EXERCISE.is_dir(), reason=f"{EXERCISE} is not in this checkout")
+def test_demo_on_the_original_exercise_files_follows_the_policy(
+        settings: Settings, tmp_path: Path) -> None:
+    """The 2021 exercise's own CSVs (CRLF, quoted, extra columns, leading zeros): every order
+    is predicted as the policy over merge_asof features says, and the class counts are the
+    ones published with the data (its README)."""
+    result = subprocess.run(
+        [*TRIAGE, "demo", "--data", str(EXERCISE), "--model", str(tmp_path / "model"),
+         "--results", str(tmp_path / "results")],
+        env=_env(settings, tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    predicted = {p["order_id"]: p["recommendation"] for p in map(
+        json.loads, (tmp_path / "results" / "predictions.jsonl").read_text().splitlines())}
+
+    expected = oracle(EXERCISE)
+    ids = read_orders_csv(EXERCISE / "orders.csv").order_id
+    policy = label(FeatureBatch(
+        expected["order_hour_of_day"].to_numpy(np.int64),
+        expected["inventory"].to_numpy(float),
+        expected["payment_status"].to_numpy(object),
+        expected["zip_code_available"].to_numpy(bool)))
+    assert Counter(policy.tolist()) == {"HoldCheckDelivery": 3680, "Deliver": 2235,
+                                        "HoldCheckAvailability": 2122, "HoldCheckPayment": 1240,
+                                        "Decline": 723}
+    assert len(predicted) == 10_000
+    wrong = [i for i, p in zip(ids, policy.tolist(), strict=True) if predicted[i] != p]
+    assert wrong == [], f"{len(wrong)} orders differ from the policy, e.g. {wrong[:3]}"
+
+
+# -- 2. a dead letter too large to send -----------------------------------------------------
+
+def test_a_dead_letter_always_fits_whatever_its_parts_weigh() -> None:
+    limit = 1_000_000
+    sizes = (0, 10, 150_000, 880_000, 999_000, 2_000_000)
+    for key_bytes in sizes:
+        for value_bytes in sizes:
+            for message_bytes in (10, 5_000_000):
+                key, value = b"k" * key_bytes or None, b"v" * value_bytes
+                headers = [("__connect.errors.exception.message", b"m" * message_bytes),
+                           ("triage.errors.reason", b"oversized")]
+                k, v, h = fit_dead_letter(key, value, headers, limit)
+                assert record_size(k, v, h) <= limit - RECORD_OVERHEAD_BYTES
+                notes = headers_dict(h)
+                assert (k is None and key is not None) == ("triage.errors.original-key-bytes"
+                                                           in notes)
+                assert (v is None) == ("triage.errors.original-bytes" in notes)
+                if v is not None:
+                    assert v == value  # what is kept is kept whole
+                if message_bytes > MAX_HEADER_VALUE_BYTES:
+                    assert notes["triage.errors.truncated-headers"] == \
+                        "__connect.errors.exception.message"
+    # 150 kB key + 880 kB value: dropping the key is enough, the value is kept.
+    k, v, h = fit_dead_letter(b"k" * 150_000, b"v" * 880_000, [], limit)
+    assert k is None and len(v) == 880_000
+    assert headers_dict(h)["triage.errors.original-key-bytes"] == "150000"
+
+
+@pytest.mark.integration
+def test_a_record_too_large_to_dead_letter_as_is_does_not_stop_the_loop(
+        settings: Settings, history: Path, model_dir: Path) -> None:
+    """150 kB key + 880 kB value (under the 1 MiB a Java producer accepts), then 50 orders on
+    the same partition: the worker dead-letters the big one without its key and scores the
+    rest; it never fails."""
+    good = read_orders_csv(history / "orders.csv", limit=50).records()
+    producer = make_producer(settings, **{"message.max.bytes": 2_000_000})
+    codec = Codec("order")
+    producer.produce(settings.orders_topic, partition=0, key=b"K" * 150_000,
+                     value=b"V" * 880_000)
+    for record in good:
+        producer.produce(settings.orders_topic, partition=0, key=record["order_id"].encode(),
+                         value=codec.encode(record))
+    assert producer.flush(30) == 0
+
+    scorer = Scorer(settings, artifact.load(model_dir), ReferenceTables.load(history))
+    assert run_scorer(scorer, 51) == Counter({"oversized": 1})
+    assert scorer.stats.predicted == 50
+    with TopicReader(settings, settings.dlq_topic, None) as reader:
+        ((letter, _),) = list(reader.read(idle_s=2))
+    headers = headers_dict(letter.headers())
+    assert letter.key() is None and letter.value() == b"V" * 880_000
+    assert headers["triage.errors.original-key-bytes"] == "150000"
+    assert headers["triage.errors.reason"] == "oversized"
+
+
+# -- 4. a CSV that is not UTF-8 ------------------------------------------------------------
+
+def _cp1252_copy(history: Path, out: Path) -> Path:
+    """history's CSVs, 300 orders, saved as Windows-1252 with a customer and a SKU that
+    need it (line 4 of each file)."""
+    rows = _small_data(history, out, 300)
+    rows[3][1] = "C-Müller"
+    _write_rows(out / "orders.csv", rows, encoding="cp1252")
+    with open(history / "inventory.csv", newline="") as f:
+        inventory = list(csv.reader(f))
+    inventory[3][0] = "SKU-Größe"
+    _write_rows(out / "inventory.csv", inventory, encoding="cp1252")
+    return out
+
+
+def test_a_csv_in_another_encoding_is_refused_naming_file_line_and_byte(
+        history: Path, tmp_path: Path) -> None:
+    data = _cp1252_copy(history, tmp_path / "data")
+    with pytest.raises(ReferenceDataError, match=r"inventory.csv is not utf-8 text: line 4, "
+                                                 r"column \d+: byte 0xf6"):
+        ReferenceTables.load(data)
+    assert ReferenceTables.load(data, encoding="cp1252").inventory.key_ids(["SKU-Größe"])[0] >= 0
+    assert "C-Müller" in read_orders_csv(data / "orders.csv", encoding="cp1252").customer_id
+    bom = tmp_path / "bom.csv"  # UTF-8 as Excel saves it: a byte-order mark first
+    bom.write_bytes("\ufeffzip_code,available_from\n00501,2026-01-01 00:00:00\n".encode())
+    assert read_csv(bom, ["zip_code"])["zip_code"].tolist() == ["00501"]
+    with pytest.raises(SettingsError, match="TRIAGE_CSV_ENCODING"):
+        Settings(csv_encoding="no-such-encoding")
+
+
+@pytest.mark.integration
+def test_commands_refuse_a_csv_in_another_encoding_once_with_the_config_status(
+        settings: Settings, history: Path, model_dir: Path, tmp_path: Path) -> None:
+    data = _cp1252_copy(history, tmp_path / "data")
+    env = _env(settings, tmp_path)
+    trained = triage("train", "--data", str(data), "--out", str(tmp_path / "m"), env=env)
+    assert trained.returncode == 2 and "orders.csv is not utf-8 text: line 4" in trained.stderr
+    replayed = triage("replay", str(data / "orders.csv"), env=env)
+    assert replayed.returncode == 2 and "orders.csv is not utf-8" in replayed.stderr
+    consumed = triage("consume", "--model", str(model_dir), "--reference", str(data), env=env)
+    assert consumed.returncode == 2 and "inventory.csv is not utf-8" in consumed.stderr
+    assert "worker_spawned" not in consumed.stderr  # refused once, before any worker
+    worker = subprocess.run([sys.executable, "-m", "consumer.worker", "--model", str(model_dir),
+                             "--reference", str(data)], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert worker.returncode == 2, worker.stderr[-2000:]  # not restarted by its supervisor
+    assert "Traceback" not in trained.stderr + replayed.stderr + consumed.stderr + worker.stderr
+    assert triage("replay", str(data / "orders.csv"), "--encoding", "cp1252",
+                  env=env).returncode == 0
+
+
+# -- 5. the orders topic disappears and comes back ----------------------------------------
+
+@pytest.mark.integration
+def test_workers_score_again_after_the_broker_lost_and_recreated_the_topics(
+        history: Path, model_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """The embedded broker restarts empty, `topics create` runs again, orders arrive: the
+    worker, which rejoined while the orders topic did not exist, says so and scores them."""
+    port = free_port()
+    broker = EmbeddedBroker(port=port, log_path=tmp_path / "tansu.log")
+    broker.start()
+    settings = Settings(bootstrap_servers=broker.bootstrap, orders_partitions=2,
+                        output_partitions=2, metadata_refresh_ms=1000,
+                        state_dir=str(tmp_path / "state"))
+    create_topics(settings)
+    orders = read_orders_csv(history / "orders.csv", limit=100)
+
+    supervisor = Supervisor(settings, model_dir, history, workers=1)
+    supervisor.start()
+    threading.Thread(target=supervisor.run, daemon=True).start()
+    try:
+        supervisor.wait_until_assigned(2)
+        since = int(time.time() * 1000)
+        replay(settings, history / "orders.csv", limit=50, progress=False)
+        collect(settings, settings.predictions_topic, "prediction", set(orders.order_id[:50]),
+                timeout_s=60, since_ms=since)
+
+        broker.stop()
+        broker = EmbeddedBroker(port=port, log_path=tmp_path / "tansu.log")
+        broker.start()
+        logged = ""
+        deadline = time.monotonic() + 60
+        while "topic_missing" not in logged:  # the worker rejoined while orders did not exist
+            assert time.monotonic() < deadline, logged[-3000:]
+            time.sleep(0.2)
+            logged += capfd.readouterr().err
+        create_topics(settings)
+        since = int(time.time() * 1000)
+        replayed = replay(settings, history / "orders.csv", limit=100, progress=False)
+        assert replayed.failed == 0
+        found = collect(settings, settings.predictions_topic, "prediction",
+                        set(orders.order_id), timeout_s=90, since_ms=since)
+        assert set(found) == set(orders.order_id)
+    finally:
+        supervisor.stop()
+        broker.stop()
+
+
+def test_clients_refresh_metadata_within_the_setting() -> None:
+    """librdkafka's default, 5 minutes, would leave a worker with nothing assigned that long
+    after a topic is created again, and a partition added to orders unread as long."""
+    settings = Settings(bootstrap_servers="127.0.0.1:9")
+    assert settings.metadata_refresh_ms == 10_000
+    for config in (consumer_config(settings), producer_config(settings)):
+        assert config["topic.metadata.refresh.interval.ms"] == 10_000
+
+
+# -- 7. a slow batch must not loop forever ----------------------------------------------------
+
+class BlockingHook:
+    """Blocks for ``seconds`` on the first batch holding the order ``SLOW``; else fast."""
+
+    name = "blocking"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.returned = threading.Event()
+        self.calls = 0
+
+    def check(self, orders: list[dict]) -> list[Rejection]:
+        self.calls += 1
+        if not self.returned.is_set() and any(o["order_id"] == "SLOW" for o in orders):
+            time.sleep(self.seconds)
+            self.returned.set()
+        return []
+
+
+@pytest.mark.integration
+def test_a_hook_slower_than_max_poll_interval_dead_letters_its_orders_once(
+        settings: Settings, history: Path, model_dir: Path) -> None:
+    """The hook blocks for longer than max.poll.interval.ms on one order. Its batch is
+    dead-lettered as `timeout` at the deadline, the worker is never evicted, nothing is
+    consumed twice, and once the hook has returned later orders are scored again."""
+    settings = settings.replace(max_poll_interval_ms=7000, processing_deadline_ms=1500,
+                                batch_size=50)
+    records = read_orders_csv(history / "orders.csv", limit=200).records()
+    records[10]["order_id"] = "SLOW"
+    codec = Codec("order")
+    producer = make_producer(settings)
+
+    def publish(batch: list[dict]) -> None:
+        for r in batch:
+            producer.produce(settings.orders_topic, key=r["order_id"].encode(),
+                             value=codec.encode(r))
+        assert producer.flush(30) == 0
+
+    hook = BlockingHook(seconds=10.0)
+    scorer = Scorer(settings, artifact.load(model_dir), ReferenceTables.load(history),
+                    extra_hooks=[hook])
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            scorer.run()
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    publish(records[:100])
+    thread.start()
+    try:
+        assert hook.returned.wait(60), "the hook never ran"
+        deadline = time.monotonic() + 60
+        while scorer.stats.consumed < 100:
+            assert time.monotonic() < deadline and not failure, failure
+            time.sleep(0.1)
+        publish(records[100:])
+        while scorer.stats.consumed < 200:
+            assert time.monotonic() < deadline and not failure, failure
+            time.sleep(0.1)
+    finally:
+        scorer.request_stop()
+        thread.join(60)
+    assert not failure, failure
+    assert scorer.stats.consumed == 200  # nothing was read twice: never evicted
+    assert set(scorer.stats.dead_lettered) == {"timeout"}
+
+    with TopicReader(settings, settings.predictions_topic, "prediction") as reader:
+        predicted = [p for _, p in reader.read(idle_s=2)]
+    with TopicReader(settings, settings.dlq_topic, None) as reader:
+        letters = [headers_dict(msg.headers()) for msg, _ in reader.read(idle_s=2)]
+    dead = {(int(h["__connect.errors.partition"]), int(h["__connect.errors.offset"]))
+            for h in letters}
+    scored = {(p["order_partition"], p["order_offset"]) for p in predicted}
+    assert len(dead) + len(scored) == 200 and not dead & scored
+    assert len(predicted) == len(scored)  # one prediction each
+    assert {h["triage.errors.reason"] for h in letters} == {"timeout"}
+    assert "SLOW" not in {p["order_id"] for p in predicted}
+    assert {p["order_id"] for p in predicted} >= {r["order_id"] for r in records[100:]}
+    committed = committed_offsets(settings, settings.group_id, settings.orders_topic)
+    assert sum(offset or 0 for offset in committed.values()) == 200
+
+
+def test_a_deadline_not_well_under_max_poll_interval_is_refused() -> None:
+    with pytest.raises(SettingsError, match="at most half of TRIAGE_MAX_POLL_INTERVAL_MS"):
+        Settings(max_poll_interval_ms=60_000, processing_deadline_ms=40_000)
+    with pytest.raises(SettingsError, match="at least TRIAGE_SESSION_TIMEOUT_MS"):
+        Settings(max_poll_interval_ms=5_000, session_timeout_ms=6_000,
+                 processing_deadline_ms=1_000)
+
+
+# -- 8. no worker can run --------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_consume_exits_with_the_config_status_once_no_worker_can_run(
+        settings: Settings, history: Path, model_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    env = _env(settings, tmp_path)
+    missing = triage("consume", "--model", str(model_dir), "--reference",
+                     str(tmp_path / "empty"), env=env)
+    assert missing.returncode == 2 and "inventory.csv does not exist" in missing.stderr
+    # A setting only a worker can check (its hooks): both workers stop with status 2, and so
+    # does the command, instead of idling with none.
+    bad_hook = triage("consume", "--workers", "2", "--model", str(model_dir), "--reference",
+                      str(history), env={**env, "TRIAGE_HOOKS": "no_such_module:make"},
+                      timeout=120)
+    assert bad_hook.returncode == 2, bad_hook.stderr[-2000:]
+    assert bad_hook.stderr.count("worker_config_error") >= 2
+    assert "every worker stopped with a configuration error" in bad_hook.stderr
+
+
+# -- 9. orphan workers ---------------------------------------------------------------------
+
+def _children(pid: int) -> list[int]:
+    with contextlib.suppress(FileNotFoundError):
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        return [int(c) for c in text.split()]
+    return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_workers_stop_when_their_supervisor_is_killed(
+        settings: Settings, history: Path, model_dir: Path, tmp_path: Path) -> None:
+    consume = subprocess.Popen(
+        [*TRIAGE, "consume", "--workers", "2", "--model", str(model_dir), "--reference",
+         str(history)], env=_env(settings, tmp_path), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers := _children(consume.pid)) < 2:
+            assert time.monotonic() < deadline and consume.poll() is None
+            time.sleep(0.1)
+    finally:
+        consume.kill()
+        consume.wait()
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in workers):
+        if time.monotonic() > deadline:
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"workers {workers} outlived their supervisor by 60 s")
+        time.sleep(0.2)
+
+
+# -- 10. the embedded broker's port --------------------------------------------------------
+
+@pytest.mark.integration
+def test_broker_refuses_a_port_another_broker_listens_on(tmp_path: Path) -> None:
+    with EmbeddedBroker(log_path=tmp_path / "other.log") as other:
+        result = subprocess.run([*TRIAGE, "broker", "--port", str(other.port)],
+                                env=clean_env(tmp_path), capture_output=True, text=True,
+                                timeout=60)
+    assert result.returncode == 2
+    assert f"port {other.port} on 127.0.0.1 is already in use" in result.stderr
+    assert "listening" not in result.stdout
+    assert not (tmp_path / "broker.json").exists()
+
+
+def test_this_test_run_has_a_state_directory_of_its_own() -> None:
+    """The state file that finds `triage broker` is per user by default: no test may see
+    one that another run, or a person, left there (tests/conftest.py)."""
+    default = Path.home() / ".local" / "state" / "triage"
+    assert Path(Settings().state_dir) != default
+    assert Path(os.environ["TRIAGE_STATE_DIR"]).name.startswith("triage-test-state-")
+
+
+# -- also: zips written as numbers; the drift monitor's open window ---------------------------
+
+def test_zip_codes_that_lost_their_leading_zeros_are_reported() -> None:
+    truncated = {str(z): 0 for z in range(500, 600)} | {f"{z:05d}": 0 for z in range(10000,
+                                                                                       10900)}
+    assert "fewer than the usual 5 digits (e.g. 500, 501, 502)" in zip_code_warnings(
+        truncated)[0]
+    assert "00562 vs 562" in truncated_zip_match(truncated, ["00562", "10001", "99999"])
+    assert zip_code_warnings({"00562": 0, "10001": 0}, ["00562", "99999"]) == []
+    assert truncated_zip_match({"00562": 0}, ["ABC", "0"]) is None
+
+
+@pytest.mark.integration
+def test_drift_report_says_how_many_samples_wait_in_the_open_window(
+        settings: Settings, tmp_path: Path) -> None:
+    codec = Codec("drift_sample")
+    producer = make_producer(settings)
+    for i in range(40):
+        producer.produce(settings.drift_topic, key=b"k", value=codec.encode({
+            "order": {"order_id": f"O-{i}", "customer_id": "C", "timestamp_ms": 0,
+                      "sku_code": "S", "zip_code": "1"},
+            "features": {"order_hour_of_day": 1, "inventory": 1.0, "payment_status": "OK",
+                         "zip_code_available": True},
+            "recommendation": "Deliver", "probabilities": {}, "model_version": "v",
+            "scored_at_ms": 0}))
+    assert producer.flush(30) == 0
+    result = triage("drift", "report", "--out", str(tmp_path / "r.html"), "--idle", "1",
+                    env=_env(settings, tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "40 sample(s) on " in result.stdout and "closes at 1,000 samples" in result.stdout
+    assert "40 sample(s) on " in (tmp_path / "r.html").read_text()
