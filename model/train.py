@@ -16,7 +16,7 @@ from sklearn.model_selection import train_test_split
 from xgboost import XGBClassifier
 
 from model import artifact
-from model.artifact import UNSEEN_STATUS, Model, feature_order
+from model.artifact import UNSEEN_STATUS, DesignColumns, feature_order
 from model.baseline import training_baseline
 from model.features import FeatureBatch
 from model.orders import read_orders_csv
@@ -81,8 +81,8 @@ def train(data_dir: str | Path, out_dir: str | Path, *, seed: int = 0, holdout: 
         "features": ["order_hour_of_day", "inventory", "payment_status", "zip_code_available"],
         "feature_order": feature_order(vocabulary),
     }
-    encoder = Model(XGBClassifier(), manifest)
-    matrix = encoder.design_matrix(_with_unseen(features, rng))
+    columns = DesignColumns(manifest["feature_order"])
+    matrix = columns.build(_with_unseen(features, rng))
     targets = np.searchsorted(np.array(class_order), labels.astype(str))
 
     train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=holdout,
@@ -105,7 +105,7 @@ def train(data_dir: str | Path, out_dir: str | Path, *, seed: int = 0, holdout: 
         # The model's own predictions on every training row: live predictions are compared
         # with these, not with the policy's labels.
         "baseline": training_baseline(features, np.array(class_order, dtype=object)[
-            classifier.predict(encoder.design_matrix(features))]),
+            classifier.predict(columns.build(features))]),
         "training": {"data_dir": str(data_dir.resolve()), "seed": seed, "params": PARAMS,
                      "data_sha256": {name: artifact.sha256_of(data_dir / name) for name in
                                      ("orders.csv", "payments.csv", "inventory.csv",
