@@ -14,8 +14,12 @@ was fitted on, and :class:`DesignColumns` builds that matrix from a :class:`Feat
 name. The names it knows:
 
 * ``order_hour_of_day``: the hour, 0-23.
-* ``in_stock``: 1.0 when inventory > 0, else 0.0 (missing inventory is 0.0).
-* ``inventory``: the raw level, NaN when missing.
+* ``in_stock``: 1.0 when inventory > 0, else 0.0 (missing inventory is 0.0). Models trained
+  now see stock only through this column, so no tree can split the level at a threshold other
+  than the policy's 0: a level the history never had (0.5 of a good sold by weight) gets the
+  answer the policy gives.
+* ``inventory``: the raw level, NaN when missing. No longer trained on; kept so that artifacts
+  written before ``in_stock`` existed still load and predict exactly as they did.
 * ``zip_code_available``: 1.0 or 0.0.
 * ``payment_status=<S>``: one-hot over the vocabulary; a status outside it sets
   ``payment_status=__UNSEEN__``.
@@ -42,7 +46,7 @@ MODEL_FILE = "model.json"
 FORMAT = "triage-model/1"
 UNSEEN_STATUS = "__UNSEEN__"
 STATUS_PREFIX = "payment_status="
-NUMERIC_COLUMNS = ("order_hour_of_day", "inventory", "zip_code_available")
+NUMERIC_COLUMNS = ("order_hour_of_day", "in_stock", "zip_code_available")
 
 
 class ArtifactError(RuntimeError):
@@ -58,8 +62,8 @@ def sha256_of(path: Path) -> str:
 
 
 def feature_order(payment_vocabulary: list[str]) -> list[str]:
-    """Design column names for a model trained now: the numeric columns, then one
-    ``payment_status=<S>`` per entry of the vocabulary."""
+    """Design column names for a model trained now: the numeric columns (``in_stock``, not
+    the raw ``inventory``), then one ``payment_status=<S>`` per entry of the vocabulary."""
     return [*NUMERIC_COLUMNS, *(f"{STATUS_PREFIX}{s}" for s in payment_vocabulary)]
 
 

@@ -1,9 +1,14 @@
-"""Design columns by name: artifacts written with the raw ``inventory`` column still load and
-predict as before, and a manifest naming a column this version cannot build is refused.
+"""The trained model against the policy on a dense grid of inputs, off the training data too.
+
+Training only sees whole stock levels, yet stock is a float (goods sold by weight): the model
+must say what the policy says for any level, every hour, every payment status (known or not)
+and both zip states. Also: the design columns come from the manifest, so artifacts written
+before ``in_stock`` existed still load, and a manifest naming an unknown column is refused.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +19,50 @@ from model import artifact
 from model.artifact import UNSEEN_STATUS, ArtifactError
 from model.features import FeatureBatch
 from model.policy import label
+
+UNSEEN_NAME = "CHARGEBACK"
+
+
+def grid(vocabulary: list[str]) -> FeatureBatch:
+    """stock × hour × payment status × zip, every combination once (row-major)."""
+    stock = np.concatenate([np.round(np.arange(-1.0, 2.0005, 0.001), 3), [-1e6, 1e6, np.nan]])
+    hours = np.arange(24)
+    statuses = np.array([*(s for s in vocabulary if s != UNSEEN_STATUS), UNSEEN_NAME],
+                        dtype=object)
+    zips = np.array([True, False])
+    s, h, p, z = (a.ravel() for a in np.meshgrid(np.arange(len(stock)), hours,
+                                                 np.arange(len(statuses)), np.arange(2),
+                                                 indexing="ij"))
+    return FeatureBatch(order_hour_of_day=h.astype(np.int64), inventory=stock[s],
+                        payment_status=statuses[p], zip_code_available=zips[z])
+
+
+def test_the_model_agrees_with_the_policy_on_the_whole_grid(model_dir: Path) -> None:
+    model = artifact.load(model_dir, n_threads=2)
+    features = grid(model.manifest["categories"]["payment_status"])
+    assert len(features) > 1_000_000
+    predicted, _ = model.predict(features)
+    expected = label(features)
+    wrong = np.flatnonzero(predicted != expected)
+    examples = [(float(features.inventory[i]), int(features.order_hour_of_day[i]),
+                 str(features.payment_status[i]), bool(features.zip_code_available[i]),
+                 f"model {predicted[i]}", f"policy {expected[i]}") for i in wrong[:5]]
+    assert len(wrong) == 0, (f"{len(wrong)} of {len(features)} grid points disagree with the "
+                             f"policy, e.g. (stock, hour, status, zip): {examples}")
+
+
+def test_a_new_manifest_builds_in_stock_and_counts_its_coverage_rows(model_dir: Path) -> None:
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    vocabulary = manifest["categories"]["payment_status"]
+    assert manifest["features"] == ["order_hour_of_day", "inventory", "payment_status",
+                                    "zip_code_available"]
+    assert manifest["feature_order"] == ["order_hour_of_day", "in_stock", "zip_code_available",
+                                         *(f"payment_status={s}" for s in vocabulary)]
+    assert manifest["metrics"]["synthetic_rows"] == 7 * 24 * len(vocabulary) * 2
+    # Coverage rows are for fitting only: the holdout and the drift baseline are the history's.
+    assert manifest["metrics"]["holdout_rows"] + manifest["metrics"]["train_rows"] == 20_000
+    assert manifest["baseline"]["rows"] == 20_000
+
 
 OLD_LAYOUT = ["order_hour_of_day", "inventory", "zip_code_available", "payment_status=MISSING",
               "payment_status=OK", f"payment_status={UNSEEN_STATUS}"]
