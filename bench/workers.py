@@ -157,7 +157,6 @@ def per_message(loop: BatchLoop, model_dir: Path,
     import pandas as pd
 
     from model import artifact
-    from model.artifact import UNSEEN_STATUS, feature_order
     from model.orders import OrderColumns
     from model.reference import ReferenceTables
     from schemas.codec import codec_for
@@ -165,8 +164,7 @@ def per_message(loop: BatchLoop, model_dir: Path,
     settings = loop.settings
     model = artifact.load(model_dir)
     reference = ReferenceTables.load(reference_dir)
-    vocabulary = model.manifest["categories"]["payment_status"]
-    columns = feature_order(vocabulary)
+    columns = model.columns.names
     classes = [str(c) for c in model.classes]
     orders = codec_for(settings, "order", settings.orders_topic)
     predictions = codec_for(settings, "prediction", settings.predictions_topic)
@@ -177,12 +175,8 @@ def per_message(loop: BatchLoop, model_dir: Path,
         features = OrderColumns.from_records([order]).features(reference)
         status = str(features.payment_status[0])
         inventory = float(features.inventory[0])
-        row = dict.fromkeys(columns, 0.0)
-        row["order_hour_of_day"] = float(features.order_hour_of_day[0])
-        row["inventory"] = inventory
-        row["zip_code_available"] = float(features.zip_code_available[0])
-        row[f"payment_status={status if status in vocabulary else UNSEEN_STATUS}"] = 1.0
-        proba = model.classifier.predict_proba(pd.DataFrame([row], columns=columns))[0]
+        row = pd.DataFrame(model.design_matrix(features), columns=columns)
+        proba = model.classifier.predict_proba(row)[0]
         proba = proba.astype(np.float32).tolist()
         return predictions.encode({
             "order_id": order["order_id"],

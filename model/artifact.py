@@ -8,12 +8,30 @@ Unknown categories: a ``payment_status`` the model never saw (say ``CHARGEBACK``
 as the reserved category ``__UNSEEN__``. Training teaches the model that category by relabelling
 a share of non-OK statuses as ``__UNSEEN__`` (their labels stay as the policy gave them), so an
 unseen status is scored like any other non-OK status, which is what the policy says.
+
+Design columns: the manifest's ``feature_order`` names the columns of the matrix the classifier
+was fitted on, and :class:`DesignColumns` builds that matrix from a :class:`FeatureBatch` by
+name. The names it knows:
+
+* ``order_hour_of_day``: the hour, 0-23.
+* ``in_stock``: 1.0 when inventory > 0, else 0.0 (missing inventory is 0.0). Models trained
+  now see stock only through this column, so no tree can split the level at a threshold other
+  than the policy's 0: a level the history never had (0.5 of a good sold by weight) gets the
+  answer the policy gives.
+* ``inventory``: the raw level, NaN when missing. No longer trained on; kept so that artifacts
+  written before ``in_stock`` existed still load and predict exactly as they did.
+* ``zip_code_available``: 1.0 or 0.0.
+* ``payment_status=<S>``: one-hot over the vocabulary; a status outside it sets
+  ``payment_status=__UNSEEN__``.
+
+A manifest naming any other column is refused when the artifact is loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +45,8 @@ MANIFEST = "manifest.json"
 MODEL_FILE = "model.json"
 FORMAT = "triage-model/1"
 UNSEEN_STATUS = "__UNSEEN__"
-NUMERIC_COLUMNS = ("order_hour_of_day", "inventory", "zip_code_available")
+STATUS_PREFIX = "payment_status="
+NUMERIC_COLUMNS = ("order_hour_of_day", "in_stock", "zip_code_available")
 
 
 class ArtifactError(RuntimeError):
@@ -43,7 +62,69 @@ def sha256_of(path: Path) -> str:
 
 
 def feature_order(payment_vocabulary: list[str]) -> list[str]:
-    return [*NUMERIC_COLUMNS, *(f"payment_status={s}" for s in payment_vocabulary)]
+    """Design column names for a model trained now: the numeric columns (``in_stock``, not
+    the raw ``inventory``), then one ``payment_status=<S>`` per entry of the vocabulary."""
+    return [*NUMERIC_COLUMNS, *(f"{STATUS_PREFIX}{s}" for s in payment_vocabulary)]
+
+
+def in_stock(inventory: np.ndarray) -> np.ndarray:
+    """float64 (n,) -> float32 (n,): 1.0 where the level is > 0, 0.0 where it is <= 0 or NaN."""
+    return np.greater(inventory, 0).astype(np.float32)
+
+
+_NUMERIC_BUILDERS: dict[str, Callable[[FeatureBatch], np.ndarray]] = {
+    "order_hour_of_day": lambda f: f.order_hour_of_day,
+    "inventory": lambda f: f.inventory,
+    "in_stock": lambda f: in_stock(f.inventory),
+    "zip_code_available": lambda f: f.zip_code_available,
+}
+
+
+class DesignColumns:
+    """Builds the classifier's input matrix from features, column by column as named.
+
+    ``names`` is a manifest's ``feature_order``; every name must be one of the module
+    docstring's, with ``payment_status=__UNSEEN__`` among them, else :class:`ArtifactError`.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = list(names)
+        self._numeric: list[tuple[int, Callable[[FeatureBatch], np.ndarray]]] = []
+        self._status_column: dict[str, int] = {}
+        for position, name in enumerate(self.names):
+            if name in _NUMERIC_BUILDERS:
+                self._numeric.append((position, _NUMERIC_BUILDERS[name]))
+            elif name.startswith(STATUS_PREFIX):
+                self._status_column[name.removeprefix(STATUS_PREFIX)] = position
+            else:
+                raise ArtifactError(
+                    f"the manifest's feature_order names the column {name!r}, which this "
+                    f"version cannot build; known: {', '.join(_NUMERIC_BUILDERS)} and "
+                    f"{STATUS_PREFIX}<status>. Retrain with this version, or score with the "
+                    "version that trained it.")
+        if UNSEEN_STATUS not in self._status_column:
+            raise ArtifactError(f"the manifest's feature_order has no {STATUS_PREFIX}"
+                                f"{UNSEEN_STATUS} column, so an unknown payment status has no "
+                                "encoding")
+        self._unseen = self._status_column[UNSEEN_STATUS]
+
+    @property
+    def payment_statuses(self) -> list[str]:
+        """The one-hot payment status vocabulary, in column order."""
+        return list(self._status_column)
+
+    def build(self, features: FeatureBatch) -> np.ndarray:
+        """float32 (len(features), len(names)): the named columns in order; exactly one
+        ``payment_status=`` column is 1.0 per row."""
+        n = len(features)
+        matrix = np.zeros((n, len(self.names)), dtype=np.float32)
+        for position, column in self._numeric:
+            matrix[:, position] = column(features)
+        index, unseen = self._status_column, self._unseen
+        positions = np.fromiter((index.get(s, unseen) for s in features.payment_status),
+                                dtype=np.int64, count=n)
+        matrix[np.arange(n), positions] = 1.0
+        return matrix
 
 
 @dataclass
@@ -52,9 +133,16 @@ class Model:
     manifest: dict[str, Any]
 
     def __post_init__(self) -> None:
-        vocabulary = self.manifest["categories"]["payment_status"]
-        self._status_index = {s: i for i, s in enumerate(vocabulary)}
-        self._unseen = self._status_index[UNSEEN_STATUS]
+        names = self.manifest.get("feature_order")
+        if not names:
+            raise ArtifactError("the manifest has no feature_order: cannot build the design "
+                                "matrix")
+        self.columns = DesignColumns(names)
+        if self.columns.payment_statuses != self.manifest["categories"]["payment_status"]:
+            raise ArtifactError(
+                f"the manifest's feature_order one-hot statuses {self.columns.payment_statuses} "
+                "differ from its payment_status vocabulary "
+                f"{self.manifest['categories']['payment_status']}")
         self.classes = np.array(self.manifest["classes"], dtype=object)
 
     @property
@@ -62,17 +150,8 @@ class Model:
         return self.manifest["version"]
 
     def design_matrix(self, features: FeatureBatch) -> np.ndarray:
-        """Numeric columns, then one column per known payment status (one-hot)."""
-        n = len(features)
-        index, unseen = self._status_index, self._unseen
-        codes = np.fromiter((index.get(s, unseen) for s in features.payment_status),
-                            dtype=np.int64, count=n)
-        matrix = np.zeros((n, len(NUMERIC_COLUMNS) + len(index)), dtype=np.float32)
-        matrix[:, 0] = features.order_hour_of_day
-        matrix[:, 1] = features.inventory
-        matrix[:, 2] = features.zip_code_available
-        matrix[np.arange(n), len(NUMERIC_COLUMNS) + codes] = 1.0
-        return matrix
+        """float32 (len(features), len(feature_order)), columns as the manifest names them."""
+        return self.columns.build(features)
 
     def predict_proba(self, features: FeatureBatch) -> np.ndarray:
         """float32 probabilities, one column per entry of ``classes``."""
@@ -139,7 +218,16 @@ def verify(model_dir: str | Path) -> dict[str, Any]:
 
 
 def load(model_dir: str | Path, n_threads: int = 1) -> Model:
+    """The verified artifact in ``model_dir``, predicting on ``n_threads`` threads.
+
+    Raises :class:`ArtifactError` for a changed or missing file, a design column this version
+    cannot build, or a model fitted on another number of columns than the manifest names."""
     manifest = verify(model_dir)
     classifier = XGBClassifier(n_jobs=n_threads)
     classifier.load_model(Path(model_dir) / manifest["model_file"])
-    return Model(classifier, manifest)
+    model = Model(classifier, manifest)
+    fitted = classifier.get_booster().num_features()
+    if fitted != len(model.columns.names):
+        raise ArtifactError(f"{model_dir}: the model was fitted on {fitted} columns, but the "
+                            f"manifest's feature_order names {len(model.columns.names)}")
+    return model

@@ -1,4 +1,17 @@
-"""Training: label the history with the policy, fit XGBoost, gate on holdout accuracy, save."""
+"""Training: label the history with the policy, fit XGBoost, gate on holdout accuracy, save.
+
+Stock enters the model only as the design column ``in_stock`` (inventory > 0; see
+``model.artifact``), never as the raw level: the history holds whole levels only, and a tree
+fitted on them puts its splits at 1.0 or above, so a level such as 0.5 (goods sold by weight)
+would get a confident wrong answer.
+
+Coverage rows: the fit also sees :func:`coverage_rows`, every combination of stock state
+(missing, <= 0, > 0), hour, payment status of the vocabulary (``MISSING`` and ``__UNSEEN__``
+included) and zip served or not, labelled by the same policy function. The history need not
+hold every combination for the model to learn it. These rows are for fitting only: the holdout
+metrics and the drift baseline are computed on the history alone, and the manifest records how
+many were added (``metrics.synthetic_rows``).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +29,7 @@ from sklearn.model_selection import train_test_split
 from xgboost import XGBClassifier
 
 from model import artifact
-from model.artifact import UNSEEN_STATUS, Model, feature_order
+from model.artifact import UNSEEN_STATUS, DesignColumns, feature_order
 from model.baseline import training_baseline
 from model.features import FeatureBatch
 from model.orders import read_orders_csv
@@ -25,6 +38,8 @@ from model.reference import MISSING_STATUS, ReferenceTables, zip_code_warnings
 
 MIN_ACCURACY = 0.995
 UNSEEN_SHARE = 0.1  # share of non-OK statuses relabelled __UNSEEN__ to teach that category
+# Stock levels of the coverage rows: missing, <= 0, and > 0 from a sliver to a warehouse.
+COVERAGE_STOCK = (np.nan, -1.0, 0.0, 0.001, 0.5, 1.0, 1e6)
 PARAMS = {"n_estimators": 60, "max_depth": 5, "learning_rate": 0.3, "tree_method": "hist"}
 
 
@@ -40,6 +55,7 @@ class TrainReport:
     confusion: list[list[int]]
     classes: tuple[str, ...]
     rows: int
+    synthetic_rows: int
     warnings: tuple[str, ...] = ()  # about the data: rows skipped, zips that look truncated
 
     def confusion_table(self) -> str:
@@ -57,6 +73,18 @@ def _with_unseen(features: FeatureBatch, rng: np.random.Generator) -> FeatureBat
     statuses[chosen] = UNSEEN_STATUS
     return FeatureBatch(features.order_hour_of_day, features.inventory, statuses,
                         features.zip_code_available)
+
+
+def coverage_rows(payment_vocabulary: list[str]) -> FeatureBatch:
+    """Every combination of ``COVERAGE_STOCK`` × hour 0-23 × status of ``payment_vocabulary``
+    × zip served or not, once each: len(COVERAGE_STOCK) × 24 × len(vocabulary) × 2 rows."""
+    stock = np.array(COVERAGE_STOCK)
+    statuses = np.array(payment_vocabulary, dtype=object)
+    s, h, p, z = (a.ravel() for a in np.meshgrid(np.arange(len(stock)), np.arange(24),
+                                                 np.arange(len(statuses)), np.arange(2),
+                                                 indexing="ij"))
+    return FeatureBatch(order_hour_of_day=h.astype(np.int64), inventory=stock[s],
+                        payment_status=statuses[p], zip_code_available=z == 0)
 
 
 def train(data_dir: str | Path, out_dir: str | Path, *, seed: int = 0, holdout: float = 0.2,
@@ -87,20 +115,24 @@ def train(data_dir: str | Path, out_dir: str | Path, *, seed: int = 0, holdout: 
         "features": ["order_hour_of_day", "inventory", "payment_status", "zip_code_available"],
         "feature_order": feature_order(vocabulary),
     }
-    encoder = Model(XGBClassifier(), manifest)
-    matrix = encoder.design_matrix(_with_unseen(features, rng))
+    columns = DesignColumns(manifest["feature_order"])
+    matrix = columns.build(_with_unseen(features, rng))
     targets = np.searchsorted(np.array(class_order), labels.astype(str))
+    coverage = coverage_rows(vocabulary)
+    coverage_matrix = columns.build(coverage)
+    coverage_targets = np.searchsorted(np.array(class_order), label(coverage).astype(str))
 
     train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=holdout,
                                            random_state=seed, stratify=targets)
     classifier = XGBClassifier(**PARAMS, random_state=seed, n_jobs=2)
-    classifier.fit(matrix[train_idx], targets[train_idx])
+    classifier.fit(np.concatenate([matrix[train_idx], coverage_matrix]),
+                   np.concatenate([targets[train_idx], coverage_targets]))
     predicted = classifier.predict(matrix[test_idx])
     accuracy = float(accuracy_score(targets[test_idx], predicted))
     confusion = confusion_matrix(targets[test_idx], predicted,
                                  labels=range(len(class_order))).tolist()
     report = TrainReport(None, None, accuracy, confusion, tuple(class_order), len(labels),
-                         warnings)
+                         len(coverage), warnings)
     if accuracy < min_accuracy:
         raise TrainingError(f"holdout accuracy {accuracy:.4%} is below the gate "
                             f"{min_accuracy:.2%}; no artifact written\n{report.confusion_table()}")
@@ -108,11 +140,12 @@ def train(data_dir: str | Path, out_dir: str | Path, *, seed: int = 0, holdout: 
     manifest.update({
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "metrics": {"holdout_accuracy": accuracy, "confusion_matrix": confusion,
-                    "train_rows": len(train_idx), "holdout_rows": len(test_idx)},
-        # The model's own predictions on every training row: live predictions are compared
-        # with these, not with the policy's labels.
+                    "train_rows": len(train_idx), "holdout_rows": len(test_idx),
+                    "synthetic_rows": len(coverage)},
+        # The model's own predictions on every order of the history (coverage rows excluded):
+        # live predictions are compared with these, not with the policy's labels.
         "baseline": training_baseline(features, np.array(class_order, dtype=object)[
-            classifier.predict(encoder.design_matrix(features))]),
+            classifier.predict(columns.build(features))]),
         "training": {"data_dir": str(data_dir.resolve()), "seed": seed, "params": PARAMS,
                      "data_sha256": {name: artifact.sha256_of(data_dir / name) for name in
                                      ("orders.csv", "payments.csv", "inventory.csv",
@@ -123,4 +156,4 @@ def train(data_dir: str | Path, out_dir: str | Path, *, seed: int = 0, holdout: 
     artifact.save(classifier, manifest, out_dir)
     version = artifact.read_manifest(out_dir)["version"]
     return TrainReport(Path(out_dir), version, accuracy, confusion, tuple(class_order),
-                       len(labels), warnings)
+                       len(labels), len(coverage), warnings)

@@ -316,8 +316,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
                    encoding=settings.csv_encoding)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"trained on {report.rows} orders; holdout accuracy against the policy "
-          f"{report.holdout_accuracy:.4%}")
+    print(f"trained on {report.rows} orders (and {report.synthetic_rows} coverage rows, for "
+          f"fitting only); holdout accuracy against the policy {report.holdout_accuracy:.4%}")
     print(report.confusion_table())
     print(f"model {report.version} written to {report.model_dir}")
     return 0
