@@ -27,14 +27,13 @@ from typing import Any
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import NewTopic
-
-from bench.procstat import cpu_seconds, stop_and_reap
-from bus.clients import make_admin, make_consumer
-from bus.embedded import EmbeddedBroker
-from bus.settings import Settings
-from consumer.supervisor import worker_env
-from model.orders import read_orders_csv
-from producer.publisher import OrderPublisher
+from triage.bench.procstat import cpu_seconds, stop_and_reap
+from triage.bus.clients import make_admin, make_consumer
+from triage.bus.embedded import EmbeddedBroker
+from triage.bus.settings import Settings
+from triage.consumer.supervisor import worker_env
+from triage.model.orders import read_orders_csv
+from triage.producer.publisher import OrderPublisher
 
 PASSTHROUGH, SCORER, PER_MESSAGE = "passthrough", "scorer", "per_message"
 _POLL_S = 0.01           # status files and process liveness
@@ -66,7 +65,7 @@ class BenchOptions:
     out_dir: Path = Path("results/bench")
     seed: int = 1
     keep_topics: bool = False
-    scorer_module: str = "consumer.worker"
+    scorer_module: str = "triage.consumer.worker"
     stall_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
@@ -200,8 +199,8 @@ class Bench:
 
     def _inputs(self, work: Path) -> tuple[Path, Path]:
         """The orders and reference data, and a model: the user's, else generated and trained."""
-        from model.datagen import generate
-        from model.train import train
+        from triage.model.datagen import generate
+        from triage.model.train import train
 
         data_dir = self.options.data_dir
         if data_dir is None:
@@ -288,7 +287,7 @@ class Bench:
             return [sys.executable, "-m", self.options.scorer_module, "--model", str(model_dir),
                     "--reference", str(data_dir), "--status-file", str(status)]
         mode = "passthrough" if config == PASSTHROUGH else "per-message"
-        return [sys.executable, "-m", "bench.workers", mode, "--model", str(model_dir),
+        return [sys.executable, "-m", "triage.bench.workers", mode, "--model", str(model_dir),
                 "--reference", str(data_dir), "--status-file", str(status), *extra]
 
     def _run_config(self, config: str, source: Published, models: tuple[Path, Path], *,
@@ -650,8 +649,8 @@ def output_times(settings: Settings, config: str, expected: int,
     (source partition, source offset, published at ms, output at ms). The scorer's output time
     is the prediction's ``scored_at_ms``; the passthrough's, its record's producer timestamp
     (taken when it called produce), with the source from its header."""
-    from bench.workers import source_of
-    from consumer.reader import TopicReader
+    from triage.bench.workers import source_of
+    from triage.consumer.reader import TopicReader
 
     seen: dict[tuple[int, int], tuple[int, int, int, int]] = {}
     deadline = time.monotonic() + timeout_s
@@ -709,7 +708,7 @@ def run_benchmark(settings: Settings, options: BenchOptions,
                   say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run everything, write ``bench.json`` and the plots to ``options.out_dir``, return the
     results (what ``triage bench --json`` prints)."""
-    from bench.report import write_plots
+    from triage.bench.report import write_plots
 
     bench = Bench(settings, options) if say is None else Bench(settings, options, say)
     results = bench.run()

@@ -1,12 +1,13 @@
 """The two comparison configurations of ``triage bench``, as worker processes like the scorer.
 
-``python -m bench.workers passthrough``: consume the raw order bytes and produce them, untouched,
-to the predictions topic, with the scorer's batching and commit policy and no decoding. What
-Kafka and librdkafka cost on their own: the ceiling for any scorer. With ``--source-header`` it
-also names each record's source (partition, offset, producer timestamp) in a header, so the
-latency phase can time the broker and client path alone; the throughput runs go without it.
+``python -m triage.bench.workers passthrough``: consume the raw order bytes and produce them,
+untouched, to the predictions topic, with the scorer's batching and commit policy and no
+decoding. What Kafka and librdkafka cost on their own: the ceiling for any scorer. With
+``--source-header`` it also names each record's source (partition, offset, producer timestamp)
+in a header, so the latency phase can time the broker and client path alone; the throughput runs
+go without it.
 
-``python -m bench.workers per-message --model DIR --reference DIR``: what the earlier HTTP
+``python -m triage.bench.workers per-message --model DIR --reference DIR``: what the earlier HTTP
 services did for every request: decode one order, build a one-row DataFrame, predict, produce
 its prediction. It consumes and commits in batches like the scorer, so the comparison isolates
 scoring one order at a time (a per-request service would pay more: a commit per order).
@@ -29,9 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
-
-from bus.clients import make_consumer, make_producer
-from bus.settings import Settings
+from triage.bus.clients import make_consumer, make_producer
+from triage.bus.settings import Settings
 
 _FLUSH_TIMEOUT_S = 60.0
 
@@ -155,11 +155,10 @@ def per_message(loop: BatchLoop, model_dir: Path,
     """(c): one order at a time through a one-row DataFrame, as the seed services scored."""
     import numpy as np
     import pandas as pd
-
-    from model import artifact
-    from model.orders import OrderColumns
-    from model.reference import ReferenceTables
-    from schemas.codec import codec_for
+    from triage.model import artifact
+    from triage.model.orders import OrderColumns
+    from triage.model.reference import ReferenceTables
+    from triage.schemas.codec import codec_for
 
     settings = loop.settings
     model = artifact.load(model_dir)
@@ -203,7 +202,7 @@ def per_message(loop: BatchLoop, model_dir: Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench.workers")
+    parser = argparse.ArgumentParser(prog="triage.bench.workers")
     parser.add_argument("mode", choices=["passthrough", "per-message"])
     parser.add_argument("--model", type=Path)
     parser.add_argument("--reference", type=Path)

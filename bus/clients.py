@@ -6,9 +6,8 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
-
-from bus.embedded import resolve_bootstrap
-from bus.settings import Settings
+from triage.bus.embedded import resolve_bootstrap
+from triage.bus.settings import Settings
 
 
 def security_config(settings: Settings) -> dict[str, Any]:

@@ -12,9 +12,8 @@ import uuid
 from dataclasses import dataclass
 
 from confluent_kafka import OFFSET_BEGINNING, ConsumerGroupTopicPartitions, TopicPartition
-
-from bus.clients import make_admin, make_consumer, partitions_of
-from bus.settings import Settings
+from triage.bus.clients import make_admin, make_consumer, partitions_of
+from triage.bus.settings import Settings
 
 
 @dataclass(frozen=True)

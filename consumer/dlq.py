@@ -13,12 +13,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from bus.clients import make_producer, produce
-from bus.offsets import watermarks
-from bus.settings import Settings
-from consumer.deadletter import REASON_HEADER, headers_dict
-from consumer.reader import TopicReader
-from schemas.codec import DecodeError, codec_for
+from triage.bus.clients import make_producer, produce
+from triage.bus.offsets import watermarks
+from triage.bus.settings import Settings
+from triage.consumer.deadletter import REASON_HEADER, headers_dict
+from triage.consumer.reader import TopicReader
+from triage.schemas.codec import DecodeError, codec_for
 
 REPLAY_HEADER = "triage.replayed-from"
 

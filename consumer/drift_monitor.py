@@ -34,13 +34,12 @@ import structlog
 from confluent_kafka import Consumer, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client import Counter as PromCounter
-
-from bus.clients import make_consumer, make_producer, produce, records_of
-from bus.settings import Settings
-from consumer.commit import AtLeastOnce
-from model.drift import DRIFT, MIN_BASELINE_ROWS, Reference, WindowResult, evaluate
-from model.features import FeatureBatch
-from schemas.codec import DecodeError, codec_for
+from triage.bus.clients import make_consumer, make_producer, produce, records_of
+from triage.bus.settings import Settings
+from triage.consumer.commit import AtLeastOnce
+from triage.model.drift import DRIFT, MIN_BASELINE_ROWS, Reference, WindowResult, evaluate
+from triage.model.features import FeatureBatch
+from triage.schemas.codec import DecodeError, codec_for
 
 _FLUSH_TIMEOUT_S = 30.0
 _PROGRESS_S = 10.0  # how often the open window's progress is logged

@@ -15,9 +15,9 @@ from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
-from bus.offsets import watermarks
-from bus.settings import Settings
-from consumer.reader import TopicReader
+from triage.bus.offsets import watermarks
+from triage.bus.settings import Settings
+from triage.consumer.reader import TopicReader
 
 COLORS = {"baseline": "#8da0cb", "current": "#fc8d62", "ok": "#1b9e77", "drift": "#d62728",
           "insufficient_data": "#999999"}

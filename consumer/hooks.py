@@ -4,21 +4,28 @@ A hook is an object with either or both of these methods:
 
 * ``check(orders: list[dict]) -> Iterable[Rejection]``: runs on every decoded batch before
   scoring. Each :class:`Rejection` sends that order to the dead-letter topic with its reason;
-  the rest of the batch is scored. The built-in validation (:mod:`consumer.validation`) is
+  the rest of the batch is scored. The built-in validation (:mod:`triage.consumer.validation`) is
   such a hook.
 * ``observe(batch: ScoredBatch) -> None``: runs after the batch is scored and its predictions
   are produced, for latency checks, data thresholds, extra metrics or alerts. It cannot
   reject anything.
 
 Register hooks with ``TRIAGE_HOOKS=package.module:factory,other.module:factory``. Each factory is
-called once per worker with the :class:`~bus.settings.Settings` and returns the hook. Example::
+called once per worker with the :class:`~triage.bus.settings.Settings` and returns the hook.
+The hook API is this module's ``__all__``, under the project's own import name. Example::
 
     # mycompany/hooks.py
-    class BigSpender:
+    from triage.consumer.hooks import Rejection
+
+    BLOCKED = {"C-666"}
+
+    class BlockedCustomers:
         def __init__(self, settings): ...
         def check(self, orders):
             return [Rejection(i, "blocked_customer", "on the block list")
                     for i, o in enumerate(orders) if o["customer_id"] in BLOCKED]
+
+    # TRIAGE_HOOKS=mycompany.hooks:BlockedCustomers
 
 A hook that raises never stops the loop: if ``check`` raises for a batch, it is run again order
 by order and the orders it still raises on are dead-lettered as ``hook_failed``; if ``observe``
@@ -36,6 +43,8 @@ concurrently with themselves and need not be thread-safe.
 
 from __future__ import annotations
 
+__all__ = ["CheckHook", "ObserveHook", "Rejection", "ScoredBatch"]
+
 import importlib
 import threading
 import time
@@ -44,10 +53,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-
-from bus.settings import Settings, SettingsError
-from model.features import FeatureBatch
-from model.orders import OrderColumns
+from triage.bus.settings import Settings, SettingsError
+from triage.model.features import FeatureBatch
+from triage.model.orders import OrderColumns
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message
-
-from bus.clients import make_consumer, partitions_of
-from bus.settings import Settings
-from consumer.deadletter import HEADER_PREFIX, REASON_HEADER, headers_dict
-from schemas.codec import codec_for
+from triage.bus.clients import make_consumer, partitions_of
+from triage.bus.settings import Settings
+from triage.consumer.deadletter import HEADER_PREFIX, REASON_HEADER, headers_dict
+from triage.schemas.codec import codec_for
 
 
 class TopicReader:

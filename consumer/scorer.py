@@ -7,14 +7,13 @@ batch's offsets. A crash anywhere before the commit means the batch is consumed 
 at-least-once, never at-most-once.
 
 Bad data never stops the loop: a record that is too large, does not decode, fails a check hook
-(validation is one) or makes scoring fail goes to the dead-letter topic with the reason, and
-the rest of its batch is scored as usual. A slow hook cannot stop it either: the hooks of one
-batch share a deadline (``TRIAGE_PROCESSING_DEADLINE_MS``, see :mod:`consumer.hooks`), and the
+(validation is one) or makes scoring fail goes to the dead-letter topic with the reason, and the
+rest of its batch is scored as usual. A slow hook cannot stop it either: the hooks of one batch
+share a deadline (``TRIAGE_PROCESSING_DEADLINE_MS``, see :mod:`triage.consumer.hooks`), and the
 orders they have not finished by then are dead-lettered as ``timeout``; the consumer is never
 polled in the middle of a batch. Infrastructure failures (a delivery the broker refused, a
 commit that cannot be made) raise :class:`InfrastructureError`; the process exits non-zero and
-the supervisor restarts it.
-"""
+the supervisor restarts it. """
 
 from __future__ import annotations
 
@@ -27,8 +26,7 @@ from pathlib import Path
 
 import structlog
 from confluent_kafka import Consumer, Message, TopicPartition
-
-from bus.clients import (
+from triage.bus.clients import (
     PRODUCER_MAX_MESSAGE_BYTES,
     make_consumer,
     make_producer,
@@ -36,11 +34,11 @@ from bus.clients import (
     records_of,
     topic_max_message_bytes,
 )
-from bus.settings import Settings
-from consumer import metrics
-from consumer.commit import AtLeastOnce, ExactlyOnce, transactional_id
-from consumer.deadletter import dead_letter_headers, fit_dead_letter
-from consumer.hooks import (
+from triage.bus.settings import Settings
+from triage.consumer import metrics
+from triage.consumer.commit import AtLeastOnce, ExactlyOnce, transactional_id
+from triage.consumer.deadletter import dead_letter_headers, fit_dead_letter
+from triage.consumer.hooks import (
     CheckHook,
     HookRunner,
     HookTimeout,
@@ -49,13 +47,13 @@ from consumer.hooks import (
     ScoredBatch,
     hook_name,
 )
-from consumer.sampler import sampled_indices
-from consumer.validation import OrderValidator
-from model.artifact import Model
-from model.features import FeatureBatch
-from model.orders import OrderColumns
-from model.reference import ReferenceTables, truncated_zip_match
-from schemas.codec import DecodeError, codec_for
+from triage.consumer.sampler import sampled_indices
+from triage.consumer.validation import OrderValidator
+from triage.model.artifact import Model
+from triage.model.features import FeatureBatch
+from triage.model.orders import OrderColumns
+from triage.model.reference import ReferenceTables, truncated_zip_match
+from triage.schemas.codec import DecodeError, codec_for
 
 
 @dataclass

@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
-
-from bus.settings import Settings
-from consumer.autoscale import Autoscaler
-from consumer.worker import EXIT_CONFIG_ERROR
+from triage.bus.settings import Settings
+from triage.consumer.autoscale import Autoscaler
+from triage.consumer.worker import EXIT_CONFIG_ERROR
 
 _BACKOFF_START_S = 1.0
 _BACKOFF_MAX_S = 30.0
@@ -89,7 +88,7 @@ class Supervisor:
     def _spawn(self, slot: _Slot) -> None:
         env = worker_env(self.settings)
         slot.process = subprocess.Popen(
-            [sys.executable, "-m", "consumer.worker", "--model", str(self.model_dir),
+            [sys.executable, "-m", "triage.consumer.worker", "--model", str(self.model_dir),
              "--reference", str(self.reference_dir), "--worker-id", slot.worker_id,
              "--status-file", str(self._status_file(slot)),
              "--supervisor-pid", str(os.getpid())],

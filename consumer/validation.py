@@ -18,8 +18,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from bus.settings import Settings
-from consumer.hooks import Rejection
+from triage.bus.settings import Settings
+from triage.consumer.hooks import Rejection
 
 STRING_FIELDS = ("order_id", "customer_id", "sku_code", "zip_code")
 

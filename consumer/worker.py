@@ -1,4 +1,4 @@
-"""One scorer worker process: ``python -m consumer.worker --model DIR --reference DIR``.
+"""One scorer worker process: ``python -m triage.consumer.worker --model DIR --reference DIR``.
 
 Settings come from the ``TRIAGE_*`` environment the supervisor passes down. Exit status: 0 after
 a requested stop (SIGTERM/SIGINT: finish the batch, commit, leave the group), 1 after an
@@ -22,17 +22,16 @@ from pathlib import Path
 
 import structlog
 from confluent_kafka import KafkaException
-
-from bus.embedded import BrokerNotFound
-from bus.logs import configure_logging
-from bus.settings import Settings, SettingsError
-from consumer import metrics
-from consumer.commit import InfrastructureError
-from consumer.hooks import load_hooks
-from consumer.scorer import Scorer
-from model import artifact
-from model.reference import ReferenceDataError, ReferenceTables, zip_code_warnings
-from schemas.codec import RegistryUnavailable
+from triage.bus.embedded import BrokerNotFound
+from triage.bus.logs import configure_logging
+from triage.bus.settings import Settings, SettingsError
+from triage.consumer import metrics
+from triage.consumer.commit import InfrastructureError
+from triage.consumer.hooks import load_hooks
+from triage.consumer.scorer import Scorer
+from triage.model import artifact
+from triage.model.reference import ReferenceDataError, ReferenceTables, zip_code_warnings
+from triage.schemas.codec import RegistryUnavailable
 
 EXIT_CONFIG_ERROR = 2  # the supervisor does not restart a worker that exits with this
 _PARENT_CHECK_S = 0.5
@@ -55,7 +54,7 @@ def watch_parent(supervisor_pid: int, on_gone: Callable[[], None],
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="consumer.worker")
+    parser = argparse.ArgumentParser(prog="triage.consumer.worker")
     parser.add_argument("--model", required=True)
     parser.add_argument("--reference", required=True)
     parser.add_argument("--worker-id", default="0")

@@ -37,9 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from triage.model.features import FeatureBatch
 from xgboost import XGBClassifier
-
-from model.features import FeatureBatch
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.json"

@@ -7,9 +7,13 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-
-from model.drift import AVAILABILITY_LABELS, availability_codes, level_bin_counts, level_edges
-from model.features import FeatureBatch
+from triage.model.drift import (
+    AVAILABILITY_LABELS,
+    availability_codes,
+    level_bin_counts,
+    level_edges,
+)
+from triage.model.features import FeatureBatch
 
 INVENTORY_QUANTILES = tuple(q / 10 for q in range(1, 10))
 

@@ -152,7 +152,7 @@ def generate(
     order_ids = _order_ids(rng, n_orders)
     customer_ids = _customer_ids(rng, orders.customer, max(1, n_orders // 3))
     if shift is not None:
-        from model.shifts import RawData, apply_shift
+        from triage.model.shifts import RawData, apply_shift
 
         raw = apply_shift(shift, seed, RawData(
             orders.ts, orders.sku, orders.zip, order_ids, customer_ids, payments, inventory,

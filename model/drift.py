@@ -53,8 +53,7 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
-
-from model.features import FeatureBatch
+from triage.model.features import FeatureBatch
 
 DEFAULT_ALPHA = 0.01
 MIN_BIN_SHARE = 0.02

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from model.features import FeatureBatch, compute_features
-from model.reference import ReferenceTables, parse_timestamps_lenient, read_csv
+from triage.model.features import FeatureBatch, compute_features
+from triage.model.reference import ReferenceTables, parse_timestamps_lenient, read_csv
 
 ORDER_COLUMNS = ["order_id", "customer_id", "timestamp", "sku_code", "zip_code"]
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-
-from model.features import FeatureBatch
+from triage.model.features import FeatureBatch
 
 CLASSES = ("Deliver", "HoldCheckAvailability", "HoldCheckDelivery", "HoldCheckPayment", "Decline")
 

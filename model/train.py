@@ -26,15 +26,14 @@ import sklearn
 import xgboost
 from sklearn.metrics import accuracy_score, confusion_matrix
 from sklearn.model_selection import train_test_split
+from triage.model import artifact
+from triage.model.artifact import UNSEEN_STATUS, DesignColumns, feature_order
+from triage.model.baseline import training_baseline
+from triage.model.features import FeatureBatch
+from triage.model.orders import read_orders_csv
+from triage.model.policy import CLASSES, label
+from triage.model.reference import MISSING_STATUS, ReferenceTables, zip_code_warnings
 from xgboost import XGBClassifier
-
-from model import artifact
-from model.artifact import UNSEEN_STATUS, DesignColumns, feature_order
-from model.baseline import training_baseline
-from model.features import FeatureBatch
-from model.orders import read_orders_csv
-from model.policy import CLASSES, label
-from model.reference import MISSING_STATUS, ReferenceTables, zip_code_warnings
 
 MIN_ACCURACY = 0.995
 UNSEEN_SHARE = 0.1  # share of non-OK statuses relabelled __UNSEEN__ to teach that category

@@ -12,10 +12,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from confluent_kafka import KafkaError, Message
-
-from bus.clients import make_producer, produce
-from bus.settings import Settings
-from schemas.codec import codec_for
+from triage.bus.clients import make_producer, produce
+from triage.bus.settings import Settings
+from triage.schemas.codec import codec_for
 
 
 class OrderError(ValueError):

@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
-
-from bus.settings import Settings
-from model.orders import SkippedRow, read_orders_csv
-from producer.publisher import OrderPublisher
+from triage.bus.settings import Settings
+from triage.model.orders import SkippedRow, read_orders_csv
+from triage.producer.publisher import OrderPublisher
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,7 @@ from typing import Any
 
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
-
-from bus.settings import Settings
+from triage.bus.settings import Settings
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 REGISTRY_MAGIC = 0
@@ -54,7 +53,7 @@ class DecodeError(ValueError):
 @functools.cache
 def load_schema(name: str) -> dict[str, Any]:
     """The parsed schema ``schemas/<name>.avsc``, e.g. ``order``."""
-    text = resources.files("schemas").joinpath(f"{name}.avsc").read_text()
+    text = resources.files("triage.schemas").joinpath(f"{name}.avsc").read_text()
     return fastavro.parse_schema(json.loads(text))
 
 

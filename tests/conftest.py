@@ -11,12 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from bus.clients import create_topics
-from bus.embedded import EmbeddedBroker
-from bus.settings import Settings
-from model.datagen import generate
-from model.train import train
+from triage.bus.clients import create_topics
+from triage.bus.embedded import EmbeddedBroker
+from triage.bus.settings import Settings
+from triage.model.datagen import generate
+from triage.model.train import train
 
 
 def _docker_running() -> bool:

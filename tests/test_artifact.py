@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from model import artifact
-from model.artifact import ArtifactError
-from model.features import FeatureBatch
-from model.orders import read_orders_csv
-from model.reference import ReferenceTables
+from triage.model import artifact
+from triage.model.artifact import ArtifactError
+from triage.model.features import FeatureBatch
+from triage.model.orders import read_orders_csv
+from triage.model.reference import ReferenceTables
 
 
 def test_round_trip_predicts_like_the_trained_classifier(history: Path, model_dir: Path) -> None:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from consumer.autoscale import Autoscaler
+from triage.consumer.autoscale import Autoscaler
 
 
 def decisions(scaler: Autoscaler, lags: list[int], workers: int) -> list[int]:

@@ -16,18 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from bus.clients import make_producer
-from bus.offsets import committed_offsets
-from bus.settings import Settings
-from consumer import dlq
-from consumer.deadletter import headers_dict
-from consumer.reader import TopicReader
-from consumer.scorer import Scorer
-from model import artifact
-from model.orders import read_orders_csv
-from model.reference import AsOfTable, ReferenceTables
-from schemas.codec import Codec, codec_for
+from triage.bus.clients import make_producer
+from triage.bus.offsets import committed_offsets
+from triage.bus.settings import Settings
+from triage.consumer import dlq
+from triage.consumer.deadletter import headers_dict
+from triage.consumer.reader import TopicReader
+from triage.consumer.scorer import Scorer
+from triage.model import artifact
+from triage.model.orders import read_orders_csv
+from triage.model.reference import AsOfTable, ReferenceTables
+from triage.schemas.codec import Codec, codec_for
 
 pytestmark = pytest.mark.integration
 
@@ -214,7 +213,7 @@ def test_a_registry_outage_stops_the_worker_and_loses_nothing(
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
     env.update(settings.replace(schema_registry_url=down_url).to_env())
     worker = subprocess.run(
-        [sys.executable, "-m", "consumer.worker", "--model", str(model_dir),
+        [sys.executable, "-m", "triage.consumer.worker", "--model", str(model_dir),
          "--reference", str(history)], env=env, capture_output=True, text=True, timeout=180)
     assert worker.returncode == 1, worker.stdout[-2000:] + worker.stderr[-2000:]
     assert "worker_failed" in worker.stdout + worker.stderr

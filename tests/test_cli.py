@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from bus.embedded import BrokerNotFound, resolve_bootstrap, write_state
-from bus.settings import Settings, SettingsError
+from triage.bus.embedded import BrokerNotFound, resolve_bootstrap, write_state
+from triage.bus.settings import Settings, SettingsError
 
 TRIAGE = [sys.executable, "-m", "triage.cli"]
 
@@ -108,7 +107,8 @@ def test_demo_reports_full_agreement(bootstrap: str, tmp_path: Path) -> None:
 
 
 def test_the_readme_lists_every_setting_and_every_command() -> None:
-    from bus.settings import settings_table
+    from triage.bus.settings import settings_table
+
     from triage.cli import COMMANDS
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
@@ -121,8 +121,8 @@ def test_the_readme_lists_every_setting_and_every_command() -> None:
 @pytest.mark.integration
 def test_lag_command_reports_committed_end_and_lag_per_partition(bootstrap: str,
                                                                  tmp_path: Path) -> None:
-    from bus.clients import create_topics
-    from producer.publisher import OrderPublisher, order_record
+    from triage.bus.clients import create_topics
+    from triage.producer.publisher import OrderPublisher, order_record
 
     settings = Settings(bootstrap_servers=bootstrap, orders_topic=f"lag-{tmp_path.name}",
                         orders_partitions=2, state_dir=str(tmp_path))

@@ -20,9 +20,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-
-from bus.settings import Settings, SettingsError
-from schemas.codec import Codec, DecodeError, RegistryUnavailable, codec_for, load_schema
+from triage.bus.settings import Settings, SettingsError
+from triage.schemas.codec import Codec, DecodeError, RegistryUnavailable, codec_for, load_schema
 
 ORDER = {"order_id": "O-1", "customer_id": "C-9", "timestamp_ms": 1_767_225_600_000,
          "sku_code": "SKU-00042", "zip_code": "01234"}

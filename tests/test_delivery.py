@@ -20,16 +20,15 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import AdminClient
-
-from bus.clients import create_topics
-from bus.embedded import EmbeddedBroker
-from bus.offsets import committed_offsets, group_lag
-from bus.settings import Settings
-from consumer.autoscale import Autoscaler
-from consumer.reader import TopicReader, collect
-from consumer.supervisor import Supervisor
-from model.orders import read_orders_csv
-from producer.replay import ReplaySummary, replay
+from triage.bus.clients import create_topics
+from triage.bus.embedded import EmbeddedBroker
+from triage.bus.offsets import committed_offsets, group_lag
+from triage.bus.settings import Settings
+from triage.consumer.autoscale import Autoscaler
+from triage.consumer.reader import TopicReader, collect
+from triage.consumer.supervisor import Supervisor
+from triage.model.orders import read_orders_csv
+from triage.producer.replay import ReplaySummary, replay
 
 pytestmark = pytest.mark.integration
 RESULTS = Path(__file__).parent.parent / "results" / "delivery"
@@ -163,7 +162,7 @@ def order_ids(history: Path, n: int) -> list[str]:
 
 @pytest.fixture
 def big_history(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from model.datagen import generate
+    from triage.model.datagen import generate
 
     path = tmp_path_factory.mktemp("big")
     generate(50_000, 23, path)

@@ -25,17 +25,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from structlog.testing import capture_logs
-
-from bus.clients import create_topics
-from bus.embedded import free_port
-from bus.settings import Settings
-from consumer.drift_monitor import DriftMonitor
-from consumer.drift_report import read_reports
-from consumer.reader import TopicReader
-from consumer.supervisor import Supervisor
-from model import artifact
-from model.datagen import generate
-from producer.replay import replay
+from triage.bus.clients import create_topics
+from triage.bus.embedded import free_port
+from triage.bus.settings import Settings
+from triage.consumer.drift_monitor import DriftMonitor
+from triage.consumer.drift_report import read_reports
+from triage.consumer.reader import TopicReader
+from triage.consumer.supervisor import Supervisor
+from triage.model import artifact
+from triage.model.datagen import generate
+from triage.producer.replay import replay
 
 pytestmark = pytest.mark.integration
 
@@ -196,7 +195,7 @@ def test_a_time_window_without_samples_reports_insufficient_data(settings: Setti
 
 
 def test_drift_settings_are_checked() -> None:
-    from bus.settings import SettingsError
+    from triage.bus.settings import SettingsError
 
     with pytest.raises(SettingsError, match="TRIAGE_DRIFT_WINDOW_SAMPLES"):
         Settings(drift_window_samples=0, drift_window_minutes=0)

@@ -9,16 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from consumer.drift_monitor import report_record
-from consumer.drift_report import render
-from model import artifact
-from model.datagen import generate
-from model.drift import CHECKS, Reference, evaluate
-from model.features import FeatureBatch
-from model.orders import read_orders_csv
-from model.reference import ReferenceTables
-from schemas.codec import Codec
+from triage.consumer.drift_monitor import report_record
+from triage.consumer.drift_report import render
+from triage.model import artifact
+from triage.model.datagen import generate
+from triage.model.drift import CHECKS, Reference, evaluate
+from triage.model.features import FeatureBatch
+from triage.model.orders import read_orders_csv
+from triage.model.reference import ReferenceTables
+from triage.schemas.codec import Codec
 
 
 class _Tags(HTMLParser):

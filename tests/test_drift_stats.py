@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import stats
-
-from model import artifact
-from model.baseline import training_baseline
-from model.datagen import generate
-from model.drift import (
+from triage.model import artifact
+from triage.model.baseline import training_baseline
+from triage.model.datagen import generate
+from triage.model.drift import (
     CHECKS,
     DRIFT,
     INSUFFICIENT,
@@ -36,11 +35,11 @@ from model.drift import (
     evaluate,
     holm_adjusted,
 )
-from model.features import FeatureBatch
-from model.orders import read_orders_csv
-from model.policy import label
-from model.reference import ReferenceTables
-from model.shifts import NEW_STATUS, SCENARIOS
+from triage.model.features import FeatureBatch
+from triage.model.orders import read_orders_csv
+from triage.model.policy import label
+from triage.model.reference import ReferenceTables
+from triage.model.shifts import NEW_STATUS, SCENARIOS
 
 SEED = 23
 ORDERS = 40_000

@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
-from model.datagen import generate
-from model.features import FeatureBatch
-from model.orders import read_orders_csv
-from model.reference import ReferenceTables
+from triage.model.datagen import generate
+from triage.model.features import FeatureBatch
+from triage.model.orders import read_orders_csv
+from triage.model.reference import ReferenceTables
 
 
 def oracle(data_dir: Path) -> pd.DataFrame:
@@ -115,7 +114,7 @@ def test_sub_second_order_times_compare_by_the_second(tmp_path: Path) -> None:
     write(tmp_path, "payments.csv", "order_id,timestamp,payment_status", [])
     write(tmp_path, "zip_codes.csv", "zip_code,available_from", ["1,2026-01-01 10:00:00"])
     reference = ReferenceTables.load(tmp_path)
-    from model.features import compute_features
+    from triage.model.features import compute_features
 
     at = pd.Timestamp("2026-01-01 10:00:00").value // 1_000_000
     features = compute_features(reference, ["x", "y"], ["A", "A"], ["1", "1"],

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from triage.model import artifact
+from triage.model.artifact import UNSEEN_STATUS, ArtifactError
+from triage.model.features import FeatureBatch
+from triage.model.policy import label
 from xgboost import XGBClassifier
-
-from model import artifact
-from model.artifact import UNSEEN_STATUS, ArtifactError
-from model.features import FeatureBatch
-from model.policy import label
 
 UNSEEN_NAME = "CHARGEBACK"
 

@@ -14,15 +14,14 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import TopicPartition
-
-from bus.clients import make_consumer
-from bus.settings import Settings
-from consumer.reader import TopicReader, collect
-from consumer.supervisor import Supervisor
-from model import artifact
-from model.orders import read_orders_csv
-from model.reference import ReferenceTables
-from producer.replay import ReplaySummary, replay
+from triage.bus.clients import make_consumer
+from triage.bus.settings import Settings
+from triage.consumer.reader import TopicReader, collect
+from triage.consumer.supervisor import Supervisor
+from triage.model import artifact
+from triage.model.orders import read_orders_csv
+from triage.model.reference import ReferenceTables
+from triage.producer.replay import ReplaySummary, replay
 
 pytestmark = pytest.mark.integration
 

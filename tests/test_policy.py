@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from model.features import FeatureBatch
-from model.policy import CLASSES, label
+from triage.model.features import FeatureBatch
+from triage.model.policy import CLASSES, label
 
 NAN = float("nan")
 

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from bus.settings import Settings
-from consumer.validation import OrderValidator
-from model import artifact
-from model.orders import OrderColumns
-from model.reference import ReferenceTables
-from schemas.codec import Codec, DecodeError
+from triage.bus.settings import Settings
+from triage.consumer.validation import OrderValidator
+from triage.model import artifact
+from triage.model.orders import OrderColumns
+from triage.model.reference import ReferenceTables
+from triage.schemas.codec import Codec, DecodeError
 
 EXAMPLES = settings(max_examples=5_000, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -19,35 +19,35 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from bus.clients import consumer_config, create_topics, make_producer, producer_config
-from bus.embedded import EmbeddedBroker, free_port
-from bus.offsets import committed_offsets
-from bus.settings import Settings, SettingsError
-from consumer.deadletter import (
+from triage.bus.clients import consumer_config, create_topics, make_producer, producer_config
+from triage.bus.embedded import EmbeddedBroker, free_port
+from triage.bus.offsets import committed_offsets
+from triage.bus.settings import Settings, SettingsError
+from triage.consumer.deadletter import (
     MAX_HEADER_VALUE_BYTES,
     RECORD_OVERHEAD_BYTES,
     fit_dead_letter,
     headers_dict,
     record_size,
 )
-from consumer.hooks import Rejection
-from consumer.reader import TopicReader, collect
-from consumer.scorer import Scorer
-from consumer.supervisor import Supervisor
-from model import artifact
-from model.features import FeatureBatch
-from model.orders import read_orders_csv
-from model.policy import label
-from model.reference import (
+from triage.consumer.hooks import Rejection
+from triage.consumer.reader import TopicReader, collect
+from triage.consumer.scorer import Scorer
+from triage.consumer.supervisor import Supervisor
+from triage.model import artifact
+from triage.model.features import FeatureBatch
+from triage.model.orders import read_orders_csv
+from triage.model.policy import label
+from triage.model.reference import (
     ReferenceDataError,
     ReferenceTables,
     read_csv,
     truncated_zip_match,
     zip_code_warnings,
 )
-from producer.replay import replay
-from schemas.codec import Codec
+from triage.producer.replay import replay
+from triage.schemas.codec import Codec
+
 from tests.test_bad_input import run_scorer
 from tests.test_cli import TRIAGE, clean_env, triage
 from tests.test_features import oracle
@@ -229,9 +229,9 @@ def test_commands_refuse_a_csv_in_another_encoding_once_with_the_config_status(
     consumed = triage("consume", "--model", str(model_dir), "--reference", str(data), env=env)
     assert consumed.returncode == 2 and "inventory.csv is not utf-8" in consumed.stderr
     assert "worker_spawned" not in consumed.stderr  # refused once, before any worker
-    worker = subprocess.run([sys.executable, "-m", "consumer.worker", "--model", str(model_dir),
-                             "--reference", str(data)], env=env, capture_output=True,
-                            text=True, timeout=120)
+    worker = subprocess.run([sys.executable, "-m", "triage.consumer.worker", "--model",
+                             str(model_dir), "--reference", str(data)], env=env,
+                            capture_output=True, text=True, timeout=120)
     assert worker.returncode == 2, worker.stderr[-2000:]  # not restarted by its supervisor
     assert "Traceback" not in trained.stderr + replayed.stderr + consumed.stderr + worker.stderr
     assert triage("replay", str(data / "orders.csv"), "--encoding", "cp1252",

@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from bus.clients import consumer_config, producer_config
-from bus.settings import Settings, SettingsError
+from triage.bus.clients import consumer_config, producer_config
+from triage.bus.settings import Settings, SettingsError
 
 SECRET = "s3cr3t-Pa55-word-never-logged"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from confluent_kafka import KafkaException
 
-from bus.embedded import (
+from triage.bus.embedded import (
     BrokerNotFound,
     BrokerStartError,
     EmbeddedBroker,
@@ -21,8 +21,8 @@ from bus.embedded import (
     running_embedded,
     write_state,
 )
-from bus.logs import configure_logging
-from bus.settings import Settings, SettingsError, settings_table
+from triage.bus.logs import configure_logging
+from triage.bus.settings import Settings, SettingsError, settings_table
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--weeks", type=int, default=4, help="weeks the orders span (default 4)")
     p.add_argument("--out", type=Path, required=True, help="directory to write the CSVs to")
-    from model.shifts import SCENARIOS
+    from triage.model.shifts import SCENARIOS
 
     p.add_argument("--shift", choices=list(SCENARIOS), metavar="SCENARIO",
                    help="the same data with one realistic shift: " + "; ".join(
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, help="model directory (default: trained on the data)")
     p.add_argument("--out", type=Path, default=Path("results/bench"),
                    help="where bench.json, the plots and the worker logs go")
-    p.add_argument("--scorer-module", default="consumer.worker",
+    p.add_argument("--scorer-module", default="triage.consumer.worker",
                    help="module run as (b), for A/B-testing a changed hot path")
     p.add_argument("--keep-topics", action="store_true", help="do not delete the bench topics")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -263,7 +263,7 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
-    from bus.clients import create_topics
+    from triage.bus.clients import create_topics
 
     for name, outcome in create_topics(settings).items():
         print(f"{name}: {outcome}")
@@ -271,7 +271,7 @@ def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_datagen(args: argparse.Namespace, settings: Settings) -> int:
-    from model.datagen import generate
+    from triage.model.datagen import generate
 
     paths = generate(args.orders, args.seed, args.out, weeks=args.weeks, shift=args.shift)
     for path in paths.values():
@@ -281,7 +281,7 @@ def cmd_datagen(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_drift(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "report":
-        from consumer.drift_report import (
+        from triage.consumer.drift_report import (
             open_window_note,
             read_reports,
             render,
@@ -296,8 +296,8 @@ def cmd_drift(args: argparse.Namespace, settings: Settings) -> int:
         print(note)
         return 0
 
-    from consumer.drift_monitor import DriftMonitor
-    from model.artifact import verify
+    from triage.consumer.drift_monitor import DriftMonitor
+    from triage.model.artifact import verify
 
     monitor = DriftMonitor(settings, verify(args.model))
     signal.signal(signal.SIGTERM, lambda *_: monitor.request_stop())
@@ -310,7 +310,7 @@ def cmd_drift(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
-    from model.train import train
+    from triage.model.train import train
 
     report = train(args.data, args.out, seed=args.seed, min_accuracy=args.min_accuracy,
                    encoding=settings.csv_encoding)
@@ -324,7 +324,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from producer.replay import replay
+    from triage.producer.replay import replay
 
     summary = replay(settings, args.csv, rate=args.rate, speedup=args.speedup, limit=args.limit,
                      progress=not args.no_progress)
@@ -333,7 +333,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
-    from producer.publisher import OrderPublisher, order_record
+    from triage.producer.publisher import OrderPublisher, order_record
 
     record = order_record(args.order_id, args.customer_id, args.sku, args.zip, args.timestamp)
     publisher = OrderPublisher(settings)
@@ -351,11 +351,11 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     import structlog
 
-    from bus.clients import make_admin, partitions_of
-    from consumer.autoscale import Autoscaler
-    from consumer.supervisor import Supervisor
-    from model.artifact import verify
-    from model.reference import check_reference_dir
+    from triage.bus.clients import make_admin, partitions_of
+    from triage.consumer.autoscale import Autoscaler
+    from triage.consumer.supervisor import Supervisor
+    from triage.model.artifact import verify
+    from triage.model.reference import check_reference_dir
 
     verify(args.model)  # fail here, once, rather than in every worker
     check_reference_dir(args.reference, settings.csv_encoding)
@@ -396,7 +396,7 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_lag(args: argparse.Namespace, settings: Settings) -> int:
-    from bus.offsets import group_lag
+    from triage.bus.offsets import group_lag
 
     rows = group_lag(settings, settings.group_id, settings.orders_topic)
     print(f"group {settings.group_id} on {settings.orders_topic}")
@@ -409,7 +409,7 @@ def cmd_lag(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
-    from consumer.reader import TopicReader
+    from triage.consumer.reader import TopicReader
 
     out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115
     count = 0
@@ -444,7 +444,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
-    from consumer import dlq
+    from triage.consumer import dlq
 
     if args.action == "inspect":
         print(dlq.inspect(settings, samples_per_reason=args.samples, idle_s=args.idle))
@@ -455,8 +455,8 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from bench.report import render
-    from bench.runner import BenchError, BenchOptions, run_benchmark
+    from triage.bench.report import render
+    from triage.bench.runner import BenchError, BenchOptions, run_benchmark
 
     try:
         sweep = tuple(int(size) for size in args.sweep.split(",") if size.strip())
@@ -496,12 +496,12 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from consumer.commit import InfrastructureError
-    from model.artifact import ArtifactError
-    from model.reference import ReferenceDataError
-    from model.train import TrainingError
-    from producer.publisher import OrderError
-    from schemas.codec import RegistryUnavailable
+    from triage.consumer.commit import InfrastructureError
+    from triage.model.artifact import ArtifactError
+    from triage.model.reference import ReferenceDataError
+    from triage.model.train import TrainingError
+    from triage.producer.publisher import OrderError
+    from triage.schemas.codec import RegistryUnavailable
 
     args = build_parser().parse_args(argv)
     try:

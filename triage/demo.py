@@ -24,17 +24,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from bus.clients import create_topics, make_admin, partitions_of
-from bus.embedded import EmbeddedBroker, running_embedded
-from bus.settings import Settings
-from consumer.reader import collect_outcomes
-from consumer.supervisor import Supervisor
-from model import artifact
-from model.datagen import CSV_FILES, generate
-from model.orders import SkippedRow, read_orders_csv
-from model.reference import ReferenceDataError, ReferenceTables, zip_code_warnings
-from model.train import train
-from producer.replay import replay
+from triage.bus.clients import create_topics, make_admin, partitions_of
+from triage.bus.embedded import EmbeddedBroker, running_embedded
+from triage.bus.settings import Settings
+from triage.consumer.reader import collect_outcomes
+from triage.consumer.supervisor import Supervisor
+from triage.model import artifact
+from triage.model.datagen import CSV_FILES, generate
+from triage.model.orders import SkippedRow, read_orders_csv
+from triage.model.reference import ReferenceDataError, ReferenceTables, zip_code_warnings
+from triage.model.train import train
+from triage.producer.replay import replay
 
 DEMO_ORDERS = 20_000
 DEMO_SEED = 7
