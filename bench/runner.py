@@ -30,7 +30,8 @@ from confluent_kafka.admin import NewTopic
 from triage.bench.procstat import cpu_seconds, stop_and_reap
 from triage.bus.clients import make_admin, make_consumer
 from triage.bus.embedded import EmbeddedBroker
-from triage.bus.settings import Settings
+from triage.bus.errors import InfrastructureError
+from triage.bus.settings import Settings, SettingsError
 from triage.consumer.supervisor import worker_env
 from triage.model.orders import read_orders_csv
 from triage.producer.publisher import OrderPublisher
@@ -43,7 +44,7 @@ _WARMUP_S = 1.0             # of the offered load before the latency is measured
 _WARMUP_MIN_ORDERS = 100
 
 
-class BenchError(RuntimeError):
+class BenchError(InfrastructureError):
     """A configuration failed or stalled; the message names it and its log."""
 
 
@@ -72,11 +73,11 @@ class BenchOptions:
         for name in ("orders", "partitions", "latency_partitions", "saturation_orders",
                      "sweep_orders"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+                raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
         if self.rate <= 0 or self.latency_seconds <= 0:
-            raise ValueError("--rate and --latency-seconds must be positive")
+            raise SettingsError("--rate and --latency-seconds must be positive")
         if self.scaling_workers < 0 or any(size < 1 for size in self.sweep):
-            raise ValueError("--scaling-workers must be >= 0 and --sweep sizes >= 1")
+            raise SettingsError("--scaling-workers must be >= 0 and --sweep sizes >= 1")
 
 
 @dataclass

@@ -31,6 +31,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from triage.bus.clients import make_consumer, make_producer
+from triage.bus.errors import InfrastructureError
 from triage.bus.settings import Settings
 
 _FLUSH_TIMEOUT_S = 60.0
@@ -83,7 +84,7 @@ class BatchLoop:
                 handle(records)
                 remaining = self.producer.flush(_FLUSH_TIMEOUT_S)
                 if remaining or self.delivery_errors:
-                    raise RuntimeError(f"{remaining} not acknowledged; refused: "
+                    raise InfrastructureError(f"{remaining} not acknowledged; refused: "
                                        f"{self.delivery_errors[:3]}")
                 self._commit(records)
         finally:

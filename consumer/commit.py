@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from triage.bus.errors import InfrastructureError
 
 _FLUSH_TIMEOUT_S = 60.0
 _ATTEMPTS = 5
@@ -31,10 +32,6 @@ _REBALANCING = {KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION}
 # Commit errors that mean "these partitions are no longer yours": the new owner re-reads them.
 _LOST_OWNERSHIP = _REBALANCING | {KafkaError.UNKNOWN_MEMBER_ID, KafkaError._ASSIGNMENT_LOST,
                                   KafkaError.FENCED_INSTANCE_ID}
-
-
-class InfrastructureError(RuntimeError):
-    """The broker did not take what this worker produced or committed; restart the worker."""
 
 
 def next_offsets(consumed: list[Message]) -> list[TopicPartition]:

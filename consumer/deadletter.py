@@ -13,6 +13,7 @@ dropped, then the value, then both; what was cut or dropped is named in headers.
 from __future__ import annotations
 
 from confluent_kafka import Message
+from triage.bus.errors import ConfigurationError
 
 HEADER_PREFIX = "__connect.errors."
 REASON_HEADER = "triage.errors.reason"
@@ -54,7 +55,7 @@ def fit_dead_letter(key: bytes | None, value: bytes | None, headers: Headers, li
     key is dropped (``triage.errors.original-key-bytes`` keeps its size), then the value
     (``triage.errors.original-bytes``), then both.
 
-    Raises ValueError if ``limit`` leaves no room for the headers alone (a configuration
+    Raises ConfigurationError if ``limit`` leaves no room for the headers alone (a configuration
     error: no dead letter could ever be sent)."""
     budget = limit - RECORD_OVERHEAD_BYTES
     if record_size(key, value, headers) <= budget:
@@ -71,7 +72,7 @@ def fit_dead_letter(key: bytes | None, value: bytes | None, headers: Headers, li
                       (None, None, [*headers, key_note, value_note])):
         if record_size(*candidate) <= budget:
             return candidate
-    raise ValueError(f"a dead letter's headers alone exceed the {limit}-byte limit")
+    raise ConfigurationError(f"a dead letter's headers alone exceed the {limit}-byte limit")
 
 
 def headers_dict(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:

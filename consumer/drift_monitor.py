@@ -35,6 +35,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client import Counter as PromCounter
 from triage.bus.clients import make_consumer, make_producer, produce, records_of
+from triage.bus.errors import WaitTimeout
 from triage.bus.settings import Settings
 from triage.consumer.commit import AtLeastOnce
 from triage.model.drift import DRIFT, MIN_BASELINE_ROWS, Reference, WindowResult, evaluate
@@ -227,7 +228,7 @@ class DriftMonitor:
         window_s = self.settings.drift_window_minutes * 60.0
         while not self._stop_requested and (max_windows is None or len(written) < max_windows):
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"{len(written)} of {max_windows} window(s) reported after "
+                raise WaitTimeout(f"{len(written)} of {max_windows} window(s) reported after "
                                    f"{timeout_s:.0f} s; {len(self._window)} sample(s) in the "
                                    "open window")
             timeout = 0.5
@@ -238,7 +239,7 @@ class DriftMonitor:
                 try:
                     sample = self.samples.decode(msg.value())
                 except DecodeError as exc:
-                    self.log.warning("undecodable_sample", error=exc.reason,
+                    self.log.warning("undecodable_sample", error=exc.message,
                                      partition=msg.partition(), offset=msg.offset())
                     sample = None
                 self._window.add(msg, sample)

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+from triage.bus.errors import BadRecord
 from triage.bus.settings import Settings, SettingsError
 from triage.model.features import FeatureBatch
 from triage.model.orders import OrderColumns
@@ -108,8 +109,12 @@ def load_hooks(spec: str, settings: Settings) -> list[object]:
     return hooks
 
 
-class HookTimeout(Exception):
-    """A hook call did not return by the batch's deadline."""
+class HookTimeout(BadRecord):
+    """A hook call did not return by the batch's deadline: its orders are dead-lettered as
+    ``timeout``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("timeout", message)
 
 
 class _Call:

@@ -14,6 +14,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message
 from triage.bus.clients import make_consumer, partitions_of
+from triage.bus.errors import WaitTimeout
 from triage.bus.settings import Settings
 from triage.consumer.deadletter import HEADER_PREFIX, REASON_HEADER, headers_dict
 from triage.schemas.codec import codec_for
@@ -77,7 +78,7 @@ def collect(settings: Settings, topic: str, schema_name: str, expected_ids: set[
         while expected_ids - found.keys():
             if time.monotonic() > deadline:
                 missing = expected_ids - found.keys()
-                raise TimeoutError(f"{len(missing)} of {len(expected_ids)} orders have no record "
+                raise WaitTimeout(f"{len(missing)} of {len(expected_ids)} orders have no record "
                                    f"on {topic} after {timeout_s:.0f} s")
             for _, record in reader.poll():
                 order_id = record["order"]["order_id"] if "order" in record else record["order_id"]
@@ -116,7 +117,7 @@ def collect_outcomes(settings: Settings, positions: set[tuple[int, int]], *, sin
         while not positions <= (settled := outcomes.settled()):
             if time.monotonic() - last_news > stall_s:
                 missing = len(positions - settled)
-                raise TimeoutError(
+                raise WaitTimeout(
                     f"{missing} of {len(positions)} orders have neither a prediction on "
                     f"{settings.predictions_topic} nor a dead letter on {settings.dlq_topic} "
                     f"after {stall_s:.0f} s without progress: are the workers running?")

@@ -169,7 +169,7 @@ class Scorer:
             try:
                 records.append(self.orders.decode(value))
             except DecodeError as exc:
-                self._dead_letter(msg, exc.kind, "DecodeError", exc.reason)
+                self._dead_letter(msg, exc.reason, "DecodeError", exc.message)
                 continue
             decoded.append(msg)
         for hook in self.check_hooks:

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+from triage.bus.errors import EXIT_CONFIGURATION, WaitTimeout
 from triage.bus.settings import Settings
 from triage.consumer.autoscale import Autoscaler
-from triage.consumer.worker import EXIT_CONFIG_ERROR
 
 _BACKOFF_START_S = 1.0
 _BACKOFF_MAX_S = 30.0
@@ -156,7 +156,7 @@ class Supervisor:
         deadline = time.monotonic() + timeout_s
         while not self.balanced(partitions):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"workers own {self.assignments()} after {timeout_s:.0f} s, "
+                raise WaitTimeout(f"workers own {self.assignments()} after {timeout_s:.0f} s, "
                                    f"expected {partitions} partitions in all")
             self._stopping.wait(0.1)
 
@@ -184,7 +184,7 @@ class Supervisor:
                     continue
                 if code is None:
                     continue
-                if code == EXIT_CONFIG_ERROR:  # a restart would fail the same way
+                if code == EXIT_CONFIGURATION:  # a restart would fail the same way
                     self.log.error("worker_config_error_not_restarting", worker=slot.worker_id)
                     self.slots.remove(slot)
                     self.retired[slot.worker_id] = code

@@ -21,19 +21,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import structlog
-from confluent_kafka import KafkaException
-from triage.bus.embedded import BrokerNotFound
+from triage.bus.errors import EXIT_CONFIGURATION, ConfigurationError, exit_status, is_expected
 from triage.bus.logs import configure_logging
 from triage.bus.settings import Settings, SettingsError
 from triage.consumer import metrics
-from triage.consumer.commit import InfrastructureError
 from triage.consumer.hooks import load_hooks
 from triage.consumer.scorer import Scorer
 from triage.model import artifact
-from triage.model.reference import ReferenceDataError, ReferenceTables, zip_code_warnings
-from triage.schemas.codec import RegistryUnavailable
+from triage.model.reference import ReferenceTables, zip_code_warnings
 
-EXIT_CONFIG_ERROR = 2  # the supervisor does not restart a worker that exits with this
 _PARENT_CHECK_S = 0.5
 
 
@@ -67,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return EXIT_CONFIGURATION
     configure_logging(settings.log_format, settings.log_level)
     log = structlog.get_logger("worker").bind(worker=args.worker_id)
 
@@ -98,21 +94,29 @@ def main(argv: list[str] | None = None) -> int:
             port = settings.metrics_port + int(args.worker_id)
             metrics.serve(port)
             log.info("metrics_serving", port=port)
-    except (artifact.ArtifactError, ReferenceDataError, BrokerNotFound, SettingsError,
-            OSError) as exc:
+    except (ConfigurationError, OSError) as exc:  # OSError: a metrics port in use, a file
         log.error("worker_config_error", error=str(exc))
-        return EXIT_CONFIG_ERROR
+        return EXIT_CONFIGURATION
+    except Exception as exc:
+        return _failed(log, exc)
     if stop_requested.is_set():
         scorer.request_stop()
     try:
         scorer.run()
-    except (InfrastructureError, KafkaException, RegistryUnavailable) as exc:
-        log.error("worker_failed", error=str(exc))
-        return 1
-    except Exception:  # a bug: say so, with the traceback in the log, and let it be restarted
-        log.exception("worker_crashed")
-        return 1
+    except Exception as exc:
+        return _failed(log, exc)
     return 0
+
+
+def _failed(log: structlog.typing.FilteringBoundLogger, exc: Exception) -> int:
+    """Log why the worker stops (a bug with its traceback) and return its exit status."""
+    if isinstance(exc, ConfigurationError):
+        log.error("worker_config_error", error=str(exc))
+    elif is_expected(exc):
+        log.error("worker_failed", error=str(exc))
+    else:  # a bug: say so, with the traceback in the log; the supervisor restarts the worker
+        log.exception("worker_crashed")
+    return exit_status(exc)
 
 
 if __name__ == "__main__":

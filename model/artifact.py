@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from triage.bus.errors import ConfigurationError
 from triage.model.features import FeatureBatch
 from xgboost import XGBClassifier
 
@@ -48,7 +49,7 @@ STATUS_PREFIX = "payment_status="
 NUMERIC_COLUMNS = ("order_hour_of_day", "in_stock", "zip_code_available")
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(ConfigurationError):
     """The model directory is missing a file, or a file is not what the manifest says."""
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from triage.bus.errors import ConfigurationError
 
 CSV_FILES = ("orders.csv", "payments.csv", "inventory.csv", "zip_codes.csv")
 
@@ -132,9 +133,9 @@ def generate(
     needed); return name -> path. ``shift`` names a scenario of ``model.shifts``: the same data,
     changed only as the scenario says."""
     if n_orders < 1:
-        raise ValueError(f"n_orders must be >= 1, got {n_orders}")
+        raise ConfigurationError(f"n_orders must be >= 1, got {n_orders}")
     if weeks < 1:
-        raise ValueError(f"weeks must be >= 1, got {weeks}")
+        raise ConfigurationError(f"weeks must be >= 1, got {weeks}")
     rng = np.random.default_rng(seed)
     t0 = _epoch_seconds(start)
     period = _Period(t0, t0 + weeks * WEEK)

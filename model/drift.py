@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
+from triage.bus.errors import ConfigurationError
 from triage.model.features import FeatureBatch
 
 DEFAULT_ALPHA = 0.01
@@ -67,7 +68,7 @@ CHECKS = ("order_hour_of_day", "inventory_availability", "inventory_level", "pay
 AVAILABILITY_LABELS = ("missing", "out of stock", "in stock")
 
 
-class DriftError(ValueError):
+class DriftError(ConfigurationError):
     """The model manifest has no usable drift baseline."""
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from triage.bus.errors import ConfigurationError
 
 MISSING_STATUS = "MISSING"
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -27,7 +28,7 @@ REFERENCE_FILES = {
 }
 
 
-class ReferenceDataError(ValueError):
+class ReferenceDataError(ConfigurationError):
     """A reference CSV is missing, lacks a column, or holds a value that cannot be read."""
 
 

@@ -31,6 +31,7 @@ import zlib
 from dataclasses import dataclass, replace
 
 import numpy as np
+from triage.bus.errors import ConfigurationError
 
 SCENARIOS: dict[str, str] = {
     "night-orders": "20% of orders move into 00:00-04:59 of their day",
@@ -74,7 +75,7 @@ class RawData:
 def apply_shift(name: str, seed: int, data: RawData) -> RawData:
     """``data`` changed as scenario ``name`` says; deterministic in (name, seed)."""
     if name not in SCENARIOS:
-        raise ValueError(f"unknown shift {name!r}; choose from {', '.join(SCENARIOS)}")
+        raise ConfigurationError(f"unknown shift {name!r}; choose from {', '.join(SCENARIOS)}")
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     return _SHIFTS[name](rng, data)
 

@@ -26,6 +26,7 @@ import sklearn
 import xgboost
 from sklearn.metrics import accuracy_score, confusion_matrix
 from sklearn.model_selection import train_test_split
+from triage.bus.errors import ConfigurationError
 from triage.model import artifact
 from triage.model.artifact import UNSEEN_STATUS, DesignColumns, feature_order
 from triage.model.baseline import training_baseline
@@ -42,7 +43,7 @@ COVERAGE_STOCK = (np.nan, -1.0, 0.0, 0.001, 0.5, 1.0, 1e6)
 PARAMS = {"n_estimators": 60, "max_depth": 5, "learning_rate": 0.3, "tree_method": "hist"}
 
 
-class TrainingError(RuntimeError):
+class TrainingError(ConfigurationError):
     """The data cannot train a model, or the model misses the accuracy gate."""
 
 

@@ -13,11 +13,12 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message
 from triage.bus.clients import make_producer, produce
+from triage.bus.errors import ConfigurationError
 from triage.bus.settings import Settings
 from triage.schemas.codec import codec_for
 
 
-class OrderError(ValueError):
+class OrderError(ConfigurationError):
     """An order given on the command line or to :func:`order_record` is not valid."""
 
 

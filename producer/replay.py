@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
-from triage.bus.settings import Settings
+from triage.bus.settings import Settings, SettingsError
 from triage.model.orders import SkippedRow, read_orders_csv
 from triage.producer.publisher import OrderPublisher
 
@@ -49,9 +49,9 @@ def replay(settings: Settings, csv_path: str | Path, *, rate: float | None = Non
     in the summary; ``track`` keeps where each published row landed (``positions``).
     """
     if rate is not None and speedup is not None:
-        raise ValueError("give --rate or --speedup, not both")
+        raise SettingsError("give --rate or --speedup, not both")
     if (rate is not None and rate <= 0) or (speedup is not None and speedup <= 0):
-        raise ValueError("--rate and --speedup must be positive")
+        raise SettingsError("--rate and --speedup must be positive")
     orders = read_orders_csv(csv_path, limit=limit, encoding=settings.csv_encoding)
     publisher = OrderPublisher(settings)
     records = orders.records()

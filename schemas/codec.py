@@ -22,6 +22,7 @@ from typing import Any
 
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
+from triage.bus.errors import BadRecord, InfrastructureError
 from triage.bus.settings import Settings
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
@@ -29,25 +30,20 @@ REGISTRY_MAGIC = 0
 _SINGLE_OBJECT_HEADER = len(SINGLE_OBJECT_MAGIC) + 8
 
 
-class RegistryUnavailable(RuntimeError):
+class RegistryUnavailable(InfrastructureError):
     """The Schema Registry could not be reached, or refused for a reason of its own (a 5xx, a
     timeout, an authentication failure): not the record's fault, so nothing is dead-lettered.
     The worker stops without committing; the supervisor restarts it with backoff, and the
     batch is read again once the registry answers."""
 
 
-class DecodeError(ValueError):
+class DecodeError(BadRecord):
     """A record's bytes are not a valid record of the expected schema.
 
-    ``kind`` is a short machine-readable code (``tombstone``, ``unknown_framing``,
+    ``reason`` is a short machine-readable code (``tombstone``, ``unknown_framing``,
     ``unknown_schema``, ``invalid_avro``, ``trailing_bytes``, ``no_registry``,
-    ``registry_error``); ``reason`` says what exactly was wrong.
+    ``registry_error``); ``message`` says what exactly was wrong.
     """
-
-    def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(reason)
-        self.kind = kind
-        self.reason = reason
 
 
 @functools.cache

@@ -86,7 +86,7 @@ def test_a_schema_id_the_registry_does_not_have_is_the_record_s_fault() -> None:
     unknown = framed[:1] + (999_999).to_bytes(4, "big") + framed[5:]
     with pytest.raises(DecodeError, match=r"schema id 999999\).*Schema Not Found") as caught:
         Codec("order", topic="orders", registry_url="mock://codec-test-3").decode(unknown)
-    assert caught.value.kind == "registry_error"
+    assert caught.value.reason == "registry_error"
 
 
 def _closed_port() -> int:

@@ -13,19 +13,23 @@ from pathlib import Path
 from confluent_kafka import KafkaException
 
 from triage.bus.embedded import (
-    BrokerNotFound,
-    BrokerStartError,
     EmbeddedBroker,
     clear_state,
     resolve_bootstrap,
     running_embedded,
     write_state,
 )
+from triage.bus.errors import (
+    EXIT_CONFIGURATION,
+    EXIT_INFRASTRUCTURE,
+    exit_status,
+    is_expected,
+)
 from triage.bus.logs import configure_logging
 from triage.bus.settings import Settings, SettingsError, settings_table
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+EXIT_FAILED = EXIT_INFRASTRUCTURE
+EXIT_USAGE = EXIT_CONFIGURATION
 
 
 def _connection_flags() -> argparse.ArgumentParser:
@@ -496,37 +500,29 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from triage.consumer.commit import InfrastructureError
-    from triage.model.artifact import ArtifactError
-    from triage.model.reference import ReferenceDataError
-    from triage.model.train import TrainingError
-    from triage.producer.publisher import OrderError
-    from triage.schemas.codec import RegistryUnavailable
-
+    """Run one command; returns its exit status: 0, 1 (infrastructure, or a bug: its traceback
+    goes to the log) or 2 (configuration: settings, files or data to fix). See bus/errors.py.
+    """
     args = build_parser().parse_args(argv)
     try:
         settings = _settings(args)
         configure_logging(settings.log_format, settings.log_level)
         return COMMANDS[args.command](args, settings)
-    except (BrokerNotFound, BrokerStartError, SettingsError, ArtifactError, ReferenceDataError,
-            TrainingError, OrderError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KafkaException as exc:
-        print(f"error: Kafka: {exc.args[0].str() if exc.args else exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except (InfrastructureError, RegistryUnavailable, TimeoutError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # a bug: the traceback goes to the log, the person gets one line
-        import structlog
+    except KafkaException as exc:
+        print(f"error: Kafka: {exc.args[0].str() if exc.args else exc}", file=sys.stderr)
+        return exit_status(exc)
+    except Exception as exc:
+        if not is_expected(exc):  # a bug: the traceback goes to the log, a person gets a line
+            import structlog
 
-        structlog.get_logger("triage").exception("unexpected_error", command=args.command)
-        print(f"error: unexpected {type(exc).__name__}: {exc} (a bug in triage; the traceback "
-              "is in the log above)", file=sys.stderr)
-        return EXIT_FAILED
+            structlog.get_logger("triage").exception("unexpected_error", command=args.command)
+            print(f"error: unexpected {type(exc).__name__}: {exc} (a bug in triage; the "
+                  "traceback is in the log above)", file=sys.stderr)
+        else:
+            print(f"error: {exc}", file=sys.stderr)
+        return exit_status(exc)
 
 
 if __name__ == "__main__":

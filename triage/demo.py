@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from triage.bus.clients import create_topics, make_admin, partitions_of
 from triage.bus.embedded import EmbeddedBroker, running_embedded
+from triage.bus.errors import InfrastructureError
 from triage.bus.settings import Settings
 from triage.consumer.reader import collect_outcomes
 from triage.consumer.supervisor import Supervisor
@@ -42,7 +43,7 @@ DEMO_WORKERS = 2
 STALL_S = 60.0  # give up when no prediction or dead letter arrived for this long
 
 
-class DemoError(RuntimeError):
+class DemoError(InfrastructureError):
     """The demo could not run to the end (a delivery failed, the workers stalled)."""
 
 
