@@ -21,6 +21,7 @@ from importlib import resources
 from typing import Any
 
 import fastavro
+from fastavro.read import SchemaResolutionError
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from bus.settings import Settings
@@ -28,6 +29,7 @@ from bus.settings import Settings
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 REGISTRY_MAGIC = 0
 _SINGLE_OBJECT_HEADER = len(SINGLE_OBJECT_MAGIC) + 8
+_REGISTRY_HEADER = 5
 
 
 class RegistryUnavailable(RuntimeError):
@@ -101,15 +103,16 @@ class Codec:
         # Writer schemas this decoder knows by fingerprint. Older versions of a contract go here
         # when a schema evolves, and fastavro resolves them to the current one.
         self._writers = {self._header[2:]: self.schema}
-        self._serializer = self._deserializer = None
+        self._serializer = self._registry = None
+        # Registry schema id -> how to read it: see _registry_reader.
+        self._registry_readers: dict[int, tuple[Any, Any]] = {}
         if registry_url:
-            from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
+            from confluent_kafka.schema_registry.avro import AvroSerializer
 
             conf = tuple(sorted((registry_conf or {}).items()))
-            client = _registry_client(registry_url, conf)
-            schema_str = to_parsing_canonical_form(self.schema)
-            self._serializer = AvroSerializer(client, schema_str)
-            self._deserializer = AvroDeserializer(client, schema_str)
+            self._registry = _registry_client(registry_url, conf)
+            self._serializer = AvroSerializer(self._registry,
+                                              to_parsing_canonical_form(self.schema))
 
     def encode(self, record: dict[str, Any]) -> bytes:
         if self._serializer is not None:
@@ -130,7 +133,9 @@ class Codec:
         return out.getvalue()
 
     def decode(self, data: bytes | None) -> dict[str, Any]:
-        """The record in ``data``, in either framing; raises :class:`DecodeError` with a reason."""
+        """The record in ``data``, in either framing.
+
+        Raises :class:`DecodeError` with a reason, or :class:`RegistryUnavailable`."""
         if data is None:
             raise DecodeError("tombstone", "null value (tombstone)")
         if data[:2] == SINGLE_OBJECT_MAGIC:
@@ -146,28 +151,37 @@ class Codec:
         if writer is None:
             raise DecodeError("unknown_schema", f"unknown schema fingerprint "
                               f"{data[2:10].hex()} for {self.schema_name}")
-        body = io.BytesIO(data)
-        body.seek(_SINGLE_OBJECT_HEADER)
-        try:
-            record = fastavro.schemaless_reader(body, writer, self.schema)
-        except Exception as exc:  # fastavro raises EOFError, ValueError, UnicodeDecodeError, ...
-            raise DecodeError("invalid_avro",
-                              f"invalid Avro body: {type(exc).__name__}: {exc}") from None
-        if body.tell() != len(data):
-            raise DecodeError("trailing_bytes",
-                              f"{len(data) - body.tell()} bytes left over after the record")
-        return record
+        return _read(data, _SINGLE_OBJECT_HEADER, writer, self.schema)
 
     def _decode_registry_framed(self, data: bytes) -> dict[str, Any]:
         schema_id = int.from_bytes(data[1:5], "big")
-        if self._deserializer is None:
+        how = self._registry_readers.get(schema_id)
+        if how is None:
+            how = self._registry_readers[schema_id] = self._registry_reader(schema_id)
+        try:
+            return _read(data, _REGISTRY_HEADER, *how)
+        except SchemaResolutionError as exc:
+            raise DecodeError("registry_error", f"registry-framed record (schema id "
+                              f"{schema_id}): the writer's schema does not resolve to "
+                              f"{self.schema_name}: {exc}") from None
+
+    def _registry_reader(self, schema_id: int) -> tuple[Any, Any]:
+        """How to read records framed with ``schema_id``: the writer schema from the registry
+        (with the subjects it references) and the reader schema (the contract; None when the
+        writer has the contract's shape)."""
+        if self._registry is None:
             raise DecodeError("no_registry", f"Schema Registry framed record (schema id "
                               f"{schema_id}) but no registry is configured "
                               "(TRIAGE_SCHEMA_REGISTRY_URL)")
-        from confluent_kafka.serialization import MessageField, SerializationContext
+        from confluent_kafka.schema_registry.avro import parse_schema_with_repo
 
         try:
-            return self._deserializer(data, SerializationContext(self.topic, MessageField.VALUE))
+            registered = self._registry.get_schema(schema_id)
+            writer = parse_schema_with_repo(registered.schema_str,
+                                            _referenced(self._registry, registered))
+            # The contract's own shape: no schema resolution needed.
+            same_shape = (not registered.references
+                          and schema_fingerprint(writer) == self._header[2:])
         except Exception as exc:
             if _registry_in_trouble(exc):
                 raise RegistryUnavailable(
@@ -176,6 +190,37 @@ class Codec:
             raise DecodeError("registry_error", f"registry-framed record (schema id "
                               f"{schema_id}) could not be decoded: "
                               f"{type(exc).__name__}: {exc}") from None
+        return writer, (None if same_shape else self.schema)
+
+
+def _read(data: bytes, start: int, writer: Any, reader: Any) -> dict[str, Any]:
+    """The record whose Avro body starts at ``start``; the body must end with ``data``."""
+    body = io.BytesIO(data)
+    body.seek(start)
+    try:
+        record = fastavro.schemaless_reader(body, writer, reader)
+    except SchemaResolutionError:
+        raise
+    except Exception as exc:  # fastavro raises EOFError, ValueError, UnicodeDecodeError, ...
+        raise DecodeError("invalid_avro",
+                          f"invalid Avro body: {type(exc).__name__}: {exc}") from None
+    if body.tell() != len(data):
+        raise DecodeError("trailing_bytes",
+                          f"{len(data) - body.tell()} bytes left over after the record")
+    return record
+
+
+def _referenced(client: Any, schema: Any, found: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    """The named types ``schema`` references (other registry subjects, and theirs), by name, as
+    JSON."""
+    found = {} if found is None else found
+    for reference in schema.references or ():
+        if reference.name not in found:
+            referenced = client.get_version(reference.subject, reference.version, True).schema
+            found[reference.name] = json.loads(referenced.schema_str)
+            _referenced(client, referenced, found)
+    return found
 
 
 # What a Schema Registry answers for a schema id it does not have (the mock client: 40400).

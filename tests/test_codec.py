@@ -16,13 +16,22 @@ from pathlib import Path
 
 import fastavro
 import pytest
+from confluent_kafka.schema_registry.avro import AvroSerializer
+from confluent_kafka.serialization import MessageField, SerializationContext
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from bus.settings import Settings, SettingsError
-from schemas.codec import Codec, DecodeError, RegistryUnavailable, codec_for, load_schema
+from schemas.codec import (
+    Codec,
+    DecodeError,
+    RegistryUnavailable,
+    _registry_client,
+    codec_for,
+    load_schema,
+)
 
 ORDER = {"order_id": "O-1", "customer_id": "C-9", "timestamp_ms": 1_767_225_600_000,
          "sku_code": "SKU-00042", "zip_code": "01234"}
@@ -169,17 +178,40 @@ def test_a_404_that_is_not_schema_not_found_is_the_registry_s_fault() -> None:
         Codec("order", topic="orders", registry_url=url).decode(framed)
 
 
-def test_a_registry_that_fails_after_the_schema_lookup_is_not_the_record_s_fault() -> None:
-    """The schema itself is served, every other request the client makes answers 503."""
-    schema = json.dumps(load_schema("order"))
+def _referencing_registry(reference_status: int) -> contextlib.AbstractContextManager[str]:
+    """A registry whose schema id 7 is a union of one type, ``triage.v1.Order``, defined by
+    another subject (Confluent's way to put several types in one topic); that subject answers
+    ``reference_status``, every other request 503."""
+    order = json.dumps(load_schema("order"))
+    versions = "/subjects/triage.v1.Order/versions/1"
 
     def answer(path: str) -> tuple[int, dict]:
         if path.split("?")[0] == "/schemas/ids/7":
-            return 200, {"schema": schema}
+            return 200, {"schema": '["triage.v1.Order"]', "references": [
+                {"name": "triage.v1.Order", "subject": "triage.v1.Order", "version": 1}]}
+        if path.split("?")[0] == versions and reference_status == 200:
+            return 200, {"subject": "triage.v1.Order", "version": 1, "id": 6, "schema": order}
         return 503, {"error_code": 50300, "message": "registry in trouble"}
 
-    with registry_server(answer) as url, pytest.raises(RegistryUnavailable, match="503"):
-        Codec("order", topic="orders", registry_url=url).decode(_framed_with_id(7))
+    return registry_server(answer)
+
+
+def _order_in_a_union_with_id(schema_id: int) -> bytes:
+    """ORDER, written as branch 0 of a union, in registry framing with ``schema_id``."""
+    framed = _framed_with_id(schema_id)
+    return framed[:5] + b"\x00" + framed[5:]
+
+
+def test_a_schema_that_references_another_subject_is_read() -> None:
+    with _referencing_registry(200) as url:
+        codec = Codec("order", topic="orders", registry_url=url)
+        assert codec.decode(_order_in_a_union_with_id(7)) == ORDER
+
+
+def test_a_registry_that_fails_after_the_schema_lookup_is_not_the_record_s_fault() -> None:
+    """The schema itself is served; the subject it references, looked up next, answers 503."""
+    with _referencing_registry(503) as url, pytest.raises(RegistryUnavailable, match="503"):
+        Codec("order", topic="orders", registry_url=url).decode(_order_in_a_union_with_id(7))
 
 
 def _framed_with_id(schema_id: int) -> bytes:
@@ -214,13 +246,57 @@ def test_a_record_of_another_schema_is_rejected_by_fingerprint() -> None:
         Codec("order").decode(Codec("prediction").encode(PREDICTION))
 
 
+SCHEMAS = Path(__file__).parent.parent / "schemas"
+
+
+def written_as(contract: str, types: dict[str, object]) -> dict:
+    """A producer's schema for ``contract``: the contract with the types of the fields at the
+    dotted paths replaced (``features.inventory``; through arrays and maps too)."""
+    schema = json.loads((SCHEMAS / f"{contract}.avsc").read_text())
+    for path, new_type in types.items():
+        *parents, leaf = path.split(".")
+        node = schema
+        for name in parents:
+            node = next(f for f in node["fields"] if f["name"] == name)["type"]
+            while node["type"] in ("array", "map"):
+                node = node["items" if node["type"] == "array" else "values"]
+        next(f for f in node["fields"] if f["name"] == leaf)["type"] = new_type
+    return schema
+
+
+def framed_by_producer(url: str, contract: str, types: dict[str, object], record: dict) -> bytes:
+    """``record`` as a producer with :func:`written_as` schema publishes it: through
+    confluent-kafka's AvroSerializer, registered in the mock registry ``url``."""
+    client = _registry_client(url, ())  # the instance Codec(..., registry_url=url) uses
+    serializer = AvroSerializer(client, json.dumps(written_as(contract, types)))
+    return serializer(record, SerializationContext("orders", MessageField.VALUE))
+
+
+def test_registry_framed_bodies_are_checked_like_single_object_ones() -> None:
+    """A writer schema that does not resolve to the contract is the registry's entry's
+    fault; a cut or padded body is the record's."""
+    url = "mock://logical-checks"
+    codec = Codec("order", topic="orders", registry_url=url)
+    data = codec.encode(ORDER)
+    with pytest.raises(DecodeError, match="invalid Avro body") as caught:
+        codec.decode(data[:-3])
+    assert caught.value.kind == "invalid_avro"
+    with pytest.raises(DecodeError, match="left over") as caught:
+        codec.decode(data + b"\x00")
+    assert caught.value.kind == "trailing_bytes"
+    other = framed_by_producer(url, "order", {"timestamp_ms": "string"},
+                               {**ORDER, "timestamp_ms": "yesterday"})
+    with pytest.raises(DecodeError, match="does not resolve to order") as caught:
+        codec.decode(other)
+    assert caught.value.kind == "registry_error"
+
+
 def test_shared_record_types_are_defined_alike_in_every_contract() -> None:
     """drift_sample.avsc repeats Order and Features inline; they must not drift apart."""
-    folder = Path(__file__).parent.parent / "schemas"
-    order = json.loads((folder / "order.avsc").read_text())
-    prediction = json.loads((folder / "prediction.avsc").read_text())
+    order = json.loads((SCHEMAS / "order.avsc").read_text())
+    prediction = json.loads((SCHEMAS / "prediction.avsc").read_text())
     drift = {f["name"]: f["type"] for f in
-             json.loads((folder / "drift_sample.avsc").read_text())["fields"]}
+             json.loads((SCHEMAS / "drift_sample.avsc").read_text())["fields"]}
     features = next(f["type"] for f in prediction["fields"] if f["name"] == "features")
 
     def shape(record: dict) -> list[tuple[str, object]]:
