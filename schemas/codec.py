@@ -10,6 +10,20 @@ Two framings, one decoder:
 
 :meth:`Codec.decode` looks at the first byte and accepts either, so producers and consumers can
 move between the two without a stop.
+
+Logical types. A producer may declare a contract's field with a standard Avro logical type:
+``timestamp_ms`` as ``{"type": "long", "logicalType": "timestamp-millis"}``, ``order_id`` as a
+``uuid`` string, an amount as a ``decimal``. Registry-framed records carry their writer's
+schema (by id): they are decoded with fastavro against that schema and the contract adapted to
+it once per schema id (:mod:`schemas.logical`), and the values come back in the contract's
+types and units (epoch milliseconds, float, int, str). A logical type the contract's field
+cannot take (``time-millis`` into a timestamp) makes that schema id a ``registry_error``.
+Single-object records name their schema by the fingerprint of its parsing canonical form, which
+has no ``logicalType``: a writer's logical types are invisible there and the raw values are
+read, which is right for ``timestamp-millis`` (and a ``uuid`` string) but **not** for
+``timestamp-micros``: on the wire it is indistinguishable from millis and reads as milliseconds
+a thousand times too large (an order's is then rejected by validation as a future timestamp).
+Writers must use millis, or registry framing, which carries the schema.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ from fastavro.read import SchemaResolutionError
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from bus.settings import Settings
+from schemas.logical import Convert, UnconvertibleValue, adapt
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 REGISTRY_MAGIC = 0
@@ -105,7 +120,7 @@ class Codec:
         self._writers = {self._header[2:]: self.schema}
         self._serializer = self._registry = None
         # Registry schema id -> how to read it: see _registry_reader.
-        self._registry_readers: dict[int, tuple[Any, Any]] = {}
+        self._registry_readers: dict[int, tuple[Any, Any, Convert | None]] = {}
         if registry_url:
             from confluent_kafka.schema_registry.avro import AvroSerializer
 
@@ -133,7 +148,8 @@ class Codec:
         return out.getvalue()
 
     def decode(self, data: bytes | None) -> dict[str, Any]:
-        """The record in ``data``, in either framing.
+        """The record in ``data``, in either framing, in the contract's types and units
+        (timestamps in UTC epoch milliseconds, whatever logical type the writer declared).
 
         Raises :class:`DecodeError` with a reason, or :class:`RegistryUnavailable`."""
         if data is None:
@@ -158,17 +174,22 @@ class Codec:
         how = self._registry_readers.get(schema_id)
         if how is None:
             how = self._registry_readers[schema_id] = self._registry_reader(schema_id)
+        writer, reader, normalise = how
         try:
-            return _read(data, _REGISTRY_HEADER, *how)
+            record = _read(data, _REGISTRY_HEADER, writer, reader)
+            return record if normalise is None else normalise(record)
         except SchemaResolutionError as exc:
             raise DecodeError("registry_error", f"registry-framed record (schema id "
                               f"{schema_id}): the writer's schema does not resolve to "
                               f"{self.schema_name}: {exc}") from None
+        except UnconvertibleValue as exc:
+            raise DecodeError("invalid_avro", str(exc)) from None
 
-    def _registry_reader(self, schema_id: int) -> tuple[Any, Any]:
+    def _registry_reader(self, schema_id: int) -> tuple[Any, Any, Convert | None]:
         """How to read records framed with ``schema_id``: the writer schema from the registry
-        (with the subjects it references) and the reader schema (the contract; None when the
-        writer has the contract's shape)."""
+        (with the subjects it references), the reader schema (the contract adapted to the
+        writer's logical types; None when the writer has the contract's shape) and the
+        normalisation of what fastavro decodes into the contract's units (None: nothing to do)."""
         if self._registry is None:
             raise DecodeError("no_registry", f"Schema Registry framed record (schema id "
                               f"{schema_id}) but no registry is configured "
@@ -179,7 +200,10 @@ class Codec:
             registered = self._registry.get_schema(schema_id)
             writer = parse_schema_with_repo(registered.schema_str,
                                             _referenced(self._registry, registered))
-            # The contract's own shape: no schema resolution needed.
+            names: dict[str, Any] = {}
+            fastavro.parse_schema(writer, named_schemas=names)
+            reader, normalise = adapt(self.schema, writer, names)
+            # The contract's own shape, its logical types aside: no schema resolution needed.
             same_shape = (not registered.references
                           and schema_fingerprint(writer) == self._header[2:])
         except Exception as exc:
@@ -190,7 +214,7 @@ class Codec:
             raise DecodeError("registry_error", f"registry-framed record (schema id "
                               f"{schema_id}) could not be decoded: "
                               f"{type(exc).__name__}: {exc}") from None
-        return writer, (None if same_shape else self.schema)
+        return writer, (None if same_shape else reader), normalise
 
 
 def _read(data: bytes, start: int, writer: Any, reader: Any) -> dict[str, Any]:
