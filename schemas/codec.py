@@ -10,6 +10,20 @@ Two framings, one decoder:
 
 :meth:`Codec.decode` looks at the first byte and accepts either, so producers and consumers can
 move between the two without a stop.
+
+Logical types. A producer may declare a contract's field with a standard Avro logical type:
+``timestamp_ms`` as ``{"type": "long", "logicalType": "timestamp-millis"}``, ``order_id`` as a
+``uuid`` string, an amount as a ``decimal``. Registry-framed records carry their writer's
+schema (by id): they are decoded with fastavro against that schema and the contract adapted to
+it once per schema id (:mod:`schemas.logical`), and the values come back in the contract's
+types and units (epoch milliseconds, float, int, str). A logical type the contract's field
+cannot take (``time-millis`` into a timestamp) makes that schema id a ``registry_error``.
+Single-object records name their schema by the fingerprint of its parsing canonical form, which
+has no ``logicalType``: a writer's logical types are invisible there and the raw values are
+read, which is right for ``timestamp-millis`` (and a ``uuid`` string) but **not** for
+``timestamp-micros``: on the wire it is indistinguishable from millis and reads as milliseconds
+a thousand times too large (an order's is then rejected by validation as a future timestamp).
+Writers must use millis, or registry framing, which carries the schema.
 """
 
 from __future__ import annotations
@@ -21,13 +35,16 @@ from importlib import resources
 from typing import Any
 
 import fastavro
+from fastavro.read import SchemaResolutionError
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 from triage.bus.errors import BadRecord, InfrastructureError
 from triage.bus.settings import Settings
+from triage.schemas.logical import Convert, UnconvertibleValue, adapt
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 REGISTRY_MAGIC = 0
 _SINGLE_OBJECT_HEADER = len(SINGLE_OBJECT_MAGIC) + 8
+_REGISTRY_HEADER = 5
 
 
 class RegistryUnavailable(InfrastructureError):
@@ -96,15 +113,16 @@ class Codec:
         # Writer schemas this decoder knows by fingerprint. Older versions of a contract go here
         # when a schema evolves, and fastavro resolves them to the current one.
         self._writers = {self._header[2:]: self.schema}
-        self._serializer = self._deserializer = None
+        self._serializer = self._registry = None
+        # Registry schema id -> how to read it: see _registry_reader.
+        self._registry_readers: dict[int, tuple[Any, Any, Convert | None]] = {}
         if registry_url:
-            from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
+            from confluent_kafka.schema_registry.avro import AvroSerializer
 
             conf = tuple(sorted((registry_conf or {}).items()))
-            client = _registry_client(registry_url, conf)
-            schema_str = to_parsing_canonical_form(self.schema)
-            self._serializer = AvroSerializer(client, schema_str)
-            self._deserializer = AvroDeserializer(client, schema_str)
+            self._registry = _registry_client(registry_url, conf)
+            self._serializer = AvroSerializer(self._registry,
+                                              to_parsing_canonical_form(self.schema))
 
     def encode(self, record: dict[str, Any]) -> bytes:
         if self._serializer is not None:
@@ -125,7 +143,10 @@ class Codec:
         return out.getvalue()
 
     def decode(self, data: bytes | None) -> dict[str, Any]:
-        """The record in ``data``, in either framing; raises :class:`DecodeError` with a reason."""
+        """The record in ``data``, in either framing, in the contract's types and units
+        (timestamps in UTC epoch milliseconds, whatever logical type the writer declared).
+
+        Raises :class:`DecodeError` with a reason, or :class:`RegistryUnavailable`."""
         if data is None:
             raise DecodeError("tombstone", "null value (tombstone)")
         if data[:2] == SINGLE_OBJECT_MAGIC:
@@ -141,28 +162,45 @@ class Codec:
         if writer is None:
             raise DecodeError("unknown_schema", f"unknown schema fingerprint "
                               f"{data[2:10].hex()} for {self.schema_name}")
-        body = io.BytesIO(data)
-        body.seek(_SINGLE_OBJECT_HEADER)
-        try:
-            record = fastavro.schemaless_reader(body, writer, self.schema)
-        except Exception as exc:  # fastavro raises EOFError, ValueError, UnicodeDecodeError, ...
-            raise DecodeError("invalid_avro",
-                              f"invalid Avro body: {type(exc).__name__}: {exc}") from None
-        if body.tell() != len(data):
-            raise DecodeError("trailing_bytes",
-                              f"{len(data) - body.tell()} bytes left over after the record")
-        return record
+        return _read(data, _SINGLE_OBJECT_HEADER, writer, self.schema)
 
     def _decode_registry_framed(self, data: bytes) -> dict[str, Any]:
         schema_id = int.from_bytes(data[1:5], "big")
-        if self._deserializer is None:
+        how = self._registry_readers.get(schema_id)
+        if how is None:
+            how = self._registry_readers[schema_id] = self._registry_reader(schema_id)
+        writer, reader, normalise = how
+        try:
+            record = _read(data, _REGISTRY_HEADER, writer, reader)
+            return record if normalise is None else normalise(record)
+        except SchemaResolutionError as exc:
+            raise DecodeError("registry_error", f"registry-framed record (schema id "
+                              f"{schema_id}): the writer's schema does not resolve to "
+                              f"{self.schema_name}: {exc}") from None
+        except UnconvertibleValue as exc:
+            raise DecodeError("invalid_avro", str(exc)) from None
+
+    def _registry_reader(self, schema_id: int) -> tuple[Any, Any, Convert | None]:
+        """How to read records framed with ``schema_id``: the writer schema from the registry
+        (with the subjects it references), the reader schema (the contract adapted to the
+        writer's logical types; None when the writer has the contract's shape) and the
+        normalisation of what fastavro decodes into the contract's units (None: nothing to do)."""
+        if self._registry is None:
             raise DecodeError("no_registry", f"Schema Registry framed record (schema id "
                               f"{schema_id}) but no registry is configured "
                               "(TRIAGE_SCHEMA_REGISTRY_URL)")
-        from confluent_kafka.serialization import MessageField, SerializationContext
+        from confluent_kafka.schema_registry.avro import parse_schema_with_repo
 
         try:
-            return self._deserializer(data, SerializationContext(self.topic, MessageField.VALUE))
+            registered = self._registry.get_schema(schema_id)
+            writer = parse_schema_with_repo(registered.schema_str,
+                                            _referenced(self._registry, registered))
+            names: dict[str, Any] = {}
+            fastavro.parse_schema(writer, named_schemas=names)
+            reader, normalise = adapt(self.schema, writer, names)
+            # The contract's own shape, its logical types aside: no schema resolution needed.
+            same_shape = (not registered.references
+                          and schema_fingerprint(writer) == self._header[2:])
         except Exception as exc:
             if _registry_in_trouble(exc):
                 raise RegistryUnavailable(
@@ -171,6 +209,37 @@ class Codec:
             raise DecodeError("registry_error", f"registry-framed record (schema id "
                               f"{schema_id}) could not be decoded: "
                               f"{type(exc).__name__}: {exc}") from None
+        return writer, (None if same_shape else reader), normalise
+
+
+def _read(data: bytes, start: int, writer: Any, reader: Any) -> dict[str, Any]:
+    """The record whose Avro body starts at ``start``; the body must end with ``data``."""
+    body = io.BytesIO(data)
+    body.seek(start)
+    try:
+        record = fastavro.schemaless_reader(body, writer, reader)
+    except SchemaResolutionError:
+        raise
+    except Exception as exc:  # fastavro raises EOFError, ValueError, UnicodeDecodeError, ...
+        raise DecodeError("invalid_avro",
+                          f"invalid Avro body: {type(exc).__name__}: {exc}") from None
+    if body.tell() != len(data):
+        raise DecodeError("trailing_bytes",
+                          f"{len(data) - body.tell()} bytes left over after the record")
+    return record
+
+
+def _referenced(client: Any, schema: Any, found: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    """The named types ``schema`` references (other registry subjects, and theirs), by name, as
+    JSON."""
+    found = {} if found is None else found
+    for reference in schema.references or ():
+        if reference.name not in found:
+            referenced = client.get_version(reference.subject, reference.version, True).schema
+            found[reference.name] = json.loads(referenced.schema_str)
+            _referenced(client, referenced, found)
+    return found
 
 
 # What a Schema Registry answers for a schema id it does not have (the mock client: 40400).
