@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import NewTopic
+
 from triage.bench.procstat import cpu_seconds, stop_and_reap
 from triage.bus.clients import make_admin, make_consumer
 from triage.bus.embedded import EmbeddedBroker

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+
 from triage.bus.clients import make_consumer, make_producer
 from triage.bus.errors import InfrastructureError
 from triage.bus.settings import Settings
@@ -156,6 +157,7 @@ def per_message(loop: BatchLoop, model_dir: Path,
     """(c): one order at a time through a one-row DataFrame, as the seed services scored."""
     import numpy as np
     import pandas as pd
+
     from triage.model import artifact
     from triage.model.orders import OrderColumns
     from triage.model.reference import ReferenceTables

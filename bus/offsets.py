@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 
 from confluent_kafka import OFFSET_BEGINNING, ConsumerGroupTopicPartitions, TopicPartition
+
 from triage.bus.clients import make_admin, make_consumer, partitions_of
 from triage.bus.errors import WaitTimeout
 from triage.bus.settings import Settings

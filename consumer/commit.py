@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
 from triage.bus.errors import InfrastructureError
 
 _FLUSH_TIMEOUT_S = 60.0

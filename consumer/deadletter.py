@@ -13,6 +13,7 @@ dropped, then the value, then both; what was cut or dropped is named in headers.
 from __future__ import annotations
 
 from confluent_kafka import Message
+
 from triage.bus.errors import ConfigurationError
 
 HEADER_PREFIX = "__connect.errors."

@@ -34,6 +34,7 @@ import structlog
 from confluent_kafka import Consumer, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client import Counter as PromCounter
+
 from triage.bus.clients import make_consumer, make_producer, produce, records_of
 from triage.bus.errors import WaitTimeout
 from triage.bus.settings import Settings

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
 from triage.bus.errors import BadRecord
 from triage.bus.settings import Settings, SettingsError
 from triage.model.features import FeatureBatch

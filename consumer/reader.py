@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message
+
 from triage.bus.clients import make_consumer, partitions_of
 from triage.bus.errors import WaitTimeout
 from triage.bus.settings import Settings

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import structlog
 from confluent_kafka import Consumer, Message, TopicPartition
+
 from triage.bus.clients import (
     PRODUCER_MAX_MESSAGE_BYTES,
     make_consumer,

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+
 from triage.bus.errors import EXIT_CONFIGURATION, WaitTimeout
 from triage.bus.settings import Settings
 from triage.consumer.autoscale import Autoscaler

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import structlog
+
 from triage.bus.errors import EXIT_CONFIGURATION, ConfigurationError, exit_status, is_expected
 from triage.bus.logs import configure_logging
 from triage.bus.settings import Settings, SettingsError

@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from xgboost import XGBClassifier
+
 from triage.bus.errors import ConfigurationError
 from triage.model.features import FeatureBatch
-from xgboost import XGBClassifier
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.json"

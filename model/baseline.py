@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
+
 from triage.model.drift import (
     AVAILABILITY_LABELS,
     availability_codes,

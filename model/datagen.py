@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from triage.bus.errors import ConfigurationError
 
 CSV_FILES = ("orders.csv", "payments.csv", "inventory.csv", "zip_codes.csv")

@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
+
 from triage.bus.errors import ConfigurationError
 from triage.model.features import FeatureBatch
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from triage.model.reference import ReferenceTables
 
 FEATURE_NAMES = ("order_hour_of_day", "inventory", "payment_status", "zip_code_available")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from triage.model.features import FeatureBatch, compute_features
 from triage.model.reference import ReferenceTables, parse_timestamps_lenient, read_csv
 

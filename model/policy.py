@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from triage.model.features import FeatureBatch
 
 CLASSES = ("Deliver", "HoldCheckAvailability", "HoldCheckDelivery", "HoldCheckPayment", "Decline")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from triage.bus.errors import ConfigurationError
 
 MISSING_STATUS = "MISSING"

@@ -31,6 +31,7 @@ import zlib
 from dataclasses import dataclass, replace
 
 import numpy as np
+
 from triage.bus.errors import ConfigurationError
 
 SCENARIOS: dict[str, str] = {

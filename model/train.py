@@ -26,6 +26,8 @@ import sklearn
 import xgboost
 from sklearn.metrics import accuracy_score, confusion_matrix
 from sklearn.model_selection import train_test_split
+from xgboost import XGBClassifier
+
 from triage.bus.errors import ConfigurationError
 from triage.model import artifact
 from triage.model.artifact import UNSEEN_STATUS, DesignColumns, feature_order
@@ -34,7 +36,6 @@ from triage.model.features import FeatureBatch
 from triage.model.orders import read_orders_csv
 from triage.model.policy import CLASSES, label
 from triage.model.reference import MISSING_STATUS, ReferenceTables, zip_code_warnings
-from xgboost import XGBClassifier
 
 MIN_ACCURACY = 0.995
 UNSEEN_SHARE = 0.1  # share of non-OK statuses relabelled __UNSEEN__ to teach that category

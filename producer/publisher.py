@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from confluent_kafka import KafkaError, Message
+
 from triage.bus.clients import make_producer, produce
 from triage.bus.errors import ConfigurationError
 from triage.bus.settings import Settings

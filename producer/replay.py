@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
+
 from triage.bus.settings import Settings, SettingsError
 from triage.model.orders import SkippedRow, read_orders_csv
 from triage.producer.publisher import OrderPublisher

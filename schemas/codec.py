@@ -37,6 +37,7 @@ from typing import Any
 import fastavro
 from fastavro.read import SchemaResolutionError
 from fastavro.schema import fingerprint, to_parsing_canonical_form
+
 from triage.bus.errors import BadRecord, InfrastructureError
 from triage.bus.settings import Settings
 from triage.schemas.logical import Convert, UnconvertibleValue, adapt

@@ -30,6 +30,7 @@ from uuid import UUID
 
 import fastavro
 from fastavro.read import LOGICAL_READERS
+
 from triage.bus.errors import BadRecord
 
 Schema = Any  # a parsed Avro schema node: a type name, a dict, or a list (a union)

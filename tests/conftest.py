@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from triage.bus.clients import create_topics
 from triage.bus.embedded import EmbeddedBroker
 from triage.bus.settings import Settings

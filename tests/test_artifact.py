@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from triage.model import artifact
 from triage.model.artifact import ArtifactError
 from triage.model.features import FeatureBatch

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from triage.bus.clients import make_producer
 from triage.bus.offsets import committed_offsets
 from triage.bus.settings import Settings

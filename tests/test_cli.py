@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from triage.bus.embedded import BrokerNotFound, resolve_bootstrap, write_state
 from triage.bus.settings import Settings, SettingsError
 
@@ -108,7 +109,6 @@ def test_demo_reports_full_agreement(bootstrap: str, tmp_path: Path) -> None:
 
 def test_the_readme_lists_every_setting_and_every_command() -> None:
     from triage.bus.settings import settings_table
-
     from triage.cli import COMMANDS
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()

@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
 from triage.bus.settings import Settings, SettingsError
 from triage.consumer.validation import OrderValidator
 from triage.schemas.codec import (

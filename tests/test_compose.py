@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 import yaml
-from triage.bus.settings import Settings, SettingsError, settings_table
 
+from triage.bus.settings import Settings, SettingsError, settings_table
 from triage.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent

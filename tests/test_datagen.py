@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from triage.model.datagen import CSV_FILES, generate
 
 N_ORDERS = 20_000

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import AdminClient
+
 from triage.bus.clients import create_topics
 from triage.bus.embedded import EmbeddedBroker
 from triage.bus.offsets import committed_offsets, group_lag

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from structlog.testing import capture_logs
+
 from triage.bus.clients import create_topics
 from triage.bus.embedded import free_port
 from triage.bus.settings import Settings

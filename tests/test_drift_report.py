@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from triage.consumer.drift_monitor import report_record
 from triage.consumer.drift_report import render
 from triage.model import artifact

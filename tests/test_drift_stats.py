@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import stats
+
 from triage.model import artifact
 from triage.model.baseline import training_baseline
 from triage.model.datagen import generate

@@ -9,6 +9,9 @@ import pkgutil
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
+
+import triage
+from triage import cli
 from triage.bus.errors import (
     EXIT_CONFIGURATION,
     EXIT_INFRASTRUCTURE,
@@ -19,9 +22,6 @@ from triage.bus.errors import (
     exit_status,
 )
 from triage.bus.settings import SettingsError
-
-import triage
-from triage import cli
 
 
 def _modules() -> list[str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from triage.model.datagen import generate
 from triage.model.features import FeatureBatch
 from triage.model.orders import read_orders_csv

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from xgboost import XGBClassifier
+
 from triage.model import artifact
 from triage.model.artifact import UNSEEN_STATUS, ArtifactError
 from triage.model.features import FeatureBatch
 from triage.model.policy import label
-from xgboost import XGBClassifier
 
 UNSEEN_NAME = "CHARGEBACK"
 

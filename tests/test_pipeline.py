@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import TopicPartition
+
 from triage.bus.clients import make_consumer
 from triage.bus.settings import Settings
 from triage.consumer.reader import TopicReader, collect

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from triage.model.features import FeatureBatch
 from triage.model.policy import CLASSES, label
 

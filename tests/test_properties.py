@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from triage.bus.settings import Settings
 from triage.consumer.validation import OrderValidator
 from triage.model import artifact

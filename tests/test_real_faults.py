@@ -19,6 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.test_bad_input import run_scorer
+from tests.test_cli import TRIAGE, clean_env, triage
+from tests.test_features import oracle
 from triage.bus.clients import consumer_config, create_topics, make_producer, producer_config
 from triage.bus.embedded import EmbeddedBroker, free_port
 from triage.bus.offsets import committed_offsets
@@ -47,10 +51,6 @@ from triage.model.reference import (
 )
 from triage.producer.replay import replay
 from triage.schemas.codec import Codec
-
-from tests.test_bad_input import run_scorer
-from tests.test_cli import TRIAGE, clean_env, triage
-from tests.test_features import oracle
 
 EXERCISE = Path(__file__).resolve().parents[2] / "shared" / "data" / "exercise-2021"
 

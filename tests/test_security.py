@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from triage.bus.clients import consumer_config, producer_config
 from triage.bus.settings import Settings, SettingsError
 
