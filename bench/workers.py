@@ -12,117 +12,23 @@ services did for every request: decode one order, build a one-row DataFrame, pre
 its prediction. It consumes and commits in batches like the scorer, so the comparison isolates
 scoring one order at a time (a per-request service would pay more: a commit per order).
 
-Both run as separate processes with the scorer's client configuration and settings (the same
-``TRIAGE_*`` environment), and write the same status file as the scorer on assignment, so the
-benchmark measures all three the same way.
+Both run as separate processes in the scorer's own Kafka loop (:class:`BatchLoop`: the same
+batching, delivery wait, commit and status file) with the same ``TRIAGE_*`` environment, so
+the three configurations differ only in what they do with a batch.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Message
 
-from triage.bus.clients import make_consumer, make_producer
-from triage.bus.errors import InfrastructureError
 from triage.bus.settings import Settings
-
-_FLUSH_TIMEOUT_S = 60.0
-
-
-class BatchLoop:
-    """consume(batch_size, timeout) -> handle -> wait for every delivery -> commit, until SIGTERM.
-
-    The scorer's policy (consumer/scorer.py) without its scoring, so that the figures differ
-    only by what a configuration does with each batch.
-    """
-
-    def __init__(self, settings: Settings, status_file: Path | None) -> None:
-        self.settings = settings
-        self.status_file = status_file
-        self.consumer = make_consumer(settings)
-        self.producer = make_producer(settings)
-        self.assigned: set[int] = set()
-        self.stop_requested = False
-        self.delivery_errors: list[str] = []
-
-    def produce(self, topic: str, key: bytes | None, value: bytes | None,
-                headers: list[tuple[str, bytes]] | None = None) -> None:
-        while True:
-            try:
-                self.producer.produce(topic, value=value, key=key, headers=headers,
-                                      on_delivery=self._on_delivery)
-                return
-            except BufferError:  # local queue full: serve delivery reports, then retry
-                self.producer.poll(0.05)
-
-    def run(self, handle: Callable[[list[Message]], None]) -> None:
-        self.consumer.subscribe([self.settings.orders_topic], on_assign=self._on_assign,
-                                on_revoke=self._on_revoke, on_lost=self._on_revoke)
-        timeout_s = self.settings.batch_timeout_ms / 1000.0
-        try:
-            while not self.stop_requested:
-                batch = self.consumer.consume(1, timeout_s)  # the scorer's batching
-                if batch and self.settings.batch_size > 1:
-                    batch += self.consumer.consume(self.settings.batch_size - 1, 0)
-                if not batch:
-                    continue
-                records = []
-                for msg in batch:
-                    err = msg.error()
-                    if err is None:
-                        records.append(msg)
-                    elif err.fatal() or err.code() != KafkaError._PARTITION_EOF:
-                        raise KafkaException(err)
-                handle(records)
-                remaining = self.producer.flush(_FLUSH_TIMEOUT_S)
-                if remaining or self.delivery_errors:
-                    raise InfrastructureError(f"{remaining} not acknowledged; refused: "
-                                       f"{self.delivery_errors[:3]}")
-                self._commit(records)
-        finally:
-            self.consumer.close()
-            self.producer.flush(_FLUSH_TIMEOUT_S)
-
-    def _commit(self, consumed: list[Message]) -> None:
-        next_offsets: dict[tuple[str, int], int] = {}
-        for msg in consumed:
-            key = (msg.topic(), msg.partition())
-            next_offsets[key] = max(next_offsets.get(key, 0), msg.offset() + 1)
-        if next_offsets:
-            self.consumer.commit(offsets=[TopicPartition(t, p, o)
-                                          for (t, p), o in next_offsets.items()],
-                                 asynchronous=False)
-
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self.delivery_errors.append(err.str())
-
-    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        self.assigned |= {p.partition for p in partitions}
-        self._write_status()
-
-    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        self.assigned -= {p.partition for p in partitions}
-        self._write_status()
-
-    def _write_status(self) -> None:
-        """The scorer's status-file format: the benchmark times every configuration from it."""
-        if self.status_file is None:
-            return
-        tmp = self.status_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "worker": "0",
-                                   "partitions": sorted(self.assigned)}))
-        tmp.replace(self.status_file)
-
+from triage.consumer.loop import BatchLoop, Handler, Output
 
 SOURCE_HEADER = "triage.bench.source"
 
@@ -136,24 +42,22 @@ def source_of(headers: list[tuple[str, bytes]] | None) -> tuple[int, int, int] |
     return None
 
 
-def passthrough(loop: BatchLoop, source_header: bool = False) -> Callable[[list[Message]], None]:
+def passthrough(settings: Settings, source_header: bool = False) -> Handler:
     """(a): the raw bytes, keyed as they came, to the output topic. No decoding at all."""
-    topic, produce = loop.settings.predictions_topic, loop.produce
+    topic = settings.predictions_topic
 
-    def handle(batch: list[Message]) -> None:
-        for msg in batch:
-            produce(topic, msg.key(), msg.value())
+    def handle(batch: list[Message]) -> list[Output]:
+        return [Output(topic, msg.key(), msg.value()) for msg in batch]
 
-    def handle_with_source(batch: list[Message]) -> None:
-        for msg in batch:
-            source = f"{msg.partition()}:{msg.offset()}:{msg.timestamp()[1]}".encode()
-            produce(topic, msg.key(), msg.value(), [(SOURCE_HEADER, source)])
+    def handle_with_source(batch: list[Message]) -> list[Output]:
+        return [Output(topic, msg.key(), msg.value(), [(SOURCE_HEADER, (
+            f"{msg.partition()}:{msg.offset()}:{msg.timestamp()[1]}").encode())])
+            for msg in batch]
 
     return handle_with_source if source_header else handle
 
 
-def per_message(loop: BatchLoop, model_dir: Path,
-                reference_dir: Path) -> Callable[[list[Message]], None]:
+def per_message(settings: Settings, model_dir: Path, reference_dir: Path) -> Handler:
     """(c): one order at a time through a one-row DataFrame, as the seed services scored."""
     import numpy as np
     import pandas as pd
@@ -163,7 +67,6 @@ def per_message(loop: BatchLoop, model_dir: Path,
     from triage.model.reference import ReferenceTables
     from triage.schemas.codec import codec_for
 
-    settings = loop.settings
     model = artifact.load(model_dir)
     reference = ReferenceTables.load(reference_dir)
     columns = model.columns.names
@@ -197,9 +100,8 @@ def per_message(loop: BatchLoop, model_dir: Path,
             "order_offset": msg.offset(),
         })
 
-    def handle(batch: list[Message]) -> None:
-        for msg in batch:
-            loop.produce(topic, msg.key(), score(msg))
+    def handle(batch: list[Message]) -> list[Output]:
+        return [Output(topic, msg.key(), score(msg)) for msg in batch]
 
     return handle
 
@@ -216,12 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.mode == "per-message" and not (args.model and args.reference):
         parser.error("per-message needs --model and --reference")
-    loop = BatchLoop(Settings.from_env(), args.status_file)
-    handle = (passthrough(loop, args.source_header) if args.mode == "passthrough"
-              else per_message(loop, args.model, args.reference))
+    settings = Settings.from_env()
+    loop = BatchLoop(settings, status_file=args.status_file)
+    handle = (passthrough(settings, args.source_header) if args.mode == "passthrough"
+              else per_message(settings, args.model, args.reference))
 
     def stop(signum: int, _frame: object) -> None:
-        loop.stop_requested = True
+        loop.request_stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -148,9 +148,6 @@ class Settings:
         "cooperative-sticky", "TRIAGE_ASSIGNMENT_STRATEGY",
         "Partition assignment: `cooperative-sticky` (incremental rebalances) or an eager one "
         "(`range`, `roundrobin`) for brokers that cannot do cooperative rebalancing.")
-    test_batch_delay_ms: int = _setting(
-        0, "TRIAGE_TEST_BATCH_DELAY_MS",
-        "For tests only: sleep this long in every batch, to make a worker slow on purpose.")
     security_protocol: str = _setting(
         "PLAINTEXT", "TRIAGE_SECURITY_PROTOCOL", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.")
     sasl_mechanism: str = _setting(

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient
 
+from tests.hooks import SLOW_BATCH_ENV
 from triage.bus.clients import create_topics
 from triage.bus.embedded import EmbeddedBroker
 from triage.bus.offsets import committed_offsets, group_lag
@@ -281,10 +282,13 @@ def test_d_graceful_stop_and_restart_creates_no_duplicates(
 
 
 def test_e_autoscaling_grows_under_load_and_shrinks_after_the_drain(
-        settings: Settings, big_history: Path, model_dir: Path) -> None:
-    # Each worker sleeps 200 ms per batch of at most 100: about 500 orders/s per worker.
-    settings = settings.replace(test_batch_delay_ms=200, batch_size=100)
+        settings: Settings, big_history: Path, model_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each worker sleeps 200 ms per batch of at most 100 (a test hook, tests/hooks.py): about
+    # 500 orders/s per worker.
+    settings = settings.replace(hooks="tests.hooks:SlowBatches", batch_size=100)
     bg = Background()
+    monkeypatch.setenv(SLOW_BATCH_ENV, "200")  # every worker's environment, at its spawn
     supervisor = bg.supervise(Supervisor(
         settings, model_dir, big_history, workers=1,
         autoscaler=Autoscaler(1, 3, window=3, grow_above=100), scale_interval_s=1.0))

@@ -1,0 +1,174 @@
+"""The Kafka side of a worker: consume a batch, hand it on, produce what comes back, commit.
+
+:class:`BatchLoop` is the one consume-transform-produce loop of the project. The scorer runs
+it with the scoring core (:mod:`triage.consumer.scorer`), the benchmark's comparison workers
+with theirs (:mod:`triage.bench.workers`), so every figure compares the same Kafka policy:
+
+* wait for the first record only (``TRIAGE_BATCH_TIMEOUT_MS``); the batch is whatever is
+  fetched by then, up to ``TRIAGE_BATCH_SIZE``, so a lone order goes at once and a backlog in
+  bulk;
+* hand the records to the handler, which returns the records to produce (:class:`Output`);
+* produce them, wait until the broker acknowledged every one, then commit the batch's offsets
+  (:mod:`triage.consumer.commit`: at-least-once, or one transaction per batch). A crash
+  before the commit means the batch is read again;
+* never poll in the middle of a batch: revocation happens only inside ``consume()``, after the
+  previous batch was committed; records of a partition revoked by the second ``consume()`` of
+  a batch are dropped unhandled, for the new owner to read.
+
+Infrastructure failures (a delivery refused, a commit that cannot be made) raise
+:class:`~triage.bus.errors.InfrastructureError`; the process exits 1 and is restarted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import structlog
+from confluent_kafka import Consumer, Message, TopicPartition
+
+from triage.bus.clients import make_consumer, make_producer, produce, records_of
+from triage.bus.settings import Settings
+from triage.consumer import metrics
+from triage.consumer.commit import AtLeastOnce, ExactlyOnce, transactional_id
+
+Headers = list[tuple[str, bytes]]
+
+
+class Output(NamedTuple):
+    """A record to produce."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: Headers | None = None
+
+
+Handler = Callable[[list[Message]], Sequence[Output]]
+
+
+class BatchLoop:
+    """Consume ``settings.orders_topic`` in ``settings.group_id`` until :meth:`request_stop`.
+
+    ``status_file``: where the worker's owned partitions, lag and count of consumed records are
+    kept for the supervisor (JSON, rewritten at most once a second and on every rebalance).
+    ``progress``: called every 10 s for a log line of the caller's counts.
+    """
+
+    def __init__(self, settings: Settings, *, worker_id: str = "0",
+                 status_file: Path | None = None, log: Any = None,
+                 progress: Callable[[], dict[str, object]] | None = None) -> None:
+        self.settings = settings
+        self.worker_id = worker_id
+        self.status_file = status_file
+        self.log = log or structlog.get_logger("loop").bind(worker=worker_id)
+        self.progress = progress
+        self.consumer = make_consumer(settings)
+        self.assigned: set[int] = set()
+        self.consumed = 0
+        self._stop_requested = False
+        self._revoked_now: set[int] = set()
+        if settings.exactly_once:
+            self.producer = make_producer(settings, **{
+                "transactional.id": transactional_id(settings.group_id, worker_id)})
+            self.committer: AtLeastOnce = ExactlyOnce(self.producer, self.consumer, self.log)
+        else:
+            self.producer = make_producer(settings)
+            self.committer = AtLeastOnce(self.producer, self.consumer, self.log)
+
+    def request_stop(self) -> None:
+        """Finish the batch in hand, commit it, leave the group (safe from a signal handler)."""
+        self._stop_requested = True
+
+    def run(self, handle: Handler) -> None:
+        """Loop until stopped; leaves the group on the way out, so partitions move at once."""
+        self.consumer.subscribe([self.settings.orders_topic], on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_lost)
+        timeout_s = self.settings.batch_timeout_ms / 1000.0
+        batch_size = self.settings.batch_size
+        last_report = last_status = time.monotonic()
+        try:
+            while not self._stop_requested:
+                self._revoked_now.clear()
+                batch = self.consumer.consume(1, timeout_s)
+                if batch and batch_size > 1:
+                    batch += self.consumer.consume(batch_size - 1, 0)
+                if self._revoked_now:  # revoked by the second consume(): no longer ours
+                    batch = [m for m in batch if m.partition() not in self._revoked_now]
+                if batch:
+                    self._process(handle, batch)
+                now = time.monotonic()
+                if now - last_status >= 1.0:
+                    self._write_status()
+                    last_status = now
+                if self.progress is not None and now - last_report >= 10.0:
+                    self.log.info("progress", **self.progress())
+                    last_report = now
+        finally:
+            self.committer.abort_open()  # an unfinished transaction must not block readers
+            self.consumer.close()
+            self.producer.flush(10.0)
+
+    def _process(self, handle: Handler, batch: list[Message]) -> None:
+        started = time.perf_counter()
+        self.committer.begin()
+        records = records_of(batch, self.log)
+        on_delivery = self.committer.on_delivery
+        for topic, key, value, headers in handle(records):
+            produce(self.producer, topic, key=key, value=value, headers=headers,
+                    on_delivery=on_delivery)
+        self.committer.finish(records)
+        self.consumed += len(records)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+
+    # -- group membership ------------------------------------------------------------------
+    # Callbacks receive only the partitions that change (cooperative-sticky is incremental).
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned |= {p.partition for p in partitions}
+        self.log.info("partitions_assigned", partitions=sorted(p.partition for p in partitions),
+                      now_owned=sorted(self.assigned))
+        self._write_status()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Batches are committed before the next consume(), where revocation happens, so
+        # nothing delivered is left uncommitted when the partitions go.
+        self.assigned -= {p.partition for p in partitions}
+        self._revoked_now |= {p.partition for p in partitions}
+        self.log.info("partitions_revoked", partitions=sorted(p.partition for p in partitions),
+                      now_owned=sorted(self.assigned))
+        self._write_status()
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned -= {p.partition for p in partitions}
+        self._revoked_now |= {p.partition for p in partitions}
+        self.log.warning("partitions_lost", partitions=sorted(p.partition for p in partitions))
+        self._write_status()
+
+    def lag(self) -> int | None:
+        """Records behind the end of this worker's partitions, from the high watermarks of its
+        own fetches (exact on any broker); None until every partition has been fetched."""
+        if not self.assigned:
+            return 0
+        topic = self.settings.orders_topic
+        total = 0
+        for tp in self.consumer.position([TopicPartition(topic, p) for p in self.assigned]):
+            high = self.consumer.get_watermark_offsets(tp, cached=True)
+            if tp.offset < 0 or high is None or high[1] < 0:
+                return None
+            total += max(0, high[1] - tp.offset)
+        return total
+
+    def _write_status(self) -> None:
+        """Publish partitions, lag and counts for the supervisor (readiness, autoscaling)."""
+        if self.status_file is None:
+            return
+        tmp = self.status_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "worker": self.worker_id,
+                                   "partitions": sorted(self.assigned), "lag": self.lag(),
+                                   "consumed": self.consumed}))
+        tmp.replace(self.status_file)
