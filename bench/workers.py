@@ -78,8 +78,6 @@ def per_message(settings: Settings, model_dir: Path, reference_dir: Path) -> Han
     def score(msg: Message) -> bytes:
         order = orders.decode(msg.value())
         features = OrderColumns.from_records([order]).features(reference)
-        status = str(features.payment_status[0])
-        inventory = float(features.inventory[0])
         row = pd.DataFrame(model.design_matrix(features), columns=columns)
         proba = model.classifier.predict_proba(row)[0]
         proba = proba.astype(np.float32).tolist()
@@ -89,10 +87,7 @@ def per_message(settings: Settings, model_dir: Path, reference_dir: Path) -> Han
             "recommendation": classes[int(np.argmax(proba))],
             "probabilities": dict(zip(classes, proba, strict=True)),
             "model_version": model.version,
-            "features": {"order_hour_of_day": int(features.order_hour_of_day[0]),
-                         "inventory": None if inventory != inventory else inventory,
-                         "payment_status": status,
-                         "zip_code_available": bool(features.zip_code_available[0])},
+            "features": features.records()[0],
             "order_timestamp_ms": order["timestamp_ms"],
             "scored_at_ms": int(time.time() * 1000),
             "order_published_at_ms": msg.timestamp()[1],

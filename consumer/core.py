@@ -266,24 +266,17 @@ class ScoringCore:
         """The prediction of every scored order, and the drift samples."""
         version = self.model.version
         classes = self.class_names
-        hours = features.order_hour_of_day.tolist()
-        stock = [None if v != v else v for v in features.inventory.tolist()]  # NaN -> null
-        statuses = features.payment_status.tolist()
-        zips = features.zip_code_available.tolist()
         timestamps = orders.timestamp_ms.tolist()
-        feature_records = []
+        feature_records = features.records()
         for i, position in enumerate(positions):
             source = batch[position].source
-            feature_record = {"order_hour_of_day": hours[i], "inventory": stock[i],
-                              "payment_status": statuses[i], "zip_code_available": zips[i]}
-            feature_records.append(feature_record)
             outcome.predictions.append(Scored(position, orders.order_id[i].encode(), {
                 "order_id": orders.order_id[i],
                 "customer_id": orders.customer_id[i],
                 "recommendation": recommendations[i],
                 "probabilities": dict(zip(classes, proba[i], strict=True)),
                 "model_version": version,
-                "features": feature_record,
+                "features": feature_records[i],
                 "order_timestamp_ms": timestamps[i],
                 "scored_at_ms": scored_at,
                 # Lineage; an order that did not come from Kafka has none (-1).

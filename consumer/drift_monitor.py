@@ -40,21 +40,20 @@ from triage.bus.errors import WaitTimeout
 from triage.bus.settings import Settings
 from triage.consumer.commit import AtLeastOnce
 from triage.model.drift import DRIFT, MIN_BASELINE_ROWS, Reference, WindowResult, evaluate
-from triage.model.features import FeatureBatch
+from triage.model.features import FEATURE_NAMES, FeatureBatch
 from triage.schemas.codec import DecodeError, codec_for
 
 _FLUSH_TIMEOUT_S = 30.0
 _PROGRESS_S = 10.0  # how often the open window's progress is logged
 @dataclass
 class _Window:
-    """Samples of the open window, column by column, and where each came from."""
+    """Samples of the open window, column by column (each declared feature, the
+    recommendation, when it was scored, its partition), and where each came from."""
 
     opened_at_ms: int
     opened_mono: float
-    hours: list[int] = field(default_factory=list)
-    inventory: list[float] = field(default_factory=list)
-    statuses: list[str] = field(default_factory=list)
-    zips: list[bool] = field(default_factory=list)
+    features: dict[str, list[Any]] = field(
+        default_factory=lambda: {name: [] for name in FEATURE_NAMES})
     recommendations: list[str] = field(default_factory=list)
     scored_at: list[int] = field(default_factory=list)
     partitions: list[int] = field(default_factory=list)
@@ -63,7 +62,7 @@ class _Window:
     skipped: int = 0
 
     def __len__(self) -> int:
-        return len(self.hours)
+        return len(self.recommendations)
 
     def add(self, msg: Message, sample: dict[str, Any] | None) -> None:
         partition, offset = msg.partition(), msg.offset()
@@ -72,11 +71,9 @@ class _Window:
         if sample is None:
             self.skipped += 1
             return
-        f = sample["features"]
-        self.hours.append(f["order_hour_of_day"])
-        self.inventory.append(np.nan if f["inventory"] is None else f["inventory"])
-        self.statuses.append(f["payment_status"])
-        self.zips.append(f["zip_code_available"])
+        values = sample["features"]
+        for name, column in self.features.items():
+            column.append(values[name])
         self.recommendations.append(sample["recommendation"])
         self.scored_at.append(sample["scored_at_ms"])
         self.partitions.append(partition)
@@ -86,17 +83,14 @@ class _Window:
         """Forget the samples of partitions this monitor no longer owns: their new owner reads
         them again from the last commit."""
         keep = [i for i, p in enumerate(self.partitions) if p not in lost]
-        for name in ("hours", "inventory", "statuses", "zips", "recommendations", "scored_at",
-                     "partitions"):
-            column = getattr(self, name)
-            setattr(self, name, [column[i] for i in keep])
+        for column in (*self.features.values(), self.recommendations, self.scored_at,
+                       self.partitions):
+            column[:] = [column[i] for i in keep]
         self.offsets = {p: o for p, o in self.offsets.items() if p not in lost}
 
-    def features(self) -> FeatureBatch:
-        return FeatureBatch(np.array(self.hours, dtype=np.int64),
-                            np.array(self.inventory, dtype=np.float64),
-                            np.array(self.statuses, dtype=object),
-                            np.array(self.zips, dtype=bool))
+    def feature_batch(self) -> FeatureBatch:
+        """The window's features as the declared columns (a null is the missing value)."""
+        return FeatureBatch.from_values(self.features)
 
     def window_id(self) -> str:
         text = ",".join(f"{p}:{a}-{b}" for p, (a, b) in sorted(self.offsets.items()))
@@ -266,7 +260,7 @@ class DriftMonitor:
     def _close(self) -> dict[str, Any]:
         """Evaluate the open window, report it, commit it, open the next one."""
         window, self._window = self._window, self._new_window()
-        result = evaluate(self.reference, window.features(),
+        result = evaluate(self.reference, window.feature_batch(),
                           np.array(window.recommendations, dtype=object),
                           alpha=self.settings.drift_alpha,
                           min_samples=self.settings.drift_min_samples)

@@ -40,14 +40,12 @@ import numpy as np
 from xgboost import XGBClassifier
 
 from triage.bus.errors import ConfigurationError
-from triage.model.features import FeatureBatch
+from triage.model.features import FEATURES, FeatureBatch
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.json"
 FORMAT = "triage-model/1"
 UNSEEN_STATUS = "__UNSEEN__"
-STATUS_PREFIX = "payment_status="
-NUMERIC_COLUMNS = ("order_hour_of_day", "in_stock", "zip_code_available")
 
 
 class ArtifactError(ConfigurationError):
@@ -62,69 +60,69 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def feature_order(payment_vocabulary: list[str]) -> list[str]:
-    """Design column names for a model trained now: the numeric columns (``in_stock``, not
-    the raw ``inventory``), then one ``payment_status=<S>`` per entry of the vocabulary."""
-    return [*NUMERIC_COLUMNS, *(f"{STATUS_PREFIX}{s}" for s in payment_vocabulary)]
+def feature_order(vocabularies: dict[str, list[str]]) -> list[str]:
+    """Design column names for a model trained now: every feature's trained columns
+    (``in_stock``, not the raw ``inventory``), then, per categorical feature, one
+    ``<name>=<value>`` column for each entry of its vocabulary (model.features.FEATURES)."""
+    numeric = [column for f in FEATURES for column in f.trained_design]
+    one_hot = [f"{f.name}={value}" for f in FEATURES if f.categorical
+               for value in vocabularies[f.name]]
+    return [*numeric, *one_hot]
 
 
-def in_stock(inventory: np.ndarray) -> np.ndarray:
-    """float64 (n,) -> float32 (n,): 1.0 where the level is > 0, 0.0 where it is <= 0 or NaN."""
-    return np.greater(inventory, 0).astype(np.float32)
-
-
-_NUMERIC_BUILDERS: dict[str, Callable[[FeatureBatch], np.ndarray]] = {
-    "order_hour_of_day": lambda f: f.order_hour_of_day,
-    "inventory": lambda f: f.inventory,
-    "in_stock": lambda f: in_stock(f.inventory),
-    "zip_code_available": lambda f: f.zip_code_available,
-}
+# Column name -> (feature, builder), from every feature's declared design columns.
+_NUMERIC_BUILDERS: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
+    column: (f.name, build) for f in FEATURES for column, build in f.design.items()}
+_CATEGORICAL = tuple(f.name for f in FEATURES if f.categorical)
 
 
 class DesignColumns:
     """Builds the classifier's input matrix from features, column by column as named.
 
-    ``names`` is a manifest's ``feature_order``; every name must be one of the module
-    docstring's, with ``payment_status=__UNSEEN__`` among them, else :class:`ArtifactError`.
+    ``names`` is a manifest's ``feature_order``: each a numeric column some feature declares
+    (model.features.FEATURES), or ``<feature>=<value>`` for a categorical feature, whose
+    ``<feature>=__UNSEEN__`` column must be among them; else :class:`ArtifactError`.
     """
 
     def __init__(self, names: list[str]) -> None:
         self.names = list(names)
-        self._numeric: list[tuple[int, Callable[[FeatureBatch], np.ndarray]]] = []
-        self._status_column: dict[str, int] = {}
+        self._numeric: list[tuple[int, str, Callable[[np.ndarray], np.ndarray]]] = []
+        self._one_hot: dict[str, dict[str, int]] = {}
         for position, name in enumerate(self.names):
+            feature, _, value = name.partition("=")
             if name in _NUMERIC_BUILDERS:
-                self._numeric.append((position, _NUMERIC_BUILDERS[name]))
-            elif name.startswith(STATUS_PREFIX):
-                self._status_column[name.removeprefix(STATUS_PREFIX)] = position
+                self._numeric.append((position, *_NUMERIC_BUILDERS[name]))
+            elif value and feature in _CATEGORICAL:
+                self._one_hot.setdefault(feature, {})[value] = position
             else:
                 raise ArtifactError(
                     f"the manifest's feature_order names the column {name!r}, which this "
                     f"version cannot build; known: {', '.join(_NUMERIC_BUILDERS)} and "
-                    f"{STATUS_PREFIX}<status>. Retrain with this version, or score with the "
-                    "version that trained it.")
-        if UNSEEN_STATUS not in self._status_column:
-            raise ArtifactError(f"the manifest's feature_order has no {STATUS_PREFIX}"
-                                f"{UNSEEN_STATUS} column, so an unknown payment status has no "
-                                "encoding")
-        self._unseen = self._status_column[UNSEEN_STATUS]
+                    f"{', '.join(f'{c}=<value>' for c in _CATEGORICAL)}. Retrain with this "
+                    "version, or score with the version that trained it.")
+        for feature, columns in self._one_hot.items():
+            if UNSEEN_STATUS not in columns:
+                raise ArtifactError(f"the manifest's feature_order has no {feature}="
+                                    f"{UNSEEN_STATUS} column, so an unknown {feature} has no "
+                                    "encoding")
 
-    @property
-    def payment_statuses(self) -> list[str]:
-        """The one-hot payment status vocabulary, in column order."""
-        return list(self._status_column)
+    def vocabulary(self, feature: str) -> list[str]:
+        """The one-hot vocabulary of a categorical feature, in column order."""
+        return list(self._one_hot.get(feature, {}))
 
     def build(self, features: FeatureBatch) -> np.ndarray:
-        """float32 (len(features), len(names)): the named columns in order; exactly one
-        ``payment_status=`` column is 1.0 per row."""
+        """float32 (len(features), len(names)): the named columns in order; per categorical
+        feature, exactly one of its columns is 1.0 per row."""
         n = len(features)
         matrix = np.zeros((n, len(self.names)), dtype=np.float32)
-        for position, column in self._numeric:
-            matrix[:, position] = column(features)
-        index, unseen = self._status_column, self._unseen
-        positions = np.fromiter((index.get(s, unseen) for s in features.payment_status),
-                                dtype=np.int64, count=n)
-        matrix[np.arange(n), positions] = 1.0
+        rows = np.arange(n)
+        for position, feature, build in self._numeric:
+            matrix[:, position] = build(features.columns[feature])
+        for feature, index in self._one_hot.items():
+            unseen = index[UNSEEN_STATUS]
+            positions = np.fromiter((index.get(v, unseen) for v in features.columns[feature]),
+                                    dtype=np.int64, count=n)
+            matrix[rows, positions] = 1.0
         return matrix
 
 
@@ -139,11 +137,12 @@ class Model:
             raise ArtifactError("the manifest has no feature_order: cannot build the design "
                                 "matrix")
         self.columns = DesignColumns(names)
-        if self.columns.payment_statuses != self.manifest["categories"]["payment_status"]:
-            raise ArtifactError(
-                f"the manifest's feature_order one-hot statuses {self.columns.payment_statuses} "
-                "differ from its payment_status vocabulary "
-                f"{self.manifest['categories']['payment_status']}")
+        for feature, vocabulary in self.manifest["categories"].items():
+            if self.columns.vocabulary(feature) != vocabulary:
+                raise ArtifactError(
+                    f"the manifest's feature_order one-hot {feature} columns "
+                    f"{self.columns.vocabulary(feature)} differ from its {feature} vocabulary "
+                    f"{vocabulary}")
         self.classes = np.array(self.manifest["classes"], dtype=object)
 
     @property

@@ -47,6 +47,7 @@ Decisions, and why (the tests in ``tests/test_drift_stats.py`` measure each clai
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,7 +56,7 @@ import numpy as np
 from scipy import stats
 
 from triage.bus.errors import ConfigurationError
-from triage.model.features import FeatureBatch
+from triage.model.features import FEATURES, DriftCheck, Feature, FeatureBatch
 
 DEFAULT_ALPHA = 0.01
 MIN_BIN_SHARE = 0.02
@@ -64,9 +65,10 @@ MIN_BASELINE_ROWS = 20_000
 LEVEL_BINS = 10
 OTHER = "(other)"
 OK, DRIFT, INSUFFICIENT = "ok", "drift", "insufficient_data"
-CHECKS = ("order_hour_of_day", "inventory_availability", "inventory_level", "payment_status",
-          "zip_code_available", "recommendation")
 AVAILABILITY_LABELS = ("missing", "out of stock", "in stock")
+# Every check, in report order: each feature's declared checks (model.features.FEATURES), then
+# the predictions.
+CHECKS = (*(check.name for f in FEATURES for check in f.drift), "recommendation")
 
 
 class DriftError(ConfigurationError):
@@ -173,41 +175,122 @@ def _categorical(name: str, feature: str, frequencies: Mapping[str, float], rows
     return CheckReference(name, feature, "chi2", tuple(labels), baseline, counter)
 
 
-def _hour_check(shares: Sequence[float], rows: int) -> CheckReference:
+def _column(feature: str) -> Callable[[FeatureBatch, np.ndarray], np.ndarray]:
+    return lambda features, _: features.columns[feature]
+
+
+def _hour_check(check: DriftCheck, feature: str, shares: Sequence[float], rows: int
+                ) -> CheckReference:
     groups = _merge_sparse_adjacent(np.asarray(shares, dtype=float), MIN_BIN_SHARE)
     labels = tuple(f"{g[0]:02d}" if len(g) == 1 else f"{g[0]:02d}-{g[-1]:02d}" for g in groups)
     bin_of = {hour: i for i, g in enumerate(groups) for hour in g}
     baseline = np.array([sum(round(shares[h] * rows) for h in g) for g in groups], dtype=float)
-    counter = _categorical_counter(lambda f, _: f.order_hour_of_day, bin_of, len(groups),
-                                   set(range(24)))
-    return CheckReference("order_hour_of_day", "order_hour_of_day", "chi2", labels, baseline,
-                          counter)
+    counter = _categorical_counter(_column(feature), bin_of, len(groups), set(range(24)))
+    return CheckReference(check.name, feature, "chi2", labels, baseline, counter)
 
 
-def _availability_check(inventory: Mapping[str, Any]) -> CheckReference:
-    counts = inventory["availability_counts"]
+def _availability_check(check: DriftCheck, feature: str, summary: Mapping[str, Any]
+                        ) -> CheckReference:
+    counts = summary["availability_counts"]
     baseline = np.array([counts[label] for label in AVAILABILITY_LABELS], dtype=float)
 
     def count(features: FeatureBatch, _: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
-        codes = availability_codes(features.inventory)
+        codes = availability_codes(features.columns[feature])
         return np.bincount(codes, minlength=3).astype(float), {}
 
-    return CheckReference("inventory_availability", "inventory", "chi2", AVAILABILITY_LABELS,
-                          baseline, count)
+    return CheckReference(check.name, feature, "chi2", AVAILABILITY_LABELS, baseline, count)
 
 
-def _level_check(inventory: Mapping[str, Any]) -> CheckReference:
-    edges = np.asarray(inventory["level_bins"]["edges"], dtype=float)
-    baseline = np.asarray(inventory["level_bins"]["counts"], dtype=float)
+def _level_check(check: DriftCheck, feature: str, summary: Mapping[str, Any]
+                 ) -> CheckReference:
+    edges = np.asarray(summary["level_bins"]["edges"], dtype=float)
+    baseline = np.asarray(summary["level_bins"]["counts"], dtype=float)
     bounds = [-np.inf, 0.0, *edges.tolist(), np.inf]
     labels = tuple(f"{_num(lo) if i else '0'}-{_num(hi)}" if np.isfinite(hi) else f">{_num(lo)}"
                    for i, (lo, hi) in enumerate(itertools.pairwise(bounds[1:])))
 
     def count(features: FeatureBatch, _: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
-        stock = features.inventory
+        stock = features.columns[feature]
         return level_bin_counts(edges, stock[stock > 0]).astype(float), {}
 
-    return CheckReference("inventory_level", "inventory", "psi", labels, baseline, count)
+    return CheckReference(check.name, feature, "psi", labels, baseline, count)
+
+
+def _binary_check(check: DriftCheck, feature: str, rate: float, rows: int) -> CheckReference:
+    yes, no = check.labels or ("true", "false")
+    return _categorical(check.name, feature, {yes: rate, no: 1.0 - rate}, rows, [yes, no],
+                        lambda f, _: np.where(f.columns[feature], yes, no))
+
+
+def _frequencies(values: np.ndarray) -> dict[str, float]:
+    counts = Counter(values.tolist())
+    total = sum(counts.values())
+    return {str(k): v / total for k, v in sorted(counts.items())}
+
+
+def _level_summary(column: np.ndarray) -> dict[str, Any]:
+    stock = column[~np.isnan(column)]
+    in_stock = stock[stock > 0]
+    edges = level_edges(in_stock)
+    return {"quantiles": dict(zip(map(str, QUANTILES), np.quantile(stock, QUANTILES).tolist(),
+                                  strict=True)) if len(stock) else {},
+            "level_bins": {"edges": edges.tolist(),
+                           "counts": level_bin_counts(edges, in_stock).tolist()}}
+
+
+def _availability_summary(column: np.ndarray) -> dict[str, Any]:
+    availability = np.bincount(availability_codes(column), minlength=3)
+    return {"missing_rate": float(np.isnan(column).mean()),
+            "availability_counts": dict(zip(AVAILABILITY_LABELS, availability.tolist(),
+                                            strict=True))}
+
+
+@dataclass(frozen=True)
+class CheckKind:
+    """One kind of drift check: how it summarises a training column for the manifest's
+    baseline (JSON), and how it builds its reference from that summary. Several checks on one
+    feature merge their summaries (dicts) into the feature's baseline entry."""
+
+    summarise: Callable[[np.ndarray], Any]
+    reference: Callable[[DriftCheck, Feature, Any, int, Mapping[str, Any]], CheckReference]
+
+
+QUANTILES = tuple(q / 10 for q in range(1, 10))
+CHECK_KINDS: dict[str, CheckKind] = {
+    "hours": CheckKind(
+        lambda column: (np.bincount(column, minlength=24) / len(column)).tolist(),
+        lambda check, f, summary, rows, _: _hour_check(check, f.name, summary, rows)),
+    "availability": CheckKind(
+        _availability_summary,
+        lambda check, f, summary, rows, _: _availability_check(check, f.name, summary)),
+    "level": CheckKind(
+        _level_summary, lambda check, f, summary, rows, _: _level_check(check, f.name, summary)),
+    "categorical": CheckKind(
+        _frequencies,
+        # __UNSEEN__ is the model's reserved category, never a raw value.
+        lambda check, f, summary, rows, manifest: _categorical(
+            check.name, f.name, summary, rows,
+            [v for v in manifest["categories"].get(f.name, summary) if not v.startswith("__")],
+            _column(f.name))),
+    "binary": CheckKind(
+        lambda column: float(column.mean()),
+        lambda check, f, summary, rows, _: _binary_check(check, f.name, float(summary), rows)),
+}
+
+
+def training_baseline(features: FeatureBatch, recommendations: np.ndarray) -> dict[str, Any]:
+    """The manifest's ``baseline``: per feature, the summaries of its drift checks (one check:
+    its summary; several: their dicts merged), the row count, and the frequencies of
+    ``recommendations``, the model's predictions on the training rows (the monitor compares
+    live predictions with those)."""
+    baseline: dict[str, Any] = {"rows": len(features)}
+    for feature in FEATURES:
+        column = features.columns[feature.name]
+        summaries = [CHECK_KINDS[check.kind].summarise(column) for check in feature.drift]
+        baseline[feature.name] = summaries[0] if len(summaries) == 1 else {
+            key: value for summary in summaries for key, value in summary.items()}
+    baseline["recommendation"] = _frequencies(recommendations)
+    return baseline
 
 
 def _num(value: float) -> str:
@@ -224,30 +307,27 @@ class Reference:
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> Reference:
+        """Every declared check's reference, from the manifest's ``baseline``.
+
+        Raises DriftError when the baseline lacks a check's summary (a model trained before
+        that check existed: retrain)."""
         baseline = manifest.get("baseline") or {}
-        inventory = baseline.get("inventory", {})
-        if "availability_counts" not in inventory or "level_bins" not in inventory:
-            raise DriftError("the model manifest has no drift bins for inventory: retrain the "
-                             "model with this version (`triage train`)")
-        rows = int(baseline["rows"])
-        statuses = [s for s in manifest["categories"]["payment_status"]
-                    if not s.startswith("__")]  # __UNSEEN__ is reserved, never a raw status
-        zip_rate = float(baseline["zip_code_available"])
-        checks = (
-            _hour_check(baseline["order_hour_of_day"], rows),
-            _availability_check(inventory),
-            _level_check(inventory),
-            _categorical("payment_status", "payment_status", baseline["payment_status"], rows,
-                         statuses, lambda f, _: f.payment_status),
-            _categorical("zip_code_available", "zip_code_available",
-                         {"available": zip_rate, "not available": 1.0 - zip_rate}, rows,
-                         ["available", "not available"],
-                         lambda f, _: np.where(f.zip_code_available, "available",
-                                               "not available")),
-            _categorical("recommendation", "recommendation", baseline["recommendation"], rows,
-                         list(manifest["classes"]), lambda _, r: np.asarray(r, dtype=object)),
-        )
-        return cls(checks, rows, str(manifest.get("version", "")))
+        rows = int(baseline.get("rows", 0))
+        checks = []
+        for feature in FEATURES:
+            for check in feature.drift:
+                summary = baseline.get(feature.name)
+                try:
+                    checks.append(CHECK_KINDS[check.kind].reference(check, feature, summary,
+                                                                    rows, manifest))
+                except (KeyError, TypeError, ValueError):
+                    raise DriftError(f"the model manifest has no drift baseline for the check "
+                                     f"{check.name}: retrain the model with this version "
+                                     "(`triage train`)") from None
+        checks.append(_categorical("recommendation", "recommendation",
+                                   baseline["recommendation"], rows, list(manifest["classes"]),
+                                   lambda _, r: np.asarray(r, dtype=object)))
+        return cls(tuple(checks), rows, str(manifest.get("version", "")))
 
 
 # -- tests ------------------------------------------------------------------------------------

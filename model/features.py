@@ -1,7 +1,15 @@
-"""The four model features, computed for a whole batch at once.
+"""The model features: declared once, computed for a whole batch at once.
 
-This is the only implementation: training calls it over the history, the scorer over each
-consumed batch, so the two cannot drift apart. Definitions (DESIGN.md):
+:data:`FEATURES` is the only place a feature is defined. Each :class:`Feature` says how it is
+computed (vectorised over a batch of orders, from the reference data), its numpy dtype and
+missing value, its Avro type in the prediction and drift-sample contracts (a test holds the
+``.avsc`` files to it), how it enters the classifier's design matrix
+(:class:`~triage.model.artifact.DesignColumns`) and which drift checks watch it
+(:mod:`triage.model.drift`). Training calls the same code over the history as the scorer over
+each batch, so the two cannot drift apart. Adding a feature means a declaration here, its
+values in the data generator and, if it decides anything, the policy.
+
+The four features (DESIGN.md):
 
 * ``order_hour_of_day``: hour 0-23 of the order timestamp, UTC.
 * ``inventory``: latest stock of the SKU at or before the order; NaN when there is none.
@@ -14,41 +22,177 @@ compares ``floor(ms / 1000)`` with the reference second, which is exact.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from triage.model.reference import ReferenceTables
 
-FEATURE_NAMES = ("order_hour_of_day", "inventory", "payment_status", "zip_code_available")
+
+@dataclass(frozen=True)
+class OrderKeys:
+    """What the features of a batch of orders are computed from."""
+
+    reference: ReferenceTables
+    order_ids: Sequence[str]
+    skus: Sequence[str]
+    zip_codes: Sequence[str]
+    seconds: np.ndarray  # int64 UTC seconds since the epoch, floor of the order's milliseconds
+
+
+def _hour(keys: OrderKeys) -> np.ndarray:
+    return np.floor_divide(keys.seconds, 3600) % 24
+
+
+def _inventory(keys: OrderKeys) -> np.ndarray:
+    table = keys.reference.inventory
+    return table.values_at(table.lookup(list(keys.skus), keys.seconds), np.nan)
+
+
+def _payment_status(keys: OrderKeys) -> np.ndarray:
+    table = keys.reference.payments
+    codes = table.values_at(table.lookup(list(keys.order_ids), keys.seconds), 0)
+    return keys.reference.payment_statuses[codes]
+
+
+def _zip_code_available(keys: OrderKeys) -> np.ndarray:
+    available_from = keys.reference.zip_available_from
+    # An unknown zip gets the largest int64, which no order time is after.
+    zip_from = np.fromiter((available_from.get(z, np.iinfo(np.int64).max)
+                            for z in keys.zip_codes), dtype=np.int64, count=len(keys.zip_codes))
+    return keys.seconds > zip_from
+
+
+def _as_is(values: np.ndarray) -> list[Any]:
+    return values.tolist()  # type: ignore[no-any-return]
+
+
+def _nan_to_null(values: np.ndarray) -> list[Any]:
+    return [None if v != v else v for v in values.tolist()]
 
 
 @dataclass(frozen=True)
+class DriftCheck:
+    """A drift check on one feature: its name (in reports and metrics), its kind (how the
+    feature is binned and tested: model/drift.py ``CHECK_KINDS``) and, for a binary feature,
+    the labels of true and false."""
+
+    name: str
+    kind: str
+    labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One feature, declared once.
+
+    ``design``: design-matrix columns built from it, by name; a column listed in
+    ``trained_design`` is in the matrix of a model trained now (the others only keep older
+    artifacts loadable). ``categorical``: one-hot encoded over the training vocabulary, as
+    ``<name>=<value>`` columns. ``drift``: the drift checks that watch it (model/drift.py).
+    ``coverage``: values that every combination of which training also fits on, so the model
+    agrees with the policy off the history's grid (a categorical feature covers its whole
+    vocabulary; model/train.py).
+    """
+
+    name: str
+    doc: str
+    compute: Callable[[OrderKeys], np.ndarray]
+    dtype: type
+    avro: str | list[str]
+    drift: tuple[DriftCheck, ...]
+    coverage: tuple[Any, ...] = ()
+    design: dict[str, Callable[[np.ndarray], np.ndarray]] = field(default_factory=dict)
+    trained_design: tuple[str, ...] = ()
+    categorical: bool = False
+    to_avro: Callable[[np.ndarray], list[Any]] = _as_is
+    missing: Any = None  # the value of a sample whose record says null (drift monitor)
+
+
+FEATURES: tuple[Feature, ...] = (
+    Feature("order_hour_of_day", "hour 0-23 of the order timestamp, UTC", _hour, np.int64,
+            "int", drift=(DriftCheck("order_hour_of_day", "hours"),),
+            coverage=tuple(range(24)),
+            design={"order_hour_of_day": lambda v: v}, trained_design=("order_hour_of_day",)),
+    Feature("inventory", "latest stock of the SKU at or before the order; NaN when none",
+            _inventory, np.float64, ["null", "double"],
+            drift=(DriftCheck("inventory_availability", "availability"),
+                   DriftCheck("inventory_level", "level")),
+            # Missing, out of stock (<= 0, including oversold) and in stock, fractions (goods
+            # sold by weight) and far outside any history.
+            coverage=(np.nan, -1.0, 0.0, 0.001, 0.5, 1.0, 1e6),
+            # in_stock (> 0; missing is 0) rather than the raw level: no tree can then split
+            # the level anywhere but at the policy's 0 (model/artifact.py). The raw level
+            # keeps artifacts from before in_stock loadable.
+            design={"in_stock": lambda v: np.greater(v, 0), "inventory": lambda v: v},
+            trained_design=("in_stock",), to_avro=_nan_to_null, missing=np.nan),
+    Feature("payment_status", "latest status of the order at or before it; MISSING when none",
+            _payment_status, object, "string", drift=(DriftCheck("payment_status",
+                                                                 "categorical"),),
+            categorical=True),
+    Feature("zip_code_available", "order strictly after the zip's available_from; false if "
+            "unknown", _zip_code_available, np.bool_, "boolean",
+            drift=(DriftCheck("zip_code_available", "binary", ("available", "not available")),),
+            coverage=(True, False),
+            design={"zip_code_available": lambda v: v}, trained_design=("zip_code_available",)),
+)
+FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
+BY_NAME: dict[str, Feature] = {f.name: f for f in FEATURES}
+
+
 class FeatureBatch:
-    order_hour_of_day: np.ndarray   # int64
-    inventory: np.ndarray           # float64, NaN = missing
-    payment_status: np.ndarray      # object array of status names
-    zip_code_available: np.ndarray  # bool
+    """The features of a batch of orders: one numpy column per declared feature, in
+    :data:`FEATURES` order, all of one length. Columns are attributes
+    (``batch.inventory``); construct positionally in declaration order or by name."""
+
+    __slots__ = ("columns",)
+
+    def __init__(self, *values: np.ndarray, **named: np.ndarray) -> None:
+        columns = dict(zip(FEATURE_NAMES, values, strict=False))
+        columns.update(named)
+        if set(columns) != set(FEATURE_NAMES) or len(values) > len(FEATURE_NAMES):
+            raise TypeError(f"FeatureBatch needs exactly {', '.join(FEATURE_NAMES)}; "
+                            f"got {', '.join(columns)}")
+        self.columns: dict[str, np.ndarray] = {name: columns[name] for name in FEATURE_NAMES}
+        lengths = {len(c) for c in self.columns.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"feature columns of different lengths: {sorted(lengths)}")
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        try:
+            return self.columns[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
     def __len__(self) -> int:
-        return len(self.order_hour_of_day)
+        return len(self.columns[FEATURE_NAMES[0]])
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        return iter(self.columns.items())
+
+    def take(self, rows: np.ndarray | slice) -> FeatureBatch:
+        """The batch restricted to ``rows`` (an index array, mask or slice)."""
+        return FeatureBatch(**{name: column[rows] for name, column in self.columns.items()})
+
+    def records(self) -> list[dict[str, Any]]:
+        """One ``Features`` Avro record per order (prediction.avsc, drift_sample.avsc): the
+        declared features by name, missing values as null."""
+        values = [BY_NAME[name].to_avro(column) for name, column in self.columns.items()]
+        return [dict(zip(FEATURE_NAMES, row, strict=True)) for row in zip(*values, strict=True)]
+
+    @classmethod
+    def from_values(cls, columns: Mapping[str, Sequence[Any]]) -> FeatureBatch:
+        """Columns of plain values, as Avro feature records hold them (a None is the
+        feature's missing value), as arrays of the declared dtypes."""
+        return cls(**{f.name: np.array([f.missing if v is None else v for v in columns[f.name]],
+                                       dtype=f.dtype) for f in FEATURES})
 
 
-def compute_features(reference: ReferenceTables, order_ids: list[str], skus: list[str],
-                     zip_codes: list[str], timestamps_ms: np.ndarray) -> FeatureBatch:
+def compute_features(reference: ReferenceTables, order_ids: Sequence[str], skus: Sequence[str],
+                     zip_codes: Sequence[str], timestamps_ms: np.ndarray) -> FeatureBatch:
+    """Every declared feature of a batch of orders (timestamps in UTC epoch milliseconds)."""
     seconds = np.floor_divide(np.asarray(timestamps_ms, dtype=np.int64), 1000)
-    hours = np.floor_divide(seconds, 3600) % 24
-
-    inventory = reference.inventory.values_at(reference.inventory.lookup(skus, seconds), np.nan)
-    status_codes = reference.payments.values_at(reference.payments.lookup(order_ids, seconds), 0)
-
-    available_from = reference.zip_available_from
-    # An unknown zip gets the largest int64, which no order time is after.
-    zip_from = np.fromiter((available_from.get(z, np.iinfo(np.int64).max) for z in zip_codes),
-                           dtype=np.int64, count=len(zip_codes))
-    return FeatureBatch(
-        order_hour_of_day=hours,
-        inventory=inventory,
-        payment_status=reference.payment_statuses[status_codes],
-        zip_code_available=seconds > zip_from,
-    )
+    keys = OrderKeys(reference, order_ids, skus, zip_codes, seconds)
+    return FeatureBatch(**{f.name: f.compute(keys) for f in FEATURES})

@@ -5,9 +5,10 @@ Stock enters the model only as the design column ``in_stock`` (inventory > 0; se
 fitted on them puts its splits at 1.0 or above, so a level such as 0.5 (goods sold by weight)
 would get a confident wrong answer.
 
-Coverage rows: the fit also sees :func:`coverage_rows`, every combination of stock state
-(missing, <= 0, > 0), hour, payment status of the vocabulary (``MISSING`` and ``__UNSEEN__``
-included) and zip served or not, labelled by the same policy function. The history need not
+Coverage rows: the fit also sees :func:`coverage_rows`, every combination of the values each
+feature declares as its coverage (model.features.FEATURES: stock states missing, <= 0 and > 0,
+every hour, zip served or not) and of every categorical feature's vocabulary (payment statuses,
+``MISSING`` and ``__UNSEEN__`` included), labelled by the same policy function. The history need not
 hold every combination for the model to learn it. These rows are for fitting only: the holdout
 metrics and the drift baseline are computed on the history alone, and the manifest records how
 many were added (``metrics.synthetic_rows``).
@@ -31,16 +32,14 @@ from xgboost import XGBClassifier
 from triage.bus.errors import ConfigurationError
 from triage.model import artifact
 from triage.model.artifact import UNSEEN_STATUS, DesignColumns, feature_order
-from triage.model.baseline import training_baseline
-from triage.model.features import FeatureBatch
+from triage.model.drift import training_baseline
+from triage.model.features import FEATURE_NAMES, FEATURES, FeatureBatch
 from triage.model.orders import read_orders_csv
 from triage.model.policy import CLASSES, label
 from triage.model.reference import MISSING_STATUS, ReferenceTables, zip_code_warnings
 
 MIN_ACCURACY = 0.995
 UNSEEN_SHARE = 0.1  # share of non-OK statuses relabelled __UNSEEN__ to teach that category
-# Stock levels of the coverage rows: missing, <= 0, and > 0 from a sliver to a warehouse.
-COVERAGE_STOCK = (np.nan, -1.0, 0.0, 0.001, 0.5, 1.0, 1e6)
 PARAMS = {"n_estimators": 60, "max_depth": 5, "learning_rate": 0.3, "tree_method": "hist"}
 
 
@@ -68,24 +67,39 @@ class TrainReport:
 
 
 def _with_unseen(features: FeatureBatch, rng: np.random.Generator) -> FeatureBatch:
+    """The training features with a share of the non-OK payment statuses relabelled
+    ``__UNSEEN__`` (their labels unchanged), which teaches the model that the policy treats a
+    status it never saw as not OK."""
     statuses = features.payment_status.copy()
     not_ok = np.flatnonzero(statuses != "OK")
     chosen = rng.choice(not_ok, size=int(len(not_ok) * UNSEEN_SHARE), replace=False)
     statuses[chosen] = UNSEEN_STATUS
-    return FeatureBatch(features.order_hour_of_day, features.inventory, statuses,
-                        features.zip_code_available)
+    return FeatureBatch(**{**features.columns, "payment_status": statuses})
 
 
-def coverage_rows(payment_vocabulary: list[str]) -> FeatureBatch:
-    """Every combination of ``COVERAGE_STOCK`` × hour 0-23 × status of ``payment_vocabulary``
-    × zip served or not, once each: len(COVERAGE_STOCK) × 24 × len(vocabulary) × 2 rows."""
-    stock = np.array(COVERAGE_STOCK)
-    statuses = np.array(payment_vocabulary, dtype=object)
-    s, h, p, z = (a.ravel() for a in np.meshgrid(np.arange(len(stock)), np.arange(24),
-                                                 np.arange(len(statuses)), np.arange(2),
-                                                 indexing="ij"))
-    return FeatureBatch(order_hour_of_day=h.astype(np.int64), inventory=stock[s],
-                        payment_status=statuses[p], zip_code_available=z == 0)
+def coverage_rows(vocabularies: dict[str, list[str]]) -> FeatureBatch:
+    """Every combination of the declared coverage values of each feature (a categorical
+    feature: its vocabulary), once each: the product of their counts, in rows."""
+    axes = [np.array(vocabularies[f.name] if f.categorical else f.coverage, dtype=f.dtype)
+            for f in FEATURES]
+    grid = np.meshgrid(*(np.arange(len(axis)) for axis in axes), indexing="ij")
+    return FeatureBatch(**{f.name: axis[index.ravel()]
+                           for f, axis, index in zip(FEATURES, axes, grid, strict=True)})
+
+
+def vocabularies(features: FeatureBatch, reference: ReferenceTables) -> dict[str, list[str]]:
+    """Per categorical feature, the values the model is trained to know, then the reserved
+    ``__UNSEEN__``: the values the history has and, for payment status, every status of
+    payments.csv (``MISSING`` first)."""
+    found: dict[str, list[str]] = {}
+    for feature in FEATURES:
+        if feature.categorical:
+            values = set(features.columns[feature.name].tolist())
+            if feature.name == "payment_status":
+                values |= set(reference.payment_statuses.tolist())
+            first = [MISSING_STATUS] if MISSING_STATUS in values else []
+            found[feature.name] = [*first, *sorted(values - {MISSING_STATUS}), UNSEEN_STATUS]
+    return found
 
 
 def train(data_dir: str | Path, out_dir: str | Path, *, seed: int = 0, holdout: float = 0.2,
@@ -107,19 +121,18 @@ def train(data_dir: str | Path, out_dir: str | Path, *, seed: int = 0, holdout: 
                             "every recommendation needs examples")
 
     rng = np.random.default_rng(seed)
-    vocabulary = [MISSING_STATUS, *sorted(set(reference.payment_statuses) - {MISSING_STATUS}),
-                  UNSEEN_STATUS]
+    categories = vocabularies(features, reference)
     class_order = sorted(CLASSES)  # XGBoost's class indices follow the sorted names
     manifest: dict[str, Any] = {
-        "categories": {"payment_status": vocabulary},
+        "categories": categories,
         "classes": class_order,
-        "features": ["order_hour_of_day", "inventory", "payment_status", "zip_code_available"],
-        "feature_order": feature_order(vocabulary),
+        "features": list(FEATURE_NAMES),
+        "feature_order": feature_order(categories),
     }
     columns = DesignColumns(manifest["feature_order"])
     matrix = columns.build(_with_unseen(features, rng))
     targets = np.searchsorted(np.array(class_order), labels.astype(str))
-    coverage = coverage_rows(vocabulary)
+    coverage = coverage_rows(categories)
     coverage_matrix = columns.build(coverage)
     coverage_targets = np.searchsorted(np.array(class_order), label(coverage).astype(str))
 

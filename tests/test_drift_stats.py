@@ -24,7 +24,6 @@ import pytest
 from scipy import stats
 
 from triage.model import artifact
-from triage.model.baseline import training_baseline
 from triage.model.datagen import generate
 from triage.model.drift import (
     CHECKS,
@@ -35,6 +34,7 @@ from triage.model.drift import (
     chi2_two_sample,
     evaluate,
     holm_adjusted,
+    training_baseline,
 )
 from triage.model.features import FeatureBatch
 from triage.model.orders import read_orders_csv

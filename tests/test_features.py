@@ -122,3 +122,30 @@ def test_sub_second_order_times_compare_by_the_second(tmp_path: Path) -> None:
                                 np.array([at + 999, at - 1]))
     assert features.inventory[0] == 4.0 and np.isnan(features.inventory[1])
     assert features.zip_code_available.tolist() == [False, False]  # strictly after: not yet
+
+
+@pytest.mark.parametrize("contract", ["prediction", "drift_sample"])
+def test_the_contracts_hold_exactly_the_declared_features(contract: str) -> None:
+    """The Avro contracts carry the features as model/features.py declares them: names,
+    order and types. A feature added there and not here (or the reverse) fails."""
+    import json
+    from importlib import resources
+
+    from triage.model.features import FEATURES
+
+    schema = json.loads(resources.files("triage.schemas").joinpath(f"{contract}.avsc")
+                        .read_text())
+    (features,) = [f for f in schema["fields"] if f["name"] == "features"]
+    assert [(f["name"], f["type"]) for f in features["type"]["fields"]] == [
+        (f.name, f.avro) for f in FEATURES]
+
+
+def test_feature_records_round_trip_through_the_declared_columns(tmp_path: Path) -> None:
+    from triage.model.features import FeatureBatch
+
+    generate(300, 5, tmp_path)
+    features = streaming(tmp_path)
+    back = FeatureBatch.from_values({name: [r[name] for r in features.records()]
+                                     for name, _ in features})
+    assert_identical(back, pd.DataFrame({name: column for name, column in features}))
+    assert any(r["inventory"] is None for r in features.records())  # NaN travels as null
