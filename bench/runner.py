@@ -168,7 +168,7 @@ class Bench:
         with contextlib.ExitStack() as stack:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="triage-bench-")))
             data_dir, model_dir = self._inputs(work)
-            broker = self.settings.bootstrap_servers
+            broker = self.settings.connection.bootstrap_servers
             if not broker:
                 embedded = EmbeddedBroker(log_path=self.logs / "tansu.log")
                 self.say("starting a fresh embedded broker (tansu) for the benchmark")
@@ -222,9 +222,9 @@ class Bench:
         return f"bench-{self.run_id}-{name}"
 
     def _create_topics(self, specs: dict[str, int]) -> None:
-        admin = make_admin(self.settings)
+        admin = make_admin(self.settings.connection)
         futures = admin.create_topics([NewTopic(name, partitions,
-                                                self.settings.replication_factor)
+                                                self.settings.topics.replication_factor)
                                        for name, partitions in specs.items()])
         for name, future in futures.items():
             future.result()
@@ -238,7 +238,8 @@ class Bench:
         self.topics = []
 
     def _delete(self, topics: list[str]) -> None:
-        admin = make_admin(self.settings)  # kept referenced until every future has resolved
+        # The admin client stays referenced until every future has resolved.
+        admin = make_admin(self.settings.connection)
         with contextlib.suppress(KafkaException):
             for future in admin.delete_topics(topics, operation_timeout=30).values():
                 with contextlib.suppress(KafkaException):
@@ -251,7 +252,7 @@ class Bench:
         if publisher is None:
             topic = self._topic(name)
             self._create_topics({topic: self.options.partitions})
-            publisher = OrderPublisher(self.settings.replace(orders_topic=topic))
+            publisher = OrderPublisher(self.settings.connection, topic)
         started = time.monotonic()
         if rate is None:
             for record in records:
@@ -276,11 +277,11 @@ class Bench:
 
     def _config_settings(self, tag: str, source: str, batch_size: int | None) -> Settings:
         names = {n: self._topic(f"{tag}-{n}") for n in ("out", "drift", "dlq")}
-        self._create_topics({t: self.settings.output_partitions for t in names.values()})
+        self._create_topics({t: self.settings.topics.output_partitions for t in names.values()})
         return self.settings.replace(
             orders_topic=source, predictions_topic=names["out"], drift_topic=names["drift"],
             dlq_topic=names["dlq"], group_id=self._topic(f"{tag}-group"),
-            batch_size=batch_size or self.settings.batch_size)
+            batch_size=batch_size or self.settings.scorer.batch_size)
 
     def _command(self, config: str, models: tuple[Path, Path], status: Path,
                  extra: list[str]) -> list[str]:
@@ -296,12 +297,12 @@ class Bench:
                     workers: int = 1, batch_size: int | None = None,
                     count_outputs: bool = False) -> RunFigures:
         self._runs += 1  # a fresh consumer group for every run, even of the same point
-        tag = (f"{config}-{source.name}-w{workers}-b{batch_size or self.settings.batch_size}"
+        tag = (f"{config}-{source.name}-w{workers}-b{batch_size or self.settings.scorer.batch_size}"
                f"-r{self._runs}")
         tag = tag.replace("_", "-")
         settings = self._config_settings(tag, source.topic, batch_size)
-        label = (f"{config} ({workers} workers, batch {settings.batch_size})" if workers > 1
-                 else f"{config} (batch {settings.batch_size})")
+        label = (f"{config} ({workers} workers, batch {settings.scorer.batch_size})" if workers > 1
+                 else f"{config} (batch {settings.scorer.batch_size})")
         self.say(f"running {label} over {source.orders:,} orders")
         with self._workers(config, settings, models, workers, tag) as procs:
             started, finished = self._wait_done(procs, settings, source.end_offsets, label)
@@ -320,9 +321,9 @@ class Bench:
                       else broker_cpu_end - self._broker_cpu_start)
         figures = RunFigures(config, workers, source.orders, finished - started, worker_cpu,
                              max(r.peak_rss_mb for r in reaped), broker_cpu,
-                             batch_size=settings.batch_size)
+                             batch_size=settings.scorer.batch_size)
         if count_outputs:
-            figures.outputs = count_records(settings, settings.predictions_topic)
+            figures.outputs = count_records(settings, settings.topics.predictions_topic)
         self.say(f"  {figures.orders_per_s:,.0f} orders/s, {figures.seconds:.2f} s, "
                  f"peak RSS {figures.peak_rss_mb:.0f} MB")
         self._delete_outputs(settings)
@@ -356,8 +357,8 @@ class Bench:
                    label: str) -> tuple[float, float]:
         """(first assignment, last commit) in wall-clock seconds."""
         self._broker_cpu_start = None
-        checker = make_consumer(settings, group_id=settings.group_id)
-        partitions = [TopicPartition(settings.orders_topic, p) for p in sorted(end_offsets)]
+        checker = make_consumer(settings.connection, settings.scorer.group_id)
+        partitions = [TopicPartition(settings.topics.orders_topic, p) for p in sorted(end_offsets)]
         total = sum(end_offsets.values())
         progress, progress_at, next_check = -1, time.monotonic(), 0.0
         try:
@@ -398,7 +399,8 @@ class Bench:
     def _delete_outputs(self, settings: Settings) -> None:
         if self.options.keep_topics:
             return
-        mine = [settings.predictions_topic, settings.drift_topic, settings.dlq_topic]
+        mine = [settings.topics.predictions_topic, settings.topics.drift_topic,
+                settings.topics.dlq_topic]
         self._delete(mine)
         self.topics = [t for t in self.topics if t not in mine]
 
@@ -415,7 +417,7 @@ class Bench:
         for size in self.options.sweep:
             point: dict[str, Any] = {"batch_size": size, "orders": n}
             for config in (PASSTHROUGH, SCORER):
-                if source is main and size == self.settings.batch_size:
+                if source is main and size == self.settings.scorer.batch_size:
                     figures = runs[config]  # the main run already measured this point
                 else:
                     figures = self._run_config(config, source, models, batch_size=size)
@@ -458,8 +460,8 @@ class Bench:
             "partitions": options.latency_partitions,
             "warmup_orders": len(warmup),
             "peak_rss_mb": round(scorer.peak_rss_mb, 1),
-            "batch_size": self.settings.batch_size,
-            "batch_timeout_ms": self.settings.batch_timeout_ms,
+            "batch_size": self.settings.scorer.batch_size,
+            "batch_timeout_ms": self.settings.scorer.batch_timeout_ms,
         }
 
     def _timed_run(self, config: str, models: tuple[Path, Path], warmup: list[dict[str, Any]],
@@ -472,9 +474,10 @@ class Bench:
         topic = self._topic(tag)
         self._create_topics({topic: options.latency_partitions})
         settings = self._config_settings(tag, topic, None)
-        publisher = OrderPublisher(settings)
-        self.say(f"latency: {config} (batch {settings.batch_size}, timeout "
-                 f"{settings.batch_timeout_ms} ms, {options.latency_partitions} partitions) at "
+        publisher = OrderPublisher(settings.connection, settings.topics.orders_topic)
+        self.say(f"latency: {config} (batch {settings.scorer.batch_size}, timeout "
+                 f"{settings.scorer.batch_timeout_ms} ms, {options.latency_partitions} "
+                 "partitions) at "
                  f"{options.rate:,.0f} orders/s for {options.latency_seconds:g} s after "
                  f"{len(warmup):,} warm-up orders"
                  + (f", then a burst of {len(burst):,} orders" if burst else ""))
@@ -536,9 +539,9 @@ class Bench:
                        else "configured (TRIAGE_BOOTSTRAP_SERVERS or --bootstrap)"},
             "options": {
                 "orders": main.orders, "partitions": self.options.partitions,
-                "batch_size": self.settings.batch_size,
-                "batch_timeout_ms": self.settings.batch_timeout_ms,
-                "sample_rate": self.settings.sample_rate,
+                "batch_size": self.settings.scorer.batch_size,
+                "batch_timeout_ms": self.settings.scorer.batch_timeout_ms,
+                "sample_rate": self.settings.scorer.sample_rate,
                 "rate": self.options.rate, "latency_seconds": self.options.latency_seconds,
                 "latency_partitions": self.options.latency_partitions,
                 "saturation_orders": self.options.saturation_orders,
@@ -622,7 +625,7 @@ def _loadavg() -> list[float]:
 def count_records(settings: Settings, topic: str, timeout_s: float = 60.0) -> int:
     """Records in ``topic``, counted by reading it to the end (the fetch high watermark is right
     on every broker; ListOffsets(latest) is not on the embedded one)."""
-    consumer = make_consumer(settings, group_id=f"bench-count-{uuid.uuid4().hex}",
+    consumer = make_consumer(settings.connection, f"bench-count-{uuid.uuid4().hex}",
                              **{"enable.partition.eof": True})
     try:
         meta = consumer.list_topics(topic, timeout=10).topics[topic]
@@ -657,10 +660,10 @@ def output_times(settings: Settings, config: str, expected: int,
     seen: dict[tuple[int, int], tuple[int, int, int, int]] = {}
     deadline = time.monotonic() + timeout_s
     schema = "prediction" if config == SCORER else None
-    with TopicReader(settings, settings.predictions_topic, schema) as reader:
+    with TopicReader(settings.connection, settings.topics.predictions_topic, schema) as reader:
         while len(seen) < expected:
             if time.monotonic() > deadline:
-                raise BenchError(f"{settings.predictions_topic}: {len(seen)} of {expected} "
+                raise BenchError(f"{settings.topics.predictions_topic}: {len(seen)} of {expected} "
                                  f"records after {timeout_s:.0f} s")
             for msg, record in reader.poll(max_records=10_000):
                 if record is not None:
@@ -669,7 +672,7 @@ def output_times(settings: Settings, config: str, expected: int,
                 else:
                     source = source_of(msg.headers())
                     if source is None:
-                        raise BenchError(f"{settings.predictions_topic}: a record without "
+                        raise BenchError(f"{settings.topics.predictions_topic}: a record without "
                                          "its source header")
                     row = (*source, msg.timestamp()[1])
                 seen.setdefault(row[:2], row)  # the first output of an order counts

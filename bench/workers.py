@@ -44,7 +44,7 @@ def source_of(headers: list[tuple[str, bytes]] | None) -> tuple[int, int, int] |
 
 def passthrough(settings: Settings, source_header: bool = False) -> Handler:
     """(a): the raw bytes, keyed as they came, to the output topic. No decoding at all."""
-    topic = settings.predictions_topic
+    topic = settings.topics.predictions_topic
 
     def handle(batch: list[Message]) -> list[Output]:
         return [Output(topic, msg.key(), msg.value()) for msg in batch]
@@ -71,9 +71,9 @@ def per_message(settings: Settings, model_dir: Path, reference_dir: Path) -> Han
     reference = ReferenceTables.load(reference_dir)
     columns = model.columns.names
     classes = [str(c) for c in model.classes]
-    orders = codec_for(settings, "order", settings.orders_topic)
-    predictions = codec_for(settings, "prediction", settings.predictions_topic)
-    topic = settings.predictions_topic
+    orders = codec_for(settings.connection, "order", settings.topics.orders_topic)
+    predictions = codec_for(settings.connection, "prediction", settings.topics.predictions_topic)
+    topic = settings.topics.predictions_topic
 
     def score(msg: Message) -> bytes:
         order = orders.decode(msg.value())
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "per-message" and not (args.model and args.reference):
         parser.error("per-message needs --model and --reference")
     settings = Settings.from_env()
-    loop = BatchLoop(settings, status_file=args.status_file)
+    loop = BatchLoop(settings.connection, settings.scorer, settings.topics.orders_topic,
+                     status_file=args.status_file)
     handle = (passthrough(settings, args.source_header) if args.mode == "passthrough"
               else per_message(settings, args.model, args.reference))
 

@@ -8,33 +8,34 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from triage.bus.embedded import resolve_bootstrap
-from triage.bus.settings import Settings
+from triage.bus.settings import ConnectionSettings, TopicSettings
 
 
-def security_config(settings: Settings) -> dict[str, Any]:
+def security_config(connection: ConnectionSettings) -> dict[str, Any]:
     """TLS and SASL client settings; only what is set, so librdkafka's defaults stay intact."""
     optional = {
-        "sasl.mechanism": settings.sasl_mechanism,
-        "sasl.username": settings.sasl_username,
-        "sasl.password": settings.sasl_password,
-        "ssl.ca.location": settings.ssl_ca_location,
-        "ssl.certificate.location": settings.ssl_certificate_location,
-        "ssl.key.location": settings.ssl_key_location,
-        "ssl.key.password": settings.ssl_key_password,
+        "sasl.mechanism": connection.sasl_mechanism,
+        "sasl.username": connection.sasl_username,
+        "sasl.password": connection.sasl_password,
+        "ssl.ca.location": connection.ssl_ca_location,
+        "ssl.certificate.location": connection.ssl_certificate_location,
+        "ssl.key.location": connection.ssl_key_location,
+        "ssl.key.password": connection.ssl_key_password,
     }
-    return {"security.protocol": settings.security_protocol,
+    return {"security.protocol": connection.security_protocol,
             **{key: value for key, value in optional.items() if value}}
 
 
-def base_config(settings: Settings) -> dict[str, Any]:
+def base_config(connection: ConnectionSettings) -> dict[str, Any]:
     """What every client shares. ``topic.metadata.refresh.interval.ms`` bounds how long a
     client takes to see a topic created again (after a broker lost it) or a partition added:
     librdkafka's default, 5 minutes, would leave a worker assigned nothing that long."""
     return {
-        "bootstrap.servers": resolve_bootstrap(settings.bootstrap_servers, settings.state_dir),
+        "bootstrap.servers": resolve_bootstrap(connection.bootstrap_servers,
+                                               connection.state_dir),
         "client.id": "triage",
-        "topic.metadata.refresh.interval.ms": settings.metadata_refresh_ms,
-        **security_config(settings),
+        "topic.metadata.refresh.interval.ms": connection.metadata_refresh_ms,
+        **security_config(connection),
     }
 
 
@@ -43,10 +44,10 @@ def base_config(settings: Settings) -> dict[str, Any]:
 PRODUCER_MAX_MESSAGE_BYTES = 1_000_000
 
 
-def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+def producer_config(connection: ConnectionSettings, **overrides: Any) -> dict[str, Any]:
     """Idempotent producer: retries never duplicate or reorder within a partition."""
     return {
-        **base_config(settings),
+        **base_config(connection),
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
@@ -56,12 +57,12 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     }
 
 
-def topic_max_message_bytes(settings: Settings, topic: str, timeout_s: float = 10.0
-                            ) -> int | None:
+def topic_max_message_bytes(connection: ConnectionSettings, topic: str,
+                            timeout_s: float = 10.0) -> int | None:
     """The topic's ``max.message.bytes`` (the largest record batch the brokers accept), or None
     when the broker does not say (the embedded broker answers DescribeConfigs with nothing) or
     cannot be asked."""
-    admin = make_admin(settings)
+    admin = make_admin(connection)
     try:
         futures = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, topic)],
                                          request_timeout=timeout_s)
@@ -72,19 +73,19 @@ def topic_max_message_bytes(settings: Settings, topic: str, timeout_s: float = 1
     return int(entry.value) if entry is not None and str(entry.value).isdigit() else None
 
 
-def consumer_config(settings: Settings, group_id: str | None = None,
+def consumer_config(connection: ConnectionSettings, group_id: str,
                     **overrides: Any) -> dict[str, Any]:
     """Manual commits only: offsets are committed by the code that knows what was delivered."""
     return {
-        **base_config(settings),
-        "group.id": group_id or settings.group_id,
+        **base_config(connection),
+        "group.id": group_id,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
-        "session.timeout.ms": settings.session_timeout_ms,
-        "max.poll.interval.ms": settings.max_poll_interval_ms,
-        "heartbeat.interval.ms": max(1, settings.session_timeout_ms // 3),
-        "partition.assignment.strategy": settings.assignment_strategy,
+        "session.timeout.ms": connection.session_timeout_ms,
+        "max.poll.interval.ms": connection.max_poll_interval_ms,
+        "heartbeat.interval.ms": max(1, connection.session_timeout_ms // 3),
+        "partition.assignment.strategy": connection.assignment_strategy,
         "isolation.level": "read_committed",  # never see an aborted transaction's records
         # Latency: a fetch returns within 10 ms when no data is waiting (Apache Kafka answers
         # as soon as data arrives anyway; the embedded broker only at this deadline).
@@ -98,8 +99,8 @@ def consumer_config(settings: Settings, group_id: str | None = None,
     }
 
 
-def make_producer(settings: Settings, **overrides: Any) -> Producer:
-    return Producer(producer_config(settings, **overrides))
+def make_producer(connection: ConnectionSettings, **overrides: Any) -> Producer:
+    return Producer(producer_config(connection, **overrides))
 
 
 def produce(producer: Producer, topic: str, **kwargs: Any) -> None:
@@ -131,32 +132,33 @@ def records_of(batch: list[Message], log: Any) -> list[Message]:
     return records
 
 
-def make_consumer(settings: Settings, group_id: str | None = None, **overrides: Any) -> Consumer:
-    return Consumer(consumer_config(settings, group_id, **overrides))
+def make_consumer(connection: ConnectionSettings, group_id: str, **overrides: Any) -> Consumer:
+    return Consumer(consumer_config(connection, group_id, **overrides))
 
 
-def make_admin(settings: Settings) -> AdminClient:
-    return AdminClient(base_config(settings))
+def make_admin(connection: ConnectionSettings) -> AdminClient:
+    return AdminClient(base_config(connection))
 
 
-def topic_specs(settings: Settings) -> dict[str, int]:
+def topic_specs(topics: TopicSettings) -> dict[str, int]:
     """Topic name -> partition count for every topic the service uses."""
     return {
-        settings.orders_topic: settings.orders_partitions,
-        settings.predictions_topic: settings.output_partitions,
-        settings.drift_topic: settings.output_partitions,
-        settings.dlq_topic: settings.output_partitions,
+        topics.orders_topic: topics.orders_partitions,
+        topics.predictions_topic: topics.output_partitions,
+        topics.drift_topic: topics.output_partitions,
+        topics.dlq_topic: topics.output_partitions,
         # One partition: a few reports per hour, read back in window order by the HTML report.
-        settings.drift_reports_topic: 1,
+        topics.drift_reports_topic: 1,
     }
 
 
-def create_topics(settings: Settings, timeout_s: float = 30.0) -> dict[str, str]:
+def create_topics(connection: ConnectionSettings, topics: TopicSettings,
+                  timeout_s: float = 30.0) -> dict[str, str]:
     """Create the service's topics; existing ones are left as they are. Returns name -> outcome."""
-    admin = make_admin(settings)
-    specs = topic_specs(settings)
+    admin = make_admin(connection)
+    specs = topic_specs(topics)
     futures = admin.create_topics(
-        [NewTopic(name, partitions, settings.replication_factor)
+        [NewTopic(name, partitions, topics.replication_factor)
          for name, partitions in specs.items()],
         request_timeout=timeout_s)
     outcome = {}

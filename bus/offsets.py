@@ -15,7 +15,7 @@ from confluent_kafka import OFFSET_BEGINNING, ConsumerGroupTopicPartitions, Topi
 
 from triage.bus.clients import make_admin, make_consumer, partitions_of
 from triage.bus.errors import WaitTimeout
-from triage.bus.settings import Settings
+from triage.bus.settings import ConnectionSettings
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,10 @@ class PartitionLag:
         return self.end - max(self.committed if self.committed is not None else 0, self.start)
 
 
-def committed_offsets(settings: Settings, group: str, topic: str) -> dict[int, int | None]:
-    admin = make_admin(settings)
+def committed_offsets(connection: ConnectionSettings, group: str, topic: str
+                      ) -> dict[int, int | None]:
+    """Per partition of ``topic``, the offset ``group`` committed, or None."""
+    admin = make_admin(connection)
     partitions = partitions_of(admin, topic)
     request = ConsumerGroupTopicPartitions(group, partitions)
     result = admin.list_consumer_group_offsets([request])[group].result(timeout=30)
@@ -41,10 +43,10 @@ def committed_offsets(settings: Settings, group: str, topic: str) -> dict[int, i
     return {tp.partition: found.get(tp.partition) for tp in partitions}
 
 
-def watermarks(settings: Settings, topic: str, timeout_s: float = 30.0
+def watermarks(connection: ConnectionSettings, topic: str, timeout_s: float = 30.0
                ) -> dict[int, tuple[int, int]]:
     """(earliest, end) offset of every partition of ``topic``."""
-    consumer = make_consumer(settings, group_id=f"triage-offsets-{uuid.uuid4().hex}",
+    consumer = make_consumer(connection, f"triage-offsets-{uuid.uuid4().hex}",
                              **{"max.partition.fetch.bytes": 1024})
     try:
         partitions = partitions_of(consumer, topic)
@@ -66,7 +68,8 @@ def watermarks(settings: Settings, topic: str, timeout_s: float = 30.0
         consumer.close()
 
 
-def group_lag(settings: Settings, group: str, topic: str) -> list[PartitionLag]:
-    committed = committed_offsets(settings, group, topic)
-    marks = watermarks(settings, topic)
+def group_lag(connection: ConnectionSettings, group: str, topic: str) -> list[PartitionLag]:
+    """Per partition of ``topic``: what ``group`` committed, the earliest and end offsets."""
+    committed = committed_offsets(connection, group, topic)
+    marks = watermarks(connection, topic)
     return [PartitionLag(p, committed[p], *marks[p]) for p in sorted(marks)]

@@ -1,8 +1,15 @@
-"""One typed settings object, read from ``TRIAGE_*`` environment variables.
+"""Settings, read from ``TRIAGE_*`` environment variables, in sections.
 
-CLI flags override single fields with :meth:`Settings.replace`. Every field names its
-environment variable in its metadata, so the README table and the worker processes (which
-receive their settings through the environment) stay in step with this file.
+Each component is given only the section it needs: Kafka and Schema Registry clients the
+:class:`ConnectionSettings`, topic admin and readers the :class:`TopicSettings`, the scorer
+its :class:`ScorerSettings`, validation its :class:`ValidationSettings`, the drift monitor its
+:class:`DriftSettings`. :class:`Settings` holds the five and what every process shares (logs,
+the CSVs' encoding); the commands and processes that wire components together take it whole.
+
+The environment stays flat: every field names its own ``TRIAGE_*`` variable in its metadata
+(so the README table and the worker processes, which receive their settings through the
+environment, stay in step with this file), and field names are unique across sections, so
+:meth:`Settings.of` and :meth:`Settings.replace` take them flat, as the CLI's flags do.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,8 +46,20 @@ def _default_state_dir() -> str:
     return str(Path(base) / "triage")
 
 
+def _at_least_one(section: object, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < 1:
+            raise SettingsError(f"{name} must be at least 1, got {getattr(section, name)}")
+
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
 @dataclass(frozen=True)
-class Settings:
+class ConnectionSettings:
+    """How every client reaches Kafka and the Schema Registry, and how it behaves in a group."""
+
     bootstrap_servers: str = _setting(
         "", "TRIAGE_BOOTSTRAP_SERVERS",
         "Kafka bootstrap servers. Empty: use the running embedded broker (`triage broker`).")
@@ -48,106 +67,6 @@ class Settings:
         "", "TRIAGE_SCHEMA_REGISTRY_URL",
         "Confluent Schema Registry URL. Set: write registry framing. Empty: Avro single-object "
         "encoding. The decoder reads both.")
-    orders_topic: str = _setting("orders", "TRIAGE_ORDERS_TOPIC", "Topic the orders arrive on.")
-    predictions_topic: str = _setting(
-        "predictions", "TRIAGE_PREDICTIONS_TOPIC", "Topic the predictions go to.")
-    drift_topic: str = _setting("drift", "TRIAGE_DRIFT_TOPIC", "Topic the drift samples go to.")
-    dlq_topic: str = _setting(
-        "orders.dlq", "TRIAGE_DLQ_TOPIC", "Dead-letter topic for records that cannot be scored.")
-    orders_partitions: int = _setting(
-        6, "TRIAGE_ORDERS_PARTITIONS",
-        "Partitions of the orders topic when `triage topics create` makes it; the ceiling on "
-        "useful scorer workers.")
-    output_partitions: int = _setting(
-        6, "TRIAGE_OUTPUT_PARTITIONS",
-        "Partitions of the predictions, drift and dead-letter topics when created.")
-    replication_factor: int = _setting(
-        1, "TRIAGE_REPLICATION_FACTOR", "Replication factor of created topics.")
-    group_id: str = _setting(
-        "triage-scorer", "TRIAGE_GROUP_ID", "Consumer group of the scorer workers.")
-    batch_size: int = _setting(
-        500, "TRIAGE_BATCH_SIZE", "Most orders one worker consumes and scores in one batch.")
-    batch_timeout_ms: int = _setting(
-        100, "TRIAGE_BATCH_TIMEOUT_MS",
-        "Longest an idle worker waits for the next order; a batch is then what has been "
-        "fetched, up to TRIAGE_BATCH_SIZE.")
-    sample_rate: float = _setting(
-        0.05, "TRIAGE_SAMPLE_RATE",
-        "Share of orders (by order_id hash) the sampler copies to the drift topic.")
-    drift_reports_topic: str = _setting(
-        "drift.reports", "TRIAGE_DRIFT_REPORTS_TOPIC",
-        "Topic the drift monitor writes one report per window to.")
-    drift_group_id: str = _setting(
-        "triage-drift-monitor", "TRIAGE_DRIFT_GROUP_ID", "Consumer group of the drift monitor.")
-    drift_window_samples: int = _setting(
-        1000, "TRIAGE_DRIFT_WINDOW_SAMPLES",
-        "A drift window closes after this many samples; 0: by time only.")
-    drift_window_minutes: float = _setting(
-        0.0, "TRIAGE_DRIFT_WINDOW_MINUTES",
-        "A drift window also closes after this many minutes; 0: by sample count only.")
-    drift_min_samples: int = _setting(
-        500, "TRIAGE_DRIFT_MIN_SAMPLES",
-        "A window with fewer samples reports `insufficient_data` instead of testing.")
-    drift_alpha: float = _setting(
-        0.01, "TRIAGE_DRIFT_ALPHA",
-        "Chance that a window without drift raises any alarm (Holm-corrected over the checks).")
-    drift_metrics_port: int = _setting(
-        0, "TRIAGE_DRIFT_METRICS_PORT",
-        "Serve the drift monitor's Prometheus /metrics on this port; 0: off.")
-    session_timeout_ms: int = _setting(
-        6000, "TRIAGE_SESSION_TIMEOUT_MS",
-        "Consumer group session timeout. 6000 keeps the embedded broker's first join at 3 s.")
-    max_poll_interval_ms: int = _setting(
-        300_000, "TRIAGE_MAX_POLL_INTERVAL_MS",
-        "Consumer `max.poll.interval.ms`: a worker that does not ask for records for this long "
-        "is evicted from the group. At least TRIAGE_SESSION_TIMEOUT_MS.")
-    processing_deadline_ms: int = _setting(
-        30_000, "TRIAGE_PROCESSING_DEADLINE_MS",
-        "Longest the check and observe hooks may take on one batch; orders a hook has not "
-        "finished by then are dead-lettered as `timeout`. At most half of "
-        "TRIAGE_MAX_POLL_INTERVAL_MS.")
-    metadata_refresh_ms: int = _setting(
-        10_000, "TRIAGE_METADATA_REFRESH_MS",
-        "Clients' `topic.metadata.refresh.interval.ms`: a topic created again or a partition "
-        "added is picked up within this time (librdkafka's default is 5 minutes).")
-    csv_encoding: str = _setting(
-        "utf-8", "TRIAGE_CSV_ENCODING",
-        "Text encoding of the input CSVs (`--encoding`), e.g. `cp1252` for files saved by "
-        "Excel on Windows. UTF-8 files may start with a byte-order mark.")
-    state_dir: str = _setting(
-        "", "TRIAGE_STATE_DIR",
-        "Where `triage broker` records the embedded broker's address "
-        "(default `$XDG_STATE_HOME/triage`, else `~/.local/state/triage`).")
-    log_format: str = _setting(
-        "json", "TRIAGE_LOG_FORMAT",
-        "`json` (one JSON object per line) or `console`. Unset: `console` when stderr is a "
-        "terminal, else `json`.")
-    log_level: str = _setting("info", "TRIAGE_LOG_LEVEL", "debug, info, warning or error.")
-    max_message_bytes: int = _setting(
-        16384, "TRIAGE_MAX_MESSAGE_BYTES",
-        "Largest order record accepted; larger ones are dead-lettered as `oversized`.")
-    max_field_length: int = _setting(
-        128, "TRIAGE_MAX_FIELD_LENGTH",
-        "Longest order_id, customer_id, sku_code or zip_code accepted.")
-    earliest_order_time: str = _setting(
-        "2000-01-01 00:00:00", "TRIAGE_EARLIEST_ORDER_TIME",
-        "Orders timestamped before this (UTC) are dead-lettered as `invalid_timestamp`.")
-    max_future_seconds: int = _setting(
-        86400, "TRIAGE_MAX_FUTURE_SECONDS",
-        "Orders timestamped more than this far ahead of the worker's clock are dead-lettered.")
-    hooks: str = _setting(
-        "", "TRIAGE_HOOKS",
-        "Extra per-batch hooks, comma-separated `module:factory` (see consumer/hooks.py).")
-    metrics_port: int = _setting(
-        0, "TRIAGE_METRICS_PORT",
-        "Serve Prometheus /metrics from each worker on this port + worker number; 0: off.")
-    exactly_once: bool = _setting(
-        False, "TRIAGE_EXACTLY_ONCE",
-        "Transactional consume-transform-produce (`--exactly-once`); needs Apache Kafka.")
-    assignment_strategy: str = _setting(
-        "cooperative-sticky", "TRIAGE_ASSIGNMENT_STRATEGY",
-        "Partition assignment: `cooperative-sticky` (incremental rebalances) or an eager one "
-        "(`range`, `roundrobin`) for brokers that cannot do cooperative rebalancing.")
     security_protocol: str = _setting(
         "PLAINTEXT", "TRIAGE_SECURITY_PROTOCOL", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.")
     sasl_mechanism: str = _setting(
@@ -177,43 +96,34 @@ class Settings:
     schema_registry_ssl_key_password: str = _secret(
         "TRIAGE_SCHEMA_REGISTRY_SSL_KEY_PASSWORD",
         "Password of the Schema Registry client key.")
+    session_timeout_ms: int = _setting(
+        6000, "TRIAGE_SESSION_TIMEOUT_MS",
+        "Consumer group session timeout. 6000 keeps the embedded broker's first join at 3 s.")
+    max_poll_interval_ms: int = _setting(
+        300_000, "TRIAGE_MAX_POLL_INTERVAL_MS",
+        "Consumer `max.poll.interval.ms`: a worker that does not ask for records for this long "
+        "is evicted from the group. At least TRIAGE_SESSION_TIMEOUT_MS.")
+    metadata_refresh_ms: int = _setting(
+        10_000, "TRIAGE_METADATA_REFRESH_MS",
+        "Clients' `topic.metadata.refresh.interval.ms`: a topic created again or a partition "
+        "added is picked up within this time (librdkafka's default is 5 minutes).")
+    assignment_strategy: str = _setting(
+        "cooperative-sticky", "TRIAGE_ASSIGNMENT_STRATEGY",
+        "Partition assignment: `cooperative-sticky` (incremental rebalances) or an eager one "
+        "(`range`, `roundrobin`) for brokers that cannot do cooperative rebalancing.")
+    state_dir: str = _setting(
+        "", "TRIAGE_STATE_DIR",
+        "Where `triage broker` records the embedded broker's address "
+        "(default `$XDG_STATE_HOME/triage`, else `~/.local/state/triage`).")
 
     def __post_init__(self) -> None:
         if not self.state_dir:
             object.__setattr__(self, "state_dir", _default_state_dir())
-        for name in ("orders_partitions", "output_partitions", "replication_factor",
-                     "batch_size", "batch_timeout_ms", "session_timeout_ms",
-                     "processing_deadline_ms", "metadata_refresh_ms"):
-            if getattr(self, name) < 1:
-                raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
+        _at_least_one(self, "session_timeout_ms", "metadata_refresh_ms")
         if self.max_poll_interval_ms < self.session_timeout_ms:
             raise SettingsError(
                 f"TRIAGE_MAX_POLL_INTERVAL_MS ({self.max_poll_interval_ms}) must be at least "
                 f"TRIAGE_SESSION_TIMEOUT_MS ({self.session_timeout_ms})")
-        if 2 * self.processing_deadline_ms > self.max_poll_interval_ms:
-            raise SettingsError(
-                f"TRIAGE_PROCESSING_DEADLINE_MS ({self.processing_deadline_ms}) must be at most "
-                f"half of TRIAGE_MAX_POLL_INTERVAL_MS ({self.max_poll_interval_ms}): a batch that "
-                "runs past max.poll.interval.ms gets its worker evicted and is scored again by "
-                "another, forever")
-        _check_encoding(self.csv_encoding)
-        if not 0.0 <= self.sample_rate <= 1.0:
-            raise SettingsError(f"sample_rate must be within [0, 1], got {self.sample_rate}")
-        if self.drift_window_samples < 0 or self.drift_window_minutes < 0 \
-                or not (self.drift_window_samples or self.drift_window_minutes):
-            raise SettingsError("drift windows need TRIAGE_DRIFT_WINDOW_SAMPLES or "
-                                "TRIAGE_DRIFT_WINDOW_MINUTES above 0 (and neither below 0)")
-        if self.drift_min_samples < 1:
-            raise SettingsError(f"drift_min_samples must be at least 1, "
-                                f"got {self.drift_min_samples}")
-        if not 0.0 < self.drift_alpha < 1.0:
-            raise SettingsError(f"drift_alpha must be within (0, 1), got {self.drift_alpha}")
-        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
-            raise SettingsError(f"log_level must be debug, info, warning or error, got "
-                                f"{self.log_level!r}")
-        if self.log_format not in ("json", "console"):
-            raise SettingsError(f"log_format must be json or console, got {self.log_format!r}")
-        self.earliest_order_ms  # noqa: B018 -- parse now, so a bad value fails at start-up
         if self.security_protocol not in SECURITY_PROTOCOLS:
             raise SettingsError(f"TRIAGE_SECURITY_PROTOCOL must be one of "
                                 f"{', '.join(SECURITY_PROTOCOLS)}, got {self.security_protocol!r}")
@@ -235,8 +145,93 @@ class Settings:
             if path and not Path(path).exists():
                 raise SettingsError(f"TRIAGE_{name.upper()}={path}: no such file")
 
+
+@dataclass(frozen=True)
+class TopicSettings:
+    """The service's topics: names, and partitions when `triage topics create` makes them."""
+
+    orders_topic: str = _setting("orders", "TRIAGE_ORDERS_TOPIC", "Topic the orders arrive on.")
+    predictions_topic: str = _setting(
+        "predictions", "TRIAGE_PREDICTIONS_TOPIC", "Topic the predictions go to.")
+    drift_topic: str = _setting("drift", "TRIAGE_DRIFT_TOPIC", "Topic the drift samples go to.")
+    dlq_topic: str = _setting(
+        "orders.dlq", "TRIAGE_DLQ_TOPIC", "Dead-letter topic for records that cannot be scored.")
+    drift_reports_topic: str = _setting(
+        "drift.reports", "TRIAGE_DRIFT_REPORTS_TOPIC",
+        "Topic the drift monitor writes one report per window to.")
+    orders_partitions: int = _setting(
+        6, "TRIAGE_ORDERS_PARTITIONS",
+        "Partitions of the orders topic when `triage topics create` makes it; the ceiling on "
+        "useful scorer workers.")
+    output_partitions: int = _setting(
+        6, "TRIAGE_OUTPUT_PARTITIONS",
+        "Partitions of the predictions, drift and dead-letter topics when created.")
+    replication_factor: int = _setting(
+        1, "TRIAGE_REPLICATION_FACTOR", "Replication factor of created topics.")
+
+    def __post_init__(self) -> None:
+        _at_least_one(self, "orders_partitions", "output_partitions", "replication_factor")
+
+
+@dataclass(frozen=True)
+class ScorerSettings:
+    """The scorer workers: their group, batching, deadline, sampling, hooks and metrics."""
+
+    group_id: str = _setting(
+        "triage-scorer", "TRIAGE_GROUP_ID", "Consumer group of the scorer workers.")
+    batch_size: int = _setting(
+        500, "TRIAGE_BATCH_SIZE", "Most orders one worker consumes and scores in one batch.")
+    batch_timeout_ms: int = _setting(
+        100, "TRIAGE_BATCH_TIMEOUT_MS",
+        "Longest an idle worker waits for the next order; a batch is then what has been "
+        "fetched, up to TRIAGE_BATCH_SIZE.")
+    sample_rate: float = _setting(
+        0.05, "TRIAGE_SAMPLE_RATE",
+        "Share of orders (by order_id hash) the sampler copies to the drift topic.")
+    processing_deadline_ms: int = _setting(
+        30_000, "TRIAGE_PROCESSING_DEADLINE_MS",
+        "Longest the check and observe hooks may take on one batch; orders a hook has not "
+        "finished by then are dead-lettered as `timeout`. At most half of "
+        "TRIAGE_MAX_POLL_INTERVAL_MS.")
+    max_message_bytes: int = _setting(
+        16384, "TRIAGE_MAX_MESSAGE_BYTES",
+        "Largest order record accepted; larger ones are dead-lettered as `oversized`.")
+    hooks: str = _setting(
+        "", "TRIAGE_HOOKS",
+        "Extra per-batch hooks, comma-separated `module:factory` (see consumer/hooks.py).")
+    metrics_port: int = _setting(
+        0, "TRIAGE_METRICS_PORT",
+        "Serve Prometheus /metrics from each worker on this port + worker number; 0: off.")
+    exactly_once: bool = _setting(
+        False, "TRIAGE_EXACTLY_ONCE",
+        "Transactional consume-transform-produce (`--exactly-once`); needs Apache Kafka.")
+
+    def __post_init__(self) -> None:
+        _at_least_one(self, "batch_size", "batch_timeout_ms", "processing_deadline_ms")
+        if not 0.0 <= self.sample_rate <= 1.0:
+            raise SettingsError(f"sample_rate must be within [0, 1], got {self.sample_rate}")
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """What the built-in validation hook accepts."""
+
+    max_field_length: int = _setting(
+        128, "TRIAGE_MAX_FIELD_LENGTH",
+        "Longest order_id, customer_id, sku_code or zip_code accepted.")
+    earliest_order_time: str = _setting(
+        "2000-01-01 00:00:00", "TRIAGE_EARLIEST_ORDER_TIME",
+        "Orders timestamped before this (UTC) are dead-lettered as `invalid_timestamp`.")
+    max_future_seconds: int = _setting(
+        86400, "TRIAGE_MAX_FUTURE_SECONDS",
+        "Orders timestamped more than this far ahead of the worker's clock are dead-lettered.")
+
+    def __post_init__(self) -> None:
+        self.earliest_order_ms  # noqa: B018 -- parse now, so a bad value fails at start-up
+
     @property
     def earliest_order_ms(self) -> int:
+        """TRIAGE_EARLIEST_ORDER_TIME as UTC epoch milliseconds."""
         try:
             moment = datetime.fromisoformat(self.earliest_order_time)
         except ValueError:
@@ -244,12 +239,91 @@ class Settings:
                                 "not YYYY-MM-DD HH:MM:SS") from None
         return int(moment.replace(tzinfo=moment.tzinfo or UTC).timestamp() * 1000)
 
+
+@dataclass(frozen=True)
+class DriftSettings:
+    """The drift monitor: its group, windows, test level and metrics."""
+
+    drift_group_id: str = _setting(
+        "triage-drift-monitor", "TRIAGE_DRIFT_GROUP_ID", "Consumer group of the drift monitor.")
+    drift_window_samples: int = _setting(
+        1000, "TRIAGE_DRIFT_WINDOW_SAMPLES",
+        "A drift window closes after this many samples; 0: by time only.")
+    drift_window_minutes: float = _setting(
+        0.0, "TRIAGE_DRIFT_WINDOW_MINUTES",
+        "A drift window also closes after this many minutes; 0: by sample count only.")
+    drift_min_samples: int = _setting(
+        500, "TRIAGE_DRIFT_MIN_SAMPLES",
+        "A window with fewer samples reports `insufficient_data` instead of testing.")
+    drift_alpha: float = _setting(
+        0.01, "TRIAGE_DRIFT_ALPHA",
+        "Chance that a window without drift raises any alarm (Holm-corrected over the checks).")
+    drift_metrics_port: int = _setting(
+        0, "TRIAGE_DRIFT_METRICS_PORT",
+        "Serve the drift monitor's Prometheus /metrics on this port; 0: off.")
+
+    def __post_init__(self) -> None:
+        if self.drift_window_samples < 0 or self.drift_window_minutes < 0 \
+                or not (self.drift_window_samples or self.drift_window_minutes):
+            raise SettingsError("drift windows need TRIAGE_DRIFT_WINDOW_SAMPLES or "
+                                "TRIAGE_DRIFT_WINDOW_MINUTES above 0 (and neither below 0)")
+        if self.drift_min_samples < 1:
+            raise SettingsError(f"drift_min_samples must be at least 1, "
+                                f"got {self.drift_min_samples}")
+        if not 0.0 < self.drift_alpha < 1.0:
+            raise SettingsError(f"drift_alpha must be within (0, 1), got {self.drift_alpha}")
+
+
+SECTIONS: dict[str, type] = {"connection": ConnectionSettings, "topics": TopicSettings,
+                             "scorer": ScorerSettings, "validation": ValidationSettings,
+                             "drift": DriftSettings}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every section, and what all processes share."""
+
+    connection: ConnectionSettings = field(default_factory=ConnectionSettings)
+    topics: TopicSettings = field(default_factory=TopicSettings)
+    scorer: ScorerSettings = field(default_factory=ScorerSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+    drift: DriftSettings = field(default_factory=DriftSettings)
+    log_format: str = _setting(
+        "json", "TRIAGE_LOG_FORMAT",
+        "`json` (one JSON object per line) or `console`. Unset: `console` when stderr is a "
+        "terminal, else `json`.")
+    log_level: str = _setting("info", "TRIAGE_LOG_LEVEL", "debug, info, warning or error.")
+    csv_encoding: str = _setting(
+        "utf-8", "TRIAGE_CSV_ENCODING",
+        "Text encoding of the input CSVs (`--encoding`), e.g. `cp1252` for files saved by "
+        "Excel on Windows. UTF-8 files may start with a byte-order mark.")
+
+    def __post_init__(self) -> None:
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise SettingsError(f"log_level must be debug, info, warning or error, got "
+                                f"{self.log_level!r}")
+        if self.log_format not in ("json", "console"):
+            raise SettingsError(f"log_format must be json or console, got {self.log_format!r}")
+        _check_encoding(self.csv_encoding)
+        if 2 * self.scorer.processing_deadline_ms > self.connection.max_poll_interval_ms:
+            raise SettingsError(
+                f"TRIAGE_PROCESSING_DEADLINE_MS ({self.scorer.processing_deadline_ms}) must be "
+                f"at most half of TRIAGE_MAX_POLL_INTERVAL_MS "
+                f"({self.connection.max_poll_interval_ms}): a batch that runs past "
+                "max.poll.interval.ms gets its worker evicted and is scored again by another, "
+                "forever")
+
+    @classmethod
+    def of(cls, **values: Any) -> Settings:
+        """Settings from flat field names (``orders_topic=...``); the rest keep defaults."""
+        return cls().replace(**values)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Build settings from ``TRIAGE_*`` variables; unset ones keep their defaults."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
+        for f, _ in _fields():
             raw = environ.get(f.metadata["env"])
             if not raw and f.metadata.get("secret") and environ.get(f.metadata["env"] + "_FILE"):
                 raw = _read_secret_file(f.metadata["env"] + "_FILE",
@@ -257,19 +331,39 @@ class Settings:
             if raw is None or raw == "":
                 continue
             values[f.name] = _parse(f, raw)
-        return cls(**values)
+        return cls.of(**values)
 
     def replace(self, **changes: Any) -> Settings:
-        """A copy with the given fields changed; ``None`` values (unset flags) are ignored."""
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """A copy with the given fields (flat names, any section) changed; ``None`` values
+        (unset flags) are ignored. Raises SettingsError for a name no section has."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        owner = {f.name: section for f, section in _fields()}
+        unknown = set(changes) - set(owner)
+        if unknown:
+            raise SettingsError(f"no such setting: {', '.join(sorted(unknown))}")
+        by_section: dict[str | None, dict[str, Any]] = {}
+        for name, value in changes.items():
+            by_section.setdefault(owner[name], {})[name] = value
+        top = by_section.pop(None, {})
+        for section, section_changes in by_section.items():
+            top[section] = dataclasses.replace(getattr(self, section), **section_changes)
+        return dataclasses.replace(self, **top)
 
     def to_env(self) -> dict[str, str]:
         """The ``TRIAGE_*`` variables that reproduce these settings in a child process."""
-        return {f.metadata["env"]: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.metadata["env"]: str(getattr(getattr(self, section) if section else self,
+                                               f.name))
+                for f, section in _fields()}
 
 
-SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+def _fields() -> Iterator[tuple[dataclasses.Field[Any], str | None]]:
+    """Every setting's field, with the name of its section (None: the top level)."""
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            yield f, section
+    for f in dataclasses.fields(Settings):
+        if f.name not in SECTIONS:
+            yield f, None
 
 
 def _check_encoding(name: str) -> None:
@@ -287,9 +381,9 @@ def _read_secret_file(variable: str, path: str) -> str:
         raise SettingsError(f"{variable}={path!r} cannot be read: {exc.strerror}") from None
 
 
-def _parse(f: dataclasses.Field, raw: str) -> Any:
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
     kind = f.type if isinstance(f.type, type) else {"int": int, "float": float,
-                                                    "bool": bool}.get(f.type, str)
+                                                    "bool": bool}.get(str(f.type), str)
     if kind is bool:
         if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
             raise SettingsError(f"{f.metadata['env']}={raw!r} is not true or false")
@@ -303,8 +397,5 @@ def _parse(f: dataclasses.Field, raw: str) -> Any:
 
 def settings_table() -> list[tuple[str, str, str]]:
     """(variable, default, description) rows, for the README and `triage settings`."""
-    rows = []
-    for f in dataclasses.fields(Settings):
-        default = "" if f.name == "state_dir" else str(f.default)
-        rows.append((f.metadata["env"], default, f.metadata["doc"]))
-    return rows
+    return [(f.metadata["env"], "" if f.name == "state_dir" else str(f.default),
+             f.metadata["doc"]) for f, _ in _fields()]

@@ -43,9 +43,9 @@ class DlqReport:
 def inspect(settings: Settings, *, samples_per_reason: int = 3, idle_s: float = 3.0
             ) -> DlqReport:
     """Count the dead letters by reason; keep a few samples of each, decoded where possible."""
-    codec = codec_for(settings, "order", settings.orders_topic)
+    codec = codec_for(settings.connection, "order", settings.topics.orders_topic)
     report = DlqReport()
-    with TopicReader(settings, settings.dlq_topic, None) as reader:
+    with TopicReader(settings.connection, settings.topics.dlq_topic, None) as reader:
         for msg, _ in reader.read(idle_s=idle_s):
             headers = headers_dict(msg.headers())
             reason = headers.get(REASON_HEADER, "unknown")
@@ -85,7 +85,7 @@ class DlqReplaySummary:
 def replay(settings: Settings, *, reason: str | None = None, idle_s: float = 3.0
            ) -> DlqReplaySummary:
     """Re-publish dead letters (those with ``reason``, or all) to the orders topic."""
-    producer = make_producer(settings)
+    producer = make_producer(settings.connection)
     failures: list[str] = []
 
     def delivered(err, _msg) -> None:
@@ -94,9 +94,10 @@ def replay(settings: Settings, *, reason: str | None = None, idle_s: float = 3.0
 
     # Stop at the end the topic had when we started: records dead-lettered again while we
     # replay (the cause is not fixed after all) must not be replayed again, forever.
-    ends = {p: high for p, (_, high) in watermarks(settings, settings.dlq_topic).items()}
+    marks = watermarks(settings.connection, settings.topics.dlq_topic)
+    ends = {p: high for p, (_, high) in marks.items()}
     republished = skipped = 0
-    with TopicReader(settings, settings.dlq_topic, None) as reader:
+    with TopicReader(settings.connection, settings.topics.dlq_topic, None) as reader:
         for msg, _ in reader.read(idle_s=idle_s):
             if msg.offset() >= ends.get(msg.partition(), 0):
                 continue
@@ -104,7 +105,7 @@ def replay(settings: Settings, *, reason: str | None = None, idle_s: float = 3.0
                 skipped += 1
                 continue
             source = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
-            produce(producer, settings.orders_topic, key=msg.key(), value=msg.value(),
+            produce(producer, settings.topics.orders_topic, key=msg.key(), value=msg.value(),
                     headers=[(REPLAY_HEADER, source.encode())], on_delivery=delivered)
             producer.poll(0)
             republished += 1

@@ -37,7 +37,7 @@ from prometheus_client import Counter as PromCounter
 
 from triage.bus.clients import make_consumer, make_producer, produce, records_of
 from triage.bus.errors import WaitTimeout
-from triage.bus.settings import Settings
+from triage.bus.settings import ConnectionSettings, DriftSettings, TopicSettings
 from triage.consumer.commit import AtLeastOnce
 from triage.model.drift import DRIFT, MIN_BASELINE_ROWS, Reference, WindowResult, evaluate
 from triage.model.features import FEATURE_NAMES, FeatureBatch
@@ -173,35 +173,37 @@ def report_record(result: WindowResult, *, window_id: str, model_version: str,
 
 
 class DriftMonitor:
-    def __init__(self, settings: Settings, manifest: dict[str, Any], *,
+    def __init__(self, connection: ConnectionSettings, topics: TopicSettings,
+                 drift: DriftSettings, manifest: dict[str, Any], *,
                  metrics_addr: str = "0.0.0.0") -> None:
-        self.settings = settings
+        self.topics = topics
+        self.drift = drift
         self.reference = Reference.from_manifest(manifest)
-        self.samples = codec_for(settings, "drift_sample", settings.drift_topic)
-        self.reports = codec_for(settings, "drift_report", settings.drift_reports_topic)
-        self.consumer = make_consumer(settings, group_id=settings.drift_group_id)
-        self.producer = make_producer(settings)
+        self.samples = codec_for(connection, "drift_sample", topics.drift_topic)
+        self.reports = codec_for(connection, "drift_report", topics.drift_reports_topic)
+        self.consumer = make_consumer(connection, drift.drift_group_id)
+        self.producer = make_producer(connection)
         self.metrics = DriftMetrics(CollectorRegistry())
         self.log = structlog.get_logger("drift_monitor")
         self._server = None
-        if settings.drift_metrics_port:
-            self._server, _ = start_http_server(settings.drift_metrics_port, addr=metrics_addr,
+        if drift.drift_metrics_port:
+            self._server, _ = start_http_server(drift.drift_metrics_port, addr=metrics_addr,
                                                 registry=self.metrics.registry)
-            self.log.info("metrics_serving", port=settings.drift_metrics_port)
+            self.log.info("metrics_serving", port=drift.drift_metrics_port)
         self._window = self._new_window()
         self._stop_requested = False
         self.committer = AtLeastOnce(self.producer, self.consumer, self.log)
-        self.consumer.subscribe([settings.drift_topic], on_revoke=self._on_revoke,
+        self.consumer.subscribe([topics.drift_topic], on_revoke=self._on_revoke,
                                 on_lost=self._on_revoke)
         if self.reference.rows < MIN_BASELINE_ROWS:
             self.log.warning("small_baseline", rows=self.reference.rows,
                              note=f"fewer than {MIN_BASELINE_ROWS} training rows: the baseline's "
                                   "own noise weighs on every test")
-        self.log.info("drift_monitor_started", topic=settings.drift_topic,
-                      group=settings.drift_group_id, model_version=self.reference.model_version,
-                      window_samples=settings.drift_window_samples,
-                      window_minutes=settings.drift_window_minutes,
-                      min_samples=settings.drift_min_samples, alpha=settings.drift_alpha)
+        self.log.info("drift_monitor_started", topic=topics.drift_topic,
+                      group=drift.drift_group_id, model_version=self.reference.model_version,
+                      window_samples=drift.drift_window_samples,
+                      window_minutes=drift.drift_window_minutes,
+                      min_samples=drift.drift_min_samples, alpha=drift.drift_alpha)
 
     @staticmethod
     def _new_window() -> _Window:
@@ -219,8 +221,8 @@ class DriftMonitor:
         written: list[dict[str, Any]] = []
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         next_progress = time.monotonic() + _PROGRESS_S
-        samples_per_window = self.settings.drift_window_samples
-        window_s = self.settings.drift_window_minutes * 60.0
+        samples_per_window = self.drift.drift_window_samples
+        window_s = self.drift.drift_window_minutes * 60.0
         while not self._stop_requested and (max_windows is None or len(written) < max_windows):
             if deadline is not None and time.monotonic() > deadline:
                 raise WaitTimeout(f"{len(written)} of {max_windows} window(s) reported after "
@@ -251,9 +253,9 @@ class DriftMonitor:
         """Say how full the open window is and what closes it (a monitor with no report yet
         is otherwise silent); also the ``triage_drift_open_window_samples`` gauge."""
         self.metrics.open_samples.set(len(self._window))
-        minutes = self.settings.drift_window_minutes
+        minutes = self.drift.drift_window_minutes
         self.log.info("window_open", samples=len(self._window),
-                      closes_at_samples=self.settings.drift_window_samples or None,
+                      closes_at_samples=self.drift.drift_window_samples or None,
                       closes_in_s=round(self._window.opened_mono + minutes * 60
                                         - time.monotonic(), 1) if minutes else None)
 
@@ -262,8 +264,8 @@ class DriftMonitor:
         window, self._window = self._window, self._new_window()
         result = evaluate(self.reference, window.feature_batch(),
                           np.array(window.recommendations, dtype=object),
-                          alpha=self.settings.drift_alpha,
-                          min_samples=self.settings.drift_min_samples)
+                          alpha=self.drift.drift_alpha,
+                          min_samples=self.drift.drift_min_samples)
         closed_at_ms = int(time.time() * 1000)
         version = self.reference.model_version
         record = report_record(
@@ -272,11 +274,11 @@ class DriftMonitor:
             scored_at_ms=window.scored_at,
             other_model_samples=sum(n for v, n in window.versions.items() if v != version),
             skipped=window.skipped)
-        produce(self.producer, self.settings.drift_reports_topic,
+        produce(self.producer, self.topics.drift_reports_topic,
                 key=record["window_id"].encode(), value=self.reports.encode(record),
                 on_delivery=self.committer.on_delivery)
         self.committer.finish_offsets(
-            [TopicPartition(self.settings.drift_topic, p, last + 1)
+            [TopicPartition(self.topics.drift_topic, p, last + 1)
              for p, (_, last) in window.offsets.items()])
         self.metrics.update(result, closed_at_ms)
         self._log(result, record)

@@ -16,7 +16,7 @@ from html import escape
 from typing import Any
 
 from triage.bus.offsets import watermarks
-from triage.bus.settings import Settings
+from triage.bus.settings import ConnectionSettings, Settings
 from triage.consumer.reader import TopicReader
 
 COLORS = {"baseline": "#8da0cb", "current": "#fc8d62", "ok": "#1b9e77", "drift": "#d62728",
@@ -24,21 +24,23 @@ COLORS = {"baseline": "#8da0cb", "current": "#fc8d62", "ok": "#1b9e77", "drift":
 _FONT = "font-family='system-ui, sans-serif' font-size='11'"
 
 
-def read_reports(settings: Settings, idle_s: float = 3.0) -> list[dict[str, Any]]:
+def read_reports(connection: ConnectionSettings, topic: str, idle_s: float = 3.0
+                 ) -> list[dict[str, Any]]:
     """Every report on the reports topic, oldest first; a window reported twice (at-least-once)
     counts once."""
     by_id: dict[str, dict[str, Any]] = {}
-    with TopicReader(settings, settings.drift_reports_topic, "drift_report") as reader:
+    with TopicReader(connection, topic, "drift_report") as reader:
         for _, record in reader.read(idle_s=idle_s):
             by_id[record["window_id"]] = record
     return sorted(by_id.values(), key=lambda r: (r["closed_at_ms"], r["window_id"]))
 
 
-def unreported_samples(settings: Settings, reports: Sequence[dict[str, Any]]) -> int:
+def unreported_samples(connection: ConnectionSettings, drift_topic: str,
+                       reports: Sequence[dict[str, Any]]) -> int:
     """Samples on the drift topic that no report covers yet: what the monitor's open window
     holds (or will read). The topic's record count minus the samples and undecodable records
     of every distinct window reported; records deleted by retention are not counted."""
-    marks = watermarks(settings, settings.drift_topic)
+    marks = watermarks(connection, drift_topic)
     on_topic = sum(high - low for low, high in marks.values())
     return max(0, on_topic - sum(r["samples"] + r["skipped"] for r in reports))
 
@@ -46,16 +48,16 @@ def unreported_samples(settings: Settings, reports: Sequence[dict[str, Any]]) ->
 def open_window_note(unreported: int, settings: Settings) -> str:
     """One sentence: how many samples wait in the open window and what closes it."""
     closes = []
-    if settings.drift_window_samples:
-        closes.append(f"{settings.drift_window_samples:,} samples "
+    if settings.drift.drift_window_samples:
+        closes.append(f"{settings.drift.drift_window_samples:,} samples "
                       "(TRIAGE_DRIFT_WINDOW_SAMPLES)")
-    if settings.drift_window_minutes:
-        closes.append(f"{settings.drift_window_minutes:g} minutes "
+    if settings.drift.drift_window_minutes:
+        closes.append(f"{settings.drift.drift_window_minutes:g} minutes "
                       "(TRIAGE_DRIFT_WINDOW_MINUTES)")
-    return (f"{unreported:,} sample(s) on {settings.drift_topic} are in no report yet: the "
+    return (f"{unreported:,} sample(s) on {settings.topics.drift_topic} are in no report yet: the "
             f"monitor's open window closes at {' or after '.join(closes)}, as the monitor was "
             f"started (these are this command's settings). The sampler copies "
-            f"{settings.sample_rate:.0%} of orders (TRIAGE_SAMPLE_RATE).")
+            f"{settings.scorer.sample_rate:.0%} of orders (TRIAGE_SAMPLE_RATE).")
 
 
 def _time(ms: int | None) -> str:

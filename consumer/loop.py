@@ -32,7 +32,7 @@ import structlog
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from triage.bus.clients import make_consumer, make_producer, produce, records_of
-from triage.bus.settings import Settings
+from triage.bus.settings import ConnectionSettings, ScorerSettings
 from triage.consumer import metrics
 from triage.consumer.commit import AtLeastOnce, ExactlyOnce, transactional_id
 
@@ -52,32 +52,35 @@ Handler = Callable[[list[Message]], Sequence[Output]]
 
 
 class BatchLoop:
-    """Consume ``settings.orders_topic`` in ``settings.group_id`` until :meth:`request_stop`.
+    """Consume ``topic`` in the consumer group ``scorer.group_id`` until :meth:`request_stop`,
+    in batches as ``scorer`` says (size, timeout, exactly once or not).
 
     ``status_file``: where the worker's owned partitions, lag and count of consumed records are
     kept for the supervisor (JSON, rewritten at most once a second and on every rebalance).
     ``progress``: called every 10 s for a log line of the caller's counts.
     """
 
-    def __init__(self, settings: Settings, *, worker_id: str = "0",
+    def __init__(self, connection: ConnectionSettings, scorer: ScorerSettings, topic: str, *,
+                 worker_id: str = "0",
                  status_file: Path | None = None, log: Any = None,
                  progress: Callable[[], dict[str, object]] | None = None) -> None:
-        self.settings = settings
+        self.scorer = scorer
+        self.topic = topic
         self.worker_id = worker_id
         self.status_file = status_file
         self.log = log or structlog.get_logger("loop").bind(worker=worker_id)
         self.progress = progress
-        self.consumer = make_consumer(settings)
+        self.consumer = make_consumer(connection, scorer.group_id)
         self.assigned: set[int] = set()
         self.consumed = 0
         self._stop_requested = False
         self._revoked_now: set[int] = set()
-        if settings.exactly_once:
-            self.producer = make_producer(settings, **{
-                "transactional.id": transactional_id(settings.group_id, worker_id)})
+        if scorer.exactly_once:
+            self.producer = make_producer(connection, **{
+                "transactional.id": transactional_id(scorer.group_id, worker_id)})
             self.committer: AtLeastOnce = ExactlyOnce(self.producer, self.consumer, self.log)
         else:
-            self.producer = make_producer(settings)
+            self.producer = make_producer(connection)
             self.committer = AtLeastOnce(self.producer, self.consumer, self.log)
 
     def request_stop(self) -> None:
@@ -86,10 +89,10 @@ class BatchLoop:
 
     def run(self, handle: Handler) -> None:
         """Loop until stopped; leaves the group on the way out, so partitions move at once."""
-        self.consumer.subscribe([self.settings.orders_topic], on_assign=self._on_assign,
+        self.consumer.subscribe([self.topic], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
-        timeout_s = self.settings.batch_timeout_ms / 1000.0
-        batch_size = self.settings.batch_size
+        timeout_s = self.scorer.batch_timeout_ms / 1000.0
+        batch_size = self.scorer.batch_size
         last_report = last_status = time.monotonic()
         try:
             while not self._stop_requested:
@@ -154,7 +157,7 @@ class BatchLoop:
         own fetches (exact on any broker); None until every partition has been fetched."""
         if not self.assigned:
             return 0
-        topic = self.settings.orders_topic
+        topic = self.topic
         total = 0
         for tp in self.consumer.position([TopicPartition(topic, p) for p in self.assigned]):
             high = self.consumer.get_watermark_offsets(tp, cached=True)

@@ -16,7 +16,7 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Messag
 
 from triage.bus.clients import make_consumer, partitions_of
 from triage.bus.errors import WaitTimeout
-from triage.bus.settings import Settings
+from triage.bus.settings import ConnectionSettings, TopicSettings
 from triage.consumer.deadletter import HEADER_PREFIX, REASON_HEADER, headers_dict
 from triage.schemas.codec import codec_for
 
@@ -25,9 +25,10 @@ class TopicReader:
     """Decodes with ``schema_name``'s codec; with ``schema_name=None`` yields raw messages and
     ``None`` records (the dead-letter tools read bytes that may not decode)."""
 
-    def __init__(self, settings: Settings, topic: str, schema_name: str | None) -> None:
-        self.codec = codec_for(settings, schema_name, topic) if schema_name else None
-        self.consumer = make_consumer(settings, group_id=f"triage-reader-{uuid.uuid4().hex}")
+    def __init__(self, connection: ConnectionSettings, topic: str, schema_name: str | None
+                 ) -> None:
+        self.codec = codec_for(connection, schema_name, topic) if schema_name else None
+        self.consumer = make_consumer(connection, f"triage-reader-{uuid.uuid4().hex}")
         partitions = partitions_of(self.consumer, topic)
         for tp in partitions:
             tp.offset = OFFSET_BEGINNING
@@ -66,7 +67,7 @@ class TopicReader:
         self.close()
 
 
-def collect(settings: Settings, topic: str, schema_name: str, expected_ids: set[str], *,
+def collect(connection: ConnectionSettings, topic: str, schema_name: str, expected_ids: set[str], *,
             timeout_s: float, since_ms: int = 0) -> dict[str, list[dict[str, Any]]]:
     """Read ``topic`` until every id in ``expected_ids`` has a record scored at or after
     ``since_ms``; returns every such record per order id, duplicates included, in topic order.
@@ -75,7 +76,7 @@ def collect(settings: Settings, topic: str, schema_name: str, expected_ids: set[
     """
     found: dict[str, list[dict[str, Any]]] = {}
     deadline = time.monotonic() + timeout_s
-    with TopicReader(settings, topic, schema_name) as reader:
+    with TopicReader(connection, topic, schema_name) as reader:
         while expected_ids - found.keys():
             if time.monotonic() > deadline:
                 missing = expected_ids - found.keys()
@@ -101,7 +102,8 @@ class Outcomes:
         return self.predictions.keys() | self.dead_letters.keys()
 
 
-def collect_outcomes(settings: Settings, positions: set[tuple[int, int]], *, since_ms: int = 0,
+def collect_outcomes(connection: ConnectionSettings, topics: TopicSettings,
+                     positions: set[tuple[int, int]], *, since_ms: int = 0,
                      stall_s: float = 60.0, progress: Callable[[int], None] | None = None
                      ) -> Outcomes:
     """Read the predictions and the dead-letter topic until every order record at
@@ -111,16 +113,16 @@ def collect_outcomes(settings: Settings, positions: set[tuple[int, int]], *, sin
     Raises TimeoutError, naming how many are missing, once ``stall_s`` pass with nothing new.
     """
     outcomes = Outcomes()
-    topic = settings.orders_topic
+    topic = topics.orders_topic
     last_news = time.monotonic()
-    with TopicReader(settings, settings.predictions_topic, "prediction") as predictions, \
-            TopicReader(settings, settings.dlq_topic, None) as letters:
+    with TopicReader(connection, topics.predictions_topic, "prediction") as predictions, \
+            TopicReader(connection, topics.dlq_topic, None) as letters:
         while not positions <= (settled := outcomes.settled()):
             if time.monotonic() - last_news > stall_s:
                 missing = len(positions - settled)
                 raise WaitTimeout(
                     f"{missing} of {len(positions)} orders have neither a prediction on "
-                    f"{settings.predictions_topic} nor a dead letter on {settings.dlq_topic} "
+                    f"{topics.predictions_topic} nor a dead letter on {topics.dlq_topic} "
                     f"after {stall_s:.0f} s without progress: are the workers running?")
             before = len(settled & positions)
             for _, record in predictions.poll(timeout_s=0.2):

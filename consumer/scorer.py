@@ -20,7 +20,7 @@ import structlog
 from confluent_kafka import Message
 
 from triage.bus.clients import PRODUCER_MAX_MESSAGE_BYTES, topic_max_message_bytes
-from triage.bus.settings import Settings
+from triage.bus.settings import ScorerSettings, Settings
 from triage.consumer import metrics
 from triage.consumer.core import CoreConfig, Incoming, Outcome, ScoringCore, Source, split_hooks
 from triage.consumer.deadletter import dead_letter_headers, fit_dead_letter
@@ -51,10 +51,10 @@ class ScorerStats:
                 "dead_lettered": dict(self.dead_lettered), "batches": self.batches}
 
 
-def core_config(settings: Settings) -> CoreConfig:
-    return CoreConfig(max_message_bytes=settings.max_message_bytes,
-                      sample_rate=settings.sample_rate,
-                      deadline_s=settings.processing_deadline_ms / 1000.0)
+def core_config(scorer: ScorerSettings) -> CoreConfig:
+    return CoreConfig(max_message_bytes=scorer.max_message_bytes,
+                      sample_rate=scorer.sample_rate,
+                      deadline_s=scorer.processing_deadline_ms / 1000.0)
 
 
 class Scorer:
@@ -67,22 +67,26 @@ class Scorer:
                  worker_id: str = "0", status_file: Path | None = None,
                  extra_hooks: list[object] | None = None) -> None:
         self.settings = settings
+        connection, topics = settings.connection, settings.topics
+        self.topics = topics
         self.model = model
         self.log = structlog.get_logger("scorer").bind(worker=worker_id)
         self.worker_id = worker_id
         checks, observers = split_hooks(extra_hooks or [])
         self.core = ScoringCore(
-            model, reference, codec_for(settings, "order", settings.orders_topic),
-            config=core_config(settings), checks=[OrderValidator(settings), *checks],
+            model, reference, codec_for(connection, "order", topics.orders_topic),
+            config=core_config(settings.scorer),
+            checks=[OrderValidator(settings.validation), *checks],
             observers=observers, log=self.log)
-        self.predictions = codec_for(settings, "prediction", settings.predictions_topic)
-        self.samples = codec_for(settings, "drift_sample", settings.drift_topic)
+        self.predictions = codec_for(connection, "prediction", topics.predictions_topic)
+        self.samples = codec_for(connection, "drift_sample", topics.drift_topic)
         # The largest dead letter the producer and the dead-letter topic both accept.
-        topic_limit = topic_max_message_bytes(settings, settings.dlq_topic)
+        topic_limit = topic_max_message_bytes(connection, topics.dlq_topic)
         self.dead_letter_limit = min(PRODUCER_MAX_MESSAGE_BYTES,
                                      topic_limit or PRODUCER_MAX_MESSAGE_BYTES)
         self.stats = ScorerStats()
-        self.loop = BatchLoop(settings, worker_id=worker_id, status_file=status_file,
+        self.loop = BatchLoop(connection, settings.scorer, topics.orders_topic,
+                              worker_id=worker_id, status_file=status_file,
                               log=self.log, progress=self.stats.as_dict)
 
     @property
@@ -97,8 +101,8 @@ class Scorer:
         return self.loop.lag()
 
     def run(self) -> ScorerStats:
-        self.log.info("worker_started", topic=self.settings.orders_topic,
-                      group=self.settings.group_id, model_version=self.model.version,
+        self.log.info("worker_started", topic=self.topics.orders_topic,
+                      group=self.settings.scorer.group_id, model_version=self.model.version,
                       exactly_once=self.loop.committer.transactional)
         try:
             self.loop.run(self.handle)
@@ -113,9 +117,10 @@ class Scorer:
                      Source(m.topic(), m.partition(), m.offset(), m.timestamp()[1]))
             for m in records])
         encode_prediction, encode_sample = self.predictions.encode, self.samples.encode
-        out = [Output(self.settings.predictions_topic, p.key, encode_prediction(p.record))
+        topics = self.topics
+        out = [Output(topics.predictions_topic, p.key, encode_prediction(p.record))
                for p in outcome.predictions]
-        out += [Output(self.settings.drift_topic, s.key, encode_sample(s.record))
+        out += [Output(topics.drift_topic, s.key, encode_sample(s.record))
                 for s in outcome.samples]
         for letter in outcome.dead_letters:
             msg = records[letter.index]
@@ -126,7 +131,7 @@ class Scorer:
                 dead_letter_headers(msg, letter.reason, letter.error_class, letter.message,
                                     self.worker_id),
                 self.dead_letter_limit)
-            out.append(Output(self.settings.dlq_topic, key, value, headers))
+            out.append(Output(topics.dlq_topic, key, value, headers))
         self.stats.count(outcome)
         metrics.CONSUMED.inc(outcome.size)
         return out

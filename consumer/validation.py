@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from triage.bus.settings import Settings
+from triage.bus.settings import ValidationSettings
 from triage.consumer.hooks import Rejection
 
 STRING_FIELDS = ("order_id", "customer_id", "sku_code", "zip_code")
@@ -27,7 +27,7 @@ STRING_FIELDS = ("order_id", "customer_id", "sku_code", "zip_code")
 class OrderValidator:
     name = "validation"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: ValidationSettings) -> None:
         self.max_length = settings.max_field_length
         self.earliest_ms = settings.earliest_order_ms
         self.max_future_ms = settings.max_future_seconds * 1000

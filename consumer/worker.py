@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("zip_codes_look_truncated", detail=warning)
         scorer = Scorer(settings, model, reference, worker_id=args.worker_id,
                         status_file=args.status_file,
-                        extra_hooks=load_hooks(settings.hooks, settings))
-        if settings.metrics_port:
-            port = settings.metrics_port + int(args.worker_id)
+                        extra_hooks=load_hooks(settings.scorer.hooks, settings))
+        if settings.scorer.metrics_port:
+            port = settings.scorer.metrics_port + int(args.worker_id)
             metrics.serve(port)
             log.info("metrics_serving", port=port)
     except (ConfigurationError, OSError) as exc:  # OSError: a metrics port in use, a file

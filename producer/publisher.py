@@ -15,7 +15,7 @@ from confluent_kafka import KafkaError, Message
 
 from triage.bus.clients import make_producer, produce
 from triage.bus.errors import ConfigurationError
-from triage.bus.settings import Settings
+from triage.bus.settings import ConnectionSettings
 from triage.schemas.codec import codec_for
 
 
@@ -49,10 +49,11 @@ def order_record(order_id: str, customer_id: str, sku_code: str, zip_code: str,
 class OrderPublisher:
     """Encode and publish orders; count deliveries and failures from the broker's reports."""
 
-    def __init__(self, settings: Settings, **producer_overrides: Any) -> None:
-        self.topic = settings.orders_topic
-        self.codec = codec_for(settings, "order", self.topic)
-        self.producer = make_producer(settings, **producer_overrides)
+    def __init__(self, connection: ConnectionSettings, topic: str, **producer_overrides: Any
+                 ) -> None:
+        self.topic = topic
+        self.codec = codec_for(connection, "order", topic)
+        self.producer = make_producer(connection, **producer_overrides)
         self.sent = 0
         self.failed = 0
         self.errors: Counter[str] = Counter()

@@ -54,7 +54,7 @@ def replay(settings: Settings, csv_path: str | Path, *, rate: float | None = Non
     if (rate is not None and rate <= 0) or (speedup is not None and speedup <= 0):
         raise SettingsError("--rate and --speedup must be positive")
     orders = read_orders_csv(csv_path, limit=limit, encoding=settings.csv_encoding)
-    publisher = OrderPublisher(settings)
+    publisher = OrderPublisher(settings.connection, settings.topics.orders_topic)
     records = orders.records()
     if speedup is not None:
         due = (orders.timestamp_ms - orders.timestamp_ms.min()) / 1000.0 / speedup

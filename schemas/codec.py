@@ -39,7 +39,7 @@ from fastavro.read import SchemaResolutionError
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from triage.bus.errors import BadRecord, InfrastructureError
-from triage.bus.settings import Settings
+from triage.bus.settings import ConnectionSettings
 from triage.schemas.logical import Convert, UnconvertibleValue, adapt
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
@@ -76,13 +76,13 @@ def schema_fingerprint(schema: dict[str, Any]) -> bytes:
     return bytes.fromhex(fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO"))
 
 
-def registry_config(settings: Settings) -> dict[str, str]:
+def registry_config(connection: ConnectionSettings) -> dict[str, str]:
     """The Schema Registry client's configuration beyond its URL: credentials and TLS files."""
-    conf = {"basic.auth.user.info": settings.schema_registry_basic_auth,
-            "ssl.ca.location": settings.schema_registry_ssl_ca_location,
-            "ssl.certificate.location": settings.schema_registry_ssl_certificate_location,
-            "ssl.key.location": settings.schema_registry_ssl_key_location,
-            "ssl.key.password": settings.schema_registry_ssl_key_password}
+    conf = {"basic.auth.user.info": connection.schema_registry_basic_auth,
+            "ssl.ca.location": connection.schema_registry_ssl_ca_location,
+            "ssl.certificate.location": connection.schema_registry_ssl_certificate_location,
+            "ssl.key.location": connection.schema_registry_ssl_key_location,
+            "ssl.key.password": connection.schema_registry_ssl_key_password}
     return {key: value for key, value in conf.items() if value}
 
 
@@ -95,10 +95,10 @@ def _registry_client(url: str, conf: tuple[tuple[str, str], ...] = ()):
     return SchemaRegistryClient.new_client({"url": url, **dict(conf)})  # "mock://": in memory
 
 
-def codec_for(settings: Settings, schema_name: str, topic: str) -> Codec:
+def codec_for(connection: ConnectionSettings, schema_name: str, topic: str) -> Codec:
     """The codec for one of the service's topics, framed as the settings say."""
-    return Codec(schema_name, topic=topic, registry_url=settings.schema_registry_url,
-                 registry_conf=registry_config(settings))
+    return Codec(schema_name, topic=topic, registry_url=connection.schema_registry_url,
+                 registry_conf=registry_config(connection))
 
 
 class Codec:

@@ -49,14 +49,14 @@ def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def settings(bootstrap: str, tmp_path: Path) -> Settings:
     """Settings with topics and a consumer group no other test uses; the topics exist."""
     run = uuid.uuid4().hex[:8]
-    settings = Settings(
+    settings = Settings.of(
         bootstrap_servers=bootstrap,
         orders_topic=f"orders-{run}", predictions_topic=f"predictions-{run}",
         drift_topic=f"drift-{run}", dlq_topic=f"orders.dlq-{run}",
         drift_reports_topic=f"drift.reports-{run}", drift_group_id=f"triage-drift-{run}",
         group_id=f"triage-scorer-{run}", state_dir=str(tmp_path / "state"),
     )
-    create_topics(settings)
+    create_topics(settings.connection, settings.topics)
     return settings
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from triage.bus.settings import SettingsError
 from triage.consumer.autoscale import Autoscaler
 
 
@@ -43,7 +44,7 @@ def test_shrinks_once_the_whole_window_is_drained() -> None:
 
 
 def test_nonsense_bounds_are_refused() -> None:
-    with pytest.raises(ValueError, match="--min"):
+    with pytest.raises(SettingsError, match="--min"):
         Autoscaler(3, 2)
-    with pytest.raises(ValueError, match="--min"):
+    with pytest.raises(SettingsError, match="--min"):
         Autoscaler(0, 2)

@@ -98,7 +98,7 @@ def bad_records(settings: Settings, good: list[dict], rng: np.random.Generator
                            for i in n],                                      # another schema
         "no_registry": [b"\x00" + (1000 + i).to_bytes(4, "big") + order(i)[10:] for i in n],
         "tombstone": [None for _ in n],
-        "oversized": [order(i, customer_id="C" * settings.max_message_bytes) for i in n],
+        "oversized": [order(i, customer_id="C" * settings.scorer.max_message_bytes) for i in n],
         "missing_field": [order(i, sku_code=["", " ", "\t"][i % 3]) for i in n],
         "invalid_field": [order(i, zip_code=["1\x00", "9" * 500, " 10001", "\u200b"][i % 4])
                           for i in n],
@@ -119,7 +119,7 @@ def test_every_record_ends_as_one_prediction_or_one_dead_letter(
                for kind, values in bad.items() for i, value in enumerate(values)]
     stream = [stream[i] for i in rng.permutation(len(stream))]
 
-    producer = make_producer(settings)
+    producer = make_producer(settings.connection)
     offsets: dict[tuple[int, int], bytes] = {}
 
     def delivered(err, msg) -> None:
@@ -127,7 +127,7 @@ def test_every_record_ends_as_one_prediction_or_one_dead_letter(
         offsets[(msg.partition(), msg.offset())] = msg.key()
 
     for key, value in stream:
-        producer.produce(settings.orders_topic, key=key, value=value, on_delivery=delivered)
+        producer.produce(settings.topics.orders_topic, key=key, value=value, on_delivery=delivered)
         producer.poll(0)
     assert producer.flush(60) == 0 and len(offsets) == TOTAL
 
@@ -138,10 +138,11 @@ def test_every_record_ends_as_one_prediction_or_one_dead_letter(
     dead_lettered = run_scorer(scorer, TOTAL)
 
     assert dead_lettered == Counter({kind: len(values) for kind, values in bad.items()})
-    with TopicReader(settings, settings.predictions_topic, "prediction") as reader:
+    with TopicReader(settings.connection, settings.topics.predictions_topic,
+                     "prediction") as reader:
         predicted = {(p["order_partition"], p["order_offset"]): p["order_id"]
                      for _, p in reader.read(idle_s=2)}
-    with TopicReader(settings, settings.dlq_topic, None) as reader:
+    with TopicReader(settings.connection, settings.topics.dlq_topic, None) as reader:
         letters = [(msg, headers_dict(msg.headers())) for msg, _ in reader.read(idle_s=2)]
     dead = {(int(h["__connect.errors.partition"]), int(h["__connect.errors.offset"])): msg
             for msg, h in letters}
@@ -167,12 +168,13 @@ def test_dlq_replay_redrives_fixed_records_to_predictions(
     good = read_orders_csv(history / "orders.csv", limit=300).records()
     ahead = int(time.time() * 1000) + 2 * DAY_MS
     skewed = [{**r, "timestamp_ms": ahead} for r in good[:200]]
-    producer = make_producer(settings)
+    producer = make_producer(settings.connection)
     codec = Codec("order")
     for r in skewed:
-        producer.produce(settings.orders_topic, key=r["order_id"].encode(), value=codec.encode(r))
+        producer.produce(settings.topics.orders_topic, key=r["order_id"].encode(),
+                         value=codec.encode(r))
     for i in range(50):
-        producer.produce(settings.orders_topic, key=b"junk", value=b"junk %d" % i)
+        producer.produce(settings.topics.orders_topic, key=b"junk", value=b"junk %d" % i)
     assert producer.flush(30) == 0
 
     model, reference = artifact.load(model_dir), ReferenceTables.load(history)
@@ -189,7 +191,8 @@ def test_dlq_replay_redrives_fixed_records_to_predictions(
     scorer = Scorer(fixed, model, reference)
     assert run_scorer(scorer, 200) == Counter()
     assert scorer.stats.predicted == 200
-    with TopicReader(settings, settings.predictions_topic, "prediction") as reader:
+    with TopicReader(settings.connection, settings.topics.predictions_topic,
+                     "prediction") as reader:
         predicted = {p["order_id"] for _, p in reader.read(idle_s=2)}
     assert predicted == {r["order_id"] for r in skewed}
 
@@ -202,10 +205,11 @@ def test_a_registry_outage_stops_the_worker_and_loses_nothing(
     predicted."""
     good = read_orders_csv(history / "orders.csv", limit=300).records()
     online = settings.replace(schema_registry_url="mock://bad-input-registry")
-    codec = codec_for(online, "order", online.orders_topic)
-    producer = make_producer(settings)
+    codec = codec_for(online.connection, "order", online.topics.orders_topic)
+    producer = make_producer(settings.connection)
     for r in good:
-        producer.produce(settings.orders_topic, key=r["order_id"].encode(), value=codec.encode(r))
+        producer.produce(settings.topics.orders_topic, key=r["order_id"].encode(),
+                         value=codec.encode(r))
     assert producer.flush(30) == 0
 
     with socket.socket() as sock:  # a port nothing listens on: the registry is down
@@ -219,14 +223,15 @@ def test_a_registry_outage_stops_the_worker_and_loses_nothing(
     assert worker.returncode == 1, worker.stdout[-2000:] + worker.stderr[-2000:]
     assert "worker_failed" in worker.stdout + worker.stderr
     assert "Schema Registry" in worker.stdout + worker.stderr
-    committed = committed_offsets(settings, settings.group_id, settings.orders_topic)
+    committed = committed_offsets(settings.connection, settings.scorer.group_id,
+                                  settings.topics.orders_topic)
     assert all(offset is None for offset in committed.values()), committed
-    with TopicReader(settings, settings.dlq_topic, None) as reader:
+    with TopicReader(settings.connection, settings.topics.dlq_topic, None) as reader:
         assert list(reader.read(idle_s=2)) == []
 
     model, reference = artifact.load(model_dir), ReferenceTables.load(history)
     assert run_scorer(Scorer(online, model, reference), len(good)) == Counter()
-    with TopicReader(online, online.predictions_topic, "prediction") as reader:
+    with TopicReader(online.connection, online.topics.predictions_topic, "prediction") as reader:
         predicted = {p["order_id"] for _, p in reader.read(idle_s=2)}
     assert predicted == {r["order_id"] for r in good}
 

@@ -29,9 +29,11 @@ def triage(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.C
 
 def test_settings_come_from_the_environment_and_flags_override_them() -> None:
     settings = Settings.from_env({"TRIAGE_BATCH_SIZE": "64", "TRIAGE_ORDERS_TOPIC": "o2"})
-    assert (settings.batch_size, settings.orders_topic) == (64, "o2")
-    assert settings.replace(batch_size=8, orders_topic=None).batch_size == 8
-    assert settings.replace(orders_topic=None).orders_topic == "o2"
+    assert (settings.scorer.batch_size, settings.topics.orders_topic) == (64, "o2")
+    assert settings.replace(batch_size=8, orders_topic=None).scorer.batch_size == 8
+    assert settings.replace(orders_topic=None).topics.orders_topic == "o2"
+    with pytest.raises(SettingsError, match="no such setting: batchsize"):
+        settings.replace(batchsize=8)
     with pytest.raises(SettingsError, match="TRIAGE_BATCH_SIZE='many' is not a valid int"):
         Settings.from_env({"TRIAGE_BATCH_SIZE": "many"})
     with pytest.raises(SettingsError, match="sample_rate"):
@@ -124,15 +126,16 @@ def test_lag_command_reports_committed_end_and_lag_per_partition(bootstrap: str,
     from triage.bus.clients import create_topics
     from triage.producer.publisher import OrderPublisher, order_record
 
-    settings = Settings(bootstrap_servers=bootstrap, orders_topic=f"lag-{tmp_path.name}",
+    settings = Settings.of(bootstrap_servers=bootstrap, orders_topic=f"lag-{tmp_path.name}",
                         orders_partitions=2, state_dir=str(tmp_path))
-    create_topics(settings)
-    publisher = OrderPublisher(settings)
+    create_topics(settings.connection, settings.topics)
+    publisher = OrderPublisher(settings.connection, settings.topics.orders_topic)
     for i in range(30):
         publisher.publish(order_record(f"O-{i}", "C", "S", "1", "2026-01-05 10:00:00"))
     assert publisher.flush(30) == 0
     result = triage("lag", "--group", "nobody-yet", env=clean_env(
-        tmp_path, TRIAGE_BOOTSTRAP_SERVERS=bootstrap, TRIAGE_ORDERS_TOPIC=settings.orders_topic))
+        tmp_path, TRIAGE_BOOTSTRAP_SERVERS=bootstrap,
+        TRIAGE_ORDERS_TOPIC=settings.topics.orders_topic))
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines()[2:]]
     ends = {int(row[0]): int(row[2]) for row in rows[:-1]}

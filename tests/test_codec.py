@@ -440,7 +440,7 @@ def test_an_order_with_logical_types_passes_validation() -> None:
     order = Codec("order", topic="orders", registry_url="mock://logical-validation").decode(data)
     assert order == {**ORDER, "order_id": str(order_id),
                      "timestamp_ms": int(now.timestamp()) * 1000}
-    assert list(OrderValidator(Settings()).check([order])) == []
+    assert list(OrderValidator(Settings().validation).check([order])) == []
 
 
 def test_shared_record_types_are_defined_alike_in_every_contract() -> None:
@@ -498,25 +498,26 @@ def test_an_https_registry_is_reached_with_the_configured_ca_and_client_certific
 
     framed = _framed_with_id(7)
     with registry_server(answer, tls) as url:
-        mutual = Settings(schema_registry_url=url,
+        mutual = Settings.of(schema_registry_url=url,
                           schema_registry_ssl_ca_location=str(cert_path),
                           schema_registry_ssl_certificate_location=str(cert_path),
                           schema_registry_ssl_key_location=str(key_path),
                           schema_registry_ssl_key_password="key password")
-        assert codec_for(mutual, "order", "orders").decode(framed) == ORDER
+        assert codec_for(mutual.connection, "order", "orders").decode(framed) == ORDER
         with pytest.raises(RegistryUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
-            codec_for(Settings(schema_registry_url=url), "order", "orders").decode(framed)
-        ca_only = Settings(schema_registry_url=url,
+            codec_for(Settings.of(schema_registry_url=url).connection, "order",
+                      "orders").decode(framed)
+        ca_only = Settings.of(schema_registry_url=url,
                            schema_registry_ssl_ca_location=str(cert_path))
         with pytest.raises(RegistryUnavailable):
-            codec_for(ca_only, "order", "orders").decode(framed)
+            codec_for(ca_only.connection, "order", "orders").decode(framed)
 
 
 def test_registry_tls_files_are_checked_at_start_up(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="TRIAGE_SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION"):
-        Settings(schema_registry_ssl_key_location="/run/secrets/registry.key")
+        Settings.of(schema_registry_ssl_key_location="/run/secrets/registry.key")
     with pytest.raises(SettingsError, match="TRIAGE_SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION"):
-        Settings(schema_registry_ssl_key_password="key password")
+        Settings.of(schema_registry_ssl_key_password="key password")
     missing = tmp_path / "ca.pem"
     with pytest.raises(SettingsError, match=f"SSL_CA_LOCATION={missing}: no such file"):
-        Settings(schema_registry_ssl_ca_location=str(missing))
+        Settings.of(schema_registry_ssl_ca_location=str(missing))

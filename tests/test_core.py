@@ -39,7 +39,7 @@ def core(parts: tuple, *, hooks: list[object] = (), deadline_s: float = 30.0,
     checks, observers = split_hooks(list(hooks))
     return ScoringCore(model, reference or history_reference, CODEC,
                        config=CoreConfig(sample_rate=sample_rate, deadline_s=deadline_s),
-                       checks=[OrderValidator(Settings()), *checks], observers=observers)
+                       checks=[OrderValidator(Settings().validation), *checks], observers=observers)
 
 
 def kafka(values: list[bytes | None]) -> list[Incoming]:

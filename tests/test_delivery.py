@@ -64,7 +64,7 @@ class Background:
         """A supervisor with ``workers`` that has every partition, then a replay of ``orders``
         at ``rate``; returns the supervisor and the wall-clock ms the replay started at."""
         supervisor = self.supervise(Supervisor(settings, model_dir, history, workers=workers))
-        supervisor.wait_until_assigned(settings.orders_partitions)
+        supervisor.wait_until_assigned(settings.topics.orders_partitions)
         since = int(time.time() * 1000)
         self.replay(settings, history / "orders.csv", limit=orders, rate=rate)
         return supervisor, since
@@ -107,9 +107,10 @@ class Outcome:
 
 def outcome(settings: Settings, order_ids: list[str], since_ms: int) -> Outcome:
     """Wait until every order has a prediction, then read every prediction (duplicates too)."""
-    collect(settings, settings.predictions_topic, "prediction", set(order_ids),
+    collect(settings.connection, settings.topics.predictions_topic, "prediction", set(order_ids),
             timeout_s=240, since_ms=since_ms)
-    with TopicReader(settings, settings.predictions_topic, "prediction") as reader:
+    with TopicReader(settings.connection, settings.topics.predictions_topic,
+                     "prediction") as reader:
         predictions = [p for _, p in reader.read(idle_s=3.0) if p["scored_at_ms"] >= since_ms]
     return Outcome(len(order_ids), predictions)
 
@@ -153,8 +154,8 @@ def kill_workers_during_replay(bg: Background, supervisor: Supervisor, settings:
         worker, status = rng.choice(sorted(statuses.items()))
         os.kill(status["pid"], signal.SIGKILL)
         kills.append({"worker": worker, "partitions": status["partitions"],
-                      "committed": committed_offsets(settings, settings.group_id,
-                                                     settings.orders_topic)})
+                      "committed": committed_offsets(settings.connection, settings.scorer.group_id,
+                                                     settings.topics.orders_topic)})
     return kills
 
 
@@ -191,7 +192,7 @@ def test_a_killed_workers_lose_nothing_and_duplicate_only_in_flight_orders(
     for partition, offset in result.duplicated_offsets():
         assert any(partition in kill["partitions"]
                    and (kill["committed"][partition] or 0) <= offset
-                   < (kill["committed"][partition] or 0) + settings.batch_size
+                   < (kill["committed"][partition] or 0) + settings.scorer.batch_size
                    for kill in kills), (partition, offset)
     report("a_killed_workers", orders=n, kills=len(kills), lost=0,
            duplicates=result.duplicates)
@@ -202,18 +203,18 @@ def test_b_scaling_out_and_back_in_rebalances_without_loss_or_duplicates(
     n = 20_000
     bg = Background()
     first = bg.supervise(Supervisor(settings, model_dir, big_history, workers=1))
-    first.wait_until_assigned(settings.orders_partitions)
+    first.wait_until_assigned(settings.topics.orders_partitions)
     owned_by_first: list[int] = [len(first.assignments()["0"])]
     since = int(time.time() * 1000)
     bg.replay(settings, big_history / "orders.csv", limit=n, rate=2_000)
     try:
         second = bg.supervise(Supervisor(settings, model_dir, big_history, workers=2))
         deadline = time.monotonic() + 60
-        while not shared(first, second, partitions=settings.orders_partitions):
+        while not shared(first, second, partitions=settings.topics.orders_partitions):
             assert time.monotonic() < deadline, (first.assignments(), second.assignments())
             time.sleep(0.2)
         owned_by_first.append(len(first.assignments()["0"]))
-        retire_one_at_a_time(second, first, settings.orders_partitions)  # scale in: SIGTERM
+        retire_one_at_a_time(second, first, settings.topics.orders_partitions)  # scale in: SIGTERM
         second.stop()
         owned_by_first.append(len(first.assignments()["0"]))
         bg.wait_replay()
@@ -232,11 +233,11 @@ def test_c_a_paused_broker_is_waited_out_without_restarts(
     """Pauses its own embedded broker: SIGSTOP needs a broker process this test owns."""
     n = 20_000
     with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker:
-        settings = Settings(bootstrap_servers=broker.bootstrap, state_dir=str(tmp_path))
-        create_topics(settings)
+        settings = Settings.of(bootstrap_servers=broker.bootstrap, state_dir=str(tmp_path))
+        create_topics(settings.connection, settings.topics)
         bg = Background()
         supervisor = bg.supervise(Supervisor(settings, model_dir, big_history, workers=2))
-        supervisor.wait_until_assigned(settings.orders_partitions)
+        supervisor.wait_until_assigned(settings.topics.orders_partitions)
         pids = sorted(supervisor.pids())
         since = int(time.time() * 1000)
         bg.replay(settings, big_history / "orders.csv", limit=n, rate=2_000)
@@ -267,10 +268,10 @@ def test_d_graceful_stop_and_restart_creates_no_duplicates(
     new = bg.supervise(Supervisor(settings, model_dir, big_history, workers=2))
     try:
         deadline = time.monotonic() + 60
-        while not shared(old, new, partitions=settings.orders_partitions):
+        while not shared(old, new, partitions=settings.topics.orders_partitions):
             assert time.monotonic() < deadline, (old.assignments(), new.assignments())
             time.sleep(0.2)
-        retire_one_at_a_time(old, new, settings.orders_partitions)
+        retire_one_at_a_time(old, new, settings.topics.orders_partitions)
         old.stop()
         bg.wait_replay()
         result = outcome(settings, order_ids(big_history, n), since)
@@ -292,7 +293,7 @@ def test_e_autoscaling_grows_under_load_and_shrinks_after_the_drain(
     supervisor = bg.supervise(Supervisor(
         settings, model_dir, big_history, workers=1,
         autoscaler=Autoscaler(1, 3, window=3, grow_above=100), scale_interval_s=1.0))
-    supervisor.wait_until_assigned(settings.orders_partitions)
+    supervisor.wait_until_assigned(settings.topics.orders_partitions)
     bg.replay(settings, big_history / "orders.csv", limit=15_000, rate=1_000)
     seen: list[int] = []
     try:
@@ -306,8 +307,8 @@ def test_e_autoscaling_grows_under_load_and_shrinks_after_the_drain(
             assert time.monotonic() < deadline, seen
             seen.append(supervisor.active_workers())
             time.sleep(0.5)
-        lag = sum(row.lag for row in group_lag(settings, settings.group_id,
-                                               settings.orders_topic))
+        lag = sum(row.lag for row in group_lag(settings.connection, settings.scorer.group_id,
+                                               settings.topics.orders_topic))
     finally:
         supervisor.stop()
     assert lag == 0  # it shrank only once everything was consumed and committed
@@ -333,8 +334,9 @@ def test_exactly_once_scores_every_order_through_transactions(
         codes = supervisor.stop()
     assert codes == {"0": 0, "1": 0}
     result.assert_nothing_lost_and_copies_identical(order_ids(history, n))
-    assert committed_offsets(settings, settings.group_id, settings.orders_topic) == {
-        p: replayed.end_offsets.get(p) for p in range(settings.orders_partitions)}
+    assert committed_offsets(settings.connection, settings.scorer.group_id,
+                             settings.topics.orders_topic) == {
+        p: replayed.end_offsets.get(p) for p in range(settings.topics.orders_partitions)}
 
 
 def test_exactly_once_hides_killed_workers_duplicates_from_read_committed_readers(

@@ -62,7 +62,7 @@ def _score(settings: Settings, model_dir: Path, reference_dir: Path, orders_csv:
     supervisor = Supervisor(settings, model_dir, reference_dir, workers=1)
     supervisor.start()
     try:
-        supervisor.wait_until_assigned(settings.orders_partitions)
+        supervisor.wait_until_assigned(settings.topics.orders_partitions)
         sent = replay(settings, orders_csv, progress=False)
         assert sent.sent == PHASE and sent.failed == 0
         return monitor.run(max_windows=1, timeout_s=120)
@@ -87,10 +87,11 @@ def run(bootstrap: str, history: Path, model_dir: Path,
     shifted_csv = _write_orders(shifted / "orders.csv", rows[PHASE:2 * PHASE], tmp / "b.csv")
 
     with capture_logs() as logs, \
-            DriftMonitor(settings, artifact.verify(model_dir), metrics_addr="127.0.0.1") as monitor:
+            DriftMonitor(settings.connection, settings.topics, settings.drift,
+                         artifact.verify(model_dir), metrics_addr="127.0.0.1") as monitor:
         reports = _score(settings, model_dir, history, unshifted_csv, monitor)
         reports += _score(settings, model_dir, shifted, shifted_csv, monitor)
-        url = f"http://127.0.0.1:{settings.drift_metrics_port}/metrics"
+        url = f"http://127.0.0.1:{settings.drift.drift_metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             metrics = response.read().decode()
     return Run(settings, reports, logs, metrics)
@@ -137,7 +138,8 @@ def test_metrics_show_the_latest_window(run: Run) -> None:
 
 
 def test_the_reports_topic_holds_both_windows(run: Run) -> None:
-    stored = read_reports(run.settings, idle_s=1.0)
+    stored = read_reports(run.settings.connection, run.settings.topics.drift_reports_topic,
+                          idle_s=1.0)
     assert [r["window_id"] for r in stored] == [r["window_id"] for r in run.reports]
 
 
@@ -162,15 +164,17 @@ def test_drift_monitor_command_reports_and_stops_cleanly_on_sigterm(
         run: Run, model_dir: Path) -> None:
     """A fresh group reads the 4,000 samples from the start: two windows of 2,000 (which mix
     the phases, since partitions are read side by side), written to a topic of its own."""
-    settings = run.settings.replace(drift_reports_topic=run.settings.drift_reports_topic + "-cli",
-                                    drift_group_id=run.settings.drift_group_id + "-cli",
-                                    drift_metrics_port=0)
-    create_topics(settings)  # the monitor expects its reports topic, as `triage topics create`
+    settings = run.settings.replace(
+        drift_reports_topic=run.settings.topics.drift_reports_topic + "-cli",
+        drift_group_id=run.settings.drift.drift_group_id + "-cli", drift_metrics_port=0)
+    # The monitor expects its reports topic, as `triage topics create` makes it.
+    create_topics(settings.connection, settings.topics)
     monitor = _cli(settings, "drift", "monitor", "--model", str(model_dir))
     try:
         found: list[dict] = []
         deadline = time.monotonic() + 120
-        with TopicReader(settings, settings.drift_reports_topic, "drift_report") as reader:
+        with TopicReader(settings.connection, settings.topics.drift_reports_topic,
+                         "drift_report") as reader:
             while len(found) < 2 and monitor.poll() is None and time.monotonic() < deadline:
                 found += [record for _, record in reader.poll(timeout_s=1.0)]
         assert len(found) == 2 and sum(r["samples"] for r in found) == 2 * PHASE
@@ -188,18 +192,21 @@ def test_a_time_window_without_samples_reports_insufficient_data(settings: Setti
     """Windows by time only: with nothing sampled, the window still closes and says so (a
     stalled sampler is visible)."""
     settings = settings.replace(drift_window_samples=0, drift_window_minutes=0.01)
-    with DriftMonitor(settings, artifact.verify(model_dir)) as monitor:
+    with DriftMonitor(settings.connection, settings.topics, settings.drift,
+                      artifact.verify(model_dir)) as monitor:
         (report,) = monitor.run(max_windows=1, timeout_s=60)
     assert report["status"] == "insufficient_data" and report["samples"] == 0
     assert {c["verdict"] for c in report["checks"]} == {"insufficient_data"}
-    assert read_reports(settings, idle_s=1.0)[0]["window_id"] == report["window_id"]
+    assert read_reports(settings.connection, settings.topics.drift_reports_topic,
+                        idle_s=1.0)[0]["window_id"] == report["window_id"]
 
 
 def test_drift_settings_are_checked() -> None:
     from triage.bus.settings import SettingsError
 
     with pytest.raises(SettingsError, match="TRIAGE_DRIFT_WINDOW_SAMPLES"):
-        Settings(drift_window_samples=0, drift_window_minutes=0)
+        Settings.of(drift_window_samples=0, drift_window_minutes=0)
     with pytest.raises(SettingsError, match="drift_alpha"):
         Settings.from_env({"TRIAGE_DRIFT_ALPHA": "1.5"})
-    assert Settings.from_env({"TRIAGE_DRIFT_WINDOW_MINUTES": "2.5"}).drift_window_minutes == 2.5
+    drift = Settings.from_env({"TRIAGE_DRIFT_WINDOW_MINUTES": "2.5"}).drift
+    assert drift.drift_window_minutes == 2.5

@@ -50,15 +50,16 @@ def run(bootstrap: str, history: Path, model_dir: Path,
     supervisor = Supervisor(settings, model_dir, history, workers=2)
     supervisor.start()
     try:
-        supervisor.wait_until_assigned(settings.orders_partitions)
+        supervisor.wait_until_assigned(settings.topics.orders_partitions)
         started_ms = int(time.time() * 1000)
         replayed = replay(settings, history / "orders.csv", limit=ORDERS, progress=False)
         order_ids = read_orders_csv(history / "orders.csv", limit=ORDERS).order_id
-        predictions = collect(settings, settings.predictions_topic, "prediction", set(order_ids),
+        predictions = collect(settings.connection, settings.topics.predictions_topic, "prediction",
+                              set(order_ids),
                               timeout_s=120, since_ms=started_ms)
     finally:
         exit_codes = supervisor.stop()
-    with TopicReader(settings, settings.drift_topic, "drift_sample") as reader:
+    with TopicReader(settings.connection, settings.topics.drift_topic, "drift_sample") as reader:
         drift = [record for _, record in reader.read(idle_s=3.0)]
     return Run(settings, order_ids, replayed, predictions, drift, exit_codes)
 
@@ -101,10 +102,10 @@ def test_drift_samples_are_exactly_the_hashed_subset(run: Run) -> None:
 
 def test_after_sigterm_committed_offsets_are_at_the_end_of_each_partition(run: Run) -> None:
     assert run.exit_codes == {"0": 0, "1": 0}
-    consumer = make_consumer(run.settings)
+    consumer = make_consumer(run.settings.connection, run.settings.scorer.group_id)
     try:
         committed = consumer.committed(
-            [TopicPartition(run.settings.orders_topic, p) for p in run.replayed.end_offsets],
+            [TopicPartition(run.settings.topics.orders_topic, p) for p in run.replayed.end_offsets],
             timeout=10)
     finally:
         consumer.close()

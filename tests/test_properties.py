@@ -27,7 +27,7 @@ HEADER = CODEC.encode({"order_id": "o", "customer_id": "c", "timestamp_ms": 0, "
 DECODE_KINDS = {"tombstone", "unknown_framing", "unknown_schema", "invalid_avro",
                 "trailing_bytes", "no_registry", "registry_error"}
 REJECT_REASONS = {"missing_field", "invalid_field", "invalid_timestamp"}
-VALIDATOR = OrderValidator(Settings())
+VALIDATOR = OrderValidator(Settings().validation)
 
 
 @EXAMPLES

@@ -167,19 +167,19 @@ def test_a_record_too_large_to_dead_letter_as_is_does_not_stop_the_loop(
     the same partition: the worker dead-letters the big one without its key and scores the
     rest; it never fails."""
     good = read_orders_csv(history / "orders.csv", limit=50).records()
-    producer = make_producer(settings, **{"message.max.bytes": 2_000_000})
+    producer = make_producer(settings.connection, **{"message.max.bytes": 2_000_000})
     codec = Codec("order")
-    producer.produce(settings.orders_topic, partition=0, key=b"K" * 150_000,
+    producer.produce(settings.topics.orders_topic, partition=0, key=b"K" * 150_000,
                      value=b"V" * 880_000)
     for record in good:
-        producer.produce(settings.orders_topic, partition=0, key=record["order_id"].encode(),
+        producer.produce(settings.topics.orders_topic, partition=0, key=record["order_id"].encode(),
                          value=codec.encode(record))
     assert producer.flush(30) == 0
 
     scorer = Scorer(settings, artifact.load(model_dir), ReferenceTables.load(history))
     assert run_scorer(scorer, 51) == Counter({"oversized": 1})
     assert scorer.stats.predicted == 50
-    with TopicReader(settings, settings.dlq_topic, None) as reader:
+    with TopicReader(settings.connection, settings.topics.dlq_topic, None) as reader:
         ((letter, _),) = list(reader.read(idle_s=2))
     headers = headers_dict(letter.headers())
     assert letter.key() is None and letter.value() == b"V" * 880_000
@@ -214,7 +214,7 @@ def test_a_csv_in_another_encoding_is_refused_naming_file_line_and_byte(
     bom.write_bytes("\ufeffzip_code,available_from\n00501,2026-01-01 00:00:00\n".encode())
     assert read_csv(bom, ["zip_code"])["zip_code"].tolist() == ["00501"]
     with pytest.raises(SettingsError, match="TRIAGE_CSV_ENCODING"):
-        Settings(csv_encoding="no-such-encoding")
+        Settings.of(csv_encoding="no-such-encoding")
 
 
 @pytest.mark.integration
@@ -248,10 +248,10 @@ def test_workers_score_again_after_the_broker_lost_and_recreated_the_topics(
     port = free_port()
     broker = EmbeddedBroker(port=port, log_path=tmp_path / "tansu.log")
     broker.start()
-    settings = Settings(bootstrap_servers=broker.bootstrap, orders_partitions=2,
+    settings = Settings.of(bootstrap_servers=broker.bootstrap, orders_partitions=2,
                         output_partitions=2, metadata_refresh_ms=1000,
                         state_dir=str(tmp_path / "state"))
-    create_topics(settings)
+    create_topics(settings.connection, settings.topics)
     orders = read_orders_csv(history / "orders.csv", limit=100)
 
     supervisor = Supervisor(settings, model_dir, history, workers=1)
@@ -261,7 +261,8 @@ def test_workers_score_again_after_the_broker_lost_and_recreated_the_topics(
         supervisor.wait_until_assigned(2)
         since = int(time.time() * 1000)
         replay(settings, history / "orders.csv", limit=50, progress=False)
-        collect(settings, settings.predictions_topic, "prediction", set(orders.order_id[:50]),
+        collect(settings.connection, settings.topics.predictions_topic, "prediction",
+                set(orders.order_id[:50]),
                 timeout_s=60, since_ms=since)
 
         broker.stop()
@@ -273,11 +274,11 @@ def test_workers_score_again_after_the_broker_lost_and_recreated_the_topics(
             assert time.monotonic() < deadline, logged[-3000:]
             time.sleep(0.2)
             logged += capfd.readouterr().err
-        create_topics(settings)
+        create_topics(settings.connection, settings.topics)
         since = int(time.time() * 1000)
         replayed = replay(settings, history / "orders.csv", limit=100, progress=False)
         assert replayed.failed == 0
-        found = collect(settings, settings.predictions_topic, "prediction",
+        found = collect(settings.connection, settings.topics.predictions_topic, "prediction",
                         set(orders.order_id), timeout_s=90, since_ms=since)
         assert set(found) == set(orders.order_id)
     finally:
@@ -288,9 +289,10 @@ def test_workers_score_again_after_the_broker_lost_and_recreated_the_topics(
 def test_clients_refresh_metadata_within_the_setting() -> None:
     """librdkafka's default, 5 minutes, would leave a worker with nothing assigned that long
     after a topic is created again, and a partition added to orders unread as long."""
-    settings = Settings(bootstrap_servers="127.0.0.1:9")
-    assert settings.metadata_refresh_ms == 10_000
-    for config in (consumer_config(settings), producer_config(settings)):
+    settings = Settings.of(bootstrap_servers="127.0.0.1:9")
+    assert settings.connection.metadata_refresh_ms == 10_000
+    for config in (consumer_config(settings.connection, settings.scorer.group_id),
+                   producer_config(settings.connection)):
         assert config["topic.metadata.refresh.interval.ms"] == 10_000
 
 
@@ -325,11 +327,11 @@ def test_a_hook_slower_than_max_poll_interval_dead_letters_its_orders_once(
     records = read_orders_csv(history / "orders.csv", limit=200).records()
     records[10]["order_id"] = "SLOW"
     codec = Codec("order")
-    producer = make_producer(settings)
+    producer = make_producer(settings.connection)
 
     def publish(batch: list[dict]) -> None:
         for r in batch:
-            producer.produce(settings.orders_topic, key=r["order_id"].encode(),
+            producer.produce(settings.topics.orders_topic, key=r["order_id"].encode(),
                              value=codec.encode(r))
         assert producer.flush(30) == 0
 
@@ -364,9 +366,10 @@ def test_a_hook_slower_than_max_poll_interval_dead_letters_its_orders_once(
     assert scorer.stats.consumed == 200  # nothing was read twice: never evicted
     assert set(scorer.stats.dead_lettered) == {"timeout"}
 
-    with TopicReader(settings, settings.predictions_topic, "prediction") as reader:
+    with TopicReader(settings.connection, settings.topics.predictions_topic,
+                     "prediction") as reader:
         predicted = [p for _, p in reader.read(idle_s=2)]
-    with TopicReader(settings, settings.dlq_topic, None) as reader:
+    with TopicReader(settings.connection, settings.topics.dlq_topic, None) as reader:
         letters = [headers_dict(msg.headers()) for msg, _ in reader.read(idle_s=2)]
     dead = {(int(h["__connect.errors.partition"]), int(h["__connect.errors.offset"]))
             for h in letters}
@@ -376,15 +379,16 @@ def test_a_hook_slower_than_max_poll_interval_dead_letters_its_orders_once(
     assert {h["triage.errors.reason"] for h in letters} == {"timeout"}
     assert "SLOW" not in {p["order_id"] for p in predicted}
     assert {p["order_id"] for p in predicted} >= {r["order_id"] for r in records[100:]}
-    committed = committed_offsets(settings, settings.group_id, settings.orders_topic)
+    committed = committed_offsets(settings.connection, settings.scorer.group_id,
+                                  settings.topics.orders_topic)
     assert sum(offset or 0 for offset in committed.values()) == 200
 
 
 def test_a_deadline_not_well_under_max_poll_interval_is_refused() -> None:
     with pytest.raises(SettingsError, match="at most half of TRIAGE_MAX_POLL_INTERVAL_MS"):
-        Settings(max_poll_interval_ms=60_000, processing_deadline_ms=40_000)
+        Settings.of(max_poll_interval_ms=60_000, processing_deadline_ms=40_000)
     with pytest.raises(SettingsError, match="at least TRIAGE_SESSION_TIMEOUT_MS"):
-        Settings(max_poll_interval_ms=5_000, session_timeout_ms=6_000,
+        Settings.of(max_poll_interval_ms=5_000, session_timeout_ms=6_000,
                  processing_deadline_ms=1_000)
 
 
@@ -469,7 +473,7 @@ def test_this_test_run_has_a_state_directory_of_its_own() -> None:
     """The state file that finds `triage broker` is per user by default: no test may see
     one that another run, or a person, left there (tests/conftest.py)."""
     default = Path.home() / ".local" / "state" / "triage"
-    assert Path(Settings().state_dir) != default
+    assert Path(Settings().connection.state_dir) != default
     assert Path(os.environ["TRIAGE_STATE_DIR"]).name.startswith("triage-test-state-")
 
 
@@ -489,9 +493,9 @@ def test_zip_codes_that_lost_their_leading_zeros_are_reported() -> None:
 def test_drift_report_says_how_many_samples_wait_in_the_open_window(
         settings: Settings, tmp_path: Path) -> None:
     codec = Codec("drift_sample")
-    producer = make_producer(settings)
+    producer = make_producer(settings.connection)
     for i in range(40):
-        producer.produce(settings.drift_topic, key=b"k", value=codec.encode({
+        producer.produce(settings.topics.drift_topic, key=b"k", value=codec.encode({
             "order": {"order_id": f"O-{i}", "customer_id": "C", "timestamp_ms": 0,
                       "sku_code": "S", "zip_code": "1"},
             "features": {"order_hour_of_day": 1, "inventory": 1.0, "payment_status": "OK",

@@ -27,7 +27,8 @@ def test_sasl_and_tls_settings_reach_producers_and_consumers(tmp_path: Path) -> 
         "TRIAGE_SASL_PASSWORD_FILE": str(tmp_path / "password"),
         "TRIAGE_SSL_CA_LOCATION": "/etc/ca.pem",
     })
-    for config in (producer_config(settings), consumer_config(settings)):
+    for config in (producer_config(settings.connection), consumer_config(settings.connection,
+                                                                         settings.scorer.group_id)):
         assert config["security.protocol"] == "SASL_SSL"
         assert config["sasl.mechanism"] == "SCRAM-SHA-512"
         assert config["sasl.username"] == "scorer"

@@ -12,7 +12,7 @@ from triage.consumer.supervisor import Supervisor
 def test_a_worker_with_a_configuration_error_is_not_restarted(tmp_path: Path) -> None:
     """A model directory that is not one: the worker exits 2, and restarting it would only
     fail the same way, forever."""
-    settings = Settings(bootstrap_servers="127.0.0.1:9", state_dir=str(tmp_path))
+    settings = Settings.of(bootstrap_servers="127.0.0.1:9", state_dir=str(tmp_path))
     supervisor = Supervisor(settings, tmp_path / "no-model", tmp_path, workers=1)
     supervisor.start()
     try:

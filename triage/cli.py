@@ -231,24 +231,25 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _resolved(settings: Settings) -> Settings:
     return settings.replace(
-        bootstrap_servers=resolve_bootstrap(settings.bootstrap_servers, settings.state_dir))
+        bootstrap_servers=resolve_bootstrap(settings.connection.bootstrap_servers,
+                                            settings.connection.state_dir))
 
 
 # -- commands --------------------------------------------------------------------------------
 
 def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
-    existing = running_embedded(settings.state_dir)
+    existing = running_embedded(settings.connection.state_dir)
     if existing:
         print(f"error: an embedded broker is already running on {existing}", file=sys.stderr)
         return EXIT_USAGE
-    log_path = Path(settings.state_dir) / "tansu.log"
+    log_path = Path(settings.connection.state_dir) / "tansu.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     broker = EmbeddedBroker(port=args.port, log_path=log_path)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     bootstrap = broker.start()
-    write_state(settings.state_dir, bootstrap, os.getpid())
+    write_state(settings.connection.state_dir, bootstrap, os.getpid())
     print(f"embedded broker (tansu, in-memory) listening on {bootstrap}; Ctrl-C stops it",
           flush=True)
     try:
@@ -256,7 +257,7 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
                 and broker.process.poll() is None:
             pass
     finally:
-        clear_state(settings.state_dir, os.getpid())
+        clear_state(settings.connection.state_dir, os.getpid())
         crashed = broker.process is not None and broker.process.poll() is not None
         broker.stop()
     if crashed:
@@ -269,7 +270,7 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
     from triage.bus.clients import create_topics
 
-    for name, outcome in create_topics(settings).items():
+    for name, outcome in create_topics(settings.connection, settings.topics).items():
         print(f"{name}: {outcome}")
     return 0
 
@@ -292,8 +293,10 @@ def cmd_drift(args: argparse.Namespace, settings: Settings) -> int:
             unreported_samples,
         )
 
-        reports = read_reports(settings, idle_s=args.idle)
-        note = open_window_note(unreported_samples(settings, reports), settings)
+        reports = read_reports(settings.connection, settings.topics.drift_reports_topic,
+                               idle_s=args.idle)
+        note = open_window_note(unreported_samples(settings.connection,
+                                                   settings.topics.drift_topic, reports), settings)
         args.out.write_text(render(reports, last=args.last, open_window=note))
         latest = reports[-1]["status"] if reports else "no reports yet"
         print(f"wrote {args.out}: {min(len(reports), args.last)} window(s), latest: {latest}")
@@ -303,7 +306,7 @@ def cmd_drift(args: argparse.Namespace, settings: Settings) -> int:
     from triage.consumer.drift_monitor import DriftMonitor
     from triage.model.artifact import verify
 
-    monitor = DriftMonitor(settings, verify(args.model))
+    monitor = DriftMonitor(settings.connection, settings.topics, settings.drift, verify(args.model))
     signal.signal(signal.SIGTERM, lambda *_: monitor.request_stop())
     signal.signal(signal.SIGINT, lambda *_: monitor.request_stop())
     try:
@@ -340,14 +343,14 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     from triage.producer.publisher import OrderPublisher, order_record
 
     record = order_record(args.order_id, args.customer_id, args.sku, args.zip, args.timestamp)
-    publisher = OrderPublisher(settings)
+    publisher = OrderPublisher(settings.connection, settings.topics.orders_topic)
     publisher.publish(record)
     publisher.flush(30.0)
     if publisher.failed:
         print(f"error: not delivered: {', '.join(publisher.errors)}", file=sys.stderr)
         return EXIT_FAILED
     partition, end = next(iter(publisher.end_offsets.items()))
-    print(f"published order {args.order_id} to {settings.orders_topic} "
+    print(f"published order {args.order_id} to {settings.topics.orders_topic} "
           f"partition {partition} offset {end - 1}")
     return 0
 
@@ -368,7 +371,7 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     autoscaler = None
     if args.workers == "auto":
         autoscaler = Autoscaler(args.min_workers, args.max_workers,
-                                grow_above=settings.batch_size)
+                                grow_above=settings.scorer.batch_size)
         workers = args.min_workers
     elif args.workers.isdigit() and int(args.workers) >= 1:
         workers = int(args.workers)
@@ -376,20 +379,21 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
         raise SettingsError(f"--workers must be a number >= 1 or 'auto', got {args.workers!r}")
     most = args.max_workers if autoscaler else workers
     try:
-        partitions = len(partitions_of(make_admin(settings), settings.orders_topic))
+        partitions = len(partitions_of(make_admin(settings.connection),
+                                       settings.topics.orders_topic))
     except KafkaException as exc:  # the workers retry on their own; this check is advisory
-        log.warning("partitions_unknown", topic=settings.orders_topic, error=str(exc))
+        log.warning("partitions_unknown", topic=settings.topics.orders_topic, error=str(exc))
         partitions = most
     if most > partitions:
         log.warning("more_workers_than_partitions", workers=most, partitions=partitions,
                     note=f"{most - partitions} worker(s) will sit idle; add partitions to "
-                    f"{settings.orders_topic} to use them")
+                    f"{settings.topics.orders_topic} to use them")
     supervisor = Supervisor(settings, args.model.resolve(), args.reference.resolve(), workers,
                             autoscaler=autoscaler, scale_interval_s=args.scale_interval)
     signal.signal(signal.SIGTERM, lambda *_: supervisor.request_stop())
     signal.signal(signal.SIGINT, lambda *_: supervisor.request_stop())
-    log.info("starting", workers=args.workers, group=settings.group_id,
-             exactly_once=settings.exactly_once)
+    log.info("starting", workers=args.workers, group=settings.scorer.group_id,
+             exactly_once=settings.scorer.exactly_once)
     supervisor.start()
     supervisor.run()
     codes = supervisor.stop()
@@ -402,8 +406,8 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_lag(args: argparse.Namespace, settings: Settings) -> int:
     from triage.bus.offsets import group_lag
 
-    rows = group_lag(settings, settings.group_id, settings.orders_topic)
-    print(f"group {settings.group_id} on {settings.orders_topic}")
+    rows = group_lag(settings.connection, settings.scorer.group_id, settings.topics.orders_topic)
+    print(f"group {settings.scorer.group_id} on {settings.topics.orders_topic}")
     print(f"{'partition':>9} {'committed':>12} {'end':>12} {'lag':>10}")
     for row in rows:
         committed = "-" if row.committed is None else str(row.committed)
@@ -418,7 +422,8 @@ def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
     out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115
     count = 0
     try:
-        with TopicReader(settings, settings.predictions_topic, "prediction") as reader:
+        with TopicReader(settings.connection, settings.topics.predictions_topic,
+                         "prediction") as reader:
             for _, record in reader.read(follow=args.follow, idle_s=args.idle):
                 out.write(json.dumps(record) + "\n")
                 count += 1

@@ -135,19 +135,20 @@ def run_demo(settings: Settings, *, data_dir: Path | None, model_dir: Path,
         print(f"warning: {warning}", file=sys.stderr, flush=True)
 
     with contextlib.ExitStack() as stack:
-        bootstrap = settings.bootstrap_servers or running_embedded(settings.state_dir)
+        connection = settings.connection
+        bootstrap = connection.bootstrap_servers or running_embedded(connection.state_dir)
         if not bootstrap:
             print("starting the embedded broker (tansu)", flush=True)
             bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap
         settings = settings.replace(bootstrap_servers=bootstrap)
-        for name, outcome in create_topics(settings).items():
+        for name, outcome in create_topics(settings.connection, settings.topics).items():
             print(f"topic {name}: {outcome}", flush=True)
 
         supervisor = Supervisor(settings, model_dir.resolve(), data_dir.resolve(), DEMO_WORKERS)
         supervisor.start()
         stack.callback(supervisor.stop)
         supervisor.wait_until_assigned(
-            len(partitions_of(make_admin(settings), settings.orders_topic)))
+            len(partitions_of(make_admin(settings.connection), settings.topics.orders_topic)))
 
         started_ms = int(time.time() * 1000)
         print(f"replaying {len(orders)} orders through {DEMO_WORKERS} workers", flush=True)
@@ -157,7 +158,8 @@ def run_demo(settings: Settings, *, data_dir: Path | None, model_dir: Path,
         positions = replayed.positions
         with tqdm(total=len(positions), unit="order", desc="scored or dead-lettered",
                   disable=not sys.stderr.isatty()) as bar:
-            outcomes = collect_outcomes(settings, set(positions), since_ms=started_ms,
+            outcomes = collect_outcomes(settings.connection, settings.topics, set(positions),
+                                        since_ms=started_ms,
                                         stall_s=STALL_S, progress=bar.update)
 
     expected, expected_proba = model.predict(orders.features(reference))
