@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Collection, Iterable
-from itertools import compress, pairwise, repeat
+from itertools import compress, islice, pairwise, repeat
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -258,16 +258,18 @@ class VersionedTable(Generic[ScalarT]):
 
     def _new_key_ids(self, keys: Collection[str]) -> Int64Array:
         """Key id of each of ``keys``, giving the next ids to keys not seen before."""
-        key_ids = self._key_ids(keys)
-        unseen = (key_ids < 0).tolist()
-        if any(unseen):
-            index = self._index
-            new = dict.fromkeys(compress(keys, unseen))  # in order of first appearance
-            if len(index) + len(new) > MAX_KEYS:
+        index = self._index
+        known = len(index)
+        key_ids = self._key_ids(keys) if known else np.full(len(keys), -1, dtype=np.int64)
+        unseen = key_ids < 0
+        if unseen.any():
+            key_ids[unseen] = np.fromiter(
+                (index.setdefault(k, len(index)) for k in compress(keys, unseen.tolist())),
+                dtype=np.int64, count=int(np.count_nonzero(unseen)))
+            if len(index) > MAX_KEYS:
+                for key in list(islice(index, known, None)):
+                    del index[key]
                 raise ValueError(f"a table holds at most {MAX_KEYS} distinct keys")
-            index.update(zip(new, range(len(index), len(index) + len(new)), strict=True))
-            key_ids[key_ids < 0] = np.fromiter(map(index.__getitem__, compress(keys, unseen)),
-                                               dtype=np.int64)
         return key_ids
 
     def _install(self, run: Run[ScalarT]) -> Run[ScalarT]:
