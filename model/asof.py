@@ -206,7 +206,8 @@ class VersionedTable(Generic[ScalarT]):
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the table to ``path`` as an uncompressed .npz (numpy arrays only, no pickle),
-        atomically: a crash leaves the previous file or the new one, never a part."""
+        atomically: a crash leaves the previous file or the new one, never a part. Merges the
+        table's runs into one first (O(len)); answers do not change."""
         positions, values = self._install(_merge(self._levels[::-1]))
         text = "".join(self._index).encode("utf-8", "surrogatepass")
         bounds = np.zeros(len(self._index) + 1, dtype=np.int64)
