@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model import asof
-from model.asof import TIME_MAX, TIME_MIN, VersionedTable, Vocabulary
-from model.reference import MISSING_STATUS
+from triage.model import asof
+from triage.model.asof import TIME_MAX, TIME_MIN, VersionedTable, Vocabulary
+from triage.model.reference import MISSING_STATUS
 
 T0 = 1_767_225_600  # 2026-01-01 00:00:00 UTC
 KEYS = ["a", "b", "c", "d"]
