@@ -59,7 +59,7 @@ def _rss_mb(maxrss: int) -> float:
     return maxrss / (1024 * 1024) if sys.platform == "darwin" else maxrss / 1024
 
 
-def stop_and_reap(proc: subprocess.Popen, timeout_s: float = 30.0) -> Reaped:
+def stop_and_reap(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> Reaped:
     """SIGTERM ``proc``, wait for it (SIGKILL after ``timeout_s``) and return its exit code,
     peak RSS (VmHWM just before the signal, else rusage) and CPU time.
 

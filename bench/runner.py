@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import NewTopic
+from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
 from triage.bench.procstat import cpu_seconds, stop_and_reap
-from triage.bus.clients import make_admin, make_consumer
+from triage.bus.clients import make_admin, make_consumer, source_of
 from triage.bus.embedded import EmbeddedBroker
 from triage.bus.errors import InfrastructureError
 from triage.bus.settings import Settings, SettingsError
@@ -135,7 +135,7 @@ class _Timed:
 
 @dataclass
 class _Worker:
-    proc: subprocess.Popen
+    proc: subprocess.Popen[bytes]
     status_file: Path
     log_path: Path
     assigned_at: float | None = None  # wall clock of the first status with partitions
@@ -640,7 +640,7 @@ def count_records(settings: Settings, topic: str, timeout_s: float = 60.0) -> in
                 if err is None:
                     count += 1
                 elif err.code() == KafkaError._PARTITION_EOF:
-                    at_end.add(msg.partition())
+                    at_end.add(source_of(msg).partition)
                 else:
                     raise KafkaException(err)
         return count
@@ -654,7 +654,7 @@ def output_times(settings: Settings, config: str, expected: int,
     (source partition, source offset, published at ms, output at ms). The scorer's output time
     is the prediction's ``scored_at_ms``; the passthrough's, its record's producer timestamp
     (taken when it called produce), with the source from its header."""
-    from triage.bench.workers import source_of
+    from triage.bench.workers import header_source
     from triage.consumer.reader import TopicReader
 
     seen: dict[tuple[int, int], tuple[int, int, int, int]] = {}
@@ -670,7 +670,7 @@ def output_times(settings: Settings, config: str, expected: int,
                     row = (record["order_partition"], record["order_offset"],
                            record["order_published_at_ms"], record["scored_at_ms"])
                 else:
-                    source = source_of(msg.headers())
+                    source = header_source(msg.headers())
                     if source is None:
                         raise BenchError(f"{settings.topics.predictions_topic}: a record without "
                                          "its source header")

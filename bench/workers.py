@@ -23,23 +23,26 @@ import argparse
 import signal
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from confluent_kafka import Message
 
 from triage.bus.settings import Settings
+from triage.consumer.deadletter import headers_dict
 from triage.consumer.loop import BatchLoop, Handler, Output
 
 SOURCE_HEADER = "triage.bench.source"
 
 
-def source_of(headers: list[tuple[str, bytes]] | None) -> tuple[int, int, int] | None:
+def header_source(headers: Sequence[tuple[str, str | bytes | None]] | Mapping[
+        str, str | bytes | None] | None) -> tuple[int, int, int] | None:
     """(partition, offset, producer timestamp in ms) from a passthrough record's headers."""
-    for name, value in headers or ():
-        if name == SOURCE_HEADER:
-            partition, offset, published_at = value.decode().split(":")
-            return int(partition), int(offset), int(published_at)
-    return None
+    value = headers_dict(headers).get(SOURCE_HEADER)
+    if value is None:
+        return None
+    partition, offset, published_at = value.split(":")
+    return int(partition), int(offset), int(published_at)
 
 
 def passthrough(settings: Settings, source_header: bool = False) -> Handler:

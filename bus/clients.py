@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic  # type: ignore[attr-defined]
 
 from triage.bus.embedded import resolve_bootstrap
+from triage.bus.errors import InfrastructureError
 from triage.bus.settings import ConnectionSettings, TopicSettings
 
 
@@ -111,6 +113,26 @@ def produce(producer: Producer, topic: str, **kwargs: Any) -> None:
             return
         except BufferError:  # serve delivery reports so the queue drains, then try again
             producer.poll(0.05)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a record was read on Kafka."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int  # the record's Kafka timestamp: UTC milliseconds since the epoch
+
+
+def source_of(msg: Message) -> Source:
+    """A consumed or delivered record's coordinates. Raises InfrastructureError for an event
+    that is not a record (librdkafka gives those no partition or offset); records_of() and
+    delivery reports without an error only hold records."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    if topic is None or partition is None or offset is None:
+        raise InfrastructureError(f"not a record: {msg.error()}")
+    return Source(topic, partition, offset, msg.timestamp()[1])
 
 
 def records_of(batch: list[Message], log: Any) -> list[Message]:

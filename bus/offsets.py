@@ -60,7 +60,7 @@ def watermarks(connection: ConnectionSettings, topic: str, timeout_s: float = 30
                                    f"{sorted({tp.partition for tp in partitions} - set(marks))}")
             consumer.consume(100, 0.1)
             for tp in partitions:
-                low, high = consumer.get_watermark_offsets(tp, cached=True) or (-1, -1)
+                low, high = consumer.get_watermark_offsets(tp, cached=True)
                 if high >= 0:
                     marks[tp.partition] = (max(low, 0), high)
         return marks

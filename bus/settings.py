@@ -346,7 +346,8 @@ class Settings:
             by_section.setdefault(owner[name], {})[name] = value
         top = by_section.pop(None, {})
         for section, section_changes in by_section.items():
-            top[section] = dataclasses.replace(getattr(self, section), **section_changes)
+            if section is not None:
+                top[section] = dataclasses.replace(getattr(self, section), **section_changes)
         return dataclasses.replace(self, **top)
 
     def to_env(self) -> dict[str, str]:

@@ -22,6 +22,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from triage.bus.clients import source_of
 from triage.bus.errors import InfrastructureError
 
 _FLUSH_TIMEOUT_S = 60.0
@@ -39,8 +40,9 @@ def next_offsets(consumed: list[Message]) -> list[TopicPartition]:
     """The offsets to commit after ``consumed``: per partition, the highest offset + 1."""
     highest: dict[tuple[str, int], int] = {}
     for msg in consumed:
-        key = (msg.topic(), msg.partition())
-        highest[key] = max(highest.get(key, -1), msg.offset())
+        source = source_of(msg)
+        key = (source.topic, source.partition)
+        highest[key] = max(highest.get(key, -1), source.offset)
     return [TopicPartition(t, p, o + 1) for (t, p), o in highest.items()]
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import structlog
 
+from triage.bus.clients import Source
 from triage.bus.errors import BadRecord
 from triage.consumer import metrics
 from triage.consumer.hooks import (
@@ -56,16 +57,6 @@ class RecordTooLarge(BadRecord):
 
     def __init__(self, message: str) -> None:
         super().__init__("oversized", message)
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a record was read on Kafka."""
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int  # the record's Kafka timestamp: UTC milliseconds since the epoch
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ dropped, then the value, then both; what was cut or dropped is named in headers.
 
 from __future__ import annotations
 
-from confluent_kafka import Message
+from collections.abc import Mapping, Sequence
 
+from triage.bus.clients import Source
 from triage.bus.errors import ConfigurationError
 
 HEADER_PREFIX = "__connect.errors."
@@ -26,14 +27,14 @@ RECORD_OVERHEAD_BYTES = 1_024
 Headers = list[tuple[str, bytes]]
 
 
-def dead_letter_headers(msg: Message, reason: str, error_class: str, message: str,
+def dead_letter_headers(source: Source, reason: str, error_class: str, message: str,
                         worker: str) -> Headers:
-    _, timestamp = msg.timestamp()
+    """Kafka Connect's dead-letter headers for the record read at ``source``, plus ours."""
     return [
-        (HEADER_PREFIX + "topic", msg.topic().encode()),
-        (HEADER_PREFIX + "partition", str(msg.partition()).encode()),
-        (HEADER_PREFIX + "offset", str(msg.offset()).encode()),
-        (HEADER_PREFIX + "timestamp", str(timestamp).encode()),
+        (HEADER_PREFIX + "topic", source.topic.encode()),
+        (HEADER_PREFIX + "partition", str(source.partition).encode()),
+        (HEADER_PREFIX + "offset", str(source.offset).encode()),
+        (HEADER_PREFIX + "timestamp", str(source.timestamp_ms).encode()),
         (HEADER_PREFIX + "exception.class.name", error_class.encode()),
         (HEADER_PREFIX + "exception.message", message.encode()),
         (HEADER_PREFIX + "connector.name", b"triage-scorer"),
@@ -76,5 +77,9 @@ def fit_dead_letter(key: bytes | None, value: bytes | None, headers: Headers, li
     raise ConfigurationError(f"a dead letter's headers alone exceed the {limit}-byte limit")
 
 
-def headers_dict(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
-    return {k: (v or b"").decode(errors="replace") for k, v in headers or []}
+def headers_dict(headers: Sequence[tuple[str, str | bytes | None]] | Mapping[
+        str, str | bytes | None] | None) -> dict[str, str]:
+    """Record headers (as librdkafka returns them) as text, undecodable bytes replaced."""
+    items = headers.items() if isinstance(headers, Mapping) else headers or []
+    return {k: v if isinstance(v, str) else (v or b"").decode(errors="replace")
+            for k, v in items}

@@ -13,12 +13,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from triage.bus.clients import make_producer, produce
+from confluent_kafka import KafkaError, Message
+
+from triage.bus.clients import make_producer, produce, source_of
 from triage.bus.offsets import watermarks
 from triage.bus.settings import Settings
 from triage.consumer.deadletter import REASON_HEADER, headers_dict
 from triage.consumer.reader import TopicReader
-from triage.schemas.codec import DecodeError, codec_for
+from triage.schemas.codec import Codec, DecodeError, codec_for
 
 REPLAY_HEADER = "triage.replayed-from"
 
@@ -56,7 +58,7 @@ def inspect(settings: Settings, *, samples_per_reason: int = 3, idle_s: float = 
     return report
 
 
-def _sample(value: bytes | None, headers: dict[str, str], codec) -> dict[str, Any]:
+def _sample(value: bytes | None, headers: dict[str, str], codec: Codec) -> dict[str, Any]:
     sample: dict[str, Any] = {
         "source": f"{headers.get('__connect.errors.topic')}/"
                   f"{headers.get('__connect.errors.partition')}/"
@@ -88,7 +90,7 @@ def replay(settings: Settings, *, reason: str | None = None, idle_s: float = 3.0
     producer = make_producer(settings.connection)
     failures: list[str] = []
 
-    def delivered(err, _msg) -> None:
+    def delivered(err: KafkaError | None, _msg: Message) -> None:
         if err is not None:
             failures.append(err.str())
 
@@ -99,14 +101,15 @@ def replay(settings: Settings, *, reason: str | None = None, idle_s: float = 3.0
     republished = skipped = 0
     with TopicReader(settings.connection, settings.topics.dlq_topic, None) as reader:
         for msg, _ in reader.read(idle_s=idle_s):
-            if msg.offset() >= ends.get(msg.partition(), 0):
+            source = source_of(msg)
+            if source.offset >= ends.get(source.partition, 0):
                 continue
             if reason is not None and headers_dict(msg.headers()).get(REASON_HEADER) != reason:
                 skipped += 1
                 continue
-            source = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
+            origin = f"{source.topic}/{source.partition}/{source.offset}"
             produce(producer, settings.topics.orders_topic, key=msg.key(), value=msg.value(),
-                    headers=[(REPLAY_HEADER, source.encode())], on_delivery=delivered)
+                    headers=[(REPLAY_HEADER, origin.encode())], on_delivery=delivered)
             producer.poll(0)
             republished += 1
     undelivered = producer.flush(60.0)

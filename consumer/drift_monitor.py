@@ -35,7 +35,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client import Counter as PromCounter
 
-from triage.bus.clients import make_consumer, make_producer, produce, records_of
+from triage.bus.clients import make_consumer, make_producer, produce, records_of, source_of
 from triage.bus.errors import WaitTimeout
 from triage.bus.settings import ConnectionSettings, DriftSettings, TopicSettings
 from triage.consumer.commit import AtLeastOnce
@@ -65,7 +65,8 @@ class _Window:
         return len(self.recommendations)
 
     def add(self, msg: Message, sample: dict[str, Any] | None) -> None:
-        partition, offset = msg.partition(), msg.offset()
+        source = source_of(msg)
+        partition, offset = source.partition, source.offset
         first, _ = self.offsets.get(partition, (offset, offset))
         self.offsets[partition] = (first, offset)
         if sample is None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from triage.bus.offsets import watermarks
 from triage.bus.settings import ConnectionSettings, Settings
-from triage.consumer.reader import TopicReader
+from triage.consumer.reader import TopicReader, decoded
 
 COLORS = {"baseline": "#8da0cb", "current": "#fc8d62", "ok": "#1b9e77", "drift": "#d62728",
           "insufficient_data": "#999999"}
@@ -30,7 +30,8 @@ def read_reports(connection: ConnectionSettings, topic: str, idle_s: float = 3.0
     counts once."""
     by_id: dict[str, dict[str, Any]] = {}
     with TopicReader(connection, topic, "drift_report") as reader:
-        for _, record in reader.read(idle_s=idle_s):
+        for _, raw in reader.read(idle_s=idle_s):
+            record = decoded(raw)
             by_id[record["window_id"]] = record
     return sorted(by_id.values(), key=lambda r: (r["closed_at_ms"], r["window_id"]))
 
@@ -41,8 +42,9 @@ def unreported_samples(connection: ConnectionSettings, drift_topic: str,
     holds (or will read). The topic's record count minus the samples and undecodable records
     of every distinct window reported; records deleted by retention are not counted."""
     marks = watermarks(connection, drift_topic)
-    on_topic = sum(high - low for low, high in marks.values())
-    return max(0, on_topic - sum(r["samples"] + r["skipped"] for r in reports))
+    on_topic: int = sum(high - low for low, high in marks.values())
+    reported: int = sum(r["samples"] + r["skipped"] for r in reports)
+    return max(0, on_topic - reported)
 
 
 def open_window_note(unreported: int, settings: Settings) -> str:

@@ -93,7 +93,7 @@ def hook_name(hook: object) -> str:
 
 def load_hooks(spec: str, settings: Settings) -> list[object]:
     """Instantiate the hooks named in ``spec`` (``module:factory`` items, comma-separated)."""
-    hooks = []
+    hooks: list[object] = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
         module_name, _, attribute = item.partition(":")
         if not attribute:

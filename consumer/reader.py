@@ -63,8 +63,15 @@ class TopicReader:
     def __enter__(self) -> TopicReader:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def decoded(record: dict[str, Any] | None) -> dict[str, Any]:
+    """A record of a reader made with a schema (which never yields None)."""
+    if record is None:
+        raise TypeError("this reader was made without a schema: it yields no records")
+    return record
 
 
 def collect(connection: ConnectionSettings, topic: str, schema_name: str, expected_ids: set[str], *,
@@ -82,7 +89,8 @@ def collect(connection: ConnectionSettings, topic: str, schema_name: str, expect
                 missing = expected_ids - found.keys()
                 raise WaitTimeout(f"{len(missing)} of {len(expected_ids)} orders have no record "
                                    f"on {topic} after {timeout_s:.0f} s")
-            for _, record in reader.poll():
+            for _, raw in reader.poll():
+                record = decoded(raw)
                 order_id = record["order"]["order_id"] if "order" in record else record["order_id"]
                 if record["scored_at_ms"] >= since_ms and order_id in expected_ids:
                     found.setdefault(order_id, []).append(record)
@@ -104,7 +112,7 @@ class Outcomes:
 
 def collect_outcomes(connection: ConnectionSettings, topics: TopicSettings,
                      positions: set[tuple[int, int]], *, since_ms: int = 0,
-                     stall_s: float = 60.0, progress: Callable[[int], None] | None = None
+                     stall_s: float = 60.0, progress: Callable[[int], object] | None = None
                      ) -> Outcomes:
     """Read the predictions and the dead-letter topic until every order record at
     ``positions`` ((partition, offset) on the orders topic) has a prediction or a dead letter
@@ -125,7 +133,8 @@ def collect_outcomes(connection: ConnectionSettings, topics: TopicSettings,
                     f"{topics.predictions_topic} nor a dead letter on {topics.dlq_topic} "
                     f"after {stall_s:.0f} s without progress: are the workers running?")
             before = len(settled & positions)
-            for _, record in predictions.poll(timeout_s=0.2):
+            for _, raw in predictions.poll(timeout_s=0.2):
+                record = decoded(raw)
                 where = (record["order_partition"], record["order_offset"])
                 if record["scored_at_ms"] >= since_ms and where in positions:
                     outcomes.predictions.setdefault(where, []).append(record)

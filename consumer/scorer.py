@@ -19,10 +19,14 @@ from pathlib import Path
 import structlog
 from confluent_kafka import Message
 
-from triage.bus.clients import PRODUCER_MAX_MESSAGE_BYTES, topic_max_message_bytes
+from triage.bus.clients import (
+    PRODUCER_MAX_MESSAGE_BYTES,
+    source_of,
+    topic_max_message_bytes,
+)
 from triage.bus.settings import ScorerSettings, Settings
 from triage.consumer import metrics
-from triage.consumer.core import CoreConfig, Incoming, Outcome, ScoringCore, Source, split_hooks
+from triage.consumer.core import CoreConfig, Incoming, Outcome, ScoringCore, split_hooks
 from triage.consumer.deadletter import dead_letter_headers, fit_dead_letter
 from triage.consumer.loop import BatchLoop, Output
 from triage.consumer.validation import OrderValidator
@@ -112,10 +116,9 @@ class Scorer:
 
     def handle(self, records: list[Message]) -> list[Output]:
         """One consumed batch -> the records to produce for it."""
-        outcome = self.core.process([
-            Incoming(m.value(), m.key(),
-                     Source(m.topic(), m.partition(), m.offset(), m.timestamp()[1]))
-            for m in records])
+        sources = [source_of(m) for m in records]
+        outcome = self.core.process([Incoming(m.value(), m.key(), source)
+                                     for m, source in zip(records, sources, strict=True)])
         encode_prediction, encode_sample = self.predictions.encode, self.samples.encode
         topics = self.topics
         out = [Output(topics.predictions_topic, p.key, encode_prediction(p.record))
@@ -128,8 +131,8 @@ class Scorer:
             # sent would stop the loop on the very record it is about.
             key, value, headers = fit_dead_letter(
                 msg.key(), msg.value(),
-                dead_letter_headers(msg, letter.reason, letter.error_class, letter.message,
-                                    self.worker_id),
+                dead_letter_headers(sources[letter.index], letter.reason, letter.error_class,
+                                    letter.message, self.worker_id),
                 self.dead_letter_limit)
             out.append(Output(topics.dlq_topic, key, value, headers))
         self.stats.count(outcome)

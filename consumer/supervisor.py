@@ -27,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -49,7 +50,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
 @dataclass
 class _Slot:
     worker_id: str
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     restarts: int = 0
     backoff_s: float = _BACKOFF_START_S
@@ -128,7 +129,7 @@ class Supervisor:
     def active_workers(self) -> int:
         return sum(1 for s in list(self.slots) if not s.retiring)
 
-    def statuses(self) -> dict[str, dict]:
+    def statuses(self) -> dict[str, dict[str, Any]]:
         """What each running worker last reported: partitions, lag, consumed."""
         found = {}
         for slot in list(self.slots):  # a copy: check() may change the list meanwhile
@@ -209,11 +210,12 @@ class Supervisor:
 
     def _autoscale(self) -> None:
         statuses = self.statuses()
-        lags = [s.get("lag") for s in statuses.values()]
-        if not statuses or any(lag is None for lag in lags):
+        lags: list[int | None] = [s.get("lag") for s in statuses.values()]
+        known = [lag for lag in lags if lag is not None]
+        if self.autoscaler is None or not statuses or len(known) < len(lags):
             return  # a worker is (re)joining: no trustworthy figure this round
         workers = self.active_workers()
-        decision = self.autoscaler.decide(sum(lags), workers)
+        decision = self.autoscaler.decide(sum(known), workers)
         if decision.change:
             self.log.info("autoscale", change=decision.change, reason=decision.reason,
                           lag_window=list(decision.lag_window), workers_before=workers,
@@ -223,7 +225,8 @@ class Supervisor:
             else:  # the autoscaler never goes below --min >= 1, so one is active
                 slot = [s for s in self.slots if not s.retiring][-1]
                 slot.retiring = True
-                slot.process.send_signal(signal.SIGTERM)
+                if slot.process is not None:
+                    slot.process.send_signal(signal.SIGTERM)
 
     def request_stop(self) -> None:
         """Make :meth:`run` return (safe from a signal handler); then call :meth:`stop`."""

@@ -147,7 +147,7 @@ class Model:
 
     @property
     def version(self) -> str:
-        return self.manifest["version"]
+        return str(self.manifest["version"])
 
     def design_matrix(self, features: FeatureBatch) -> np.ndarray:
         """float32 (len(features), len(feature_order)), columns as the manifest names them."""
@@ -194,8 +194,9 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
                             "written by `triage train`?") from None
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ArtifactError(f"{path}: format {found!r}, expected {FORMAT!r}")
     return manifest
 
 

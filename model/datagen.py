@@ -282,12 +282,12 @@ def _customer_ids(rng: np.random.Generator, customer: np.ndarray, n_customers: i
     width = max(6, len(str(10 * n_customers - 1)))
     numbers = rng.choice(10**width, size=n_customers, replace=False)
     digits = np.strings.zfill(numbers.astype(str), width)
-    return np.strings.add("C-", digits)[customer]
+    return np.asarray(np.strings.add("C-", digits)[customer])
 
 
 def _group_starts(counts: np.ndarray) -> np.ndarray:
     """Index of each group's first row when groups of ``counts`` rows are laid out in order."""
-    return np.cumsum(counts) - counts
+    return np.asarray(np.cumsum(counts) - counts)
 
 
 def _inventory(
@@ -323,7 +323,7 @@ def _inventory(
     def sawtooth(sku: np.ndarray, ts: np.ndarray) -> np.ndarray:
         remaining = 1.0 - ((ts - phase[sku]) % cycle[sku]) / cycle[sku]
         noise = rng.uniform(0.8, 1.0, size=len(sku))
-        return 1 + np.floor(capacity[sku] * remaining * noise).astype(np.int64)
+        return np.asarray(1 + np.floor(capacity[sku] * remaining * noise).astype(np.int64))
 
     # Periodic counts: about daily at least, more often for SKUs that sell more.
     orders_per_day = len(orders.ts) * sku_share / (period.span / DAY)
@@ -447,17 +447,19 @@ def _payments(
         "later": after + rng.integers(1, 3600, size=n),
     }
 
-    idx_parts, ts_parts, status_parts, step_parts = [], [], [], []
+    idx_parts: list[np.ndarray] = []
+    ts_parts: list[np.ndarray] = []
+    status_parts: list[np.ndarray] = []
+    step_parts: list[np.ndarray] = []
     for s, (_, steps) in enumerate(_PAYMENT_SCENARIOS):
         members = np.flatnonzero(scenario == s)
-        for step, (status, slot) in enumerate(steps):
+        for number, (name, slot) in enumerate(steps):
             idx_parts.append(members)
             ts_parts.append(slots[slot][members])
-            status_parts.append(np.full(len(members), status))
-            step_parts.append(np.full(len(members), step))
+            status_parts.append(np.full(len(members), name))
+            step_parts.append(np.full(len(members), number))
     idx = np.concatenate(idx_parts)
     when = np.concatenate(ts_parts)
-    status = np.concatenate(status_parts)
-    step = np.concatenate(step_parts)
-    order = np.lexsort((step, idx, when))
-    return idx[order], when[order], status[order]
+    statuses = np.concatenate(status_parts)
+    order = np.lexsort((np.concatenate(step_parts), idx, when))
+    return idx[order], when[order], statuses[order]

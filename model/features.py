@@ -43,7 +43,7 @@ class OrderKeys:
 
 
 def _hour(keys: OrderKeys) -> np.ndarray:
-    return np.floor_divide(keys.seconds, 3600) % 24
+    return np.asarray(np.floor_divide(keys.seconds, 3600) % 24)
 
 
 def _inventory(keys: OrderKeys) -> np.ndarray:
@@ -54,7 +54,7 @@ def _inventory(keys: OrderKeys) -> np.ndarray:
 def _payment_status(keys: OrderKeys) -> np.ndarray:
     table = keys.reference.payments
     codes = table.values_at(table.lookup(list(keys.order_ids), keys.seconds), 0)
-    return keys.reference.payment_statuses[codes]
+    return np.asarray(keys.reference.payment_statuses[codes])
 
 
 def _zip_code_available(keys: OrderKeys) -> np.ndarray:

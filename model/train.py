@@ -80,8 +80,9 @@ def _with_unseen(features: FeatureBatch, rng: np.random.Generator) -> FeatureBat
 def coverage_rows(vocabularies: dict[str, list[str]]) -> FeatureBatch:
     """Every combination of the declared coverage values of each feature (a categorical
     feature: its vocabulary), once each: the product of their counts, in rows."""
-    axes = [np.array(vocabularies[f.name] if f.categorical else f.coverage, dtype=f.dtype)
-            for f in FEATURES]
+    axes: list[np.ndarray] = [
+        np.array(vocabularies[f.name] if f.categorical else f.coverage, dtype=f.dtype)
+        for f in FEATURES]
     grid = np.meshgrid(*(np.arange(len(axis)) for axis in axes), indexing="ij")
     return FeatureBatch(**{f.name: axis[index.ravel()]
                            for f, axis, index in zip(FEATURES, axes, grid, strict=True)})

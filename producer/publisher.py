@@ -13,7 +13,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message
 
-from triage.bus.clients import make_producer, produce
+from triage.bus.clients import make_producer, produce, source_of
 from triage.bus.errors import ConfigurationError
 from triage.bus.settings import ConnectionSettings
 from triage.schemas.codec import codec_for
@@ -79,10 +79,11 @@ class OrderPublisher:
             self.errors[err.str()] += 1
             return
         self.sent += 1
-        partition = msg.partition()
-        self.end_offsets[partition] = max(self.end_offsets.get(partition, 0), msg.offset() + 1)
+        source = source_of(msg)
+        partition, offset = source.partition, source.offset
+        self.end_offsets[partition] = max(self.end_offsets.get(partition, 0), offset + 1)
         if position is not None:
-            self.delivered[position] = (partition, msg.offset())
+            self.delivered[position] = (partition, offset)
 
     def poll(self) -> None:
         self.producer.poll(0)

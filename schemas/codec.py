@@ -68,7 +68,10 @@ class DecodeError(BadRecord):
 def load_schema(name: str) -> dict[str, Any]:
     """The parsed schema ``schemas/<name>.avsc``, e.g. ``order``."""
     text = resources.files("triage.schemas").joinpath(f"{name}.avsc").read_text()
-    return fastavro.parse_schema(json.loads(text))
+    schema = fastavro.parse_schema(json.loads(text))
+    if not isinstance(schema, dict):
+        raise TypeError(f"{name}.avsc is not a record schema")
+    return schema
 
 
 def schema_fingerprint(schema: dict[str, Any]) -> bytes:
@@ -87,7 +90,7 @@ def registry_config(connection: ConnectionSettings) -> dict[str, str]:
 
 
 @functools.cache
-def _registry_client(url: str, conf: tuple[tuple[str, str], ...] = ()):
+def _registry_client(url: str, conf: tuple[tuple[str, str], ...] = ()) -> Any:
     # One client per URL and configuration per process: it caches schema ids, which is what
     # keeps decoding cheap.
     from confluent_kafka.schema_registry import SchemaRegistryClient
@@ -130,8 +133,9 @@ class Codec:
             from confluent_kafka.serialization import MessageField, SerializationContext
 
             try:
-                return self._serializer(record,
-                                        SerializationContext(self.topic, MessageField.VALUE))
+                data: bytes = self._serializer(
+                    record, SerializationContext(self.topic, MessageField.VALUE))
+                return data
             except Exception as exc:
                 if _registry_in_trouble(exc):
                     raise RegistryUnavailable(
@@ -200,7 +204,7 @@ class Codec:
             fastavro.parse_schema(writer, named_schemas=names)
             reader, normalise = adapt(self.schema, writer, names)
             # The contract's own shape, its logical types aside: no schema resolution needed.
-            same_shape = (not registered.references
+            same_shape = (not registered.references and isinstance(writer, dict)
                           and schema_fingerprint(writer) == self._header[2:])
         except Exception as exc:
             if _registry_in_trouble(exc):
@@ -227,6 +231,8 @@ def _read(data: bytes, start: int, writer: Any, reader: Any) -> dict[str, Any]:
     if body.tell() != len(data):
         raise DecodeError("trailing_bytes",
                           f"{len(data) - body.tell()} bytes left over after the record")
+    if not isinstance(record, dict):
+        raise DecodeError("invalid_avro", f"not a record: {type(record).__name__}")
     return record
 
 

@@ -117,7 +117,7 @@ class _Adapter:
             return {**r, part: adapted}, functools.partial(each, convert)
         return reader, None
 
-    def record(self, reader: Schema, r: dict, w: dict, path: str
+    def record(self, reader: Schema, r: dict[str, Any], w: dict[str, Any], path: str
                ) -> tuple[Schema, Convert | None]:
         name = r["name"]
         if isinstance(reader, str):  # a later use of a named record: keep the reference
@@ -190,7 +190,7 @@ class _Adapter:
             raise UnconvertibleType(_unconvertible(w, readers, path))
         return None
 
-    def emit(self, w: dict) -> Schema:
+    def emit(self, w: dict[str, Any]) -> Schema:
         """The writer's type to put in the reader: a named type (a fixed) is defined once."""
         if "name" not in w:
             return w
@@ -224,7 +224,7 @@ def _conversion(logical: str, contract: str, path: str) -> Convert | None:
     return None
 
 
-def _unconvertible(w: dict, reader: Schema, path: str) -> str:
+def _unconvertible(w: dict[str, Any], reader: Schema, path: str) -> str:
     contract = reader if isinstance(reader, list) else _type(reader)
     return (f"field {path}: the writer's logical type {w['logicalType']} ({w['type']}) cannot "
             f"be read as the contract's {contract}")
@@ -236,11 +236,11 @@ def _named(names: dict[str, Schema], schema: Schema) -> Schema:
 
 
 def _type(schema: Schema) -> str:
-    return schema["type"] if isinstance(schema, dict) else schema
+    return str(schema["type"]) if isinstance(schema, dict) else str(schema)
 
 
-def _short(schema: dict) -> str:
-    return schema["name"].rsplit(".", 1)[-1]
+def _short(schema: dict[str, Any]) -> str:
+    return str(schema["name"]).rsplit(".", 1)[-1]
 
 
 def _decoded_as(schema: Schema) -> type:

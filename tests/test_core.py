@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from tests.test_bad_input import PoisonedInventory
+from triage.bus.clients import Source
 from triage.bus.settings import Settings
-from triage.consumer.core import CoreConfig, Incoming, Outcome, ScoringCore, Source, split_hooks
+from triage.consumer.core import CoreConfig, Incoming, Outcome, ScoringCore, split_hooks
 from triage.consumer.hooks import Rejection
 from triage.consumer.sampler import sampled_indices
 from triage.consumer.validation import OrderValidator

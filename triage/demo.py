@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -155,7 +156,7 @@ def run_demo(settings: Settings, *, data_dir: Path | None, model_dir: Path,
         replayed = replay(settings, data_dir / "orders.csv", track=True)
         if replayed.failed:
             raise DemoError(f"replay failed: {replayed}")
-        positions = replayed.positions
+        positions = [where for where in replayed.positions if where is not None]
         with tqdm(total=len(positions), unit="order", desc="scored or dead-lettered",
                   disable=not sys.stderr.isatty()) as bar:
             outcomes = collect_outcomes(settings.connection, settings.topics, set(positions),
@@ -163,7 +164,7 @@ def run_demo(settings: Settings, *, data_dir: Path | None, model_dir: Path,
                                         stall_s=STALL_S, progress=bar.update)
 
     expected, expected_proba = model.predict(orders.features(reference))
-    first: dict[int, dict] = {}  # row of orders.csv -> its first prediction
+    first: dict[int, dict[str, Any]] = {}  # row of orders.csv -> its first prediction
     disagreements = []
     for row, where in enumerate(positions):
         if where not in outcomes.predictions:
