@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = artifact.load(args.model)
         reference = ReferenceTables.load(args.reference, encoding=settings.csv_encoding)
-        for warning in zip_code_warnings(reference.zip_available_from):
+        for warning in zip_code_warnings(reference.zips.keys()):
             log.warning("zip_codes_look_truncated", detail=warning)
         scorer = Scorer(settings, model, reference, worker_id=args.worker_id,
                         status_file=args.status_file,

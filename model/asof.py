@@ -29,7 +29,7 @@ searches each run; where several answer, the greater position wins, the newer le
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, KeysView
 from itertools import compress, islice, pairwise, repeat
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -159,6 +159,13 @@ class VersionedTable(Generic[ScalarT]):
         ``found``, False for an unknown key or a time before the key's first record; there
         ``values`` holds 0 (code 0, ``MISSING``, of a :class:`Vocabulary`).
         """
+        values, found, _ = self.lookup_with_times(keys, times)
+        return values, found
+
+    def lookup_with_times(self, keys: Collection[str], times: npt.ArrayLike
+                          ) -> tuple[npt.NDArray[ScalarT], BoolArray, Int64Array]:
+        """:meth:`lookup`, and the time (int64 seconds) of each record found (``TIME_MIN - 1``
+        where none is): to choose between the answers of two tables, the later record wins."""
         seconds = _int64_vector(times, "times")
         if len(keys) != len(seconds):
             raise ValueError(f"{len(keys)} keys but {len(seconds)} times")
@@ -179,7 +186,16 @@ class VersionedTable(Generic[ScalarT]):
             values[hit] = run_values[rows[hit]]
             best[hit] = at[hit]
             found |= hit
-        return values, found
+        record_times = np.where(found, (best & _TIME_MASK) + TIME_MIN, TIME_MIN - 1)
+        return values, found, record_times
+
+    def keys(self) -> KeysView[str]:
+        """Every key ever inserted, in order of first appearance."""
+        return self._index.keys()
+
+    def __contains__(self, key: object) -> bool:
+        """Whether any record of ``key`` was ever inserted (retention keeps every key)."""
+        return key in self._index
 
     def retain(self, horizon_s: int) -> None:
         """Drop the records older than the cutoff ``newest_time - horizon_s`` (event time, never
@@ -311,7 +327,7 @@ class Vocabulary:
         """Object array of the name of each code (IndexError for a code never given)."""
         if len(self._names_array) != len(self._codes):
             self._names_array = np.array(list(self._codes), dtype=object)
-        return self._names_array[codes]
+        return np.asarray(self._names_array[codes])
 
 
 def _int64_vector(values: npt.ArrayLike, what: str) -> Int64Array:

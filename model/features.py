@@ -40,6 +40,7 @@ class OrderKeys:
     skus: Sequence[str]
     zip_codes: Sequence[str]
     seconds: np.ndarray  # int64 UTC seconds since the epoch, floor of the order's milliseconds
+    partitions: np.ndarray | None = None  # orders topic partition of each; None: no Kafka
 
 
 def _hour(keys: OrderKeys) -> np.ndarray:
@@ -47,22 +48,15 @@ def _hour(keys: OrderKeys) -> np.ndarray:
 
 
 def _inventory(keys: OrderKeys) -> np.ndarray:
-    table = keys.reference.inventory
-    return table.values_at(table.lookup(list(keys.skus), keys.seconds), np.nan)
+    return keys.reference.stock(keys.skus, keys.seconds)
 
 
 def _payment_status(keys: OrderKeys) -> np.ndarray:
-    table = keys.reference.payments
-    codes = table.values_at(table.lookup(list(keys.order_ids), keys.seconds), 0)
-    return np.asarray(keys.reference.payment_statuses[codes])
+    return keys.reference.payment_status(keys.order_ids, keys.seconds, keys.partitions)
 
 
 def _zip_code_available(keys: OrderKeys) -> np.ndarray:
-    available_from = keys.reference.zip_available_from
-    # An unknown zip gets the largest int64, which no order time is after.
-    zip_from = np.fromiter((available_from.get(z, np.iinfo(np.int64).max)
-                            for z in keys.zip_codes), dtype=np.int64, count=len(keys.zip_codes))
-    return keys.seconds > zip_from
+    return keys.reference.zip_available(keys.zip_codes, keys.seconds)
 
 
 def _as_is(values: np.ndarray) -> list[Any]:
@@ -191,8 +185,10 @@ class FeatureBatch:
 
 
 def compute_features(reference: ReferenceTables, order_ids: Sequence[str], skus: Sequence[str],
-                     zip_codes: Sequence[str], timestamps_ms: np.ndarray) -> FeatureBatch:
-    """Every declared feature of a batch of orders (timestamps in UTC epoch milliseconds)."""
+                     zip_codes: Sequence[str], timestamps_ms: np.ndarray,
+                     partitions: np.ndarray | None = None) -> FeatureBatch:
+    """Every declared feature of a batch of orders (timestamps in UTC epoch milliseconds;
+    ``partitions``: the orders topic partition of each, for the live payment tables)."""
     seconds = np.floor_divide(np.asarray(timestamps_ms, dtype=np.int64), 1000)
-    keys = OrderKeys(reference, order_ids, skus, zip_codes, seconds)
+    keys = OrderKeys(reference, order_ids, skus, zip_codes, seconds, partitions)
     return FeatureBatch(**{f.name: f.compute(keys) for f in FEATURES})

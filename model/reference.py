@@ -1,8 +1,10 @@
 """Reference data (inventory, payments, zip codes) with a vectorised as-of lookup.
 
-Loaded once from the users' CSVs; after that every lookup is numpy over a whole batch, with
-no pandas and no per-order Python objects. ``pandas.merge_asof(direction="backward")`` is the
-oracle this must agree with, row for row, ties included (the test suite checks it).
+Loaded from the users' CSVs (the snapshot), or from nothing, and kept up to date by the live
+reference streams; every lookup is numpy over a whole batch, with no pandas and no per-order
+Python objects. ``pandas.merge_asof(direction="backward")`` is the oracle this must agree with,
+row for row, ties included (the test suite checks it). The tables are
+:class:`~triage.model.asof.VersionedTable` s.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import codecs
 import csv
 import io
 from collections import Counter
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from triage.bus.errors import ConfigurationError
+from triage.model.asof import VersionedTable, Vocabulary
 
 MISSING_STATUS = "MISSING"
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -123,96 +126,102 @@ def check_reference_dir(data_dir: str | Path, encoding: str = "utf-8") -> None:
                                      f"it has {', '.join(header)}")
 
 
-@dataclass(frozen=True)
-class AsOfTable:
-    """Per key, a history of (time, value); answers "latest value at or before t" for a batch.
+def event_seconds(timestamps_ms: np.ndarray) -> np.ndarray:
+    """int64 UTC milliseconds of reference events -> the whole second each applies from: the
+    first whole second at or after the event (ceiling). A CSV row's own second, since its
+    timestamp is whole; a live event at 10:00:00.500 applies from 10:00:01, so an order's
+    features never use an event later than the order, and an order at second s needs only
+    the events up to s * 1000 ms (consumer/reference.py waits for exactly those)."""
+    return np.asarray(-np.floor_divide(-np.asarray(timestamps_ms, dtype=np.int64), 1000))
 
-    Rows are sorted by (key, time) stably, so among rows with the same key and time the last
-    one in file order wins, as in merge_asof. Each row is placed on one int64 axis,
-    ``key_id * span + (time - t0)``, so one ``searchsorted`` answers a whole batch.
+
+class PaymentTables:
+    """Payment statuses as codes of a :class:`Vocabulary`, in as-of tables: the CSV snapshot's
+    (``snapshot``), and one per partition of the payments topic read live (dropped when the
+    orders partition of the same number is revoked). An order's status is the later of the
+    two answers (its partition's table wins a tie: it was applied after the snapshot)."""
+
+    def __init__(self, snapshot: VersionedTable[np.int32] | None = None) -> None:
+        self.snapshot = snapshot if snapshot is not None else VersionedTable(np.int32)
+        self.partitions: dict[int, VersionedTable[np.int32]] = {}
+
+    def lookup(self, order_ids: Sequence[str], seconds: np.ndarray,
+               partitions: np.ndarray | None = None) -> np.ndarray:
+        """int32 status codes (0 = MISSING) of each order as of ``seconds``; ``partitions``:
+        the orders topic partition of each order, or None for orders read from no partition
+        (a CSV, an HTTP request), which see the snapshot only."""
+        codes, _, times = self.snapshot.lookup_with_times(order_ids, seconds)
+        if partitions is None or not self.partitions:
+            return codes
+        for partition, table in self.partitions.items():
+            rows = np.flatnonzero(partitions == partition)
+            if not len(rows):
+                continue
+            live, found, live_times = table.lookup_with_times([order_ids[i] for i in rows],
+                                                              seconds[rows])
+            newer = found & (live_times >= times[rows])
+            codes[rows[newer]] = live[newer]
+        return codes
+
+    def partition(self, number: int) -> VersionedTable[np.int32]:
+        """The live table of payments partition ``number`` (made empty on first use)."""
+        return self.partitions.setdefault(number, VersionedTable(np.int32))
+
+    def drop(self, number: int) -> None:
+        self.partitions.pop(number, None)
+
+    def __len__(self) -> int:
+        return len(self.snapshot) + sum(len(t) for t in self.partitions.values())
+
+    @property
+    def nbytes(self) -> int:
+        return self.snapshot.nbytes + sum(t.nbytes for t in self.partitions.values())
+
+
+@dataclass
+class ReferenceTables:
+    """Inventory levels per SKU, payment statuses per order and zip roll-outs, as of any time,
+    for a whole batch at once (``pandas.merge_asof(direction="backward")``, ties to the last
+    applied). Built from the CSV snapshot (``load``), from nothing (``empty``), and kept up to
+    date by the live reference streams (consumer/reference.py): every table grows by batches.
+
+    Times are int64 UTC seconds: a CSV row's own, a live event's :func:`event_seconds`.
     """
 
-    key_index: dict[str, int]
-    row_keys: np.ndarray     # int64 key id of each sorted row
-    positions: np.ndarray    # int64 position of each sorted row on the combined axis
-    values: np.ndarray       # value of each sorted row
-    t0: int
-    span: int
+    inventory: VersionedTable[np.float64]
+    payments: PaymentTables
+    statuses: Vocabulary
+    zips: VersionedTable[np.int8]  # a record at available_from: the zip is served after it
 
     @classmethod
-    def build(cls, keys: np.ndarray, times: np.ndarray, values: np.ndarray) -> AsOfTable:
-        uniques, key_ids = np.unique(keys, return_inverse=True)
-        key_ids = key_ids.astype(np.int64)
-        t0 = int(times.min()) - 1 if len(times) else 0
-        span = (int(times.max()) - t0 + 1) if len(times) else 1
-        if len(uniques) * span >= 2**62:
-            raise ReferenceDataError(
-                f"{len(uniques)} keys over {span} seconds is too large for one as-of table")
-        order = np.lexsort((times, key_ids))  # stable: ties keep file order
-        row_keys = key_ids[order]
-        return cls(
-            key_index={str(k): i for i, k in enumerate(uniques)},
-            row_keys=row_keys,
-            positions=row_keys * span + (times[order] - t0),
-            values=values[order],
-            t0=t0,
-            span=span,
-        )
-
-    def key_ids(self, keys: list[str]) -> np.ndarray:
-        index = self.key_index
-        return np.fromiter((index.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
-
-    def lookup(self, keys: list[str], times: np.ndarray) -> np.ndarray:
-        """Row index of the latest row per (key, time), or -1 where the key has none by then."""
-        key_ids = self.key_ids(keys)
-        # Times before the table starts clip to t0 (before every row); later ones to the end.
-        offsets = np.clip(times - self.t0, 0, self.span - 1)
-        rows = np.searchsorted(self.positions, key_ids * self.span + offsets, side="right") - 1
-        found = (key_ids >= 0) & (rows >= 0)
-        found[found] = self.row_keys[rows[found]] == key_ids[found]
-        return np.where(found, rows, -1)
-
-    def values_at(self, rows: np.ndarray, fill: float | int) -> np.ndarray:
-        """``values[rows]``, with ``fill`` where a row is -1 (nothing at or before the time)."""
-        if len(self.values) == 0:
-            return np.full(len(rows), fill, dtype=np.result_type(self.values, type(fill)))
-        return np.where(rows >= 0, self.values[rows], fill)
-
-
-@dataclass(frozen=True)
-class ReferenceTables:
-    inventory: AsOfTable          # values: float64 stock level
-    payments: AsOfTable           # values: int64 code into payment_statuses
-    payment_statuses: np.ndarray  # object array of status names; index 0 is MISSING
-    zip_available_from: dict[str, int]
+    def empty(cls) -> ReferenceTables:
+        """Tables with no record yet: the live path without a CSV snapshot."""
+        return cls(VersionedTable(np.float64), PaymentTables(), Vocabulary(),
+                   VersionedTable(np.int8))
 
     @classmethod
     def from_frames(cls, inventory: pd.DataFrame, payments: pd.DataFrame,
                     zip_codes: pd.DataFrame) -> ReferenceTables:
+        """Tables from the three CSVs' columns (text). Rows of a file are applied in file order,
+        so of two rows with the same key and second the later one wins, as in merge_asof."""
         try:
             stock = inventory["inventory"].astype(np.float64).to_numpy()
         except ValueError as exc:
             raise ReferenceDataError(f"inventory.csv: non-numeric inventory ({exc})") from None
-        statuses = payments["payment_status"].to_numpy(dtype=object)
-        vocabulary = np.array([MISSING_STATUS, *sorted(set(statuses) - {MISSING_STATUS})],
-                              dtype=object)
-        codes = np.searchsorted(vocabulary[1:].astype(str), statuses.astype(str)) + 1
-        if (statuses == MISSING_STATUS).any():
-            codes[statuses == MISSING_STATUS] = 0
-        zip_times = parse_timestamps(zip_codes["available_from"], "zip_codes.csv available_from")
+        statuses = Vocabulary()
+        codes = statuses.encode(payments["payment_status"].tolist()).astype(np.int32)
         return cls(
-            inventory=AsOfTable.build(
-                inventory["sku_code"].to_numpy(dtype=object),
+            inventory=VersionedTable.from_records(
+                inventory["sku_code"].tolist(),
                 parse_timestamps(inventory["timestamp"], "inventory.csv timestamp"), stock),
-            payments=AsOfTable.build(
-                payments["order_id"].to_numpy(dtype=object),
-                parse_timestamps(payments["timestamp"], "payments.csv timestamp"),
-                codes.astype(np.int64)),
-            payment_statuses=vocabulary,
-            # A zip listed twice is available from its earliest date.
-            zip_available_from=dict(sorted(zip(zip_codes["zip_code"], zip_times.tolist(),
-                                               strict=True), key=lambda kv: -kv[1])),
+            payments=PaymentTables(VersionedTable.from_records(
+                payments["order_id"].tolist(),
+                parse_timestamps(payments["timestamp"], "payments.csv timestamp"), codes)),
+            statuses=statuses,
+            zips=VersionedTable.from_records(
+                zip_codes["zip_code"].tolist(),
+                parse_timestamps(zip_codes["available_from"], "zip_codes.csv available_from"),
+                np.ones(len(zip_codes), dtype=np.int8)),
         )
 
     @classmethod
@@ -226,6 +235,42 @@ class ReferenceTables:
                   for name, columns in REFERENCE_FILES.items()}
         return cls.from_frames(frames["inventory.csv"], frames["payments.csv"],
                                frames["zip_codes.csv"])
+
+    # -- lookups, for a batch ---------------------------------------------------------------
+
+    def stock(self, skus: Sequence[str], seconds: np.ndarray) -> np.ndarray:
+        """float64 latest stock level of each SKU at or before ``seconds``; NaN when none."""
+        values, found = self.inventory.lookup(skus, seconds)
+        return np.where(found, values, np.nan)
+
+    def payment_status(self, order_ids: Sequence[str], seconds: np.ndarray,
+                       partitions: np.ndarray | None = None) -> np.ndarray:
+        """object array: latest status of each order at or before ``seconds``; MISSING when
+        none (see :meth:`PaymentTables.lookup` for ``partitions``)."""
+        return self.statuses.decode(self.payments.lookup(order_ids, seconds, partitions))
+
+    def zip_available(self, zip_codes: Sequence[str], seconds: np.ndarray) -> np.ndarray:
+        """bool: the order's second is strictly after the zip's ``available_from`` (its
+        earliest, if listed twice); False for an unknown zip."""
+        _, found = self.zips.lookup(zip_codes, np.asarray(seconds) - 1)
+        return found
+
+    def knows_zip(self, zip_code: str) -> bool:
+        return zip_code in self.zips
+
+    def zip_codes(self) -> list[str]:
+        """Every zip code with a record."""
+        return list(self.zips.keys())
+
+    @property
+    def size(self) -> int:
+        """Records held in all tables."""
+        return len(self.inventory) + len(self.payments) + len(self.zips)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the tables' arrays (the key strings come on top)."""
+        return self.inventory.nbytes + self.payments.nbytes + self.zips.nbytes
 
 
 def zip_code_warnings(reference_zips: Collection[str], order_zips: Iterable[str] = ()

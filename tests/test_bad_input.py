@@ -25,8 +25,9 @@ from triage.consumer.deadletter import headers_dict
 from triage.consumer.reader import TopicReader
 from triage.consumer.scorer import Scorer
 from triage.model import artifact
+from triage.model.asof import VersionedTable
 from triage.model.orders import read_orders_csv
-from triage.model.reference import AsOfTable, ReferenceTables
+from triage.model.reference import ReferenceTables
 from triage.schemas.codec import Codec, codec_for
 
 pytestmark = pytest.mark.integration
@@ -40,16 +41,13 @@ class PoisonedInventory:
     """The real inventory table, except that a lookup including the SKU ``POISON`` raises: the
     fault a bug in the feature code would cause."""
 
-    def __init__(self, table: AsOfTable) -> None:
+    def __init__(self, table: VersionedTable[np.float64]) -> None:
         self.table = table
 
-    def lookup(self, keys: list[str], times: np.ndarray) -> np.ndarray:
+    def lookup(self, keys: list[str], times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if "POISON" in keys:
             raise FloatingPointError("feature code exploded")
         return self.table.lookup(keys, times)
-
-    def values_at(self, rows: np.ndarray, fill: float) -> np.ndarray:
-        return self.table.values_at(rows, fill)
 
 
 def run_scorer(scorer: Scorer, expected_consumed: int, timeout_s: float = 180) -> Counter:

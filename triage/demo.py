@@ -132,7 +132,7 @@ def run_demo(settings: Settings, *, data_dir: Path | None, model_dir: Path,
     model = artifact.load(model_dir)
     reference = ReferenceTables.load(data_dir, encoding=settings.csv_encoding)
     orders = read_orders_csv(data_dir / "orders.csv", encoding=settings.csv_encoding)
-    for warning in zip_code_warnings(reference.zip_available_from, orders.zip_code):
+    for warning in zip_code_warnings(reference.zips.keys(), orders.zip_code):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
 
     with contextlib.ExitStack() as stack:
