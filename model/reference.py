@@ -157,8 +157,8 @@ class PaymentTables:
             rows = np.flatnonzero(partitions == partition)
             if not len(rows):
                 continue
-            live, found, live_times = table.lookup_with_times([order_ids[i] for i in rows],
-                                                              seconds[rows])
+            live, found, live_times = table.lookup_with_times(
+                [order_ids[i] for i in rows.tolist()], seconds[rows])
             newer = found & (live_times >= times[rows])
             codes[rows[newer]] = live[newer]
         return codes
@@ -205,7 +205,7 @@ class ReferenceTables:
         """Tables from the three CSVs' columns (text). Rows of a file are applied in file order,
         so of two rows with the same key and second the later one wins, as in merge_asof."""
         try:
-            stock = inventory["inventory"].astype(np.float64).to_numpy()
+            stock = inventory["inventory"].to_numpy(dtype=np.float64)
         except ValueError as exc:
             raise ReferenceDataError(f"inventory.csv: non-numeric inventory ({exc})") from None
         statuses = Vocabulary()
