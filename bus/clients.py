@@ -47,9 +47,13 @@ PRODUCER_MAX_MESSAGE_BYTES = 1_000_000
 
 
 def producer_config(connection: ConnectionSettings, **overrides: Any) -> dict[str, Any]:
-    """Idempotent producer: retries never duplicate or reorder within a partition."""
+    """Idempotent producer: retries never duplicate or reorder within a partition. Keys are
+    partitioned with the Java client's partitioner (``murmur2_random``; librdkafka's default,
+    ``consistent_random``, hashes differently), so that an order and its payments published by
+    a store's Java producers, or by ours, land on the same partition number."""
     return {
         **base_config(connection),
+        "partitioner": "murmur2_random",
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
@@ -162,6 +166,12 @@ def make_admin(connection: ConnectionSettings) -> AdminClient:
     return AdminClient(base_config(connection))
 
 
+# Reference topics keep their whole history (an as-of join needs it; compaction would keep one
+# record per key): the delete policy with no time or size limit.
+REFERENCE_TOPIC_CONFIG = {"cleanup.policy": "delete", "retention.ms": "-1",
+                          "retention.bytes": "-1"}
+
+
 def topic_specs(topics: TopicSettings) -> dict[str, int]:
     """Topic name -> partition count for every topic the service uses."""
     return {
@@ -171,7 +181,18 @@ def topic_specs(topics: TopicSettings) -> dict[str, int]:
         topics.dlq_topic: topics.output_partitions,
         # One partition: a few reports per hour, read back in window order by the HTML report.
         topics.drift_reports_topic: 1,
+        # Co-partitioned with orders: a worker reads the payments partition of each orders
+        # partition it owns.
+        topics.payments_topic: topics.orders_partitions,
+        topics.inventory_topic: topics.reference_partitions,
+        topics.zip_codes_topic: topics.reference_partitions,
+        topics.reference_dlq_topic: topics.output_partitions,
     }
+
+
+def reference_topics(topics: TopicSettings) -> tuple[str, str, str]:
+    """The reference streams: (inventory, payments, zip codes) topic names."""
+    return topics.inventory_topic, topics.payments_topic, topics.zip_codes_topic
 
 
 def create_topics(connection: ConnectionSettings, topics: TopicSettings,
@@ -179,8 +200,10 @@ def create_topics(connection: ConnectionSettings, topics: TopicSettings,
     """Create the service's topics; existing ones are left as they are. Returns name -> outcome."""
     admin = make_admin(connection)
     specs = topic_specs(topics)
+    history = set(reference_topics(topics))
     futures = admin.create_topics(
-        [NewTopic(name, partitions, topics.replication_factor)
+        [NewTopic(name, partitions, topics.replication_factor,
+                  config=REFERENCE_TOPIC_CONFIG if name in history else {})
          for name, partitions in specs.items()],
         request_timeout=timeout_s)
     outcome = {}

@@ -1,10 +1,11 @@
 """Settings, read from ``TRIAGE_*`` environment variables, in sections.
 
 Each component is given only the section it needs: Kafka and Schema Registry clients the
-:class:`ConnectionSettings`, topic admin and readers the :class:`TopicSettings`, the scorer
-its :class:`ScorerSettings`, validation its :class:`ValidationSettings`, the drift monitor its
-:class:`DriftSettings`. :class:`Settings` holds the five and what every process shares (logs,
-the CSVs' encoding); the commands and processes that wire components together take it whole.
+:class:`ConnectionSettings`, topic admin and readers the :class:`TopicSettings`, the scorer its
+:class:`ScorerSettings`, validation its :class:`ValidationSettings`, the drift monitor its
+:class:`DriftSettings`, the live reference join its :class:`ReferenceSettings`.
+:class:`Settings` holds the six and what every process shares (logs, the CSVs' encoding); the
+commands and processes that wire components together take it whole.
 
 The environment stays flat: every field names its own ``TRIAGE_*`` variable in its metadata
 (so the README table and the worker processes, which receive their settings through the
@@ -168,9 +169,27 @@ class TopicSettings:
         "Partitions of the predictions, drift and dead-letter topics when created.")
     replication_factor: int = _setting(
         1, "TRIAGE_REPLICATION_FACTOR", "Replication factor of created topics.")
+    inventory_topic: str = _setting(
+        "inventory", "TRIAGE_INVENTORY_TOPIC",
+        "Reference stream of stock levels, keyed by sku_code (every worker reads all of it).")
+    payments_topic: str = _setting(
+        "payments", "TRIAGE_PAYMENTS_TOPIC",
+        "Reference stream of payment statuses, keyed by order_id and co-partitioned with the "
+        "orders topic (same partition count, the Java client's partitioner).")
+    zip_codes_topic: str = _setting(
+        "zip_codes", "TRIAGE_ZIP_CODES_TOPIC",
+        "Reference stream of zip code roll-outs, keyed by zip_code (every worker reads all).")
+    reference_dlq_topic: str = _setting(
+        "reference.dlq", "TRIAGE_REFERENCE_DLQ_TOPIC",
+        "Dead-letter topic for reference records that do not decode or validate.")
+    reference_partitions: int = _setting(
+        6, "TRIAGE_REFERENCE_PARTITIONS",
+        "Partitions of the inventory and zip_codes topics when created (payments gets the "
+        "orders topic's count).")
 
     def __post_init__(self) -> None:
-        _at_least_one(self, "orders_partitions", "output_partitions", "replication_factor")
+        _at_least_one(self, "orders_partitions", "output_partitions", "replication_factor",
+                      "reference_partitions")
 
 
 @dataclass(frozen=True)
@@ -274,9 +293,53 @@ class DriftSettings:
             raise SettingsError(f"drift_alpha must be within (0, 1), got {self.drift_alpha}")
 
 
+@dataclass(frozen=True)
+class ReferenceSettings:
+    """How workers join orders with the live reference streams (consumer/reference.py)."""
+
+    reference_idle_ms: int = _setting(
+        200, "TRIAGE_REFERENCE_IDLE_MS",
+        "A reference partition that has sat at its high watermark this long has passed every "
+        "time (if its stream has had records, or a CSV snapshot was loaded).")
+    reference_max_wait_ms: int = _setting(
+        5000, "TRIAGE_REFERENCE_MAX_WAIT_MS",
+        "Longest an order waits for the reference streams to pass its time; then it is "
+        "scored with what has arrived and its prediction says reference_wait_expired.")
+    reference_retention: str = _setting(
+        "", "TRIAGE_REFERENCE_RETENTION",
+        "Reference history kept, in event time back from the newest record applied: seconds, "
+        "or a number with s, m, h or d (30d). Each key keeps its newest record from before the "
+        "cutoff. Empty: everything.")
+    max_waiting_orders: int = _setting(
+        10_000, "TRIAGE_MAX_WAITING_ORDERS",
+        "Orders of one partition held waiting for reference data before that partition is "
+        "paused (resumed as they are scored).")
+
+    def __post_init__(self) -> None:
+        _at_least_one(self, "reference_idle_ms", "reference_max_wait_ms", "max_waiting_orders")
+        self.retention_s  # noqa: B018 -- parse now, so a bad value fails at start-up
+
+    @property
+    def retention_s(self) -> int | None:
+        """TRIAGE_REFERENCE_RETENTION in seconds, or None to keep everything."""
+        text = self.reference_retention.strip()
+        if not text:
+            return None
+        units = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+        number, unit = (text[:-1], text[-1]) if text[-1] in units else (text, "s")
+        try:
+            seconds = int(float(number) * units[unit])
+        except ValueError:
+            raise SettingsError(f"TRIAGE_REFERENCE_RETENTION={text!r} is not a duration such "
+                                "as 3600, 90m, 12h or 30d") from None
+        if seconds <= 0:
+            raise SettingsError(f"TRIAGE_REFERENCE_RETENTION={text!r} must be positive")
+        return seconds
+
+
 SECTIONS: dict[str, type] = {"connection": ConnectionSettings, "topics": TopicSettings,
                              "scorer": ScorerSettings, "validation": ValidationSettings,
-                             "drift": DriftSettings}
+                             "drift": DriftSettings, "reference": ReferenceSettings}
 
 
 @dataclass(frozen=True)
@@ -288,6 +351,7 @@ class Settings:
     scorer: ScorerSettings = field(default_factory=ScorerSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     drift: DriftSettings = field(default_factory=DriftSettings)
+    reference: ReferenceSettings = field(default_factory=ReferenceSettings)
     log_format: str = _setting(
         "json", "TRIAGE_LOG_FORMAT",
         "`json` (one JSON object per line) or `console`. Unset: `console` when stderr is a "

@@ -1,7 +1,11 @@
-"""The producer API: publish orders as Avro to the orders topic, keyed by ``order_id``.
+"""The producer API: publish orders, and the reference streams, as Avro records.
 
-Both ``triage replay`` and ``triage produce`` go through :class:`OrderPublisher`. The producer
-is idempotent (``enable.idempotence``), so librdkafka's retries never duplicate an order.
+:class:`RecordPublisher` publishes records of one contract to one topic, keyed by one field:
+:class:`OrderPublisher` orders (keyed by ``order_id``), :func:`inventory_publisher`,
+:func:`payment_publisher` and :func:`zip_code_publisher` the reference streams. ``triage
+replay`` and ``triage produce`` go through them. The producer is idempotent
+(``enable.idempotence``), so librdkafka's retries never duplicate a record, and partitions keys
+as the Java client does (bus/clients.py), so payments land on their order's partition.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import KafkaError, Message
+from confluent_kafka import KafkaError, Message, Producer
 
 from triage.bus.clients import make_producer, produce, source_of
 from triage.bus.errors import ConfigurationError
@@ -46,14 +50,18 @@ def order_record(order_id: str, customer_id: str, sku_code: str, zip_code: str,
     return {**fields, "timestamp_ms": ts}
 
 
-class OrderPublisher:
-    """Encode and publish orders; count deliveries and failures from the broker's reports."""
+class RecordPublisher:
+    """Encode and publish records of contract ``schema_name`` to ``topic``, keyed by the
+    record's ``key_field``; count deliveries and failures from the broker's reports.
+    ``producer``: share one (a replay of several streams); else one is made."""
 
-    def __init__(self, connection: ConnectionSettings, topic: str, **producer_overrides: Any
-                 ) -> None:
+    def __init__(self, connection: ConnectionSettings, topic: str, schema_name: str,
+                 key_field: str, *, producer: Producer | None = None,
+                 **producer_overrides: Any) -> None:
         self.topic = topic
-        self.codec = codec_for(connection, "order", topic)
-        self.producer = make_producer(connection, **producer_overrides)
+        self.key_field = key_field
+        self.codec = codec_for(connection, schema_name, topic)
+        self.producer = producer or make_producer(connection, **producer_overrides)
         self.sent = 0
         self.failed = 0
         self.errors: Counter[str] = Counter()
@@ -66,7 +74,7 @@ class OrderPublisher:
         """Encode and send ``record``; with ``position``, its (partition, offset) is kept in
         ``delivered[position]`` once the broker acknowledged it."""
         value = self.codec.encode(record)
-        key = record["order_id"].encode()
+        key = str(record[self.key_field]).encode()
         report = self._report if position is None else functools.partial(self._report,
                                                                           position=position)
         produce(self.producer, self.topic, value=value, key=key, on_delivery=report)
@@ -95,3 +103,30 @@ class OrderPublisher:
             self.failed += remaining
             self.errors["not delivered before the flush timeout"] += remaining
         return remaining
+
+
+class OrderPublisher(RecordPublisher):
+    """Orders (``schemas/order.avsc``) to the orders topic, keyed by ``order_id``."""
+
+    def __init__(self, connection: ConnectionSettings, topic: str, **producer_overrides: Any
+                 ) -> None:
+        super().__init__(connection, topic, "order", "order_id", **producer_overrides)
+
+
+def inventory_publisher(connection: ConnectionSettings, topic: str,
+                        producer: Producer | None = None) -> RecordPublisher:
+    """Stock levels (``schemas/inventory.avsc``), keyed by ``sku_code``."""
+    return RecordPublisher(connection, topic, "inventory", "sku_code", producer=producer)
+
+
+def payment_publisher(connection: ConnectionSettings, topic: str,
+                      producer: Producer | None = None) -> RecordPublisher:
+    """Payment statuses (``schemas/payment.avsc``), keyed by ``order_id``: the same key, and
+    partitioner, as the order, so both land on the same partition number."""
+    return RecordPublisher(connection, topic, "payment", "order_id", producer=producer)
+
+
+def zip_code_publisher(connection: ConnectionSettings, topic: str,
+                       producer: Producer | None = None) -> RecordPublisher:
+    """Zip code roll-outs (``schemas/zip_code.avsc``), keyed by ``zip_code``."""
+    return RecordPublisher(connection, topic, "zip_code", "zip_code", producer=producer)

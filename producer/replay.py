@@ -1,16 +1,44 @@
-"""Replay orders.csv onto the orders topic, as fast as possible or paced."""
+"""Replay orders.csv onto the orders topic, or a whole data directory onto all four streams.
+
+``triage replay orders.csv`` publishes each row as an order. ``triage replay DIR`` publishes the
+four CSVs of DIR (orders.csv, payments.csv, inventory.csv, zip_codes.csv) as one stream merged
+in event-time order, each row to its own topic: what the store's services would have published
+as it happened. At one instant the merge is stable: zip roll-outs, then stock levels, then
+payments, then orders, each file in its own order (so of two reference rows of one key at one
+second the later in the file is applied last and wins, as merge_asof has it). ``streams`` picks
+a subset (``orders`` first, and the reference streams a moment later, for example).
+
+A single stream (an orders file) is published in its file's order. Paced with ``rate`` (records
+per second, all streams together) or ``speedup`` (by the event times across all streams: 3600
+replays an hour of history per second); else as fast as the broker takes them.
+"""
 
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
+from triage.bus.clients import make_producer
 from triage.bus.settings import Settings, SettingsError
 from triage.model.orders import SkippedRow, read_orders_csv
-from triage.producer.publisher import OrderPublisher
+from triage.model.reference import REFERENCE_FILES, parse_timestamps, read_csv
+from triage.producer.publisher import (
+    OrderPublisher,
+    RecordPublisher,
+    inventory_publisher,
+    payment_publisher,
+    zip_code_publisher,
+)
+
+# Stream names, in the order the merge takes them at one instant.
+STREAMS = ("zip_codes", "inventory", "payments", "orders")
 
 
 @dataclass(frozen=True)
@@ -18,11 +46,12 @@ class ReplaySummary:
     sent: int
     failed: int
     elapsed_s: float
-    end_offsets: dict[int, int] = field(default_factory=dict)
+    end_offsets: dict[int, int] = field(default_factory=dict)  # of the orders topic
     errors: dict[str, int] = field(default_factory=dict)
-    skipped: tuple[SkippedRow, ...] = ()  # rows that could not become an order record
-    # With replay(..., track=True): (partition, offset) of each published row, in file order.
+    skipped: tuple[SkippedRow, ...] = ()  # rows of orders.csv that could not become orders
+    # With replay(..., track=True): (partition, offset) of each order published, in file order.
     positions: list[tuple[int, int] | None] = field(default_factory=list)
+    by_stream: dict[str, int] = field(default_factory=dict)  # records sent per stream
 
     @property
     def rate(self) -> float:
@@ -30,7 +59,9 @@ class ReplaySummary:
 
     def __str__(self) -> str:
         text = (f"sent {self.sent}, failed {self.failed}, elapsed {self.elapsed_s:.1f} s, "
-                f"rate {self.rate:,.0f} orders/s")
+                f"rate {self.rate:,.0f} records/s")
+        if len(self.by_stream) > 1:
+            text += " (" + ", ".join(f"{name} {n}" for name, n in self.by_stream.items()) + ")"
         for reason, count in self.errors.items():
             text += f"\n  {count} failed: {reason}"
         if self.skipped:
@@ -39,41 +70,125 @@ class ReplaySummary:
         return text
 
 
-def replay(settings: Settings, csv_path: str | Path, *, rate: float | None = None,
-           speedup: float | None = None, limit: int | None = None,
-           progress: bool = True, track: bool = False) -> ReplaySummary:
-    """Publish each row of ``csv_path`` as an order.
+@dataclass
+class _Stream:
+    name: str
+    publisher: RecordPublisher
+    records: list[dict[str, Any]]
+    times_ms: np.ndarray  # int64 event time of each record
 
-    ``rate`` paces to that many orders per second; ``speedup`` paces by the orders' own
-    timestamps (3600: an hour of orders per second). Neither: as fast as the broker takes them.
-    Rows that cannot become an order (a timestamp that does not parse) are skipped and listed
-    in the summary; ``track`` keeps where each published row landed (``positions``).
+
+def _reference_records(settings: Settings, directory: Path, name: str
+                       ) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """One reference CSV of ``directory`` as the stream's Avro records and their event times."""
+    file = f"{name}.csv"
+    frame = read_csv(directory / file, REFERENCE_FILES[file], settings.csv_encoding)
+    if name == "zip_codes":
+        times = parse_timestamps(frame["available_from"], f"{file} available_from") * 1000
+        return [{"zip_code": z, "available_from_ms": t}
+                for z, t in zip(frame["zip_code"].tolist(), times.tolist(), strict=True)], times
+    times = parse_timestamps(frame["timestamp"], f"{file} timestamp") * 1000
+    if name == "inventory":
+        try:
+            stock = frame["inventory"].to_numpy(dtype=np.float64).tolist()
+        except ValueError as exc:
+            raise SettingsError(f"{directory / file}: non-numeric inventory ({exc})") from None
+        return [{"sku_code": k, "timestamp_ms": t, "inventory": v} for k, t, v in zip(
+            frame["sku_code"].tolist(), times.tolist(), stock, strict=True)], times
+    return [{"order_id": k, "timestamp_ms": t, "payment_status": v} for k, t, v in zip(
+        frame["order_id"].tolist(), times.tolist(), frame["payment_status"].tolist(),
+        strict=True)], times
+
+
+def replay(settings: Settings, path: str | Path, *, streams: Sequence[str] | None = None,
+           rate: float | None = None, speedup: float | None = None, limit: int | None = None,
+           progress: bool = True, track: bool = False) -> ReplaySummary:
+    """Publish ``path``: an orders CSV, or a directory of the four CSVs (module docstring).
+
+    ``streams``: which of ``orders, payments, inventory, zip_codes`` a directory replays (all by
+    default). ``limit``: the first N records of the merged stream. Rows of orders.csv that
+    cannot become an order are skipped and listed; ``track`` keeps where each published order
+    landed (``positions``). Raises SettingsError for contradictory options, ReferenceDataError
+    for a file that cannot be read.
     """
     if rate is not None and speedup is not None:
         raise SettingsError("give --rate or --speedup, not both")
     if (rate is not None and rate <= 0) or (speedup is not None and speedup <= 0):
         raise SettingsError("--rate and --speedup must be positive")
-    orders = read_orders_csv(csv_path, limit=limit, encoding=settings.csv_encoding)
-    publisher = OrderPublisher(settings.connection, settings.topics.orders_topic)
-    records = orders.records()
-    if speedup is not None:
-        due = (orders.timestamp_ms - orders.timestamp_ms.min()) / 1000.0 / speedup
+    path = Path(path)
+    chosen = list(streams) if streams else (list(STREAMS) if path.is_dir() else ["orders"])
+    unknown = set(chosen) - set(STREAMS)
+    if unknown:
+        raise SettingsError(f"--streams takes {', '.join(STREAMS)}; not {', '.join(unknown)}")
+    if not path.is_dir() and chosen != ["orders"]:
+        raise SettingsError(f"{path} is a file: it replays as orders; give a directory of the "
+                            "four CSVs to replay reference streams")
+    connection, topics = settings.connection, settings.topics
+    producer = make_producer(connection)
+    orders_file = path / "orders.csv" if path.is_dir() else path
+    loaded: list[_Stream] = []
+    skipped: tuple[SkippedRow, ...] = ()
+    for name in STREAMS:
+        if name not in chosen:
+            continue
+        if name == "orders":
+            orders = read_orders_csv(orders_file, encoding=settings.csv_encoding)
+            skipped = orders.skipped
+            publisher: RecordPublisher = OrderPublisher(connection, topics.orders_topic)
+            publisher.producer = producer
+            loaded.append(_Stream(name, publisher, orders.records(), orders.timestamp_ms))
+            continue
+        records, times = _reference_records(settings, path, name)
+        make = {"inventory": (inventory_publisher, topics.inventory_topic),
+                "payments": (payment_publisher, topics.payments_topic),
+                "zip_codes": (zip_code_publisher, topics.zip_codes_topic)}[name]
+        loaded.append(_Stream(name, make[0](connection, make[1], producer), records, times))
+    return _publish(loaded, producer, rate=rate, speedup=speedup, limit=limit,
+                    progress=progress, track=track, skipped=skipped)
+
+
+def _publish(loaded: list[_Stream], producer: Any, *, rate: float | None,
+             speedup: float | None, limit: int | None, progress: bool, track: bool,
+             skipped: tuple[SkippedRow, ...]) -> ReplaySummary:
+    """Publish the streams merged by (event time, stream order, row), paced as asked."""
+    times = np.concatenate([s.times_ms for s in loaded]) if loaded else np.empty(0, np.int64)
+    which = np.concatenate([np.full(len(s.records), i) for i, s in enumerate(loaded)]) \
+        if loaded else np.empty(0, np.int64)
+    row = np.concatenate([np.arange(len(s.records)) for s in loaded]) \
+        if loaded else np.empty(0, np.int64)
+    # One stream keeps its file's order; several merge by event time.
+    order = (np.lexsort((row, which, times)) if len(loaded) > 1 else np.argsort(row))[:limit]
+    if speedup is not None and len(order):
+        due = ((times[order] - times[order].min()) / 1000.0 / speedup).tolist()
     elif rate is not None:
-        due = [i / rate for i in range(len(records))]
+        due = [i / rate for i in range(len(order))]
     else:
         due = None
-
+    orders = next((s for s in loaded if s.name == "orders"), None)
+    unit = "order" if len(loaded) == 1 and orders is not None else "record"
     started = time.monotonic()
-    with tqdm(total=len(records), unit="order", disable=not progress, smoothing=0.1) as bar:
-        for i, record in enumerate(records):
+    with tqdm(total=len(order), unit=unit, disable=not progress, smoothing=0.1) as bar:
+        for n, (i, r) in enumerate(zip(which[order].tolist(), row[order].tolist(),
+                                       strict=True)):
             if due is not None:
-                # Pacing: serve delivery reports while waiting for this order's turn.
-                while (wait := started + due[i] - time.monotonic()) > 0:
-                    publisher.producer.poll(wait)
-            publisher.publish(record, position=i if track else None)
+                # Pacing: serve delivery reports while waiting for this record's turn.
+                while (wait := started + due[n] - time.monotonic()) > 0:
+                    producer.poll(wait)
+            stream = loaded[i]
+            stream.publisher.publish(stream.records[r],
+                                     position=r if track and stream is orders else None)
             bar.update(1)
-        publisher.flush()
-    positions = [publisher.delivered.get(i) for i in range(len(records))] if track else []
-    return ReplaySummary(publisher.sent, publisher.failed, time.monotonic() - started,
-                         dict(publisher.end_offsets), dict(publisher.errors), orders.skipped,
-                         positions)
+        remaining = producer.flush(60.0)
+    publishers = [s.publisher for s in loaded]
+    errors: Counter[str] = Counter()
+    for publisher in publishers:
+        errors.update(publisher.errors)
+    if remaining:
+        errors["not delivered before the flush timeout"] += remaining
+    positions = [orders.publisher.delivered.get(r) for r in range(len(orders.records))] \
+        if track and orders is not None else []
+    return ReplaySummary(
+        sum(p.sent for p in publishers), sum(p.failed for p in publishers) + remaining,
+        time.monotonic() - started, dict(orders.publisher.end_offsets) if orders else {},
+        dict(errors), skipped, positions,
+        {s.name: p.sent for s, p in zip(loaded, publishers, strict=True)})

@@ -66,12 +66,24 @@ class DecodeError(BadRecord):
 
 @functools.cache
 def load_schema(name: str) -> dict[str, Any]:
-    """The parsed schema ``schemas/<name>.avsc``, e.g. ``order``."""
+    """The parsed schema ``schemas/<name>.avsc``, e.g. ``order``; ``history/prediction.1``
+    for an earlier version of a contract."""
     text = resources.files("triage.schemas").joinpath(f"{name}.avsc").read_text()
     schema = fastavro.parse_schema(json.loads(text))
     if not isinstance(schema, dict):
         raise TypeError(f"{name}.avsc is not a record schema")
     return schema
+
+
+@functools.cache
+def earlier_versions(name: str) -> tuple[dict[str, Any], ...]:
+    """Earlier versions of contract ``name`` (``schemas/history/<name>.<n>.avsc``): records
+    written with them still decode, resolved to the current version (schema evolution: fields
+    added since have defaults)."""
+    history = resources.files("triage.schemas").joinpath("history")
+    found = sorted(entry.name for entry in history.iterdir()
+                   if entry.name.startswith(f"{name}.") and entry.name.endswith(".avsc"))
+    return tuple(load_schema(f"history/{file.removesuffix('.avsc')}") for file in found)
 
 
 def schema_fingerprint(schema: dict[str, Any]) -> bytes:
@@ -114,9 +126,10 @@ class Codec:
         self.topic = topic
         self.registry_url = registry_url
         self._header = SINGLE_OBJECT_MAGIC + schema_fingerprint(self.schema)
-        # Writer schemas this decoder knows by fingerprint. Older versions of a contract go here
-        # when a schema evolves, and fastavro resolves them to the current one.
-        self._writers = {self._header[2:]: self.schema}
+        # Writer schemas this decoder knows by fingerprint: this version of the contract and
+        # the earlier ones, which fastavro resolves to this one.
+        self._writers = {schema_fingerprint(old): old for old in earlier_versions(schema_name)}
+        self._writers[self._header[2:]] = self.schema
         self._serializer = self._registry = None
         # Registry schema id -> how to read it: see _registry_reader.
         self._registry_readers: dict[int, tuple[Any, Any, Convert | None]] = {}

@@ -46,7 +46,7 @@ PREDICTION = {
     "features": {"order_hour_of_day": 13, "inventory": None, "payment_status": "MISSING",
                  "zip_code_available": True},
     "order_timestamp_ms": 1, "scored_at_ms": 2, "order_published_at_ms": 3,
-    "order_partition": 4, "order_offset": 5,
+    "order_partition": 4, "order_offset": 5, "reference_wait_expired": True,
 }
 
 
@@ -521,3 +521,12 @@ def test_registry_tls_files_are_checked_at_start_up(tmp_path: Path) -> None:
     missing = tmp_path / "ca.pem"
     with pytest.raises(SettingsError, match=f"SSL_CA_LOCATION={missing}: no such file"):
         Settings.of(schema_registry_ssl_ca_location=str(missing))
+
+
+def test_a_prediction_written_with_the_first_contract_still_decodes() -> None:
+    """Schema evolution: version 2 added reference_wait_expired with a default; records
+    written with version 1 (schemas/history/prediction.1.avsc) decode, the field false."""
+    old = {k: v for k, v in PREDICTION.items() if k != "reference_wait_expired"}
+    data = Codec("history/prediction.1").encode(old)
+    assert data[2:10] != Codec("prediction").encode(PREDICTION)[2:10]  # another fingerprint
+    assert Codec("prediction").decode(data) == {**old, "reference_wait_expired": False}
