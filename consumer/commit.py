@@ -69,10 +69,7 @@ class AtLeastOnce:
     def abort_open(self) -> None:
         """Nothing to abort: what was produced stays, and is read again after a restart."""
 
-    def finish(self, consumed: list[Message]) -> None:
-        self.finish_offsets(next_offsets(consumed))
-
-    def finish_offsets(self, offsets: list[TopicPartition]) -> None:
+    def finish(self, offsets: list[TopicPartition]) -> None:
         """Wait for every delivery, then commit ``offsets`` (the next offset to read)."""
         remaining = self.producer.flush(_FLUSH_TIMEOUT_S)
         errors, self._errors = self._errors, []
@@ -124,11 +121,11 @@ class ExactlyOnce(AtLeastOnce):
             with contextlib.suppress(KafkaException):
                 self.producer.abort_transaction(10.0)
 
-    def finish(self, consumed: list[Message]) -> None:
+    def finish(self, offsets: list[TopicPartition]) -> None:
         try:
-            if consumed:
+            if offsets:
                 self.producer.send_offsets_to_transaction(
-                    next_offsets(consumed), self.consumer.consumer_group_metadata(), 30.0)
+                    offsets, self.consumer.consumer_group_metadata(), 30.0)
             self._commit_transaction()
             self.open = False
         except KafkaException as exc:

@@ -9,8 +9,9 @@ no coordinates), and returns an :class:`Outcome` that says, for every record, ex
 * a dead letter (:class:`Rejected`: reason, error class, message), for a record that is too
   large, does not decode, fails a check hook (validation is the first), is not finished by the
   batch's deadline, or makes scoring fail;
-* deferred: kept back, neither scored nor rejected (room for orders that wait until the
-  reference data has caught up; nothing defers yet).
+* deferred: held back until the reference streams have passed the order's time (the
+  ``gate``, consumer/reference.py); the core keeps it and scores it in a later call, flagged
+  ``reference_wait_expired`` if the maximum wait ran out first.
 
 Per batch: size check, decode, the check hooks (under one deadline, see
 :mod:`triage.consumer.hooks`), features for the whole batch, one ``predict``, the records, the
@@ -26,8 +27,9 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import structlog
 
 from triage.bus.clients import Source
@@ -71,21 +73,21 @@ class Incoming:
 
 @dataclass(frozen=True)
 class Scored:
-    index: int       # position of the record in the batch
+    item: Incoming   # the record scored
     key: bytes       # the order_id, UTF-8: predictions are keyed by order
     record: Record   # a prediction.avsc record
 
 
 @dataclass(frozen=True)
 class Sample:
-    index: int
+    item: Incoming
     key: bytes
     record: Record   # a drift_sample.avsc record
 
 
 @dataclass(frozen=True)
 class Rejected:
-    index: int
+    item: Incoming
     reason: str       # short, for machines: the dead-letter header and metric label
     error_class: str  # e.g. DecodeError, ValidationError, TimeoutError
     message: str      # for people
@@ -93,17 +95,15 @@ class Rejected:
 
 @dataclass
 class Outcome:
-    """What became of each record of a batch, by its position in the batch."""
+    """What became of the records of one :meth:`ScoringCore.process` call: those of its batch,
+    and those of earlier batches that waited and are now scored."""
 
-    size: int
+    size: int                                                    # records in the batch
     predictions: list[Scored] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
     dead_letters: list[Rejected] = field(default_factory=list)
-    deferred: list[int] = field(default_factory=list)
-
-    def settled(self) -> set[int]:
-        """Positions with a prediction or a dead letter."""
-        return {p.index for p in self.predictions} | {d.index for d in self.dead_letters}
+    deferred: list[Incoming] = field(default_factory=list)       # of the batch, now waiting
+    expired: int = 0  # orders scored because the reference wait ran out
 
 
 @dataclass(frozen=True)
@@ -115,48 +115,126 @@ class CoreConfig:
     deadline_s: float = 30.0          # hooks of one batch, together
 
 
+class Gate(Protocol):
+    """Decides when an order may be scored (consumer/reference.py: the event-time rule)."""
+
+    def admit(self, partitions: np.ndarray, timestamps_ms: np.ndarray, waited_s: np.ndarray,
+              now: float) -> tuple[np.ndarray, np.ndarray]:
+        """(ready, expired) bool arrays: score now, or score now because the wait ran out."""
+
+    def scored(self, partitions: np.ndarray, timestamps_ms: np.ndarray) -> None:
+        """These orders were scored."""
+
+
+@dataclass
+class _Waiting:
+    item: Incoming
+    record: Record
+    since: float  # monotonic seconds when it was first held
+
+
 class ScoringCore:
     """Score batches with ``model`` and ``reference``. ``checks`` run in order before scoring
     (validation first); hooks wrapped in a :class:`HookRunner` run under the batch's deadline,
-    others inline. ``observers`` run after. ``clock`` gives UTC milliseconds."""
+    others inline. ``observers`` run after. ``gate``: when orders may be scored; without one,
+    at once. ``clock`` gives UTC milliseconds, ``monotonic`` seconds."""
 
     def __init__(self, model: Model, reference: ReferenceTables, orders: Codec, *,
                  config: CoreConfig, checks: Sequence[CheckHook | HookRunner] = (),
-                 observers: Sequence[HookRunner] = (),
+                 observers: Sequence[HookRunner] = (), gate: Gate | None = None,
                  clock: Callable[[], int] = lambda: int(time.time() * 1000),
-                 log: Any = None) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, log: Any = None) -> None:
         self.model = model
         self.reference = reference
         self.orders = orders
         self.config = config
         self.checks = list(checks)
         self.observers = list(observers)
+        self.gate = gate
         self.clock = clock
+        self.monotonic = monotonic
         self.class_names = [str(c) for c in model.classes]
         self.log = log or structlog.get_logger("core")
         self._zip_warned = False
+        # Orders that passed their checks and wait for the reference streams, by partition.
+        self.waiting: dict[int, list[_Waiting]] = {}
 
     def process(self, batch: Sequence[Incoming]) -> Outcome:
-        """Every record of ``batch`` ends in exactly one place of the returned Outcome.
+        """Every record of ``batch`` ends in exactly one place of the returned Outcome (or
+        waits, in ``deferred``, to be scored by a later call); waiting orders from earlier
+        calls that are now ready are scored too. Call it with an empty batch to score those.
 
         Raises only what is no record's fault: RegistryUnavailable (the Schema Registry is
         down), or a bug."""
-        deadline = time.monotonic() + self.config.deadline_s
+        now = self.monotonic()
+        deadline = now + self.config.deadline_s
         outcome = Outcome(len(batch))
-        positions: list[int] = []
+        items: list[Incoming] = []
         records: list[Record] = []
-        for index, item in enumerate(batch):
+        for item in batch:
             try:
                 records.append(self._decode(item))
             except BadRecord as exc:
-                self._reject(outcome, batch, index, exc.reason, type(exc).__name__, exc.message)
+                self._reject(outcome, item, exc.reason, type(exc).__name__, exc.message)
                 continue
-            positions.append(index)
+            items.append(item)
         for hook in self.checks:
-            positions, records = self._check(hook, outcome, batch, positions, records, deadline)
-        if records:
-            self._score(outcome, batch, positions, records, deadline)
+            items, records = self._check(hook, outcome, items, records, deadline)
+        held = [w for waiting in self.waiting.values() for w in waiting]
+        held += [_Waiting(item, record, now) for item, record in zip(items, records,
+                                                                      strict=True)]
+        if held:
+            self._admit(outcome, held, now, deadline, fresh=len(items))
         return outcome
+
+    def _admit(self, outcome: Outcome, held: list[_Waiting], now: float, deadline: float,
+               fresh: int) -> None:
+        """Score what the gate lets through; keep the rest waiting."""
+        if self.gate is None:
+            ready, expired = np.ones(len(held), dtype=bool), np.zeros(len(held), dtype=bool)
+        else:
+            partitions = np.fromiter((_partition(w.item) for w in held), np.int64, len(held))
+            timestamps = np.fromiter((w.record["timestamp_ms"] for w in held), np.int64,
+                                     len(held))
+            waited = np.fromiter((now - w.since for w in held), np.float64, len(held))
+            ready, expired = self.gate.admit(partitions, timestamps, waited, now)
+        go = ready | expired
+        self.waiting = {}
+        for w, keep in zip(held, (~go).tolist(), strict=True):
+            if keep:
+                self.waiting.setdefault(_partition(w.item), []).append(w)
+        first_fresh = len(held) - fresh  # the batch's own orders come last in ``held``
+        outcome.deferred = [w.item for w, keep in zip(held[first_fresh:],
+                                                      (~go)[first_fresh:].tolist(), strict=True)
+                            if keep]
+        metrics.WAITING_ORDERS.set(sum(len(w) for w in self.waiting.values()))
+        if go.any():
+            rows = np.flatnonzero(go).tolist()
+            self._score(outcome, [held[i].item for i in rows], [held[i].record for i in rows],
+                        expired[rows], deadline)
+
+    def drop(self, partitions: Sequence[int]) -> int:
+        """Forget the waiting orders of revoked partitions (uncommitted: their new owner reads
+        them); returns how many."""
+        dropped = sum(len(self.waiting.pop(p, [])) for p in partitions)
+        metrics.WAITING_ORDERS.set(sum(len(w) for w in self.waiting.values()))
+        return dropped
+
+    def waiting_offsets(self) -> dict[tuple[str, int], int]:
+        """(topic, partition) -> the lowest offset of an order still waiting there: offsets
+        from it on must not be committed."""
+        lowest: dict[tuple[str, int], int] = {}
+        for waiting in self.waiting.values():
+            for w in waiting:
+                source = w.item.source
+                if source is not None:
+                    key = (source.topic, source.partition)
+                    lowest[key] = min(lowest.get(key, source.offset), source.offset)
+        return lowest
+
+    def waiting_counts(self) -> dict[int, int]:
+        """Partition -> orders waiting there."""
+        return {p: len(w) for p, w in self.waiting.items() if w}
 
     # -- decode and check ------------------------------------------------------------------
 
@@ -169,13 +247,12 @@ class ScoringCore:
                                  f"{self.config.max_message_bytes}")
         return self.orders.decode(item.value)
 
-    def _check(self, hook: CheckHook | HookRunner, outcome: Outcome, batch: Sequence[Incoming],
-               positions: list[int], records: list[Record], deadline: float
-               ) -> tuple[list[int], list[Record]]:
+    def _check(self, hook: CheckHook | HookRunner, outcome: Outcome, items: list[Incoming],
+               records: list[Record], deadline: float) -> tuple[list[Incoming], list[Record]]:
         """Run one check hook; reject what it rejects, and what it has not finished by
         ``deadline`` (monotonic seconds); return what it lets through."""
         if not records:
-            return positions, records
+            return items, records
         name = hook.name if isinstance(hook, HookRunner) else hook_name(hook)
         try:
             rejections = {r.index: r for r in _call_check(hook, records, deadline)}
@@ -197,10 +274,10 @@ class ScoringCore:
             if 0 <= index < len(records):
                 error_class = "TimeoutError" if rejection.reason == "timeout" \
                     else "ValidationError"
-                self._reject(outcome, batch, positions[index], rejection.reason, error_class,
+                self._reject(outcome, items[index], rejection.reason, error_class,
                              rejection.message)
         kept = [i for i in range(len(records)) if i not in rejections]
-        return [positions[i] for i in kept], [records[i] for i in kept]
+        return [items[i] for i in kept], [records[i] for i in kept]
 
     def _timed_out(self, name: str, exc: HookTimeout, indices: range) -> dict[int, Rejection]:
         metrics.HOOK_TIMEOUTS.labels(name).inc()
@@ -209,32 +286,37 @@ class ScoringCore:
 
     # -- score -----------------------------------------------------------------------------
 
-    def _score(self, outcome: Outcome, batch: Sequence[Incoming], positions: list[int],
-               records: list[Record], deadline: float) -> None:
+    def _score(self, outcome: Outcome, items: list[Incoming], records: list[Record],
+               expired: np.ndarray, deadline: float) -> None:
         orders = OrderColumns.from_records(records)
+        partitions = np.fromiter((_partition(i) for i in items), np.int64, len(items))
         try:
-            features = orders.features(self.reference)
+            features = orders.features(self.reference, partitions)
             recommendations, proba = self.model.predict(features)
         except Exception as exc:
             if len(records) > 1:  # find the record(s) to blame; the rest are scored as usual
-                for i, (position, record) in enumerate(zip(positions, records, strict=True)):
-                    if time.monotonic() > deadline:
-                        for late in positions[i:]:
-                            self._reject(outcome, batch, late, "timeout", "TimeoutError",
+                for i, (item, record) in enumerate(zip(items, records, strict=True)):
+                    if self.monotonic() > deadline:
+                        for late in items[i:]:
+                            self._reject(outcome, late, "timeout", "TimeoutError",
                                          "not scored within the processing deadline while "
                                          "the batch was re-scored order by order")
                         return
-                    self._score(outcome, batch, [position], [record], deadline)
+                    self._score(outcome, [item], [record], expired[i:i + 1], deadline)
                 return
-            self._reject(outcome, batch, positions[0], "scoring_failed", type(exc).__name__,
-                         str(exc))
+            self._reject(outcome, items[0], "scoring_failed", type(exc).__name__, str(exc))
             return
+        if self.gate is not None:
+            self.gate.scored(partitions, orders.timestamp_ms)
+        if expired.any():
+            outcome.expired += int(expired.sum())
+            metrics.REFERENCE_WAIT_EXPIRED.inc(int(expired.sum()))
         self._count_unknown_zips(orders.zip_code)
         scored_at = self.clock()
         labels = recommendations.tolist()
-        published = [self._published_at(batch[p], scored_at) for p in positions]
-        self._records(outcome, batch, positions, orders, features, labels, proba.tolist(),
-                      scored_at)
+        published = [self._published_at(item, scored_at) for item in items]
+        self._records(outcome, items, orders, features, labels, proba.tolist(),
+                      expired.tolist(), scored_at)
         if self.observers:
             scored = ScoredBatch(orders, features, labels, proba, published, scored_at)
             for runner in self.observers:
@@ -251,17 +333,17 @@ class ScoringCore:
     def _published_at(item: Incoming, scored_at: int) -> int:
         return item.source.timestamp_ms if item.source is not None else scored_at
 
-    def _records(self, outcome: Outcome, batch: Sequence[Incoming], positions: list[int],
-                 orders: OrderColumns, features: FeatureBatch, recommendations: list[str],
-                 proba: list[list[float]], scored_at: int) -> None:
+    def _records(self, outcome: Outcome, items: list[Incoming], orders: OrderColumns,
+                 features: FeatureBatch, recommendations: list[str],
+                 proba: list[list[float]], expired: list[bool], scored_at: int) -> None:
         """The prediction of every scored order, and the drift samples."""
         version = self.model.version
         classes = self.class_names
         timestamps = orders.timestamp_ms.tolist()
         feature_records = features.records()
-        for i, position in enumerate(positions):
-            source = batch[position].source
-            outcome.predictions.append(Scored(position, orders.order_id[i].encode(), {
+        for i, item in enumerate(items):
+            source = item.source
+            outcome.predictions.append(Scored(item, orders.order_id[i].encode(), {
                 "order_id": orders.order_id[i],
                 "customer_id": orders.customer_id[i],
                 "recommendation": recommendations[i],
@@ -274,12 +356,13 @@ class ScoringCore:
                 "order_published_at_ms": source.timestamp_ms if source else scored_at,
                 "order_partition": source.partition if source else -1,
                 "order_offset": source.offset if source else -1,
+                "reference_wait_expired": expired[i],
             }))
         for recommendation, count in Counter(recommendations).items():
             metrics.PREDICTIONS.labels(recommendation).inc(count)
 
         for i in sampled_indices(orders.order_id, self.config.sample_rate):
-            outcome.samples.append(Sample(positions[i], orders.order_id[i].encode(), {
+            outcome.samples.append(Sample(items[i], orders.order_id[i].encode(), {
                 "order": {"order_id": orders.order_id[i], "customer_id": orders.customer_id[i],
                           "timestamp_ms": timestamps[i], "sku_code": orders.sku_code[i],
                           "zip_code": orders.zip_code[i]},
@@ -304,14 +387,19 @@ class ScoringCore:
                 self._zip_warned = True
                 self.log.warning("zip_codes_look_truncated", detail=warning)
 
-    def _reject(self, outcome: Outcome, batch: Sequence[Incoming], index: int, reason: str,
-                error_class: str, message: str) -> None:
-        outcome.dead_letters.append(Rejected(index, reason, error_class, message))
+    def _reject(self, outcome: Outcome, item: Incoming, reason: str, error_class: str,
+                message: str) -> None:
+        outcome.dead_letters.append(Rejected(item, reason, error_class, message))
         metrics.DEAD_LETTERS.labels(reason).inc()
-        source = batch[index].source
+        source = item.source
         self.log.warning("dead_lettered", reason=reason, error=message[:200],
                          partition=source.partition if source else None,
                          offset=source.offset if source else None)
+
+
+def _partition(item: Incoming) -> int:
+    """The orders partition a record was read from; -1 for one read from no partition."""
+    return item.source.partition if item.source is not None else -1
 
 
 def _call_check(hook: CheckHook | HookRunner, records: list[Record], deadline: float

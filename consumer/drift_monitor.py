@@ -278,7 +278,7 @@ class DriftMonitor:
         produce(self.producer, self.topics.drift_reports_topic,
                 key=record["window_id"].encode(), value=self.reports.encode(record),
                 on_delivery=self.committer.on_delivery)
-        self.committer.finish_offsets(
+        self.committer.finish(
             [TopicPartition(self.topics.drift_topic, p, last + 1)
              for p, (_, last) in window.offsets.items()])
         self.metrics.update(result, closed_at_ms)

@@ -7,10 +7,12 @@ with theirs (:mod:`triage.bench.workers`), so every figure compares the same Kaf
 * wait for the first record only (``TRIAGE_BATCH_TIMEOUT_MS``); the batch is whatever is
   fetched by then, up to ``TRIAGE_BATCH_SIZE``, so a lone order goes at once and a backlog in
   bulk;
-* hand the records to the handler, which returns the records to produce (:class:`Output`);
-* produce them, wait until the broker acknowledged every one, then commit the batch's offsets
+* hand the records to the handler, which returns the records to produce (:class:`Output`) and
+  the offsets it has settled (all of the batch, for a plain function; up to the first order
+  still waiting for reference data, for the scorer);
+* produce them, wait until the broker acknowledged every one, then commit those offsets
   (:mod:`triage.consumer.commit`: at-least-once, or one transaction per batch). A crash
-  before the commit means the batch is read again;
+  before the commit means the records are read again;
 * never poll in the middle of a batch: revocation happens only inside ``consume()``, after the
   previous batch was committed; records of a partition revoked by the second ``consume()`` of
   a batch are dropped unhandled, for the new owner to read.
@@ -25,8 +27,9 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import structlog
 from confluent_kafka import Consumer, Message, TopicPartition
@@ -34,7 +37,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from triage.bus.clients import make_consumer, make_producer, produce, records_of
 from triage.bus.settings import ConnectionSettings, ScorerSettings
 from triage.consumer import metrics
-from triage.consumer.commit import AtLeastOnce, ExactlyOnce, transactional_id
+from triage.consumer.commit import AtLeastOnce, ExactlyOnce, next_offsets, transactional_id
 
 Headers = list[tuple[str, bytes]]
 
@@ -49,6 +52,50 @@ class Output(NamedTuple):
 
 
 Handler = Callable[[list[Message]], Sequence[Output]]
+
+
+@dataclass
+class Handled:
+    """What the loop does after a batch: produce ``outputs``, then commit ``commit`` (the next
+    offset to read, per partition), and pause or resume partitions of its topic."""
+
+    outputs: Sequence[Output] = ()
+    commit: list[TopicPartition] = field(default_factory=list)
+    pause: Sequence[int] = ()
+    resume: Sequence[int] = ()
+
+
+class BatchHandler(Protocol):
+    """What a loop hands its batches to. ``pending()``: it has work that needs no new record
+    (orders waiting for reference data), so the loop calls ``handle([])`` on idle turns."""
+
+    def handle(self, records: list[Message]) -> Handled: ...
+
+    def pending(self) -> bool: ...
+
+    def on_assigned(self, partitions: list[int]) -> None: ...
+
+    def on_revoked(self, partitions: list[int]) -> None: ...
+
+
+class PerBatch:
+    """A handler of plain functions: every record of a batch is settled by it, so the loop
+    commits the batch's offsets (the benchmark's comparison workers)."""
+
+    def __init__(self, handle: Handler) -> None:
+        self.function = handle
+
+    def handle(self, records: list[Message]) -> Handled:
+        return Handled(self.function(records), next_offsets(records))
+
+    def pending(self) -> bool:
+        return False
+
+    def on_assigned(self, partitions: list[int]) -> None:
+        pass
+
+    def on_revoked(self, partitions: list[int]) -> None:
+        pass
 
 
 class BatchLoop:
@@ -87,8 +134,14 @@ class BatchLoop:
         """Finish the batch in hand, commit it, leave the group (safe from a signal handler)."""
         self._stop_requested = True
 
-    def run(self, handle: Handler) -> None:
-        """Loop until stopped; leaves the group on the way out, so partitions move at once."""
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
+
+    def run(self, handler: BatchHandler | Handler) -> None:
+        """Loop until stopped; leaves the group on the way out, so partitions move at once.
+        ``handler``: a :class:`BatchHandler`, or a function of a batch to its outputs."""
+        self.handler = handler if not callable(handler) else PerBatch(handler)
         self.consumer.subscribe([self.topic], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
         timeout_s = self.scorer.batch_timeout_ms / 1000.0
@@ -102,8 +155,8 @@ class BatchLoop:
                     batch += self.consumer.consume(batch_size - 1, 0)
                 if self._revoked_now:  # revoked by the second consume(): no longer ours
                     batch = [m for m in batch if m.partition() not in self._revoked_now]
-                if batch:
-                    self._process(handle, batch)
+                if batch or self.handler.pending():
+                    self._process(batch)
                 now = time.monotonic()
                 if now - last_status >= 1.0:
                     self._write_status()
@@ -116,23 +169,34 @@ class BatchLoop:
             self.consumer.close()
             self.producer.flush(10.0)
 
-    def _process(self, handle: Handler, batch: list[Message]) -> None:
+    def _process(self, batch: list[Message]) -> None:
         started = time.perf_counter()
-        self.committer.begin()
         records = records_of(batch, self.log)
-        on_delivery = self.committer.on_delivery
-        for topic, key, value, headers in handle(records):
-            produce(self.producer, topic, key=key, value=value, headers=headers,
-                    on_delivery=on_delivery)
-        self.committer.finish(records)
+        handled = self.handler.handle(records)
         self.consumed += len(records)
-        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        if handled.outputs or handled.commit:
+            self.committer.begin()
+            on_delivery = self.committer.on_delivery
+            for topic, key, value, headers in handled.outputs:
+                produce(self.producer, topic, key=key, value=value, headers=headers,
+                        on_delivery=on_delivery)
+            self.committer.finish(handled.commit)
+        if handled.pause:
+            self.consumer.pause([TopicPartition(self.topic, p) for p in handled.pause])
+            self.log.info("partitions_paused", partitions=sorted(handled.pause),
+                          note="too many orders wait for reference data")
+        if handled.resume:
+            self.consumer.resume([TopicPartition(self.topic, p) for p in handled.resume])
+            self.log.info("partitions_resumed", partitions=sorted(handled.resume))
+        if records:
+            metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
 
     # -- group membership ------------------------------------------------------------------
     # Callbacks receive only the partitions that change (cooperative-sticky is incremental).
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned |= {p.partition for p in partitions}
+        self.handler.on_assigned(sorted(p.partition for p in partitions))
         self.log.info("partitions_assigned", partitions=sorted(p.partition for p in partitions),
                       now_owned=sorted(self.assigned))
         self._write_status()
@@ -142,6 +206,7 @@ class BatchLoop:
         # nothing delivered is left uncommitted when the partitions go.
         self.assigned -= {p.partition for p in partitions}
         self._revoked_now |= {p.partition for p in partitions}
+        self.handler.on_revoked(sorted(p.partition for p in partitions))
         self.log.info("partitions_revoked", partitions=sorted(p.partition for p in partitions),
                       now_owned=sorted(self.assigned))
         self._write_status()
@@ -149,6 +214,7 @@ class BatchLoop:
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned -= {p.partition for p in partitions}
         self._revoked_now |= {p.partition for p in partitions}
+        self.handler.on_revoked(sorted(p.partition for p in partitions))
         self.log.warning("partitions_lost", partitions=sorted(p.partition for p in partitions))
         self._write_status()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 CONSUMED = Counter("triage_records_consumed_total", "Order records consumed.")
 PREDICTIONS = Counter("triage_predictions_total", "Predictions produced.", ["recommendation"])
@@ -16,6 +16,18 @@ HOOK_TIMEOUTS = Counter("triage_hook_timeouts_total",
 UNKNOWN_ZIPS = Counter("triage_unknown_zip_codes_total",
                        "Orders to a zip code the reference data does not know (scored as not "
                        "served).")
+REFERENCE_APPLIED = Counter("triage_reference_events_total",
+                            "Reference events applied to the worker's tables.", ["stream"])
+REFERENCE_LATE = Counter("triage_reference_late_events_total",
+                         "Reference events that arrived after orders they apply to were scored.",
+                         ["stream"])
+REFERENCE_DEAD_LETTERS = Counter("triage_reference_dead_letters_total",
+                                 "Reference records sent to the reference dead-letter topic.",
+                                 ["stream", "reason"])
+REFERENCE_WAIT_EXPIRED = Counter("triage_reference_wait_expired_total",
+                                 "Orders scored because TRIAGE_REFERENCE_MAX_WAIT_MS ran out.")
+WAITING_ORDERS = Gauge("triage_waiting_orders",
+                       "Orders consumed and waiting for the reference streams to pass them.")
 BATCH_SECONDS = Histogram("triage_batch_seconds", "Time to score, deliver and commit a batch.",
                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 

@@ -13,14 +13,17 @@ batch with ``--exactly-once``.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
-from confluent_kafka import Message
+from confluent_kafka import Message, TopicPartition
 
 from triage.bus.clients import (
     PRODUCER_MAX_MESSAGE_BYTES,
+    Source,
+    produce,
     source_of,
     topic_max_message_bytes,
 )
@@ -28,7 +31,8 @@ from triage.bus.settings import ScorerSettings, Settings
 from triage.consumer import metrics
 from triage.consumer.core import CoreConfig, Incoming, Outcome, ScoringCore, split_hooks
 from triage.consumer.deadletter import dead_letter_headers, fit_dead_letter
-from triage.consumer.loop import BatchLoop, Output
+from triage.consumer.loop import BatchLoop, Handled, Output
+from triage.consumer.reference import ReferenceFeed, ReferenceReader
 from triage.consumer.validation import OrderValidator
 from triage.model.artifact import Model
 from triage.model.reference import ReferenceTables
@@ -42,17 +46,25 @@ class ScorerStats:
     sampled: int = 0
     dead_lettered: Counter[str] = field(default_factory=Counter)
     batches: int = 0
+    expired: int = 0  # scored because the reference wait ran out
 
     def count(self, outcome: Outcome) -> None:
         self.consumed += outcome.size
+        self.expired += outcome.expired
         self.predicted += len(outcome.predictions)
         self.sampled += len(outcome.samples)
         self.dead_lettered.update(d.reason for d in outcome.dead_letters)
-        self.batches += 1
+        self.batches += 1 if outcome.size else 0  # idle turns (reference polls) are no batch
+
+    @property
+    def settled(self) -> int:
+        """Records that ended as a prediction or a dead letter (consumed ones may wait)."""
+        return self.predicted + sum(self.dead_lettered.values())
 
     def as_dict(self) -> dict[str, object]:
         return {"consumed": self.consumed, "predicted": self.predicted, "sampled": self.sampled,
-                "dead_lettered": dict(self.dead_lettered), "batches": self.batches}
+                "dead_lettered": dict(self.dead_lettered), "batches": self.batches,
+                "reference_wait_expired": self.expired}
 
 
 def core_config(scorer: ScorerSettings) -> CoreConfig:
@@ -64,34 +76,46 @@ def core_config(scorer: ScorerSettings) -> CoreConfig:
 class Scorer:
     """One worker's scorer: ``run()`` until ``request_stop()``; counts in ``stats``.
 
-    ``extra_hooks``: the hooks of ``TRIAGE_HOOKS``, run after the built-in validation under
-    the batch's deadline."""
+    ``snapshot``: the reference tables loaded from CSVs (``--reference``), or None to start
+    from nothing. With ``live_reference`` (the default) the worker reads the reference streams
+    on top (consumer/reference.py) and orders wait for them by event time; without, it scores
+    with the snapshot alone, at once. ``extra_hooks``: the hooks of ``TRIAGE_HOOKS``, run after
+    the built-in validation under the batch's deadline."""
 
-    def __init__(self, settings: Settings, model: Model, reference: ReferenceTables,
+    def __init__(self, settings: Settings, model: Model, snapshot: ReferenceTables | None,
                  worker_id: str = "0", status_file: Path | None = None,
-                 extra_hooks: list[object] | None = None) -> None:
+                 extra_hooks: list[object] | None = None, live_reference: bool = True) -> None:
         self.settings = settings
         connection, topics = settings.connection, settings.topics
         self.topics = topics
         self.model = model
         self.log = structlog.get_logger("scorer").bind(worker=worker_id)
         self.worker_id = worker_id
+        tables = snapshot if snapshot is not None else ReferenceTables.empty()
+        validator = OrderValidator(settings.validation)
+        self.feed = ReferenceFeed(tables, settings.reference, validator,
+                                  snapshot=snapshot is not None, log=self.log)
+        self.reader = ReferenceReader(connection, topics, self.feed, log=self.log) \
+            if live_reference else None
         checks, observers = split_hooks(extra_hooks or [])
         self.core = ScoringCore(
-            model, reference, codec_for(connection, "order", topics.orders_topic),
-            config=core_config(settings.scorer),
-            checks=[OrderValidator(settings.validation), *checks],
-            observers=observers, log=self.log)
+            model, tables, codec_for(connection, "order", topics.orders_topic),
+            config=core_config(settings.scorer), checks=[validator, *checks],
+            observers=observers, gate=self.feed if live_reference else None, log=self.log)
         self.predictions = codec_for(connection, "prediction", topics.predictions_topic)
         self.samples = codec_for(connection, "drift_sample", topics.drift_topic)
         # The largest dead letter the producer and the dead-letter topic both accept.
         topic_limit = topic_max_message_bytes(connection, topics.dlq_topic)
         self.dead_letter_limit = min(PRODUCER_MAX_MESSAGE_BYTES,
                                      topic_limit or PRODUCER_MAX_MESSAGE_BYTES)
+        self.max_waiting = settings.reference.max_waiting_orders
         self.stats = ScorerStats()
         self.loop = BatchLoop(connection, settings.scorer, topics.orders_topic,
                               worker_id=worker_id, status_file=status_file,
                               log=self.log, progress=self.stats.as_dict)
+        self._consumed_upto: dict[tuple[str, int], int] = {}
+        self._committed: dict[tuple[str, int], int] = {}
+        self._paused: set[int] = set()
 
     @property
     def assigned(self) -> set[int]:
@@ -105,36 +129,120 @@ class Scorer:
         return self.loop.lag()
 
     def run(self) -> ScorerStats:
+        """Restore the global reference tables, then score until stopped. Raises
+        ConfigurationError if payments is not co-partitioned with orders."""
+        self.log.info("worker_starting", topic=self.topics.orders_topic,
+                      model_version=self.model.version,
+                      live_reference=self.reader is not None,
+                      reference_snapshot_records=self.feed.tables.size)
+        if self.reader is not None:
+            self.reader.start(stop=lambda: self.loop.stop_requested)
+            if self.loop.stop_requested:  # asked to stop while the brokers were being asked
+                return self.stats
+            self.reader.check_copartitioned(self.topics.orders_topic)
+            letters = self.reader.restore(stop=lambda: self.loop.stop_requested)
+            if letters:  # dead letters met while restoring, before the loop runs
+                for output in self._reference_letters(letters):
+                    produce(self.loop.producer, output.topic, key=output.key,
+                            value=output.value, headers=output.headers)
+                self.loop.producer.flush(60.0)
         self.log.info("worker_started", topic=self.topics.orders_topic,
                       group=self.settings.scorer.group_id, model_version=self.model.version,
-                      exactly_once=self.loop.committer.transactional)
+                      exactly_once=self.loop.committer.transactional,
+                      live_reference=self.reader is not None)
         try:
-            self.loop.run(self.handle)
+            self.loop.run(self)
         finally:
+            if self.reader is not None:
+                self.reader.close()
             self.log.info("worker_stopped", **self.stats.as_dict())
         return self.stats
 
-    def handle(self, records: list[Message]) -> list[Output]:
-        """One consumed batch -> the records to produce for it."""
+    # -- the loop's handler ----------------------------------------------------------------
+
+    def pending(self) -> bool:
+        """Reference records may arrive and waiting orders become ready with no new order."""
+        return self.reader is not None
+
+    def handle(self, records: list[Message]) -> Handled:
+        """One consumed batch (maybe empty) -> the records to produce, the offsets settled,
+        and the partitions to pause or resume."""
+        out = self._reference_letters(self.reader.poll()) if self.reader is not None else []
         sources = [source_of(m) for m in records]
+        for source in sources:
+            key = (source.topic, source.partition)
+            self._consumed_upto[key] = max(self._consumed_upto.get(key, -1), source.offset)
         outcome = self.core.process([Incoming(m.value(), m.key(), source)
                                      for m, source in zip(records, sources, strict=True)])
         encode_prediction, encode_sample = self.predictions.encode, self.samples.encode
         topics = self.topics
-        out = [Output(topics.predictions_topic, p.key, encode_prediction(p.record))
-               for p in outcome.predictions]
+        out += [Output(topics.predictions_topic, p.key, encode_prediction(p.record))
+                for p in outcome.predictions]
         out += [Output(topics.drift_topic, s.key, encode_sample(s.record))
                 for s in outcome.samples]
         for letter in outcome.dead_letters:
-            msg = records[letter.index]
-            # Fitted to what the producer and the topic accept: a dead letter that cannot be
-            # sent would stop the loop on the very record it is about.
-            key, value, headers = fit_dead_letter(
-                msg.key(), msg.value(),
-                dead_letter_headers(sources[letter.index], letter.reason, letter.error_class,
-                                    letter.message, self.worker_id),
-                self.dead_letter_limit)
-            out.append(Output(topics.dlq_topic, key, value, headers))
+            item, origin = letter.item, letter.item.source
+            assert origin is not None and not isinstance(item.value, Mapping)  # from Kafka
+            out.append(self._dead_letter(topics.dlq_topic, origin, item.key, item.value,
+                                         letter.reason, letter.error_class, letter.message))
         self.stats.count(outcome)
         metrics.CONSUMED.inc(outcome.size)
-        return out
+        pause, resume = self._flow_control()
+        return Handled(out, self._settled_offsets(), pause, resume)
+
+    def _settled_offsets(self) -> list[TopicPartition]:
+        """Per partition, the next offset to commit: past every consumed order, except that an
+        order still waiting, and all after it, stay uncommitted."""
+        waiting = self.core.waiting_offsets()
+        commit = []
+        for key, upto in self._consumed_upto.items():
+            target = min(waiting.get(key, upto + 1), upto + 1)
+            if target > self._committed.get(key, -1):
+                commit.append(TopicPartition(key[0], key[1], target))
+                self._committed[key] = target
+        return commit
+
+    def _flow_control(self) -> tuple[list[int], list[int]]:
+        """Pause a partition whose waiting orders reach the maximum; resume at half."""
+        counts = self.core.waiting_counts()
+        pause = [p for p, n in counts.items() if n >= self.max_waiting and p not in self._paused]
+        resume = [p for p in self._paused if counts.get(p, 0) < self.max_waiting // 2]
+        self._paused = (self._paused | set(pause)) - set(resume)
+        return pause, resume
+
+    def on_assigned(self, partitions: list[int]) -> None:
+        if self.reader is not None:
+            self.reader.assign_payments(partitions)
+
+    def on_revoked(self, partitions: list[int]) -> None:
+        dropped = self.core.drop(partitions)
+        if dropped:
+            self.log.info("waiting_orders_dropped", orders=dropped, partitions=partitions,
+                          note="uncommitted: the partitions' new owner reads them again")
+        if self.reader is not None:
+            self.reader.revoke_payments(partitions)
+        gone = set(partitions)
+        for table in (self._consumed_upto, self._committed):
+            for key in [k for k in table if k[1] in gone]:
+                del table[key]
+        self._paused -= gone
+
+    def _reference_letters(self, letters: list[tuple[Source, bytes | None, bytes | None, str,
+                                                     str]]) -> list[Output]:
+        return [self._dead_letter(self.topics.reference_dlq_topic, source, key, value, reason,
+                                  "ValidationError" if reason in VALIDATION_REASONS
+                                  else "DecodeError", message)
+                for source, key, value, reason, message in letters]
+
+    def _dead_letter(self, topic: str, source: Source, key: bytes | None, value: bytes | None,
+                     reason: str, error_class: str, message: str) -> Output:
+        # Fitted to what the producer and the topic accept: a dead letter that cannot be sent
+        # would stop the loop on the very record it is about.
+        key, value, headers = fit_dead_letter(
+            key, value, dead_letter_headers(source, reason, error_class, message,
+                                            self.worker_id),
+            self.dead_letter_limit)
+        return Output(topic, key, value, headers)
+
+
+VALIDATION_REASONS = frozenset({"missing_field", "invalid_field", "invalid_timestamp"})

@@ -62,7 +62,7 @@ class _Slot:
 class Supervisor:
     settings: Settings          # bootstrap already resolved: workers need no state file
     model_dir: Path
-    reference_dir: Path
+    reference_dir: Path | None  # a CSV snapshot for every worker, or None
     workers: int
     autoscaler: Autoscaler | None = None
     scale_interval_s: float = 5.0
@@ -91,7 +91,8 @@ class Supervisor:
         env = worker_env(self.settings)
         slot.process = subprocess.Popen(
             [sys.executable, "-m", "triage.consumer.worker", "--model", str(self.model_dir),
-             "--reference", str(self.reference_dir), "--worker-id", slot.worker_id,
+             *(["--reference", str(self.reference_dir)] if self.reference_dir else []),
+             "--worker-id", slot.worker_id,
              "--status-file", str(self._status_file(slot)),
              "--supervisor-pid", str(os.getpid())],
             env=env, stdin=subprocess.DEVNULL)

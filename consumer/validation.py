@@ -35,21 +35,31 @@ class OrderValidator:
     def problem(self, order: dict[str, Any], now_ms: int) -> tuple[str, str] | None:
         """(reason, message) for the first thing wrong with ``order``, or None."""
         for name in STRING_FIELDS:
-            value = order[name]
-            if not value or value.isspace():
-                return "missing_field", f"{name} is empty"
-            if len(value) > self.max_length:
-                return "invalid_field", f"{name} has {len(value)} characters, most allowed " \
-                                        f"{self.max_length}"
-            if not value.isprintable() or value != value.strip():
-                return "invalid_field", f"{name} {value[:40]!r} has unprintable characters or " \
-                                        "surrounding white space"
-        ts = order["timestamp_ms"]
+            found = self.text_problem(name, order[name])
+            if found is not None:
+                return found
+        return self.time_problem("timestamp_ms", order["timestamp_ms"], now_ms)
+
+    def text_problem(self, name: str, value: str) -> tuple[str, str] | None:
+        """An id or code that is empty, too long, unprintable or padded: (reason, message)."""
+        if not value or value.isspace():
+            return "missing_field", f"{name} is empty"
+        if len(value) > self.max_length:
+            return "invalid_field", f"{name} has {len(value)} characters, most allowed " \
+                                    f"{self.max_length}"
+        if not value.isprintable() or value != value.strip():
+            return "invalid_field", f"{name} {value[:40]!r} has unprintable characters or " \
+                                    "surrounding white space"
+        return None
+
+    def time_problem(self, name: str, ts: int, now_ms: int | None) -> tuple[str, str] | None:
+        """A time (UTC ms) before the earliest allowed, or (unless ``now_ms`` is None) too far
+        ahead of the clock: (reason, message)."""
         if ts < self.earliest_ms:
-            return "invalid_timestamp", f"timestamp_ms {ts} is before the earliest allowed " \
+            return "invalid_timestamp", f"{name} {ts} is before the earliest allowed " \
                                         f"{self.earliest_ms}"
-        if ts > now_ms + self.max_future_ms:
-            return "invalid_timestamp", f"timestamp_ms {ts} is more than " \
+        if now_ms is not None and ts > now_ms + self.max_future_ms:
+            return "invalid_timestamp", f"{name} {ts} is more than " \
                                         f"{self.max_future_ms // 1000} s in the future"
         return None
 

@@ -1,4 +1,7 @@
-"""One scorer worker process: ``python -m triage.consumer.worker --model DIR --reference DIR``.
+"""One scorer worker process: ``python -m triage.consumer.worker --model DIR [--reference DIR]``.
+
+``--reference DIR``: load the reference CSVs as a snapshot first; the live reference streams
+apply on top either way (consumer/reference.py).
 
 Settings come from the ``TRIAGE_*`` environment the supervisor passes down. Exit status: 0 after
 a requested stop (SIGTERM/SIGINT: finish the batch, commit, leave the group), 1 after an
@@ -53,7 +56,7 @@ def watch_parent(supervisor_pid: int, on_gone: Callable[[], None],
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="triage.consumer.worker")
     parser.add_argument("--model", required=True)
-    parser.add_argument("--reference", required=True)
+    parser.add_argument("--reference", help="directory of the reference CSVs (a snapshot)")
     parser.add_argument("--worker-id", default="0")
     parser.add_argument("--status-file", type=Path,
                         help="where to keep this worker's assigned partitions (JSON)")
@@ -85,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             stop("supervisor_gone")
     try:
         model = artifact.load(args.model)
-        reference = ReferenceTables.load(args.reference, encoding=settings.csv_encoding)
-        for warning in zip_code_warnings(reference.zips.keys()):
+        reference = ReferenceTables.load(args.reference, encoding=settings.csv_encoding) \
+            if args.reference else None
+        for warning in zip_code_warnings(reference.zips.keys()) if reference else ():
             log.warning("zip_codes_look_truncated", detail=warning)
         scorer = Scorer(settings, model, reference, worker_id=args.worker_id,
                         status_file=args.status_file,

@@ -49,9 +49,16 @@ class PoisonedInventory:
             raise FloatingPointError("feature code exploded")
         return self.table.lookup(keys, times)
 
+    def __len__(self) -> int:
+        return len(self.table)
 
-def run_scorer(scorer: Scorer, expected_consumed: int, timeout_s: float = 180) -> Counter:
-    """Run the loop in a thread until it has consumed ``expected_consumed``; then stop it."""
+    def __getattr__(self, name: str) -> object:  # everything else as the real table
+        return getattr(self.table, name)
+
+
+def run_scorer(scorer: Scorer, expected: int, timeout_s: float = 180) -> Counter:
+    """Run the loop in a thread until ``expected`` records are settled (predicted or
+    dead-lettered); then stop it."""
     failure: list[BaseException] = []
 
     def target() -> None:
@@ -63,8 +70,8 @@ def run_scorer(scorer: Scorer, expected_consumed: int, timeout_s: float = 180) -
     thread = threading.Thread(target=target)
     thread.start()
     deadline = time.monotonic() + timeout_s
-    while scorer.stats.consumed < expected_consumed and thread.is_alive():
-        assert time.monotonic() < deadline, f"consumed only {scorer.stats.consumed}"
+    while scorer.stats.settled < expected and thread.is_alive():
+        assert time.monotonic() < deadline, f"settled only {scorer.stats.as_dict()}"
         thread.join(0.2)
     scorer.request_stop()
     thread.join(60)

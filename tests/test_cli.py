@@ -96,9 +96,11 @@ def test_produce_rejects_a_bad_timestamp_before_connecting(tmp_path: Path) -> No
 
 
 @pytest.mark.integration
-def test_demo_reports_full_agreement(bootstrap: str, tmp_path: Path) -> None:
-    """What `make demo` runs, from a directory with nothing in it yet."""
-    env = clean_env(tmp_path / "state", TRIAGE_BOOTSTRAP_SERVERS=bootstrap)
+def test_demo_reports_full_agreement(settings: Settings, tmp_path: Path) -> None:
+    """What `make demo` runs, from a directory with nothing in it yet (on topics of its own:
+    the broker is shared with the other tests)."""
+    env = clean_env(tmp_path / "state", **{**settings.to_env(), "TRIAGE_LOG_FORMAT": "json",
+                                           "TRIAGE_STATE_DIR": str(tmp_path / "state")})
     result = subprocess.run([*TRIAGE, "demo"], env=env, cwd=tmp_path, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]

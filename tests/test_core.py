@@ -48,12 +48,18 @@ def kafka(values: list[bytes | None]) -> list[Incoming]:
             for i, v in enumerate(values)]
 
 
+def position(item: Incoming) -> int:
+    """Where a record of ``kafka()`` sat in its batch (its offset)."""
+    assert item.source is not None
+    return item.source.offset
+
+
 def where(outcome: Outcome) -> dict[int, str]:
     """Position -> 'prediction' or the dead-letter reason; each position once."""
-    found = {p.index: "prediction" for p in outcome.predictions}
+    found = {position(p.item): "prediction" for p in outcome.predictions}
     for letter in outcome.dead_letters:
-        assert letter.index not in found, letter
-        found[letter.index] = letter.reason
+        assert position(letter.item) not in found, letter
+        found[position(letter.item)] = letter.reason
     assert sorted(found) == list(range(outcome.size)) and not outcome.deferred
     return found
 
@@ -68,9 +74,11 @@ def test_good_orders_are_predicted_exactly_as_offline_with_their_lineage(parts: 
         assert [scored.record["probabilities"][c] for c in model.classes] == row.tolist()
         assert scored.key == scored.record["order_id"].encode()
         assert (scored.record["order_partition"], scored.record["order_offset"]) == (
-            0, scored.index)
-        assert scored.record["order_published_at_ms"] == 1_700_000_000_000 + scored.index
-    sampled = {s.index for s in outcome.samples}
+            0, position(scored.item))
+        assert scored.record["order_published_at_ms"] == 1_700_000_000_000 + position(
+            scored.item)
+        assert scored.record["reference_wait_expired"] is False
+    sampled = {position(s.item) for s in outcome.samples}
     assert sampled == set(sampled_indices([o["order_id"] for o in orders], 0.05))
 
 
@@ -180,8 +188,8 @@ def test_scoring_that_fails_for_one_order_rescoring_the_batch_one_by_one(parts: 
     found = where(outcome)
     assert found[11] == "scoring_failed"
     assert Counter(found.values()) == {"prediction": 29, "scoring_failed": 1}
-    scored = {p.index: p.record for p in outcome.predictions}
+    scored = {position(p.item): p.record for p in outcome.predictions}
     clean = core(parts).process(kafka([CODEC.encode(o) for o in batch[:11]]))
     for p in clean.predictions:  # the rest are scored as they would have been
-        assert np.isclose(scored[p.index]["probabilities"]["Deliver"],
+        assert np.isclose(scored[position(p.item)]["probabilities"]["Deliver"],
                           p.record["probabilities"]["Deliver"])

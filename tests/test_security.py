@@ -69,13 +69,13 @@ def test_a_worker_never_logs_its_password(bootstrap: str, tmp_path: Path, histor
          str(model_dir), "--reference", str(history)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = []
-    for line in worker.stdout:  # read until the worker is up and its clients have tried
+    for line in worker.stdout:  # its clients have tried by then (the DLQ topic's limits)
         output.append(line)
-        if "worker_started" in line:
+        if "worker_starting" in line:
             break
     worker.send_signal(signal.SIGTERM)
-    rest, _ = worker.communicate(timeout=60)
+    rest, _ = worker.communicate(timeout=90)
     output.append(rest)
     text = "".join(output)
-    assert "worker_started" in text
+    assert "worker_starting" in text and "stop_requested" in text
     assert SECRET not in text

@@ -111,13 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
                    help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
 
-    p = commands.add_parser("replay", parents=[common], help="publish orders.csv as orders")
-    p.add_argument("csv", type=Path)
+    p = commands.add_parser(
+        "replay", parents=[common],
+        help="publish orders.csv as orders, or a directory's four CSVs merged in event time")
+    p.add_argument("csv", type=Path, metavar="FILE_OR_DIR",
+                   help="orders.csv, or a directory with the four CSVs")
+    p.add_argument("--streams", help="with a directory: which of orders,payments,inventory,"
+                   "zip_codes to publish (default all)")
     pace = p.add_mutually_exclusive_group()
-    pace.add_argument("--rate", type=float, help="orders per second")
+    pace.add_argument("--rate", type=float, help="records per second (all streams together)")
     pace.add_argument("--speedup", type=float,
                       help="pace by the orders' timestamps; 3600 = an hour of orders per second")
-    p.add_argument("--limit", type=int, help="publish only the first N orders")
+    p.add_argument("--limit", type=int, help="publish only the first N records")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
                    help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
@@ -143,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exactly-once", action="store_true", default=None,
                    help="transactional consume-transform-produce (TRIAGE_EXACTLY_ONCE)")
     p.add_argument("--model", type=Path, required=True, help="model directory")
-    p.add_argument("--reference", type=Path, required=True,
-                   help="directory with inventory.csv, payments.csv, zip_codes.csv")
+    p.add_argument("--reference", type=Path,
+                   help="directory with inventory.csv, payments.csv, zip_codes.csv: loaded "
+                   "first, as a snapshot; the reference topics apply on top either way")
     p.add_argument("--group", dest="group_id", help="consumer group (TRIAGE_GROUP_ID)")
     p.add_argument("--batch-size", type=int, help="orders per batch (TRIAGE_BATCH_SIZE)")
     p.add_argument("--batch-timeout-ms", type=int, help="TRIAGE_BATCH_TIMEOUT_MS")
@@ -333,8 +339,9 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from triage.producer.replay import replay
 
-    summary = replay(settings, args.csv, rate=args.rate, speedup=args.speedup, limit=args.limit,
-                     progress=not args.no_progress)
+    streams = [name.strip() for name in args.streams.split(",")] if args.streams else None
+    summary = replay(settings, args.csv, streams=streams, rate=args.rate, speedup=args.speedup,
+                     limit=args.limit, progress=not args.no_progress)
     print(summary)
     return EXIT_FAILED if summary.failed else 0
 
@@ -365,7 +372,8 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     from triage.model.reference import check_reference_dir
 
     verify(args.model)  # fail here, once, rather than in every worker
-    check_reference_dir(args.reference, settings.csv_encoding)
+    if args.reference:
+        check_reference_dir(args.reference, settings.csv_encoding)
     settings = _resolved(settings)
     log = structlog.get_logger("supervisor")
     autoscaler = None
@@ -388,7 +396,8 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
         log.warning("more_workers_than_partitions", workers=most, partitions=partitions,
                     note=f"{most - partitions} worker(s) will sit idle; add partitions to "
                     f"{settings.topics.orders_topic} to use them")
-    supervisor = Supervisor(settings, args.model.resolve(), args.reference.resolve(), workers,
+    supervisor = Supervisor(settings, args.model.resolve(),
+                            args.reference.resolve() if args.reference else None, workers,
                             autoscaler=autoscaler, scale_interval_s=args.scale_interval)
     signal.signal(signal.SIGTERM, lambda *_: supervisor.request_stop())
     signal.signal(signal.SIGINT, lambda *_: supervisor.request_stop())

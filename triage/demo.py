@@ -1,9 +1,12 @@
 """``triage demo``: the whole path once, on the embedded broker unless one is configured.
 
 Generate 20k orders (or use --data), train (unless the model exists), start the broker and
-create the topics, run 2 workers, replay, wait until every published order has a prediction or
-a dead letter, compare each prediction with offline batch scoring of the same orders, report,
-write results/predictions.jsonl, shut down.
+create the topics, run 2 workers with no reference data of their own, replay the data
+directory (orders and the three reference streams, merged in event time), wait until every
+published order has a prediction or a dead letter, compare each prediction with offline batch
+scoring of the same orders over the complete CSVs (merge_asof's features), report, write
+results/predictions.jsonl, shut down. The workers learn stock, payments and zip roll-outs only
+from the reference topics, as they would from a live store (consumer/reference.py).
 
 Every record ends as exactly one of the two, so the demo waits for either: a bad row (an empty
 or malformed ``order_id``) is dead-lettered by the workers and reported by reason; a row that
@@ -61,6 +64,7 @@ class DemoSummary:
     model_version: str
     output: Path
     dead_letters: dict[str, int] = field(default_factory=dict)  # reason -> records
+    expired: int = 0  # scored before every reference stream had passed them
     skipped: tuple[SkippedRow, ...] = ()
 
     @property
@@ -95,6 +99,8 @@ class DemoSummary:
             "includes the replayed backlog's queueing): "
             + ", ".join(f"{k} {v:.0f} ms" for k, v in self.latency_ms.items()),
             f"duplicate predictions: {self.duplicates}",
+            f"scored before the reference streams had passed them (max wait ran out): "
+            f"{self.expired}",
             f"predictions written to {self.output}",
         ]
         return "\n".join(lines)
@@ -145,18 +151,21 @@ def run_demo(settings: Settings, *, data_dir: Path | None, model_dir: Path,
         for name, outcome in create_topics(settings.connection, settings.topics).items():
             print(f"topic {name}: {outcome}", flush=True)
 
-        supervisor = Supervisor(settings, model_dir.resolve(), data_dir.resolve(), DEMO_WORKERS)
+        supervisor = Supervisor(settings, model_dir.resolve(), None, DEMO_WORKERS)
         supervisor.start()
         stack.callback(supervisor.stop)
         supervisor.wait_until_assigned(
             len(partitions_of(make_admin(settings.connection), settings.topics.orders_topic)))
 
         started_ms = int(time.time() * 1000)
-        print(f"replaying {len(orders)} orders through {DEMO_WORKERS} workers", flush=True)
-        replayed = replay(settings, data_dir / "orders.csv", track=True)
+        print(f"replaying {len(orders)} orders and their reference streams through "
+              f"{DEMO_WORKERS} workers", flush=True)
+        replayed = replay(settings, data_dir, track=True)
         if replayed.failed:
             raise DemoError(f"replay failed: {replayed}")
         positions = [where for where in replayed.positions if where is not None]
+        if len(positions) != len(orders):
+            raise DemoError(f"{len(orders) - len(positions)} orders were not acknowledged")
         with tqdm(total=len(positions), unit="order", desc="scored or dead-lettered",
                   disable=not sys.stderr.isatty()) as bar:
             outcomes = collect_outcomes(settings.connection, settings.topics, set(positions),
@@ -192,6 +201,7 @@ def run_demo(settings: Settings, *, data_dir: Path | None, model_dir: Path,
         latency_ms={f"p{q}": float(np.percentile(latencies, q)) if len(latencies) else 0.0
                     for q in (50, 95, 99)},
         duplicates=sum(len(records) - 1 for records in outcomes.predictions.values()),
+        expired=sum(1 for r in scored if r["reference_wait_expired"]),
         broker=bootstrap,
         model_version=model.version,
         output=output,
