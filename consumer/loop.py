@@ -104,19 +104,22 @@ class BatchLoop:
 
     ``status_file``: where the worker's owned partitions, lag and count of consumed records are
     kept for the supervisor (JSON, rewritten at most once a second and on every rebalance).
-    ``progress``: called every 10 s for a log line of the caller's counts.
+    ``progress``: called every 10 s for a log line of the caller's counts. ``status``: more
+    fields for the status file (the scorer's reference tables and waiting orders).
     """
 
     def __init__(self, connection: ConnectionSettings, scorer: ScorerSettings, topic: str, *,
                  worker_id: str = "0",
                  status_file: Path | None = None, log: Any = None,
-                 progress: Callable[[], dict[str, object]] | None = None) -> None:
+                 progress: Callable[[], dict[str, object]] | None = None,
+                 status: Callable[[], dict[str, object]] | None = None) -> None:
         self.scorer = scorer
         self.topic = topic
         self.worker_id = worker_id
         self.status_file = status_file
         self.log = log or structlog.get_logger("loop").bind(worker=worker_id)
         self.progress = progress
+        self.status = status
         self.consumer = make_consumer(connection, scorer.group_id)
         self.assigned: set[int] = set()
         self.consumed = 0
@@ -234,10 +237,13 @@ class BatchLoop:
 
     def _write_status(self) -> None:
         """Publish partitions, lag and counts for the supervisor (readiness, autoscaling)."""
+        self.write_status(partitions=sorted(self.assigned), lag=self.lag(),
+                          consumed=self.consumed, **(self.status() if self.status else {}))
+
+    def write_status(self, **fields: object) -> None:
+        """Replace the status file with this process's pid and worker id, and ``fields``."""
         if self.status_file is None:
             return
         tmp = self.status_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "worker": self.worker_id,
-                                   "partitions": sorted(self.assigned), "lag": self.lag(),
-                                   "consumed": self.consumed}))
+        tmp.write_text(json.dumps({"pid": os.getpid(), "worker": self.worker_id, **fields}))
         tmp.replace(self.status_file)

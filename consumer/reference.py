@@ -434,12 +434,15 @@ class ReferenceReader:
         return letters
 
     def restore(self, stream_names: Sequence[str] = (INVENTORY, ZIP_CODES),
-                timeout_s: float = 600.0, stop: Callable[[], bool] = lambda: False
+                timeout_s: float = 600.0, stop: Callable[[], bool] = lambda: False,
+                progress: Callable[[], object] = lambda: None
                 ) -> list[tuple[Source, bytes | None, bytes | None, str, str]]:
-        """Read ``stream_names`` up to their high watermarks (logging progress every 2 s),
-        unless ``stop()`` says to give up; returns the dead letters met on the way."""
+        """Read ``stream_names`` up to their high watermarks (logging progress, and calling
+        ``progress()``, every 2 s), unless ``stop()`` says to give up; returns the dead letters
+        met on the way."""
         started = last_log = time.monotonic()
         letters = []
+        progress()
         while not all(self.feed.caught_up(s) for s in stream_names) and not stop():
             letters += self.poll(timeout_s=0.1)
             now = time.monotonic()
@@ -449,6 +452,7 @@ class ReferenceReader:
             if now - last_log >= 2.0:
                 self.log.info("reference_restoring", records=self.feed.tables.size,
                               elapsed_s=round(now - started, 1))
+                progress()
                 last_log = now
         self.log.info("reference_restored", records=self.feed.tables.size,
                       elapsed_s=round(time.monotonic() - started, 2),

@@ -112,7 +112,7 @@ class Scorer:
         self.stats = ScorerStats()
         self.loop = BatchLoop(connection, settings.scorer, topics.orders_topic,
                               worker_id=worker_id, status_file=status_file,
-                              log=self.log, progress=self.stats.as_dict)
+                              log=self.log, progress=self.stats.as_dict, status=self.status)
         self._consumed_upto: dict[tuple[str, int], int] = {}
         self._committed: dict[tuple[str, int], int] = {}
         self._paused: set[int] = set()
@@ -140,7 +140,10 @@ class Scorer:
             if self.loop.stop_requested:  # asked to stop while the brokers were being asked
                 return self.stats
             self.reader.check_copartitioned(self.topics.orders_topic)
-            letters = self.reader.restore(stop=lambda: self.loop.stop_requested)
+            letters = self.reader.restore(
+                stop=lambda: self.loop.stop_requested,
+                progress=lambda: self.loop.write_status(partitions=[], restored=False,
+                                                        reference_records=self.feed.tables.size))
             if letters:  # dead letters met while restoring, before the loop runs
                 for output in self._reference_letters(letters):
                     produce(self.loop.producer, output.topic, key=output.key,
@@ -157,6 +160,11 @@ class Scorer:
                 self.reader.close()
             self.log.info("worker_stopped", **self.stats.as_dict())
         return self.stats
+
+    def status(self) -> dict[str, object]:
+        """The status file's fields beyond the loop's: the worker is ready once restored."""
+        return {"restored": True, "reference_records": self.feed.tables.size,
+                "waiting_orders": sum(self.core.waiting_counts().values())}
 
     # -- the loop's handler ----------------------------------------------------------------
 

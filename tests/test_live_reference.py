@@ -75,6 +75,8 @@ def test_replaying_a_directory_gives_every_order_the_features_merge_asof_gives(
         summary = replay(settings, live_data, progress=False)
         assert summary.failed == 0 and summary.by_stream["orders"] == ORDERS
         found = predictions(settings, set(expected), since)
+        statuses = supervisor.statuses().values()  # readiness and tables, as workers report
+        assert all(s["restored"] and s["reference_records"] > 0 for s in statuses)
     finally:
         supervisor.stop()
     wrong = [o for o, records in found.items() if records[0]["features"] != expected[o]]
