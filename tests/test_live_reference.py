@@ -19,6 +19,7 @@ import pytest
 
 from tests.test_features import oracle
 from triage.bus.clients import create_topics, make_admin, make_producer
+from triage.bus.offsets import committed_offsets
 from triage.bus.settings import Settings
 from triage.consumer.deadletter import headers_dict
 from triage.consumer.reader import TopicReader, collect
@@ -95,6 +96,10 @@ def test_orders_before_their_reference_data_wait_for_it_or_say_they_could_not(
         since = int(time.time() * 1000)
         replay(settings, live_data, streams=["orders"], progress=False)
         time.sleep(2.0)  # the scenario: the reference streams come 2 s after the orders
+        # Waiting orders are consumed but not committed: a crash now would read them again.
+        committed = committed_offsets(settings.connection, settings.scorer.group_id,
+                                      settings.topics.orders_topic)
+        assert all(not offset for offset in committed.values()), committed
         replay(settings, live_data, streams=["payments", "inventory", "zip_codes"],
                progress=False)
         found = predictions(settings, set(expected), since)
