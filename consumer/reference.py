@@ -58,6 +58,8 @@ STREAMS = (INVENTORY, PAYMENTS, ZIP_CODES)
 _NEVER = -(2**62)      # "passed nothing"
 _ALWAYS = 2**62        # "passed every time"
 _RETAIN_EVERY = 100_000  # apply retention after this many records (it is O(table))
+_FIELDS = {INVENTORY: ("sku_code", "timestamp_ms"), PAYMENTS: ("order_id", "timestamp_ms"),
+           ZIP_CODES: ("zip_code", "available_from_ms")}  # key and event time of each stream
 
 
 @dataclass
@@ -130,16 +132,16 @@ class ReferenceFeed:
 
     # -- records -----------------------------------------------------------------------------
 
-    def problem(self, stream: str, record: dict[str, Any]) -> tuple[str, str] | None:
-        """(reason, message) for a reference record that must not be applied, or None."""
+    def problem(self, stream: str, record: dict[str, Any], now_ms: int
+                ) -> tuple[str, str] | None:
+        """(reason, message) for a reference record that must not be applied, or None;
+        ``now_ms``: the wall clock, UTC ms (an event may not be far in the future)."""
         check = self.validator
-        key, time_field = {INVENTORY: ("sku_code", "timestamp_ms"),
-                           PAYMENTS: ("order_id", "timestamp_ms"),
-                           ZIP_CODES: ("zip_code", "available_from_ms")}[stream]
+        key, time_field = _FIELDS[stream]
         found = check.text_problem(key, record[key])
         # A roll-out may be announced ahead; other events happen when they are recorded.
-        now_ms = None if stream == ZIP_CODES else int(time.time() * 1000)
-        found = found or check.time_problem(time_field, record[time_field], now_ms)
+        found = found or check.time_problem(time_field, record[time_field],
+                                            None if stream == ZIP_CODES else now_ms)
         if found is None and stream == PAYMENTS:
             found = check.text_problem("payment_status", record["payment_status"])
         if found is None and stream == INVENTORY and not math.isfinite(record["inventory"]):
@@ -156,10 +158,11 @@ class ReferenceFeed:
         bad = list(rejected)
         skip = {i for i, _, _ in bad}
         good: list[dict[str, Any]] = []
+        now_ms = int(time.time() * 1000)
         for i, record in enumerate(records):
             if i in skip or record is None:
                 continue
-            found = self.problem(stream, record)
+            found = self.problem(stream, record, now_ms)
             if found is not None:
                 bad.append((i, *found))
             else:
@@ -328,9 +331,8 @@ class ReferenceReader:
         self.feed = feed
         self.topics = topics
         self.log = log or structlog.get_logger("reference")
-        self.consumer: Consumer = make_consumer(
-            connection, f"triage-reference-{uuid.uuid4().hex}",
-            **{"queued.max.messages.kbytes": 16384})
+        self.consumer: Consumer = make_consumer(connection,
+                                                f"triage-reference-{uuid.uuid4().hex}")
         self.stream_of = {topics.inventory_topic: INVENTORY, topics.payments_topic: PAYMENTS,
                           topics.zip_codes_topic: ZIP_CODES}
         self.codecs: dict[str, Codec] = {
