@@ -180,7 +180,9 @@ class Codec:
         if writer is None:
             raise DecodeError("unknown_schema", f"unknown schema fingerprint "
                               f"{data[2:10].hex()} for {self.schema_name}")
-        return _read(data, _SINGLE_OBJECT_HEADER, writer, self.schema)
+        # This version of the contract needs no schema resolution; an earlier one does.
+        return _read(data, _SINGLE_OBJECT_HEADER, writer,
+                     None if writer is self.schema else self.schema)
 
     def _decode_registry_framed(self, data: bytes) -> dict[str, Any]:
         schema_id = int.from_bytes(data[1:5], "big")
