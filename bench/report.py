@@ -76,6 +76,7 @@ def render(results: dict[str, Any]) -> str:
             f"{scaling['workers_1_orders_per_s']:,.0f} orders/s, {n} workers "
             f"{scaling[workers[0]]:,.0f} orders/s (x{scaling['speedup']:.2f}; informative "
             f"only when the machine has few cores)")
+    lines += _live_lines(results)
     if results["batch_sweep"]:
         lines += ["", f"batch-size sweep ({results['batch_sweep'][0]['orders']:,} orders each):",
                   f"  {'batch':>6}{'passthrough/s':>15}{'scorer/s':>11}{'scorer CPU s/1k':>17}"]
@@ -86,6 +87,42 @@ def render(results: dict[str, Any]) -> str:
     if results.get("files"):
         lines += ["", "files: " + ", ".join(str(p) for p in results["files"].values())]
     return "\n".join(lines)
+
+
+def _live_lines(results: dict[str, Any]) -> list[str]:
+    """The live path's figures beside the CSV path's (docs/benchmarks.md, "Live reference
+    data")."""
+    live, t, o = results["live"], results["targets"], results["options"]
+    run, lat, restore = live["throughput"], live["latency"], live["restore"]
+    csv = lat["csv_path"]
+    refs = ", ".join(f"{name} {n:,}" for name, n in run["reference_records"].items())
+    lines = [
+        "",
+        f"live reference streams (no --reference CSV; idle {o['reference_idle_ms']} ms, max "
+        f"wait {o['reference_max_wait_ms']:,} ms):",
+        f"  throughput over the same {run['orders']:,} orders ({refs} reference records): "
+        f"{run['orders_per_s']:,.0f} orders/s against {run['csv_path_orders_per_s']:,.0f} on "
+        f"the CSV path (b) = {run['ratio_vs_csv_path']:.2f}   target >= 0.8: "
+        f"{_met(t['live_at_least_0_8_of_csv_path_throughput'])}; "
+        f"CPU s/1k {run['cpu_s_per_1000']:.3f}, peak RSS {run['peak_rss_mb']:.0f} MB, "
+        f"reference_wait_expired {run['reference_wait_expired']}",
+        f"  latency at {lat['offered_per_s']:,.0f} orders/s (achieved "
+        f"{lat['achieved_offered_per_s']:,.0f}/s, {lat['orders']:,} orders, events stamped now): "
+        f"p50 {_ms(lat['p50'])}, p95 {_ms(lat['p95'])}, p99 {_ms(lat['p99'])}; CSV path "
+        f"p50 {_ms(csv['p50'])}, p95 {_ms(csv['p95'])}, p99 {_ms(csv['p99'])}; p99 ratio "
+        f"{'n/a' if lat['p99_ratio_vs_csv_path'] is None else lat['p99_ratio_vs_csv_path']}"
+        f"   target <= 1.3: {_met(t['live_p99_at_most_1_3x_csv_path'])}; "
+        f"reference_wait_expired {lat['reference_wait_expired']}",
+    ]
+    if restore:
+        lines.append(
+            f"  restore of {restore['records_restored']:,} reference records "
+            f"({restore['stock_events']:,} stock events + zip codes, {restore['table_mb']:.0f} "
+            f"MB of tables): {restore['launch_to_restored_s']:.1f} s from launch "
+            f"({restore['restore_s']:.1f} s reading), worker_started at "
+            f"{restore['launch_to_started_s']:.1f} s; peak RSS {restore['peak_rss_mb']:.0f} MB "
+            f"over a run of the orders ({restore['orders_per_s']:,.0f} orders/s)")
+    return lines
 
 
 def write_plots(results: dict[str, Any], latencies: dict[str, np.ndarray],
@@ -127,6 +164,7 @@ def write_plots(results: dict[str, Any], latencies: dict[str, np.ndarray],
     fig, ax = plt.subplots(figsize=(7, 4.8))
     offered = f"{lat['fixed_load']['offered_per_s']:,.0f} orders/s offered"
     for key, label in (("fixed", f"(b) scorer, fixed load, {offered}"),
+                       ("live", "(b) scorer, live reference streams, the same load"),
                        ("passthrough", "(a) passthrough, the same load: the floor"),
                        ("saturation", "(b) scorer, saturation (burst, includes queueing)")):
         values = np.sort(latencies.get(key, np.array([])))

@@ -1,5 +1,6 @@
 """Runs the benchmark: the same pre-published orders through passthrough, the scorer and the
-per-message baseline, then latency, scaling and a batch-size sweep (docs/benchmarks.md).
+per-message baseline, then latency, scaling and a batch-size sweep, and the scorer on the live
+reference streams: throughput, latency and restore (docs/benchmarks.md).
 
 Every configuration runs in its own worker process(es) with a fresh consumer group, reading the
 same orders from the beginning. It is timed from the moment a worker reports its partitions (the
@@ -28,14 +29,26 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
+from triage.bench.live import (
+    LiveEvents,
+    LiveTopics,
+    ReferencePublishers,
+    announce_ahead,
+    as_of_values,
+    log_events,
+    order_span_ms,
+    publish_order_events,
+    stock_cycle,
+    zip_code_records,
+)
 from triage.bench.procstat import cpu_seconds, stop_and_reap
-from triage.bus.clients import make_admin, make_consumer, source_of
+from triage.bus.clients import make_admin, make_consumer, make_producer, source_of
 from triage.bus.embedded import EmbeddedBroker
 from triage.bus.errors import InfrastructureError
 from triage.bus.settings import Settings, SettingsError
 from triage.consumer.supervisor import worker_env
 from triage.model.orders import read_orders_csv
-from triage.producer.publisher import OrderPublisher
+from triage.producer.publisher import OrderPublisher, RecordPublisher, inventory_publisher
 
 PASSTHROUGH, SCORER, PER_MESSAGE = "passthrough", "scorer", "per_message"
 _POLL_S = 0.01           # status files and process liveness
@@ -43,6 +56,8 @@ _COMMIT_POLL_S = 0.02    # committed offsets: the end of a run is known to withi
 _CDF_PERCENTILES = [*range(0, 100), 99.5, 99.9, 100]
 _WARMUP_S = 1.0             # of the offered load before the latency is measured
 _WARMUP_MIN_ORDERS = 100
+_RESTORE_HISTORY_MS = 30 * 86_400_000  # the restore run's stock events start before the orders
+_RESTORE_TIMEOUT_S = 600.0  # a worker's own limit on restoring (ReferenceReader.restore)
 
 
 class BenchError(InfrastructureError):
@@ -62,6 +77,7 @@ class BenchOptions:
     scaling_workers: int = 2          # 0 skips the scaling figure
     sweep: tuple[int, ...] = (10, 50, 100, 250, 500, 1000, 2000)
     sweep_orders: int = 50_000
+    restore_records: int = 1_000_000  # stock events for the live restore figure; 0 skips it
     data_dir: Path | None = None
     model_dir: Path | None = None
     out_dir: Path = Path("results/bench")
@@ -79,6 +95,8 @@ class BenchOptions:
             raise SettingsError("--rate and --latency-seconds must be positive")
         if self.scaling_workers < 0 or any(size < 1 for size in self.sweep):
             raise SettingsError("--scaling-workers must be >= 0 and --sweep sizes >= 1")
+        if self.restore_records < 0:
+            raise SettingsError("--restore-records must be >= 0")
 
 
 @dataclass
@@ -94,6 +112,8 @@ class RunFigures:
     broker_cpu_s: float | None
     outputs: int | None = None
     batch_size: int = 0
+    logs: list[Path] = field(default_factory=list)  # of its worker processes
+    launched_at: float = 0.0  # wall clock when the first of them was started
 
     @property
     def orders_per_s(self) -> float:
@@ -131,6 +151,7 @@ class _Timed:
     peak_rss_mb: float
     burst_offered_per_s: float | None = None
     burst_drain_s: float = 0.0
+    fixed_expired: int = 0  # predictions of the fixed load flagged reference_wait_expired
 
 
 @dataclass
@@ -138,6 +159,7 @@ class _Worker:
     proc: subprocess.Popen[bytes]
     status_file: Path
     log_path: Path
+    launched_at: float                # wall clock just before the process was started
     assigned_at: float | None = None  # wall clock of the first status with partitions
     cpu_at_assign: float | None = None
 
@@ -185,18 +207,28 @@ class Bench:
             self.say(f"published {main.orders:,} orders to {options.partitions} partitions in "
                      f"{main.seconds:.1f} s")
             models = (model_dir, data_dir)
+            values = as_of_values(records, data_dir, self.settings.csv_encoding)
+            live_topics, live_records = self._live_reference(records, values, data_dir)
             runs = {
                 PASSTHROUGH: self._run_config(PASSTHROUGH, main, models, count_outputs=True),
                 SCORER: self._run_config(SCORER, main, models, count_outputs=True),
-                PER_MESSAGE: self._run_config(PER_MESSAGE, main, models, count_outputs=True),
             }
+            # The live path right after the CSV path (b), so that both meet the same load.
+            live_run = self._run_config(SCORER, main, models, count_outputs=True,
+                                        live=live_topics)
+            runs[PER_MESSAGE] = self._run_config(PER_MESSAGE, main, models, count_outputs=True)
             scaling = None
             if options.scaling_workers > 1:
                 scaling = self._run_config(SCORER, main, models, workers=options.scaling_workers)
             sweep = self._sweep(records, main, runs, models)
             latency = self._latency(records, models)
+            live_latency = self._live_latency(records, models, values)
+            restore = (self._restore(records, main, models, live_topics)
+                       if options.restore_records else None)
         load_after = _loadavg()
-        return self._results(runs, scaling, sweep, latency, main, broker,
+        live = self._live_results(live_run, live_records, runs[SCORER], live_latency, latency,
+                                  restore)
+        return self._results(runs, scaling, sweep, latency, live, main, broker,
                              load_before, load_after)
 
     def _inputs(self, work: Path) -> tuple[Path, Path]:
@@ -246,17 +278,20 @@ class Bench:
                     future.result()
 
     def _publish(self, name: str, records: list[dict[str, Any]],
-                 publisher: OrderPublisher | None = None, rate: float | None = None
-                 ) -> Published:
-        """Publish ``records`` (paced at ``rate`` orders/s, else as fast as possible)."""
+                 publisher: OrderPublisher | None = None, rate: float | None = None,
+                 live: LiveEvents | None = None) -> Published:
+        """Publish ``records`` (paced at ``rate`` orders/s, else as fast as possible); with
+        ``live``, each order goes stamped now, just after its payment and stock events."""
         if publisher is None:
             topic = self._topic(name)
             self._create_topics({topic: self.options.partitions})
             publisher = OrderPublisher(self.settings.connection, topic)
+        send = publisher.publish if live is None else (
+            lambda record: publisher.publish(live.stamp(record)))
         started = time.monotonic()
         if rate is None:
             for record in records:
-                publisher.publish(record)
+                send(record)
         else:
             # Paced in 1 ms steps: each step sends what is due by then, so the offered load is
             # smooth at the millisecond scale without a busy loop stealing a core.
@@ -264,7 +299,7 @@ class Bench:
             while sent < len(records):
                 due = min(len(records), int((time.monotonic() - started) * rate) + 1)
                 while sent < due:
-                    publisher.publish(records[sent])
+                    send(records[sent])
                     sent += 1
                 publisher.producer.poll(0.001)
         publisher.flush()
@@ -273,39 +308,99 @@ class Bench:
         return Published(name, publisher.topic, len(records), dict(publisher.end_offsets),
                          time.monotonic() - started)
 
+    def _reference_topics(self, name: str, payments_partitions: int) -> LiveTopics:
+        """Fresh reference topics: payments co-partitioned with an orders topic of
+        ``payments_partitions``, inventory with the partitions ``triage topics create`` gives,
+        zip codes with one (a thousand records; one announcement ahead then passes it)."""
+        topics = LiveTopics(*(self._topic(f"{name}-{stream}")
+                              for stream in ("inventory", "payments", "zip-codes")))
+        self._create_topics({topics.inventory: self.settings.topics.reference_partitions,
+                             topics.payments: payments_partitions, topics.zip_codes: 1})
+        return topics
+
+    def _live_reference(self, records: list[dict[str, Any]],
+                        values: dict[str, tuple[str, float]], data_dir: Path
+                        ) -> tuple[LiveTopics, dict[str, int]]:
+        """The live path's reference topics for the N orders: every zip code of the data
+        first, then one payment and one stock event per order, at the order's time. Returns
+        the topics and the records published to each stream."""
+        connection = self.settings.connection
+        topics = self._reference_topics("live", self.options.partitions)
+        publishers = ReferencePublishers.make(connection, topics, make_producer(connection))
+        started = time.monotonic()
+        for zip_code in zip_code_records(data_dir, self.settings.csv_encoding):
+            publishers.zip_codes.publish(zip_code)
+        publish_order_events(publishers, records, values)
+        self._flush(publishers.all())
+        counts = {"zip_codes": publishers.zip_codes.sent, "payments": publishers.payments.sent,
+                  "inventory": publishers.stock.sent}
+        self.say(f"published {sum(counts.values()):,} reference records for the live path "
+                 f"({', '.join(f'{k} {v:,}' for k, v in counts.items())}) in "
+                 f"{time.monotonic() - started:.1f} s")
+        return topics, counts
+
+    @staticmethod
+    def _flush(publishers: list[RecordPublisher]) -> None:
+        """Wait for every delivery of ``publishers`` (one producer or several); raise BenchError
+        if any failed."""
+        producers = {id(p.producer): p.producer for p in publishers}.values()
+        undelivered = sum(producer.flush(60.0) for producer in producers)
+        failed = {p.topic: dict(p.errors) for p in publishers if p.failed}
+        if failed or undelivered:
+            raise BenchError(f"publishing reference records failed: {failed or undelivered}")
+
     # -- one configuration -------------------------------------------------------------------
 
-    def _config_settings(self, tag: str, source: str, batch_size: int | None) -> Settings:
+    def _config_settings(self, tag: str, source: str, batch_size: int | None,
+                         live: LiveTopics | None = None) -> Settings:
+        """Settings of one configuration's workers: its own output topics and group; the
+        reference streams ``live``, else topics of the bench that are never created (the CSV
+        path: a worker with a snapshot and no stream scores at once)."""
         names = {n: self._topic(f"{tag}-{n}") for n in ("out", "drift", "dlq")}
         self._create_topics({t: self.settings.topics.output_partitions for t in names.values()})
+        reference = live or LiveTopics(*(self._topic(f"csv-path-no-{stream}")
+                                         for stream in ("inventory", "payments", "zip-codes")))
         return self.settings.replace(
             orders_topic=source, predictions_topic=names["out"], drift_topic=names["drift"],
-            dlq_topic=names["dlq"], group_id=self._topic(f"{tag}-group"),
-            batch_size=batch_size or self.settings.scorer.batch_size)
+            dlq_topic=names["dlq"], reference_dlq_topic=names["dlq"],
+            group_id=self._topic(f"{tag}-group"),
+            batch_size=batch_size or self.settings.scorer.batch_size, **reference.settings())
 
     def _command(self, config: str, models: tuple[Path, Path], status: Path,
-                 extra: list[str]) -> list[str]:
+                 extra: list[str], snapshot: bool = True) -> list[str]:
+        """A worker of ``config``; ``snapshot``: the scorer loads the reference CSVs (the CSV
+        path), else it starts from the streams alone (the live path)."""
         model_dir, data_dir = models
         if config == SCORER:
             return [sys.executable, "-m", self.options.scorer_module, "--model", str(model_dir),
-                    "--reference", str(data_dir), "--status-file", str(status)]
+                    *(["--reference", str(data_dir)] if snapshot else []),
+                    "--status-file", str(status)]
         mode = "passthrough" if config == PASSTHROUGH else "per-message"
         return [sys.executable, "-m", "triage.bench.workers", mode, "--model", str(model_dir),
                 "--reference", str(data_dir), "--status-file", str(status), *extra]
 
     def _run_config(self, config: str, source: Published, models: tuple[Path, Path], *,
                     workers: int = 1, batch_size: int | None = None,
-                    count_outputs: bool = False) -> RunFigures:
+                    count_outputs: bool = False, live: LiveTopics | None = None,
+                    start_timeout_s: float | None = None) -> RunFigures:
+        """``workers`` workers of ``config`` over ``source`` from the beginning, timed from the
+        first assignment to the last commit; ``live``: the scorer on these reference streams
+        with no CSV snapshot. ``start_timeout_s``: how long the workers may take to get their
+        partitions (default: the stall timeout)."""
         self._runs += 1  # a fresh consumer group for every run, even of the same point
-        tag = (f"{config}-{source.name}-w{workers}-b{batch_size or self.settings.scorer.batch_size}"
-               f"-r{self._runs}")
+        path = "-live" if live else ""
+        tag = (f"{config}{path}-{source.name}-w{workers}-"
+               f"b{batch_size or self.settings.scorer.batch_size}-r{self._runs}")
         tag = tag.replace("_", "-")
-        settings = self._config_settings(tag, source.topic, batch_size)
-        label = (f"{config} ({workers} workers, batch {settings.scorer.batch_size})" if workers > 1
-                 else f"{config} (batch {settings.scorer.batch_size})")
+        settings = self._config_settings(tag, source.topic, batch_size, live)
+        name = f"{config}, live path" if live else config
+        label = (f"{name} ({workers} workers, batch {settings.scorer.batch_size})" if workers > 1
+                 else f"{name} (batch {settings.scorer.batch_size})")
         self.say(f"running {label} over {source.orders:,} orders")
-        with self._workers(config, settings, models, workers, tag) as procs:
-            started, finished = self._wait_done(procs, settings, source.end_offsets, label)
+        with self._workers(config, settings, models, workers, tag,
+                           snapshot=live is None) as procs:
+            started, finished = self._wait_done(procs, settings, source.end_offsets, label,
+                                                start_timeout_s)
             cpu_end = {w.proc.pid: cpu_seconds(w.proc.pid) for w in procs}
             broker_cpu_end = cpu_seconds(self.broker_pid) if self.broker_pid else None
             reaped = [stop_and_reap(w.proc) for w in procs]
@@ -321,7 +416,9 @@ class Bench:
                       else broker_cpu_end - self._broker_cpu_start)
         figures = RunFigures(config, workers, source.orders, finished - started, worker_cpu,
                              max(r.peak_rss_mb for r in reaped), broker_cpu,
-                             batch_size=settings.scorer.batch_size)
+                             batch_size=settings.scorer.batch_size,
+                             logs=[w.log_path for w in procs],
+                             launched_at=min(w.launched_at for w in procs))
         if count_outputs:
             figures.outputs = count_records(settings, settings.topics.predictions_topic)
         self.say(f"  {figures.orders_per_s:,.0f} orders/s, {figures.seconds:.2f} s, "
@@ -331,7 +428,7 @@ class Bench:
 
     @contextlib.contextmanager
     def _workers(self, config: str, settings: Settings, models: tuple[Path, Path],
-                 count: int, tag: str, extra: list[str] | None = None
+                 count: int, tag: str, extra: list[str] | None = None, snapshot: bool = True
                  ) -> Iterator[list[_Worker]]:
         env = {**worker_env(settings), "TRIAGE_LOG_FORMAT": "json"}
         procs: list[_Worker] = []
@@ -340,13 +437,14 @@ class Bench:
                 status = self.logs / f"{tag}-{i}.status.json"
                 status.unlink(missing_ok=True)
                 log_path = self.logs / f"{tag}-{i}.log"
-                command = self._command(config, models, status, extra or [])
+                command = self._command(config, models, status, extra or [], snapshot)
                 if config == SCORER:
                     command += ["--worker-id", str(i)]
                 with open(log_path, "wb") as log:
+                    launched_at = time.time()
                     proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
                                             stdout=log, stderr=subprocess.STDOUT)
-                procs.append(_Worker(proc, status, log_path))
+                procs.append(_Worker(proc, status, log_path, launched_at))
             yield procs
         finally:
             for w in procs:
@@ -354,13 +452,16 @@ class Bench:
                     stop_and_reap(w.proc)
 
     def _wait_done(self, procs: list[_Worker], settings: Settings, end_offsets: dict[int, int],
-                   label: str) -> tuple[float, float]:
-        """(first assignment, last commit) in wall-clock seconds."""
+                   label: str, start_timeout_s: float | None = None) -> tuple[float, float]:
+        """(first assignment, last commit) in wall-clock seconds. Raises BenchError if a worker
+        exits, gets no partitions within ``start_timeout_s`` (default: the stall timeout), or
+        then commits nothing new for the stall timeout."""
         self._broker_cpu_start = None
         checker = make_consumer(settings.connection, settings.scorer.group_id)
         partitions = [TopicPartition(settings.topics.orders_topic, p) for p in sorted(end_offsets)]
         total = sum(end_offsets.values())
         progress, progress_at, next_check = -1, time.monotonic(), 0.0
+        stall_s = start_timeout_s or self.options.stall_timeout_s  # until the first assignment
         try:
             while True:
                 for w in procs:
@@ -373,6 +474,7 @@ class Bench:
                         if mtime is not None:
                             w.cpu_at_assign = cpu_seconds(w.proc.pid)
                             w.assigned_at = mtime
+                            stall_s, progress_at = self.options.stall_timeout_s, time.monotonic()
                             if self._broker_cpu_start is None and self.broker_pid:
                                 self._broker_cpu_start = cpu_seconds(self.broker_pid)
                 now = time.monotonic()
@@ -387,9 +489,9 @@ class Bench:
                         return started, finished_at
                     if done != progress:
                         progress, progress_at = done, now
-                if now - progress_at > self.options.stall_timeout_s:
+                if now - progress_at > stall_s:
                     raise BenchError(
-                        f"{label}: no progress for {self.options.stall_timeout_s:.0f} s "
+                        f"{label}: no progress for {stall_s:.0f} s "
                         f"({max(progress, 0)} of {total} committed); see {procs[0].log_path}:\n"
                         + _tail(procs[0].log_path))
                 time.sleep(_POLL_S)
@@ -433,9 +535,8 @@ class Bench:
         of the passthrough at the same fixed load, on the same broker: the floor that the
         broker and the clients set before any scoring."""
         options = self.options
-        fixed = _cycled(records, int(options.rate * options.latency_seconds))
+        warmup, fixed = self._load_phases(records)
         burst = _cycled(records, options.saturation_orders)
-        warmup = _cycled(records, max(_WARMUP_MIN_ORDERS, int(options.rate * _WARMUP_S)))
         scorer = self._timed_run(SCORER, models, warmup, fixed, burst)
         passthrough = self._timed_run(PASSTHROUGH, models, warmup, fixed, [])
         self.latency_samples = {"fixed": scorer.fixed, "saturation": scorer.burst,
@@ -464,37 +565,76 @@ class Bench:
             "batch_timeout_ms": self.settings.scorer.batch_timeout_ms,
         }
 
+    def _load_phases(self, records: list[dict[str, Any]]
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The warm-up and the fixed load of a latency run (orders cycled from ``records``)."""
+        options = self.options
+        warmup = _cycled(records, max(_WARMUP_MIN_ORDERS, int(options.rate * _WARMUP_S)))
+        return warmup, _cycled(records, int(options.rate * options.latency_seconds))
+
+    def _live_latency(self, records: list[dict[str, Any]], models: tuple[Path, Path],
+                      values: dict[str, tuple[str, float]]) -> _Timed:
+        """The scorer's latency at the fixed load on the live path: each order's payment and
+        stock events are published just before it, stamped now, so the streams keep up."""
+        warmup, fixed = self._load_phases(records)
+        timed = self._timed_run(SCORER, models, warmup, fixed, [], live_values=values)
+        self.latency_samples["live"] = timed.fixed
+        return timed
+
     def _timed_run(self, config: str, models: tuple[Path, Path], warmup: list[dict[str, Any]],
-                   fixed: list[dict[str, Any]], burst: list[dict[str, Any]]) -> _Timed:
+                   fixed: list[dict[str, Any]], burst: list[dict[str, Any]],
+                   live_values: dict[str, tuple[str, float]] | None = None) -> _Timed:
         """One worker of ``config`` on a fresh topic: a warm-up (excluded: the consumer's first
         offset lookup and fetch set-up, not steady state), then ``fixed`` at the offered rate,
-        then ``burst`` as fast as the producer goes; each waited for until committed."""
+        then ``burst`` as fast as the producer goes; each waited for until committed.
+
+        ``live_values``: the scorer on the live path (no CSV snapshot), on reference topics of
+        its own: a zip code announced a year ahead, then every zip code of the data, published
+        before it starts; then each order's payment and stock events (with these values, by
+        ``order_id``) just before the order, all stamped with the time of publishing."""
         options = self.options
-        tag = f"latency-{config}".replace("_", "-")
+        tag = f"latency-{config}{'-live' if live_values is not None else ''}".replace("_", "-")
         topic = self._topic(tag)
         self._create_topics({topic: options.latency_partitions})
-        settings = self._config_settings(tag, topic, None)
+        topics = (None if live_values is None
+                  else self._reference_topics(tag, options.latency_partitions))
+        settings = self._config_settings(tag, topic, None, topics)
         publisher = OrderPublisher(settings.connection, settings.topics.orders_topic)
-        self.say(f"latency: {config} (batch {settings.scorer.batch_size}, timeout "
+        live = None
+        if topics is not None and live_values is not None:
+            publishers = ReferencePublishers.make(settings.connection, topics,
+                                                  publisher.producer)
+            zips = zip_code_records(models[1], self.settings.csv_encoding)
+            known = {z["zip_code"] for z in zips} | {r["zip_code"] for r in warmup + fixed}
+            publishers.zip_codes.publish(announce_ahead(known, int(time.time() * 1000)))
+            for zip_code in zips:
+                publishers.zip_codes.publish(zip_code)
+            self._flush(publishers.all())
+            live = LiveEvents(publishers, live_values)
+        self.say(f"latency: {config}{', live path,' if live else ''} (batch "
+                 f"{settings.scorer.batch_size}, timeout "
                  f"{settings.scorer.batch_timeout_ms} ms, {options.latency_partitions} "
                  "partitions) at "
                  f"{options.rate:,.0f} orders/s for {options.latency_seconds:g} s after "
                  f"{len(warmup):,} warm-up orders"
                  + (f", then a burst of {len(burst):,} orders" if burst else ""))
         extra = ["--source-header"] if config == PASSTHROUGH else []
-        with self._workers(config, settings, models, 1, tag, extra) as procs:
+        with self._workers(config, settings, models, 1, tag, extra,
+                           snapshot=live is None) as procs:
             self._wait_assigned(procs, tag)
-            phases = [self._publish(tag, warmup, publisher, rate=options.rate)]
+            phases = [self._publish(tag, warmup, publisher, rate=options.rate, live=live)]
             self._wait_done(procs, settings, phases[-1].end_offsets, f"{config} warm-up")
-            phases.append(self._publish(tag, fixed, publisher, rate=options.rate))
+            phases.append(self._publish(tag, fixed, publisher, rate=options.rate, live=live))
             self._wait_done(procs, settings, phases[-1].end_offsets, f"{config} fixed load")
             if burst:
-                phases.append(self._publish(tag, burst, publisher))
+                phases.append(self._publish(tag, burst, publisher, live=live))
                 self._wait_done(procs, settings, phases[-1].end_offsets, f"{config} burst")
             reaped = stop_and_reap(procs[0].proc)
         if reaped.exit_code != 0:
             raise BenchError(f"latency: {config} worker exited {reaped.exit_code}; see "
                              f"{procs[0].log_path}:\n" + _tail(procs[0].log_path))
+        if live is not None:
+            self._flush(live.publishers.all())
         rows = output_times(settings, config, sum(phases[-1].end_offsets.values()))
         self._delete_outputs(settings)
         # Which phase a row is from: its source offset against each phase's end offsets.
@@ -504,12 +644,58 @@ class Bench:
         latency = rows[:, 3] - rows[:, 2]
         timed = _Timed(fixed=latency[phase == 1], burst=latency[phase == 2],
                        achieved_per_s=round(phases[1].orders / phases[1].seconds, 1),
-                       peak_rss_mb=reaped.peak_rss_mb)
+                       peak_rss_mb=reaped.peak_rss_mb,
+                       fixed_expired=int(rows[phase == 1, 4].sum()))
         if burst:
             in_burst = rows[phase == 2]
             timed.burst_offered_per_s = round(phases[2].orders / phases[2].seconds, 1)
             timed.burst_drain_s = (in_burst[:, 3].max() - in_burst[:, 2].min()) / 1000.0
         return timed
+
+    def _restore(self, records: list[dict[str, Any]], main: Published, models: tuple[Path, Path],
+                 live: LiveTopics) -> dict[str, Any]:
+        """One live-path worker whose inventory topic holds ``--restore-records`` stock events
+        (going round the orders' SKUs, spread from 30 days before the first order to the last):
+        seconds from its launch to ``reference_restored`` and to ``worker_started`` in its log,
+        and its peak RSS over a whole run of the N orders (with the live path's payments and
+        zip codes)."""
+        n = self.options.restore_records
+        connection = self.settings.connection
+        topics = LiveTopics(self._topic("restore-inventory"), live.payments, live.zip_codes)
+        self._create_topics({topics.inventory: self.settings.topics.reference_partitions})
+        publisher = inventory_publisher(connection, topics.inventory)
+        first, last = order_span_ms(records)
+        skus = sorted({r["sku_code"] for r in records})
+        started = time.monotonic()
+        for event in stock_cycle(skus, n, first - _RESTORE_HISTORY_MS, last):
+            publisher.publish(event)
+        self._flush([publisher])
+        self.say(f"published {n:,} stock events for the restore figure in "
+                 f"{time.monotonic() - started:.1f} s")
+        figures = self._run_config(SCORER, main, models, live=topics,
+                                   start_timeout_s=_RESTORE_TIMEOUT_S)
+        if not self.options.keep_topics:  # a million records of the broker's memory
+            self._delete([topics.inventory])
+            self.topics.remove(topics.inventory)
+        events = log_events(figures.logs[0], ("reference_restored", "worker_started"))
+        missing = {"reference_restored", "worker_started"} - set(events)
+        if missing:
+            raise BenchError(f"restore: no {', '.join(sorted(missing))} in {figures.logs[0]}")
+        restored = events["reference_restored"]
+        launched = figures.launched_at
+        self.say(f"  restored {restored['records']:,} records "
+                 f"{restored['at'] - launched:.1f} s after launch; peak RSS "
+                 f"{figures.peak_rss_mb:.0f} MB")
+        return {
+            "stock_events": n,
+            "records_restored": restored["records"],
+            "launch_to_restored_s": round(restored["at"] - launched, 2),
+            "restore_s": restored["elapsed_s"],
+            "launch_to_started_s": round(events["worker_started"]["at"] - launched, 2),
+            "table_mb": round(restored["table_bytes"] / 2**20, 1),
+            "peak_rss_mb": round(figures.peak_rss_mb, 1),
+            "orders_per_s": round(figures.orders_per_s, 1),
+        }
 
     def _wait_assigned(self, procs: list[_Worker], label: str, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -524,14 +710,41 @@ class Bench:
 
     # -- results -----------------------------------------------------------------------------
 
+    def _live_results(self, run: RunFigures, published: dict[str, int], csv: RunFigures,
+                      latency: _Timed, csv_latency: dict[str, Any],
+                      restore: dict[str, Any] | None) -> dict[str, Any]:
+        """The live path's figures beside the CSV path's of the same run."""
+        stopped = log_events(run.logs[0], ["worker_stopped"]).get("worker_stopped", {})
+        fixed, csv_fixed = _percentiles(latency.fixed), csv_latency["fixed_load"]
+        p99_ratio = (round(fixed["p99"] / csv_fixed["p99"], 2)
+                     if fixed["p99"] is not None and csv_fixed["p99"] else None)
+        return {
+            "throughput": {
+                **run.as_dict(), "reference_records": published,
+                "reference_wait_expired": stopped.get("reference_wait_expired"),
+                "csv_path_orders_per_s": round(csv.orders_per_s, 1),
+                "ratio_vs_csv_path": round(run.orders_per_s / csv.orders_per_s, 3)},
+            "latency": {
+                "offered_per_s": self.options.rate,
+                "achieved_offered_per_s": latency.achieved_per_s, **fixed,
+                "reference_wait_expired": latency.fixed_expired,
+                "csv_path": {k: csv_fixed[k] for k in ("orders", "p50", "p95", "p99", "max")},
+                "p99_ratio_vs_csv_path": p99_ratio,
+                "partitions": self.options.latency_partitions,
+                "peak_rss_mb": round(latency.peak_rss_mb, 1)},
+            "restore": restore,
+        }
+
     def _results(self, runs: dict[str, RunFigures], scaling: RunFigures | None,
-                 sweep: list[dict[str, Any]], latency: dict[str, Any], main: Published,
-                 broker: str, load_before: list[float], load_after: list[float]
-                 ) -> dict[str, Any]:
+                 sweep: list[dict[str, Any]], latency: dict[str, Any], live: dict[str, Any],
+                 main: Published, broker: str, load_before: list[float],
+                 load_after: list[float]) -> dict[str, Any]:
         a, b, c = runs[PASSTHROUGH], runs[SCORER], runs[PER_MESSAGE]
         ratios = {"scorer_vs_passthrough": round(b.orders_per_s / a.orders_per_s, 3),
                   "scorer_vs_per_message": round(b.orders_per_s / c.orders_per_s, 2)}
         p99 = latency["fixed_load"]["p99"]
+        live_ratio = live["throughput"]["ratio_vs_csv_path"]
+        live_p99_ratio = live["latency"]["p99_ratio_vs_csv_path"]
         return {
             "machine": machine_info(load_before, load_after),
             "broker": {"bootstrap": broker,
@@ -545,6 +758,9 @@ class Bench:
                 "rate": self.options.rate, "latency_seconds": self.options.latency_seconds,
                 "latency_partitions": self.options.latency_partitions,
                 "saturation_orders": self.options.saturation_orders,
+                "restore_records": self.options.restore_records,
+                "reference_idle_ms": self.settings.reference.reference_idle_ms,
+                "reference_max_wait_ms": self.settings.reference.reference_max_wait_ms,
                 "scorer_module": self.options.scorer_module,
                 "publish_orders_per_s": round(main.orders / main.seconds, 1),
             },
@@ -563,6 +779,7 @@ class Bench:
                 "peak_rss_mb_per_worker": round(scaling.peak_rss_mb, 1),
             },
             "batch_sweep": sweep,
+            "live": live,
             "targets": {
                 "scorer_at_least_half_of_passthrough": {
                     "value": ratios["scorer_vs_passthrough"], "target": 0.5,
@@ -575,6 +792,11 @@ class Bench:
                 "worker_rss_at_most_300mb": {
                     "value": round(b.peak_rss_mb, 1), "target": 300,
                     "met": b.peak_rss_mb <= 300},
+                "live_at_least_0_8_of_csv_path_throughput": {
+                    "value": live_ratio, "target": 0.8, "met": live_ratio >= 0.8},
+                "live_p99_at_most_1_3x_csv_path": {
+                    "value": live_p99_ratio, "target": 1.3,
+                    "met": live_p99_ratio is not None and live_p99_ratio <= 1.3},
             },
         }
 
@@ -651,13 +873,14 @@ def count_records(settings: Settings, topic: str, timeout_s: float = 60.0) -> in
 def output_times(settings: Settings, config: str, expected: int,
                  timeout_s: float = 120.0) -> np.ndarray:
     """One row per consumed order, read back from ``config``'s output topic until ``expected``:
-    (source partition, source offset, published at ms, output at ms). The scorer's output time
-    is the prediction's ``scored_at_ms``; the passthrough's, its record's producer timestamp
-    (taken when it called produce), with the source from its header."""
+    (source partition, source offset, published at ms, output at ms, 1 if the prediction says
+    ``reference_wait_expired`` else 0). The scorer's output time is the prediction's
+    ``scored_at_ms``; the passthrough's, its record's producer timestamp (taken when it called
+    produce), with the source from its header."""
     from triage.bench.workers import header_source
     from triage.consumer.reader import TopicReader
 
-    seen: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+    seen: dict[tuple[int, int], tuple[int, int, int, int, int]] = {}
     deadline = time.monotonic() + timeout_s
     schema = "prediction" if config == SCORER else None
     with TopicReader(settings.connection, settings.topics.predictions_topic, schema) as reader:
@@ -668,15 +891,16 @@ def output_times(settings: Settings, config: str, expected: int,
             for msg, record in reader.poll(max_records=10_000):
                 if record is not None:
                     row = (record["order_partition"], record["order_offset"],
-                           record["order_published_at_ms"], record["scored_at_ms"])
+                           record["order_published_at_ms"], record["scored_at_ms"],
+                           int(record["reference_wait_expired"]))
                 else:
                     source = header_source(msg.headers())
                     if source is None:
                         raise BenchError(f"{settings.topics.predictions_topic}: a record without "
                                          "its source header")
-                    row = (*source, msg.timestamp()[1])
+                    row = (*source, msg.timestamp()[1], 0)
                 seen.setdefault(row[:2], row)  # the first output of an order counts
-    return np.array(list(seen.values()), dtype=np.int64).reshape(-1, 4)
+    return np.array(list(seen.values()), dtype=np.int64).reshape(-1, 5)
 
 
 def machine_info(load_before: list[float], load_after: list[float]) -> dict[str, Any]:

@@ -3,7 +3,8 @@ asserted; the figures belong in docs/benchmarks.md, measured by ``make bench``.
 
 The run uses what ``make bench`` uses, a fresh embedded broker of its own (so the session's
 broker is not filled with a benchmark's topics), with a shorter session timeout: on the
-embedded broker a group's first join takes half of it, and the run joins five groups."""
+embedded broker a group's first join takes half of it, and the run joins nine groups. Sizes are
+tiny (2,000 orders, 2,000 orders/s, a restore of 20,000 stock events) to keep it near a minute."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,8 +35,9 @@ def _env(tmp_path: Path) -> dict[str, str]:
 def test_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     result = subprocess.run(
-        [*TRIAGE, "bench", "--orders", "5000", "--json", "--latency-seconds", "1",
-         "--saturation-orders", "2000", "--sweep", "500", "--out", str(out)],
+        [*TRIAGE, "bench", "--orders", "2000", "--json", "--latency-seconds", "1",
+         "--rate", "2000", "--saturation-orders", "2000", "--sweep", "500",
+         "--restore-records", "20000", "--out", str(out)],
         env=_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     figures = json.loads(result.stdout)
@@ -43,8 +46,8 @@ def test_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
         row = figures["throughput"][config]
         for key in ("orders_per_s", "seconds", "cpu_s_per_1000", "peak_rss_mb"):
             assert _number(row[key]) and row[key] > 0, (config, key, row[key])
-        assert row["orders"] == 5000
-        assert row["outputs"] >= 5000, (config, row["outputs"])  # every order came out
+        assert row["orders"] == 2000
+        assert row["outputs"] >= 2000, (config, row["outputs"])  # every order came out
     assert _number(figures["ratios"]["scorer_vs_passthrough"])
     assert _number(figures["ratios"]["scorer_vs_per_message"])
     for load in ("fixed_load", "saturation", "passthrough_fixed_load"):
@@ -52,8 +55,8 @@ def test_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
         assert all(_number(latency[p]) for p in ("p50", "p95", "p99")), latency
         assert latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
         assert latency["cdf"] and latency["orders"] > 0
-    assert figures["latency_ms"]["fixed_load"]["orders"] == 5000  # 5000/s for 1 s
-    assert figures["latency_ms"]["passthrough_fixed_load"]["orders"] == 5000
+    assert figures["latency_ms"]["fixed_load"]["orders"] == 2000  # 2000/s for 1 s
+    assert figures["latency_ms"]["passthrough_fixed_load"]["orders"] == 2000
     assert figures["latency_ms"]["saturation"]["orders"] == 2000
     assert _number(figures["worker_peak_rss_mb"])
     assert set(figures["cpu_s_per_1000"]) == {"passthrough", "scorer", "per_message"}
@@ -62,7 +65,9 @@ def test_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     assert [p["batch_size"] for p in figures["batch_sweep"]] == [500]
     assert set(figures["targets"]) == {
         "scorer_at_least_half_of_passthrough", "scorer_at_least_15x_per_message",
-        "p99_at_most_50ms_at_fixed_load", "worker_rss_at_most_300mb"}
+        "p99_at_most_50ms_at_fixed_load", "worker_rss_at_most_300mb",
+        "live_at_least_0_8_of_csv_path_throughput", "live_p99_at_most_1_3x_csv_path"}
+    _check_live(figures["live"])
     assert figures["machine"]["cores"] >= 1
     assert _number(figures["throughput"]["scorer"]["broker_cpu_s_per_1000"])  # its own broker
     for name in ("json", "throughput_plot", "latency_plot"):
@@ -70,8 +75,36 @@ def test_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     assert json.loads((out / "bench.json").read_text())["ratios"] == figures["ratios"]
 
 
+def _check_live(live: dict[str, Any]) -> None:
+    """The live reference path's figures: throughput, latency and restore."""
+    run = live["throughput"]
+    for key in ("orders_per_s", "seconds", "cpu_s_per_1000", "peak_rss_mb",
+                "csv_path_orders_per_s", "ratio_vs_csv_path"):
+        assert _number(run[key]) and run[key] > 0, (key, run[key])
+    assert run["orders"] == 2000 and run["outputs"] >= 2000, run
+    assert run["reference_records"]["payments"] == run["reference_records"]["inventory"] == 2000
+    assert run["reference_records"]["zip_codes"] > 0
+    assert isinstance(run["reference_wait_expired"], int)
+
+    latency = live["latency"]
+    assert all(_number(latency[p]) for p in ("p50", "p95", "p99")), latency
+    assert latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
+    assert latency["orders"] == 2000 and latency["cdf"]
+    assert _number(latency["csv_path"]["p99"]) and _number(latency["p99_ratio_vs_csv_path"])
+    assert isinstance(latency["reference_wait_expired"], int)
+
+    restore = live["restore"]
+    assert restore["stock_events"] == 20000
+    assert restore["records_restored"] >= 20000  # and the zip codes
+    assert 0 < restore["launch_to_restored_s"] <= restore["launch_to_started_s"]
+    for key in ("restore_s", "table_mb", "peak_rss_mb", "orders_per_s"):
+        assert _number(restore[key]) and restore[key] >= 0, (key, restore[key])
+
+
 def test_bench_rejects_bad_options(tmp_path: Path) -> None:
-    for flags, named in ((["--orders", "0"], "--orders"), (["--sweep", "10,x"], "--sweep")):
+    for flags, named in ((["--orders", "0"], "--orders"),
+                         (["--restore-records", "-1"], "--restore-records"),
+                         (["--sweep", "10,x"], "--sweep")):
         result = subprocess.run([*TRIAGE, "bench", *flags], env=_env(tmp_path),
                                 capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert result.returncode == 2 and named in result.stderr, result.stderr

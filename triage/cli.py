@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "bench", parents=[common],
-        help="benchmark the scorer against passthrough and per-message scoring, in one run")
+        help="benchmark the scorer against passthrough and per-message scoring, and on the live "
+             "reference streams, in one run")
     p.add_argument("--orders", type=int, default=200_000,
                    help="orders every configuration consumes (default 200000)")
     p.add_argument("--batch-size", type=int, help="orders per batch (TRIAGE_BATCH_SIZE)")
@@ -208,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch sizes for the throughput plot, comma-separated ('' skips it)")
     p.add_argument("--sweep-orders", type=int, default=50_000,
                    help="orders per point of the batch-size sweep (default 50000)")
+    p.add_argument("--restore-records", type=int, default=1_000_000,
+                   help="stock events in the live path's restore figure (default 1000000; "
+                        "0 skips it)")
     p.add_argument("--data", type=Path, help="orders.csv and reference CSVs (default: generated)")
     p.add_argument("--model", type=Path, help="model directory (default: trained on the data)")
     p.add_argument("--out", type=Path, default=Path("results/bench"),
@@ -486,6 +490,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         latency_seconds=args.latency_seconds, latency_partitions=args.latency_partitions,
         saturation_orders=args.saturation_orders,
         scaling_workers=args.scaling_workers, sweep=sweep, sweep_orders=args.sweep_orders,
+        restore_records=args.restore_records,
         data_dir=args.data, model_dir=args.model, out_dir=args.out,
         keep_topics=args.keep_topics, scorer_module=args.scorer_module)
     try:
