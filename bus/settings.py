@@ -220,13 +220,20 @@ class ScorerSettings:
         "Extra per-batch hooks, comma-separated `module:factory` (see consumer/hooks.py).")
     metrics_port: int = _setting(
         0, "TRIAGE_METRICS_PORT",
-        "Serve Prometheus /metrics from each worker on this port + worker number; 0: off.")
+        "Serve /metrics, /healthz and /readyz from each worker on this port + worker number; "
+        "0: off.")
+    health_stall_ms: int = _setting(
+        60_000, "TRIAGE_HEALTH_STALL_MS",
+        "/healthz fails once a worker's loop has not completed a turn (a batch, an idle poll, a "
+        "step of its restore) for this long. At least twice TRIAGE_PROCESSING_DEADLINE_MS, so "
+        "a batch whose hooks run to their deadline is not taken for a stuck loop.")
     exactly_once: bool = _setting(
         False, "TRIAGE_EXACTLY_ONCE",
         "Transactional consume-transform-produce (`--exactly-once`); needs Apache Kafka.")
 
     def __post_init__(self) -> None:
-        _at_least_one(self, "batch_size", "batch_timeout_ms", "processing_deadline_ms")
+        _at_least_one(self, "batch_size", "batch_timeout_ms", "processing_deadline_ms",
+                      "health_stall_ms")
         if not 0.0 <= self.sample_rate <= 1.0:
             raise SettingsError(f"sample_rate must be within [0, 1], got {self.sample_rate}")
 
@@ -376,6 +383,12 @@ class Settings:
                 f"({self.connection.max_poll_interval_ms}): a batch that runs past "
                 "max.poll.interval.ms gets its worker evicted and is scored again by another, "
                 "forever")
+        scorer = self.scorer
+        if scorer.health_stall_ms < 2 * scorer.processing_deadline_ms:
+            raise SettingsError(
+                f"TRIAGE_HEALTH_STALL_MS ({scorer.health_stall_ms}) must be at least twice "
+                f"TRIAGE_PROCESSING_DEADLINE_MS ({scorer.processing_deadline_ms}): a batch may "
+                "take that long without the loop being stuck")
 
     @classmethod
     def of(cls, **values: Any) -> Settings:

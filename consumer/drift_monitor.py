@@ -32,11 +32,12 @@ from typing import Any
 import numpy as np
 import structlog
 from confluent_kafka import Consumer, Message, TopicPartition
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Counter as PromCounter
 
 from triage.bus.clients import make_consumer, make_producer, produce, records_of, source_of
 from triage.bus.errors import WaitTimeout
+from triage.bus.health import Health, serve
 from triage.bus.settings import ConnectionSettings, DriftSettings, TopicSettings
 from triage.consumer.commit import AtLeastOnce
 from triage.model.drift import DRIFT, MIN_BASELINE_ROWS, Reference, WindowResult, evaluate
@@ -174,9 +175,15 @@ def report_record(result: WindowResult, *, window_id: str, model_version: str,
 
 
 class DriftMonitor:
+    """Reads the drift topic in its consumer group, closes windows and reports them.
+
+    With ``TRIAGE_DRIFT_METRICS_PORT``, serves ``/metrics`` (its own registry), ``/healthz``
+    (a turn of its loop within ``health_stall_ms``) and ``/readyz`` (baseline loaded, group
+    joined) on ``metrics_addr`` (bus/health.py). Raises OSError if the port is taken."""
+
     def __init__(self, connection: ConnectionSettings, topics: TopicSettings,
                  drift: DriftSettings, manifest: dict[str, Any], *,
-                 metrics_addr: str = "0.0.0.0") -> None:
+                 metrics_addr: str = "0.0.0.0", health_stall_ms: int = 60_000) -> None:
         self.topics = topics
         self.drift = drift
         self.reference = Reference.from_manifest(manifest)
@@ -186,16 +193,20 @@ class DriftMonitor:
         self.producer = make_producer(connection)
         self.metrics = DriftMetrics(CollectorRegistry())
         self.log = structlog.get_logger("drift_monitor")
+        self.health = Health(health_stall_ms, ("baseline_loaded", "group_joined"))
         self._server = None
         if drift.drift_metrics_port:
-            self._server, _ = start_http_server(drift.drift_metrics_port, addr=metrics_addr,
-                                                registry=self.metrics.registry)
-            self.log.info("metrics_serving", port=drift.drift_metrics_port)
+            self._server = serve(drift.drift_metrics_port, self.health, self.metrics.registry,
+                                 addr=metrics_addr)
+            self.log.info("metrics_serving", port=drift.drift_metrics_port,
+                          paths=["/metrics", "/healthz", "/readyz"])
+        self.health.met("baseline_loaded")
         self._window = self._new_window()
         self._stop_requested = False
         self.committer = AtLeastOnce(self.producer, self.consumer, self.log)
-        self.consumer.subscribe([topics.drift_topic], on_revoke=self._on_revoke,
-                                on_lost=self._on_revoke)
+        self.consumer.subscribe([topics.drift_topic],
+                                on_assign=lambda *_: self.health.met("group_joined"),
+                                on_revoke=self._on_revoke, on_lost=self._on_revoke)
         if self.reference.rows < MIN_BASELINE_ROWS:
             self.log.warning("small_baseline", rows=self.reference.rows,
                              note=f"fewer than {MIN_BASELINE_ROWS} training rows: the baseline's "
@@ -245,6 +256,7 @@ class DriftMonitor:
                     written.append(self._close())
             if window_s and time.monotonic() - self._window.opened_mono >= window_s:
                 written.append(self._close())
+            self.health.beat()
             if time.monotonic() >= next_progress:
                 next_progress = time.monotonic() + _PROGRESS_S
                 self._log_open_window()

@@ -35,6 +35,7 @@ import structlog
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from triage.bus.clients import make_consumer, make_producer, produce, records_of
+from triage.bus.health import Health
 from triage.bus.settings import ConnectionSettings, ScorerSettings
 from triage.consumer import metrics
 from triage.consumer.commit import AtLeastOnce, ExactlyOnce, next_offsets, transactional_id
@@ -105,15 +106,19 @@ class BatchLoop:
     ``status_file``: where the worker's owned partitions, lag and count of consumed records are
     kept for the supervisor (JSON, rewritten at most once a second and on every rebalance).
     ``progress``: called every 10 s for a log line of the caller's counts. ``status``: more
-    fields for the status file (the scorer's reference tables and waiting orders).
+    fields for the status file (the scorer's reference tables and waiting orders). ``health``:
+    beaten on every turn of the loop (a batch or an idle poll), its ``group_joined`` condition
+    met on the first assignment, even of no partition (bus/health.py).
     """
 
     def __init__(self, connection: ConnectionSettings, scorer: ScorerSettings, topic: str, *,
                  worker_id: str = "0",
                  status_file: Path | None = None, log: Any = None,
                  progress: Callable[[], dict[str, object]] | None = None,
-                 status: Callable[[], dict[str, object]] | None = None) -> None:
+                 status: Callable[[], dict[str, object]] | None = None,
+                 health: Health | None = None) -> None:
         self.scorer = scorer
+        self.health = health
         self.topic = topic
         self.worker_id = worker_id
         self.status_file = status_file
@@ -122,6 +127,7 @@ class BatchLoop:
         self.status = status
         self.consumer = make_consumer(connection, scorer.group_id)
         self.assigned: set[int] = set()
+        self._lag_series: set[int] = set()  # partitions with a triage_consumer_lag_records series
         self.consumed = 0
         self._stop_requested = False
         self._revoked_now: set[int] = set()
@@ -150,6 +156,7 @@ class BatchLoop:
         timeout_s = self.scorer.batch_timeout_ms / 1000.0
         batch_size = self.scorer.batch_size
         last_report = last_status = time.monotonic()
+        beat = self.health.beat if self.health is not None else lambda: None
         try:
             while not self._stop_requested:
                 self._revoked_now.clear()
@@ -160,6 +167,7 @@ class BatchLoop:
                     batch = [m for m in batch if m.partition() not in self._revoked_now]
                 if batch or self.handler.pending():
                     self._process(batch)
+                beat()
                 now = time.monotonic()
                 if now - last_status >= 1.0:
                     self._write_status()
@@ -199,6 +207,8 @@ class BatchLoop:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned |= {p.partition for p in partitions}
+        if self.health is not None:
+            self.health.met("group_joined")
         self.handler.on_assigned(sorted(p.partition for p in partitions))
         self.log.info("partitions_assigned", partitions=sorted(p.partition for p in partitions),
                       now_owned=sorted(self.assigned))
@@ -221,23 +231,37 @@ class BatchLoop:
         self.log.warning("partitions_lost", partitions=sorted(p.partition for p in partitions))
         self._write_status()
 
-    def lag(self) -> int | None:
-        """Records behind the end of this worker's partitions, from the high watermarks of its
-        own fetches (exact on any broker); None until every partition has been fetched."""
+    def partition_lag(self) -> dict[int, int] | None:
+        """Records behind the end of each partition this worker owns, from the high watermarks
+        of its own fetches (exact on any broker); None until every partition has been fetched."""
         if not self.assigned:
-            return 0
-        topic = self.topic
-        total = 0
-        for tp in self.consumer.position([TopicPartition(topic, p) for p in self.assigned]):
+            return {}
+        lags = {}
+        for tp in self.consumer.position([TopicPartition(self.topic, p) for p in self.assigned]):
             high = self.consumer.get_watermark_offsets(tp, cached=True)
             if tp.offset < 0 or high is None or high[1] < 0:
                 return None
-            total += max(0, high[1] - tp.offset)
-        return total
+            lags[tp.partition] = max(0, high[1] - tp.offset)
+        return lags
+
+    def lag(self) -> int | None:
+        """Records behind the end of this worker's partitions, summed; None as above."""
+        lags = self.partition_lag()
+        return None if lags is None else sum(lags.values())
 
     def _write_status(self) -> None:
-        """Publish partitions, lag and counts for the supervisor (readiness, autoscaling)."""
-        self.write_status(partitions=sorted(self.assigned), lag=self.lag(),
+        """Publish partitions, lag and counts for the supervisor (readiness, autoscaling) and
+        as metrics (a partition's lag series goes when the partition does)."""
+        lags = self.partition_lag()
+        metrics.OWNED_PARTITIONS.set(len(self.assigned))
+        for partition in self._lag_series - self.assigned:
+            metrics.LAG.remove(str(partition))
+        self._lag_series &= self.assigned
+        for partition, behind in (lags or {}).items():
+            metrics.LAG.labels(str(partition)).set(behind)
+            self._lag_series.add(partition)
+        lag = None if lags is None else sum(lags.values())
+        self.write_status(partitions=sorted(self.assigned), lag=lag,
                           consumed=self.consumed, **(self.status() if self.status else {}))
 
     def write_status(self, **fields: object) -> None:

@@ -1,8 +1,10 @@
-"""Prometheus metrics of a scorer worker, served on /metrics when TRIAGE_METRICS_PORT is set."""
+"""Prometheus metrics of a scorer worker, served on /metrics (beside /healthz and /readyz,
+bus/health.py) when TRIAGE_METRICS_PORT is set. README "Metrics" lists them with their meaning;
+deploy/prometheus/ and deploy/grafana/ use them by these names."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 CONSUMED = Counter("triage_records_consumed_total", "Order records consumed.")
 PREDICTIONS = Counter("triage_predictions_total", "Predictions produced.", ["recommendation"])
@@ -28,10 +30,13 @@ REFERENCE_WAIT_EXPIRED = Counter("triage_reference_wait_expired_total",
                                  "Orders scored because TRIAGE_REFERENCE_MAX_WAIT_MS ran out.")
 WAITING_ORDERS = Gauge("triage_waiting_orders",
                        "Orders consumed and waiting for the reference streams to pass them.")
+OWNED_PARTITIONS = Gauge("triage_owned_partitions",
+                         "Partitions of the orders topic this worker owns in its consumer group.")
+LAG = Gauge("triage_consumer_lag_records",
+            "Records behind the end of a partition this worker owns (from its own fetches' high "
+            "watermarks; updated once a second).", ["partition"])
+MODEL_INFO = Gauge("triage_model_info", "1 for the model version this worker scores with.",
+                   ["model_version"])
 BATCH_SECONDS = Histogram("triage_batch_seconds", "Time to score, deliver and commit a batch.",
                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 
-
-def serve(port: int) -> None:
-    """Start the /metrics endpoint in a background thread."""
-    start_http_server(port, addr="0.0.0.0")

@@ -27,6 +27,7 @@ from triage.bus.clients import (
     source_of,
     topic_max_message_bytes,
 )
+from triage.bus.health import Health
 from triage.bus.settings import ScorerSettings, Settings
 from triage.consumer import metrics
 from triage.consumer.core import CoreConfig, Incoming, Outcome, ScoringCore, split_hooks
@@ -80,12 +81,15 @@ class Scorer:
     from nothing. With ``live_reference`` (the default) the worker reads the reference streams
     on top (consumer/reference.py) and orders wait for them by event time; without, it scores
     with the snapshot alone, at once. ``extra_hooks``: the hooks of ``TRIAGE_HOOKS``, run after
-    the built-in validation under the batch's deadline."""
+    the built-in validation under the batch's deadline. ``health``: beaten by the loop and the
+    restore; its ``reference_restored`` condition met once the tables are restored."""
 
     def __init__(self, settings: Settings, model: Model, snapshot: ReferenceTables | None,
                  worker_id: str = "0", status_file: Path | None = None,
-                 extra_hooks: list[object] | None = None, live_reference: bool = True) -> None:
+                 extra_hooks: list[object] | None = None, live_reference: bool = True,
+                 health: Health | None = None) -> None:
         self.settings = settings
+        self.health = health
         connection, topics = settings.connection, settings.topics
         self.topics = topics
         self.model = model
@@ -112,7 +116,8 @@ class Scorer:
         self.stats = ScorerStats()
         self.loop = BatchLoop(connection, settings.scorer, topics.orders_topic,
                               worker_id=worker_id, status_file=status_file,
-                              log=self.log, progress=self.stats.as_dict, status=self.status)
+                              log=self.log, progress=self.stats.as_dict, status=self.status,
+                              health=health)
         self._consumed_upto: dict[tuple[str, int], int] = {}
         self._committed: dict[tuple[str, int], int] = {}
         self._paused: set[int] = set()
@@ -140,15 +145,15 @@ class Scorer:
             if self.loop.stop_requested:  # asked to stop while the brokers were being asked
                 return self.stats
             self.reader.check_copartitioned(self.topics.orders_topic)
-            letters = self.reader.restore(
-                stop=lambda: self.loop.stop_requested,
-                progress=lambda: self.loop.write_status(partitions=[], restored=False,
-                                                        reference_records=self.feed.tables.size))
+            letters = self.reader.restore(stop=lambda: self.loop.stop_requested,
+                                          progress=self._restore_progress)
             if letters:  # dead letters met while restoring, before the loop runs
                 for output in self._reference_letters(letters):
                     produce(self.loop.producer, output.topic, key=output.key,
                             value=output.value, headers=output.headers)
                 self.loop.producer.flush(60.0)
+        if self.health is not None:
+            self.health.met("reference_restored")
         self.log.info("worker_started", topic=self.topics.orders_topic,
                       group=self.settings.scorer.group_id, model_version=self.model.version,
                       exactly_once=self.loop.committer.transactional,
@@ -160,6 +165,13 @@ class Scorer:
                 self.reader.close()
             self.log.info("worker_stopped", **self.stats.as_dict())
         return self.stats
+
+    def _restore_progress(self) -> None:
+        """A step of the restore: the process is alive, and says how far it got."""
+        if self.health is not None:
+            self.health.beat()
+        self.loop.write_status(partitions=[], restored=False,
+                               reference_records=self.feed.tables.size)
 
     def status(self) -> dict[str, object]:
         """The status file's fields beyond the loop's: the worker is ready once restored."""

@@ -3,7 +3,9 @@
 ``--reference DIR``: load the reference CSVs as a snapshot first; the live reference streams
 apply on top either way (consumer/reference.py).
 
-Settings come from the ``TRIAGE_*`` environment the supervisor passes down. Exit status: 0 after
+Settings come from the ``TRIAGE_*`` environment the supervisor passes down; ``triage worker``
+runs the same :func:`run` in its own process with no supervisor (one worker per Kubernetes
+pod, where the orchestrator restarts it). Exit status: 0 after
 a requested stop (SIGTERM/SIGINT: finish the batch, commit, leave the group), 1 after an
 infrastructure failure or an unexpected error (the supervisor restarts the worker), 2 for a
 configuration error (it does not: a restart would fail the same way).
@@ -26,15 +28,18 @@ from pathlib import Path
 import structlog
 
 from triage.bus.errors import EXIT_CONFIGURATION, ConfigurationError, exit_status, is_expected
+from triage.bus.health import Health, serve
 from triage.bus.logs import configure_logging
 from triage.bus.settings import Settings, SettingsError
 from triage.consumer import metrics
 from triage.consumer.hooks import load_hooks
 from triage.consumer.scorer import Scorer
 from triage.model import artifact
+from triage.model.policy import CLASSES
 from triage.model.reference import ReferenceTables, zip_code_warnings
 
 _PARENT_CHECK_S = 0.5
+READINESS = ("model_loaded", "reference_restored", "group_joined")  # /readyz waits for these
 
 
 def watch_parent(supervisor_pid: int, on_gone: Callable[[], None],
@@ -54,6 +59,8 @@ def watch_parent(supervisor_pid: int, on_gone: Callable[[], None],
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The worker process as the supervisor starts it: settings from the ``TRIAGE_*``
+    environment; returns the exit status (module docstring)."""
     parser = argparse.ArgumentParser(prog="triage.consumer.worker")
     parser.add_argument("--model", required=True)
     parser.add_argument("--reference", help="directory of the reference CSVs (a snapshot)")
@@ -69,8 +76,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIGURATION
     configure_logging(settings.log_format, settings.log_level)
-    log = structlog.get_logger("worker").bind(worker=args.worker_id)
+    return run(settings, args.model, args.reference, worker_id=args.worker_id,
+               status_file=args.status_file, supervisor_pid=args.supervisor_pid)
 
+
+def run(settings: Settings, model_dir: str | Path, reference_dir: str | Path | None, *,
+        worker_id: str = "0", status_file: Path | None = None,
+        supervisor_pid: int | None = None) -> int:
+    """Run one worker in this process until SIGTERM/SIGINT; returns its exit status (module
+    docstring). With ``TRIAGE_METRICS_PORT``, ``/metrics``, ``/healthz`` and ``/readyz`` are
+    served on that port + ``worker_id`` from the start (bus/health.py): ready once the model is
+    loaded, the reference tables restored and the consumer group joined."""
+    log = structlog.get_logger("worker").bind(worker=worker_id)
     scorer: Scorer | None = None
     stop_requested = threading.Event()
 
@@ -82,23 +99,28 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, lambda signum, _: stop(signal.Signals(signum).name))
     signal.signal(signal.SIGINT, lambda signum, _: stop(signal.Signals(signum).name))
-    if args.supervisor_pid:
-        watch_parent(args.supervisor_pid, lambda: stop("supervisor_gone"))
-        if os.getppid() != args.supervisor_pid:  # it died before the watch began
+    if supervisor_pid:
+        watch_parent(supervisor_pid, lambda: stop("supervisor_gone"))
+        if os.getppid() != supervisor_pid:  # it died before the watch began
             stop("supervisor_gone")
+    health = Health(settings.scorer.health_stall_ms, READINESS)
     try:
-        model = artifact.load(args.model)
-        reference = ReferenceTables.load(args.reference, encoding=settings.csv_encoding) \
-            if args.reference else None
+        if settings.scorer.metrics_port:
+            port = settings.scorer.metrics_port + int(worker_id)
+            serve(port, health)
+            log.info("metrics_serving", port=port, paths=["/metrics", "/healthz", "/readyz"])
+        model = artifact.load(model_dir)
+        reference = ReferenceTables.load(reference_dir, encoding=settings.csv_encoding) \
+            if reference_dir else None
         for warning in zip_code_warnings(reference.zips.keys()) if reference else ():
             log.warning("zip_codes_look_truncated", detail=warning)
-        scorer = Scorer(settings, model, reference, worker_id=args.worker_id,
-                        status_file=args.status_file,
-                        extra_hooks=load_hooks(settings.scorer.hooks, settings))
-        if settings.scorer.metrics_port:
-            port = settings.scorer.metrics_port + int(args.worker_id)
-            metrics.serve(port)
-            log.info("metrics_serving", port=port)
+        scorer = Scorer(settings, model, reference, worker_id=worker_id,
+                        status_file=status_file,
+                        extra_hooks=load_hooks(settings.scorer.hooks, settings), health=health)
+        health.met("model_loaded")
+        metrics.MODEL_INFO.labels(model.version).set(1)
+        for recommendation in CLASSES:  # every class has a series from the start, at 0
+            metrics.PREDICTIONS.labels(recommendation)
     except (ConfigurationError, OSError) as exc:  # OSError: a metrics port in use, a file
         log.error("worker_config_error", error=str(exc))
         return EXIT_CONFIGURATION

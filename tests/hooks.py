@@ -4,6 +4,8 @@ extension point, used as a user's hook would be, instead of test-only code in th
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 
 from triage.bus.settings import Settings
@@ -23,3 +25,18 @@ class SlowBatches:
 
     def observe(self, batch: ScoredBatch) -> None:
         time.sleep(self.seconds)
+
+
+class FreezeOnSignal:
+    """Makes a worker's loop stuck on demand (``TRIAGE_HOOKS=tests.hooks:FreezeOnSignal``): on
+    SIGUSR1 its main thread, the one that runs the loop, blocks in the signal handler until
+    the process is killed, while its other threads (the health server) go on. Installed by
+    the hook's factory, which runs on the main thread."""
+
+    name = "freeze_on_signal"
+
+    def __init__(self, settings: Settings) -> None:
+        signal.signal(signal.SIGUSR1, lambda *_: threading.Event().wait())
+
+    def observe(self, batch: ScoredBatch) -> None:
+        """Nothing per batch: the freeze comes from the signal."""

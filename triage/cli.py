@@ -158,6 +158,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
                    help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
 
+    p = commands.add_parser(
+        "worker", parents=[common],
+        help="one scorer worker in this process, no supervisor (a Kubernetes pod's command)")
+    p.add_argument("--model", type=Path, required=True, help="model directory")
+    p.add_argument("--reference", type=Path,
+                   help="reference CSVs loaded first, as a snapshot (as for consume)")
+    p.add_argument("--group", dest="group_id", help="consumer group (TRIAGE_GROUP_ID)")
+    p.add_argument("--batch-size", type=int, help="orders per batch (TRIAGE_BATCH_SIZE)")
+    p.add_argument("--batch-timeout-ms", type=int, help="TRIAGE_BATCH_TIMEOUT_MS")
+    p.add_argument("--sample-rate", type=float, help="drift sample share (TRIAGE_SAMPLE_RATE)")
+    p.add_argument("--exactly-once", action="store_true", default=None,
+                   help="transactional consume-transform-produce (TRIAGE_EXACTLY_ONCE)")
+    p.add_argument("--metrics-port", dest="metrics_port", type=int, metavar="PORT",
+                   help="serve /metrics, /healthz and /readyz here (TRIAGE_METRICS_PORT)")
+    p.add_argument("--worker-id", default="0",
+                   help="this worker's number: its transactional id and metrics port offset")
+    p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
+                   help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
+
     p = commands.add_parser("lag", parents=[common],
                             help="committed offset, end offset and lag per partition")
     p.add_argument("--group", dest="group_id", help="consumer group (TRIAGE_GROUP_ID)")
@@ -231,7 +250,8 @@ def _settings(args: argparse.Namespace) -> Settings:
              "output_partitions", "replication_factor", "group_id", "batch_size",
              "batch_timeout_ms", "sample_rate", "exactly_once", "drift_reports_topic",
              "drift_group_id", "drift_window_samples", "drift_window_minutes",
-             "drift_min_samples", "drift_alpha", "drift_metrics_port", "csv_encoding")
+             "drift_min_samples", "drift_alpha", "drift_metrics_port", "csv_encoding",
+             "metrics_port")
     settings = Settings.from_env().replace(**{n: getattr(args, n, None) for n in names})
     if getattr(args, "log_format", None) is None and "TRIAGE_LOG_FORMAT" not in os.environ \
             and sys.stderr.isatty():
@@ -316,7 +336,8 @@ def cmd_drift(args: argparse.Namespace, settings: Settings) -> int:
     from triage.consumer.drift_monitor import DriftMonitor
     from triage.model.artifact import verify
 
-    monitor = DriftMonitor(settings.connection, settings.topics, settings.drift, verify(args.model))
+    monitor = DriftMonitor(settings.connection, settings.topics, settings.drift, verify(args.model),
+                           health_stall_ms=settings.scorer.health_stall_ms)
     signal.signal(signal.SIGTERM, lambda *_: monitor.request_stop())
     signal.signal(signal.SIGINT, lambda *_: monitor.request_stop())
     try:
@@ -416,6 +437,22 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if all(code == 0 for code in codes.values()) else EXIT_FAILED
 
 
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """One worker, in this process: the exit statuses of a worker (consumer/worker.py): 0 after
+    SIGTERM, 1 on an infrastructure failure (the orchestrator restarts it), 2 on configuration."""
+    from triage.consumer.worker import run
+    from triage.model.artifact import verify
+    from triage.model.reference import check_reference_dir
+
+    if not args.worker_id.isdigit():
+        raise SettingsError(f"--worker-id must be a number >= 0, got {args.worker_id!r}")
+    verify(args.model)
+    if args.reference:
+        check_reference_dir(args.reference, settings.csv_encoding)
+    return run(_resolved(settings), args.model.resolve(),
+               args.reference.resolve() if args.reference else None, worker_id=args.worker_id)
+
+
 def cmd_lag(args: argparse.Namespace, settings: Settings) -> int:
     from triage.bus.offsets import group_lag
 
@@ -511,6 +548,7 @@ def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
 COMMANDS = {
     "broker": cmd_broker, "topics": cmd_topics, "datagen": cmd_datagen, "train": cmd_train,
     "replay": cmd_replay, "produce": cmd_produce, "consume": cmd_consume,
+    "worker": cmd_worker,
     "predictions": cmd_predictions, "demo": cmd_demo, "dlq": cmd_dlq, "lag": cmd_lag,
     "settings": cmd_settings,
     "bench": cmd_bench,

@@ -1,0 +1,172 @@
+"""/healthz, /readyz and /metrics (bus/health.py) over real HTTP: the Health state on its own,
+then real workers (``triage worker``, one process each, as in a Kubernetes pod) on the broker:
+not ready before they join their consumer group, ready after, still ready when they own no
+partition, and not healthy once their loop is stuck (a hook freezes the loop's thread on
+SIGUSR1 while the server's thread goes on)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.parser import text_string_to_metric_families
+
+from triage.bus.clients import create_topics
+from triage.bus.embedded import free_port
+from triage.bus.health import Health, serve
+from triage.bus.settings import Settings
+from triage.consumer.supervisor import worker_env
+
+TRIAGE = [sys.executable, "-m", "triage.cli"]
+_WAIT_S = 60.0  # start-up (imports, model, group join) on a loaded 2-core machine
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    """(HTTP status, body) of GET ``path``; (0, error) while nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
+
+
+def wait_for(what: str, check: Callable[[], bool], proc: subprocess.Popen[bytes] | None = None,
+             timeout_s: float = _WAIT_S) -> None:
+    """Poll ``check`` every 50 ms until it holds; fail if ``proc`` exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert proc is None or proc.poll() is None, f"{what}: the worker exited {proc.poll()}"
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
+        time.sleep(0.05)
+
+
+def test_health_state_over_http() -> None:
+    registry = CollectorRegistry()
+    Counter("triage_probe_total", "A metric of this test's registry.", registry=registry).inc()
+    health = Health(200, ("model_loaded", "group_joined"))
+    port = free_port()
+    server = serve(port, health, registry, addr="127.0.0.1")
+    try:
+        status, body = get(port, "/readyz")
+        assert status == 503
+        assert json.loads(body) == {"status": "not_ready",
+                                    "waiting_for": ["group_joined", "model_loaded"]}
+        health.met("model_loaded")
+        health.met("group_joined")
+        assert get(port, "/readyz")[0] == 200
+        assert json.loads(get(port, "/healthz")[1])["status"] == "ok"
+        # No beat for longer than the stall limit: not live, whatever else holds.
+        wait_for("stalled", lambda: get(port, "/healthz")[0] == 503, timeout_s=10)
+        assert json.loads(get(port, "/healthz")[1])["status"] == "stalled"
+        health.beat()
+        assert get(port, "/healthz")[0] == 200
+        assert "triage_probe_total 1.0" in get(port, "/metrics")[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def metric(port: int, name: str) -> float | None:
+    """The value of an unlabelled metric ``name`` on ``port``'s /metrics."""
+    status, text = get(port, "/metrics")
+    if status != 200:
+        return None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return None
+
+
+@contextmanager
+def worker(settings: Settings, model_dir: Path, port: int, log: Path,
+           **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``triage worker`` with /metrics, /healthz and /readyz on ``port``; killed on the way out."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*TRIAGE, "worker", "--model", str(model_dir), "--metrics-port", str(port)],
+            env={**worker_env(settings), "TRIAGE_LOG_FORMAT": "json", **env},
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_workers_are_ready_once_joined_even_without_partitions_and_unhealthy_when_stuck(
+        settings: Settings, model_dir: Path, tmp_path: Path) -> None:
+    run = uuid.uuid4().hex[:8]
+    # One partition for two workers: one of them owns nothing (payments co-partitioned).
+    settings = settings.replace(orders_topic=f"orders-one-{run}",
+                                payments_topic=f"payments-one-{run}", orders_partitions=1)
+    create_topics(settings.connection, settings.topics)
+    stuck_env = {"TRIAGE_HOOKS": "tests.hooks:FreezeOnSignal",
+                 "TRIAGE_PROCESSING_DEADLINE_MS": "500", "TRIAGE_HEALTH_STALL_MS": "1500",
+                 "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    a_port, b_port = free_port(), free_port()
+    with worker(settings, model_dir, a_port, tmp_path / "a.log", **stuck_env) as a:
+        answers: list[tuple[int, dict[str, Any]]] = []
+
+        def ready() -> bool:
+            status, body = get(a_port, "/readyz")
+            if status:
+                answers.append((status, json.loads(body)))
+            return status == 200
+
+        wait_for("worker a ready", ready, a)
+        # It answered before it was ready, and said what it was waiting for.
+        assert answers[0][0] == 503, answers[:3]
+        assert "group_joined" in answers[0][1]["waiting_for"], answers[0]
+        assert get(a_port, "/healthz")[0] == 200
+        wait_for("a owns the partition", lambda: metric(a_port, "triage_owned_partitions") == 1)
+
+        with worker(settings, model_dir, b_port, tmp_path / "b.log") as b:
+            wait_for("worker b ready", lambda: get(b_port, "/readyz")[0] == 200, b)
+            wait_for("one owner of the one partition", lambda: sorted(
+                (metric(a_port, "triage_owned_partitions"),
+                 metric(b_port, "triage_owned_partitions"))) == [0, 1])
+            assert get(a_port, "/readyz")[0] == get(b_port, "/readyz")[0] == 200
+
+            os.kill(a.pid, signal.SIGUSR1)  # a's loop thread blocks for good
+            wait_for("a reported stalled", lambda: get(a_port, "/healthz")[0] == 503, a,
+                     timeout_s=30)
+            assert json.loads(get(a_port, "/healthz")[1])["status"] == "stalled"
+            assert get(b_port, "/healthz")[0] == 200
+
+            b.send_signal(signal.SIGTERM)
+            assert b.wait(30) == 0  # a worker's exit status after a requested stop
+
+
+def test_worker_command_refuses_a_bad_model_with_status_2(tmp_path: Path,
+                                                          settings: Settings) -> None:
+    result = subprocess.run([*TRIAGE, "worker", "--model", str(tmp_path / "missing")],
+                            env=worker_env(settings), capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "missing" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_stall_limit_a_slow_batch_could_reach_is_refused() -> None:
+    import pytest
+
+    from triage.bus.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="TRIAGE_HEALTH_STALL_MS"):
+        Settings.of(processing_deadline_ms=40_000, health_stall_ms=60_000)
+    assert Settings.of(processing_deadline_ms=30_000).scorer.health_stall_ms == 60_000
