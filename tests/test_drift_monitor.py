@@ -48,6 +48,7 @@ class Run:
     reports: list[dict]
     logs: list[dict]
     metrics: str
+    probes: dict[str, int]  # /healthz and /readyz -> HTTP status, after the windows
 
 
 def _write_orders(source: Path, rows: np.ndarray, out: Path) -> Path:
@@ -94,7 +95,11 @@ def run(bootstrap: str, history: Path, model_dir: Path,
         url = f"http://127.0.0.1:{settings.drift.drift_metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             metrics = response.read().decode()
-    return Run(settings, reports, logs, metrics)
+        probes = {}
+        for path in ("/healthz", "/readyz"):
+            with urllib.request.urlopen(url.replace("/metrics", path), timeout=10) as response:
+                probes[path] = response.status
+    return Run(settings, reports, logs, metrics, probes)
 
 
 def test_unshifted_orders_report_no_drift(run: Run) -> None:
@@ -134,6 +139,7 @@ def test_metrics_show_the_latest_window(run: Run) -> None:
     assert value("triage_drift_statistic", "zip_code_available") > value(
         "triage_drift_threshold", "zip_code_available")
     assert f"triage_drift_window_samples {float(PHASE)}" in run.metrics
+    assert run.probes == {"/healthz": 200, "/readyz": 200}  # beside /metrics
     assert 'triage_drift_windows_total{status="drift"} 1.0' in run.metrics
 
 
