@@ -2,9 +2,11 @@
 
 One HTTP port per process answers three paths (the Kubernetes probe conventions):
 
-* ``/healthz``: 200 while the process's loop is alive, i.e. it completed a turn (a batch, an
-  idle poll, a step of a restore) within the last ``stall_ms``; 503 once it has not. A
-  Kubernetes liveness probe restarts the pod then.
+* ``/healthz``: 503 ``starting`` until the process's loop (or its restore) completed its first
+  turn; then 200 while it completes a turn (a batch, an idle poll, a step of a restore) at
+  least every ``stall_ms``, 503 ``stalled`` once it has not. Start-up (imports, model, broker
+  metadata) is a Kubernetes startup probe's to bound; the liveness probe restarts a stalled
+  pod.
 * ``/readyz``: 200 once every readiness condition the process declared is met (a worker: model
   loaded, reference tables restored, consumer group joined); 503 with the missing ones until
   then. A worker that owns no partition (more replicas than partitions, or during a rollout)
@@ -12,7 +14,8 @@ One HTTP port per process answers three paths (the Kubernetes probe conventions)
   the ``triage_owned_partitions`` metric instead.
 * ``/metrics``: prometheus-client's exposition of ``registry``.
 
-Both health answers are JSON: ``{"status": "ok"|"stalled"|"ready"|"not_ready", ...}``.
+Both health answers are JSON: ``{"status": "starting"|"ok"|"stalled"|"ready"|"not_ready",
+...}``.
 
 The server is prometheus-client's WSGI app and the standard library's WSGI server in a daemon
 thread, as prometheus-client's own ``start_http_server`` runs it. A worker does not import an
@@ -39,14 +42,14 @@ class Health:
 
     ``stall_ms``: how long the loop may go without :meth:`beat` before ``/healthz`` fails (ms).
     ``conditions``: names of the readiness conditions still to meet; :meth:`met` meets one.
-    The clock starts at construction, so a process is live while it starts up.
+    Not live before the first :meth:`beat` (starting up).
     """
 
     def __init__(self, stall_ms: int, conditions: Iterable[str]) -> None:
         if stall_ms <= 0:
             raise ValueError(f"stall_ms must be positive, got {stall_ms}")
         self.stall_s = stall_ms / 1000.0
-        self._last_beat = time.monotonic()
+        self._last_beat: float | None = None
         self._missing = set(conditions)
         self._lock = threading.Lock()
 
@@ -61,6 +64,8 @@ class Health:
 
     def live(self) -> tuple[bool, dict[str, Any]]:
         """(alive?, the JSON body): alive while the last beat is under ``stall_ms`` old."""
+        if self._last_beat is None:
+            return False, {"status": "starting", "stall_s": self.stall_s}
         since = time.monotonic() - self._last_beat
         alive = since <= self.stall_s
         return alive, {"status": "ok" if alive else "stalled",

@@ -222,18 +222,24 @@ class ScorerSettings:
         0, "TRIAGE_METRICS_PORT",
         "Serve /metrics, /healthz and /readyz from each worker on this port + worker number; "
         "0: off.")
+    delivery_timeout_ms: int = _setting(
+        60_000, "TRIAGE_DELIVERY_TIMEOUT_MS",
+        "Longest a batch waits for the broker to acknowledge what it produced (and, with "
+        "--exactly-once, for each attempt to commit its transaction); then the worker exits 1 "
+        "and the batch is read again after its restart.")
     health_stall_ms: int = _setting(
-        60_000, "TRIAGE_HEALTH_STALL_MS",
+        120_000, "TRIAGE_HEALTH_STALL_MS",
         "/healthz fails once a worker's loop has not completed a turn (a batch, an idle poll, a "
-        "step of its restore) for this long. At least twice TRIAGE_PROCESSING_DEADLINE_MS, so "
-        "a batch whose hooks run to their deadline is not taken for a stuck loop.")
+        "step of its restore) for this long. With a metrics port, more than "
+        "TRIAGE_PROCESSING_DEADLINE_MS + TRIAGE_DELIVERY_TIMEOUT_MS, so a slow batch is not "
+        "taken for a stuck loop (with --exactly-once, retried commits can take longer).")
     exactly_once: bool = _setting(
         False, "TRIAGE_EXACTLY_ONCE",
         "Transactional consume-transform-produce (`--exactly-once`); needs Apache Kafka.")
 
     def __post_init__(self) -> None:
         _at_least_one(self, "batch_size", "batch_timeout_ms", "processing_deadline_ms",
-                      "health_stall_ms")
+                      "delivery_timeout_ms", "health_stall_ms")
         if not 0.0 <= self.sample_rate <= 1.0:
             raise SettingsError(f"sample_rate must be within [0, 1], got {self.sample_rate}")
 
@@ -383,12 +389,14 @@ class Settings:
                 f"({self.connection.max_poll_interval_ms}): a batch that runs past "
                 "max.poll.interval.ms gets its worker evicted and is scored again by another, "
                 "forever")
-        scorer = self.scorer
-        if scorer.health_stall_ms < 2 * scorer.processing_deadline_ms:
+        scorer, served = self.scorer, self.scorer.metrics_port or self.drift.drift_metrics_port
+        turn_ms = scorer.processing_deadline_ms + scorer.delivery_timeout_ms
+        if served and scorer.health_stall_ms <= turn_ms:
             raise SettingsError(
-                f"TRIAGE_HEALTH_STALL_MS ({scorer.health_stall_ms}) must be at least twice "
-                f"TRIAGE_PROCESSING_DEADLINE_MS ({scorer.processing_deadline_ms}): a batch may "
-                "take that long without the loop being stuck")
+                f"TRIAGE_HEALTH_STALL_MS ({scorer.health_stall_ms}) must be more than "
+                f"TRIAGE_PROCESSING_DEADLINE_MS + TRIAGE_DELIVERY_TIMEOUT_MS ({turn_ms}): a "
+                "batch may take that long (hooks, then the broker's acknowledgements) without "
+                "the loop being stuck")
 
     @classmethod
     def of(cls, **values: Any) -> Settings:

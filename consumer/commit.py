@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from triage.bus.clients import source_of
 from triage.bus.errors import InfrastructureError
 
-_FLUSH_TIMEOUT_S = 60.0
+_FLUSH_TIMEOUT_S = 60.0  # TRIAGE_DELIVERY_TIMEOUT_MS's default
 _ATTEMPTS = 5
 # A rebalance overtook the commit. With cooperative rebalancing our partitions are revoked only
 # through our own callback, inside a later consume(), so they are still ours: retry once the
@@ -53,10 +53,15 @@ def transactional_id(group_id: str, worker_id: str) -> str:
 
 
 class AtLeastOnce:
+    """``flush_timeout_s``: how long :meth:`finish` waits for the broker's acknowledgements
+    (and, in :class:`ExactlyOnce`, for each attempt to commit a transaction)."""
+
     transactional = False
 
-    def __init__(self, producer: Producer, consumer: Consumer, log: Any) -> None:
+    def __init__(self, producer: Producer, consumer: Consumer, log: Any,
+                 flush_timeout_s: float = _FLUSH_TIMEOUT_S) -> None:
         self.producer, self.consumer, self.log = producer, consumer, log
+        self.flush_timeout_s = flush_timeout_s
         self._errors: list[str] = []
 
     def on_delivery(self, err: KafkaError | None, msg: Message) -> None:
@@ -71,12 +76,12 @@ class AtLeastOnce:
 
     def finish(self, offsets: list[TopicPartition]) -> None:
         """Wait for every delivery, then commit ``offsets`` (the next offset to read)."""
-        remaining = self.producer.flush(_FLUSH_TIMEOUT_S)
+        remaining = self.producer.flush(self.flush_timeout_s)
         errors, self._errors = self._errors, []
         if remaining or errors:
             raise InfrastructureError(
                 f"{len(errors)} record(s) refused and {remaining} not acknowledged within "
-                f"{_FLUSH_TIMEOUT_S:.0f} s; not committing"
+                f"{self.flush_timeout_s:.0f} s; not committing"
                 + (f"; first error: {errors[0]}" if errors else ""))
         if offsets:
             self._commit(offsets)
@@ -104,8 +109,9 @@ class AtLeastOnce:
 class ExactlyOnce(AtLeastOnce):
     transactional = True
 
-    def __init__(self, producer: Producer, consumer: Consumer, log: Any) -> None:
-        super().__init__(producer, consumer, log)
+    def __init__(self, producer: Producer, consumer: Consumer, log: Any,
+                 flush_timeout_s: float = _FLUSH_TIMEOUT_S) -> None:
+        super().__init__(producer, consumer, log, flush_timeout_s)
         producer.init_transactions(30.0)
         self.open = False
 
@@ -141,7 +147,7 @@ class ExactlyOnce(AtLeastOnce):
     def _commit_transaction(self) -> None:
         for attempt in range(1, _ATTEMPTS + 1):
             try:
-                self.producer.commit_transaction(_FLUSH_TIMEOUT_S)
+                self.producer.commit_transaction(self.flush_timeout_s)
                 return
             except KafkaException as exc:
                 if not exc.args[0].retriable() or attempt == _ATTEMPTS:

@@ -134,10 +134,12 @@ class BatchLoop:
         if scorer.exactly_once:
             self.producer = make_producer(connection, **{
                 "transactional.id": transactional_id(scorer.group_id, worker_id)})
-            self.committer: AtLeastOnce = ExactlyOnce(self.producer, self.consumer, self.log)
+            self.committer: AtLeastOnce = ExactlyOnce(self.producer, self.consumer, self.log,
+                                                      scorer.delivery_timeout_ms / 1000.0)
         else:
             self.producer = make_producer(connection)
-            self.committer = AtLeastOnce(self.producer, self.consumer, self.log)
+            self.committer = AtLeastOnce(self.producer, self.consumer, self.log,
+                                         scorer.delivery_timeout_ms / 1000.0)
 
     def request_stop(self) -> None:
         """Finish the batch in hand, commit it, leave the group (safe from a signal handler)."""
@@ -231,23 +233,24 @@ class BatchLoop:
         self.log.warning("partitions_lost", partitions=sorted(p.partition for p in partitions))
         self._write_status()
 
-    def partition_lag(self) -> dict[int, int] | None:
+    def partition_lag(self) -> dict[int, int | None]:
         """Records behind the end of each partition this worker owns, from the high watermarks
-        of its own fetches (exact on any broker); None until every partition has been fetched."""
+        of its own fetches (exact on any broker); None for a partition not fetched yet. A paused
+        partition is not fetched, so its figure is as of the pause."""
         if not self.assigned:
             return {}
-        lags = {}
+        lags: dict[int, int | None] = {}
         for tp in self.consumer.position([TopicPartition(self.topic, p) for p in self.assigned]):
             high = self.consumer.get_watermark_offsets(tp, cached=True)
-            if tp.offset < 0 or high is None or high[1] < 0:
-                return None
-            lags[tp.partition] = max(0, high[1] - tp.offset)
+            known = tp.offset >= 0 and high is not None and high[1] >= 0
+            lags[tp.partition] = max(0, high[1] - tp.offset) if known and high else None
         return lags
 
     def lag(self) -> int | None:
-        """Records behind the end of this worker's partitions, summed; None as above."""
+        """Records behind the end of this worker's partitions, summed; None until every one of
+        them has been fetched."""
         lags = self.partition_lag()
-        return None if lags is None else sum(lags.values())
+        return None if None in lags.values() else sum(v for v in lags.values() if v is not None)
 
     def _write_status(self) -> None:
         """Publish partitions, lag and counts for the supervisor (readiness, autoscaling) and
@@ -257,10 +260,11 @@ class BatchLoop:
         for partition in self._lag_series - self.assigned:
             metrics.LAG.remove(str(partition))
         self._lag_series &= self.assigned
-        for partition, behind in (lags or {}).items():
-            metrics.LAG.labels(str(partition)).set(behind)
-            self._lag_series.add(partition)
-        lag = None if lags is None else sum(lags.values())
+        for partition, behind in lags.items():
+            if behind is not None:
+                metrics.LAG.labels(str(partition)).set(behind)
+                self._lag_series.add(partition)
+        lag = None if None in lags.values() else sum(v for v in lags.values() if v is not None)
         self.write_status(partitions=sorted(self.assigned), lag=lag,
                           consumed=self.consumed, **(self.status() if self.status else {}))
 

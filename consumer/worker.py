@@ -104,10 +104,11 @@ def run(settings: Settings, model_dir: str | Path, reference_dir: str | Path | N
         if os.getppid() != supervisor_pid:  # it died before the watch began
             stop("supervisor_gone")
     health = Health(settings.scorer.health_stall_ms, READINESS)
+    server = None
     try:
         if settings.scorer.metrics_port:
             port = settings.scorer.metrics_port + int(worker_id)
-            serve(port, health)
+            server = serve(port, health)
             log.info("metrics_serving", port=port, paths=["/metrics", "/healthz", "/readyz"])
         model = artifact.load(model_dir)
         reference = ReferenceTables.load(reference_dir, encoding=settings.csv_encoding) \
@@ -121,17 +122,20 @@ def run(settings: Settings, model_dir: str | Path, reference_dir: str | Path | N
         metrics.MODEL_INFO.labels(model.version).set(1)
         for recommendation in CLASSES:  # every class has a series from the start, at 0
             metrics.PREDICTIONS.labels(recommendation)
-    except (ConfigurationError, OSError) as exc:  # OSError: a metrics port in use, a file
-        log.error("worker_config_error", error=str(exc))
-        return EXIT_CONFIGURATION
-    except Exception as exc:
-        return _failed(log, exc)
-    if stop_requested.is_set():
-        scorer.request_stop()
-    try:
+        if stop_requested.is_set():
+            scorer.request_stop()
         scorer.run()
+    except (ConfigurationError, OSError) as exc:  # OSError: a metrics port in use, a file
+        if scorer is None:
+            log.error("worker_config_error", error=str(exc))
+            return EXIT_CONFIGURATION
+        return _failed(log, exc)
     except Exception as exc:
         return _failed(log, exc)
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
     return 0
 
 

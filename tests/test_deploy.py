@@ -103,13 +103,16 @@ def test_the_config_names_only_real_settings_and_the_pods_serve_their_probes(
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["metrics"] == port, (name, ports)
         assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port)
-        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"),
+                            ("readinessProbe", "/readyz")):
+            assert container[probe]["httpGet"] == {"path": path, "port": "metrics"}, probe
     scorer = by_kind("Deployment", "triage-scorer")["spec"]["template"]["spec"]
     assert scorer["containers"][0]["args"][0] == "worker"  # one worker per pod, no supervisor
-    # SIGTERM drains a batch, whose hooks may run to the processing deadline, then commits.
+    # SIGTERM drains a batch: hooks up to the processing deadline, then the wait for the
+    # broker's acknowledgements, then the commit.
     assert scorer["terminationGracePeriodSeconds"] * 1000 > \
-        2 * settings.scorer.processing_deadline_ms
+        settings.scorer.processing_deadline_ms + settings.scorer.delivery_timeout_ms
+    assert "replicas" not in by_kind("Deployment", "triage-scorer")["spec"]  # KEDA's to set
     for path in (config["TRIAGE_SASL_PASSWORD_FILE"], config["TRIAGE_SSL_CA_LOCATION"]):
         mount = next(m for m in scorer["containers"][0]["volumeMounts"]
                      if path.startswith(m["mountPath"] + "/"))

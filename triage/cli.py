@@ -440,6 +440,9 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """One worker, in this process: the exit statuses of a worker (consumer/worker.py): 0 after
     SIGTERM, 1 on an infrastructure failure (the orchestrator restarts it), 2 on configuration."""
+    # As a pod's PID 1 a process ignores SIGTERM without a handler: stop (status 0, nothing
+    # consumed yet) until run() installs the worker's own, which drains the batch in hand.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     from triage.consumer.worker import run
     from triage.model.artifact import verify
     from triage.model.reference import check_reference_dir
