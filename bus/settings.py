@@ -316,8 +316,9 @@ class ReferenceSettings:
         "time (if its stream has had records, or a CSV snapshot was loaded).")
     reference_max_wait_ms: int = _setting(
         5000, "TRIAGE_REFERENCE_MAX_WAIT_MS",
-        "Longest an order waits for the reference streams to pass its time; then it is "
-        "scored with what has arrived and its prediction says reference_wait_expired.")
+        "Longest an order waits for the reference streams to pass its time once the "
+        "partitions holding it back have nothing left to read; then it is scored with what "
+        "has arrived and its prediction says reference_wait_expired.")
     reference_retention: str = _setting(
         "", "TRIAGE_REFERENCE_RETENTION",
         "Reference history kept, in event time back from the newest record applied: seconds, "

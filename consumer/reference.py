@@ -17,9 +17,15 @@ that long (so that an event published just before the order, still in flight whe
 fetched, is not missed). With a CSV snapshot loaded, a stream that has had no record holds no
 news: it has passed everything. Without one, it has passed nothing. An order is scored once
 every partition it reads has passed ``s * 1000`` (inventory and zip codes: all of theirs;
-payments: its own), or when ``TRIAGE_REFERENCE_MAX_WAIT_MS`` has passed since it was consumed:
-then its prediction says ``reference_wait_expired`` and the metric
-``triage_reference_wait_expired_total`` counts it. With each partition in event-time order the
+payments: its own), or when ``TRIAGE_REFERENCE_MAX_WAIT_MS`` has passed since it was consumed
+and no partition that holds it back has records left to read: then its prediction says
+``reference_wait_expired`` and the metric ``triage_reference_wait_expired_total`` counts it.
+The max wait is for a stream whose producer is late or has stopped; a reader that is merely
+behind (a replay at full speed, a restart, a worker short of CPU) has the order's events
+coming, so the order waits for them, as Kafka Streams waits on a partition with known lag
+(KIP-695), and ``TRIAGE_MAX_WAITING_ORDERS`` pauses its orders partition meanwhile. "Records
+left" is what the fetches' high watermarks say; a partition whose watermark is unknown holds
+nothing back. With each partition in event-time order the
 features then equal ``pandas.merge_asof`` over the complete reference history. An event that
 arrives after orders it applies to were scored is *late*: counted
 (``triage_reference_late_events_total``) and logged; published predictions are never rewritten.
@@ -281,17 +287,31 @@ class ReferenceFeed:
         needed = np.floor_divide(timestamps_ms, 1000) * 1000
         patient = waited_s >= self.idle_s
         ready = np.ones(len(needed), dtype=bool)
+        behind = np.zeros(len(needed), dtype=bool)  # held back by a partition with records left
         for stream in (INVENTORY, ZIP_CODES):
             busy, idle = self._stream_bounds(stream, self.partitions(stream), now)
             ready &= (needed < busy) & ((needed < idle) | patient)
+            behind |= needed >= self._backlog_bound(stream, self.partitions(stream), now)
         for partition in np.unique(partitions).tolist():
             if partition < 0:
                 continue
             rows = partitions == partition
             busy, idle = self._stream_bounds(PAYMENTS, [partition], now)
             ready[rows] &= (needed[rows] < busy) & ((needed[rows] < idle) | patient[rows])
-        expired = ~ready & (waited_s >= self.max_wait_s)
+            behind[rows] |= needed[rows] >= self._backlog_bound(PAYMENTS, [partition], now)
+        expired = ~ready & (waited_s >= self.max_wait_s) & ~behind
         return ready, expired
+
+    def _backlog_bound(self, stream: str, partitions: Iterable[int], now: float) -> int:
+        """The lowest time (UTC ms) still unpassed by a partition of ``partitions`` that has
+        records left to read (its high watermark is past what was applied): an order at or
+        after it waits for them, whatever the max wait. _ALWAYS if no partition is behind."""
+        lowest = _ALWAYS
+        for partition in partitions:
+            progress = self.progress.get((stream, partition))
+            if progress is not None and progress.high >= 0 and not progress.at_end:
+                lowest = min(lowest, self.bounds(stream, partition, now)[0])
+        return lowest
 
     def passed(self, stream: str, partition: int, now: float, waited_s: float = 0.0) -> int:
         """The partition has passed every time (UTC ms) below the value returned, for an order

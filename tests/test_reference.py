@@ -185,3 +185,21 @@ def test_the_core_holds_orders_until_the_streams_pass_them_then_scores_them_exac
 def test_retention_settings_parse(retention: str) -> None:
     seconds = ReferenceSettings(reference_retention=retention).retention_s
     assert seconds == {"": None, "90m": 5400, "30d": 2_592_000, "3600": 3600}[retention]
+
+
+def test_the_max_wait_does_not_expire_an_order_whose_events_are_still_to_be_read() -> None:
+    """A reader behind its partition's high watermark (a replay at full speed, a worker short
+    of CPU) has the order's events coming: the order waits past the max wait. Once the
+    partition is read to its end and still has not passed the order, the max wait applies."""
+    f = feed()
+    f.apply(INVENTORY, 0, [stock("A", T + 5_000, 5)], [0], now=0.0)
+    f.apply(ZIP_CODES, 0, [zipped("1", T + 5_000)], [0], now=0.0)
+    f.apply(PAYMENTS, 3, [paid("o", T + 5_000)], [0], now=0.0)
+    f.apply(INVENTORY, 1, [stock("B", T - 1_000, 5)], [0], now=0.0)  # behind the order ...
+    f.note_position(INVENTORY, 1, 0, 50_000, now=0.0)                # ... with 49,999 to read
+    order, late = T + 300, MAX_WAIT_S * 3
+    assert admit(f, order, now=late, waited=late) == (False, False)  # waits: records left
+    assert admit(f, T - 2_000, now=0.0) == (True, False)  # an earlier order is not held
+    f.apply(INVENTORY, 1, [stock("B", T - 500, 5)], [49_999], now=late)  # read to its end
+    f.note_position(INVENTORY, 1, 0, 50_000, now=late)
+    assert admit(f, order, now=late, waited=late) == (False, True)  # now the max wait applies
