@@ -166,6 +166,8 @@ def make_admin(connection: ConnectionSettings) -> AdminClient:
     return AdminClient(base_config(connection))
 
 
+# The models control topic keeps the latest state record for ever: compacted, never deleted.
+CONTROL_TOPIC_CONFIG = {"cleanup.policy": "compact"}
 # Reference topics keep their whole history (an as-of join needs it; compaction would keep one
 # record per key): the delete policy with no time or size limit.
 REFERENCE_TOPIC_CONFIG = {"cleanup.policy": "delete", "retention.ms": "-1",
@@ -187,6 +189,8 @@ def topic_specs(topics: TopicSettings) -> dict[str, int]:
         topics.inventory_topic: topics.reference_partitions,
         topics.zip_codes_topic: topics.reference_partitions,
         topics.reference_dlq_topic: topics.output_partitions,
+        # One partition, compacted: one key, the whole model state (consumer/models.py).
+        topics.models_topic: 1,
     }
 
 
@@ -203,7 +207,8 @@ def create_topics(connection: ConnectionSettings, topics: TopicSettings,
     history = set(reference_topics(topics))
     futures = admin.create_topics(
         [NewTopic(name, partitions, topics.replication_factor,
-                  config=REFERENCE_TOPIC_CONFIG if name in history else {})
+                  config=REFERENCE_TOPIC_CONFIG if name in history
+                  else CONTROL_TOPIC_CONFIG if name == topics.models_topic else {})
          for name, partitions in specs.items()],
         request_timeout=timeout_s)
     outcome = {}

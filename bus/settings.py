@@ -182,6 +182,10 @@ class TopicSettings:
     reference_dlq_topic: str = _setting(
         "reference.dlq", "TRIAGE_REFERENCE_DLQ_TOPIC",
         "Dead-letter topic for reference records that do not decode or validate.")
+    models_topic: str = _setting(
+        "models.control", "TRIAGE_MODELS_TOPIC",
+        "Compacted control topic: which registry version is active (`triage models promote`), "
+        "followed by workers started with --registry.")
     reference_partitions: int = _setting(
         6, "TRIAGE_REFERENCE_PARTITIONS",
         "Partitions of the inventory and zip_codes topics when created (payments gets the "

@@ -35,6 +35,11 @@ OWNED_PARTITIONS = Gauge("triage_owned_partitions",
 LAG = Gauge("triage_consumer_lag_records",
             "Records behind the end of a partition this worker owns (from its own fetches' high "
             "watermarks; updated once a second).", ["partition"])
+MODEL_REFUSALS = Counter("triage_model_refusals_total",
+                         "Promoted model versions this worker could not load (missing, or a "
+                         "file changed after training); it kept its model.")
+MODEL_SWAPS = Counter("triage_model_swaps_total",
+                      "Models swapped in between two batches (workers following a registry).")
 MODEL_INFO = Gauge("triage_model_info", "1 for the model version this worker scores with.",
                    ["model_version"])
 BATCH_SECONDS = Histogram("triage_batch_seconds", "Time to score, deliver and commit a batch.",

@@ -33,6 +33,7 @@ from triage.consumer import metrics
 from triage.consumer.core import CoreConfig, Incoming, Outcome, ScoringCore, split_hooks
 from triage.consumer.deadletter import dead_letter_headers, fit_dead_letter
 from triage.consumer.loop import BatchLoop, Handled, Output
+from triage.consumer.models import ModelFollower
 from triage.consumer.reference import ReferenceFeed, ReferenceReader
 from triage.consumer.validation import OrderValidator
 from triage.model.artifact import Model
@@ -82,14 +83,17 @@ class Scorer:
     on top (consumer/reference.py) and orders wait for them by event time; without, it scores
     with the snapshot alone, at once. ``extra_hooks``: the hooks of ``TRIAGE_HOOKS``, run after
     the built-in validation under the batch's deadline. ``health``: beaten by the loop and the
-    restore; its ``reference_restored`` condition met once the tables are restored."""
+    restore; its ``reference_restored`` condition met once the tables are restored.
+    ``follower``: a worker following a model registry; the model it loads is swapped in
+    before the next batch (consumer/models.py)."""
 
     def __init__(self, settings: Settings, model: Model, snapshot: ReferenceTables | None,
                  worker_id: str = "0", status_file: Path | None = None,
                  extra_hooks: list[object] | None = None, live_reference: bool = True,
-                 health: Health | None = None) -> None:
+                 health: Health | None = None, follower: ModelFollower | None = None) -> None:
         self.settings = settings
         self.health = health
+        self.follower = follower
         connection, topics = settings.connection, settings.topics
         self.topics = topics
         self.model = model
@@ -166,6 +170,19 @@ class Scorer:
             self.log.info("worker_stopped", **self.stats.as_dict())
         return self.stats
 
+    def _swap_model(self) -> None:
+        """Between two batches: take the model the follower loaded, if any (consumer/models.py)."""
+        assert self.follower is not None
+        model = self.follower.take()
+        if model is None:
+            return
+        old, self.model = self.model, model
+        self.core.model = model
+        metrics.MODEL_SWAPS.inc()
+        metrics.MODEL_INFO.remove(old.version)
+        metrics.MODEL_INFO.labels(model.version).set(1)
+        self.log.info("model_swapped", version=model.version, replaced=old.version)
+
     def _restore_progress(self) -> None:
         """A step of the restore: the process is alive, and says how far it got."""
         if self.health is not None:
@@ -187,6 +204,8 @@ class Scorer:
     def handle(self, records: list[Message]) -> Handled:
         """One consumed batch (maybe empty) -> the records to produce, the offsets settled,
         and the partitions to pause or resume."""
+        if self.follower is not None:
+            self._swap_model()
         out = self._reference_letters(self.reader.poll()) if self.reader is not None else []
         sources = [source_of(m) for m in records]
         for source in sources:

@@ -61,11 +61,12 @@ class _Slot:
 @dataclass
 class Supervisor:
     settings: Settings          # bootstrap already resolved: workers need no state file
-    model_dir: Path
+    model_dir: Path | None      # None: the workers follow ``registry_dir``
     reference_dir: Path | None  # a CSV snapshot for every worker, or None
     workers: int
     autoscaler: Autoscaler | None = None
     scale_interval_s: float = 5.0
+    registry_dir: Path | None = None  # a model registry the workers follow (consumer/models.py)
     slots: list[_Slot] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -90,7 +91,9 @@ class Supervisor:
     def _spawn(self, slot: _Slot) -> None:
         env = worker_env(self.settings)
         slot.process = subprocess.Popen(
-            [sys.executable, "-m", "triage.consumer.worker", "--model", str(self.model_dir),
+            [sys.executable, "-m", "triage.consumer.worker",
+             *(["--registry", str(self.registry_dir)] if self.registry_dir
+               else ["--model", str(self.model_dir)]),
              *(["--reference", str(self.reference_dir)] if self.reference_dir else []),
              "--worker-id", slot.worker_id,
              "--status-file", str(self._status_file(slot)),

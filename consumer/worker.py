@@ -33,10 +33,12 @@ from triage.bus.logs import configure_logging
 from triage.bus.settings import Settings, SettingsError
 from triage.consumer import metrics
 from triage.consumer.hooks import load_hooks
+from triage.consumer.models import ModelFollower
 from triage.consumer.scorer import Scorer
 from triage.model import artifact
 from triage.model.policy import CLASSES
 from triage.model.reference import ReferenceTables, zip_code_warnings
+from triage.model.registry import Registry
 
 _PARENT_CHECK_S = 0.5
 READINESS = ("model_loaded", "reference_restored", "group_joined")  # /readyz waits for these
@@ -62,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     """The worker process as the supervisor starts it: settings from the ``TRIAGE_*``
     environment; returns the exit status (module docstring)."""
     parser = argparse.ArgumentParser(prog="triage.consumer.worker")
-    parser.add_argument("--model", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="model directory")
+    source.add_argument("--registry", help="model registry: follow the models control topic")
     parser.add_argument("--reference", help="directory of the reference CSVs (a snapshot)")
     parser.add_argument("--worker-id", default="0")
     parser.add_argument("--status-file", type=Path,
@@ -77,16 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIGURATION
     configure_logging(settings.log_format, settings.log_level)
     return run(settings, args.model, args.reference, worker_id=args.worker_id,
-               status_file=args.status_file, supervisor_pid=args.supervisor_pid)
+               status_file=args.status_file, supervisor_pid=args.supervisor_pid,
+               registry_dir=args.registry)
 
 
-def run(settings: Settings, model_dir: str | Path, reference_dir: str | Path | None, *,
+def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | Path | None, *,
         worker_id: str = "0", status_file: Path | None = None,
-        supervisor_pid: int | None = None) -> int:
+        supervisor_pid: int | None = None, registry_dir: str | Path | None = None) -> int:
     """Run one worker in this process until SIGTERM/SIGINT; returns its exit status (module
-    docstring). With ``TRIAGE_METRICS_PORT``, ``/metrics``, ``/healthz`` and ``/readyz`` are
-    served on that port + ``worker_id`` from the start (bus/health.py): ready once the model is
-    loaded, the reference tables restored and the consumer group joined."""
+    docstring). The model: ``model_dir``, or with ``registry_dir`` the version the models
+    control topic says is active, swapped between batches when it changes (consumer/models.py).
+    With ``TRIAGE_METRICS_PORT``, ``/metrics``, ``/healthz`` and ``/readyz`` are served on that
+    port + ``worker_id`` from the start (bus/health.py): ready once the model is loaded, the
+    reference tables restored and the consumer group joined."""
     log = structlog.get_logger("worker").bind(worker=worker_id)
     scorer: Scorer | None = None
     stop_requested = threading.Event()
@@ -104,20 +111,33 @@ def run(settings: Settings, model_dir: str | Path, reference_dir: str | Path | N
         if os.getppid() != supervisor_pid:  # it died before the watch began
             stop("supervisor_gone")
     health = Health(settings.scorer.health_stall_ms, READINESS)
-    server = None
+    server = follower = None
     try:
         if settings.scorer.metrics_port:
             port = settings.scorer.metrics_port + int(worker_id)
             server = serve(port, health)
             log.info("metrics_serving", port=port, paths=["/metrics", "/healthz", "/readyz"])
-        model = artifact.load(model_dir)
+        if registry_dir is not None:
+            follower = ModelFollower(settings.connection, settings.topics,
+                                     Registry(registry_dir), log=log).start()
+            log.info("waiting_for_model", registry=str(registry_dir),
+                     control_topic=settings.topics.models_topic)
+            first = follower.wait_first(stop=stop_requested.is_set, tick=health.beat)
+            if first is None:
+                return 0
+            model = first
+        elif model_dir is not None:
+            model = artifact.load(model_dir)
+        else:
+            raise ConfigurationError("a worker needs --model or --registry")
         reference = ReferenceTables.load(reference_dir, encoding=settings.csv_encoding) \
             if reference_dir else None
         for warning in zip_code_warnings(reference.zips.keys()) if reference else ():
             log.warning("zip_codes_look_truncated", detail=warning)
         scorer = Scorer(settings, model, reference, worker_id=worker_id,
                         status_file=status_file,
-                        extra_hooks=load_hooks(settings.scorer.hooks, settings), health=health)
+                        extra_hooks=load_hooks(settings.scorer.hooks, settings), health=health,
+                        follower=follower)
         health.met("model_loaded")
         metrics.MODEL_INFO.labels(model.version).set(1)
         for recommendation in CLASSES:  # every class has a series from the start, at 0
@@ -133,6 +153,8 @@ def run(settings: Settings, model_dir: str | Path, reference_dir: str | Path | N
     except Exception as exc:
         return _failed(log, exc)
     finally:
+        if follower is not None:
+            follower.close()
         if server is not None:
             server.shutdown()
             server.server_close()

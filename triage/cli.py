@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train", parents=[common], help="train and save the model")
     p.add_argument("--data", type=Path, required=True, help="directory with the four CSVs")
-    p.add_argument("--out", type=Path, required=True, help="model directory to write")
+    p.add_argument("--out", type=Path, help="model directory to write")
+    p.add_argument("--registry", type=Path,
+                   help="also (or, without --out, only) add the model to this registry")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-accuracy", type=float, default=0.995,
                    help="refuse to save a model below this holdout accuracy (default 0.995)")
@@ -147,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "decision needs a window of 6 samples")
     p.add_argument("--exactly-once", action="store_true", default=None,
                    help="transactional consume-transform-produce (TRIAGE_EXACTLY_ONCE)")
-    p.add_argument("--model", type=Path, required=True, help="model directory")
+    _model_source(p)
     p.add_argument("--reference", type=Path,
                    help="directory with inventory.csv, payments.csv, zip_codes.csv: loaded "
                    "first, as a snapshot; the reference topics apply on top either way")
@@ -161,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "worker", parents=[common],
         help="one scorer worker in this process, no supervisor (a Kubernetes pod's command)")
-    p.add_argument("--model", type=Path, required=True, help="model directory")
+    _model_source(p)
     p.add_argument("--reference", type=Path,
                    help="reference CSVs loaded first, as a snapshot (as for consume)")
     p.add_argument("--group", dest="group_id", help="consumer group (TRIAGE_GROUP_ID)")
@@ -176,6 +178,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this worker's number: its transactional id and metrics port offset")
     p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
                    help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
+
+    models = commands.add_parser(
+        "models", help="the model registry: list versions, promote, roll back")
+    actions = models.add_subparsers(dest="models_command", required=True)
+    for name, text in (("list", "the registry's versions and which one is active"),
+                       ("promote", "make a version active: every worker swaps to it"),
+                       ("rollback", "make the previous active version active again")):
+        a = actions.add_parser(name, parents=[common], help=text)
+        a.add_argument("--registry", type=Path, required=True, help="model registry directory")
+        if name == "promote":
+            a.add_argument("version", help="a version id, as `triage models list` shows")
+            a.add_argument("--min-accuracy", type=float, default=0.995,
+                           help="refuse a version whose holdout accuracy against the policy "
+                                "is below this (default 0.995)")
+            a.add_argument("--force", action="store_true",
+                           help="promote even below --min-accuracy (recorded in the state)")
+        if name != "list":
+            a.add_argument("--by", help="who makes the change (default: your user name)")
 
     p = commands.add_parser("lag", parents=[common],
                             help="committed offset, end offset and lag per partition")
@@ -242,6 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("settings", help="list every TRIAGE_* setting with its default")
     return parser
+
+
+def _model_source(p: argparse.ArgumentParser) -> None:
+    """--model DIR or --registry DIR, one of them."""
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, help="model directory")
+    source.add_argument("--registry", type=Path,
+                        help="model registry: score with the version `triage models promote` "
+                             "made active, and swap to each new one between batches")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -348,16 +377,28 @@ def cmd_drift(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    import tempfile
+
+    from triage.model.registry import Registry
     from triage.model.train import train
 
-    report = train(args.data, args.out, seed=args.seed, min_accuracy=args.min_accuracy,
-                   encoding=settings.csv_encoding)
+    if args.out is None and args.registry is None:
+        raise SettingsError("train needs --out DIR, --registry DIR, or both")
+    with tempfile.TemporaryDirectory(prefix="triage-train-") as scratch:
+        out = args.out or Path(scratch) / "model"
+        report = train(args.data, out, seed=args.seed, min_accuracy=args.min_accuracy,
+                       encoding=settings.csv_encoding)
+        if args.registry is not None:
+            added = Registry(args.registry).add(out)
+            print(f"added {added.version} to the registry {args.registry}; "
+                  f"`triage models promote {added.version}` makes it active")
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"trained on {report.rows} orders (and {report.synthetic_rows} coverage rows, for "
           f"fitting only); holdout accuracy against the policy {report.holdout_accuracy:.4%}")
     print(report.confusion_table())
-    print(f"model {report.version} written to {report.model_dir}")
+    if args.out is not None:
+        print(f"model {report.version} written to {report.model_dir}")
     return 0
 
 
@@ -393,10 +434,9 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     from triage.bus.clients import make_admin, partitions_of
     from triage.consumer.autoscale import Autoscaler
     from triage.consumer.supervisor import Supervisor
-    from triage.model.artifact import verify
     from triage.model.reference import check_reference_dir
 
-    verify(args.model)  # fail here, once, rather than in every worker
+    _check_model_source(args)  # fail here, once, rather than in every worker
     if args.reference:
         check_reference_dir(args.reference, settings.csv_encoding)
     settings = _resolved(settings)
@@ -421,9 +461,10 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
         log.warning("more_workers_than_partitions", workers=most, partitions=partitions,
                     note=f"{most - partitions} worker(s) will sit idle; add partitions to "
                     f"{settings.topics.orders_topic} to use them")
-    supervisor = Supervisor(settings, args.model.resolve(),
+    supervisor = Supervisor(settings, args.model.resolve() if args.model else None,
                             args.reference.resolve() if args.reference else None, workers,
-                            autoscaler=autoscaler, scale_interval_s=args.scale_interval)
+                            autoscaler=autoscaler, scale_interval_s=args.scale_interval,
+                            registry_dir=args.registry.resolve() if args.registry else None)
     signal.signal(signal.SIGTERM, lambda *_: supervisor.request_stop())
     signal.signal(signal.SIGINT, lambda *_: supervisor.request_stop())
     log.info("starting", workers=args.workers, group=settings.scorer.group_id,
@@ -444,16 +485,78 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     # consumed yet) until run() installs the worker's own, which drains the batch in hand.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     from triage.consumer.worker import run
-    from triage.model.artifact import verify
     from triage.model.reference import check_reference_dir
 
     if not args.worker_id.isdigit():
         raise SettingsError(f"--worker-id must be a number >= 0, got {args.worker_id!r}")
-    verify(args.model)
+    _check_model_source(args)
     if args.reference:
         check_reference_dir(args.reference, settings.csv_encoding)
-    return run(_resolved(settings), args.model.resolve(),
-               args.reference.resolve() if args.reference else None, worker_id=args.worker_id)
+    return run(_resolved(settings), args.model.resolve() if args.model else None,
+               args.reference.resolve() if args.reference else None, worker_id=args.worker_id,
+               registry_dir=args.registry.resolve() if args.registry else None)
+
+
+def _check_model_source(args: argparse.Namespace) -> None:
+    """--model: the artifact verifies; --registry: the registry exists (its versions are
+    verified by each worker as they are promoted)."""
+    from triage.model.artifact import verify
+    from triage.model.registry import Registry
+
+    if args.model:
+        verify(args.model)
+    else:
+        Registry(args.registry).versions()
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    """``triage models list|promote|rollback`` (consumer/models.py, model/registry.py)."""
+    from triage.consumer.models import changed, publish_state, read_state
+    from triage.model.registry import Registry
+
+    registry, settings = Registry(args.registry), _resolved(settings)
+    connection, topics = settings.connection, settings.topics
+    state = read_state(connection, topics)
+    if args.models_command == "list":
+        versions = registry.versions()
+        print(f"{'version':<22}{'state':<11}{'created (UTC)':<27}{'holdout accuracy':>17}")
+        for v in versions:
+            label = ("active" if state and v.version == state.active
+                     else "previous" if state and v.version == state.previous else "candidate")
+            print(f"{v.version:<22}{label:<11}{v.created_at:<27}{v.holdout_accuracy:>17.4%}")
+        if state is None:
+            print("no version is active yet: `triage models promote VERSION`")
+        else:
+            print(f"active {state.active} since {_when(state.changed_at_ms)} "
+                  f"({state.action} by {state.changed_by}{', forced' if state.forced else ''})")
+        return 0
+    if args.models_command == "promote":
+        version = registry.get(args.version)  # verified: a changed file is refused here
+        if version.holdout_accuracy < args.min_accuracy and not args.force:
+            raise SettingsError(
+                f"{version.version}'s holdout accuracy {version.holdout_accuracy:.4%} is below "
+                f"--min-accuracy {args.min_accuracy:.2%}; not promoted (--force overrides)")
+        if state is not None and state.active == version.version:
+            print(f"{version.version} is already active")
+            return 0
+        forced = version.holdout_accuracy < args.min_accuracy
+        new = changed(version.version, state.active if state else None, "promote", args.by,
+                      forced)
+    else:
+        if state is None or state.previous is None:
+            raise SettingsError("nothing to roll back to: no version was active before this one")
+        registry.get(state.previous)
+        new = changed(state.previous, state.active, "rollback", args.by)
+    publish_state(connection, topics, new)
+    print(f"{new.action}: {new.active} is active (was {new.previous or 'none'}); workers "
+          "following the registry swap to it between two batches")
+    return 0
+
+
+def _when(ms: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
 
 
 def cmd_lag(args: argparse.Namespace, settings: Settings) -> int:
@@ -551,7 +654,7 @@ def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
 COMMANDS = {
     "broker": cmd_broker, "topics": cmd_topics, "datagen": cmd_datagen, "train": cmd_train,
     "replay": cmd_replay, "produce": cmd_produce, "consume": cmd_consume,
-    "worker": cmd_worker,
+    "worker": cmd_worker, "models": cmd_models,
     "predictions": cmd_predictions, "demo": cmd_demo, "dlq": cmd_dlq, "lag": cmd_lag,
     "settings": cmd_settings,
     "bench": cmd_bench,

@@ -1,0 +1,200 @@
+"""Models that change without a stop: the control topic that says which registry version is
+active, and the follower that swaps a worker's model between two batches.
+
+**The control topic** (``TRIAGE_MODELS_TOPIC``, compacted, one partition) holds the whole
+state (:class:`ModelState`: active, previous, who, when) under the one key ``state``, one
+record per change; compaction keeps the latest, which is all a worker or a rollback needs.
+``triage models promote`` and ``rollback`` write it (:func:`publish_state`); they read the
+current one with :func:`read_state`.
+
+**A worker started with ``--registry DIR``** (instead of ``--model``) runs a
+:class:`ModelFollower`: a thread that reads the control topic from the beginning and keeps
+reading. For each new active version it verifies and loads the artifact from the registry in
+the background, then hands it over; the scorer swaps it in between two batches, so every
+batch, and every prediction (its ``model_version``), is scored by one whole model. A version
+that cannot be loaded (missing, a file changed after training) is refused: the worker keeps
+its current model, logs ``model_refused`` and counts it in ``triage_model_refusals_total``.
+A worker that finds no state yet is not ready: it waits for the first promotion.
+"""
+
+from __future__ import annotations
+
+import getpass
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+
+from triage.bus.clients import make_consumer, make_producer, produce
+from triage.bus.errors import InfrastructureError, TriageError
+from triage.bus.settings import ConnectionSettings, TopicSettings
+from triage.consumer import metrics
+from triage.model import artifact
+from triage.model.artifact import Model
+from triage.model.registry import Registry
+from triage.schemas.codec import DecodeError, codec_for
+
+STATE_KEY = b"state"
+_POLL_S = 0.1
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """The models control topic's record (schemas/model_state.avsc)."""
+
+    active: str
+    previous: str | None
+    action: str          # promote | rollback
+    changed_by: str
+    changed_at_ms: int   # UTC ms
+    forced: bool = False
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> ModelState:
+        return cls(record["active"], record["previous"], record["action"],
+                   record["changed_by"], record["changed_at_ms"], record["forced"])
+
+    def record(self) -> dict[str, Any]:
+        return {"active": self.active, "previous": self.previous, "action": self.action,
+                "changed_by": self.changed_by, "changed_at_ms": self.changed_at_ms,
+                "forced": self.forced}
+
+
+def changed(active: str, previous: str | None, action: str, by: str | None = None,
+            forced: bool = False) -> ModelState:
+    """A new state, made now by ``by`` (default: this process's user name)."""
+    return ModelState(active, previous, action, by or getpass.getuser(),
+                      int(time.time() * 1000), forced)
+
+
+def read_state(connection: ConnectionSettings, topics: TopicSettings,
+               timeout_s: float = 30.0) -> ModelState | None:
+    """The latest state on the control topic, None if it has none. Reads to the high watermark
+    that the fetches report (not ListOffsets: see the README on the embedded broker). Raises
+    InfrastructureError if the topic cannot be read within ``timeout_s``."""
+    codec = codec_for(connection, "model_state", topics.models_topic)
+    consumer = make_consumer(connection, "triage-models-reader")
+    tp = TopicPartition(topics.models_topic, 0, OFFSET_BEGINNING)
+    consumer.assign([tp])
+    state, position = None, 0
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            for msg in consumer.consume(100, _POLL_S):
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        continue
+                    raise InfrastructureError(f"{topics.models_topic}: {err.str()}")
+                position = (msg.offset() or 0) + 1
+                state = _decode(codec, msg.value()) or state
+            _, high = consumer.get_watermark_offsets(tp, cached=True)
+            if high >= 0 and position >= high:
+                return state
+            if time.monotonic() > deadline:
+                raise InfrastructureError(f"could not read {topics.models_topic} to its end "
+                                          f"within {timeout_s:.0f} s (does it exist? `triage "
+                                          "topics create` makes it)")
+    finally:
+        consumer.close()
+
+
+def publish_state(connection: ConnectionSettings, topics: TopicSettings,
+                  state: ModelState) -> None:
+    """Write ``state`` to the control topic and wait for the broker's acknowledgement. Raises
+    InfrastructureError if it was not acknowledged."""
+    codec = codec_for(connection, "model_state", topics.models_topic)
+    producer = make_producer(connection)
+    errors: list[str] = []
+    produce(producer, topics.models_topic, key=STATE_KEY, value=codec.encode(state.record()),
+            on_delivery=lambda err, _: errors.append(err.str()) if err else None)
+    if producer.flush(30.0) or errors:
+        raise InfrastructureError(f"the model state was not written to {topics.models_topic}: "
+                                  f"{errors[0] if errors else 'no acknowledgement in 30 s'}")
+
+
+def _decode(codec: Any, value: bytes | None) -> ModelState | None:
+    if value is None:
+        return None
+    try:
+        return ModelState.of(codec.decode(value))
+    except (DecodeError, KeyError):
+        return None
+
+
+class ModelFollower:
+    """Follows the control topic for one worker (module docstring).
+
+    :meth:`take` returns a newly loaded model once (the scorer calls it between batches);
+    :meth:`wait_first` blocks until the first one. ``registry``: where versions are loaded
+    from. Thread-safe: the follower's thread loads, the worker's loop takes."""
+
+    def __init__(self, connection: ConnectionSettings, topics: TopicSettings,
+                 registry: Registry, log: Any = None) -> None:
+        self.registry = registry
+        self.topic = topics.models_topic
+        self.codec = codec_for(connection, "model_state", topics.models_topic)
+        self.consumer = make_consumer(connection, "triage-models-follower")
+        self.consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
+        self.log = log or structlog.get_logger("models")
+        self.version: str | None = None    # the version last loaded: the one being scored
+        self._seen: str | None = None      # the active version last acted on (loaded/refused)
+        self._ready: Model | None = None
+        self._lock = threading.Lock()
+        self._loaded = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model-follower", daemon=True)
+
+    def start(self) -> ModelFollower:
+        self._thread.start()
+        return self
+
+    def wait_first(self, stop: Any = lambda: False, tick: Any = lambda: None) -> Model | None:
+        """Block until the first model is loaded, calling ``tick()`` every 0.2 s (the worker is
+        alive, only not ready); None if ``stop()`` became true first."""
+        while not self._loaded.wait(0.2):
+            tick()
+            if stop():
+                return None
+        return self.take()
+
+    def take(self) -> Model | None:
+        """The model loaded since the last call, or None."""
+        with self._lock:
+            model, self._ready = self._ready, None
+        return model
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+        self.consumer.close()
+
+    def _run(self) -> None:
+        latest: ModelState | None = None
+        while not self._stop.is_set():
+            for msg in self.consumer.consume(100, _POLL_S):
+                if msg.error() is None:
+                    latest = _decode(self.codec, msg.value()) or latest
+            # Only the latest record read so far matters: a backlog of changes loads once.
+            if latest is not None and latest.active != self._seen:
+                self._load(latest)
+
+    def _load(self, state: ModelState) -> None:
+        version = self._seen = state.active  # refused or not, not again until the state changes
+        try:
+            model = artifact.load(self.registry.path(version))
+        except TriageError as exc:
+            metrics.MODEL_REFUSALS.inc()
+            self.log.error("model_refused", version=version, error=str(exc),
+                           keeping=self.version, note="the promoted version could not be "
+                           "loaded; the worker goes on with the model it has")
+            return
+        with self._lock:
+            self._ready = model
+        self.log.info("model_loaded", version=version, action=state.action,
+                      changed_by=state.changed_by)
+        self.version = version
+        self._loaded.set()

@@ -1,0 +1,137 @@
+"""Models that change without a stop (model/registry.py, consumer/models.py): the registry on
+its own, then two workers following it on the broker while orders stream in and versions are
+promoted, refused and rolled back."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_delivery import Background, outcome
+from triage.bus.settings import Settings
+from triage.consumer.models import changed, publish_state, read_state
+from triage.consumer.supervisor import Supervisor, worker_env
+from triage.model import artifact
+from triage.model.artifact import ArtifactError
+from triage.model.orders import read_orders_csv
+from triage.model.registry import Registry, RegistryError
+from triage.model.train import train
+
+TRIAGE = [sys.executable, "-m", "triage.cli"]
+
+
+def tamper(model_dir: Path) -> None:
+    """Change one byte of the model file, as a bad copy or an attacker would."""
+    model_file = model_dir / artifact.read_manifest(model_dir)["model_file"]
+    data = bytearray(model_file.read_bytes())
+    data[-2] ^= 0x01
+    model_file.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def registry(model_dir: Path, history: Path, tmp_path_factory: pytest.TempPathFactory
+             ) -> tuple[Registry, str, str]:
+    """A registry with two versions: the session's model and one trained with another seed."""
+    root = tmp_path_factory.mktemp("registry") / "models"
+    reg = Registry(root)
+    v1 = reg.add(model_dir).version
+    other = train(history, tmp_path_factory.mktemp("v2") / "model", seed=11)
+    v2 = reg.add(other.model_dir or "").version
+    assert v1 != v2
+    return reg, v1, v2
+
+
+def test_the_registry_adds_verified_versions_once_and_lists_only_them(
+        registry: tuple[Registry, str, str], model_dir: Path, tmp_path: Path) -> None:
+    reg, v1, v2 = registry
+    assert reg.add(model_dir).version == v1  # the same artifact again: a no-op
+    (reg.root / ".adding-partial").mkdir(exist_ok=True)  # a copy in progress is a dot-file
+    listed = reg.versions()
+    assert {v.version for v in listed} == {v1, v2}
+    assert all(0.99 <= v.holdout_accuracy <= 1.0 and v.created_at and v.data_sha256
+               for v in listed)
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    tamper(bad)
+    with pytest.raises(ArtifactError, match="changed after training"):
+        reg.add(bad)
+    with pytest.raises(RegistryError, match="not in the registry"):
+        reg.path("xgb-000000000000")
+    with pytest.raises(RegistryError, match="not a version id"):
+        reg.path("../etc")
+
+
+def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*TRIAGE, "models", *args], env=worker_env(settings),
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.integration
+def test_workers_swap_to_a_promoted_version_between_batches_and_refuse_a_tampered_one(
+        settings: Settings, registry: tuple[Registry, str, str], history: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    reg, v1, v2 = registry
+    root = str(reg.root)
+    n = 20_000
+    order_ids = read_orders_csv(history / "orders.csv", limit=n).order_id
+
+    refused = cli(settings, "promote", v2, "--registry", root, "--min-accuracy", "1.01")
+    assert refused.returncode == 2 and "below --min-accuracy" in refused.stderr, refused.stderr
+    assert read_state(settings.connection, settings.topics) is None  # nothing written
+    promoted = cli(settings, "promote", v1, "--registry", root, "--by", "test")
+    assert promoted.returncode == 0, promoted.stderr
+
+    bg = Background()
+    supervisor = bg.supervise(Supervisor(settings, None, history, workers=2,
+                                         registry_dir=reg.root))
+    try:
+        supervisor.wait_until_assigned(settings.topics.orders_partitions)
+        since = int(time.time() * 1000)
+        bg.replay(settings, history / "orders.csv", limit=n, rate=2_000)  # 10 s of orders
+        time.sleep(3.0)  # then promote mid-stream, as `triage models promote` does (its own
+        # process start takes seconds: the command is tested above and below)
+        publish_state(settings.connection, settings.topics, changed(v2, v1, "promote", "test"))
+        switched_ms = int(time.time() * 1000)
+        time.sleep(2.0)
+        assert bg.replay_running()  # the switch happened mid-stream
+        # A version whose model file was changed after training, promoted behind the CLI's
+        # back (as a corrupted shared volume would serve it): every worker refuses it.
+        shutil.copytree(reg.path(v1), reg.root / "xgb-tampered0000")
+        tamper(reg.root / "xgb-tampered0000")
+        publish_state(settings.connection, settings.topics,
+                      changed("xgb-tampered0000", v2, "promote", "test"))
+        bg.wait_replay()
+        result = outcome(settings, order_ids, since)
+    finally:
+        supervisor.stop()
+
+    result.assert_nothing_lost_and_copies_identical(order_ids)
+    versions = {p["model_version"] for p in result.predictions}
+    assert versions == {v1, v2}, versions  # both scored; the tampered one never
+    # Per partition, by offset: version 1, then version 2, never back (a swap is between two
+    # batches, and a batch is scored by one model).
+    for partition in range(settings.topics.orders_partitions):
+        seq = [p["model_version"] for p in sorted(
+            (p for p in result.predictions if p["order_partition"] == partition),
+            key=lambda p: p["order_offset"])]
+        assert seq == sorted(seq, key=lambda v: v == v2), partition
+    # Within 5 s of `promote` returning, every worker scores with the new version.
+    assert all(p["model_version"] == v2 for p in result.predictions
+               if p["scored_at_ms"] > switched_ms + 5_000)
+    logs = capfd.readouterr()
+    assert logs.out.count("model_refused") + logs.err.count("model_refused") >= 2  # 2 workers
+
+    listed = cli(settings, "list", "--registry", root)
+    assert listed.returncode == 0
+    rows = {line.split()[0]: line.split()[1] for line in listed.stdout.splitlines()[1:]
+            if line.startswith("xgb-")}
+    assert rows[v1] == "candidate" and rows["xgb-tampered0000"] == "active", listed.stdout
+    back = cli(settings, "rollback", "--registry", root)
+    assert back.returncode == 0, back.stderr
+    state = read_state(settings.connection, settings.topics)
+    assert state is not None and (state.active, state.previous) == (v2, "xgb-tampered0000")
