@@ -189,6 +189,7 @@ def topic_specs(topics: TopicSettings) -> dict[str, int]:
         topics.inventory_topic: topics.reference_partitions,
         topics.zip_codes_topic: topics.reference_partitions,
         topics.reference_dlq_topic: topics.output_partitions,
+        topics.shadow_topic: topics.output_partitions,
         # One partition, compacted: one key, the whole model state (consumer/models.py).
         topics.models_topic: 1,
     }

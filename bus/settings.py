@@ -182,6 +182,10 @@ class TopicSettings:
     reference_dlq_topic: str = _setting(
         "reference.dlq", "TRIAGE_REFERENCE_DLQ_TOPIC",
         "Dead-letter topic for reference records that do not decode or validate.")
+    shadow_topic: str = _setting(
+        "predictions.shadow", "TRIAGE_SHADOW_TOPIC",
+        "Predictions of the shadow model version (`triage models shadow`), never on the "
+        "predictions topic.")
     models_topic: str = _setting(
         "models.control", "TRIAGE_MODELS_TOPIC",
         "Compacted control topic: which registry version is active (`triage models promote`), "

@@ -104,6 +104,7 @@ class Outcome:
     dead_letters: list[Rejected] = field(default_factory=list)
     deferred: list[Incoming] = field(default_factory=list)       # of the batch, now waiting
     expired: int = 0  # orders scored because the reference wait ran out
+    shadow_predictions: list[Scored] = field(default_factory=list)  # by the shadow model
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,8 @@ class ScoringCore:
                  clock: Callable[[], int] = lambda: int(time.time() * 1000),
                  monotonic: Callable[[], float] = time.monotonic, log: Any = None) -> None:
         self.model = model
+        self.shadow: Model | None = None  # scored beside ``model``, published apart
+        self._shadow_counts: dict[tuple[str, str], tuple[int, int]] = {}  # (orders, agreed)
         self.reference = reference
         self.orders = orders
         self.config = config
@@ -317,6 +320,8 @@ class ScoringCore:
         published = [self._published_at(item, scored_at) for item in items]
         self._records(outcome, items, orders, features, labels, proba.tolist(),
                       expired.tolist(), scored_at)
+        if self.shadow is not None:
+            self._shadow(outcome, items, orders, features, labels, expired.tolist(), scored_at)
         if self.observers:
             scored = ScoredBatch(orders, features, labels, proba, published, scored_at)
             for runner in self.observers:
@@ -329,16 +334,44 @@ class ScoringCore:
                     metrics.HOOK_ERRORS.labels(runner.name).inc()
                     self.log.error("hook_failed", hook=runner.name, error=str(exc))
 
+    def _shadow(self, outcome: Outcome, items: list[Incoming], orders: OrderColumns,
+                features: FeatureBatch, active: list[str], expired: list[bool],
+                scored_at: int) -> None:
+        """The shadow model's predictions of the same orders, from the same features: one more
+        predict call per batch. A failure costs the shadow predictions, never the batch."""
+        shadow = self.shadow
+        assert shadow is not None
+        try:
+            recommendations, proba = shadow.predict(features)
+        except Exception as exc:
+            metrics.SHADOW_ERRORS.inc()
+            self.log.error("shadow_scoring_failed", version=shadow.version, error=str(exc))
+            return
+        labels = recommendations.tolist()
+        scored = Outcome(len(items))
+        self._records(scored, items, orders, features, labels, proba.tolist(), expired,
+                      scored_at, model=shadow, shadow=True)
+        outcome.shadow_predictions = scored.predictions
+        agreed = sum(a == b for a, b in zip(active, labels, strict=True))
+        metrics.SHADOW_PREDICTIONS.inc(len(labels))
+        metrics.SHADOW_AGREEMENTS.inc(agreed)
+        pair = (self.model.version, shadow.version)
+        total, same = self._shadow_counts.get(pair, (0, 0))
+        self._shadow_counts = {pair: (total + len(labels), same + agreed)}
+        metrics.SHADOW_AGREEMENT.set((same + agreed) / (total + len(labels)))
+
     @staticmethod
     def _published_at(item: Incoming, scored_at: int) -> int:
         return item.source.timestamp_ms if item.source is not None else scored_at
 
     def _records(self, outcome: Outcome, items: list[Incoming], orders: OrderColumns,
                  features: FeatureBatch, recommendations: list[str],
-                 proba: list[list[float]], expired: list[bool], scored_at: int) -> None:
-        """The prediction of every scored order, and the drift samples."""
-        version = self.model.version
-        classes = self.class_names
+                 proba: list[list[float]], expired: list[bool], scored_at: int,
+                 model: Model | None = None, shadow: bool = False) -> None:
+        """The prediction of every scored order, and the drift samples (not for the shadow
+        model's predictions, which count in no metric but the shadow's)."""
+        version = (model or self.model).version
+        classes = [str(c) for c in model.classes] if model is not None else self.class_names
         timestamps = orders.timestamp_ms.tolist()
         feature_records = features.records()
         for i, item in enumerate(items):
@@ -358,6 +391,8 @@ class ScoringCore:
                 "order_offset": source.offset if source else -1,
                 "reference_wait_expired": expired[i],
             }))
+        if shadow:
+            return
         for recommendation, count in Counter(recommendations).items():
             metrics.PREDICTIONS.labels(recommendation).inc(count)
 

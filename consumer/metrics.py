@@ -40,6 +40,16 @@ MODEL_REFUSALS = Counter("triage_model_refusals_total",
                          "file changed after training); it kept its model.")
 MODEL_SWAPS = Counter("triage_model_swaps_total",
                       "Models swapped in between two batches (workers following a registry).")
+SHADOW_PREDICTIONS = Counter("triage_shadow_predictions_total",
+                             "Orders the shadow model version scored (to the shadow topic).")
+SHADOW_AGREEMENTS = Counter("triage_shadow_agreements_total",
+                            "Shadow predictions with the active model's recommendation; "
+                            "agreement = this / triage_shadow_predictions_total.")
+SHADOW_AGREEMENT = Gauge("triage_shadow_agreement_ratio",
+                         "Share of the orders this worker scored with the current shadow "
+                         "version on which it agreed with the active one (0..1).")
+SHADOW_ERRORS = Counter("triage_shadow_errors_total",
+                        "Batches the shadow model failed to score (the batch itself is scored).")
 MODEL_INFO = Gauge("triage_model_info", "1 for the model version this worker scores with.",
                    ["model_version"])
 BATCH_SECONDS = Histogram("triage_batch_seconds", "Time to score, deliver and commit a batch.",

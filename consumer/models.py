@@ -47,27 +47,37 @@ class ModelState:
 
     active: str
     previous: str | None
-    action: str          # promote | rollback
+    action: str          # promote | rollback | shadow
     changed_by: str
     changed_at_ms: int   # UTC ms
     forced: bool = False
+    shadow: str | None = None
 
     @classmethod
     def of(cls, record: dict[str, Any]) -> ModelState:
         return cls(record["active"], record["previous"], record["action"],
-                   record["changed_by"], record["changed_at_ms"], record["forced"])
+                   record["changed_by"], record["changed_at_ms"], record["forced"],
+                   record["shadow"])
 
     def record(self) -> dict[str, Any]:
-        return {"active": self.active, "previous": self.previous, "action": self.action,
-                "changed_by": self.changed_by, "changed_at_ms": self.changed_at_ms,
-                "forced": self.forced}
+        return {"active": self.active, "previous": self.previous, "shadow": self.shadow,
+                "action": self.action, "changed_by": self.changed_by,
+                "changed_at_ms": self.changed_at_ms, "forced": self.forced}
 
 
 def changed(active: str, previous: str | None, action: str, by: str | None = None,
-            forced: bool = False) -> ModelState:
+            forced: bool = False, shadow: str | None = None) -> ModelState:
     """A new state, made now by ``by`` (default: this process's user name)."""
     return ModelState(active, previous, action, by or getpass.getuser(),
-                      int(time.time() * 1000), forced)
+                      int(time.time() * 1000), forced, shadow)
+
+
+@dataclass(frozen=True)
+class Models:
+    """What a worker scores with: the active model, and the shadow one if any."""
+
+    active: Model
+    shadow: Model | None = None
 
 
 def read_state(connection: ConnectionSettings, topics: TopicSettings,
@@ -128,9 +138,9 @@ def _decode(codec: Any, value: bytes | None) -> ModelState | None:
 class ModelFollower:
     """Follows the control topic for one worker (module docstring).
 
-    :meth:`take` returns a newly loaded model once (the scorer calls it between batches);
-    :meth:`wait_first` blocks until the first one. ``registry``: where versions are loaded
-    from. Thread-safe: the follower's thread loads, the worker's loop takes."""
+    :meth:`take` returns newly loaded :class:`Models` once (the scorer calls it between
+    batches); :meth:`wait_first` blocks until the first. ``registry``: where versions are
+    loaded from. Thread-safe: the follower's thread loads, the worker's loop takes."""
 
     def __init__(self, connection: ConnectionSettings, topics: TopicSettings,
                  registry: Registry, log: Any = None) -> None:
@@ -140,9 +150,9 @@ class ModelFollower:
         self.consumer = make_consumer(connection, "triage-models-follower")
         self.consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
         self.log = log or structlog.get_logger("models")
-        self.version: str | None = None    # the version last loaded: the one being scored
-        self._seen: str | None = None      # the active version last acted on (loaded/refused)
-        self._ready: Model | None = None
+        self.current: Models | None = None  # the models last handed over (being scored)
+        self._seen: tuple[str, str | None] | None = None  # (active, shadow) last acted on
+        self._ready: Models | None = None
         self._lock = threading.Lock()
         self._loaded = threading.Event()
         self._stop = threading.Event()
@@ -152,20 +162,20 @@ class ModelFollower:
         self._thread.start()
         return self
 
-    def wait_first(self, stop: Any = lambda: False, tick: Any = lambda: None) -> Model | None:
-        """Block until the first model is loaded, calling ``tick()`` every 0.2 s (the worker is
-        alive, only not ready); None if ``stop()`` became true first."""
+    def wait_first(self, stop: Any = lambda: False, tick: Any = lambda: None) -> Models | None:
+        """Block until the first models are loaded, calling ``tick()`` every 0.2 s (the worker
+        is alive, only not ready); None if ``stop()`` became true first."""
         while not self._loaded.wait(0.2):
             tick()
             if stop():
                 return None
         return self.take()
 
-    def take(self) -> Model | None:
-        """The model loaded since the last call, or None."""
+    def take(self) -> Models | None:
+        """The models loaded since the last call, or None."""
         with self._lock:
-            model, self._ready = self._ready, None
-        return model
+            models, self._ready = self._ready, None
+        return models
 
     def close(self) -> None:
         self._stop.set()
@@ -179,22 +189,73 @@ class ModelFollower:
                 if msg.error() is None:
                     latest = _decode(self.codec, msg.value()) or latest
             # Only the latest record read so far matters: a backlog of changes loads once.
-            if latest is not None and latest.active != self._seen:
+            if latest is not None and (latest.active, latest.shadow) != self._seen:
                 self._load(latest)
 
     def _load(self, state: ModelState) -> None:
-        version = self._seen = state.active  # refused or not, not again until the state changes
+        self._seen = (state.active, state.shadow)  # refused or not: not again until it changes
+        current = self.current
+        active = self._model(state.active, current.active if current else None)
+        if active is None:
+            return
+        shadow = None
+        if state.shadow is not None and state.shadow != state.active:
+            shadow = self._model(state.shadow, current.shadow if current else None)
+        models = Models(active, shadow)
+        with self._lock:
+            self._ready = self.current = models
+        self.log.info("model_loaded", version=state.active,
+                      shadow=shadow.version if shadow else None, action=state.action,
+                      changed_by=state.changed_by)
+        self._loaded.set()
+
+    def _model(self, version: str, have: Model | None) -> Model | None:
+        """``version`` loaded from the registry (``have`` if it is that version already); None
+        and a refusal logged and counted if it cannot be loaded."""
+        if have is not None and have.version == version:
+            return have
         try:
-            model = artifact.load(self.registry.path(version))
+            return artifact.load(self.registry.path(version))
         except TriageError as exc:
             metrics.MODEL_REFUSALS.inc()
             self.log.error("model_refused", version=version, error=str(exc),
-                           keeping=self.version, note="the promoted version could not be "
-                           "loaded; the worker goes on with the model it has")
-            return
-        with self._lock:
-            self._ready = model
-        self.log.info("model_loaded", version=version, action=state.action,
-                      changed_by=state.changed_by)
-        self.version = version
-        self._loaded.set()
+                           keeping=self.current.active.version if self.current else None,
+                           note="the promoted version could not be loaded; the worker goes on "
+                           "with the models it has")
+            return None
+
+
+def compare(connection: ConnectionSettings, topics: TopicSettings, *, since_ms: int,
+            idle_s: float = 3.0) -> dict[str, Any]:
+    """Agreement of the shadow version with the active one over the orders both scored since
+    ``since_ms`` (UTC ms): the shadow topic's predictions joined to the predictions topic's by
+    order (partition and offset of the order, so a re-read order counts once). Returns
+    {"active", "shadow", "pairs", "agreement" (0..1), "classes", "confusion" (rows: active,
+    columns: shadow)}; with several versions in the window, the most frequent of each."""
+    from collections import Counter
+
+    from triage.consumer.reader import TopicReader
+    from triage.model.policy import CLASSES
+
+    def read(topic: str) -> dict[tuple[int, int], dict[str, Any]]:
+        with TopicReader(connection, topic, "prediction") as reader:
+            return {(p["order_partition"], p["order_offset"]): p
+                    for _, p in reader.read(idle_s=idle_s)
+                    if p is not None and p["scored_at_ms"] >= since_ms}
+
+    shadow = read(topics.shadow_topic)
+    active = read(topics.predictions_topic)
+    pairs = [(active[k], s) for k, s in shadow.items() if k in active]
+    index = {c: i for i, c in enumerate(CLASSES)}
+    confusion = [[0] * len(CLASSES) for _ in CLASSES]
+    for a, s in pairs:
+        confusion[index[a["recommendation"]]][index[s["recommendation"]]] += 1
+    agreed = sum(confusion[i][i] for i in range(len(CLASSES)))
+
+    def most(records: list[dict[str, Any]]) -> str | None:
+        counts = Counter(r["model_version"] for r in records)
+        return counts.most_common(1)[0][0] if counts else None
+
+    return {"active": most([a for a, _ in pairs]), "shadow": most([s for _, s in pairs]),
+            "pairs": len(pairs), "agreement": agreed / len(pairs) if pairs else 0.0,
+            "classes": list(CLASSES), "confusion": confusion}

@@ -173,15 +173,18 @@ class Scorer:
     def _swap_model(self) -> None:
         """Between two batches: take the model the follower loaded, if any (consumer/models.py)."""
         assert self.follower is not None
-        model = self.follower.take()
-        if model is None:
+        models = self.follower.take()
+        if models is None:
             return
-        old, self.model = self.model, model
-        self.core.model = model
-        metrics.MODEL_SWAPS.inc()
-        metrics.MODEL_INFO.remove(old.version)
-        metrics.MODEL_INFO.labels(model.version).set(1)
-        self.log.info("model_swapped", version=model.version, replaced=old.version)
+        old, model = self.model, models.active
+        self.core.shadow = models.shadow
+        if model is not old:
+            self.model = self.core.model = model
+            metrics.MODEL_SWAPS.inc()
+            metrics.MODEL_INFO.remove(old.version)
+            metrics.MODEL_INFO.labels(model.version).set(1)
+        self.log.info("model_swapped", version=model.version, replaced=old.version,
+                      shadow=models.shadow.version if models.shadow else None)
 
     def _restore_progress(self) -> None:
         """A step of the restore: the process is alive, and says how far it got."""
@@ -219,6 +222,8 @@ class Scorer:
                 for p in outcome.predictions]
         out += [Output(topics.drift_topic, s.key, encode_sample(s.record))
                 for s in outcome.samples]
+        out += [Output(topics.shadow_topic, p.key, encode_prediction(p.record))
+                for p in outcome.shadow_predictions]
         for letter in outcome.dead_letters:
             item, origin = letter.item, letter.item.source
             assert origin is not None and not isinstance(item.value, Mapping)  # from Kafka

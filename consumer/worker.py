@@ -125,9 +125,9 @@ def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | P
             first = follower.wait_first(stop=stop_requested.is_set, tick=health.beat)
             if first is None:
                 return 0
-            model = first
+            model, shadow = first.active, first.shadow
         elif model_dir is not None:
-            model = artifact.load(model_dir)
+            model, shadow = artifact.load(model_dir), None
         else:
             raise ConfigurationError("a worker needs --model or --registry")
         reference = ReferenceTables.load(reference_dir, encoding=settings.csv_encoding) \
@@ -138,6 +138,7 @@ def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | P
                         status_file=status_file,
                         extra_hooks=load_hooks(settings.scorer.hooks, settings), health=health,
                         follower=follower)
+        scorer.core.shadow = shadow
         health.met("model_loaded")
         metrics.MODEL_INFO.labels(model.version).set(1)
         for recommendation in CLASSES:  # every class has a series from the start, at 0

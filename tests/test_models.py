@@ -4,6 +4,7 @@ promoted, refused and rolled back."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from tests.test_delivery import Background, outcome
 from triage.bus.settings import Settings
 from triage.consumer.models import changed, publish_state, read_state
+from triage.consumer.reader import TopicReader
 from triage.consumer.supervisor import Supervisor, worker_env
 from triage.model import artifact
 from triage.model.artifact import ArtifactError
@@ -85,6 +87,8 @@ def test_workers_swap_to_a_promoted_version_between_batches_and_refuse_a_tampere
     assert read_state(settings.connection, settings.topics) is None  # nothing written
     promoted = cli(settings, "promote", v1, "--registry", root, "--by", "test")
     assert promoted.returncode == 0, promoted.stderr
+    shadowed = cli(settings, "shadow", v2, "--registry", root)  # v2 beside v1, until promoted
+    assert shadowed.returncode == 0, shadowed.stderr
 
     bg = Background()
     supervisor = bg.supervise(Supervisor(settings, None, history, workers=2,
@@ -96,6 +100,7 @@ def test_workers_swap_to_a_promoted_version_between_batches_and_refuse_a_tampere
         time.sleep(3.0)  # then promote mid-stream, as `triage models promote` does (its own
         # process start takes seconds: the command is tested above and below)
         publish_state(settings.connection, settings.topics, changed(v2, v1, "promote", "test"))
+        # (as promote does: the shadow version promoted, nothing shadows it any more)
         switched_ms = int(time.time() * 1000)
         time.sleep(2.0)
         assert bg.replay_running()  # the switch happened mid-stream
@@ -111,6 +116,22 @@ def test_workers_swap_to_a_promoted_version_between_batches_and_refuse_a_tampere
         supervisor.stop()
 
     result.assert_nothing_lost_and_copies_identical(order_ids)
+    # Shadow: every order v1 scored was also scored by v2, once, on the shadow topic only;
+    # promoting v2 ended its shadow run.
+    with TopicReader(settings.connection, settings.topics.shadow_topic, "prediction") as reader:
+        shadow = [p for _, p in reader.read(idle_s=3.0)]
+    by_v1 = {(p["order_partition"], p["order_offset"]): p for p in result.predictions
+             if p["model_version"] == v1}
+    assert sorted((p["order_partition"], p["order_offset"]) for p in shadow) == sorted(by_v1)
+    assert {p["model_version"] for p in shadow} == {v2}
+    compared = cli(settings, "compare", "--registry", root, "--json", "--idle", "2")
+    assert compared.returncode == 0, compared.stderr
+    report = json.loads(compared.stdout)
+    agreed = sum(by_v1[(p["order_partition"], p["order_offset"])]["recommendation"]
+                 == p["recommendation"] for p in shadow)
+    assert (report["active"], report["shadow"], report["pairs"]) == (v1, v2, len(shadow))
+    assert report["agreement"] == pytest.approx(agreed / len(shadow))
+    assert sum(map(sum, report["confusion"])) == len(shadow)
     versions = {p["model_version"] for p in result.predictions}
     assert versions == {v1, v2}, versions  # both scored; the tampered one never
     # Per partition, by offset: version 1, then version 2, never back (a swap is between two

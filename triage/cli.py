@@ -8,7 +8,9 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import KafkaException
 
@@ -184,9 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     actions = models.add_subparsers(dest="models_command", required=True)
     for name, text in (("list", "the registry's versions and which one is active"),
                        ("promote", "make a version active: every worker swaps to it"),
-                       ("rollback", "make the previous active version active again")):
+                       ("rollback", "make the previous active version active again"),
+                       ("shadow", "score a version beside the active one, to the shadow topic"),
+                       ("compare", "agreement of the shadow version with the active one")):
         a = actions.add_parser(name, parents=[common], help=text)
         a.add_argument("--registry", type=Path, required=True, help="model registry directory")
+        if name == "shadow":
+            which = a.add_mutually_exclusive_group(required=True)
+            which.add_argument("version", nargs="?", help="a version id")
+            which.add_argument("--clear", action="store_true", help="stop shadow scoring")
+        if name == "compare":
+            a.add_argument("--minutes", type=float, default=60.0,
+                           help="predictions scored in the last M minutes (default 60)")
+            a.add_argument("--idle", type=float, default=3.0,
+                           help="stop reading after this many seconds with nothing new")
+            a.add_argument("--json", action="store_true", help="print the figures as JSON")
         if name == "promote":
             a.add_argument("version", help="a version id, as `triage models list` shows")
             a.add_argument("--min-accuracy", type=float, default=0.995,
@@ -194,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "is below this (default 0.995)")
             a.add_argument("--force", action="store_true",
                            help="promote even below --min-accuracy (recorded in the state)")
-        if name != "list":
+        if name in ("promote", "rollback", "shadow"):
             a.add_argument("--by", help="who makes the change (default: your user name)")
 
     p = commands.add_parser("lag", parents=[common],
@@ -540,17 +554,44 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{version.version} is already active")
             return 0
         forced = version.holdout_accuracy < args.min_accuracy
+        shadow = state.shadow if state and state.shadow != version.version else None
         new = changed(version.version, state.active if state else None, "promote", args.by,
-                      forced)
+                      forced, shadow)
+    elif args.models_command == "shadow":
+        if state is None:
+            raise SettingsError("no version is active yet: promote one before shadowing another")
+        target = None if args.clear else registry.get(args.version).version
+        new = changed(state.active, state.previous, "shadow", args.by, state.forced, target)
+        publish_state(connection, topics, new)
+        print(f"shadow: {target or 'none'} beside {state.active}")
+        return 0
+    elif args.models_command == "compare":
+        from triage.consumer.models import compare
+
+        report = compare(connection, topics, since_ms=int((time.time() - args.minutes * 60)
+                                                          * 1000), idle_s=args.idle)
+        print(json.dumps(report) if args.json else report_text(report))
+        return 0
     else:
         if state is None or state.previous is None:
             raise SettingsError("nothing to roll back to: no version was active before this one")
         registry.get(state.previous)
-        new = changed(state.previous, state.active, "rollback", args.by)
+        new = changed(state.previous, state.active, "rollback", args.by, shadow=state.shadow)
     publish_state(connection, topics, new)
     print(f"{new.action}: {new.active} is active (was {new.previous or 'none'}); workers "
           "following the registry swap to it between two batches")
     return 0
+
+
+def report_text(report: dict[str, Any]) -> str:
+    """``triage models compare``'s figures for people."""
+    lines = [f"{report['pairs']:,} orders scored by both {report['active']} (active) and "
+             f"{report['shadow']} (shadow): agreement {report['agreement']:.2%}"]
+    classes = report["classes"]
+    lines.append("active \\ shadow".ljust(24) + "".join(c[:14].rjust(16) for c in classes))
+    for row, counts in zip(classes, report["confusion"], strict=True):
+        lines.append(row.ljust(24) + "".join(f"{n:16d}" for n in counts))
+    return "\n".join(lines)
 
 
 def _when(ms: int) -> str:
