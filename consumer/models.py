@@ -231,11 +231,14 @@ def compare(connection: ConnectionSettings, topics: TopicSettings, *, since_ms: 
     ``since_ms`` (UTC ms): the shadow topic's predictions joined to the predictions topic's by
     order (partition and offset of the order, so a re-read order counts once). Returns
     {"active", "shadow", "pairs", "agreement" (0..1), "classes", "confusion" (rows: active,
-    columns: shadow)}; with several versions in the window, the most frequent of each."""
+    columns: shadow), "active_policy_agreement", "shadow_policy_agreement" (0..1: agreement
+    with the policy, model/policy.py, applied to the features both scored with)}; with
+    several versions in the window, the most frequent of each."""
     from collections import Counter
 
     from triage.consumer.reader import TopicReader
-    from triage.model.policy import CLASSES
+    from triage.model.features import FEATURE_NAMES, FeatureBatch
+    from triage.model.policy import CLASSES, label
 
     def read(topic: str) -> dict[tuple[int, int], dict[str, Any]]:
         with TopicReader(connection, topic, "prediction") as reader:
@@ -251,6 +254,16 @@ def compare(connection: ConnectionSettings, topics: TopicSettings, *, since_ms: 
     for a, s in pairs:
         confusion[index[a["recommendation"]]][index[s["recommendation"]]] += 1
     agreed = sum(confusion[i][i] for i in range(len(CLASSES)))
+    policy: list[str] = []
+    if pairs:
+        features = FeatureBatch.from_values(
+            {name: [s["features"][name] for _, s in pairs] for name in FEATURE_NAMES})
+        policy = label(features).tolist()
+
+    def with_policy(side: int) -> float:
+        same = sum(pair[side]["recommendation"] == p for pair, p in zip(pairs, policy,
+                                                                          strict=True))
+        return same / len(pairs) if pairs else 0.0
 
     def most(records: list[dict[str, Any]]) -> str | None:
         counts = Counter(r["model_version"] for r in records)
@@ -258,4 +271,5 @@ def compare(connection: ConnectionSettings, topics: TopicSettings, *, since_ms: 
 
     return {"active": most([a for a, _ in pairs]), "shadow": most([s for _, s in pairs]),
             "pairs": len(pairs), "agreement": agreed / len(pairs) if pairs else 0.0,
-            "classes": list(CLASSES), "confusion": confusion}
+            "classes": list(CLASSES), "confusion": confusion,
+            "active_policy_agreement": with_policy(0), "shadow_policy_agreement": with_policy(1)}

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.test_delivery import Background, outcome
@@ -19,8 +20,10 @@ from triage.consumer.models import changed, publish_state, read_state
 from triage.consumer.reader import TopicReader
 from triage.consumer.supervisor import Supervisor, worker_env
 from triage.model import artifact
+from triage.model import train as train_module
 from triage.model.artifact import ArtifactError
 from triage.model.orders import read_orders_csv
+from triage.model.policy import label
 from triage.model.registry import Registry, RegistryError
 from triage.model.train import train
 
@@ -35,26 +38,39 @@ def tamper(model_dir: Path) -> None:
     model_file.write_bytes(bytes(data))
 
 
+def swapped(labels: np.ndarray) -> np.ndarray:
+    """The policy's labels with Deliver and HoldCheckPayment exchanged: a mislabelled history."""
+    out = labels.copy()
+    out[labels == "Deliver"], out[labels == "HoldCheckPayment"] = "HoldCheckPayment", "Deliver"
+    return out
+
+
 @pytest.fixture(scope="module")
 def registry(model_dir: Path, history: Path, tmp_path_factory: pytest.TempPathFactory
-             ) -> tuple[Registry, str, str]:
-    """A registry with two versions: the session's model and one trained with another seed."""
+             ) -> tuple[Registry, str, str, str]:
+    """A registry with three versions: the session's model, one trained with another seed,
+    and a bad candidate trained on mislabelled data (its recorded holdout accuracy is against
+    those labels, so it passes the offline gate)."""
     root = tmp_path_factory.mktemp("registry") / "models"
     reg = Registry(root)
     v1 = reg.add(model_dir).version
-    other = train(history, tmp_path_factory.mktemp("v2") / "model", seed=11)
-    v2 = reg.add(other.model_dir or "").version
-    assert v1 != v2
-    return reg, v1, v2
+    v2 = reg.add(train(history, tmp_path_factory.mktemp("v2") / "model", seed=11).model_dir
+                  or "").version
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "label", lambda features: swapped(label(features)))
+        bad = reg.add(train(history, tmp_path_factory.mktemp("bad") / "model", seed=5)
+                      .model_dir or "").version
+    assert len({v1, v2, bad}) == 3
+    return reg, v1, v2, bad
 
 
 def test_the_registry_adds_verified_versions_once_and_lists_only_them(
         registry: tuple[Registry, str, str], model_dir: Path, tmp_path: Path) -> None:
-    reg, v1, v2 = registry
+    reg, v1, v2, bad = registry
     assert reg.add(model_dir).version == v1  # the same artifact again: a no-op
     (reg.root / ".adding-partial").mkdir(exist_ok=True)  # a copy in progress is a dot-file
     listed = reg.versions()
-    assert {v.version for v in listed} == {v1, v2}
+    assert {v.version for v in listed} == {v1, v2, bad}
     assert all(0.99 <= v.holdout_accuracy <= 1.0 and v.created_at and v.data_sha256
                for v in listed)
     bad = tmp_path / "bad"
@@ -75,9 +91,9 @@ def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.integration
 def test_workers_swap_to_a_promoted_version_between_batches_and_refuse_a_tampered_one(
-        settings: Settings, registry: tuple[Registry, str, str], history: Path,
+        settings: Settings, registry: tuple[Registry, str, str, str], history: Path,
         capfd: pytest.CaptureFixture[str]) -> None:
-    reg, v1, v2 = registry
+    reg, v1, v2, bad = registry
     root = str(reg.root)
     n = 20_000
     order_ids = read_orders_csv(history / "orders.csv", limit=n).order_id
@@ -87,7 +103,7 @@ def test_workers_swap_to_a_promoted_version_between_batches_and_refuse_a_tampere
     assert read_state(settings.connection, settings.topics) is None  # nothing written
     promoted = cli(settings, "promote", v1, "--registry", root, "--by", "test")
     assert promoted.returncode == 0, promoted.stderr
-    shadowed = cli(settings, "shadow", v2, "--registry", root)  # v2 beside v1, until promoted
+    shadowed = cli(settings, "shadow", bad, "--registry", root)  # beside every active version
     assert shadowed.returncode == 0, shadowed.stderr
 
     bg = Background()
@@ -97,10 +113,10 @@ def test_workers_swap_to_a_promoted_version_between_batches_and_refuse_a_tampere
         supervisor.wait_until_assigned(settings.topics.orders_partitions)
         since = int(time.time() * 1000)
         bg.replay(settings, history / "orders.csv", limit=n, rate=2_000)  # 10 s of orders
-        time.sleep(3.0)  # then promote mid-stream, as `triage models promote` does (its own
+        time.sleep(3.0)  # then promote v2 mid-stream, as `triage models promote` does (its own
         # process start takes seconds: the command is tested above and below)
-        publish_state(settings.connection, settings.topics, changed(v2, v1, "promote", "test"))
-        # (as promote does: the shadow version promoted, nothing shadows it any more)
+        publish_state(settings.connection, settings.topics,
+                      changed(v2, v1, "promote", "test", shadow=bad))
         switched_ms = int(time.time() * 1000)
         time.sleep(2.0)
         assert bg.replay_running()  # the switch happened mid-stream
@@ -109,29 +125,13 @@ def test_workers_swap_to_a_promoted_version_between_batches_and_refuse_a_tampere
         shutil.copytree(reg.path(v1), reg.root / "xgb-tampered0000")
         tamper(reg.root / "xgb-tampered0000")
         publish_state(settings.connection, settings.topics,
-                      changed("xgb-tampered0000", v2, "promote", "test"))
+                      changed("xgb-tampered0000", v2, "promote", "test", shadow=bad))
         bg.wait_replay()
         result = outcome(settings, order_ids, since)
     finally:
         supervisor.stop()
 
     result.assert_nothing_lost_and_copies_identical(order_ids)
-    # Shadow: every order v1 scored was also scored by v2, once, on the shadow topic only;
-    # promoting v2 ended its shadow run.
-    with TopicReader(settings.connection, settings.topics.shadow_topic, "prediction") as reader:
-        shadow = [p for _, p in reader.read(idle_s=3.0)]
-    by_v1 = {(p["order_partition"], p["order_offset"]): p for p in result.predictions
-             if p["model_version"] == v1}
-    assert sorted((p["order_partition"], p["order_offset"]) for p in shadow) == sorted(by_v1)
-    assert {p["model_version"] for p in shadow} == {v2}
-    compared = cli(settings, "compare", "--registry", root, "--json", "--idle", "2")
-    assert compared.returncode == 0, compared.stderr
-    report = json.loads(compared.stdout)
-    agreed = sum(by_v1[(p["order_partition"], p["order_offset"])]["recommendation"]
-                 == p["recommendation"] for p in shadow)
-    assert (report["active"], report["shadow"], report["pairs"]) == (v1, v2, len(shadow))
-    assert report["agreement"] == pytest.approx(agreed / len(shadow))
-    assert sum(map(sum, report["confusion"])) == len(shadow)
     versions = {p["model_version"] for p in result.predictions}
     assert versions == {v1, v2}, versions  # both scored; the tampered one never
     # Per partition, by offset: version 1, then version 2, never back (a swap is between two
@@ -141,11 +141,27 @@ def test_workers_swap_to_a_promoted_version_between_batches_and_refuse_a_tampere
             (p for p in result.predictions if p["order_partition"] == partition),
             key=lambda p: p["order_offset"])]
         assert seq == sorted(seq, key=lambda v: v == v2), partition
-    # Within 5 s of `promote` returning, every worker scores with the new version.
+    # Within 5 s of the promotion, every worker scores with the new version.
     assert all(p["model_version"] == v2 for p in result.predictions
                if p["scored_at_ms"] > switched_ms + 5_000)
     logs = capfd.readouterr()
     assert logs.out.count("model_refused") + logs.err.count("model_refused") >= 2  # 2 workers
+
+    # Shadow: every order was also scored by the bad candidate, once, on the shadow topic only.
+    with TopicReader(settings.connection, settings.topics.shadow_topic, "prediction") as reader:
+        shadow = [p for _, p in reader.read(idle_s=3.0)]
+    scored = {(p["order_partition"], p["order_offset"]): p for p in result.predictions}
+    assert sorted((p["order_partition"], p["order_offset"]) for p in shadow) == sorted(scored)
+    assert {p["model_version"] for p in shadow} == {bad}
+    compared = cli(settings, "compare", "--registry", root, "--json", "--idle", "2")
+    assert compared.returncode == 0, compared.stderr
+    report = json.loads(compared.stdout)
+    agreed = sum(scored[(p["order_partition"], p["order_offset"])]["recommendation"]
+                 == p["recommendation"] for p in shadow)
+    assert (report["shadow"], report["pairs"]) == (bad, len(shadow))
+    assert report["agreement"] == pytest.approx(agreed / len(shadow))
+    assert sum(map(sum, report["confusion"])) == len(shadow)
+    assert report["shadow_policy_agreement"] < report["active_policy_agreement"]
 
     listed = cli(settings, "list", "--registry", root)
     assert listed.returncode == 0
@@ -156,3 +172,11 @@ def test_workers_swap_to_a_promoted_version_between_batches_and_refuse_a_tampere
     assert back.returncode == 0, back.stderr
     state = read_state(settings.connection, settings.topics)
     assert state is not None and (state.active, state.previous) == (v2, "xgb-tampered0000")
+    # The gate: the bad candidate passed the offline one, but agreed with the policy less
+    # often than the active version on live traffic; only --force promotes it, and says so.
+    gated = cli(settings, "promote", bad, "--registry", root)
+    assert gated.returncode == 2 and "less often on live traffic" in gated.stderr, gated.stderr
+    forced = cli(settings, "promote", bad, "--registry", root, "--force")
+    assert forced.returncode == 0, forced.stderr
+    state = read_state(settings.connection, settings.topics)
+    assert state is not None and (state.active, state.forced, state.shadow) == (bad, True, None)

@@ -207,7 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="refuse a version whose holdout accuracy against the policy "
                                 "is below this (default 0.995)")
             a.add_argument("--force", action="store_true",
-                           help="promote even below --min-accuracy (recorded in the state)")
+                           help="promote even below --min-accuracy, or below the active "
+                                "version's live agreement with the policy (recorded)")
+            a.add_argument("--minutes", type=float, default=60.0,
+                           help="a version in shadow: compare its live agreement with the "
+                                "policy over the last M minutes (default 60)")
         if name in ("promote", "rollback", "shadow"):
             a.add_argument("--by", help="who makes the change (default: your user name)")
 
@@ -554,6 +558,8 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{version.version} is already active")
             return 0
         forced = version.holdout_accuracy < args.min_accuracy
+        if state is not None and state.shadow == version.version:
+            forced |= _live_gate(args, connection, topics, version.version)
         shadow = state.shadow if state and state.shadow != version.version else None
         new = changed(version.version, state.active if state else None, "promote", args.by,
                       forced, shadow)
@@ -583,6 +589,33 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _live_gate(args: argparse.Namespace, connection: Any, topics: Any, version: str) -> bool:
+    """A version that ran in shadow must agree with the policy on live traffic at least as
+    often as the active one did on the same orders (the last --minutes). Raises
+    SettingsError if not, unless --force; returns True when --force overrode it."""
+    import structlog
+
+    from triage.consumer.models import compare
+
+    report = compare(connection, topics, since_ms=int((time.time() - args.minutes * 60) * 1000),
+                     idle_s=2.0)
+    if not report["pairs"]:
+        return False
+    shadow, active = report["shadow_policy_agreement"], report["active_policy_agreement"]
+    print(f"live: {version} agreed with the policy on {shadow:.2%} of {report['pairs']:,} "
+          f"orders, the active {report['active']} on {active:.2%}")
+    if shadow >= active:
+        return False
+    if not args.force:
+        raise SettingsError(f"{version} agrees with the policy less often on live traffic "
+                            f"({shadow:.2%}) than the active version ({active:.2%}); not "
+                            "promoted (--force overrides)")
+    structlog.get_logger("models").warning("promotion_forced", version=version,
+                                           shadow_policy_agreement=shadow,
+                                           active_policy_agreement=active)
+    return True
+
+
 def report_text(report: dict[str, Any]) -> str:
     """``triage models compare``'s figures for people."""
     lines = [f"{report['pairs']:,} orders scored by both {report['active']} (active) and "
@@ -591,6 +624,9 @@ def report_text(report: dict[str, Any]) -> str:
     lines.append("active \\ shadow".ljust(24) + "".join(c[:14].rjust(16) for c in classes))
     for row, counts in zip(classes, report["confusion"], strict=True):
         lines.append(row.ljust(24) + "".join(f"{n:16d}" for n in counts))
+    lines.append(f"agreement with the policy on those orders: active "
+                 f"{report['active_policy_agreement']:.2%}, shadow "
+                 f"{report['shadow_policy_agreement']:.2%}")
     return "\n".join(lines)
 
 
