@@ -22,6 +22,7 @@ from __future__ import annotations
 import getpass
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,7 +87,7 @@ def read_state(connection: ConnectionSettings, topics: TopicSettings,
     that the fetches report (not ListOffsets: see the README on the embedded broker). Raises
     InfrastructureError if the topic cannot be read within ``timeout_s``."""
     codec = codec_for(connection, "model_state", topics.models_topic)
-    consumer = make_consumer(connection, "triage-models-reader")
+    consumer = make_consumer(connection, f"triage-models-{uuid.uuid4().hex[:12]}")
     tp = TopicPartition(topics.models_topic, 0, OFFSET_BEGINNING)
     consumer.assign([tp])
     state, position = None, 0
@@ -147,7 +148,8 @@ class ModelFollower:
         self.registry = registry
         self.topic = topics.models_topic
         self.codec = codec_for(connection, "model_state", topics.models_topic)
-        self.consumer = make_consumer(connection, "triage-models-follower")
+        # assign(), never subscribe() or commit: the group id only names this reader.
+        self.consumer = make_consumer(connection, f"triage-models-{uuid.uuid4().hex[:12]}")
         self.consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
         self.log = log or structlog.get_logger("models")
         self.current: Models | None = None  # the models last handed over (being scored)
@@ -185,12 +187,17 @@ class ModelFollower:
     def _run(self) -> None:
         latest: ModelState | None = None
         while not self._stop.is_set():
-            for msg in self.consumer.consume(100, _POLL_S):
-                if msg.error() is None:
-                    latest = _decode(self.codec, msg.value()) or latest
-            # Only the latest record read so far matters: a backlog of changes loads once.
-            if latest is not None and (latest.active, latest.shadow) != self._seen:
-                self._load(latest)
+            try:
+                for msg in self.consumer.consume(100, _POLL_S):
+                    if msg.error() is None:
+                        latest = _decode(self.codec, msg.value()) or latest
+                # Only the latest record read so far matters: a backlog of changes loads once.
+                if latest is not None and (latest.active, latest.shadow) != self._seen:
+                    self._load(latest)
+            except Exception as exc:  # never let the thread die silently: say so, go on
+                metrics.MODEL_REFUSALS.inc()
+                self.log.exception("model_follower_error", error=str(exc))
+                self._stop.wait(1.0)
 
     def _load(self, state: ModelState) -> None:
         self._seen = (state.active, state.shadow)  # refused or not: not again until it changes
