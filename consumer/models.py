@@ -13,7 +13,8 @@ reading. For each new active version it verifies and loads the artifact from the
 the background, then hands it over; the scorer swaps it in between two batches, so every
 batch, and every prediction (its ``model_version``), is scored by one whole model. A version
 that cannot be loaded (missing, a file changed after training) is refused: the worker keeps
-its current model, logs ``model_refused`` and counts it in ``triage_model_refusals_total``.
+its current model, logs ``model_refused``, counts it in ``triage_model_refusals_total``, and
+tries again every 30 s (a shared volume may still be syncing) until the state changes.
 A worker that finds no state yet is not ready: it waits for the first promotion.
 """
 
@@ -40,6 +41,7 @@ from triage.schemas.codec import DecodeError, codec_for
 
 STATE_KEY = b"state"
 _POLL_S = 0.1
+_RETRY_S = 30.0  # a refused version is tried again this often, until the state changes
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ class ModelFollower:
         self.log = log or structlog.get_logger("models")
         self.current: Models | None = None  # the models last handed over (being scored)
         self._seen: tuple[str, str | None] | None = None  # (active, shadow) last acted on
+        self._retry_at = float("inf")  # monotonic s: when to try a refused version again
         self._ready: Models | None = None
         self._lock = threading.Lock()
         self._loaded = threading.Event()
@@ -186,13 +189,21 @@ class ModelFollower:
 
     def _run(self) -> None:
         latest: ModelState | None = None
+        reported: set[str] = set()  # consumer errors already logged (a missing topic repeats)
         while not self._stop.is_set():
             try:
                 for msg in self.consumer.consume(100, _POLL_S):
-                    if msg.error() is None:
+                    err = msg.error()
+                    if err is None:
                         latest = _decode(self.codec, msg.value()) or latest
-                # Only the latest record read so far matters: a backlog of changes loads once.
-                if latest is not None and (latest.active, latest.shadow) != self._seen:
+                    elif err.code() != KafkaError._PARTITION_EOF and err.str() not in reported:
+                        reported.add(err.str())
+                        self.log.error("models_topic_error", topic=self.topic, error=err.str(),
+                                       note="`triage topics create` makes the control topic")
+                # Only the latest record read so far matters: a backlog of changes loads once;
+                # a refused one is tried again every _RETRY_S (a volume still syncing).
+                if latest is not None and ((latest.active, latest.shadow) != self._seen
+                                           or time.monotonic() >= self._retry_at):
                     self._load(latest)
             except Exception as exc:  # never let the thread die silently: say so, go on
                 metrics.MODEL_REFUSALS.inc()
@@ -200,14 +211,18 @@ class ModelFollower:
                 self._stop.wait(1.0)
 
     def _load(self, state: ModelState) -> None:
-        self._seen = (state.active, state.shadow)  # refused or not: not again until it changes
+        self._seen = (state.active, state.shadow)
+        self._retry_at = float("inf")
         current = self.current
         active = self._model(state.active, current.active if current else None)
         if active is None:
+            self._retry_at = time.monotonic() + _RETRY_S
             return
         shadow = None
         if state.shadow is not None and state.shadow != state.active:
             shadow = self._model(state.shadow, current.shadow if current else None)
+            if shadow is None:
+                self._retry_at = time.monotonic() + _RETRY_S
         models = Models(active, shadow)
         with self._lock:
             self._ready = self.current = models
@@ -233,28 +248,31 @@ class ModelFollower:
 
 
 def compare(connection: ConnectionSettings, topics: TopicSettings, *, since_ms: int,
-            idle_s: float = 3.0) -> dict[str, Any]:
+            idle_s: float = 3.0, shadow_version: str | None = None,
+            active_version: str | None = None) -> dict[str, Any]:
     """Agreement of the shadow version with the active one over the orders both scored since
     ``since_ms`` (UTC ms): the shadow topic's predictions joined to the predictions topic's by
     order (partition and offset of the order, so a re-read order counts once). Returns
     {"active", "shadow", "pairs", "agreement" (0..1), "classes", "confusion" (rows: active,
     columns: shadow), "active_policy_agreement", "shadow_policy_agreement" (0..1: agreement
     with the policy, model/policy.py, applied to the features both scored with)}; with
-    several versions in the window, the most frequent of each."""
+    several versions in the window, the most frequent of each, unless ``shadow_version`` and
+    ``active_version`` name the pair to compare."""
     from collections import Counter
 
     from triage.consumer.reader import TopicReader
     from triage.model.features import FEATURE_NAMES, FeatureBatch
     from triage.model.policy import CLASSES, label
 
-    def read(topic: str) -> dict[tuple[int, int], dict[str, Any]]:
+    def read(topic: str, version: str | None) -> dict[tuple[int, int], dict[str, Any]]:
         with TopicReader(connection, topic, "prediction") as reader:
             return {(p["order_partition"], p["order_offset"]): p
                     for _, p in reader.read(idle_s=idle_s)
-                    if p is not None and p["scored_at_ms"] >= since_ms}
+                    if p is not None and p["scored_at_ms"] >= since_ms
+                    and version in (None, p["model_version"])}
 
-    shadow = read(topics.shadow_topic)
-    active = read(topics.predictions_topic)
+    shadow = read(topics.shadow_topic, shadow_version)
+    active = read(topics.predictions_topic, active_version) if shadow else {}
     pairs = [(active[k], s) for k, s in shadow.items() if k in active]
     index = {c: i for i, c in enumerate(CLASSES)}
     confusion = [[0] * len(CLASSES) for _ in CLASSES]

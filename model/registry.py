@@ -2,7 +2,8 @@
 by compose services or Kubernetes pods), holding one subdirectory per model version, named by
 its version id (``xgb-<hash>``, from the artifact's manifest), each a verified artifact
 (model/artifact.py). Anything else in the directory is a dot-file (a version being added is
-copied to ``.adding-<id>`` and renamed into place, so a reader never sees half of one).
+copied to ``.adding-<id>`` and renamed into place, so a reader never sees half of one); a
+directory without a readable manifest (``lost+found`` on a mounted volume) is not listed.
 
 The registry holds versions; which one is active, which one runs in shadow and who changed it
 when live on the control topic (consumer/models.py), so that every worker agrees on them.
@@ -76,9 +77,14 @@ class Registry:
         if not self.root.is_dir():
             raise RegistryError(f"model registry {self.root} does not exist: add a version "
                                 "with `triage train --registry DIR`")
-        found = [Version.of(path, artifact.read_manifest(path))
-                 for path in self.root.iterdir()
-                 if path.is_dir() and not path.name.startswith(".")]
+        found = []
+        for path in self.root.iterdir():
+            if path.name.startswith(".") or not path.is_dir():
+                continue
+            try:  # lost+found, a directory being synced: not a version, not an error
+                found.append(Version.of(path, artifact.read_manifest(path)))
+            except (artifact.ArtifactError, OSError):
+                continue
         return sorted(found, key=lambda v: (v.created_at, v.version))
 
     def path(self, version: str) -> Path:

@@ -56,7 +56,7 @@ def settings(bootstrap: str, tmp_path: Path) -> Settings:
         drift_reports_topic=f"drift.reports-{run}", drift_group_id=f"triage-drift-{run}",
         inventory_topic=f"inventory-{run}", payments_topic=f"payments-{run}",
         zip_codes_topic=f"zip_codes-{run}", reference_dlq_topic=f"reference.dlq-{run}",
-        models_topic=f"models.control-{run}",
+        models_topic=f"models.control-{run}", shadow_topic=f"predictions.shadow-{run}",
         group_id=f"triage-scorer-{run}", state_dir=str(tmp_path / "state"),
     )
     create_topics(settings.connection, settings.topics)

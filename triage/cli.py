@@ -528,7 +528,10 @@ def _check_model_source(args: argparse.Namespace) -> None:
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
-    """``triage models list|promote|rollback`` (consumer/models.py, model/registry.py)."""
+    """``triage models list|promote|rollback|shadow|compare`` (consumer/models.py,
+    model/registry.py)."""
+    import structlog
+
     from triage.consumer.models import changed, publish_state, read_state
     from triage.model.registry import Registry
 
@@ -540,6 +543,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{'version':<22}{'state':<11}{'created (UTC)':<27}{'holdout accuracy':>17}")
         for v in versions:
             label = ("active" if state and v.version == state.active
+                     else "shadow" if state and v.version == state.shadow
                      else "previous" if state and v.version == state.previous else "candidate")
             print(f"{v.version:<22}{label:<11}{v.created_at:<27}{v.holdout_accuracy:>17.4%}")
         if state is None:
@@ -558,8 +562,12 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{version.version} is already active")
             return 0
         forced = version.holdout_accuracy < args.min_accuracy
-        if state is not None and state.shadow == version.version:
-            forced |= _live_gate(args, connection, topics, version.version)
+        if forced:
+            structlog.get_logger("models").warning(
+                "promotion_forced", version=version.version, gate="min_accuracy",
+                holdout_accuracy=version.holdout_accuracy, min_accuracy=args.min_accuracy)
+        if state is not None:
+            forced |= _live_gate(args, connection, topics, version.version, state.active)
         shadow = state.shadow if state and state.shadow != version.version else None
         new = changed(version.version, state.active if state else None, "promote", args.by,
                       forced, shadow)
@@ -567,6 +575,16 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         if state is None:
             raise SettingsError("no version is active yet: promote one before shadowing another")
         target = None if args.clear else registry.get(args.version).version
+        if target == state.active:
+            raise SettingsError(f"{target} is the active version: shadow another one")
+        if target is not None:
+            from triage.bus.clients import make_admin, partitions_of
+
+            try:  # shadow predictions that cannot be delivered would fail every batch
+                partitions_of(make_admin(connection), topics.shadow_topic)
+            except KafkaException:
+                raise SettingsError(f"the shadow topic {topics.shadow_topic} does not exist: "
+                                    "`triage topics create` makes it") from None
         new = changed(state.active, state.previous, "shadow", args.by, state.forced, target)
         publish_state(connection, topics, new)
         print(f"shadow: {target or 'none'} beside {state.active}")
@@ -582,37 +600,41 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         if state is None or state.previous is None:
             raise SettingsError("nothing to roll back to: no version was active before this one")
         registry.get(state.previous)
-        new = changed(state.previous, state.active, "rollback", args.by, shadow=state.shadow)
+        new = changed(state.previous, state.active, "rollback", args.by,
+                      shadow=state.shadow if state.shadow != state.previous else None)
     publish_state(connection, topics, new)
     print(f"{new.action}: {new.active} is active (was {new.previous or 'none'}); workers "
           "following the registry swap to it between two batches")
     return 0
 
 
-def _live_gate(args: argparse.Namespace, connection: Any, topics: Any, version: str) -> bool:
-    """A version that ran in shadow must agree with the policy on live traffic at least as
-    often as the active one did on the same orders (the last --minutes). Raises
-    SettingsError if not, unless --force; returns True when --force overrode it."""
-    import structlog
-
+def _live_gate(args: argparse.Namespace, connection: Any, topics: Any, version: str,
+               active: str) -> bool:
+    """A version that ran in shadow beside the active one must agree with the policy on live
+    traffic at least as often as the active one did on the same orders (the last --minutes).
+    Raises SettingsError if not, unless --force; returns True when --force overrode it."""
     from triage.consumer.models import compare
 
     report = compare(connection, topics, since_ms=int((time.time() - args.minutes * 60) * 1000),
-                     idle_s=2.0)
+                     idle_s=2.0, shadow_version=version, active_version=active)
     if not report["pairs"]:
+        print(f"live gate not applied: {version} has not run in shadow beside {active} in the "
+              f"last {args.minutes:g} minutes")
         return False
-    shadow, active = report["shadow_policy_agreement"], report["active_policy_agreement"]
-    print(f"live: {version} agreed with the policy on {shadow:.2%} of {report['pairs']:,} "
-          f"orders, the active {report['active']} on {active:.2%}")
-    if shadow >= active:
+    import structlog
+
+    theirs, ours = report["shadow_policy_agreement"], report["active_policy_agreement"]
+    print(f"live: {version} agreed with the policy on {theirs:.2%} of {report['pairs']:,} "
+          f"orders, the active {active} on {ours:.2%}")
+    if theirs >= ours:
         return False
     if not args.force:
         raise SettingsError(f"{version} agrees with the policy less often on live traffic "
-                            f"({shadow:.2%}) than the active version ({active:.2%}); not "
+                            f"({theirs:.2%}) than the active version ({ours:.2%}); not "
                             "promoted (--force overrides)")
-    structlog.get_logger("models").warning("promotion_forced", version=version,
-                                           shadow_policy_agreement=shadow,
-                                           active_policy_agreement=active)
+    structlog.get_logger("models").warning("promotion_forced", version=version, gate="live",
+                                           shadow_policy_agreement=theirs,
+                                           active_policy_agreement=ours)
     return True
 
 
