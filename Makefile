@@ -21,7 +21,8 @@ demo: $(STAMP)
 	$(BIN)/triage demo
 
 # The benchmark of docs/benchmarks.md: passthrough vs scorer vs per-message, latency, scaling,
-# batch-size sweep; about 8 minutes on 2 cores. BENCH_FLAGS="--orders 50000" for a shorter run.
+# batch-size sweep, the live reference path; 8-14 minutes on 2 cores. BENCH_FLAGS="--orders
+# 50000 --restore-records 0" for a shorter run.
 bench: $(STAMP)
 	$(BIN)/triage bench $(BENCH_FLAGS)
 
