@@ -77,6 +77,16 @@ def render(results: dict[str, Any]) -> str:
             f"{scaling[workers[0]]:,.0f} orders/s (x{scaling['speedup']:.2f}; informative "
             f"only when the machine has few cores)")
     lines += _live_lines(results)
+    if results.get("models"):
+        m = results["models"]
+        delays = ", ".join("none" if d is None else f"{d}" for d in
+                           m["promote_to_first_prediction_ms"])
+        lines += ["", "model registry (--models):",
+                  f"  following a registry: {m['active_orders_per_s']:,.0f} orders/s "
+                  f"(CPU s/1k {m['active_cpu_s_per_1000']:.3f}); with a shadow version "
+                  f"{m['with_shadow_orders_per_s']:,.0f} orders/s (CPU s/1k "
+                  f"{m['with_shadow_cpu_s_per_1000']:.3f}) = {m['shadow_throughput_ratio']:.2f}",
+                  f"  promote -> first prediction by the new version: {delays} ms"]
     if results["batch_sweep"]:
         lines += ["", f"batch-size sweep ({results['batch_sweep'][0]['orders']:,} orders each):",
                   f"  {'batch':>6}{'passthrough/s':>15}{'scorer/s':>11}{'scorer CPU s/1k':>17}"]

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -78,6 +79,7 @@ class BenchOptions:
     sweep: tuple[int, ...] = (10, 50, 100, 250, 500, 1000, 2000)
     sweep_orders: int = 50_000
     restore_records: int = 1_000_000  # stock events for the live restore figure; 0 skips it
+    models: bool = False  # the registry figures: shadow throughput, promote -> prediction
     data_dir: Path | None = None
     model_dir: Path | None = None
     out_dir: Path = Path("results/bench")
@@ -180,6 +182,8 @@ class Bench:
         self._runs = 0
         self.latency_samples: dict[str, np.ndarray] = {}
         self.logs = self.options.out_dir / "logs"
+        # While the models figures run: (registry, active version, shadow version or None).
+        self._following: tuple[Path, str, str | None] | None = None
 
     # -- the whole run ---------------------------------------------------------------------
 
@@ -225,11 +229,115 @@ class Bench:
             live_latency = self._live_latency(records, models, values)
             restore = (self._restore(records, main, models, live_topics)
                        if options.restore_records else None)
+            registry = self._models(records, main, models, work) if options.models else None
         load_after = _loadavg()
         live = self._live_results(live_run, live_records, runs[SCORER], live_latency, latency,
                                   restore)
-        return self._results(runs, scaling, sweep, latency, live, main, broker,
-                             load_before, load_after)
+        results = self._results(runs, scaling, sweep, latency, live, main, broker,
+                                load_before, load_after)
+        results["models"] = registry
+        return results
+
+    # -- models: registry, shadow, promotion (--models) ----------------------------------------
+
+    def _models(self, records: list[dict[str, Any]], main: Published,
+                models: tuple[Path, Path], work: Path) -> dict[str, Any]:
+        """The scorer following a registry (consumer/models.py): throughput over the N orders
+        with the active version alone and with a shadow version (interleaved, 2 pairs), and
+        the time from each of 5 promotions to the first prediction by the new version, at a
+        steady --rate / 5 orders/s."""
+        from triage.consumer.models import changed, publish_state
+        from triage.model.registry import Registry
+        from triage.model.train import train
+
+        model_dir, data_dir = models
+        registry = Registry(work / "registry")
+        first = registry.add(model_dir).version
+        self.say("training a second model version (another seed) for the models figures")
+        second = registry.add(train(data_dir, work / "second", seed=3,
+                                    encoding=self.settings.csv_encoding).model_dir
+                              or "").version
+        runs: dict[str, list[RunFigures]] = {"active": [], "with_shadow": []}
+        for pair in range(2):
+            for shadow in ((None, second) if pair == 0 else (second, None)):
+                self._following = (registry.root, first, shadow)
+                runs["with_shadow" if shadow else "active"].append(
+                    self._run_config(SCORER, main, models))
+        self._following = (registry.root, first, None)
+        delays = self._promotions(records, models, first, second, changed, publish_state)
+        self._following = None
+
+        def mean(figures: list[RunFigures], attr: str) -> float:
+            return float(sum(getattr(f, attr) for f in figures)) / len(figures)
+
+        active_rate = mean(runs["active"], "orders_per_s")
+        shadow_rate = mean(runs["with_shadow"], "orders_per_s")
+        per_k = 1000 / main.orders
+        return {
+            "versions": {"active": first, "shadow": second},
+            "active_orders_per_s": round(active_rate, 1),
+            "with_shadow_orders_per_s": round(shadow_rate, 1),
+            "shadow_throughput_ratio": round(shadow_rate / active_rate, 3),
+            "active_cpu_s_per_1000": round(mean(runs["active"], "worker_cpu_s") * per_k, 4),
+            "with_shadow_cpu_s_per_1000": round(
+                mean(runs["with_shadow"], "worker_cpu_s") * per_k, 4),
+            "runs": {k: [round(f.orders_per_s, 1) for f in v] for k, v in runs.items()},
+            "promote_to_first_prediction_ms": delays,
+        }
+
+    def _promotions(self, records: list[dict[str, Any]], models: tuple[Path, Path],
+                    first: str, second: str, changed: Any, publish_state: Any
+                    ) -> list[int | None]:
+        """One worker following the registry, orders at --rate / 5 orders/s stamped now; the
+        active version switched 5 times, 3 s apart; per switch, ms from writing the state to
+        the first prediction scored by the new version (None: none came)."""
+        from triage.consumer.reader import TopicReader
+
+        tag = "models-promote"
+        topic = self._topic(tag)
+        self._create_topics({topic: self.options.latency_partitions})
+        settings = self._config_settings(tag, topic, None)
+        publisher = OrderPublisher(settings.connection, topic)
+        stop = threading.Event()
+
+        def feed() -> None:
+            pause, k = 5.0 / self.options.rate, 0
+            while not stop.wait(pause):
+                record = dict(records[k % len(records)])
+                record["order_id"], record["timestamp_ms"] = f"promote-{k}", int(
+                    time.time() * 1000)
+                publisher.publish(record)
+                publisher.producer.poll(0)
+                k += 1
+            publisher.flush()
+
+        switches: list[tuple[int, str]] = []
+        with self._workers(SCORER, settings, models, 1, tag) as procs:
+            self._wait_assigned(procs, tag)
+            thread = threading.Thread(target=feed, daemon=True)
+            thread.start()
+            time.sleep(2.0)
+            active = first
+            for _ in range(5):
+                new = second if active == first else first
+                publish_state(settings.connection, settings.topics,
+                              changed(new, active, "promote", "bench"))
+                switches.append((int(time.time() * 1000), new))
+                active = new
+                time.sleep(3.0)
+            stop.set()
+            thread.join(30)
+            time.sleep(1.0)
+        with TopicReader(settings.connection, settings.topics.predictions_topic,
+                         "prediction") as reader:
+            scored = [(p["scored_at_ms"], p["model_version"])
+                      for _, p in reader.read(idle_s=2.0) if p is not None]
+        delays = []
+        for at, version in switches:
+            later = [t for t, v in scored if v == version and t >= at]
+            delays.append(min(later) - at if later else None)
+        self.say(f"  promote -> first prediction by the new version: {delays} ms")
+        return delays
 
     def _inputs(self, work: Path) -> tuple[Path, Path]:
         """The orders and reference data, and a model: the user's, else generated and trained."""
@@ -360,17 +468,32 @@ class Bench:
         self._create_topics({t: self.settings.topics.output_partitions for t in names.values()})
         reference = live or LiveTopics(*(self._topic(f"csv-path-no-{stream}")
                                          for stream in ("inventory", "payments", "zip-codes")))
-        return self.settings.replace(
+        settings = self.settings.replace(
             orders_topic=source, predictions_topic=names["out"], drift_topic=names["drift"],
             dlq_topic=names["dlq"], reference_dlq_topic=names["dlq"],
             group_id=self._topic(f"{tag}-group"),
             batch_size=batch_size or self.settings.scorer.batch_size, **reference.settings())
+        if self._following is not None:  # the models figures: a control topic of its own
+            from triage.consumer.models import changed, publish_state
+
+            _, active, shadow = self._following
+            settings = settings.replace(models_topic=self._topic(f"{tag}-models"),
+                                        shadow_topic=self._topic(f"{tag}-shadow"))
+            self._create_topics({settings.topics.models_topic: 1,
+                                 settings.topics.shadow_topic: settings.topics.output_partitions})
+            publish_state(settings.connection, settings.topics,
+                          changed(active, None, "promote", "bench", shadow=shadow))
+        return settings
 
     def _command(self, config: str, models: tuple[Path, Path], status: Path,
                  extra: list[str], snapshot: bool = True) -> list[str]:
         """A worker of ``config``; ``snapshot``: the scorer loads the reference CSVs (the CSV
         path), else it starts from the streams alone (the live path)."""
         model_dir, data_dir = models
+        if config == SCORER and self._following is not None:  # the models figures
+            return [sys.executable, "-m", self.options.scorer_module,
+                    "--registry", str(self._following[0]), "--reference", str(data_dir),
+                    "--status-file", str(status)]
         if config == SCORER:
             return [sys.executable, "-m", self.options.scorer_module, "--model", str(model_dir),
                     *(["--reference", str(data_dir)] if snapshot else []),

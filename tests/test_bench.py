@@ -37,7 +37,7 @@ def test_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     result = subprocess.run(
         [*TRIAGE, "bench", "--orders", "2000", "--json", "--latency-seconds", "1",
          "--rate", "2000", "--saturation-orders", "2000", "--sweep", "500",
-         "--restore-records", "20000", "--out", str(out)],
+         "--restore-records", "20000", "--models", "--out", str(out)],
         env=_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     figures = json.loads(result.stdout)
@@ -68,6 +68,13 @@ def test_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
         "p99_at_most_50ms_at_fixed_load", "worker_rss_at_most_300mb",
         "live_at_least_0_8_of_csv_path_throughput", "live_p99_at_most_1_3x_csv_path"}
     _check_live(figures["live"])
+    models = figures["models"]  # --models
+    for key in ("active_orders_per_s", "with_shadow_orders_per_s", "shadow_throughput_ratio",
+                "active_cpu_s_per_1000", "with_shadow_cpu_s_per_1000"):
+        assert _number(models[key]) and models[key] > 0, (key, models[key])
+    assert models["versions"]["active"] != models["versions"]["shadow"]
+    delays = models["promote_to_first_prediction_ms"]
+    assert len(delays) == 5 and all(_number(d) and d >= 0 for d in delays), delays
     assert figures["machine"]["cores"] >= 1
     assert _number(figures["throughput"]["scorer"]["broker_cpu_s_per_1000"])  # its own broker
     for name in ("json", "throughput_plot", "latency_plot"):

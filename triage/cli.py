@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restore-records", type=int, default=1_000_000,
                    help="stock events in the live path's restore figure (default 1000000; "
                         "0 skips it)")
+    p.add_argument("--models", action="store_true",
+                   help="also the model registry figures: throughput with a shadow version "
+                        "against without, and promote -> first prediction (docs/benchmarks.md)")
     p.add_argument("--data", type=Path, help="orders.csv and reference CSVs (default: generated)")
     p.add_argument("--model", type=Path, help="model directory (default: trained on the data)")
     p.add_argument("--out", type=Path, default=Path("results/bench"),
@@ -732,7 +735,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         latency_seconds=args.latency_seconds, latency_partitions=args.latency_partitions,
         saturation_orders=args.saturation_orders,
         scaling_workers=args.scaling_workers, sweep=sweep, sweep_orders=args.sweep_orders,
-        restore_records=args.restore_records,
+        restore_records=args.restore_records, models=args.models,
         data_dir=args.data, model_dir=args.model, out_dir=args.out,
         keep_topics=args.keep_topics, scorer_module=args.scorer_module)
     try:
