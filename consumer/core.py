@@ -147,7 +147,8 @@ class ScoringCore:
                  monotonic: Callable[[], float] = time.monotonic, log: Any = None) -> None:
         self.model = model
         self.shadow: Model | None = None  # scored beside ``model``, published apart
-        self._shadow_counts: dict[tuple[str, str], tuple[int, int]] = {}  # (orders, agreed)
+        # (active version, shadow version) -> [orders both scored, on which they agreed]
+        self._shadow_tally: tuple[tuple[str, str], list[int]] = (("", ""), [0, 0])
         self.reference = reference
         self.orders = orders
         self.config = config
@@ -356,9 +357,12 @@ class ScoringCore:
         metrics.SHADOW_PREDICTIONS.inc(len(labels))
         metrics.SHADOW_AGREEMENTS.inc(agreed)
         pair = (self.model.version, shadow.version)
-        total, same = self._shadow_counts.get(pair, (0, 0))
-        self._shadow_counts = {pair: (total + len(labels), same + agreed)}
-        metrics.SHADOW_AGREEMENT.set((same + agreed) / (total + len(labels)))
+        if self._shadow_tally[0] != pair:  # a new pair: its own agreement from zero
+            self._shadow_tally = (pair, [0, 0])
+        tally = self._shadow_tally[1]
+        tally[0] += len(labels)
+        tally[1] += agreed
+        metrics.SHADOW_AGREEMENT.set(tally[1] / tally[0])
 
     @staticmethod
     def _published_at(item: Incoming, scored_at: int) -> int:

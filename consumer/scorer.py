@@ -84,19 +84,20 @@ class Scorer:
     with the snapshot alone, at once. ``extra_hooks``: the hooks of ``TRIAGE_HOOKS``, run after
     the built-in validation under the batch's deadline. ``health``: beaten by the loop and the
     restore; its ``reference_restored`` condition met once the tables are restored.
-    ``follower``: a worker following a model registry; the model it loads is swapped in
-    before the next batch (consumer/models.py)."""
+    ``follower``: a worker following a model registry; the models it loads are swapped in
+    before the next batch (consumer/models.py). ``shadow``: a model scored beside ``model``
+    from the start, its predictions to the shadow topic."""
 
     def __init__(self, settings: Settings, model: Model, snapshot: ReferenceTables | None,
                  worker_id: str = "0", status_file: Path | None = None,
                  extra_hooks: list[object] | None = None, live_reference: bool = True,
-                 health: Health | None = None, follower: ModelFollower | None = None) -> None:
+                 health: Health | None = None, follower: ModelFollower | None = None,
+                 shadow: Model | None = None) -> None:
         self.settings = settings
         self.health = health
         self.follower = follower
         connection, topics = settings.connection, settings.topics
         self.topics = topics
-        self.model = model
         self.log = structlog.get_logger("scorer").bind(worker=worker_id)
         self.worker_id = worker_id
         tables = snapshot if snapshot is not None else ReferenceTables.empty()
@@ -110,6 +111,7 @@ class Scorer:
             model, tables, codec_for(connection, "order", topics.orders_topic),
             config=core_config(settings.scorer), checks=[validator, *checks],
             observers=observers, gate=self.feed if live_reference else None, log=self.log)
+        self.core.shadow = shadow
         self.predictions = codec_for(connection, "prediction", topics.predictions_topic)
         self.samples = codec_for(connection, "drift_sample", topics.drift_topic)
         # The largest dead letter the producer and the dead-letter topic both accept.
@@ -141,7 +143,7 @@ class Scorer:
         """Restore the global reference tables, then score until stopped. Raises
         ConfigurationError if payments is not co-partitioned with orders."""
         self.log.info("worker_starting", topic=self.topics.orders_topic,
-                      model_version=self.model.version,
+                      model_version=self.core.model.version,
                       live_reference=self.reader is not None,
                       reference_snapshot_records=self.feed.tables.size)
         if self.reader is not None:
@@ -159,7 +161,7 @@ class Scorer:
         if self.health is not None:
             self.health.met("reference_restored")
         self.log.info("worker_started", topic=self.topics.orders_topic,
-                      group=self.settings.scorer.group_id, model_version=self.model.version,
+                      group=self.settings.scorer.group_id, model_version=self.core.model.version,
                       exactly_once=self.loop.committer.transactional,
                       live_reference=self.reader is not None)
         try:
@@ -176,10 +178,10 @@ class Scorer:
         models = self.follower.take()
         if models is None:
             return
-        old, model = self.model, models.active
+        old, model = self.core.model, models.active
         self.core.shadow = models.shadow
         if model is not old:
-            self.model = self.core.model = model
+            self.core.model = model
             metrics.MODEL_SWAPS.inc()
             metrics.MODEL_INFO.remove(old.version)
             metrics.MODEL_INFO.labels(model.version).set(1)

@@ -137,8 +137,7 @@ def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | P
         scorer = Scorer(settings, model, reference, worker_id=worker_id,
                         status_file=status_file,
                         extra_hooks=load_hooks(settings.scorer.hooks, settings), health=health,
-                        follower=follower)
-        scorer.core.shadow = shadow
+                        follower=follower, shadow=shadow)
         health.met("model_loaded")
         metrics.MODEL_INFO.labels(model.version).set(1)
         for recommendation in CLASSES:  # every class has a series from the start, at 0

@@ -540,6 +540,13 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
 
     registry, settings = Registry(args.registry), _resolved(settings)
     connection, topics = settings.connection, settings.topics
+    if args.models_command == "compare":
+        from triage.consumer.models import compare
+
+        report = compare(connection, topics, since_ms=int((time.time() - args.minutes * 60)
+                                                          * 1000), idle_s=args.idle)
+        print(json.dumps(report) if args.json else report_text(report))
+        return 0
     state = read_state(connection, topics)
     if args.models_command == "list":
         versions = registry.versions()
@@ -591,13 +598,6 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         new = changed(state.active, state.previous, "shadow", args.by, state.forced, target)
         publish_state(connection, topics, new)
         print(f"shadow: {target or 'none'} beside {state.active}")
-        return 0
-    elif args.models_command == "compare":
-        from triage.consumer.models import compare
-
-        report = compare(connection, topics, since_ms=int((time.time() - args.minutes * 60)
-                                                          * 1000), idle_s=args.idle)
-        print(json.dumps(report) if args.json else report_text(report))
         return 0
     else:
         if state is None or state.previous is None:
