@@ -383,6 +383,16 @@ class Settings:
         "utf-8", "TRIAGE_CSV_ENCODING",
         "Text encoding of the input CSVs (`--encoding`), e.g. `cp1252` for files saved by "
         "Excel on Windows. UTF-8 files may start with a byte-order mark.")
+    mlflow_tracking_uri: str = _setting(
+        "", "TRIAGE_MLFLOW_TRACKING_URI",
+        "MLflow tracking server or store (`http://mlflow:5000`, `sqlite:///mlflow.db`). Set, "
+        "and with `mlflow-skinny` installed, `triage train` also logs its run and registers "
+        "the model there, and `triage models promote` accepts `models:/NAME/VERSION`.")
+    mlflow_model_name: str = _setting(
+        "triage", "TRIAGE_MLFLOW_MODEL_NAME",
+        "Registered model name that `triage train` adds its versions to in MLflow.")
+    mlflow_experiment: str = _setting(
+        "triage", "TRIAGE_MLFLOW_EXPERIMENT", "MLflow experiment that `triage train` logs to.")
 
     def __post_init__(self) -> None:
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -202,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="stop reading after this many seconds with nothing new")
             a.add_argument("--json", action="store_true", help="print the figures as JSON")
         if name == "promote":
-            a.add_argument("version", help="a version id, as `triage models list` shows")
+            a.add_argument("version", help="a version id, as `triage models list` shows, or "
+                                           "an MLflow model, models:/NAME/VERSION (with "
+                                           "TRIAGE_MLFLOW_TRACKING_URI)")
             a.add_argument("--min-accuracy", type=float, default=0.995,
                            help="refuse a version whose holdout accuracy against the policy "
                                 "is below this (default 0.995)")
@@ -403,8 +405,13 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from triage.model.registry import Registry
     from triage.model.train import train
 
-    if args.out is None and args.registry is None:
-        raise SettingsError("train needs --out DIR, --registry DIR, or both")
+    if args.out is None and args.registry is None and not settings.mlflow_tracking_uri:
+        raise SettingsError("train needs --out DIR, --registry DIR or TRIAGE_MLFLOW_TRACKING_URI "
+                            "(any of them)")
+    if settings.mlflow_tracking_uri:
+        from triage.model import mlflow_registry
+
+        mlflow_registry.check_installed(settings)  # before training, not after it
     with tempfile.TemporaryDirectory(prefix="triage-train-") as scratch:
         out = args.out or Path(scratch) / "model"
         report = train(args.data, out, seed=args.seed, min_accuracy=args.min_accuracy,
@@ -413,6 +420,10 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
             added = Registry(args.registry).add(out)
             print(f"added {added.version} to the registry {args.registry}; "
                   f"`triage models promote {added.version}` makes it active")
+        if settings.mlflow_tracking_uri:
+            reference = mlflow_registry.log_training(settings, out)
+            print(f"logged the run and registered {reference} in MLflow at "
+                  f"{settings.mlflow_tracking_uri}")
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"trained on {report.rows} orders (and {report.synthetic_rows} coverage rows, for "
@@ -536,9 +547,18 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     import structlog
 
     from triage.consumer.models import changed, publish_state, read_state
+    from triage.model.mlflow_registry import MODELS_SCHEME
     from triage.model.registry import Registry
 
-    registry, settings = Registry(args.registry), _resolved(settings)
+    registry = Registry(args.registry)
+    if args.models_command == "promote" and args.version.startswith(MODELS_SCHEME):
+        from triage.model.mlflow_registry import fetch
+
+        with fetch(settings, args.version) as downloaded:  # into the registry first
+            added = registry.add(downloaded)  # verified against its manifest
+        print(f"{args.version} is {added.version}; added to the registry {args.registry}")
+        args.version = added.version
+    settings = _resolved(settings)
     connection, topics = settings.connection, settings.topics
     if args.models_command == "compare":
         from triage.consumer.models import compare
