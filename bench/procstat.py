@@ -47,6 +47,15 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def children_of(pid: int) -> list[int]:
+    """The process ids of ``pid``'s children (Linux ``/proc``); empty where it is not."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
 @dataclass(frozen=True)
 class Reaped:
     exit_code: int

@@ -64,6 +64,7 @@ def per_message(settings: Settings, model_dir: Path, reference_dir: Path) -> Han
     """(c): one order at a time through a one-row DataFrame, as the seed services scored."""
     import numpy as np
     import pandas as pd
+    from xgboost import XGBClassifier
 
     from triage.model import artifact
     from triage.model.orders import OrderColumns
@@ -71,6 +72,9 @@ def per_message(settings: Settings, model_dir: Path, reference_dir: Path) -> Han
     from triage.schemas.codec import codec_for
 
     model = artifact.load(model_dir)
+    # As the earlier services did: scikit-learn's estimator around the booster, per message.
+    classifier = XGBClassifier(n_jobs=1)
+    classifier.load_model(Path(model_dir) / model.manifest["model_file"])
     reference = ReferenceTables.load(reference_dir)
     columns = model.columns.names
     classes = [str(c) for c in model.classes]
@@ -82,7 +86,7 @@ def per_message(settings: Settings, model_dir: Path, reference_dir: Path) -> Han
         order = orders.decode(msg.value())
         features = OrderColumns.from_records([order]).features(reference)
         row = pd.DataFrame(model.design_matrix(features), columns=columns)
-        proba = model.classifier.predict_proba(row)[0]
+        proba = classifier.predict_proba(row)[0]
         proba = proba.astype(np.float32).tolist()
         return predictions.encode({
             "order_id": order["order_id"],

@@ -127,6 +127,10 @@ class BatchLoop:
         self.status = status
         self.consumer = make_consumer(connection, scorer.group_id)
         self.assigned: set[int] = set()
+        self.handler: BatchHandler = PerBatch(lambda records: [])  # until run() is given one
+        self._subscribed = False
+        # monotonic seconds of subscribe(), until the first assignment: the group join
+        self._subscribed_at: float | None = None
         self._lag_series: set[int] = set()  # partitions with a triage_consumer_lag_records series
         self.consumed = 0
         self._stop_requested = False
@@ -149,12 +153,31 @@ class BatchLoop:
     def stop_requested(self) -> bool:
         return self._stop_requested
 
+    def subscribe(self) -> None:
+        """Start joining the consumer group now, if :meth:`run` has not: librdkafka runs the
+        join (seconds for a new group: the broker's initial rebalance delay, 3 s by default
+        on Apache Kafka and tansu alike) in its own thread while the caller loads its model
+        and tables, and the assignment reaches the handler at run()'s first poll. Nothing is
+        fetched before then. A start-up longer than ``max.poll.interval.ms`` costs one more
+        rebalance (librdkafka leaves the group, and run() joins again), never a record."""
+        if self._subscribed:
+            return
+        self._subscribed, self._subscribed_at = True, time.monotonic()
+        self.consumer.subscribe([self.topic], on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_lost)
+        self.log.info("group_join_started", group=self.scorer.group_id, topic=self.topic)
+
+    def close(self) -> None:
+        """Leave the group and release the clients, for a caller that subscribed and then
+        could not start (run() does this itself on the way out)."""
+        self.consumer.close()
+        self.producer.flush(10.0)
+
     def run(self, handler: BatchHandler | Handler) -> None:
         """Loop until stopped; leaves the group on the way out, so partitions move at once.
         ``handler``: a :class:`BatchHandler`, or a function of a batch to its outputs."""
         self.handler = handler if not callable(handler) else PerBatch(handler)
-        self.consumer.subscribe([self.topic], on_assign=self._on_assign,
-                                on_revoke=self._on_revoke, on_lost=self._on_lost)
+        self.subscribe()
         timeout_s = self.scorer.batch_timeout_ms / 1000.0
         batch_size = self.scorer.batch_size
         last_report = last_status = time.monotonic()
@@ -212,8 +235,12 @@ class BatchLoop:
         if self.health is not None:
             self.health.met("group_joined")
         self.handler.on_assigned(sorted(p.partition for p in partitions))
+        joined: dict[str, int] = {}
+        if self._subscribed_at is not None:  # the first assignment: how long the join took
+            joined["join_ms"] = round((time.monotonic() - self._subscribed_at) * 1000)
+            self._subscribed_at = None
         self.log.info("partitions_assigned", partitions=sorted(p.partition for p in partitions),
-                      now_owned=sorted(self.assigned))
+                      now_owned=sorted(self.assigned), **joined)
         self._write_status()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

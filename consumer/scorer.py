@@ -86,13 +86,14 @@ class Scorer:
     restore; its ``reference_restored`` condition met once the tables are restored.
     ``follower``: a worker following a model registry; the models it loads are swapped in
     before the next batch (consumer/models.py). ``shadow``: a model scored beside ``model``
-    from the start, its predictions to the shadow topic."""
+    from the start, its predictions to the shadow topic. ``loop``: the worker's batch loop, made
+    (and maybe subscribed, see BatchLoop.subscribe) before the model loaded; else one is made."""
 
     def __init__(self, settings: Settings, model: Model, snapshot: ReferenceTables | None,
                  worker_id: str = "0", status_file: Path | None = None,
                  extra_hooks: list[object] | None = None, live_reference: bool = True,
                  health: Health | None = None, follower: ModelFollower | None = None,
-                 shadow: Model | None = None) -> None:
+                 shadow: Model | None = None, loop: BatchLoop | None = None) -> None:
         self.settings = settings
         self.health = health
         self.follower = follower
@@ -120,10 +121,12 @@ class Scorer:
                                      topic_limit or PRODUCER_MAX_MESSAGE_BYTES)
         self.max_waiting = settings.reference.max_waiting_orders
         self.stats = ScorerStats()
-        self.loop = BatchLoop(connection, settings.scorer, topics.orders_topic,
-                              worker_id=worker_id, status_file=status_file,
-                              log=self.log, progress=self.stats.as_dict, status=self.status,
-                              health=health)
+        if loop is None:
+            loop = BatchLoop(connection, settings.scorer, topics.orders_topic,
+                             worker_id=worker_id, status_file=status_file, log=self.log,
+                             health=health)
+        loop.progress, loop.status = self.stats.as_dict, self.status
+        self.loop = loop
         self._consumed_upto: dict[tuple[str, int], int] = {}
         self._committed: dict[tuple[str, int], int] = {}
         self._paused: set[int] = set()

@@ -24,6 +24,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -31,14 +32,13 @@ from triage.bus.errors import EXIT_CONFIGURATION, ConfigurationError, exit_statu
 from triage.bus.health import Health, serve
 from triage.bus.logs import configure_logging
 from triage.bus.settings import Settings, SettingsError
-from triage.consumer import metrics
-from triage.consumer.hooks import load_hooks
-from triage.consumer.models import ModelFollower
-from triage.consumer.scorer import Scorer
-from triage.model import artifact
-from triage.model.policy import CLASSES
-from triage.model.reference import ReferenceTables, zip_code_warnings
-from triage.model.registry import Registry
+from triage.consumer.loop import BatchLoop
+
+if TYPE_CHECKING:
+    from triage.consumer.scorer import Scorer
+
+# The scoring stack (NumPy, fastavro, the model, pandas for CSVs) is imported by run() once it
+# has subscribed, so that the group join overlaps the imports and loading.
 
 _PARENT_CHECK_S = 0.5
 READINESS = ("model_loaded", "reference_restored", "group_joined")  # /readyz waits for these
@@ -82,18 +82,22 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_format, settings.log_level)
     return run(settings, args.model, args.reference, worker_id=args.worker_id,
                status_file=args.status_file, supervisor_pid=args.supervisor_pid,
-               registry_dir=args.registry)
+               registry_dir=args.registry, serving_process=True)
 
 
 def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | Path | None, *,
         worker_id: str = "0", status_file: Path | None = None,
-        supervisor_pid: int | None = None, registry_dir: str | Path | None = None) -> int:
+        supervisor_pid: int | None = None, registry_dir: str | Path | None = None,
+        serving_process: bool = False) -> int:
     """Run one worker in this process until SIGTERM/SIGINT; returns its exit status (module
     docstring). The model: ``model_dir``, or with ``registry_dir`` the version the models
     control topic says is active, swapped between batches when it changes (consumer/models.py).
     With ``TRIAGE_METRICS_PORT``, ``/metrics``, ``/healthz`` and ``/readyz`` are served on that
     port + ``worker_id`` from the start (bus/health.py): ready once the model is loaded, the
-    reference tables restored and the consumer group joined."""
+    reference tables restored and the consumer group joined. ``serving_process``: this process
+    only serves (``triage worker``, a supervisor's worker), so xgboost is imported without
+    scikit-learn (model/artifact.py import_xgboost_for_serving); never in a process that may
+    train."""
     log = structlog.get_logger("worker").bind(worker=worker_id)
     scorer: Scorer | None = None
     stop_requested = threading.Event()
@@ -112,11 +116,28 @@ def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | P
             stop("supervisor_gone")
     health = Health(settings.scorer.health_stall_ms, READINESS)
     server = follower = None
+    loop = BatchLoop(settings.connection, settings.scorer, settings.topics.orders_topic,
+                     worker_id=worker_id, status_file=status_file, log=log, health=health)
     try:
         if settings.scorer.metrics_port:
             port = settings.scorer.metrics_port + int(worker_id)
             server = serve(port, health)
             log.info("metrics_serving", port=port, paths=["/metrics", "/healthz", "/readyz"])
+        if registry_dir is None:  # (a registry may have no active version for a long time)
+            loop.subscribe()  # the join overlaps the imports below and the loading after them
+        if serving_process:
+            from triage.model.artifact import import_xgboost_for_serving
+
+            import_xgboost_for_serving()
+        from triage.consumer import metrics
+        from triage.consumer.hooks import load_hooks
+        from triage.consumer.models import ModelFollower
+        from triage.consumer.scorer import Scorer
+        from triage.model import artifact
+        from triage.model.policy import CLASSES
+        from triage.model.reference import ReferenceTables, zip_code_warnings
+        from triage.model.registry import Registry
+
         if registry_dir is not None:
             follower = ModelFollower(settings.connection, settings.topics,
                                      Registry(registry_dir), log=log).start()
@@ -125,6 +146,7 @@ def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | P
             first = follower.wait_first(stop=stop_requested.is_set, tick=health.beat)
             if first is None:
                 return 0
+            loop.subscribe()  # the group join runs while the reference tables load
             model, shadow = first.active, first.shadow
         elif model_dir is not None:
             model, shadow = artifact.load(model_dir), None
@@ -137,7 +159,7 @@ def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | P
         scorer = Scorer(settings, model, reference, worker_id=worker_id,
                         status_file=status_file,
                         extra_hooks=load_hooks(settings.scorer.hooks, settings), health=health,
-                        follower=follower, shadow=shadow)
+                        follower=follower, shadow=shadow, loop=loop)
         health.met("model_loaded")
         metrics.MODEL_INFO.labels(model.version).set(1)
         for recommendation in CLASSES:  # every class has a series from the start, at 0
@@ -153,6 +175,8 @@ def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | P
     except Exception as exc:
         return _failed(log, exc)
     finally:
+        if scorer is None:  # it never ran, so it never left the group it may have joined
+            loop.close()
         if follower is not None:
             follower.close()
         if server is not None:

@@ -31,13 +31,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from xgboost import XGBClassifier
+
+if TYPE_CHECKING:  # xgboost is imported when a model is loaded, not with this module
+    from xgboost import Booster, XGBClassifier
 
 from triage.bus.errors import ConfigurationError
 from triage.model.features import FEATURES, FeatureBatch
@@ -126,9 +129,35 @@ class DesignColumns:
         return matrix
 
 
+def import_xgboost_for_serving() -> None:
+    """Import xgboost with scikit-learn hidden from it, in a process that only serves.
+
+    xgboost imports scikit-learn, when it is installed, for its optional estimator classes
+    (``XGBClassifier``); scikit-learn in turn imports SciPy's statistics: about 1.2 s and
+    60 MB of a worker's start for classes it never uses, since it predicts with the booster
+    (:meth:`Model.predict_proba`). Call this first thing in a worker process; scikit-learn
+    itself stays importable (a hook may use it), only xgboost's estimators are unusable in that
+    process, so never in a process that trains. A no-op once xgboost is imported.
+    """
+    if "xgboost" in sys.modules:
+        return
+    hidden = "sklearn" not in sys.modules
+    if hidden:
+        sys.modules["sklearn"] = None  # type: ignore[assignment]  # ImportError on import
+    try:
+        import xgboost  # noqa: F401
+    finally:
+        if hidden:
+            del sys.modules["sklearn"]
+
+
 @dataclass
 class Model:
-    classifier: XGBClassifier
+    """A loaded artifact: the booster and its manifest. Predicts with the booster's in-place
+    prediction on the float32 design matrix (what ``XGBClassifier.predict_proba`` calls for a
+    dense array, without the estimator around it)."""
+
+    booster: Booster
     manifest: dict[str, Any]
 
     def __post_init__(self) -> None:
@@ -157,7 +186,13 @@ class Model:
         """float32 probabilities, one column per entry of ``classes``."""
         if len(features) == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
-        return self.classifier.predict_proba(self.design_matrix(features)).astype(np.float32)
+        return self.predict_matrix(self.design_matrix(features))
+
+    def predict_matrix(self, matrix: np.ndarray) -> np.ndarray:
+        """float32 (n, len(classes)) probabilities for a float32 (n, len(feature_order))
+        design matrix."""
+        proba = self.booster.inplace_predict(matrix)
+        return np.asarray(proba, dtype=np.float32).reshape(len(matrix), len(self.classes))
 
     def predict(self, features: FeatureBatch) -> tuple[np.ndarray, np.ndarray]:
         """(recommendation per order, probabilities)."""
@@ -223,11 +258,13 @@ def load(model_dir: str | Path, n_threads: int = 1) -> Model:
 
     Raises :class:`ArtifactError` for a changed or missing file, a design column this version
     cannot build, or a model fitted on another number of columns than the manifest names."""
+    import xgboost
+
     manifest = verify(model_dir)
-    classifier = XGBClassifier(n_jobs=n_threads)
-    classifier.load_model(Path(model_dir) / manifest["model_file"])
-    model = Model(classifier, manifest)
-    fitted = classifier.get_booster().num_features()
+    booster = xgboost.Booster(params={"nthread": n_threads},
+                              model_file=str(Path(model_dir) / manifest["model_file"]))
+    model = Model(booster, manifest)
+    fitted = booster.num_features()
     if fitted != len(model.columns.names):
         raise ArtifactError(f"{model_dir}: the model was fitted on {fitted} columns, but the "
                             f"manifest's feature_order names {len(model.columns.names)}")

@@ -16,9 +16,12 @@ from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas reads the CSVs, imported then: a worker on live data never needs it
+    import pandas as pd
 
 from triage.bus.errors import ConfigurationError
 from triage.model.asof import VersionedTable, Vocabulary
@@ -52,6 +55,8 @@ def parse_timestamps(values: pd.Series, what: str) -> np.ndarray:
 
 def parse_timestamps_lenient(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """(int64 epoch seconds, bool mask of values that did not parse; their seconds are 0)."""
+    import pandas as pd
+
     parsed = pd.to_datetime(values, format=_TIME_FORMAT, errors="coerce")
     bad = parsed.isna().to_numpy()
     seconds = parsed.fillna(pd.Timestamp(0)).to_numpy("datetime64[s]").astype(np.int64)
@@ -83,6 +88,8 @@ def read_csv(path: Path, columns: list[str], encoding: str = "utf-8") -> pd.Data
     Raises :class:`ReferenceDataError` naming the file when it is missing, lacks a column, is
     not text in ``encoding`` (with the first bad line and byte), or is not a CSV table.
     """
+    import pandas as pd
+
     if not path.is_file():
         raise ReferenceDataError(f"{path} does not exist")
     try:

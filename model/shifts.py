@@ -33,14 +33,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from triage.bus.errors import ConfigurationError
-
-SCENARIOS: dict[str, str] = {
-    "night-orders": "20% of orders move into 00:00-04:59 of their day",
-    "stockouts": "SKUs taking ~10% of orders are out of stock all period (~6% -> ~15%)",
-    "payment-failures": "~5% more orders have a failed payment status (not OK ~5% -> ~10%)",
-    "zip-rollback": "zips taking ~10% of orders are withdrawn (availability ~0.9 -> ~0.8)",
-    "new-payment-status": "~2% of orders show AWAITING_3DS, a status training never saw",
-}
+from triage.model.scenarios import SCENARIOS
 
 DAY = 86_400
 NIGHT_SHARE = 0.20

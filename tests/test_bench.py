@@ -64,9 +64,18 @@ def test_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     assert _number(figures["scaling"]["speedup"])
     assert [p["batch_size"] for p in figures["batch_sweep"]] == [500]
     assert set(figures["targets"]) == {
-        "scorer_at_least_half_of_passthrough", "scorer_at_least_15x_per_message",
-        "p99_at_most_50ms_at_fixed_load", "worker_rss_at_most_300mb",
-        "live_at_least_0_8_of_csv_path_throughput", "live_p99_at_most_1_3x_csv_path"}
+        "scorer_at_least_0_35_of_passthrough", "scorer_at_least_15x_per_message",
+        "p99_at_most_1_3x_passthrough_at_fixed_load", "live_at_least_0_8_of_csv_path_throughput",
+        "live_p99_at_most_1_3x_csv_path", "launch_to_first_prediction_at_most_4s",
+        "help_at_most_0_5s", "supervisor_rss_at_most_60mb", "worker_rss_at_most_200mb"}
+    assert _number(figures["ratios"]["p99_vs_passthrough_at_fixed_load"])
+    startup, memory = figures["startup"], figures["memory"]
+    for key in ("launch_to_first_prediction_s", "group_join_s", "help_s", "produce_s"):
+        assert _number(startup[key]) and startup[key] > 0, (key, startup[key])
+    assert startup["group_join_s"] < startup["launch_to_first_prediction_s"]
+    assert len(startup["runs"]) == 3
+    for key in ("supervisor_rss_mb", "worker_rss_mb"):
+        assert _number(memory[key]) and memory[key] > 0, (key, memory[key])
     _check_live(figures["live"])
     models = figures["models"]  # --models
     for key in ("active_orders_per_s", "with_shadow_orders_per_s", "shadow_throughput_ratio",

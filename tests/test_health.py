@@ -142,6 +142,13 @@ def test_workers_are_ready_once_joined_even_without_partitions_and_unhealthy_whe
             [body for _, body in answers], answers
         assert get(a_port, "/healthz")[0] == 200
         wait_for("a owns the partition", lambda: metric(a_port, "triage_owned_partitions") == 1)
+        # The join began before the model and the tables were loaded, so it overlapped them;
+        # the first assignment says how long it took.
+        events = [json.loads(line) for line in (tmp_path / "a.log").read_text().splitlines()
+                  if line.startswith("{")]
+        names = [e["event"] for e in events]
+        assert names.index("group_join_started") < names.index("worker_starting"), names
+        assert next(e for e in events if e["event"] == "partitions_assigned")["join_ms"] > 0
 
         with worker(settings, model_dir, b_port, tmp_path / "b.log") as b:
             wait_for("worker b ready", lambda: get(b_port, "/readyz")[0] == 200, b)

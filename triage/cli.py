@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--weeks", type=int, default=4, help="weeks the orders span (default 4)")
     p.add_argument("--out", type=Path, required=True, help="directory to write the CSVs to")
-    from triage.model.shifts import SCENARIOS
+    from triage.model.scenarios import SCENARIOS
 
     p.add_argument("--shift", choices=list(SCENARIOS), metavar="SCENARIO",
                    help="the same data with one realistic shift: " + "; ".join(
@@ -268,9 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch sizes for the throughput plot, comma-separated ('' skips it)")
     p.add_argument("--sweep-orders", type=int, default=50_000,
                    help="orders per point of the batch-size sweep (default 50000)")
-    p.add_argument("--restore-records", type=int, default=1_000_000,
-                   help="stock events in the live path's restore figure (default 1000000; "
-                        "0 skips it)")
+    p.add_argument("--restore-records", type=int, default=0,
+                   help="stock events for the live path's restore figure, e.g. 1000000 (the "
+                        "worker's memory with a million reference rows); default 0 skips it")
     p.add_argument("--models", action="store_true",
                    help="also the model registry figures: throughput with a shadow version "
                         "against without, and promote -> first prediction (docs/benchmarks.md)")
@@ -448,7 +448,11 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     from triage.producer.publisher import OrderPublisher, order_record
 
     record = order_record(args.order_id, args.customer_id, args.sku, args.zip, args.timestamp)
-    publisher = OrderPublisher(settings.connection, settings.topics.orders_topic)
+    # One record: an idempotent producer would only add its start-up (librdkafka asks for a
+    # producer id once a broker connection is up, on a 500 ms timer: half a second per call);
+    # a retry's duplicate is scored to the identical prediction (README, Delivery guarantees).
+    publisher = OrderPublisher(settings.connection, settings.topics.orders_topic,
+                               **{"enable.idempotence": False})
     publisher.publish(record)
     publisher.flush(30.0)
     if publisher.failed:
@@ -526,7 +530,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         check_reference_dir(args.reference, settings.csv_encoding)
     return run(_resolved(settings), args.model.resolve() if args.model else None,
                args.reference.resolve() if args.reference else None, worker_id=args.worker_id,
-               registry_dir=args.registry.resolve() if args.registry else None)
+               registry_dir=args.registry.resolve() if args.registry else None,
+               serving_process=True)
 
 
 def _check_model_source(args: argparse.Namespace) -> None:
