@@ -39,6 +39,9 @@ def render(results: dict[str, Any]) -> str:
                      f"{row['cpu_s_per_1000']:>10.3f}"
                      f"{'n/a' if broker is None else f'{broker:.3f}':>17}"
                      f"{row['peak_rss_mb']:>7.0f} MB")
+    if o.get("per_message_orders", o["orders"]) < o["orders"]:
+        lines.append(f"(c) scored the first {o['per_message_orders']:,} of the orders (at its "
+                     "rate, all of them would take minutes)")
     r = results["ratios"]
     lat = results["latency_ms"]
     fixed, sat, floor = lat["fixed_load"], lat["saturation"], lat["passthrough_fixed_load"]

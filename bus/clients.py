@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic  # type: ignore[attr-defined]
@@ -119,9 +118,9 @@ def produce(producer: Producer, topic: str, **kwargs: Any) -> None:
             producer.poll(0.05)
 
 
-@dataclass(frozen=True)
-class Source:
-    """Where a record was read on Kafka."""
+class Source(NamedTuple):
+    """Where a record was read on Kafka (one per consumed record: a NamedTuple, made in a
+    quarter of a frozen dataclass's time)."""
 
     topic: str
     partition: int

@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import structlog
@@ -61,8 +61,10 @@ class RecordTooLarge(BadRecord):
         super().__init__("oversized", message)
 
 
-@dataclass(frozen=True)
-class Incoming:
+# The per-record types below are NamedTuples, not frozen dataclasses: one of each is made per
+# order on the hot path, and a NamedTuple is made in a quarter of the time (0.4 against 1.5 us).
+
+class Incoming(NamedTuple):
     """One record to score: Avro bytes to decode (``None`` is a tombstone), or a decoded
     order (``order.avsc``'s fields)."""
 
@@ -71,22 +73,19 @@ class Incoming:
     source: Source | None = None
 
 
-@dataclass(frozen=True)
-class Scored:
+class Scored(NamedTuple):
     item: Incoming   # the record scored
     key: bytes       # the order_id, UTF-8: predictions are keyed by order
     record: Record   # a prediction.avsc record
 
 
-@dataclass(frozen=True)
-class Sample:
+class Sample(NamedTuple):
     item: Incoming
     key: bytes
     record: Record   # a drift_sample.avsc record
 
 
-@dataclass(frozen=True)
-class Rejected:
+class Rejected(NamedTuple):
     item: Incoming
     reason: str       # short, for machines: the dead-letter header and metric label
     error_class: str  # e.g. DecodeError, ValidationError, TimeoutError
@@ -127,8 +126,7 @@ class Gate(Protocol):
         """These orders were scored."""
 
 
-@dataclass
-class _Waiting:
+class _Waiting(NamedTuple):
     item: Incoming
     record: Record
     since: float  # monotonic seconds when it was first held
@@ -318,12 +316,12 @@ class ScoringCore:
         self._count_unknown_zips(orders.zip_code)
         scored_at = self.clock()
         labels = recommendations.tolist()
-        published = [self._published_at(item, scored_at) for item in items]
         self._records(outcome, items, orders, features, labels, proba.tolist(),
                       expired.tolist(), scored_at)
         if self.shadow is not None:
             self._shadow(outcome, items, orders, features, labels, expired.tolist(), scored_at)
         if self.observers:
+            published = [self._published_at(item, scored_at) for item in items]
             scored = ScoredBatch(orders, features, labels, proba, published, scored_at)
             for runner in self.observers:
                 try:
@@ -378,22 +376,29 @@ class ScoringCore:
         classes = [str(c) for c in model.classes] if model is not None else self.class_names
         timestamps = orders.timestamp_ms.tolist()
         feature_records = features.records()
-        for i, item in enumerate(items):
+        probabilities = [dict(zip(classes, p, strict=True)) for p in proba]
+        keys = [order_id.encode() for order_id in orders.order_id]
+        predictions = outcome.predictions
+        # One loop over columns, no indexing: this builds a record per order on the hot path.
+        for item, key, order_id, customer_id, recommendation, probability, feature_record, \
+                timestamp, was_expired in zip(items, keys, orders.order_id, orders.customer_id,
+                                              recommendations, probabilities, feature_records,
+                                              timestamps, expired, strict=True):
             source = item.source
-            outcome.predictions.append(Scored(item, orders.order_id[i].encode(), {
-                "order_id": orders.order_id[i],
-                "customer_id": orders.customer_id[i],
-                "recommendation": recommendations[i],
-                "probabilities": dict(zip(classes, proba[i], strict=True)),
+            predictions.append(Scored(item, key, {
+                "order_id": order_id,
+                "customer_id": customer_id,
+                "recommendation": recommendation,
+                "probabilities": probability,
                 "model_version": version,
-                "features": feature_records[i],
-                "order_timestamp_ms": timestamps[i],
+                "features": feature_record,
+                "order_timestamp_ms": timestamp,
                 "scored_at_ms": scored_at,
                 # Lineage; an order that did not come from Kafka has none (-1).
                 "order_published_at_ms": source.timestamp_ms if source else scored_at,
                 "order_partition": source.partition if source else -1,
                 "order_offset": source.offset if source else -1,
-                "reference_wait_expired": expired[i],
+                "reference_wait_expired": was_expired,
             }))
         if shadow:
             return
@@ -401,13 +406,13 @@ class ScoringCore:
             metrics.PREDICTIONS.labels(recommendation).inc(count)
 
         for i in sampled_indices(orders.order_id, self.config.sample_rate):
-            outcome.samples.append(Sample(items[i], orders.order_id[i].encode(), {
+            outcome.samples.append(Sample(items[i], keys[i], {
                 "order": {"order_id": orders.order_id[i], "customer_id": orders.customer_id[i],
                           "timestamp_ms": timestamps[i], "sku_code": orders.sku_code[i],
                           "zip_code": orders.zip_code[i]},
-                "features": feature_records[i],
+                "features": feature_records[i],  # shared with the prediction: both read-only
                 "recommendation": recommendations[i],
-                "probabilities": dict(zip(classes, proba[i], strict=True)),
+                "probabilities": probabilities[i],
                 "model_version": version,
                 "scored_at_ms": scored_at,
             }))

@@ -135,13 +135,16 @@ class BatchLoop:
         self.consumed = 0
         self._stop_requested = False
         self._revoked_now: set[int] = set()
+        # The committers need to hear of failed deliveries only (a batch is committed once
+        # flush() has seen every record acknowledged): no Python callback per output record.
+        only_errors = {"delivery.report.only.error": True}
         if scorer.exactly_once:
-            self.producer = make_producer(connection, **{
+            self.producer = make_producer(connection, **only_errors, **{
                 "transactional.id": transactional_id(scorer.group_id, worker_id)})
             self.committer: AtLeastOnce = ExactlyOnce(self.producer, self.consumer, self.log,
                                                       scorer.delivery_timeout_ms / 1000.0)
         else:
-            self.producer = make_producer(connection)
+            self.producer = make_producer(connection, **only_errors)
             self.committer = AtLeastOnce(self.producer, self.consumer, self.log,
                                          scorer.delivery_timeout_ms / 1000.0)
 

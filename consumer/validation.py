@@ -34,11 +34,20 @@ class OrderValidator:
 
     def problem(self, order: dict[str, Any], now_ms: int) -> tuple[str, str] | None:
         """(reason, message) for the first thing wrong with ``order``, or None."""
+        limit = self.max_length
         for name in STRING_FIELDS:
-            found = self.text_problem(name, order[name])
+            value = order[name]
+            # The usual case, in one expression: what text_problem accepts (a non-empty value
+            # equal to its strip() is not blank).
+            if value and len(value) <= limit and value.isprintable() and value.strip() == value:
+                continue
+            found = self.text_problem(name, value)
             if found is not None:
                 return found
-        return self.time_problem("timestamp_ms", order["timestamp_ms"], now_ms)
+        ts = order["timestamp_ms"]
+        if self.earliest_ms <= ts <= now_ms + self.max_future_ms:
+            return None
+        return self.time_problem("timestamp_ms", ts, now_ms)
 
     def text_problem(self, name: str, value: str) -> tuple[str, str] | None:
         """An id or code that is empty, too long, unprintable or padded: (reason, message)."""

@@ -18,6 +18,7 @@ workers polling the group.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -161,6 +162,8 @@ def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | P
                         extra_hooks=load_hooks(settings.scorer.hooks, settings), health=health,
                         follower=follower, shadow=shadow, loop=loop)
         health.met("model_loaded")
+        if serving_process:
+            quiet_garbage_collector()
         metrics.MODEL_INFO.labels(model.version).set(1)
         for recommendation in CLASSES:  # every class has a series from the start, at 0
             metrics.PREDICTIONS.labels(recommendation)
@@ -183,6 +186,22 @@ def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | P
             server.shutdown()
             server.server_close()
     return 0
+
+
+GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (CPython's default: 700)
+
+
+def quiet_garbage_collector() -> None:
+    """Make the cyclic garbage collector cheap on the hot path, once everything that lives as
+    long as the process (modules, the model, the reference tables) is loaded: ``gc.freeze()``
+    moves it out of the collector's sight, and young collections run every
+    ``GC_YOUNG_THRESHOLD`` allocations instead of 700. A batch allocates about 20 objects an
+    order that all stay alive until its outputs are produced, so at the default every young
+    collection scanned them again. Records hold no reference cycles; memory is freed by
+    reference counting as before."""
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def _failed(log: structlog.typing.FilteringBoundLogger, exc: Exception) -> int:

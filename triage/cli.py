@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch sizes for the throughput plot, comma-separated ('' skips it)")
     p.add_argument("--sweep-orders", type=int, default=50_000,
                    help="orders per point of the batch-size sweep (default 50000)")
+    p.add_argument("--per-message-orders", type=int, default=20_000,
+                   help="orders the per-message baseline scores (default 20000; it runs at "
+                        "about 500/s)")
     p.add_argument("--restore-records", type=int, default=0,
                    help="stock events for the live path's restore figure, e.g. 1000000 (the "
                         "worker's memory with a million reference rows); default 0 skips it")
@@ -761,6 +764,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         saturation_orders=args.saturation_orders,
         scaling_workers=args.scaling_workers, sweep=sweep, sweep_orders=args.sweep_orders,
         restore_records=args.restore_records, models=args.models,
+        per_message_orders=args.per_message_orders,
         data_dir=args.data, model_dir=args.model, out_dir=args.out,
         keep_topics=args.keep_topics, scorer_module=args.scorer_module)
     try:
