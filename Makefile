@@ -44,7 +44,7 @@ promtool:
 # mypy runs on the installed layout (triage.model is model/, ...): a tree of symlinks, made
 # afresh each time so that new files are seen. mypy does not run the editable install's hook.
 TYPECHECK := build/typecheck
-PACKAGES  := bus schemas model producer consumer bench
+PACKAGES  := bus schemas model producer consumer gateway bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -383,6 +383,16 @@ class Settings:
         "utf-8", "TRIAGE_CSV_ENCODING",
         "Text encoding of the input CSVs (`--encoding`), e.g. `cp1252` for files saved by "
         "Excel on Windows. UTF-8 files may start with a byte-order mark.")
+    gateway_port: int = _setting(
+        8000, "TRIAGE_GATEWAY_PORT", "Port `triage serve` answers HTTP on (`--port`).")
+    gateway_view_s: float = _setting(
+        3600.0, "TRIAGE_GATEWAY_VIEW_S",
+        "How far back (seconds) `triage serve` reads the orders, predictions and dead-letter "
+        "topics to answer GET /v1/predictions/{order_id}; older orders are 404.")
+    gateway_max_body_bytes: int = _setting(
+        4_194_304, "TRIAGE_GATEWAY_MAX_BODY_BYTES",
+        "Largest HTTP request body `triage serve` reads; larger ones get 413. The default "
+        "holds the largest batch, 10,000 orders.")
     mlflow_tracking_uri: str = _setting(
         "", "TRIAGE_MLFLOW_TRACKING_URI",
         "MLflow tracking server or store (`http://mlflow:5000`, `sqlite:///mlflow.db`). Set, "

@@ -35,6 +35,7 @@ EXPECTED_COMMAND = {
     "consumer": "consume",
     "replay": "replay",
     "drift-monitor": "drift",
+    "gateway": "serve",
 }
 DEPENDS_ON_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 

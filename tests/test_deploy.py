@@ -244,7 +244,11 @@ def test_prometheus_and_grafana_in_compose_mount_what_exists() -> None:
             assert (ROOT / volume.split(":")[0]).exists(), (service, volume)
     config = yaml.safe_load((PROMETHEUS / "prometheus-compose.yml").read_text())
     jobs = {job["job_name"] for job in config["scrape_configs"]}
-    assert jobs == {"triage-scorer", "triage-drift-monitor"}
+    assert jobs == {"triage-scorer", "triage-drift-monitor", "triage-gateway"}
+    gateway = next(job for job in config["scrape_configs"] if job["job_name"] == "triage-gateway")
+    command = compose["gateway"]["command"]
+    assert gateway["static_configs"][0]["targets"] == [
+        f"gateway:{command[command.index('--port') + 1]}"]
     consumer = compose["consumer"]["environment"]
     assert consumer["TRIAGE_METRICS_PORT"] == str(
         config["scrape_configs"][0]["dns_sd_configs"][0]["port"])

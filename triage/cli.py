@@ -15,6 +15,7 @@ from typing import Any
 from confluent_kafka import KafkaException
 
 from triage.bus.embedded import (
+    BrokerNotFound,
     EmbeddedBroker,
     clear_state,
     resolve_bootstrap,
@@ -286,6 +287,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-topics", action="store_true", help="do not delete the bench topics")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
+    p = commands.add_parser(
+        "serve", parents=[common],
+        help="the HTTP front door: POST /decision/v1 (and its batch form), asynchronous "
+             "calls through Kafka, /healthz, /readyz, /metrics")
+    _model_source(p)
+    p.add_argument("--reference", type=Path, required=True,
+                   help="directory of the reference CSVs the answers are joined with")
+    p.add_argument("--port", dest="gateway_port", type=int,
+                   help="HTTP port (TRIAGE_GATEWAY_PORT, default 8000)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
+    p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
+                   help="text encoding of the CSVs (TRIAGE_CSV_ENCODING, default utf-8)")
+
     commands.add_parser("settings", help="list every TRIAGE_* setting with its default")
     return parser
 
@@ -306,7 +321,7 @@ def _settings(args: argparse.Namespace) -> Settings:
              "batch_timeout_ms", "sample_rate", "exactly_once", "drift_reports_topic",
              "drift_group_id", "drift_window_samples", "drift_window_minutes",
              "drift_min_samples", "drift_alpha", "drift_metrics_port", "csv_encoding",
-             "metrics_port")
+             "metrics_port", "gateway_port")
     settings = Settings.from_env().replace(**{n: getattr(args, n, None) for n in names})
     if getattr(args, "log_format", None) is None and "TRIAGE_LOG_FORMAT" not in os.environ \
             and sys.stderr.isatty():
@@ -400,6 +415,23 @@ def cmd_drift(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         monitor.close()
     return 0
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """``triage serve`` (gateway/): scores with ``--model`` or the registry's active version
+    and the ``--reference`` CSVs; with a broker (flag, TRIAGE_BOOTSTRAP_SERVERS or a running
+    ``triage broker``) it also publishes its decisions and serves the asynchronous calls."""
+    from triage.gateway.server import run_gateway
+    from triage.model.reference import check_reference_dir
+
+    _check_model_source(args)
+    check_reference_dir(args.reference, settings.csv_encoding)
+    try:
+        settings, broker = _resolved(settings), True
+    except BrokerNotFound:
+        broker = False
+    return run_gateway(settings, model_dir=args.model, registry_dir=args.registry,
+                       reference_dir=args.reference, host=args.host, broker=broker)
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
@@ -787,7 +819,7 @@ COMMANDS = {
     "replay": cmd_replay, "produce": cmd_produce, "consume": cmd_consume,
     "worker": cmd_worker, "models": cmd_models,
     "predictions": cmd_predictions, "demo": cmd_demo, "dlq": cmd_dlq, "lag": cmd_lag,
-    "settings": cmd_settings,
+    "settings": cmd_settings, "serve": cmd_serve,
     "bench": cmd_bench,
     "drift": cmd_drift,
 }

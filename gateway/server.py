@@ -1,0 +1,98 @@
+"""``triage serve``: load the model and the reference tables, connect what a broker offers, and
+run the app (gateway/app.py) on uvicorn until SIGTERM or SIGINT.
+
+Without a broker the gateway still answers ``/decision/v1`` from ``--model`` (or nothing:
+``--registry`` needs the control topic) and ``--reference``, logs ``publishing_off``, and answers
+503 on the Kafka-backed routes. With one, it publishes every decision (gateway/service.py) and
+serves the asynchronous calls from its view (gateway/view.py); the topics must exist (`triage
+topics create`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import structlog
+import uvicorn
+
+from triage.bus.clients import make_producer
+from triage.bus.errors import ConfigurationError
+from triage.bus.settings import Settings
+from triage.gateway.app import make_app
+from triage.gateway.service import Gateway, Publisher
+from triage.gateway.view import AsyncOrders, View
+from triage.model import artifact
+from triage.model.reference import ReferenceTables, zip_code_warnings
+from triage.producer.publisher import RecordPublisher
+
+
+def build(settings: Settings, *, model_dir: Path | None, registry_dir: Path | None,
+          reference_dir: Path, broker: bool) -> tuple[Any, list[Any]]:
+    """(the ASGI app, what to close on the way out). Raises ConfigurationError for a model or
+    reference data that cannot be used, or ``--registry`` without a broker; KafkaException
+    when a topic is missing."""
+    log = structlog.get_logger("gateway")
+    follower = None
+    if registry_dir is not None:
+        if not broker:
+            raise ConfigurationError("--registry needs a broker: the active version is on the "
+                                     "models control topic; use --model DIR without one")
+        from triage.consumer.models import ModelFollower
+        from triage.model.registry import Registry
+
+        follower = ModelFollower(settings.connection, settings.topics,
+                                 Registry(registry_dir), log=log).start()
+        log.info("waiting_for_model", registry=str(registry_dir))
+        first = follower.wait_first()
+        if first is None:
+            raise ConfigurationError("stopped before a model version was active")
+        model = first.active
+    else:
+        assert model_dir is not None
+        model = artifact.load(model_dir)
+    reference = ReferenceTables.load(reference_dir, encoding=settings.csv_encoding)
+    for warning in zip_code_warnings(reference.zips.keys()):
+        log.warning("zip_codes_look_truncated", detail=warning)
+    closing: list[Any] = [follower] if follower is not None else []
+    publisher = kafka = view = None
+    if broker:
+        producer = make_producer(settings.connection)
+        publisher = Publisher(settings, producer)
+        view = View(settings, settings.gateway_view_s).start()
+        closing += [view, publisher]
+        kafka = AsyncOrders(settings, RecordPublisher(
+            settings.connection, settings.topics.orders_topic, "order", "order_id",
+            producer=producer), view)
+        log.info("publishing_on", predictions=settings.topics.predictions_topic,
+                 drift=settings.topics.drift_topic, orders=settings.topics.orders_topic)
+    else:
+        log.warning("publishing_off", note="no broker configured: /decision/v1 answers, "
+                    "nothing is published, /v1/orders and /v1/predictions answer 503")
+    gateway = Gateway(settings, model, reference, publisher, follower)
+    app = make_app(gateway, max_body_bytes=settings.gateway_max_body_bytes, kafka=kafka,
+                   ready=(lambda: view.ready) if view is not None else (lambda: True))
+    log.info("gateway_loaded", model_version=model.version, reference_records=reference.size,
+             broker=broker)
+    return app, closing
+
+
+def run_gateway(settings: Settings, *, model_dir: Path | None, registry_dir: Path | None,
+                reference_dir: Path, host: str, broker: bool) -> int:
+    """Serve until SIGTERM/SIGINT (uvicorn finishes the requests in hand); returns 0."""
+    app, closing = build(settings, model_dir=model_dir, registry_dir=registry_dir,
+                         reference_dir=reference_dir, broker=broker)
+    log = structlog.get_logger("gateway")
+    log.info("gateway_serving", host=host, port=settings.gateway_port,
+             paths=["/decision/v1", "/decision/v1/batch", "/v1/orders",
+                    "/v1/predictions/{order_id}", "/healthz", "/readyz", "/metrics", "/docs"])
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=settings.gateway_port,
+                                           log_level="warning", access_log=False,
+                                           lifespan="off"))
+    try:
+        server.run()
+    finally:
+        for resource in closing:
+            resource.close()
+        log.info("gateway_stopped")
+    return 0

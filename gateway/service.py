@@ -1,0 +1,184 @@
+"""The HTTP front door's scoring: orders as the original exercise posts them, scored by the
+stream workers' own core (consumer/core.py: the same validation, features, model and records),
+and, with a broker, published like any other decision.
+
+An HTTP order is ``{"order_id", "customer_id", "timestamp", "sku_code", "zip_code"}``. Its
+``timestamp`` is ``YYYY-MM-DD HH:MM:SS`` (UTC, the CSVs' form) or ISO 8601 with or without an
+offset (``2021-05-01T13:21:59.930321+00:00``, the exercise's own example; without an offset it
+is UTC); empty or missing means now. Everything else about an order is checked by the workers'
+validation (consumer/validation.py).
+
+Publishing (when a broker is configured): every decision goes to the predictions topic like a
+worker's, keyed by ``order_id``, with the header ``triage-origin: http`` and lineage -1
+(``order_partition``, ``order_offset``: it was read from no partition), and the drift sampler's
+share of them to the drift topic, so monitoring and audit see one stream. Publishing never
+holds up an answer: records are handed to librdkafka, delivered in the background, and counted
+in ``triage_gateway_publish_errors_total`` when the broker refuses them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from confluent_kafka import Producer
+
+from triage.bus.clients import produce
+from triage.bus.settings import Settings
+from triage.consumer.core import CoreConfig, Incoming, ScoringCore
+from triage.consumer.scorer import core_config
+from triage.consumer.validation import OrderValidator
+from triage.gateway import metrics
+from triage.model.artifact import Model
+from triage.model.reference import ReferenceTables
+from triage.schemas.codec import Codec
+
+ORIGIN_HEADER = "triage-origin"
+FIELDS = ("order_id", "customer_id", "timestamp", "sku_code", "zip_code")
+_CSV_TIME = "%Y-%m-%d %H:%M:%S"
+
+
+class InvalidTimestamp(ValueError):
+    """A timestamp in neither accepted form."""
+
+
+def timestamp_ms(value: str | None, now_ms: int | None = None) -> int:
+    """UTC epoch milliseconds of an HTTP order's ``timestamp`` (module docstring); ``now_ms``
+    (default: the clock) for an empty one. Raises InvalidTimestamp."""
+    if value is None or not value.strip():
+        return now_ms if now_ms is not None else int(time.time() * 1000)
+    text = value.strip()
+    try:
+        moment = datetime.strptime(text, _CSV_TIME) if len(text) == 19 and text[10] == " " \
+            else datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidTimestamp(f"{value!r} is neither YYYY-MM-DD HH:MM:SS (UTC) nor ISO 8601 "
+                               "(2021-05-01T13:21:59.930321+00:00)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return round(moment.timestamp() * 1000)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One order's answer: ``prediction`` (a prediction.avsc record) or ``error`` (the field,
+    the reason and the message of the first thing wrong with it)."""
+
+    order_id: str
+    prediction: dict[str, Any] | None = None
+    error: dict[str, str] | None = None
+
+    def as_response(self) -> dict[str, Any]:
+        """The original contract's two fields, then what else the prediction knows."""
+        if self.prediction is None:
+            return {"order_id": self.order_id, "error": self.error}
+        p = self.prediction
+        return {"order_id": self.order_id, "recommendation": p["recommendation"],
+                "model_version": p["model_version"], "probabilities": p["probabilities"],
+                "features": p["features"], "order_timestamp_ms": p["order_timestamp_ms"]}
+
+
+class Publisher:
+    """Predictions and drift samples of HTTP decisions, to the topics the workers write."""
+
+    def __init__(self, settings: Settings, producer: Producer) -> None:
+        self.producer = producer
+        self.topics = settings.topics
+        self.predictions = Codec("prediction", topic=self.topics.predictions_topic)
+        self.samples = Codec("drift_sample", topic=self.topics.drift_topic)
+
+    def _delivered(self, err: Any, _msg: Any) -> None:
+        if err is not None:
+            metrics.PUBLISH_ERRORS.inc()
+
+    def publish(self, predictions: Sequence[tuple[bytes, dict[str, Any]]],
+                samples: Sequence[tuple[bytes, dict[str, Any]]]) -> None:
+        headers = [(ORIGIN_HEADER, b"http")]
+        for key, record in predictions:
+            produce(self.producer, self.topics.predictions_topic, key=key,
+                    value=self.predictions.encode(record), headers=headers,
+                    on_delivery=self._delivered)
+        for key, record in samples:
+            produce(self.producer, self.topics.drift_topic, key=key,
+                    value=self.samples.encode(record), headers=headers,
+                    on_delivery=self._delivered)
+        self.producer.poll(0)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self.producer.flush(timeout_s)
+
+
+class Gateway:
+    """Scores HTTP orders with ``model`` and ``reference`` through the workers' core. Not
+    thread-safe: the app calls it from one thread at a time (FastAPI runs plain ``def``
+    endpoints in a thread pool, so the app holds a lock around it)."""
+
+    def __init__(self, settings: Settings, model: Model, reference: ReferenceTables,
+                 publisher: Publisher | None = None, follower: Any = None) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self.follower = follower  # consumer/models.py ModelFollower, with --registry
+        validator = OrderValidator(settings.validation)
+        config: CoreConfig = core_config(settings.scorer)
+        self.core = ScoringCore(model, reference, Codec("order"), config=config,
+                                checks=[validator],
+                                log=structlog.get_logger("gateway"))
+
+    @property
+    def model_version(self) -> str:
+        return self.core.model.version
+
+    def decide(self, orders: Sequence[Mapping[str, Any]]) -> list[Decision]:
+        """One decision per order, in order, from one predict call. An order that cannot be
+        scored (bad timestamp, a field the validation refuses) gets its error instead; the
+        others are scored as usual."""
+        if self.follower is not None:  # a promotion: swap between two requests
+            models = self.follower.take()
+            if models is not None:
+                self.core.model = models.active
+        now_ms = int(time.time() * 1000)
+        decisions: list[Decision | None] = [None] * len(orders)
+        incoming: list[Incoming] = []
+        positions: dict[int, int] = {}  # id() of the Incoming -> position in ``orders``
+        for position, order in enumerate(orders):
+            order_id = str(order.get("order_id", ""))
+            try:
+                when = timestamp_ms(order.get("timestamp"), now_ms)
+            except InvalidTimestamp as exc:
+                decisions[position] = Decision(order_id, error={
+                    "field": "timestamp", "reason": "invalid_timestamp", "message": str(exc)})
+                continue
+            record = {name: str(order.get(name, "")) for name in FIELDS if name != "timestamp"}
+            item = Incoming({**record, "timestamp_ms": when})
+            positions[id(item)] = position
+            incoming.append(item)
+        outcome = self.core.process(incoming)
+        for scored in outcome.predictions:
+            position = positions[id(scored.item)]
+            decisions[position] = Decision(scored.record["order_id"], prediction=scored.record)
+        for letter in outcome.dead_letters:
+            position = positions[id(letter.item)]
+            decisions[position] = Decision(str(orders[position].get("order_id", "")), error={
+                "field": _field_of(letter.message), "reason": letter.reason,
+                "message": letter.message})
+        if self.publisher is not None and (outcome.predictions or outcome.samples):
+            self.publisher.publish([(p.key, p.record) for p in outcome.predictions],
+                                   [(s.key, s.record) for s in outcome.samples])
+        done = [d for d in decisions if d is not None]
+        assert len(done) == len(orders), "every order ends in a prediction or an error"
+        for decision in done:
+            if decision.prediction is not None:
+                metrics.DECISIONS.labels(decision.prediction["recommendation"]).inc()
+            else:
+                metrics.REFUSED.labels(decision.error["reason"] if decision.error else "").inc()
+        return done
+
+
+def _field_of(message: str) -> str:
+    """The order field a validation message is about (it starts with the field's name)."""
+    first = message.split(" ", 1)[0]
+    return "timestamp" if first == "timestamp_ms" else first if first in FIELDS else ""

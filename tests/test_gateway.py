@@ -1,0 +1,263 @@
+"""The HTTP front door (gateway/), over real HTTP: uvicorn serving the app on a free port.
+
+The exercise's own orders get the policy's answer one by one and in batches; bad input gets 422
+(or 413) naming what is wrong, never a 500 (also property-based, from the OpenAPI document, with
+schemathesis); on a real broker with a worker running, submitted orders become predictions the
+gateway answers with, decisions made over HTTP are published, and unknown orders are 404."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import http.client
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import uvicorn
+
+from tests.test_delivery import Background
+from tests.test_features import oracle
+from tests.test_health import wait_for
+from tests.test_real_faults import EXERCISE
+from triage.bus.embedded import free_port
+from triage.bus.settings import Settings
+from triage.consumer.deadletter import headers_dict
+from triage.consumer.reader import TopicReader
+from triage.consumer.supervisor import Supervisor
+from triage.gateway.server import build
+from triage.gateway.service import ORIGIN_HEADER, timestamp_ms
+from triage.model.features import FeatureBatch
+from triage.model.policy import label
+from triage.model.train import train
+
+
+class Client:
+    """A keep-alive HTTP/1.1 client of one server."""
+
+    def __init__(self, port: int) -> None:
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+    def request(self, method: str, path: str, body: Any = None, raw: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        self.connection.request(method, path, body=data,
+                                headers={"Content-Type": "application/json", **(headers or {})})
+        response = self.connection.getresponse()
+        payload = response.read()
+        kind = response.getheader("Content-Type") or ""
+        return response.status, json.loads(payload) if "json" in kind else payload.decode()
+
+
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[int]:
+    """``app`` on uvicorn in a thread, on a free port; yields the port once it listens."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
+                                           log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for("uvicorn listening", lambda: server.started, timeout_s=30)
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def exercise_orders() -> list[dict[str, str]]:
+    with open(EXERCISE / "orders.csv", newline="", encoding="utf-8") as f:
+        return [{k: row[k] for k in ("order_id", "customer_id", "timestamp", "sku_code",
+                                     "zip_code")} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def exercise_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not EXERCISE.is_dir():
+        pytest.skip(f"{EXERCISE} is not in this checkout")
+    out = tmp_path_factory.mktemp("exercise-model")
+    train(EXERCISE, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def offline(exercise_model: Path) -> Iterator[int]:
+    """A gateway on the exercise data with no broker."""
+    app, closing = build(Settings(), model_dir=exercise_model, registry_dir=None,
+                         reference_dir=EXERCISE, broker=False)
+    assert closing == []
+    with serving(app) as port:
+        yield port
+
+
+def test_every_exercise_order_gets_the_policy_answer_one_by_one_and_in_batches(
+        offline: int) -> None:
+    orders = exercise_orders()
+    expected = oracle(EXERCISE)
+    policy = label(FeatureBatch(
+        expected["order_hour_of_day"].to_numpy(np.int64),
+        expected["inventory"].to_numpy(float),
+        expected["payment_status"].to_numpy(object),
+        expected["zip_code_available"].to_numpy(bool))).tolist()
+    client = Client(offline)
+    answers = []
+    for order in orders:
+        status, body = client.request("POST", "/decision/v1", order)
+        assert status == 200, body
+        answers.append(body)
+    assert [a["order_id"] for a in answers] == [o["order_id"] for o in orders]
+    wrong = [a["order_id"] for a, p in zip(answers, policy, strict=True)
+             if a["recommendation"] != p]
+    assert wrong == [], f"{len(wrong)} orders differ from the policy, e.g. {wrong[:3]}"
+    assert {a["model_version"] for a in answers} == {answers[0]["model_version"]}
+
+    status, body = client.request("POST", "/decision/v1/batch", orders)
+    assert status == 200
+    assert body["decisions"] == answers  # one predict call, the same answers, in order
+
+    # The exercise's own ISO form, with an offset, means the same moment.
+    first = orders[0]
+    iso = first["timestamp"].replace(" ", "T") + ".000000+00:00"
+    status, body = client.request("POST", "/decision/v1", {**first, "timestamp": iso})
+    assert status == 200 and body == answers[0]
+    shifted = first["timestamp"].replace(" ", "T") + "+02:00"  # two hours earlier in UTC
+    assert timestamp_ms(shifted) == timestamp_ms(first["timestamp"]) - 2 * 3_600_000
+
+
+def test_bad_input_gets_422_naming_each_field_and_never_a_500(offline: int) -> None:
+    client = Client(offline)
+    good = {"order_id": "o-1", "customer_id": "c-1", "timestamp": "2021-05-01 13:21:59",
+            "sku_code": "0001", "zip_code": "10115"}
+
+    status, body = client.request("POST", "/decision/v1", {"order_id": "o-1", "sku_code": 7})
+    assert status == 422
+    named = {tuple(d["loc"]) for d in body["detail"]}
+    assert {("body", "customer_id"), ("body", "zip_code"), ("body", "sku_code")} <= named
+
+    for field, value, reason in (("timestamp", "yesterday", "invalid_timestamp"),
+                                 ("order_id", "   ", "missing_field"),
+                                 ("sku_code", " 0001", "invalid_field"),
+                                 ("timestamp", "1999-12-31 23:59:59", "invalid_timestamp")):
+        status, body = client.request("POST", "/decision/v1", {**good, field: value})
+        assert status == 422, (field, value, body)
+        assert body["detail"][0]["loc"] == ["body", field], body
+        assert body["detail"][0]["type"] == reason, body
+
+    status, body = client.request("POST", "/decision/v1", raw=b"{not json")
+    assert status == 422
+    status, body = client.request("POST", "/decision/v1", raw=b"x" * (5 << 20))
+    assert status == 413
+
+    # The batch answers every order: errors inline, in place.
+    status, body = client.request("POST", "/decision/v1/batch",
+                                  [good, {**good, "order_id": "o-2", "timestamp": "nope"}])
+    assert status == 200
+    first, second = body["decisions"]
+    assert first["recommendation"] and second["error"]["reason"] == "invalid_timestamp"
+
+    # An empty timestamp means now: an order at this hour.
+    status, body = client.request("POST", "/decision/v1", {**good, "timestamp": ""})
+    assert status == 200 and abs(body["order_timestamp_ms"] - time.time() * 1000) < 60_000
+
+    # Without a broker the Kafka-backed routes say so.
+    assert client.request("POST", "/v1/orders", good)[0] == 503
+    assert client.request("GET", "/v1/predictions/o-1")[0] == 503
+    assert client.request("GET", "/healthz") == (200, {"status": "ok"})
+    assert client.request("GET", "/readyz")[0] == 200
+    status, text = client.request("GET", "/metrics")
+    assert status == 200
+    assert 'triage_http_requests_total{method="POST",route="/decision/v1",status="422"}' in text
+
+
+def test_the_openapi_contract_holds_for_generated_requests(offline: int) -> None:
+    """schemathesis: bodies the schema allows and bodies it refuses, each checked for no 500
+    and for an answer the document declares (status, content type, body schema)."""
+    schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is a test "
+                                       "requirement (requirements-dev.txt)")
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.specs.openapi.checks import (
+        negative_data_rejection,
+        positive_data_acceptance,
+    )
+
+    base = f"http://127.0.0.1:{offline}"
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+    for path in ("/decision/v1", "/decision/v1/batch"):  # /v1/...: 503 here, tested above
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            strategy = schema[path]["POST"].as_strategy(generation_mode=mode)
+            negative = mode is GenerationMode.NEGATIVE
+
+            @settings(max_examples=40, deadline=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=strategy)
+            def check(case: Any) -> None:
+                response = case.call(base_url=base)
+                assert response.status_code < 500, (case.body, response.text)
+                if negative:  # noqa: B023 (called at once, below)  refused: 422, or 413
+                    assert response.status_code in (413, 422), (case.body, response.text)
+                # The document cannot say everything the validation refuses (unprintable
+                # characters, surrounding white space, TRIAGE_MAX_FIELD_LENGTH): a 422 for a
+                # schema-valid body is declared, so acceptance of every such body is not
+                # checked; refusal is checked just above, 413 included.
+                case.validate_response(response, excluded_checks=[positive_data_acceptance,
+                                                                  negative_data_rejection])
+
+            check()
+
+
+@pytest.mark.integration
+def test_submitted_orders_become_predictions_and_http_decisions_are_published(
+        settings: Settings, model_dir: Path, history: Path, tmp_path: Path) -> None:
+    background = Background()
+    supervisor = background.supervise(Supervisor(settings, model_dir, history, workers=1))
+    supervisor.wait_until_assigned(settings.topics.orders_partitions)
+    app, closing = build(settings, model_dir=model_dir, registry_dir=None,
+                         reference_dir=history, broker=True)
+    try:
+        with serving(app) as port:
+            client = Client(port)
+            wait_for("view ready", lambda: client.request("GET", "/readyz")[0] == 200)
+            with open(history / "orders.csv", newline="") as f:
+                orders = [dict(row) for _, row in zip(range(20), csv.DictReader(f),
+                                                      strict=False)]
+            for order in orders:
+                status, body = client.request("POST", "/v1/orders", order)
+                assert status == 202, body
+                assert body["prediction_url"] == f"/v1/predictions/{order['order_id']}"
+            first = client.request("GET", f"/v1/predictions/{orders[0]['order_id']}")
+            assert first[0] in (200, 202)  # accepted at once, scored when a worker has it
+
+            def all_scored() -> bool:
+                return all(client.request("GET", f"/v1/predictions/{o['order_id']}")[0] == 200
+                           for o in orders)
+
+            wait_for("every submitted order scored", all_scored, timeout_s=90)
+            for order in orders:
+                _, streamed = client.request("GET", f"/v1/predictions/{order['order_id']}")
+                _, direct = client.request("POST", "/decision/v1", order)
+                assert streamed["recommendation"] == direct["recommendation"]
+                assert streamed["order_partition"] >= 0  # scored by the worker, from Kafka
+
+            assert client.request("GET", "/v1/predictions/never-seen")[0] == 404
+            status, body = client.request("POST", "/v1/orders", {**orders[0], "order_id": ""})
+            assert status == 422 and body["detail"][0]["loc"] == ["body", "order_id"]
+
+        # Every /decision/v1 above was published too, marked as HTTP, lineage -1.
+        with TopicReader(settings.connection, settings.topics.predictions_topic,
+                         "prediction") as reader:
+            http_made = [record for msg, record in reader.read(idle_s=3.0)
+                         if headers_dict(msg.headers()).get(ORIGIN_HEADER) == "http"]
+        assert {r["order_id"] for r in http_made} == {o["order_id"] for o in orders}
+        assert all(r["order_partition"] == -1 for r in http_made)
+    finally:
+        for resource in closing:
+            resource.close()
+        supervisor.request_stop()
+        for thread in background.threads:
+            thread.join(60)
