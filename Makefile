@@ -21,8 +21,9 @@ demo: $(STAMP)
 	$(BIN)/triage demo
 
 # The benchmark of docs/benchmarks.md: passthrough vs scorer vs per-message, latency, scaling,
-# batch-size sweep, the live reference path; 8-14 minutes on 2 cores. BENCH_FLAGS="--orders
-# 50000 --restore-records 0" for a shorter run.
+# batch-size sweep, the live reference path, start-up and memory; about 4.5 minutes on 2 cores.
+# BENCH_FLAGS="--restore-records 1000000" adds the million-record restore, "--orders 50000" is
+# shorter.
 bench: $(STAMP)
 	$(BIN)/triage bench $(BENCH_FLAGS)
 
