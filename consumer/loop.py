@@ -129,6 +129,7 @@ class BatchLoop:
         self.assigned: set[int] = set()
         self.handler: BatchHandler = PerBatch(lambda records: [])  # until run() is given one
         self._subscribed = False
+        self._closed = False
         # monotonic seconds of subscribe(), until the first assignment: the group join
         self._subscribed_at: float | None = None
         self._lag_series: set[int] = set()  # partitions with a triage_consumer_lag_records series
@@ -171,8 +172,11 @@ class BatchLoop:
         self.log.info("group_join_started", group=self.scorer.group_id, topic=self.topic)
 
     def close(self) -> None:
-        """Leave the group and release the clients, for a caller that subscribed and then
-        could not start (run() does this itself on the way out)."""
+        """Leave the group (if joined) and release the clients; run() does it on the way out,
+        and a caller that made the loop and could not run it calls it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         self.consumer.close()
         self.producer.flush(10.0)
 
@@ -205,8 +209,7 @@ class BatchLoop:
                     last_report = now
         finally:
             self.committer.abort_open()  # an unfinished transaction must not block readers
-            self.consumer.close()
-            self.producer.flush(10.0)
+            self.close()
 
     def _process(self, batch: list[Message]) -> None:
         started = time.perf_counter()

@@ -34,6 +34,7 @@ from triage.bus.health import Health, serve
 from triage.bus.logs import configure_logging
 from triage.bus.settings import Settings, SettingsError
 from triage.consumer.loop import BatchLoop
+from triage.consumer.reference import EARLY_JOIN_MAX_RECORDS, reference_backlog
 
 if TYPE_CHECKING:
     from triage.consumer.scorer import Scorer
@@ -116,16 +117,20 @@ def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | P
         if os.getppid() != supervisor_pid:  # it died before the watch began
             stop("supervisor_gone")
     health = Health(settings.scorer.health_stall_ms, READINESS)
-    server = follower = None
-    loop = BatchLoop(settings.connection, settings.scorer, settings.topics.orders_topic,
-                     worker_id=worker_id, status_file=status_file, log=log, health=health)
+    server = follower = loop = None
     try:
+        loop = BatchLoop(settings.connection, settings.scorer, settings.topics.orders_topic,
+                         worker_id=worker_id, status_file=status_file, log=log, health=health)
         if settings.scorer.metrics_port:
             port = settings.scorer.metrics_port + int(worker_id)
             server = serve(port, health)
             log.info("metrics_serving", port=port, paths=["/metrics", "/healthz", "/readyz"])
-        if registry_dir is None:  # (a registry may have no active version for a long time)
-            loop.subscribe()  # the join overlaps the imports below and the loading after them
+        # Join now, so the join (3 s on a new group) overlaps the imports and loading below,
+        # unless the worker will spend long restoring the reference streams (it would hold
+        # partitions it does not read) or may wait long for a registry's first version.
+        backlog = reference_backlog(loop.consumer, settings.topics)
+        if registry_dir is None and backlog is not None and backlog <= EARLY_JOIN_MAX_RECORDS:
+            loop.subscribe()
         if serving_process:
             from triage.model.artifact import import_xgboost_for_serving
 
@@ -178,7 +183,7 @@ def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | P
     except Exception as exc:
         return _failed(log, exc)
     finally:
-        if scorer is None:  # it never ran, so it never left the group it may have joined
+        if loop is not None:  # left the group and closed, unless its run() already did
             loop.close()
         if follower is not None:
             follower.close()
