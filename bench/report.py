@@ -71,6 +71,8 @@ def render(results: dict[str, Any]) -> str:
             f"{name} {value:.3f}" for name, value in results["cpu_s_per_1000"].items()),
     ]
     lines += _startup_lines(results)
+    if results.get("http"):
+        lines += _http_lines(results)
     scaling = results["scaling"]
     if scaling:
         workers = [k for k in scaling if k.startswith("workers_") and k != "workers_1_orders_per_s"]
@@ -125,6 +127,27 @@ def _startup_lines(results: dict[str, Any]) -> list[str]:
         f"  resident memory: supervisor {mb(m['supervisor_rss_mb'])}   target <= 60 MB: "
         f"{_met(t['supervisor_rss_at_most_60mb'])}; worker {mb(m['worker_rss_mb'])}   target "
         f"<= 200 MB: {_met(t['worker_rss_at_most_200mb'])}",
+    ]
+
+
+def _http_lines(results: dict[str, Any]) -> list[str]:
+    """triage serve against the per-request baseline (--http)."""
+    h, t = results["http"], results["targets"]
+    fixed, sat, base = h["gateway_fixed_rate"], h["gateway_saturation"], h["baseline_saturation"]
+    bfixed = h["baseline_fixed_rate"]
+    return [
+        "",
+        f"HTTP (--http), one client, keep-alive, {h['orders']:,} exercise-sized orders, no broker:",
+        f"  triage serve /decision/v1 at {fixed['offered_per_s']:,.0f}/s: p50 {_ms(fixed['p50'])},"
+        f" p99 {_ms(fixed['p99'])}   target p99 <= 10 ms: "
+        f"{_met(t['http_p99_at_most_10ms_at_500_per_s'])}; saturation "
+        f"{sat['requests_per_s']:,.0f} requests/s (p99 {_ms(sat['p99'])})",
+        f"  per-request baseline (one-row DataFrame, predict_proba): at "
+        f"{bfixed['offered_per_s']:,.0f}/s p50 {_ms(bfixed['p50'])}, p99 {_ms(bfixed['p99'])}; "
+        f"saturation {base['requests_per_s']:,.0f} requests/s",
+        f"  batch call: {h['gateway_batch_orders_per_s']:,.0f} orders/s = "
+        f"{h['batch_vs_baseline']}x the baseline   target >= 20x: "
+        f"{_met(t['http_batch_at_least_20x_per_request_baseline'])}",
     ]
 
 

@@ -84,6 +84,7 @@ class BenchOptions:
     per_message_orders: int = 20_000  # the per-message baseline's run (the first N orders)
     restore_records: int = 0  # stock events of the live restore figure (opt-in); 0 skips it
     models: bool = False  # the registry figures: shadow throughput, promote -> prediction
+    http: bool = False  # triage serve against a per-request baseline (bench/http.py)
     data_dir: Path | None = None
     model_dir: Path | None = None
     out_dir: Path = Path("results/bench")
@@ -239,6 +240,7 @@ class Bench:
             restore = (self._restore(records, main, models, live_topics)
                        if options.restore_records else None)
             registry = self._models(records, main, models, work) if options.models else None
+            http_figures = self._http(model_dir, work) if options.http else None
         load_after = _loadavg()
         live = self._live_results(live_run, live_records, runs[SCORER], live_latency, latency,
                                   restore)
@@ -247,7 +249,32 @@ class Bench:
         results["models"] = registry
         results.update(startup)
         results["targets"].update(_startup_targets(startup))
+        results["http"] = http_figures
+        if http_figures is not None:
+            p99 = http_figures["gateway_fixed_rate"]["p99"]
+            ratio = http_figures["batch_vs_baseline"]
+            results["targets"].update({
+                "http_p99_at_most_10ms_at_500_per_s": {
+                    "value": p99, "target": 10, "met": p99 <= 10},
+                "http_batch_at_least_20x_per_request_baseline": {
+                    "value": ratio, "target": 20, "met": ratio >= 20}})
         return results
+
+    def _http(self, model_dir: Path, work: Path) -> dict[str, Any]:
+        """bench/http.py over the start-up section's exercise-sized data, no broker."""
+        from triage.bench import http
+
+        self.say(f"http: triage serve and a per-request baseline, 500 requests/s for "
+                 f"{self.options.latency_seconds:g} s, then saturation and the batch call")
+        options = self.options
+        figures = http.run(_triage(), model_dir, work / "exercise-sized", self.logs,
+                           work / "http-state", seconds=options.latency_seconds,
+                           saturation_requests=min(3_000, options.saturation_orders),
+                           batch_orders=options.saturation_orders)
+        self.say(f"  p99 at 500/s {figures['gateway_fixed_rate']['p99']} ms; batch "
+                 f"{figures['gateway_batch_orders_per_s']:,.0f} orders/s = "
+                 f"{figures['batch_vs_baseline']}x the baseline")
+        return figures
 
     # -- start-up and memory, as a user sees them ---------------------------------------------
 

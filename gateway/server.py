@@ -20,6 +20,7 @@ from triage.bus.clients import make_producer
 from triage.bus.errors import ConfigurationError
 from triage.bus.settings import Settings
 from triage.gateway.app import make_app
+from triage.gateway.live import LiveReference
 from triage.gateway.service import Gateway, Publisher
 from triage.gateway.view import AsyncOrders, View
 from triage.model import artifact
@@ -28,11 +29,24 @@ from triage.producer.publisher import RecordPublisher
 
 
 def build(settings: Settings, *, model_dir: Path | None, registry_dir: Path | None,
-          reference_dir: Path, broker: bool) -> tuple[Any, list[Any]]:
+          reference_dir: Path | None, broker: bool) -> tuple[Any, list[Any]]:
     """(the ASGI app, what to close on the way out). Raises ConfigurationError for a model or
     reference data that cannot be used, or ``--registry`` without a broker; KafkaException
     when a topic is missing."""
     log = structlog.get_logger("gateway")
+    closing: list[Any] = []
+    try:
+        return _build(settings, log, closing, model_dir=model_dir, registry_dir=registry_dir,
+                      reference_dir=reference_dir, broker=broker)
+    except BaseException:  # what was opened so far is closed: no consumer left reading
+        for resource in reversed(closing):
+            resource.close()
+        raise
+
+
+def _build(settings: Settings, log: Any, closing: list[Any], *, model_dir: Path | None,
+           registry_dir: Path | None, reference_dir: Path | None, broker: bool
+           ) -> tuple[Any, list[Any]]:
     follower = None
     if registry_dir is not None:
         if not broker:
@@ -43,6 +57,7 @@ def build(settings: Settings, *, model_dir: Path | None, registry_dir: Path | No
 
         follower = ModelFollower(settings.connection, settings.topics,
                                  Registry(registry_dir), log=log).start()
+        closing.append(follower)
         log.info("waiting_for_model", registry=str(registry_dir))
         first = follower.wait_first()
         if first is None:
@@ -51,16 +66,25 @@ def build(settings: Settings, *, model_dir: Path | None, registry_dir: Path | No
     else:
         assert model_dir is not None
         model = artifact.load(model_dir)
-    reference = ReferenceTables.load(reference_dir, encoding=settings.csv_encoding)
+    if reference_dir is None and not broker:
+        raise ConfigurationError("without a broker the gateway needs --reference DIR")
+    reference = (ReferenceTables.load(reference_dir, encoding=settings.csv_encoding)
+                 if reference_dir is not None else ReferenceTables.empty())
     for warning in zip_code_warnings(reference.zips.keys()):
         log.warning("zip_codes_look_truncated", detail=warning)
-    closing: list[Any] = [follower] if follower is not None else []
-    publisher = kafka = view = None
+    publisher = kafka = view = live = None
     if broker:
+        log.info("reference_restoring", note="the reference streams, every partition, on top "
+                 "of the CSVs; the gateway serves once they are read to their ends")
+        live = LiveReference(settings, reference, snapshot=reference_dir is not None)
+        closing.append(live)
+        live.start()
         producer = make_producer(settings.connection)
         publisher = Publisher(settings, producer)
-        view = View(settings, settings.gateway_view_s).start()
-        closing += [view, publisher]
+        closing.append(publisher)
+        view = View(settings, settings.gateway_view_s)
+        closing.append(view)
+        view.start()
         kafka = AsyncOrders(settings, RecordPublisher(
             settings.connection, settings.topics.orders_topic, "order", "order_id",
             producer=producer), view)
@@ -69,7 +93,7 @@ def build(settings: Settings, *, model_dir: Path | None, registry_dir: Path | No
     else:
         log.warning("publishing_off", note="no broker configured: /decision/v1 answers, "
                     "nothing is published, /v1/orders and /v1/predictions answer 503")
-    gateway = Gateway(settings, model, reference, publisher, follower)
+    gateway = Gateway(settings, model, reference, publisher, follower, live)
     app = make_app(gateway, max_body_bytes=settings.gateway_max_body_bytes, kafka=kafka,
                    ready=(lambda: view.ready) if view is not None else (lambda: True))
     log.info("gateway_loaded", model_version=model.version, reference_records=reference.size,
@@ -78,7 +102,7 @@ def build(settings: Settings, *, model_dir: Path | None, registry_dir: Path | No
 
 
 def run_gateway(settings: Settings, *, model_dir: Path | None, registry_dir: Path | None,
-                reference_dir: Path, host: str, broker: bool) -> int:
+                reference_dir: Path | None, host: str, broker: bool) -> int:
     """Serve until SIGTERM/SIGINT (uvicorn finishes the requests in hand); returns 0."""
     app, closing = build(settings, model_dir=model_dir, registry_dir=registry_dir,
                          reference_dir=reference_dir, broker=broker)

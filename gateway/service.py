@@ -21,25 +21,26 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import structlog
 from confluent_kafka import Producer
 
-from triage.bus.clients import produce
 from triage.bus.settings import Settings
-from triage.consumer.core import CoreConfig, Incoming, ScoringCore
+from triage.consumer.core import CoreConfig, Incoming, ScoringCore, split_hooks
+from triage.consumer.hooks import load_hooks
 from triage.consumer.scorer import core_config
 from triage.consumer.validation import OrderValidator
 from triage.gateway import metrics
+from triage.gateway.live import LiveReference
 from triage.model.artifact import Model
 from triage.model.reference import ReferenceTables
-from triage.schemas.codec import Codec
+from triage.producer.publisher import OrderError, parse_timestamp_ms
+from triage.schemas.codec import Codec, codec_for
 
 ORIGIN_HEADER = "triage-origin"
 FIELDS = ("order_id", "customer_id", "timestamp", "sku_code", "zip_code")
-_CSV_TIME = "%Y-%m-%d %H:%M:%S"
 
 
 class InvalidTimestamp(ValueError):
@@ -51,16 +52,11 @@ def timestamp_ms(value: str | None, now_ms: int | None = None) -> int:
     (default: the clock) for an empty one. Raises InvalidTimestamp."""
     if value is None or not value.strip():
         return now_ms if now_ms is not None else int(time.time() * 1000)
-    text = value.strip()
-    try:
-        moment = datetime.strptime(text, _CSV_TIME) if len(text) == 19 and text[10] == " " \
-            else datetime.fromisoformat(text)
-    except ValueError:
+    try:  # the rule `triage produce` and the replay use, so every path gives the same ms
+        return parse_timestamp_ms(value.strip())
+    except OrderError:
         raise InvalidTimestamp(f"{value!r} is neither YYYY-MM-DD HH:MM:SS (UTC) nor ISO 8601 "
                                "(2021-05-01T13:21:59.930321+00:00)") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return round(moment.timestamp() * 1000)
 
 
 @dataclass(frozen=True)
@@ -79,7 +75,8 @@ class Decision:
         p = self.prediction
         return {"order_id": self.order_id, "recommendation": p["recommendation"],
                 "model_version": p["model_version"], "probabilities": p["probabilities"],
-                "features": p["features"], "order_timestamp_ms": p["order_timestamp_ms"]}
+                "features": p["features"], "order_timestamp_ms": p["order_timestamp_ms"],
+                "reference_complete": not p["reference_wait_expired"]}
 
 
 class Publisher:
@@ -88,8 +85,10 @@ class Publisher:
     def __init__(self, settings: Settings, producer: Producer) -> None:
         self.producer = producer
         self.topics = settings.topics
-        self.predictions = Codec("prediction", topic=self.topics.predictions_topic)
-        self.samples = Codec("drift_sample", topic=self.topics.drift_topic)
+        # The workers' framing (Schema Registry when configured) on the workers' topics.
+        self.predictions = codec_for(settings.connection, "prediction",
+                                     self.topics.predictions_topic)
+        self.samples = codec_for(settings.connection, "drift_sample", self.topics.drift_topic)
 
     def _delivered(self, err: Any, _msg: Any) -> None:
         if err is not None:
@@ -97,15 +96,17 @@ class Publisher:
 
     def publish(self, predictions: Sequence[tuple[bytes, dict[str, Any]]],
                 samples: Sequence[tuple[bytes, dict[str, Any]]]) -> None:
-        headers = [(ORIGIN_HEADER, b"http")]
-        for key, record in predictions:
-            produce(self.producer, self.topics.predictions_topic, key=key,
-                    value=self.predictions.encode(record), headers=headers,
-                    on_delivery=self._delivered)
-        for key, record in samples:
-            produce(self.producer, self.topics.drift_topic, key=key,
-                    value=self.samples.encode(record), headers=headers,
-                    on_delivery=self._delivered)
+        headers: list[tuple[str, str | bytes | None]] = [(ORIGIN_HEADER, b"http")]
+        out = [(self.topics.predictions_topic, key, self.predictions.encode(record))
+               for key, record in predictions]
+        out += [(self.topics.drift_topic, key, self.samples.encode(record))
+                for key, record in samples]
+        for topic, key, value in out:
+            try:
+                self.producer.produce(topic, key=key, value=value, headers=headers,
+                                      on_delivery=self._delivered)
+            except BufferError:  # the broker is away and the local queue is full: the
+                metrics.PUBLISH_ERRORS.inc()  # answer goes out, this record does not
         self.producer.poll(0)
 
     def close(self, timeout_s: float = 10.0) -> None:
@@ -114,18 +115,22 @@ class Publisher:
 
 class Gateway:
     """Scores HTTP orders with ``model`` and ``reference`` through the workers' core. Not
-    thread-safe: the app calls it from one thread at a time (FastAPI runs plain ``def``
-    endpoints in a thread pool, so the app holds a lock around it)."""
+    thread-safe: the app calls it from its event loop's thread only (``async`` endpoints), one
+    request at a time."""
 
     def __init__(self, settings: Settings, model: Model, reference: ReferenceTables,
-                 publisher: Publisher | None = None, follower: Any = None) -> None:
+                 publisher: Publisher | None = None, follower: Any = None,
+                 live: LiveReference | None = None) -> None:
         self.settings = settings
         self.publisher = publisher
         self.follower = follower  # consumer/models.py ModelFollower, with --registry
+        self.live = live  # the reference streams applied on top of ``reference``
         validator = OrderValidator(settings.validation)
         config: CoreConfig = core_config(settings.scorer)
+        # TRIAGE_HOOKS too: the same checks and observers as a worker's batches.
+        checks, observers = split_hooks(load_hooks(settings.scorer.hooks, settings))
         self.core = ScoringCore(model, reference, Codec("order"), config=config,
-                                checks=[validator],
+                                checks=[validator, *checks], observers=observers,
                                 log=structlog.get_logger("gateway"))
 
     @property
@@ -156,9 +161,20 @@ class Gateway:
             item = Incoming({**record, "timestamp_ms": when})
             positions[id(item)] = position
             incoming.append(item)
-        outcome = self.core.process(incoming)
-        for scored in outcome.predictions:
+        if self.live is None:
+            outcome = self.core.process(incoming)
+            complete = [True] * len(outcome.predictions)
+        else:
+            with self.live.reading():
+                outcome = self.core.process(incoming)
+                complete = self.live.complete(np.fromiter(
+                    (p.record["order_timestamp_ms"] for p in outcome.predictions), np.int64,
+                    len(outcome.predictions))).tolist()
+        for scored, whole in zip(outcome.predictions, complete, strict=True):
             position = positions[id(scored.item)]
+            # Answered before every reference stream passed the order's time: the features
+            # may miss events still to come, as a worker's expired wait may (gateway/live.py).
+            scored.record["reference_wait_expired"] = not whole
             decisions[position] = Decision(scored.record["order_id"], prediction=scored.record)
         for letter in outcome.dead_letters:
             position = positions[id(letter.item)]

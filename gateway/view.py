@@ -34,7 +34,7 @@ from triage.consumer.deadletter import REASON_HEADER, headers_dict
 from triage.consumer.validation import OrderValidator
 from triage.gateway.service import InvalidTimestamp, timestamp_ms
 from triage.producer.publisher import RecordPublisher
-from triage.schemas.codec import Codec
+from triage.schemas.codec import codec_for
 
 _POLL_S = 0.2
 _MESSAGE_HEADER = "__connect.errors.exception.message"
@@ -47,8 +47,8 @@ class View:
     def __init__(self, settings: Settings, window_s: float) -> None:
         self.topics = settings.topics
         self.window_ms = int(window_s * 1000)
-        self.codec = Codec("prediction")
-        self.orders: Codec = Codec("order")
+        self.codec = codec_for(settings.connection, "prediction", self.topics.predictions_topic)
+        self.orders = codec_for(settings.connection, "order", self.topics.orders_topic)
         self._lock = threading.Lock()
         # order_id -> (record time, ms; what the topic said), oldest first
         self._seen: OrderedDict[str, tuple[int, None]] = OrderedDict()
@@ -82,7 +82,8 @@ class View:
 
     @property
     def ready(self) -> bool:
-        return self._caught_up.is_set()
+        """Read up to where it started, and still reading."""
+        return self._caught_up.is_set() and self._thread.is_alive()
 
     def noted(self, order_id: str) -> None:
         """An order this gateway just published: known before the view reads it back."""
@@ -113,18 +114,25 @@ class View:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for msg in self.consumer.consume(1000, _POLL_S):
-                err = msg.error()
-                if err is not None:
-                    if err.code() != KafkaError._PARTITION_EOF:
-                        self.log.warning("view_error", error=err.str())
-                    continue
-                self._apply(msg)
-            self._evict(int(time.time() * 1000) - self.window_ms)
-            if not self._caught_up.is_set() and self._reached_ends():
-                self._caught_up.set()
-                self.log.info("view_ready", orders=len(self._seen),
-                              predictions=len(self._predicted), refused=len(self._refused))
+            try:
+                self._turn()
+            except Exception as exc:  # a broker or registry hiccup: log it, read on
+                self.log.error("view_error", error=f"{type(exc).__name__}: {exc}")
+                self._stop.wait(1.0)
+
+    def _turn(self) -> None:
+        for msg in self.consumer.consume(1000, _POLL_S):
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    self.log.warning("view_error", error=err.str())
+                continue
+            self._apply(msg)
+        self._evict(int(time.time() * 1000) - self.window_ms)
+        if not self._caught_up.is_set() and self._reached_ends():
+            self._caught_up.set()
+            self.log.info("view_ready", orders=len(self._seen),
+                          predictions=len(self._predicted), refused=len(self._refused))
 
     def _reached_ends(self) -> bool:
         positions = self.consumer.position([TopicPartition(t, p) for t, p in self._ends])
@@ -189,10 +197,10 @@ class AsyncOrders:
                     "msg": message, "type": reason}
         failed = self.publisher.failed
         self.publisher.publish(record)
-        self.publisher.producer.flush(10.0)
-        if self.publisher.failed > failed:
-            raise BrokerRefused(f"the orders topic did not take the order: "
-                                f"{dict(self.publisher.errors)}")
+        undelivered = self.publisher.producer.flush(10.0)
+        if undelivered or self.publisher.failed > failed:
+            raise BrokerRefused(f"the orders topic did not take the order within 10 s: "
+                                f"{dict(self.publisher.errors) or 'no acknowledgement'}")
         self.view.noted(record["order_id"])
         return None
 

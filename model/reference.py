@@ -155,19 +155,26 @@ class PaymentTables:
     def lookup(self, order_ids: Sequence[str], seconds: np.ndarray,
                partitions: np.ndarray | None = None) -> np.ndarray:
         """int32 status codes (0 = MISSING) of each order as of ``seconds``; ``partitions``:
-        the orders topic partition of each order, or None for orders read from no partition
-        (a CSV, an HTTP request), which see the snapshot only."""
+        the orders topic partition of each order (its payments partition's table and the
+        snapshot answer), or -1 (or None for all) for an order read from no partition (a CSV,
+        an HTTP request), which every live partition table held answers: its payments are on
+        one partition only, so the newest record found is that partition's. The later record
+        of the snapshot and the live tables wins."""
         codes, _, times = self.snapshot.lookup_with_times(order_ids, seconds)
-        if partitions is None or not self.partitions:
+        if not self.partitions:
             return codes
+        if partitions is None:
+            partitions = np.full(len(seconds), -1, dtype=np.int64)
+        unplaced = partitions < 0
         for partition, table in self.partitions.items():
-            rows = np.flatnonzero(partitions == partition)
+            rows = np.flatnonzero((partitions == partition) | unplaced)
             if not len(rows):
                 continue
             live, found, live_times = table.lookup_with_times(
                 [order_ids[i] for i in rows.tolist()], seconds[rows])
             newer = found & (live_times >= times[rows])
             codes[rows[newer]] = live[newer]
+            times[rows[newer]] = live_times[newer]
         return codes
 
     def partition(self, number: int) -> VersionedTable[np.int32]:

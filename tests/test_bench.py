@@ -37,7 +37,7 @@ def test_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     result = subprocess.run(
         [*TRIAGE, "bench", "--orders", "2000", "--json", "--latency-seconds", "1",
          "--rate", "2000", "--saturation-orders", "2000", "--sweep", "500",
-         "--restore-records", "20000", "--models", "--out", str(out)],
+         "--restore-records", "20000", "--models", "--http", "--out", str(out)],
         env=_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     figures = json.loads(result.stdout)
@@ -63,7 +63,14 @@ def test_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     assert _number(figures["scaling"]["workers_2_orders_per_s"])
     assert _number(figures["scaling"]["speedup"])
     assert [p["batch_size"] for p in figures["batch_sweep"]] == [500]
+    http = figures["http"]  # --http
+    for key in ("gateway_batch_orders_per_s", "batch_vs_baseline"):
+        assert _number(http[key]) and http[key] > 0, (key, http[key])
+    for run in ("gateway_fixed_rate", "baseline_fixed_rate"):
+        assert http[run]["p50"] <= http[run]["p99"] <= http[run]["max"], http[run]
+    assert http["gateway_saturation"]["requests_per_s"] > 0
     assert set(figures["targets"]) == {
+        "http_p99_at_most_10ms_at_500_per_s", "http_batch_at_least_20x_per_request_baseline",
         "scorer_at_least_0_35_of_passthrough", "scorer_at_least_15x_per_message",
         "p99_at_most_1_3x_passthrough_at_fixed_load", "live_at_least_0_8_of_csv_path_throughput",
         "live_p99_at_most_1_3x_csv_path", "launch_to_first_prediction_at_most_4s",

@@ -121,6 +121,23 @@ def test_the_config_names_only_real_settings_and_the_pods_serve_their_probes(
         assert key in by_kind("Secret", volume["secret"]["secretName"])["stringData"]
 
 
+def test_the_gateway_serves_its_probes_and_metrics_on_the_port_it_listens_on() -> None:
+    deployment = by_kind("Deployment", "triage-gateway")
+    pod = deployment["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    args = container["args"]
+    assert args[0] == "serve" and "--reference" not in args  # joined with the streams
+    port = int(args[args.index("--port") + 1])
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": port}
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"),
+                        ("readinessProbe", "/readyz")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "http"}, probe
+    service = by_kind("Service", "triage-gateway")["spec"]
+    assert service["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["ports"][0]["targetPort"] == "http"
+
+
 def test_keda_scales_the_scorer_group_on_its_lag_within_the_partition_count(
         tmp_path: Path) -> None:
     config = config_settings(tmp_path)

@@ -35,6 +35,7 @@ from triage.gateway.service import ORIGIN_HEADER, timestamp_ms
 from triage.model.features import FeatureBatch
 from triage.model.policy import label
 from triage.model.train import train
+from triage.producer.publisher import payment_publisher
 
 
 class Client:
@@ -152,6 +153,10 @@ def test_bad_input_gets_422_naming_each_field_and_never_a_500(offline: int) -> N
     assert status == 422
     status, body = client.request("POST", "/decision/v1", raw=b"x" * (5 << 20))
     assert status == 413
+    chunked = http.client.HTTPConnection("127.0.0.1", offline, timeout=30)  # no Content-Length
+    chunked.request("POST", "/decision/v1", body=iter([b"x" * (1 << 20)] * 5),
+                    headers={"Content-Type": "application/json"}, encode_chunked=True)
+    assert chunked.getresponse().status == 413
 
     # The batch answers every order: errors inline, in place.
     status, body = client.request("POST", "/decision/v1/batch",
@@ -216,10 +221,11 @@ def test_submitted_orders_become_predictions_and_http_decisions_are_published(
         settings: Settings, model_dir: Path, history: Path, tmp_path: Path) -> None:
     background = Background()
     supervisor = background.supervise(Supervisor(settings, model_dir, history, workers=1))
-    supervisor.wait_until_assigned(settings.topics.orders_partitions)
-    app, closing = build(settings, model_dir=model_dir, registry_dir=None,
-                         reference_dir=history, broker=True)
+    closing: list[Any] = []
     try:
+        supervisor.wait_until_assigned(settings.topics.orders_partitions)
+        app, closing = build(settings, model_dir=model_dir, registry_dir=None,
+                             reference_dir=history, broker=True)
         with serving(app) as port:
             client = Client(port)
             wait_for("view ready", lambda: client.request("GET", "/readyz")[0] == 200)
@@ -244,6 +250,20 @@ def test_submitted_orders_become_predictions_and_http_decisions_are_published(
                 assert streamed["recommendation"] == direct["recommendation"]
                 assert streamed["order_partition"] >= 0  # scored by the worker, from Kafka
 
+            # A payment published now, for an order in no CSV, reaches the answers: the live
+            # reference streams apply on top of the --reference snapshot.
+            live = {"order_id": "live-order-1", "customer_id": "c", "sku_code": "s",
+                    "zip_code": "z", "timestamp": ""}
+            status, before = client.request("POST", "/decision/v1", live)
+            assert status == 200 and before["features"]["payment_status"] == "MISSING"
+            assert isinstance(before["reference_complete"], bool)
+            payments = payment_publisher(settings.connection, settings.topics.payments_topic)
+            payments.publish({"order_id": "live-order-1", "payment_status": "DECLINED",
+                              "timestamp_ms": int(time.time() * 1000) - 60_000})
+            payments.producer.flush(10)
+            wait_for("the payment in the answers", lambda: client.request(
+                "POST", "/decision/v1", live)[1]["features"]["payment_status"] == "DECLINED")
+
             assert client.request("GET", "/v1/predictions/never-seen")[0] == 404
             status, body = client.request("POST", "/v1/orders", {**orders[0], "order_id": ""})
             assert status == 422 and body["detail"][0]["loc"] == ["body", "order_id"]
@@ -253,7 +273,8 @@ def test_submitted_orders_become_predictions_and_http_decisions_are_published(
                          "prediction") as reader:
             http_made = [record for msg, record in reader.read(idle_s=3.0)
                          if headers_dict(msg.headers()).get(ORIGIN_HEADER) == "http"]
-        assert {r["order_id"] for r in http_made} == {o["order_id"] for o in orders}
+        assert {r["order_id"] for r in http_made} == {o["order_id"] for o in orders} | {
+            "live-order-1"}
         assert all(r["order_partition"] == -1 for r in http_made)
     finally:
         for resource in closing:

@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", action="store_true",
                    help="also the model registry figures: throughput with a shadow version "
                         "against without, and promote -> first prediction (docs/benchmarks.md)")
+    p.add_argument("--http", action="store_true",
+                   help="also triage serve's figures against a per-request baseline: p50/p99 "
+                        "at 500 requests/s, saturation, the batch call (docs/benchmarks.md)")
     p.add_argument("--data", type=Path, help="orders.csv and reference CSVs (default: generated)")
     p.add_argument("--model", type=Path, help="model directory (default: trained on the data)")
     p.add_argument("--out", type=Path, default=Path("results/bench"),
@@ -292,8 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the HTTP front door: POST /decision/v1 (and its batch form), asynchronous "
              "calls through Kafka, /healthz, /readyz, /metrics")
     _model_source(p)
-    p.add_argument("--reference", type=Path, required=True,
-                   help="directory of the reference CSVs the answers are joined with")
+    p.add_argument("--reference", type=Path,
+                   help="directory of the reference CSVs (a snapshot): the answers are joined "
+                        "with them and, with a broker, the reference streams on top; needed "
+                        "without a broker")
     p.add_argument("--port", dest="gateway_port", type=int,
                    help="HTTP port (TRIAGE_GATEWAY_PORT, default 8000)")
     p.add_argument("--host", default="127.0.0.1",
@@ -425,10 +430,15 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from triage.model.reference import check_reference_dir
 
     _check_model_source(args)
-    check_reference_dir(args.reference, settings.csv_encoding)
+    if args.reference:
+        check_reference_dir(args.reference, settings.csv_encoding)
     try:
         settings, broker = _resolved(settings), True
     except BrokerNotFound:
+        if args.reference is None:
+            raise SettingsError("without a broker, triage serve needs --reference DIR (the "
+                                "reference CSVs); with one it reads the reference streams"
+                                ) from None
         broker = False
     return run_gateway(settings, model_dir=args.model, registry_dir=args.registry,
                        reference_dir=args.reference, host=args.host, broker=broker)
@@ -796,7 +806,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         saturation_orders=args.saturation_orders,
         scaling_workers=args.scaling_workers, sweep=sweep, sweep_orders=args.sweep_orders,
         restore_records=args.restore_records, models=args.models,
-        per_message_orders=args.per_message_orders,
+        per_message_orders=args.per_message_orders, http=args.http,
         data_dir=args.data, model_dir=args.model, out_dir=args.out,
         keep_topics=args.keep_topics, scorer_module=args.scorer_module)
     try:
