@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -221,6 +222,26 @@ def create_topics(connection: ConnectionSettings, topics: TopicSettings,
                 raise
             outcome[name] = "exists"
     return outcome
+
+
+def records_in(consumer: Consumer, topic_names: list[str], timeout_s: float = 5.0
+               ) -> int | None:
+    """Records held by every partition of ``topic_names`` (high - low watermark, asked of the
+    brokers: one metadata request, then the partitions side by side). A topic that does not
+    exist counts 0; None when the brokers do not answer in time."""
+    try:
+        found = consumer.list_topics(timeout=timeout_s).topics
+        partitions = [TopicPartition(topic, p) for topic in topic_names
+                      if topic in found and found[topic].error is None
+                      for p in found[topic].partitions]
+        if not partitions:
+            return 0
+        with ThreadPoolExecutor(max_workers=min(16, len(partitions))) as pool:
+            marks = list(pool.map(
+                lambda tp: consumer.get_watermark_offsets(tp, timeout=timeout_s), partitions))
+    except KafkaException:
+        return None
+    return sum(max(0, high - low) for low, high in marks)
 
 
 def partitions_of(client: Producer | Consumer | AdminClient, topic: str,

@@ -92,35 +92,6 @@ class Applied:
     rejected: list[tuple[int, str, str]] = field(default_factory=list)  # (index, reason, msg)
 
 
-# A worker joins the orders group before it loads and restores (consumer/worker.py) only when
-# the restore reads at most this many records: about a second at the measured ~110,000 records/s
-# (a million in 9.1 s, docs/benchmarks.md). Otherwise it joins after, as it holds its partitions
-# unread until then.
-EARLY_JOIN_MAX_RECORDS = 100_000
-
-
-def reference_backlog(consumer: Consumer, topics: TopicSettings, timeout_s: float = 5.0
-                      ) -> int | None:
-    """Records a restore reads: those of every partition of the global streams (inventory, zip
-    codes), between their low and high watermarks, asked of the brokers with ``consumer``. A
-    topic that does not exist counts 0; None when the brokers do not answer in time."""
-    total = 0
-    try:
-        for topic in (topics.inventory_topic, topics.zip_codes_topic):
-            try:
-                partitions = partitions_of(consumer, topic, timeout_s)
-            except KafkaException as exc:
-                if exc.args and exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                    continue
-                raise
-            for tp in partitions:
-                low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s)
-                total += max(0, high - low)
-    except KafkaException:
-        return None
-    return total
-
-
 class ReferenceFeed:
     """The worker's reference tables and how far each stream has been read (module docstring).
 

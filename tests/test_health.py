@@ -187,3 +187,24 @@ def test_a_stall_limit_a_slow_batch_could_reach_is_refused() -> None:
     # Only where the endpoint is served: other commands keep accepting a long deadline.
     assert Settings.of(processing_deadline_ms=100_000, max_poll_interval_ms=300_000)
     assert Settings.of(metrics_port=9100).scorer.health_stall_ms == 120_000
+
+
+def test_a_worker_counts_the_reference_backlog_it_decides_its_join_on(
+        settings: Settings) -> None:
+    """records_in (what a worker asks before joining early, consumer/worker.py): the records
+    between the watermarks of every partition of the topics named; a missing topic counts 0."""
+    from triage.bus.clients import make_consumer, records_in
+    from triage.producer.publisher import inventory_publisher
+
+    stock = inventory_publisher(settings.connection, settings.topics.inventory_topic)
+    for i in range(37):  # one record a produce request: tansu's ListOffsets(latest), which
+        stock.publish({"sku_code": f"SKU-{i}", "timestamp_ms": 1_700_000_000_000 + i,
+                       "inventory": 3.0})  # the watermark query uses, counts batches
+        stock.producer.flush(30)
+    consumer = make_consumer(settings.connection, f"triage-test-{uuid.uuid4().hex}")
+    try:
+        assert records_in(consumer, [settings.topics.inventory_topic,
+                                     settings.topics.zip_codes_topic]) == 37
+        assert records_in(consumer, [f"no-such-topic-{uuid.uuid4().hex}"]) == 0
+    finally:
+        consumer.close()
