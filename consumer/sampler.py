@@ -16,11 +16,6 @@ import zlib
 _SCALE = float(2**32)
 
 
-def sample_fraction(order_id: str) -> float:
-    """Where ``order_id`` falls in [0, 1): sampled when below the sample rate."""
-    return zlib.crc32(order_id.encode()) / _SCALE
-
-
 def sampled_indices(order_ids: list[str], rate: float) -> list[int]:
     """The positions of ``order_ids`` that are sampled at ``rate`` (0..1)."""
     if rate <= 0.0:

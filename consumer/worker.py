@@ -134,10 +134,11 @@ def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | P
         # Join now, so the join (3 s on a new group) overlaps the imports and loading below,
         # unless the worker will spend long restoring the reference streams (it would hold
         # partitions it does not read) or may wait long for a registry's first version.
-        backlog = records_in(loop.consumer, [settings.topics.inventory_topic,
-                                             settings.topics.zip_codes_topic])
-        if registry_dir is None and backlog is not None and backlog <= EARLY_JOIN_MAX_RECORDS:
-            loop.subscribe()
+        if registry_dir is None:
+            backlog = records_in(loop.consumer, [settings.topics.inventory_topic,
+                                                 settings.topics.zip_codes_topic])
+            if backlog is not None and backlog <= EARLY_JOIN_MAX_RECORDS:
+                loop.subscribe()
         if serving_process:
             from triage.model.artifact import import_xgboost_for_serving
 

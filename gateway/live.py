@@ -49,7 +49,6 @@ class LiveReference:
             self.reader.assign_payments([tp.partition for tp in payments])
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._restored = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gateway-reference",
                                         daemon=True)
 
@@ -57,15 +56,10 @@ class LiveReference:
     def tables(self) -> ReferenceTables:
         return self.feed.tables
 
-    @property
-    def ready(self) -> bool:
-        return self._restored.is_set()
-
     def start(self) -> LiveReference:
         """Read every stream up to its high watermark (before the gateway serves, as a worker
         restores before it joins), then apply what arrives from a background thread."""
         self.reader.restore(stream_names=STREAMS)
-        self._restored.set()
         self._thread.start()
         return self
 

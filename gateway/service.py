@@ -59,6 +59,15 @@ def timestamp_ms(value: str | None, now_ms: int | None = None) -> int:
                                "(2021-05-01T13:21:59.930321+00:00)") from None
 
 
+def order_record(order: Mapping[str, Any], now_ms: int | None = None) -> dict[str, Any]:
+    """An HTTP order as an order.avsc record (fields as text, ``timestamp`` as
+    ``timestamp_ms``; ``now_ms`` for an empty one). Raises InvalidTimestamp."""
+    record: dict[str, Any] = {name: str(order.get(name, "")) for name in FIELDS
+                              if name != "timestamp"}
+    record["timestamp_ms"] = timestamp_ms(order.get("timestamp"), now_ms)
+    return record
+
+
 @dataclass(frozen=True)
 class Decision:
     """One order's answer: ``prediction`` (a prediction.avsc record) or ``error`` (the field,
@@ -150,15 +159,13 @@ class Gateway:
         incoming: list[Incoming] = []
         positions: dict[int, int] = {}  # id() of the Incoming -> position in ``orders``
         for position, order in enumerate(orders):
-            order_id = str(order.get("order_id", ""))
             try:
-                when = timestamp_ms(order.get("timestamp"), now_ms)
+                record = order_record(order, now_ms)
             except InvalidTimestamp as exc:
-                decisions[position] = Decision(order_id, error={
+                decisions[position] = Decision(str(order.get("order_id", "")), error={
                     "field": "timestamp", "reason": "invalid_timestamp", "message": str(exc)})
                 continue
-            record = {name: str(order.get(name, "")) for name in FIELDS if name != "timestamp"}
-            item = Incoming({**record, "timestamp_ms": when})
+            item = Incoming(record)
             positions[id(item)] = position
             incoming.append(item)
         if self.live is None:
@@ -179,7 +186,7 @@ class Gateway:
         for letter in outcome.dead_letters:
             position = positions[id(letter.item)]
             decisions[position] = Decision(str(orders[position].get("order_id", "")), error={
-                "field": _field_of(letter.message), "reason": letter.reason,
+                "field": field_of(letter.message), "reason": letter.reason,
                 "message": letter.message})
         if self.publisher is not None and (outcome.predictions or outcome.samples):
             self.publisher.publish([(p.key, p.record) for p in outcome.predictions],
@@ -194,7 +201,7 @@ class Gateway:
         return done
 
 
-def _field_of(message: str) -> str:
+def field_of(message: str) -> str:
     """The order field a validation message is about (it starts with the field's name)."""
     first = message.split(" ", 1)[0]
     return "timestamp" if first == "timestamp_ms" else first if first in FIELDS else ""

@@ -32,7 +32,7 @@ from triage.bus.errors import BadRecord
 from triage.bus.settings import Settings
 from triage.consumer.deadletter import REASON_HEADER, headers_dict
 from triage.consumer.validation import OrderValidator
-from triage.gateway.service import InvalidTimestamp, timestamp_ms
+from triage.gateway.service import InvalidTimestamp, field_of, order_record
 from triage.producer.publisher import RecordPublisher
 from triage.schemas.codec import codec_for
 
@@ -183,18 +183,13 @@ class AsyncOrders:
     def submit(self, order: dict[str, Any]) -> dict[str, Any] | None:
         """Publish ``order``; returns None, or the 422 detail of what is wrong with it."""
         try:
-            when = timestamp_ms(order.get("timestamp"))
+            record = order_record(order)
         except InvalidTimestamp as exc:
             return {"loc": ["body", "timestamp"], "msg": str(exc), "type": "invalid_timestamp"}
-        record = {name: order[name] for name in ("order_id", "customer_id", "sku_code",
-                                                 "zip_code")}
-        record["timestamp_ms"] = when
         problem = self.validator.problem(record, int(time.time() * 1000))
         if problem is not None:
             reason, message = problem
-            field = message.split(" ", 1)[0]
-            return {"loc": ["body", "timestamp" if field == "timestamp_ms" else field],
-                    "msg": message, "type": reason}
+            return {"loc": ["body", field_of(message)], "msg": message, "type": reason}
         failed = self.publisher.failed
         self.publisher.publish(record)
         undelivered = self.publisher.producer.flush(10.0)
