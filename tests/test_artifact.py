@@ -34,6 +34,30 @@ def test_round_trip_predicts_like_the_trained_classifier(history: Path, model_di
     assert recommendations.tolist() == again.tolist()
 
 
+def test_small_calls_answer_from_the_row_memo_exactly_as_one_batch_call(
+        history: Path, model_dir: Path) -> None:
+    """One order at a time (an HTTP request) and a few at a time (a worker's batch under light
+    load) give, bit for bit, the probabilities of one call over all of them; the memo holds at
+    most MEMO_ROWS rows, and rows seen before are not predicted again."""
+    loaded = artifact.load(model_dir)
+    matrix = loaded.design_matrix(read_orders_csv(history / "orders.csv", limit=3000).features(
+        ReferenceTables.load(history)))
+    whole = loaded.predict_matrix(matrix)
+    assert len(matrix) > artifact.SMALL_CALL_ROWS
+    one_by_one = np.concatenate([loaded.predict_matrix(matrix[i:i + 1])
+                                 for i in range(len(matrix))])
+    np.testing.assert_array_equal(one_by_one, whole)
+    few = artifact.SMALL_CALL_ROWS
+    by_few = np.concatenate([loaded.predict_matrix(matrix[i:i + few])
+                             for i in range(0, len(matrix), few)])
+    np.testing.assert_array_equal(by_few, whole)
+    memo = loaded._row_proba.cache_info()
+    distinct = len(np.unique(matrix, axis=0))
+    assert memo.currsize == min(distinct, artifact.MEMO_ROWS) <= memo.maxsize
+    assert memo.misses == distinct < len(matrix)  # each row predicted once, then remembered
+    assert loaded.predict_matrix(matrix[:0]).shape == (0, len(loaded.classes))
+
+
 def test_the_artifact_holds_no_pickle(model_dir: Path) -> None:
     for path in model_dir.iterdir():
         json.loads(path.read_text())  # every file is JSON text, nothing else
