@@ -16,7 +16,7 @@ the asynchronous calls through Kafka, and the operational endpoints.
   reference tables are loaded and, with a broker, the view has read up to where it started),
   ``/metrics`` (Prometheus).
 
-Endpoints are ``async``: scoring is CPU work of about a millisecond a request, run on the event
+Endpoints are ``async``: scoring is CPU work of under a millisecond a request, run on the event
 loop's thread, so requests are scored one at a time (one process is one core; run more
 processes behind a load balancer for more). Bodies larger than ``max_body_bytes`` are refused
 with 413 (by their Content-Length before they are read, or as they arrive). Every request that
