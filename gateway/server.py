@@ -110,8 +110,9 @@ def run_gateway(settings: Settings, *, model_dir: Path | None, registry_dir: Pat
     log.info("gateway_serving", host=host, port=settings.gateway_port,
              paths=["/decision/v1", "/decision/v1/batch", "/v1/orders",
                     "/v1/predictions/{order_id}", "/healthz", "/readyz", "/metrics", "/docs"])
-    # uvloop's event loop and httptools' parser (pinned): 870 against 723 requests/s at
-    # saturation than asyncio's loop and h11 in bench/http.py's client, side by side.
+    # uvloop's event loop and httptools' parser (pinned; what uvicorn's "auto" picks when
+    # they are installed), by name so that a missing one fails here rather than serving at
+    # about three quarters of the speed (docs/benchmarks.md, "HTTP front door").
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=settings.gateway_port,
                                            loop="uvloop", http="httptools",
                                            log_level="warning", access_log=False,

@@ -29,10 +29,10 @@ A manifest naming any other column is refused when the artifact is loaded.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import sys
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +153,54 @@ def import_xgboost_for_serving() -> None:
 
 
 SMALL_CALL_ROWS = 8  # a predict call of at most this many rows uses the row memo
-MEMO_ROWS = 4_096  # rows the memo keeps, each len(classes) float32 (about 100 KB in all)
+MEMO_ROWS = 4_096  # design rows a Model's memo keeps: about 1.7 MB in all (tracemalloc)
+
+
+class RowMemo:
+    """Probabilities of design rows seen before, keyed by the float32 row's bytes; the least
+    recently used row goes once ``rows`` are kept. The probabilities sit in one float32
+    (rows, width) array; the memo holds no reference to the model it serves.
+
+    Exact for a deterministic predictor: xgboost gives a row the same float32 probabilities
+    alone as in any batch (tests/test_artifact.py holds it), so an answer from the memo is the
+    one a call would give."""
+
+    def __init__(self, rows: int, width: int) -> None:
+        self.slots: OrderedDict[bytes, int] = OrderedDict()
+        self.proba = np.empty((rows, width), dtype=np.float32)
+        self.misses = 0  # rows that were predicted rather than remembered
+
+    def predict(self, matrix: np.ndarray, predict: Callable[[np.ndarray], np.ndarray]
+                ) -> np.ndarray:
+        """float32 (n, width) probabilities of the native float32 ``matrix``: remembered rows
+        from the memo, the others from one ``predict`` call over them, then remembered."""
+        out = np.empty((len(matrix), self.proba.shape[1]), dtype=np.float32)
+        keys = [row.tobytes() for row in matrix]
+        missing = []
+        for i, key in enumerate(keys):
+            slot = self.slots.get(key)
+            if slot is None:
+                missing.append(i)
+            else:
+                self.slots.move_to_end(key)
+                out[i] = self.proba[slot]
+        if missing:
+            fresh = predict(matrix[missing])
+            out[missing] = fresh
+            self.misses += len(missing)
+            for i, proba in zip(missing, fresh, strict=True):
+                self._remember(keys[i], proba)
+        return out
+
+    def _remember(self, key: bytes, proba: np.ndarray) -> None:
+        if key in self.slots:  # the same row twice in one call
+            return
+        if len(self.slots) < len(self.proba):
+            slot = len(self.slots)
+        else:
+            _, slot = self.slots.popitem(last=False)
+        self.slots[key] = slot
+        self.proba[slot] = proba
 
 
 @dataclass
@@ -178,7 +225,7 @@ class Model:
                     f"{self.columns.vocabulary(feature)} differ from its {feature} vocabulary "
                     f"{vocabulary}")
         self.classes = np.array(self.manifest["classes"], dtype=object)
-        self._row_proba = functools.lru_cache(maxsize=MEMO_ROWS)(self._predict_row)
+        self.memo = RowMemo(MEMO_ROWS, len(self.classes))
 
     @property
     def version(self) -> str:
@@ -195,31 +242,24 @@ class Model:
         return self.predict_matrix(self.design_matrix(features))
 
     def predict_matrix(self, matrix: np.ndarray) -> np.ndarray:
-        """float32 (n, len(classes)) probabilities for a float32 (n, len(feature_order))
-        design matrix.
+        """float32 (n, len(classes)) probabilities for a (n, len(feature_order)) design matrix
+        (converted to native float32 if it is not).
 
         A call of at most ``SMALL_CALL_ROWS`` rows (one HTTP order, a worker's batch under
-        light load) answers each row from a memo of the rows seen before, keyed by the row's
-        bytes (least recently used out, ``MEMO_ROWS`` rows at most): xgboost spends about
-        250 us setting up a call whatever its rows, while the design rows repeat (hour x
-        in_stock x zip x payment status is about 1,000 rows). The memo is exact: a tree
-        ensemble gives a row the same float32 probabilities alone as in any batch (held by
-        tests/test_models.py), and the memo belongs to this Model, so a new version starts
-        with its own."""
+        light load) is answered through this Model's :class:`RowMemo`: xgboost spends about
+        250 us setting up a call whatever its rows, while design rows repeat (hour x in_stock
+        x zip x payment status is about 1,000 rows). A new version starts with a memo of its
+        own."""
+        matrix = np.ascontiguousarray(matrix, dtype=np.float32)
         if len(matrix) <= SMALL_CALL_ROWS:
-            if len(matrix) == 0:
-                return np.zeros((0, len(self.classes)), dtype=np.float32)
-            return np.stack([self._row_proba(row.tobytes()) for row in matrix])
+            return self.memo.predict(matrix, self._predict)
         return self._predict(matrix)
 
     def _predict(self, matrix: np.ndarray) -> np.ndarray:
+        if len(matrix) == 0:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
         proba = self.booster.inplace_predict(matrix)
         return np.asarray(proba, dtype=np.float32).reshape(len(matrix), len(self.classes))
-
-    def _predict_row(self, row: bytes) -> np.ndarray:
-        proba: np.ndarray = self._predict(np.frombuffer(row, dtype=np.float32).reshape(1, -1))[0]
-        proba.flags.writeable = False  # shared by every later call with this row
-        return proba
 
     def predict(self, features: FeatureBatch) -> tuple[np.ndarray, np.ndarray]:
         """(recommendation per order, probabilities)."""

@@ -37,8 +37,8 @@ def test_round_trip_predicts_like_the_trained_classifier(history: Path, model_di
 def test_small_calls_answer_from_the_row_memo_exactly_as_one_batch_call(
         history: Path, model_dir: Path) -> None:
     """One order at a time (an HTTP request) and a few at a time (a worker's batch under light
-    load) give, bit for bit, the probabilities of one call over all of them; the memo holds at
-    most MEMO_ROWS rows, and rows seen before are not predicted again."""
+    load) give, bit for bit, the probabilities of one call over all of them; rows seen before
+    are not predicted again, whatever the input's dtype."""
     loaded = artifact.load(model_dir)
     matrix = loaded.design_matrix(read_orders_csv(history / "orders.csv", limit=3000).features(
         ReferenceTables.load(history)))
@@ -47,15 +47,41 @@ def test_small_calls_answer_from_the_row_memo_exactly_as_one_batch_call(
     one_by_one = np.concatenate([loaded.predict_matrix(matrix[i:i + 1])
                                  for i in range(len(matrix))])
     np.testing.assert_array_equal(one_by_one, whole)
+    distinct = len({row.tobytes() for row in matrix})
+    assert loaded.memo.misses == distinct < len(matrix)  # each row predicted once
     few = artifact.SMALL_CALL_ROWS
-    by_few = np.concatenate([loaded.predict_matrix(matrix[i:i + few])
+    by_few = np.concatenate([loaded.predict_matrix(matrix[i:i + few].astype(np.float64))
                              for i in range(0, len(matrix), few)])
-    np.testing.assert_array_equal(by_few, whole)
-    memo = loaded._row_proba.cache_info()
-    distinct = len(np.unique(matrix, axis=0))
-    assert memo.currsize == min(distinct, artifact.MEMO_ROWS) <= memo.maxsize
-    assert memo.misses == distinct < len(matrix)  # each row predicted once, then remembered
+    np.testing.assert_array_equal(by_few, whole)  # float64 rows: the same rows, remembered
+    assert loaded.memo.misses == distinct
+    by_few[0] = -1.0  # an answer is the caller's own: the memo is not changed through it
+    np.testing.assert_array_equal(loaded.predict_matrix(matrix[:1]), whole[:1])
     assert loaded.predict_matrix(matrix[:0]).shape == (0, len(loaded.classes))
+
+
+def test_the_row_memo_keeps_its_newest_rows_and_answers_as_the_predictor() -> None:
+    """Fewer slots than distinct rows: the least recently used go, answers never change, and a
+    call's rows that are not remembered are predicted in one call."""
+    def predict(m: np.ndarray) -> np.ndarray:
+        calls.append(len(m))
+        return np.stack([m.sum(axis=1), m.max(axis=1)], axis=1).astype(np.float32)
+
+    calls: list[int] = []
+    memo = artifact.RowMemo(rows=3, width=2)
+    rows = np.arange(12, dtype=np.float32).reshape(6, 2)
+    rows[5] = np.nan  # NaN rows are rows like any other: the same bytes, the same answer
+    for _ in range(4):
+        for i in range(len(rows)):
+            np.testing.assert_array_equal(memo.predict(rows[i:i + 1], predict),
+                                          predict(rows[i:i + 1]))
+            assert len(memo.slots) <= 3
+    calls.clear()
+    twice = rows[[4, 4, 5]]  # rows 4 and 5 were used last: still remembered
+    np.testing.assert_array_equal(memo.predict(twice, predict), predict(twice)[:3])
+    assert calls == [3]  # only the check's own call: no row of the memo's was predicted
+    calls.clear()
+    memo.predict(rows[[0, 1]], predict)  # both went long ago: one call for the two
+    assert calls == [2] and len(memo.slots) == 3
 
 
 def test_the_artifact_holds_no_pickle(model_dir: Path) -> None:
