@@ -411,6 +411,13 @@ class Settings:
         if self.log_format not in ("json", "console"):
             raise SettingsError(f"log_format must be json or console, got {self.log_format!r}")
         _check_encoding(self.csv_encoding)
+        for name, port, off in (("TRIAGE_GATEWAY_PORT", self.gateway_port, False),
+                                ("TRIAGE_METRICS_PORT", self.scorer.metrics_port, True),
+                                ("TRIAGE_DRIFT_METRICS_PORT", self.drift.drift_metrics_port,
+                                 True)):
+            if not (off and port == 0) and not 1 <= port <= 65_535:
+                allowed = "1-65535" + (" or 0 (off)" if off else "")
+                raise SettingsError(f"{name} must be a TCP port, {allowed}, got {port}")
         if 2 * self.scorer.processing_deadline_ms > self.connection.max_poll_interval_ms:
             raise SettingsError(
                 f"TRIAGE_PROCESSING_DEADLINE_MS ({self.scorer.processing_deadline_ms}) must be "

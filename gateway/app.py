@@ -32,6 +32,7 @@ from typing import Annotated, Any
 
 import structlog
 from fastapi import Body, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
@@ -95,6 +96,13 @@ def make_app(gateway: Gateway, *, max_body_bytes: int = 4 << 20,
                                    "type": "invalid_body"}])
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
                             headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer echoes each bad value back: NaN or Infinity (which Python's JSON
+        # parser accepts) cannot be encoded, and a bad batch would come back whole.
+        return unprocessable([{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+                              for e in exc.errors()])
 
     @app.exception_handler(BrokerRefused)
     async def broker_refused(request: Request, exc: BrokerRefused) -> JSONResponse:

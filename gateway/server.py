@@ -10,6 +10,7 @@ topics create`).
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -117,9 +118,13 @@ def run_gateway(settings: Settings, *, model_dir: Path | None, registry_dir: Pat
                                            loop="uvloop", http="httptools",
                                            log_level="warning", access_log=False,
                                            lifespan="off"))
+    # uvicorn shuts down on SIGTERM, then raises it again for the handler it found: with the
+    # default one the process would die there, before the clients below flush and close.
+    previous = signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
     try:
         server.run()
     finally:
+        signal.signal(signal.SIGTERM, previous)
         for resource in closing:
             resource.close()
         log.info("gateway_stopped")

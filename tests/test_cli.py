@@ -40,6 +40,16 @@ def test_settings_come_from_the_environment_and_flags_override_them() -> None:
         Settings.from_env({"TRIAGE_SAMPLE_RATE": "1.5"})
 
 
+@pytest.mark.parametrize(("name", "value"), [
+    ("TRIAGE_GATEWAY_PORT", "99999"), ("TRIAGE_GATEWAY_PORT", "0"),
+    ("TRIAGE_METRICS_PORT", "70000"), ("TRIAGE_DRIFT_METRICS_PORT", "-1")])
+def test_a_port_outside_the_tcp_range_is_refused(name: str, value: str) -> None:
+    """Not handed to the socket, which would listen on the number modulo 65536."""
+    with pytest.raises(SettingsError, match=f"{name} must be a TCP port"):
+        Settings.from_env({name: value})
+    assert Settings.from_env({name: "8080"})
+
+
 def test_broker_resolution_order(tmp_path: Path) -> None:
     assert resolve_bootstrap("flag:1", str(tmp_path)) == "flag:1"
     with pytest.raises(BrokerNotFound, match="triage broker"):

@@ -11,6 +11,10 @@ import contextlib
 import csv
 import http.client
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -151,6 +155,18 @@ def test_bad_input_gets_422_naming_each_field_and_never_a_500(offline: int) -> N
 
     status, body = client.request("POST", "/decision/v1", raw=b"{not json")
     assert status == 422
+    # Python's JSON parser takes NaN and Infinity, which no JSON answer can echo back: the
+    # 422 names the field without echoing the input, on every route that takes a body.
+    for path, raw in (("/decision/v1", b'{"order_id": "o-1", "zip_code": Infinity}'),
+                      ("/decision/v1", b"NaN"),
+                      ("/decision/v1/batch", b'[{"order_id": NaN}]'),
+                      ("/v1/orders", b'{"timestamp": -Infinity}')):
+        status, body = client.request("POST", path, raw=raw)
+        assert status == 422, (path, raw, body)
+        assert all("input" not in d for d in body["detail"]), body
+    status, body = client.request("POST", "/decision/v1", raw=b'{"order_id": "o-1", '
+                                  b'"zip_code": Infinity}')
+    assert ["body", "zip_code"] in [d["loc"] for d in body["detail"]]
     status, body = client.request("POST", "/decision/v1", raw=b"x" * (5 << 20))
     assert status == 413
     chunked = http.client.HTTPConnection("127.0.0.1", offline, timeout=30)  # no Content-Length
@@ -214,6 +230,33 @@ def test_the_openapi_contract_holds_for_generated_requests(offline: int) -> None
                                                                   negative_data_rejection])
 
             check()
+
+
+def test_triage_serve_stops_cleanly_on_sigterm(exercise_model: Path, tmp_path: Path) -> None:
+    """What Kubernetes and compose send: the process answers until then, then closes what it
+    opened, says so and exits 0 (uvicorn raises the signal again once it has shut down)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+    env.update(TRIAGE_STATE_DIR=str(tmp_path / "state"), TRIAGE_LOG_FORMAT="json")
+    proc = subprocess.Popen([sys.executable, "-m", "triage.cli", "serve", "--model",
+                             str(exercise_model), "--reference", str(EXERCISE), "--port",
+                             str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        def answers() -> bool:
+            with contextlib.suppress(OSError):
+                return Client(port).request("GET", "/healthz")[0] == 200
+            return False
+        wait_for("triage serve answering", answers, timeout_s=60)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    events = [json.loads(line)["event"] for line in output.splitlines()
+              if line.startswith("{")]
+    assert events[-1] == "gateway_stopped", output
 
 
 @pytest.mark.integration
