@@ -1,8 +1,14 @@
 """How a worker makes a batch's outputs and its consumed offsets final.
 
-* :class:`AtLeastOnce` (default): wait until the broker acknowledged every record the batch
-  produced, then commit the consumed offsets. A crash between the two re-reads the batch, so
-  a prediction can be published twice (identical, keyed by ``order_id``), never lost.
+* :class:`AtLeastOnce`: wait until the broker acknowledged every record the batch produced,
+  then commit the consumed offsets. A crash between the two re-reads the batch, so a prediction
+  can be published twice (identical, keyed by ``order_id``), never lost. The drift monitor's.
+* :class:`PipelinedAtLeastOnce` (the scorer's default): the same rule, without stopping the
+  loop for the acknowledgements: a batch's offsets are committed once every record it produced
+  is acknowledged, checked on each turn of the loop, in batch order; at most
+  ``MAX_UNCOMMITTED_BATCHES`` (2) batches are produced and not yet committed at any time, so a
+  crash re-reads at most two batches. The loop's turn no longer waits a broker round trip (the
+  acknowledgements of acks=all) before consuming again.
 * :class:`ExactlyOnce` (``--exactly-once``): one Kafka transaction per batch, holding the
   predictions, drift samples, dead letters and the consumed offsets (sent with the consumer
   group's metadata, so a fenced zombie cannot commit). Readers with ``read_committed`` see each
@@ -18,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
+from collections import deque
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -26,6 +33,7 @@ from triage.bus.clients import source_of
 from triage.bus.errors import InfrastructureError
 
 _FLUSH_TIMEOUT_S = 60.0  # TRIAGE_DELIVERY_TIMEOUT_MS's default
+MAX_UNCOMMITTED_BATCHES = 2  # PipelinedAtLeastOnce: produced, not yet committed (with the open one)
 _ATTEMPTS = 5
 # A rebalance overtook the commit. With cooperative rebalancing our partitions are revoked only
 # through our own callback, inside a later consume(), so they are still ours: retry once the
@@ -74,8 +82,16 @@ class AtLeastOnce:
     def abort_open(self) -> None:
         """Nothing to abort: what was produced stays, and is read again after a restart."""
 
-    def finish(self, offsets: list[TopicPartition]) -> None:
-        """Wait for every delivery, then commit ``offsets`` (the next offset to read)."""
+    def settle(self) -> None:
+        """Commit what has become final since the last call (nothing here: :meth:`finish`
+        commits); called on every turn of the loop."""
+
+    def drain(self) -> None:
+        """Make every finished batch final now (nothing left here after :meth:`finish`)."""
+
+    def finish(self, offsets: list[TopicPartition], produced: int = 0) -> None:
+        """Wait for every delivery, then commit ``offsets`` (the next offset to read).
+        ``produced``: records the batch produced (counted by the pipelined committer)."""
         remaining = self.producer.flush(self.flush_timeout_s)
         errors, self._errors = self._errors, []
         if remaining or errors:
@@ -106,6 +122,94 @@ class AtLeastOnce:
                 time.sleep(0.2 * 2**attempt)  # back off: transient failure or rebalance
 
 
+class _Batch:
+    """A finished batch of :class:`PipelinedAtLeastOnce`: its offsets wait for its records'
+    acknowledgements."""
+
+    __slots__ = ("acknowledged", "finished_at", "offsets", "produced")
+
+    def __init__(self) -> None:
+        self.produced = -1  # unknown until finish()
+        self.acknowledged = 0
+        self.offsets: list[TopicPartition] = []
+        self.finished_at = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.acknowledged >= self.produced >= 0
+
+
+class PipelinedAtLeastOnce(AtLeastOnce):
+    """At-least-once without a stop per batch (module docstring). Needs delivery reports of
+    every record (the producer must not set ``delivery.report.only.error``): they count the
+    acknowledgements of each batch. Raises InfrastructureError, from :meth:`settle`,
+    :meth:`finish` or :meth:`drain`, when the broker refused a record or has not acknowledged
+    a batch within ``flush_timeout_s``; nothing after that batch is committed."""
+
+    def __init__(self, producer: Producer, consumer: Consumer, log: Any,
+                 flush_timeout_s: float = _FLUSH_TIMEOUT_S) -> None:
+        super().__init__(producer, consumer, log, flush_timeout_s)
+        self._open = _Batch()
+        self._waiting: deque[_Batch] = deque()
+
+    def begin(self) -> None:
+        self._open = _Batch()
+
+    @property
+    def on_delivery(self) -> Any:
+        """The delivery report callback for the records of the batch begun last."""
+        batch, errors = self._open, self._errors
+
+        def delivered(err: KafkaError | None, msg: Message) -> None:
+            if err is not None:
+                errors.append(f"{msg.topic()}: {err.str()}")
+            else:
+                batch.acknowledged += 1
+        return delivered
+
+    def finish(self, offsets: list[TopicPartition], produced: int = 0) -> None:
+        """Queue the batch's ``offsets`` behind its ``produced`` records' acknowledgements;
+        commit what is final; wait (serving delivery reports) while the batches not yet
+        committed number ``MAX_UNCOMMITTED_BATCHES``, so that the next one stays in the bound."""
+        batch, self._open = self._open, _Batch()
+        batch.produced, batch.offsets, batch.finished_at = produced, offsets, time.monotonic()
+        self._waiting.append(batch)
+        self.settle()
+        while len(self._waiting) >= MAX_UNCOMMITTED_BATCHES:
+            self.producer.poll(0.005)
+            self.settle()
+
+    def settle(self) -> None:
+        self.producer.poll(0)  # serves the delivery reports in this thread
+        if self._errors:  # the same list the callbacks hold: emptied, not replaced
+            errors = list(self._errors)
+            self._errors.clear()
+            raise InfrastructureError(f"{len(errors)} record(s) refused; not committing "
+                                      f"this batch or any after it; first error: {errors[0]}")
+        final: dict[tuple[str, int], int] = {}
+        while self._waiting and self._waiting[0].complete:
+            for tp in self._waiting.popleft().offsets:
+                key = (tp.topic, tp.partition)
+                final[key] = max(final.get(key, -1), tp.offset)
+        if self._waiting and (time.monotonic() - self._waiting[0].finished_at
+                              > self.flush_timeout_s):
+            raise InfrastructureError(
+                f"a batch's records were not acknowledged within {self.flush_timeout_s:.0f} s; "
+                "not committing it or any after it")
+        if final:
+            self._commit([TopicPartition(t, p, o) for (t, p), o in final.items()])
+
+    def drain(self) -> None:
+        """Wait for every acknowledgement (up to ``flush_timeout_s``), then commit every
+        finished batch."""
+        remaining = self.producer.flush(self.flush_timeout_s)
+        self.settle()
+        if remaining or self._waiting:
+            raise InfrastructureError(
+                f"{remaining} record(s) not acknowledged within {self.flush_timeout_s:.0f} s; "
+                f"{len(self._waiting)} batch(es) not committed")
+
+
 class ExactlyOnce(AtLeastOnce):
     transactional = True
 
@@ -127,7 +231,7 @@ class ExactlyOnce(AtLeastOnce):
             with contextlib.suppress(KafkaException):
                 self.producer.abort_transaction(10.0)
 
-    def finish(self, offsets: list[TopicPartition]) -> None:
+    def finish(self, offsets: list[TopicPartition], produced: int = 0) -> None:
         try:
             if offsets:
                 self.producer.send_offsets_to_transaction(

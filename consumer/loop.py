@@ -10,12 +10,13 @@ with theirs (:mod:`triage.bench.workers`), so every figure compares the same Kaf
 * hand the records to the handler, which returns the records to produce (:class:`Output`) and
   the offsets it has settled (all of the batch, for a plain function; up to the first order
   still waiting for reference data, for the scorer);
-* produce them, wait until the broker acknowledged every one, then commit those offsets
-  (:mod:`triage.consumer.commit`: at-least-once, or one transaction per batch). A crash
-  before the commit means the records are read again;
-* never poll in the middle of a batch: revocation happens only inside ``consume()``, after the
-  previous batch was committed; records of a partition revoked by the second ``consume()`` of
-  a batch are dropped unhandled, for the new owner to read.
+* produce them, and commit those offsets once the broker acknowledged every one
+  (:mod:`triage.consumer.commit`): at-least-once, checked on every turn without waiting for
+  the acknowledgements (at most two batches produced and not committed), or one transaction
+  per batch. A crash before the commit means the records are read again;
+* never poll in the middle of a batch: revocation happens only inside ``consume()``, whose
+  callback first makes every finished batch final; records of a partition revoked by the
+  second ``consume()`` of a batch are dropped unhandled, for the new owner to read.
 
 Infrastructure failures (a delivery refused, a commit that cannot be made) raise
 :class:`~triage.bus.errors.InfrastructureError`; the process exits 1 and is restarted.
@@ -38,7 +39,13 @@ from triage.bus.clients import make_consumer, make_producer, produce, records_of
 from triage.bus.health import Health
 from triage.bus.settings import ConnectionSettings, ScorerSettings
 from triage.consumer import metrics
-from triage.consumer.commit import AtLeastOnce, ExactlyOnce, next_offsets, transactional_id
+from triage.consumer.commit import (
+    AtLeastOnce,
+    ExactlyOnce,
+    PipelinedAtLeastOnce,
+    next_offsets,
+    transactional_id,
+)
 
 Headers = list[tuple[str, bytes]]
 
@@ -136,18 +143,19 @@ class BatchLoop:
         self.consumed = 0
         self._stop_requested = False
         self._revoked_now: set[int] = set()
-        # The committers need to hear of failed deliveries only (a batch is committed once
-        # flush() has seen every record acknowledged): no Python callback per output record.
-        only_errors = {"delivery.report.only.error": True}
+        self._failed = False  # run() is leaving on an error: rebalance callbacks commit nothing
         if scorer.exactly_once:
-            self.producer = make_producer(connection, **only_errors, **{
+            # A transaction commits once every record is acknowledged: only failed deliveries
+            # need a Python callback.
+            self.producer = make_producer(connection, **{
+                "delivery.report.only.error": True,
                 "transactional.id": transactional_id(scorer.group_id, worker_id)})
             self.committer: AtLeastOnce = ExactlyOnce(self.producer, self.consumer, self.log,
                                                       scorer.delivery_timeout_ms / 1000.0)
-        else:
-            self.producer = make_producer(connection, **only_errors)
-            self.committer = AtLeastOnce(self.producer, self.consumer, self.log,
-                                         scorer.delivery_timeout_ms / 1000.0)
+        else:  # every delivery report counts towards its batch's commit (consumer/commit.py)
+            self.producer = make_producer(connection)
+            self.committer = PipelinedAtLeastOnce(self.producer, self.consumer, self.log,
+                                                  scorer.delivery_timeout_ms / 1000.0)
 
     def request_stop(self) -> None:
         """Finish the batch in hand, commit it, leave the group (safe from a signal handler)."""
@@ -199,6 +207,7 @@ class BatchLoop:
                     batch = [m for m in batch if m.partition() not in self._revoked_now]
                 if batch or self.handler.pending():
                     self._process(batch)
+                self.committer.settle()  # offsets of batches the broker has acknowledged
                 beat()
                 now = time.monotonic()
                 if now - last_status >= 1.0:
@@ -207,9 +216,19 @@ class BatchLoop:
                 if self.progress is not None and now - last_report >= 10.0:
                     self.log.info("progress", **self.progress())
                     last_report = now
+            self.committer.drain()  # a requested stop: everything finished is committed
+        except BaseException:
+            # Leaving on an error: nothing more is waited for (the broker may be the error);
+            # what is not committed is read again after the restart.
+            self._failed = True
+            raise
         finally:
             self.committer.abort_open()  # an unfinished transaction must not block readers
             self.close()
+
+    def _drain_unless_failed(self) -> None:
+        if not self._failed:
+            self.committer.drain()
 
     def _process(self, batch: list[Message]) -> None:
         started = time.perf_counter()
@@ -222,7 +241,7 @@ class BatchLoop:
             for topic, key, value, headers in handled.outputs:
                 produce(self.producer, topic, key=key, value=value, headers=headers,
                         on_delivery=on_delivery)
-            self.committer.finish(handled.commit)
+            self.committer.finish(handled.commit, len(handled.outputs))
         if handled.pause:
             self.consumer.pause([TopicPartition(self.topic, p) for p in handled.pause])
             self.log.info("partitions_paused", partitions=sorted(handled.pause),
@@ -250,8 +269,9 @@ class BatchLoop:
         self._write_status()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Batches are committed before the next consume(), where revocation happens, so
-        # nothing delivered is left uncommitted when the partitions go.
+        # Revocation happens inside consume(), between batches: every finished batch is made
+        # final while the partitions are still ours, so nothing delivered is left uncommitted.
+        self._drain_unless_failed()
         self.assigned -= {p.partition for p in partitions}
         self._revoked_now |= {p.partition for p in partitions}
         self.handler.on_revoked(sorted(p.partition for p in partitions))
@@ -260,6 +280,11 @@ class BatchLoop:
         self._write_status()
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Probably no longer ours (the session expired): commit what was delivered anyway. It
+        # is at-least-once safe (the offsets cover only records whose outputs the broker has),
+        # a group that moved on refuses it (logged), and one that has not is spared the
+        # re-reads. What the old generation cannot commit, the new owner reads again.
+        self._drain_unless_failed()
         self.assigned -= {p.partition for p in partitions}
         self._revoked_now |= {p.partition for p in partitions}
         self.handler.on_revoked(sorted(p.partition for p in partitions))

@@ -27,6 +27,7 @@ from triage.bus.embedded import EmbeddedBroker
 from triage.bus.offsets import committed_offsets, group_lag
 from triage.bus.settings import Settings
 from triage.consumer.autoscale import Autoscaler
+from triage.consumer.commit import MAX_UNCOMMITTED_BATCHES
 from triage.consumer.reader import TopicReader, collect
 from triage.consumer.supervisor import Supervisor
 from triage.model.orders import read_orders_csv
@@ -187,12 +188,14 @@ def test_a_killed_workers_lose_nothing_and_duplicate_only_in_flight_orders(
         supervisor.stop()
     assert len(kills) >= kills_wanted and supervisor.restarts >= kills_wanted
     result.assert_nothing_lost_and_copies_identical(order_ids(big_history, n))
-    # A duplicate is an order the killed worker had published but not yet committed: at most
-    # one batch past the group's committed offset, in a partition the victim owned.
+    # A duplicate is an order the killed worker had published but not yet committed: within
+    # the batches a worker may have produced and not committed (MAX_UNCOMMITTED_BATCHES) past
+    # the group's committed offset, in a partition the victim owned.
+    window = MAX_UNCOMMITTED_BATCHES * settings.scorer.batch_size
     for partition, offset in result.duplicated_offsets():
         assert any(partition in kill["partitions"]
                    and (kill["committed"][partition] or 0) <= offset
-                   < (kill["committed"][partition] or 0) + settings.scorer.batch_size
+                   < (kill["committed"][partition] or 0) + window
                    for kill in kills), (partition, offset)
     report("a_killed_workers", orders=n, kills=len(kills), lost=0,
            duplicates=result.duplicates)
