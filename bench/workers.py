@@ -13,7 +13,7 @@ its prediction. It consumes and commits in batches like the scorer, so the compa
 scoring one order at a time (a per-request service would pay more: a commit per order).
 
 Both run as separate processes in the scorer's own Kafka loop (:class:`BatchLoop`: the same
-batching, delivery wait, commit and status file) with the same ``TRIAGE_*`` environment, so
+batching, commits after acknowledgement and status file) with the same ``TRIAGE_*`` environment, so
 the three configurations differ only in what they do with a batch.
 """
 

@@ -7,15 +7,16 @@
   loop for the acknowledgements: a batch's offsets are committed once every record it produced
   is acknowledged, checked on each turn of the loop, in batch order; at most
   ``MAX_UNCOMMITTED_BATCHES`` (2) batches are produced and not yet committed at any time, so a
-  crash re-reads at most two batches. The loop's turn no longer waits a broker round trip (the
-  acknowledgements of acks=all) before consuming again.
+  crash re-reads at most two batches. The loop's turn no longer waits for the acknowledgements
+  (acks=all) before consuming again; the commit itself stays a synchronous round trip, on the
+  turns that complete a batch.
 * :class:`ExactlyOnce` (``--exactly-once``): one Kafka transaction per batch, holding the
   predictions, drift samples, dead letters and the consumed offsets (sent with the consumer
   group's metadata, so a fenced zombie cannot commit). Readers with ``read_committed`` see each
   batch once or not at all. Needs a broker with working transactions (Apache Kafka; see the
   README on the embedded broker).
 
-Both raise :class:`InfrastructureError` when the broker will not take the batch; the worker then
+All raise :class:`InfrastructureError` when the broker will not take the batch; the worker then
 exits non-zero, its supervisor restarts it, and it resumes from the last committed offsets.
 """
 
@@ -25,6 +26,7 @@ import contextlib
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -33,6 +35,7 @@ from triage.bus.clients import source_of
 from triage.bus.errors import InfrastructureError
 
 _FLUSH_TIMEOUT_S = 60.0  # TRIAGE_DELIVERY_TIMEOUT_MS's default
+DeliveryCallback = Callable[[KafkaError | None, Message], None]
 MAX_UNCOMMITTED_BATCHES = 2  # PipelinedAtLeastOnce: produced, not yet committed (with the open one)
 _ATTEMPTS = 5
 # A rebalance overtook the commit. With cooperative rebalancing our partitions are revoked only
@@ -76,8 +79,10 @@ class AtLeastOnce:
         if err is not None:
             self._errors.append(f"{msg.topic()}: {err.str()}")
 
-    def begin(self) -> None:
-        """Nothing to open: records are produced as they come."""
+    def begin(self) -> DeliveryCallback:
+        """Open a batch; returns the delivery report callback for its records (here: only
+        failures matter, :meth:`finish` flushes)."""
+        return self.on_delivery
 
     def abort_open(self) -> None:
         """Nothing to abort: what was produced stays, and is read again after a restart."""
@@ -152,13 +157,11 @@ class PipelinedAtLeastOnce(AtLeastOnce):
         self._open = _Batch()
         self._waiting: deque[_Batch] = deque()
 
-    def begin(self) -> None:
-        self._open = _Batch()
-
-    @property
-    def on_delivery(self) -> Any:
-        """The delivery report callback for the records of the batch begun last."""
-        batch, errors = self._open, self._errors
+    def begin(self) -> DeliveryCallback:
+        """Open a batch; returns the callback that counts its records' acknowledgements (the
+        only way a batch completes: produce its records with this one)."""
+        self._open = batch = _Batch()
+        errors = self._errors
 
         def delivered(err: KafkaError | None, msg: Message) -> None:
             if err is not None:
@@ -202,12 +205,17 @@ class PipelinedAtLeastOnce(AtLeastOnce):
     def drain(self) -> None:
         """Wait for every acknowledgement (up to ``flush_timeout_s``), then commit every
         finished batch."""
-        remaining = self.producer.flush(self.flush_timeout_s)
+        if not self._waiting:  # records produced outside a batch are close()'s to flush
+            return
+        # Within the oldest batch's own allowance, not a fresh one: a stop or a rebalance
+        # waits at most TRIAGE_DELIVERY_TIMEOUT_MS from when that batch was finished.
+        oldest = self._waiting[0].finished_at
+        self.producer.flush(max(0.0, oldest + self.flush_timeout_s - time.monotonic()))
         self.settle()
-        if remaining or self._waiting:
+        if self._waiting:
             raise InfrastructureError(
-                f"{remaining} record(s) not acknowledged within {self.flush_timeout_s:.0f} s; "
-                f"{len(self._waiting)} batch(es) not committed")
+                f"{len(self._waiting)} batch(es) not acknowledged within "
+                f"{self.flush_timeout_s:.0f} s; not committed")
 
 
 class ExactlyOnce(AtLeastOnce):
@@ -219,9 +227,10 @@ class ExactlyOnce(AtLeastOnce):
         producer.init_transactions(30.0)
         self.open = False
 
-    def begin(self) -> None:
+    def begin(self) -> DeliveryCallback:
         self.producer.begin_transaction()
         self.open = True
+        return self.on_delivery
 
     def abort_open(self) -> None:
         """Abort a transaction a failure left open, so read_committed readers move on now

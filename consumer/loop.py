@@ -236,8 +236,7 @@ class BatchLoop:
         handled = self.handler.handle(records)
         self.consumed += len(records)
         if handled.outputs or handled.commit:
-            self.committer.begin()
-            on_delivery = self.committer.on_delivery
+            on_delivery = self.committer.begin()
             for topic, key, value, headers in handled.outputs:
                 produce(self.producer, topic, key=key, value=value, headers=headers,
                         on_delivery=on_delivery)

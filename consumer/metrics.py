@@ -52,6 +52,8 @@ SHADOW_ERRORS = Counter("triage_shadow_errors_total",
                         "Batches the shadow model failed to score (the batch itself is scored).")
 MODEL_INFO = Gauge("triage_model_info", "1 for the model version this worker scores with.",
                    ["model_version"])
-BATCH_SECONDS = Histogram("triage_batch_seconds", "Time to score, deliver and commit a batch.",
+BATCH_SECONDS = Histogram("triage_batch_seconds",
+                          "Time to handle a batch, hand its records to the producer and "
+                          "commit what became due.",
                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 

@@ -6,8 +6,9 @@ decides what becomes of each, and this module turns that into records to produce
 (Avro, keyed by order) to the predictions topic, sampled ones to the drift topic, and dead
 letters, with Kafka Connect's headers and the original key and value, fitted to what the
 producer and topic take (:mod:`triage.consumer.deadletter`), to the dead-letter topic. The
-loop then waits for every acknowledgement and commits: at-least-once, or one transaction per
-batch with ``--exactly-once``.
+loop commits a batch's offsets once every record it produced is acknowledged: at-least-once
+(consumer/commit.py ``PipelinedAtLeastOnce``), or one transaction per batch with
+``--exactly-once``.
 """
 
 from __future__ import annotations
