@@ -256,8 +256,6 @@ class Model:
         return self._predict(matrix)
 
     def _predict(self, matrix: np.ndarray) -> np.ndarray:
-        if len(matrix) == 0:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
         proba = self.booster.inplace_predict(matrix)
         return np.asarray(proba, dtype=np.float32).reshape(len(matrix), len(self.classes))
 
