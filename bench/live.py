@@ -137,9 +137,8 @@ def stock_cycle(skus: Sequence[str], n: int, start_ms: int, end_ms: int
 class LiveEvents:
     """For the latency run: before each order, publish its payment and stock events, then
     give the order back; all three are stamped with the time of publishing (UTC ms), so the
-    streams keep up with the orders. An event applies from the first whole second after it
-    (model/reference.py ``event_seconds``): an order sees the events of earlier seconds, and
-    its own events (a millisecond or less before it) move their partitions past its second."""
+    streams keep up with the orders. An event applies from its own millisecond on: an order
+    sees its own events, and the next order's events move their partitions past its time."""
 
     def __init__(self, publishers: ReferencePublishers,
                  values: dict[str, tuple[str, float]]) -> None:

@@ -73,6 +73,8 @@ def render(results: dict[str, Any]) -> str:
     lines += _startup_lines(results)
     if results.get("http"):
         lines += _http_lines(results)
+    if results.get("timing"):
+        lines += _timing_lines(results["timing"])
     scaling = results["scaling"]
     if scaling:
         workers = [k for k in scaling if k.startswith("workers_") and k != "workers_1_orders_per_s"]
@@ -130,6 +132,22 @@ def _startup_lines(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _timing_lines(timing: dict[str, Any]) -> list[str]:
+    """Corrections under simulated producer timing (--timing)."""
+    t = timing["timing"]
+    lines = ["", f"late reference producers (--timing), {timing['orders']:,} simulated orders, "
+                 f"records up to {t['max_delay_ms']:,} ms late, a pause of up to "
+                 f"{t['pause_ms']:,} ms per stream, clocks up to {t['skew_ms']:,} ms ahead:"]
+    for allowance, row in timing["by_allowance_ms"].items():
+        wait = row["first_prediction_wait_ms"]
+        lines.append(
+            f"  allowance {int(allowance):,} ms: {row['corrections_per_10000']:,.1f} "
+            f"corrections per 10,000 orders ({row['corrected_orders_per_10000']:,.1f} orders), "
+            f"{row['flagged_per_10000']:,.1f} flagged; first prediction p50 "
+            f"{wait['p50']:,.0f} ms, p99 {wait['p99']:,.0f} ms after publishing")
+    return lines
+
+
 def _http_lines(results: dict[str, Any]) -> list[str]:
     """triage serve against the per-request baseline (--http)."""
     h, t = results["http"], results["targets"]
@@ -160,8 +178,8 @@ def _live_lines(results: dict[str, Any]) -> list[str]:
     refs = ", ".join(f"{name} {n:,}" for name, n in run["reference_records"].items())
     lines = [
         "",
-        f"live reference streams (no --reference CSV; idle {o['reference_idle_ms']} ms, max "
-        f"wait {o['reference_max_wait_ms']:,} ms):",
+        f"live reference streams (no --reference CSV; lateness "
+        f"{o['reference_lateness_ms']:,} ms, max wait {o['reference_max_wait_ms']:,} ms):",
         f"  throughput over the same {run['orders']:,} orders ({refs} reference records): "
         f"{run['orders_per_s']:,.0f} orders/s against {run['csv_path_orders_per_s']:,.0f} on "
         f"the CSV path (b) = {run['ratio_vs_csv_path']:.2f}   target >= 0.8: "

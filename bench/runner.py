@@ -85,6 +85,7 @@ class BenchOptions:
     restore_records: int = 0  # stock events of the live restore figure (opt-in); 0 skips it
     models: bool = False  # the registry figures: shadow throughput, promote -> prediction
     http: bool = False  # triage serve against a per-request baseline (bench/http.py)
+    timing: bool = False  # corrections under simulated producer timing (bench/timing.py)
     data_dir: Path | None = None
     model_dir: Path | None = None
     out_dir: Path = Path("results/bench")
@@ -241,6 +242,7 @@ class Bench:
                        if options.restore_records else None)
             registry = self._models(records, main, models, work) if options.models else None
             http_figures = self._http(model_dir, work) if options.http else None
+            timing_figures = self._timing(model_dir) if options.timing else None
         load_after = _loadavg()
         live = self._live_results(live_run, live_records, runs[SCORER], live_latency, latency,
                                   restore)
@@ -250,6 +252,7 @@ class Bench:
         results.update(startup)
         results["targets"].update(_startup_targets(startup))
         results["http"] = http_figures
+        results["timing"] = timing_figures
         if http_figures is not None:
             p99 = http_figures["gateway_fixed_rate"]["p99"]
             ratio = http_figures["batch_vs_baseline"]
@@ -259,6 +262,14 @@ class Bench:
                 "http_batch_at_least_20x_per_request_baseline": {
                     "value": ratio, "target": 20, "met": ratio >= 20}})
         return results
+
+    def _timing(self, model_dir: Path) -> dict[str, Any]:
+        """bench/timing.py: 10,000 simulated orders under late, bursty producers, no broker."""
+        from triage.bench import timing
+        from triage.model import artifact
+
+        self.say("timing: 10,000 orders under simulated producer delays, by lateness allowance")
+        return timing.figures(artifact.load(model_dir))
 
     def _http(self, model_dir: Path, work: Path) -> dict[str, Any]:
         """bench/http.py over the start-up section's exercise-sized data, no broker."""
@@ -993,7 +1004,7 @@ class Bench:
                 "saturation_orders": self.options.saturation_orders,
                 "per_message_orders": min(self.options.per_message_orders, main.orders),
                 "restore_records": self.options.restore_records,
-                "reference_idle_ms": self.settings.reference.reference_idle_ms,
+                "reference_lateness_ms": self.settings.reference.reference_lateness_ms,
                 "reference_max_wait_ms": self.settings.reference.reference_max_wait_ms,
                 "scorer_module": self.options.scorer_module,
                 "publish_orders_per_s": round(main.orders / main.seconds, 1),

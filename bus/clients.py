@@ -183,8 +183,8 @@ def topic_specs(topics: TopicSettings) -> dict[str, int]:
         topics.dlq_topic: topics.output_partitions,
         # One partition: a few reports per hour, read back in window order by the HTML report.
         topics.drift_reports_topic: 1,
-        # Co-partitioned with orders: a worker reads the payments partition of each orders
-        # partition it owns.
+        # Co-partitioned with orders (the documented placement, checked by the workers; they
+        # read every partition all the same, consumer/reference.py).
         topics.payments_topic: topics.orders_partitions,
         topics.inventory_topic: topics.reference_partitions,
         topics.zip_codes_topic: topics.reference_partitions,

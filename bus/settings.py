@@ -318,15 +318,34 @@ class DriftSettings:
 class ReferenceSettings:
     """How workers join orders with the live reference streams (consumer/reference.py)."""
 
-    reference_idle_ms: int = _setting(
-        200, "TRIAGE_REFERENCE_IDLE_MS",
-        "A reference partition that has sat at its high watermark this long has passed every "
-        "time (if its stream has had records, or a CSV snapshot was loaded).")
+    reference_lateness_ms: int = _setting(
+        2000, "TRIAGE_REFERENCE_LATENESS_MS",
+        "The lateness of reference producers you tolerate: a reference event published up to "
+        "this long after the orders it applies to is still joined with them. An order whose "
+        "reference partitions are quiet (nothing left to read, nothing newer than the order) "
+        "waits until this long after its own time or its publication, whichever is later: it "
+        "is the latency a quiet stream costs. Events later than this are corrected "
+        "(TRIAGE_CORRECTION_RETENTION_S).")
     reference_max_wait_ms: int = _setting(
         5000, "TRIAGE_REFERENCE_MAX_WAIT_MS",
         "Longest an order waits for the reference streams to pass its time once the "
-        "partitions holding it back have nothing left to read; then it is scored with what "
-        "has arrived and its prediction says reference_wait_expired.")
+        "partitions holding it back have nothing left to read (a stream that never had a "
+        "record, a producer stopped or a clock behind); then it is scored with what has "
+        "arrived and its prediction says reference_wait_expired. At least "
+        "TRIAGE_REFERENCE_LATENESS_MS.")
+    max_clock_skew_ms: int = _setting(
+        1000, "TRIAGE_MAX_CLOCK_SKEW_MS",
+        "How far ahead of this worker's clock a reference event may be stamped and still move "
+        "its partition's event time; an event stamped later (a producer clock running ahead) "
+        "is applied at its own time but moves its partition only to the clock plus this. At "
+        "most TRIAGE_MAX_FUTURE_SECONDS, beyond which an event is dead-lettered (zip roll-outs "
+        "may be announced ahead and are never dead-lettered for it).")
+    correction_retention_s: int = _setting(
+        120, "TRIAGE_CORRECTION_RETENTION_S",
+        "How long (wall clock) a worker keeps the orders it scored, to publish a corrected "
+        "revision when a reference event arrives after them and changes their features; a "
+        "later event touching an order no longer kept is counted in "
+        "triage_reference_beyond_retention_total. About 400 bytes per order kept.")
     reference_retention: str = _setting(
         "", "TRIAGE_REFERENCE_RETENTION",
         "Reference history kept, in event time back from the newest record applied: seconds, "
@@ -338,7 +357,13 @@ class ReferenceSettings:
         "paused (resumed as they are scored).")
 
     def __post_init__(self) -> None:
-        _at_least_one(self, "reference_idle_ms", "reference_max_wait_ms", "max_waiting_orders")
+        _at_least_one(self, "reference_lateness_ms", "reference_max_wait_ms",
+                      "max_waiting_orders", "max_clock_skew_ms", "correction_retention_s")
+        if self.reference_max_wait_ms < self.reference_lateness_ms:
+            raise SettingsError(
+                f"TRIAGE_REFERENCE_MAX_WAIT_MS ({self.reference_max_wait_ms}) must be at least "
+                f"TRIAGE_REFERENCE_LATENESS_MS ({self.reference_lateness_ms}): an order on a "
+                "quiet stream waits the allowance before the max wait can end it")
         self.retention_s  # noqa: B018 -- parse now, so a bad value fails at start-up
 
     @property
@@ -425,6 +450,11 @@ class Settings:
                 f"({self.connection.max_poll_interval_ms}): a batch that runs past "
                 "max.poll.interval.ms gets its worker evicted and is scored again by another, "
                 "forever")
+        if self.reference.max_clock_skew_ms > self.validation.max_future_seconds * 1000:
+            raise SettingsError(
+                f"TRIAGE_MAX_CLOCK_SKEW_MS ({self.reference.max_clock_skew_ms}) must be at most "
+                f"TRIAGE_MAX_FUTURE_SECONDS ({self.validation.max_future_seconds}) in ms: "
+                "events further ahead are dead-lettered")
         scorer, served = self.scorer, self.scorer.metrics_port or self.drift.drift_metrics_port
         turn_ms = scorer.processing_deadline_ms + scorer.delivery_timeout_ms
         if served and scorer.health_stall_ms <= turn_ms:

@@ -13,6 +13,11 @@ no coordinates), and returns an :class:`Outcome` that says, for every record, ex
   ``gate``, consumer/reference.py); the core keeps it and scores it in a later call, flagged
   ``reference_wait_expired`` if the maximum wait ran out first.
 
+With ``retained`` (consumer/revisions.py) the core also keeps what it published for each order
+and publishes corrected revisions: :meth:`ScoringCore.correct` for late reference events,
+:meth:`ScoringCore.verify` for orders read back from the predictions topic, and an order record
+read again is published again only if its features changed.
+
 Per batch: size check, decode, the check hooks (under one deadline, see
 :mod:`triage.consumer.hooks`), features for the whole batch, one ``predict``, the records, the
 observe hooks. No Kafka client: the worker loop (:mod:`triage.consumer.scorer`) consumes, hands
@@ -44,9 +49,16 @@ from triage.consumer.hooks import (
     ScoredBatch,
     hook_name,
 )
+from triage.consumer.reference import LateEvent
+from triage.consumer.revisions import (
+    Kept,
+    RetainedOrders,
+    changed_streams,
+    revision_reason,
+)
 from triage.consumer.sampler import sampled_indices
 from triage.model.artifact import Model
-from triage.model.features import FeatureBatch
+from triage.model.features import FeatureBatch, compute_features
 from triage.model.orders import OrderColumns
 from triage.model.reference import ReferenceTables, truncated_zip_match
 from triage.schemas.codec import Codec
@@ -85,6 +97,14 @@ class Sample(NamedTuple):
     record: Record   # a drift_sample.avsc record
 
 
+class Correction(NamedTuple):
+    """A revised prediction of an order scored before (revision 2 and up)."""
+
+    key: bytes        # the order_id, UTF-8
+    record: Record    # a prediction.avsc record
+    partition: int    # the orders partition the order was read from
+
+
 class Rejected(NamedTuple):
     item: Incoming
     reason: str       # short, for machines: the dead-letter header and metric label
@@ -104,6 +124,8 @@ class Outcome:
     deferred: list[Incoming] = field(default_factory=list)       # of the batch, now waiting
     expired: int = 0  # orders scored because the reference wait ran out
     shadow_predictions: list[Scored] = field(default_factory=list)  # by the shadow model
+    corrections: list[Correction] = field(default_factory=list)  # of orders read again
+    republished: int = 0  # orders read again whose last revision still holds: nothing new
 
 
 @dataclass(frozen=True)
@@ -118,29 +140,35 @@ class CoreConfig:
 class Gate(Protocol):
     """Decides when an order may be scored (consumer/reference.py: the event-time rule)."""
 
-    def admit(self, partitions: np.ndarray, timestamps_ms: np.ndarray, waited_s: np.ndarray,
-              now: float) -> tuple[np.ndarray, np.ndarray]:
-        """(ready, expired) bool arrays: score now, or score now because the wait ran out."""
+    def admit(self, timestamps_ms: np.ndarray, published_ms: np.ndarray, waited_s: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """(ready, expired) bool arrays for orders at ``timestamps_ms``, published at
+        ``published_ms`` (UTC ms), consumed ``waited_s`` ago: score now, or score now because
+        the wait ran out."""
 
-    def scored(self, partitions: np.ndarray, timestamps_ms: np.ndarray) -> None:
-        """These orders were scored."""
+    def scored(self, timestamps_ms: np.ndarray) -> None:
+        """Orders at these times (UTC ms) were scored."""
 
 
 class _Waiting(NamedTuple):
     item: Incoming
     record: Record
-    since: float  # monotonic seconds when it was first held
+    since: float      # monotonic seconds when it was first held
+    published: int    # the order record's Kafka timestamp (UTC ms); an order from no topic: its
+    # own time
 
 
 class ScoringCore:
     """Score batches with ``model`` and ``reference``. ``checks`` run in order before scoring
     (validation first); hooks wrapped in a :class:`HookRunner` run under the batch's deadline,
     others inline. ``observers`` run after. ``gate``: when orders may be scored; without one,
-    at once. ``clock`` gives UTC milliseconds, ``monotonic`` seconds."""
+    at once. ``retained``: the orders kept for corrections (module docstring); without, every
+    prediction is revision 1. ``clock`` gives UTC milliseconds, ``monotonic`` seconds."""
 
     def __init__(self, model: Model, reference: ReferenceTables, orders: Codec, *,
                  config: CoreConfig, checks: Sequence[CheckHook | HookRunner] = (),
                  observers: Sequence[HookRunner] = (), gate: Gate | None = None,
+                 retained: RetainedOrders | None = None,
                  clock: Callable[[], int] = lambda: int(time.time() * 1000),
                  monotonic: Callable[[], float] = time.monotonic, log: Any = None) -> None:
         self.model = model
@@ -153,6 +181,7 @@ class ScoringCore:
         self.checks = list(checks)
         self.observers = list(observers)
         self.gate = gate
+        self.retained = retained
         self.clock = clock
         self.monotonic = monotonic
         self.class_names = [str(c) for c in model.classes]
@@ -183,8 +212,11 @@ class ScoringCore:
         for hook in self.checks:
             items, records = self._check(hook, outcome, items, records, deadline)
         held = [w for waiting in self.waiting.values() for w in waiting]
-        held += [_Waiting(item, record, now) for item, record in zip(items, records,
-                                                                      strict=True)]
+        held += [_Waiting(item, record, now, item.source.timestamp_ms if item.source is not None
+                          else record["timestamp_ms"])
+                 for item, record in zip(items, records, strict=True)]
+        if self.retained is not None:
+            self.retained.expire(self.clock())
         if held:
             self._admit(outcome, held, now, deadline, fresh=len(items))
         return outcome
@@ -195,11 +227,11 @@ class ScoringCore:
         if self.gate is None:
             ready, expired = np.ones(len(held), dtype=bool), np.zeros(len(held), dtype=bool)
         else:
-            partitions = np.fromiter((_partition(w.item) for w in held), np.int64, len(held))
             timestamps = np.fromiter((w.record["timestamp_ms"] for w in held), np.int64,
                                      len(held))
+            published = np.fromiter((w.published for w in held), np.int64, len(held))
             waited = np.fromiter((now - w.since for w in held), np.float64, len(held))
-            ready, expired = self.gate.admit(partitions, timestamps, waited, now)
+            ready, expired = self.gate.admit(timestamps, published, waited)
         go = ready | expired
         self.waiting = {}
         for w, keep in zip(held, (~go).tolist(), strict=True):
@@ -291,9 +323,8 @@ class ScoringCore:
     def _score(self, outcome: Outcome, items: list[Incoming], records: list[Record],
                expired: np.ndarray, deadline: float) -> None:
         orders = OrderColumns.from_records(records)
-        partitions = np.fromiter((_partition(i) for i in items), np.int64, len(items))
         try:
-            features = orders.features(self.reference, partitions)
+            features = orders.features(self.reference)
             recommendations, proba = self.model.predict(features)
         except Exception as exc:
             if len(records) > 1:  # find the record(s) to blame; the rest are scored as usual
@@ -309,7 +340,7 @@ class ScoringCore:
             self._reject(outcome, items[0], "scoring_failed", type(exc).__name__, str(exc))
             return
         if self.gate is not None:
-            self.gate.scored(partitions, orders.timestamp_ms)
+            self.gate.scored(orders.timestamp_ms)
         if expired.any():
             outcome.expired += int(expired.sum())
             metrics.REFERENCE_WAIT_EXPIRED.inc(int(expired.sum()))
@@ -371,19 +402,30 @@ class ScoringCore:
                  proba: list[list[float]], expired: list[bool], scored_at: int,
                  model: Model | None = None, shadow: bool = False) -> None:
         """The prediction of every scored order, and the drift samples (not for the shadow
-        model's predictions, which count in no metric but the shadow's)."""
+        model's predictions, which count in no metric but the shadow's). With ``retained``,
+        each order's revision follows what was published for it before (module docstring),
+        and the batch is kept for corrections."""
         version = (model or self.model).version
         classes = [str(c) for c in model.classes] if model is not None else self.class_names
         timestamps = orders.timestamp_ms.tolist()
         feature_records = features.records()
         probabilities = [dict(zip(classes, p, strict=True)) for p in proba]
         keys = [order_id.encode() for order_id in orders.order_id]
+        n = len(items)
+        revisions: list[int] = [1] * n
+        reasons: list[str | None] = [None] * n
+        publish = [True] * n
+        if not shadow and self.retained is not None:
+            self._revisions(items, orders, features, revisions, reasons, publish)
         predictions = outcome.predictions
         # One loop over columns, no indexing: this builds a record per order on the hot path.
         for item, key, order_id, customer_id, recommendation, probability, feature_record, \
-                timestamp, was_expired in zip(items, keys, orders.order_id, orders.customer_id,
-                                              recommendations, probabilities, feature_records,
-                                              timestamps, expired, strict=True):
+                timestamp, was_expired, sku, zip_code, revision, reason, new in zip(
+                    items, keys, orders.order_id, orders.customer_id, recommendations,
+                    probabilities, feature_records, timestamps, expired, orders.sku_code,
+                    orders.zip_code, revisions, reasons, publish, strict=True):
+            if not new:
+                continue
             source = item.source
             predictions.append(Scored(item, key, {
                 "order_id": order_id,
@@ -399,13 +441,22 @@ class ScoringCore:
                 "order_partition": source.partition if source else -1,
                 "order_offset": source.offset if source else -1,
                 "reference_wait_expired": was_expired,
+                "revision": revision,
+                "revision_reason": reason,
+                "sku_code": sku,
+                "zip_code": zip_code,
             }))
         if shadow:
             return
+        if self.retained is not None:
+            self._keep(items, orders, features, recommendations, expired, revisions, publish,
+                       scored_at)
         for recommendation, count in Counter(recommendations).items():
             metrics.PREDICTIONS.labels(recommendation).inc(count)
 
         for i in sampled_indices(orders.order_id, self.config.sample_rate):
+            if not publish[i]:
+                continue
             outcome.samples.append(Sample(items[i], keys[i], {
                 "order": {"order_id": orders.order_id[i], "customer_id": orders.customer_id[i],
                           "timestamp_ms": timestamps[i], "sku_code": orders.sku_code[i],
@@ -416,6 +467,160 @@ class ScoringCore:
                 "model_version": version,
                 "scored_at_ms": scored_at,
             }))
+        outcome.republished += publish.count(False)
+
+    def _revisions(self, items: list[Incoming], orders: OrderColumns, features: FeatureBatch,
+                   revisions: list[int], reasons: list[str | None], publish: list[bool]
+                   ) -> None:
+        """Fill in the revision of each order scored: 1 for an order not kept; for an order
+        record read again (its partition and offset are those of the kept row), nothing new if
+        its features still hold, else the next revision; for another record of a kept order,
+        the next revision."""
+        retained = self.retained
+        assert retained is not None
+        priors = list(map(retained.latest, orders.order_id))
+        if not any(priors):
+            return
+        found = [(i, prior) for i, prior in enumerate(priors) if prior is not None]
+        changed = changed_streams(
+            FeatureBatch(**{name: np.array([kept.features.columns[name][row]
+                                            for _, (kept, row) in found], dtype=column.dtype)
+                            for name, column in features.columns.items()}),
+            features.take(np.array([i for i, _ in found])))
+        for (i, (kept, row)), streams in zip(found, changed, strict=True):
+            source = items[i].source
+            again = source is not None and source.partition == kept.partition \
+                and source.offset == int(kept.offset[row])
+            if again and not streams:
+                publish[i] = False  # what is out still holds
+                kept.verified[row] = True
+                continue
+            revisions[i] = int(kept.revision[row]) + 1
+            reasons[i] = revision_reason(streams) if streams else "order_again"
+
+    def _keep(self, items: list[Incoming], orders: OrderColumns, features: FeatureBatch,
+              recommendations: list[str], expired: list[bool], revisions: list[int],
+              publish: list[bool], scored_at: int) -> None:
+        """Keep the published orders read from Kafka, a batch per orders partition."""
+        retained = self.retained
+        assert retained is not None
+        by_partition: dict[int, list[int]] = {}
+        for i, (item, new) in enumerate(zip(items, publish, strict=True)):
+            if new and item.source is not None:
+                by_partition.setdefault(item.source.partition, []).append(i)
+        for partition, rows in by_partition.items():
+            take = np.array(rows)
+            retained.add(Kept(
+                partition=partition,
+                order_id=[orders.order_id[i] for i in rows],
+                customer_id=[orders.customer_id[i] for i in rows],
+                sku_code=[orders.sku_code[i] for i in rows],
+                zip_code=[orders.zip_code[i] for i in rows],
+                timestamp_ms=orders.timestamp_ms[take],
+                offset=np.fromiter((items[i].source.offset for i in rows),  # type: ignore[union-attr]
+                                   np.int64, len(rows)),
+                published_ms=np.fromiter((items[i].source.timestamp_ms  # type: ignore[union-attr]
+                                          for i in rows), np.int64, len(rows)),
+                expired=np.array([expired[i] for i in rows], dtype=bool),
+                revision=np.array([revisions[i] for i in rows], dtype=np.int32),
+                recommendation=np.array([recommendations[i] for i in rows], dtype=object),
+                features=features.take(take),
+                scored_at_ms=scored_at,
+                verified=np.ones(len(rows), dtype=bool),
+                alive=np.ones(len(rows), dtype=bool)))
+
+    # -- corrections -------------------------------------------------------------------------
+
+    def correct(self, late: Sequence[LateEvent]) -> list[Correction]:
+        """Corrected revisions of the kept orders that ``late`` reference events (applied to
+        the tables already) touch and whose features they change; nothing without
+        ``retained``. Orders read back from the topic and not verified yet wait for
+        :meth:`verify`."""
+        if self.retained is None or not late:
+            return []
+        found = [(kept, rows[kept.verified[rows]]) for kept, rows in self.retained.affected(late)]
+        return self._revise([(kept, rows) for kept, rows in found if len(rows)])
+
+    def verify(self) -> list[Correction]:
+        """Check the orders read back from the predictions topic against this worker's tables
+        once the gate admits them (their time is passed, or the wait ran out: then they stand
+        as published); corrected revisions of those whose features differ."""
+        if self.retained is None:
+            return []
+        admitted = []
+        for kept, rows in self.retained.unverified():
+            if self.gate is not None:
+                waited = np.full(len(rows), self.monotonic() - kept.read_back_at)
+                ready, expired = self.gate.admit(kept.timestamp_ms[rows],
+                                                 kept.published_ms[rows], waited)
+                kept.verified[rows[expired]] = True
+                rows = rows[ready]
+            kept.verified[rows] = True
+            if len(rows):
+                admitted.append((kept, rows))
+        return self._revise(admitted)
+
+    def _revise(self, found: list[tuple[Kept, np.ndarray]]) -> list[Correction]:
+        """Features again for ``found`` rows; the next revision of each whose changed, in
+        one predict call, and the kept rows brought up to date."""
+        if not found:
+            return []
+        order_ids = [kept.order_id[r] for kept, rows in found for r in rows.tolist()]
+        skus = [kept.sku_code[r] for kept, rows in found for r in rows.tolist()]
+        zips = [kept.zip_code[r] for kept, rows in found for r in rows.tolist()]
+        times = np.concatenate([kept.timestamp_ms[rows] for kept, rows in found])
+        fresh = compute_features(self.reference, order_ids, skus, zips, times)
+        old = FeatureBatch(**{name: np.concatenate([kept.features.columns[name][rows]
+                                                    for kept, rows in found])
+                              for name in fresh.columns})
+        changed = changed_streams(old, fresh)
+        where = [(kept, r) for kept, rows in found for r in rows.tolist()]
+        revise = [i for i, streams in enumerate(changed) if streams]
+        if not revise:
+            return []
+        features = fresh.take(np.array(revise))
+        try:
+            recommendations, proba = self.model.predict(features)
+        except Exception as exc:  # the orders stand as published; the next event tries again
+            self.log.error("correction_failed", orders=len(revise), error=str(exc))
+            return []
+        scored_at = self.clock()
+        feature_records = features.records()
+        out = []
+        for j, (i, label, probability, feature_record) in enumerate(zip(
+                revise, recommendations.tolist(), proba.tolist(), feature_records,
+                strict=True)):
+            kept, row = where[i]
+            revision = int(kept.revision[row]) + 1
+            reason = revision_reason(changed[i])
+            kept.revision[row] = revision
+            kept.recommendation[row] = label
+            for name, column in features.columns.items():
+                kept.features.columns[name][row] = column[j]
+            for stream in set(changed[i]):
+                metrics.CORRECTIONS.labels(stream).inc()
+            order_id = kept.order_id[row]
+            out.append(Correction(order_id.encode(), {
+                "order_id": order_id,
+                "customer_id": kept.customer_id[row],
+                "recommendation": label,
+                "probabilities": dict(zip(self.class_names, probability, strict=True)),
+                "model_version": self.model.version,
+                "features": feature_record,
+                "order_timestamp_ms": int(kept.timestamp_ms[row]),
+                "scored_at_ms": scored_at,
+                "order_published_at_ms": int(kept.published_ms[row]),
+                "order_partition": kept.partition,
+                "order_offset": int(kept.offset[row]),
+                "reference_wait_expired": bool(kept.expired[row]),
+                "revision": revision,
+                "revision_reason": reason,
+                "sku_code": kept.sku_code[row],
+                "zip_code": kept.zip_code[row],
+            }, kept.partition))
+        self.log.info("predictions_corrected", orders=len(out),
+                      reasons=dict(Counter(c.record["revision_reason"] for c in out)))
+        return out
 
     def _count_unknown_zips(self, zip_codes: list[str]) -> None:
         """Count orders to zips the reference data does not know (scored as not served), and

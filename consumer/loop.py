@@ -51,12 +51,13 @@ Headers = list[tuple[str, bytes]]
 
 
 class Output(NamedTuple):
-    """A record to produce."""
+    """A record to produce; ``partition`` -1: the one the partitioner gives its key."""
 
     topic: str
     key: bytes | None
     value: bytes | None
     headers: Headers | None = None
+    partition: int = -1
 
 
 Handler = Callable[[list[Message]], Sequence[Output]]
@@ -237,9 +238,9 @@ class BatchLoop:
         self.consumed += len(records)
         if handled.outputs or handled.commit:
             on_delivery = self.committer.begin()
-            for topic, key, value, headers in handled.outputs:
+            for topic, key, value, headers, partition in handled.outputs:
                 produce(self.producer, topic, key=key, value=value, headers=headers,
-                        on_delivery=on_delivery)
+                        partition=partition, on_delivery=on_delivery)
             self.committer.finish(handled.commit, len(handled.outputs))
         if handled.pause:
             self.consumer.pause([TopicPartition(self.topic, p) for p in handled.pause])

@@ -21,8 +21,19 @@ UNKNOWN_ZIPS = Counter("triage_unknown_zip_codes_total",
 REFERENCE_APPLIED = Counter("triage_reference_events_total",
                             "Reference events applied to the worker's tables.", ["stream"])
 REFERENCE_LATE = Counter("triage_reference_late_events_total",
-                         "Reference events that arrived after orders they apply to were scored.",
-                         ["stream"])
+                         "Reference events that arrived after an order of their key they apply "
+                         "to was scored (each then checked for a correction).", ["stream"])
+REFERENCE_BEYOND_RETENTION = Counter(
+    "triage_reference_beyond_retention_total",
+    "Late reference events older than every order still kept for corrections "
+    "(TRIAGE_CORRECTION_RETENTION_S): orders they apply to may go uncorrected.", ["stream"])
+REFERENCE_MISPLACED = Counter("triage_reference_misplaced_total",
+                              "Co-partitioned reference records (payments) on a partition the "
+                              "documented partitioner (murmur2 of the key) would not choose; "
+                              "joined right all the same.", ["stream"])
+CORRECTIONS = Counter("triage_corrections_total",
+                      "Corrected predictions published (revision 2 and up), by the reference "
+                      "stream whose late events changed the features.", ["stream"])
 REFERENCE_DEAD_LETTERS = Counter("triage_reference_dead_letters_total",
                                  "Reference records sent to the reference dead-letter topic.",
                                  ["stream", "reason"])

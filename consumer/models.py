@@ -251,8 +251,9 @@ def compare(connection: ConnectionSettings, topics: TopicSettings, *, since_ms: 
             idle_s: float = 3.0, shadow_version: str | None = None,
             active_version: str | None = None) -> dict[str, Any]:
     """Agreement of the shadow version with the active one over the orders both scored since
-    ``since_ms`` (UTC ms): the shadow topic's predictions joined to the predictions topic's by
-    order (partition and offset of the order, so a re-read order counts once). Returns
+    ``since_ms`` (UTC ms): the shadow topic's predictions joined to the predictions topic's
+    first revisions by order (partition and offset of the order, so a re-read order counts
+    once; the shadow scored the features of the first revision, and is not corrected). Returns
     {"active", "shadow", "pairs", "agreement" (0..1), "classes", "confusion" (rows: active,
     columns: shadow), "active_policy_agreement", "shadow_policy_agreement" (0..1: agreement
     with the policy, model/policy.py, applied to the features both scored with)}; with
@@ -268,7 +269,7 @@ def compare(connection: ConnectionSettings, topics: TopicSettings, *, since_ms: 
         with TopicReader(connection, topic, "prediction") as reader:
             return {(p["order_partition"], p["order_offset"]): p
                     for _, p in reader.read(idle_s=idle_s)
-                    if p is not None and p["scored_at_ms"] >= since_ms
+                    if p is not None and p["scored_at_ms"] >= since_ms and p["revision"] == 1
                     and version in (None, p["model_version"])}
 
     shadow = read(topics.shadow_topic, shadow_version)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +67,26 @@ class TopicReader:
         self.close()
 
 
+def latest_revisions(records: Iterable[dict[str, Any] | None], *, streaming: bool = False
+                     ) -> Iterator[dict[str, Any]]:
+    """The highest revision of each order among prediction ``records`` (the later record on a
+    tie), not the latest offset: a correction may be read before the revision it replaces.
+    Without ``streaming``, once all are read, one per order in the order orders first
+    appeared; with it, each record that raises its order's revision as it comes (a consumer
+    keeps the last line per order)."""
+    best: dict[str, dict[str, Any]] = {}
+    for raw in records:
+        record = decoded(raw)
+        before = best.get(record["order_id"])
+        if before is not None and record["revision"] < before["revision"]:
+            continue
+        best[record["order_id"]] = record
+        if streaming:
+            yield record
+    if not streaming:
+        yield from best.values()
+
+
 def decoded(record: dict[str, Any] | None) -> dict[str, Any]:
     """A record of a reader made with a schema (which never yields None)."""
     if record is None:
@@ -75,18 +95,22 @@ def decoded(record: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def collect(connection: ConnectionSettings, topic: str, schema_name: str, expected_ids: set[str], *,
-            timeout_s: float, since_ms: int = 0) -> dict[str, list[dict[str, Any]]]:
+            timeout_s: float, since_ms: int = 0, settle_s: float = 0.0
+            ) -> dict[str, list[dict[str, Any]]]:
     """Read ``topic`` until every id in ``expected_ids`` has a record scored at or after
-    ``since_ms``; returns every such record per order id, duplicates included, in topic order.
+    ``since_ms``, then on until ``settle_s`` pass without another record of them (corrected
+    revisions that follow); returns every such record per order id, duplicates included, in
+    topic order.
 
     Raises TimeoutError naming how many are missing if ``timeout_s`` passes first.
     """
     found: dict[str, list[dict[str, Any]]] = {}
     deadline = time.monotonic() + timeout_s
+    last_record = time.monotonic()
     with TopicReader(connection, topic, schema_name) as reader:
-        while expected_ids - found.keys():
-            if time.monotonic() > deadline:
-                missing = expected_ids - found.keys()
+        while expected_ids - found.keys() or time.monotonic() - last_record < settle_s:
+            missing = expected_ids - found.keys()
+            if missing and time.monotonic() > deadline:
                 raise WaitTimeout(f"{len(missing)} of {len(expected_ids)} orders have no record "
                                    f"on {topic} after {timeout_s:.0f} s")
             for _, raw in reader.poll():
@@ -94,6 +118,7 @@ def collect(connection: ConnectionSettings, topic: str, schema_name: str, expect
                 order_id = record["order"]["order_id"] if "order" in record else record["order_id"]
                 if record["scored_at_ms"] >= since_ms and order_id in expected_ids:
                     found.setdefault(order_id, []).append(record)
+                    last_record = time.monotonic()
     return found
 
 
@@ -109,24 +134,36 @@ class Outcomes:
     def settled(self) -> set[tuple[int, int]]:
         return self.predictions.keys() | self.dead_letters.keys()
 
+    def latest(self, where: tuple[int, int]) -> dict[str, Any]:
+        """The highest revision of the prediction at ``where`` (the later record on a tie)."""
+        records = self.predictions[where]
+        return max(reversed(records), key=lambda r: r["revision"])
+
 
 def collect_outcomes(connection: ConnectionSettings, topics: TopicSettings,
                      positions: set[tuple[int, int]], *, since_ms: int = 0,
-                     stall_s: float = 60.0, progress: Callable[[int], object] | None = None
-                     ) -> Outcomes:
+                     stall_s: float = 60.0, progress: Callable[[int], object] | None = None,
+                     settle_s: float = 0.0) -> Outcomes:
     """Read the predictions and the dead-letter topic until every order record at
     ``positions`` ((partition, offset) on the orders topic) has a prediction or a dead letter
-    made at or after ``since_ms``. ``progress(n)`` is told of each n newly settled records.
+    made at or after ``since_ms``; then go on reading until ``settle_s`` pass without a new
+    prediction of them (corrected revisions that follow). ``progress(n)`` is told of each n
+    newly settled records.
 
     Raises TimeoutError, naming how many are missing, once ``stall_s`` pass with nothing new.
     """
     outcomes = Outcomes()
     topic = topics.orders_topic
-    last_news = time.monotonic()
+    last_news = last_record = time.monotonic()
     with TopicReader(connection, topics.predictions_topic, "prediction") as predictions, \
             TopicReader(connection, topics.dlq_topic, None) as letters:
-        while not positions <= (settled := outcomes.settled()):
-            if time.monotonic() - last_news > stall_s:
+        while True:
+            settled = outcomes.settled()
+            now = time.monotonic()
+            if positions <= settled:
+                if now - last_record >= settle_s:
+                    return outcomes
+            elif now - last_news > stall_s:
                 missing = len(positions - settled)
                 raise WaitTimeout(
                     f"{missing} of {len(positions)} orders have neither a prediction on "
@@ -138,6 +175,7 @@ def collect_outcomes(connection: ConnectionSettings, topics: TopicSettings,
                 where = (record["order_partition"], record["order_offset"])
                 if record["scored_at_ms"] >= since_ms and where in positions:
                     outcomes.predictions.setdefault(where, []).append(record)
+                    last_record = time.monotonic()
             for msg, _ in letters.poll(timeout_s=0.05):
                 headers = headers_dict(msg.headers())
                 if headers.get(HEADER_PREFIX + "topic") != topic \
@@ -152,4 +190,3 @@ def collect_outcomes(connection: ConnectionSettings, topics: TopicSettings,
                 last_news = time.monotonic()
                 if progress is not None:
                     progress(news)
-    return outcomes

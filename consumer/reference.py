@@ -1,38 +1,49 @@
 """Live reference data: the streams ``inventory``, ``payments`` and ``zip_codes`` applied to a
 worker's as-of tables, and the event-time rule that says when an order may be scored.
 
-**What a worker reads.** Every partition of ``inventory`` and ``zip_codes`` (global tables),
-and, for each orders partition it owns, the same partition of ``payments`` (co-partitioned:
-same count, the Java client's partitioner), read with ``assign()`` from the beginning, never
-through a consumer group and never committed. A payments partition is restored when its orders
-partition is assigned and dropped when it is revoked. Records are applied between batches; the
-lookups stay vectorised over a batch (model/reference.py).
+**What a worker reads.** Every partition of all three streams, from the beginning, with
+``assign()``: never through a consumer group, never committed. Payments are *global* too, as a
+Kafka Streams GlobalKTable is: an order's payments are found whatever partition their producer
+chose. The documented placement (keyed by ``order_id``, the Java client's murmur2 partitioner,
+bus/partitioner.py) is still checked record by record: a payment on a partition murmur2 would not
+choose is counted (``triage_reference_misplaced_total``) and warned about, and joined right all
+the same. The price is that each worker reads the whole payments stream, not a share of it.
+Topics and partitions that appear after start are picked up within
+``TRIAGE_METADATA_REFRESH_MS``. Records are applied between batches; the lookups stay vectorised
+over a batch (model/reference.py). Times are UTC milliseconds, compared at their own precision.
 
-**Event time decides, not arrival.** A reference event applies from the first whole second at
-or after its time (``event_seconds``), so an order at second ``s`` needs exactly the events up
-to ``s * 1000`` ms. A partition of a reference stream has *passed* time ``T`` when it delivered
-an event later than ``T``, or when it has sat at its high watermark (taken from its fetches)
-for ``TRIAGE_REFERENCE_IDLE_MS``, its stream has had records, and the order has itself waited
-that long (so that an event published just before the order, still in flight when the order was
-fetched, is not missed). With a CSV snapshot loaded, a stream that has had no record holds no
-news: it has passed everything. Without one, it has passed nothing. An order is scored once
-every partition it reads has passed ``s * 1000`` (inventory and zip codes: all of theirs;
-payments: its own), or when ``TRIAGE_REFERENCE_MAX_WAIT_MS`` has passed since it was consumed
-and no partition that holds it back has records left to read: then its prediction says
-``reference_wait_expired`` and the metric ``triage_reference_wait_expired_total`` counts it.
-The max wait is for a stream whose producer is late or has stopped; a reader that is merely
-behind (a replay at full speed, a restart, a worker short of CPU) has the order's events
-coming, so the order waits for them, as Kafka Streams waits on a partition with known lag
+**Event time decides, not arrival.** An order at time ``T`` (ms) needs every event at or before
+``T``. A partition has *passed* ``T`` when it has delivered an event later than ``T``; an
+event stamped later than the wall clock plus ``TRIAGE_MAX_CLOCK_SKEW_MS`` (a producer whose clock
+runs ahead) moves its partition only to that bound, so that one bad clock cannot make a
+partition pass hours it has not seen. A partition with nothing left to read (at the high
+watermark of its fetches) is *quiet*: it passes ``T`` once the wall clock is
+``TRIAGE_REFERENCE_LATENESS_MS`` past the order's time or its publication on the orders topic,
+whichever is later. That allowance is the lateness of reference producers the operator
+tolerates: a payment published up to that long after its order is still joined with it (a
+payment service a second behind the order service is normal), and it is the latency a quiet
+stream costs. With a CSV snapshot loaded, a stream that has had no record holds no news: it has
+passed everything. Without one, it has passed nothing. An order is scored once every partition
+of every stream has passed its time, or when ``TRIAGE_REFERENCE_MAX_WAIT_MS`` has passed since it
+was consumed and no partition that holds it back has records left to read: then its prediction
+says ``reference_wait_expired`` and ``triage_reference_wait_expired_total`` counts it. A reader
+that is merely behind (a replay at full speed, a restart, a worker short of CPU) has the order's
+events coming, so the order waits for them, as Kafka Streams waits on a partition with known lag
 (KIP-695), and ``TRIAGE_MAX_WAITING_ORDERS`` pauses its orders partition meanwhile. "Records
 left" is what the fetches' high watermarks say; a partition whose watermark is unknown holds
-nothing back. With each partition in event-time order the
-features then equal ``pandas.merge_asof`` over the complete reference history. An event that
-arrives after orders it applies to were scored is *late*: counted
-(``triage_reference_late_events_total``) and logged; published predictions are never rewritten.
+nothing back. The features then equal ``pandas.merge_asof`` over the complete history.
 
-**Bad reference records** (that do not decode or validate) go to the reference dead-letter
-topic with their reason and do not move their stream's progress. After a restart the streams
-are read again from the beginning, so a bad record is dead-lettered again.
+**Late events are corrected, not dropped.** An event that arrives after an order it applies to
+was scored (later than the allowance, or out of order within its partition) is returned by
+:meth:`ReferenceFeed.apply` as *late*; the scoring core looks up the orders it scored recently
+that the event's key and time touch, and publishes a corrected prediction for each whose
+features changed (consumer/revisions.py).
+
+**Bad reference records** (that do not decode or validate, or hold a value the tables cannot:
+a time before 1900 or from 2400 on, such as the "forever" date 9999-12-31; a stock level that is
+not a number) go to the reference dead-letter topic with their reason and do not move their
+stream's progress. No record stops the reader: whatever a table refuses is dead-lettered. After
+a restart the streams are read again from the beginning, so a bad record is dead-lettered again.
 
 :class:`ReferenceFeed` is that logic without Kafka; :class:`ReferenceReader` reads the topics
 into it.
@@ -40,23 +51,26 @@ into it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from triage.bus.clients import Source, make_consumer, partitions_of, records_of, source_of
-from triage.bus.errors import BadRecord, ConfigurationError
+from triage.bus.clients import Source, make_consumer, records_of, source_of
+from triage.bus.errors import BadRecord
+from triage.bus.partitioner import partitions_for
 from triage.bus.settings import ConnectionSettings, ReferenceSettings, TopicSettings
 from triage.consumer import metrics
 from triage.consumer.validation import OrderValidator
-from triage.model.reference import ReferenceTables, event_seconds
+from triage.model.asof import TIME_MAX, TIME_MIN
+from triage.model.reference import ReferenceTables
 from triage.schemas.codec import Codec, codec_for
 
 INVENTORY, PAYMENTS, ZIP_CODES = "inventory", "payments", "zip_codes"
@@ -64,23 +78,53 @@ STREAMS = (INVENTORY, PAYMENTS, ZIP_CODES)
 _NEVER = -(2**62)      # "passed nothing"
 _ALWAYS = 2**62        # "passed every time"
 _RETAIN_EVERY = 100_000  # apply retention after this many records (it is O(table))
-_FIELDS = {INVENTORY: ("sku_code", "timestamp_ms"), PAYMENTS: ("order_id", "timestamp_ms"),
-           ZIP_CODES: ("zip_code", "available_from_ms")}  # key and event time of each stream
+_WARN_EVERY_S = 60.0   # at most one misplaced-records warning per stream this often
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """A reference stream: its key and event-time fields, its contract (schemas/), and
+    whether its producers are expected to key it like the orders (checked, not relied on)."""
+
+    name: str
+    key: str
+    time: str
+    schema: str
+    co_partitioned: bool = False
+
+
+SPECS = {INVENTORY: StreamSpec(INVENTORY, "sku_code", "timestamp_ms", "inventory"),
+         PAYMENTS: StreamSpec(PAYMENTS, "order_id", "timestamp_ms", "payment",
+                              co_partitioned=True),
+         ZIP_CODES: StreamSpec(ZIP_CODES, "zip_code", "available_from_ms", "zip_code")}
 
 
 @dataclass
 class PartitionProgress:
     """How far one reference partition has been read."""
 
-    max_event_ms: int = _NEVER       # latest event time applied (UTC ms)
+    max_event_ms: int = _NEVER       # latest event time applied (UTC ms), capped by the skew
     next_offset: int = 0             # the next offset to read
     low: int = 0                     # low and high watermarks from the latest fetch; -1: none
     high: int = -1
-    at_end_since: float | None = None  # monotonic seconds since it has been at its high mark
 
     @property
     def at_end(self) -> bool:
         return self.high >= 0 and max(self.next_offset, self.low) >= self.high
+
+    @property
+    def behind(self) -> bool:
+        """It has records left to read, by its fetches' high watermark."""
+        return self.high >= 0 and not self.at_end
+
+
+class LateEvent(NamedTuple):
+    """An applied reference event at or before the latest order time scored: orders it
+    applies to may have been scored without it."""
+
+    stream: str
+    key: str
+    time_ms: int
 
 
 @dataclass(frozen=True)
@@ -88,50 +132,47 @@ class Applied:
     """What applying a batch of reference records did."""
 
     applied: int = 0
-    late: int = 0
     rejected: list[tuple[int, str, str]] = field(default_factory=list)  # (index, reason, msg)
+    late: list[LateEvent] = field(default_factory=list)
+    misplaced: int = 0
 
 
 class ReferenceFeed:
     """The worker's reference tables and how far each stream has been read (module docstring).
 
-    ``snapshot``: a CSV snapshot was loaded first. Times: ``now`` is ``time.monotonic()``
-    seconds; event times are UTC ms.
+    ``snapshot``: a CSV snapshot was loaded first. ``clock``: the wall clock, UTC ms (a test
+    gives a simulated one).
     """
 
     def __init__(self, tables: ReferenceTables, settings: ReferenceSettings,
-                 validator: OrderValidator, *, snapshot: bool, log: Any = None) -> None:
+                 validator: OrderValidator, *, snapshot: bool, log: Any = None,
+                 clock: Callable[[], int] = lambda: int(time.time() * 1000)) -> None:
         self.tables = tables
-        self.idle_s = settings.reference_idle_ms / 1000.0
+        self.lateness_ms = settings.reference_lateness_ms
+        self.skew_ms = settings.max_clock_skew_ms
         self.max_wait_s = settings.reference_max_wait_ms / 1000.0
-        self.retention_s = settings.retention_s
+        self.retention_ms = None if settings.retention_s is None else settings.retention_s * 1000
         self.validator = validator
         self.snapshot = snapshot
+        self.clock = clock
         self.log = log or structlog.get_logger("reference")
         self.progress: dict[tuple[str, int], PartitionProgress] = {}
+        self.partition_counts: dict[str, int] = {}
         self.had_records = dict.fromkeys(STREAMS, False)
-        # Latest order second (as ms) scored that read each stream (payments: per partition):
-        # an event at or before it is late.
-        self.scored_upto = dict.fromkeys((INVENTORY, ZIP_CODES), _NEVER)
-        self.payments_scored_upto: dict[int, int] = {}
+        self.scored_upto = _NEVER  # latest order time (UTC ms) scored: events up to it are late
+        self.misplaced: dict[str, int] = dict.fromkeys(STREAMS, 0)
+        self._warned_at: dict[str, float] = {}
         self._since_retention = 0
 
     # -- partitions ------------------------------------------------------------------------
 
-    def assign(self, stream: str, partitions: Iterable[int]) -> None:
-        """Start tracking partitions of ``stream``, read from the beginning."""
+    def assign(self, stream: str, partitions: Iterable[int], count: int | None = None) -> None:
+        """Start tracking partitions of ``stream``, read from the beginning; ``count``: how
+        many partitions its topic has now (for the placement check of co-partitioned streams)."""
         for partition in partitions:
-            self.progress[(stream, partition)] = PartitionProgress()
-            if stream == PAYMENTS:
-                self.tables.payments.partition(partition)
-
-    def revoke_payments(self, partitions: Iterable[int]) -> None:
-        """Forget payments partitions (their orders partitions were revoked): their tables
-        too."""
-        for partition in partitions:
-            self.progress.pop((PAYMENTS, partition), None)
-            self.tables.payments.drop(partition)
-            self.payments_scored_upto.pop(partition, None)
+            self.progress.setdefault((stream, partition), PartitionProgress())
+        if count is not None:
+            self.partition_counts[stream] = count
 
     def partitions(self, stream: str) -> list[int]:
         return sorted(p for s, p in self.progress if s == stream)
@@ -143,10 +184,14 @@ class ReferenceFeed:
         """(reason, message) for a reference record that must not be applied, or None;
         ``now_ms``: the wall clock, UTC ms (an event may not be far in the future)."""
         check = self.validator
-        key, time_field = _FIELDS[stream]
-        found = check.text_problem(key, record[key])
+        spec = SPECS[stream]
+        found = check.text_problem(spec.key, record[spec.key])
+        at = record[spec.time]
+        if found is None and not TIME_MIN <= at < TIME_MAX:
+            found = ("invalid_timestamp", f"{spec.time} {at} is outside the times the tables "
+                     "hold (1900-01-01 to 2399-12-31 UTC)")
         # A roll-out may be announced ahead; other events happen when they are recorded.
-        found = found or check.time_problem(time_field, record[time_field],
+        found = found or check.time_problem(spec.time, at,
                                             None if stream == ZIP_CODES else now_ms)
         if found is None and stream == PAYMENTS:
             found = check.text_problem("payment_status", record["payment_status"])
@@ -155,16 +200,18 @@ class ReferenceFeed:
         return found
 
     def apply(self, stream: str, partition: int, records: Sequence[dict[str, Any] | None],
-              offsets: Sequence[int], now: float, rejected: Iterable[tuple[int, str, str]] = ()
+              offsets: Sequence[int], rejected: Iterable[tuple[int, str, str]] = ()
               ) -> Applied:
         """Apply decoded records of one partition, in offset order (``None``: did not decode;
         ``rejected``: those already found bad, as (index, reason, message)). Records that fail
-        validation are returned as rejected, unapplied, and do not move the stream's time."""
+        validation, or that a table refuses, are returned as rejected, unapplied, and do not
+        move the stream's time. Never raises for a record's content."""
         progress = self.progress.setdefault((stream, partition), PartitionProgress())
         bad = list(rejected)
         skip = {i for i, _, _ in bad}
         good: list[dict[str, Any]] = []
-        now_ms = int(time.time() * 1000)
+        indices: list[int] = []
+        now_ms = self.clock()
         for i, record in enumerate(records):
             if i in skip or record is None:
                 continue
@@ -173,178 +220,171 @@ class ReferenceFeed:
                 bad.append((i, *found))
             else:
                 good.append(record)
-        if offsets:  # news: the partition is not idle (note_position starts the clock again)
+                indices.append(i)
+        if offsets:  # news: where the partition has been read to
             progress.next_offset = max(progress.next_offset, max(offsets) + 1)
-            progress.at_end_since = None
-        late = self._insert(stream, partition, good) if good else 0
-        if good:
-            self.had_records[stream] = True
-            times = [r["available_from_ms" if stream == ZIP_CODES else "timestamp_ms"]
-                     for r in good]
-            progress.max_event_ms = max(progress.max_event_ms, max(times))
-        return Applied(len(good), late, bad)
-
-    def _insert(self, stream: str, partition: int, good: list[dict[str, Any]]) -> int:
-        tables = self.tables
-        if stream == ZIP_CODES:
-            ms = np.fromiter((r["available_from_ms"] for r in good), np.int64, len(good))
-            seconds = event_seconds(ms)
-            tables.zips.insert([r["zip_code"] for r in good], seconds,
-                               np.ones(len(good), dtype=np.int8))
-            upto = self.scored_upto[ZIP_CODES]
-        else:
-            ms = np.fromiter((r["timestamp_ms"] for r in good), np.int64, len(good))
-            seconds = event_seconds(ms)
-            if stream == INVENTORY:
-                tables.inventory.insert([r["sku_code"] for r in good], seconds,
-                                        np.fromiter((r["inventory"] for r in good),
-                                                    np.float64, len(good)))
-                upto = self.scored_upto[INVENTORY]
-            else:
-                codes = tables.statuses.encode(r["payment_status"] for r in good)
-                tables.payments.partition(partition).insert(
-                    [r["order_id"] for r in good], seconds, codes.astype(np.int32))
-                upto = self.payments_scored_upto.get(partition, _NEVER)
-        late = int(np.count_nonzero(seconds * 1000 <= upto))
-        if late:
-            metrics.REFERENCE_LATE.labels(stream).inc(late)
-            self.log.warning("late_reference_events", stream=stream, partition=partition,
-                             events=late, note="orders after them were already scored; their "
-                             "predictions are not rewritten")
+        if not good:
+            return Applied(0, bad)
+        try:
+            self._insert(stream, good)
+        except (ValueError, TypeError, OverflowError):  # what a check above did not foresee
+            kept = []
+            for i, record in zip(indices, good, strict=True):
+                try:
+                    self._insert(stream, [record])
+                    kept.append(record)
+                except (ValueError, TypeError, OverflowError) as exc:
+                    bad.append((i, "invalid_field", f"the {stream} table refused it: {exc}"))
+            good = kept
+            if not good:
+                return Applied(0, bad)
+        spec = SPECS[stream]
+        self.had_records[stream] = True
+        times = [r[spec.time] for r in good]
+        # An event stamped ahead of the clock moves its partition only to the clock + skew.
+        progress.max_event_ms = max(progress.max_event_ms, min(max(times), now_ms + self.skew_ms))
         metrics.REFERENCE_APPLIED.labels(stream).inc(len(good))
+        late = [LateEvent(stream, r[spec.key], t) for r, t in zip(good, times, strict=True)
+                if t <= self.scored_upto]
+        misplaced = self._check_placement(stream, partition, good) if spec.co_partitioned else 0
         self._since_retention += len(good)
-        if self.retention_s is not None and self._since_retention >= _RETAIN_EVERY:
+        if self.retention_ms is not None and self._since_retention >= _RETAIN_EVERY:
             self.retain()
-        return late
+        return Applied(len(good), bad, late, misplaced)
+
+    def _insert(self, stream: str, good: list[dict[str, Any]]) -> None:
+        tables = self.tables
+        spec = SPECS[stream]
+        ms = np.fromiter((r[spec.time] for r in good), np.int64, len(good))
+        keys = [r[spec.key] for r in good]
+        if stream == ZIP_CODES:
+            tables.zips.insert(keys, ms, np.ones(len(good), dtype=np.int8))
+        elif stream == INVENTORY:
+            tables.inventory.insert(keys, ms, np.fromiter((r["inventory"] for r in good),
+                                                          np.float64, len(good)))
+        else:
+            codes = tables.statuses.encode(r["payment_status"] for r in good)
+            tables.payments.insert(keys, ms, codes.astype(np.int32))
+
+    def _check_placement(self, stream: str, partition: int, good: list[dict[str, Any]]) -> int:
+        """Count (and warn about, at most once a minute) records on a partition the documented
+        partitioner would not choose for their key; they are applied all the same."""
+        count = self.partition_counts.get(stream)
+        if not count:
+            return 0
+        key = SPECS[stream].key
+        expected = partitions_for([r[key].encode() for r in good], count)
+        wrong = int(np.count_nonzero(expected != partition))
+        if wrong:
+            self.misplaced[stream] += wrong
+            metrics.REFERENCE_MISPLACED.labels(stream).inc(wrong)
+            now = time.monotonic()
+            if now - self._warned_at.get(stream, -_WARN_EVERY_S) >= _WARN_EVERY_S:
+                self._warned_at[stream] = now
+                example = good[int(np.flatnonzero(expected != partition)[0])][key]
+                self.log.warning(
+                    "reference_records_misplaced", stream=stream, partition=partition,
+                    records=wrong, total=self.misplaced[stream], example_key=example,
+                    note=f"murmur2 of the key would choose another of the {count} partitions: "
+                         "the producer is not using the Java client's partitioner "
+                         "(librdkafka: partitioner=murmur2_random). Joined right all the same: "
+                         "every worker reads every partition")
+        return wrong
 
     def retain(self) -> None:
         """Trim every table to the retention horizon, in event time (TRIAGE_REFERENCE_RETENTION)."""
         self._since_retention = 0
-        if self.retention_s is None:
+        if self.retention_ms is None:
             return
-        tables, horizon = self.tables, self.retention_s
-        tables.inventory.retain(horizon)
-        tables.zips.retain(horizon)
-        for table in (tables.payments.snapshot, *tables.payments.partitions.values()):
-            table.retain(horizon)
+        for table in (self.tables.inventory, self.tables.zips, self.tables.payments):
+            table.retain(self.retention_ms)
 
-    def note_position(self, stream: str, partition: int, low: int, high: int,
-                      now: float) -> None:
+    def note_position(self, stream: str, partition: int, low: int, high: int) -> None:
         """A fetch said the partition's watermarks are (``low``, ``high``)."""
         progress = self.progress.get((stream, partition))
-        if progress is None:
-            return
-        progress.low, progress.high = max(low, 0), high
-        if progress.at_end:
-            if progress.at_end_since is None:
-                progress.at_end_since = now
-        else:
-            progress.at_end_since = None
+        if progress is not None:
+            progress.low, progress.high = max(low, 0), high
 
     # -- the event-time rule -------------------------------------------------------------------
 
-    def bounds(self, stream: str, partition: int, now: float) -> tuple[int, bool]:
-        """(B, idle): the partition has passed every time (UTC ms) below B by its events; with
-        ``idle`` it has also sat at its high watermark for the idle time, and passes every time
-        for an order that has itself waited that long (see :meth:`admit`)."""
-        progress = self.progress.get((stream, partition))
-        if self.snapshot and not self.had_records[stream]:
-            return _ALWAYS, False  # a snapshot, and a stream that never said anything new
-        if progress is None:
-            return _NEVER, False
-        idle = (progress.at_end_since is not None and now - progress.at_end_since >= self.idle_s
-                and self.had_records[stream])
-        return progress.max_event_ms, idle
-
-    def _stream_bounds(self, stream: str, partitions: Iterable[int], now: float
-                       ) -> tuple[int, int]:
-        """(A, B): an order at time T has passed the partitions if T < A (the partitions that
-        are not idle) and either T < B (the idle ones) or it has waited the idle time."""
-        busy, idle = _ALWAYS, _ALWAYS
-        found = False
-        for partition in partitions:
-            found = True
-            bound, is_idle = self.bounds(stream, partition, now)
-            if is_idle:
-                idle = min(idle, bound)
-            else:
-                busy = min(busy, bound)
-        if not found:
-            return (_ALWAYS, _ALWAYS) if self.snapshot else (_NEVER, _NEVER)
-        return busy, idle
-
-    def admit(self, partitions: np.ndarray, timestamps_ms: np.ndarray, waited_s: np.ndarray,
-              now: float) -> tuple[np.ndarray, np.ndarray]:
-        """(ready, expired) bool arrays for a batch of orders: ready once every stream it reads
-        has passed its second; expired when it is not ready but has waited for the max wait.
-        ``partitions``: the orders topic partition of each (-1: read from no partition, for
-        which payments are taken as they stand).
-
-        An idle partition passes an order only once the order itself has waited the idle
-        time: an event published just before the order, and not fetched yet when the order
-        was, arrives meanwhile and ends the partition's idleness (a producer that paused
-        would otherwise make every order of that moment miss it)."""
-        needed = np.floor_divide(timestamps_ms, 1000) * 1000
-        patient = waited_s >= self.idle_s
+    def admit(self, timestamps_ms: np.ndarray, published_ms: np.ndarray, waited_s: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """(ready, expired) bool arrays for a batch of orders at ``timestamps_ms``, published
+        on the orders topic at ``published_ms`` (UTC ms; an order from no topic: its own
+        time), consumed ``waited_s`` seconds ago: ready once every partition of every stream
+        has passed its time; expired when it is not ready but has waited for the max wait and
+        no partition that holds it back has records left to read."""
+        now_ms = self.clock()
+        needed = np.asarray(timestamps_ms, dtype=np.int64)
+        # A quiet partition passes an order once the allowance has run from the later of its
+        # time and its publication.
+        patient = now_ms >= np.maximum(needed, published_ms) + self.lateness_ms
         ready = np.ones(len(needed), dtype=bool)
-        behind = np.zeros(len(needed), dtype=bool)  # held back by a partition with records left
-        for stream in (INVENTORY, ZIP_CODES):
-            busy, idle = self._stream_bounds(stream, self.partitions(stream), now)
-            ready &= (needed < busy) & ((needed < idle) | patient)
-            behind |= needed >= self._backlog_bound(stream, self.partitions(stream), now)
-        for partition in np.unique(partitions).tolist():
-            if partition < 0:
-                continue
-            rows = partitions == partition
-            busy, idle = self._stream_bounds(PAYMENTS, [partition], now)
-            ready[rows] &= (needed[rows] < busy) & ((needed[rows] < idle) | patient[rows])
-            behind[rows] |= needed[rows] >= self._backlog_bound(PAYMENTS, [partition], now)
+        behind = np.zeros(len(needed), dtype=bool)
+        for stream in STREAMS:
+            busy, quiet, lagging = self._stream_bounds(stream)
+            ready &= (needed < busy) & ((needed < quiet) | patient)
+            behind |= needed >= lagging
         expired = ~ready & (waited_s >= self.max_wait_s) & ~behind
         return ready, expired
 
-    def _backlog_bound(self, stream: str, partitions: Iterable[int], now: float) -> int:
-        """The lowest time (UTC ms) still unpassed by a partition of ``partitions`` that has
-        records left to read (its high watermark is past what was applied): an order at or
-        after it waits for them, whatever the max wait. _ALWAYS if no partition is behind."""
-        lowest = _ALWAYS
+    def _stream_bounds(self, stream: str) -> tuple[int, int, int]:
+        """(busy, quiet, lagging) for ``stream``: an order at time T has passed its partitions
+        if T < busy (the partitions with records to come or an unknown end) and either T <
+        quiet (the quiet ones) or the allowance has run; it is held back by a partition with
+        records left to read if T >= lagging."""
+        partitions = [p for (s, p) in self.progress if s == stream]
+        if self.snapshot and not self.had_records[stream]:
+            return _ALWAYS, _ALWAYS, _ALWAYS  # a snapshot, and no news since
+        if not partitions:
+            return _NEVER, _NEVER, _ALWAYS
+        busy = quiet = lagging = _ALWAYS
         for partition in partitions:
-            progress = self.progress.get((stream, partition))
-            if progress is not None and progress.high >= 0 and not progress.at_end:
-                lowest = min(lowest, self.bounds(stream, partition, now)[0])
-        return lowest
+            progress = self.progress[(stream, partition)]
+            bound = progress.max_event_ms
+            if progress.at_end and (self.had_records[stream] or self.snapshot):
+                quiet = min(quiet, bound)
+            else:
+                busy = min(busy, bound)
+            if progress.behind:
+                lagging = min(lagging, bound)
+        return busy, quiet, lagging
 
-    def passed(self, stream: str, partition: int, now: float, waited_s: float = 0.0) -> int:
-        """The partition has passed every time (UTC ms) below the value returned, for an order
-        that has waited ``waited_s``."""
-        busy, idle = self._stream_bounds(stream, [partition], now)
-        return busy if waited_s >= self.idle_s else min(busy, idle)
-
-    def scored(self, partitions: np.ndarray, timestamps_ms: np.ndarray) -> None:
-        """Orders were scored: a reference event at or before their seconds is late now."""
-        if not len(timestamps_ms):
-            return
-        needed = np.floor_divide(timestamps_ms, 1000) * 1000
-        top = int(needed.max())
-        for stream in (INVENTORY, ZIP_CODES):
-            self.scored_upto[stream] = max(self.scored_upto[stream], top)
-        for partition in np.unique(partitions).tolist():
-            if partition >= 0:
-                upto = int(needed[partitions == partition].max())
-                self.payments_scored_upto[partition] = max(
-                    self.payments_scored_upto.get(partition, _NEVER), upto)
+    def scored(self, timestamps_ms: np.ndarray) -> None:
+        """Orders were scored: a reference event at or before their times is late now."""
+        if len(timestamps_ms):
+            self.scored_upto = max(self.scored_upto, int(np.max(timestamps_ms)))
 
     def caught_up(self, stream: str) -> bool:
         """Every tracked partition of ``stream`` is at its high watermark."""
         return all(self.progress[(stream, p)].at_end for p in self.partitions(stream))
 
 
-class ReferenceReader:
-    """Reads the reference topics into a :class:`ReferenceFeed` with ``assign()``.
+class Letter(NamedTuple):
+    """A reference record for the reference dead-letter topic."""
 
-    ``poll()`` between batches applies what has arrived and returns the dead letters to
-    produce; ``restore()`` reads the global tables up to their ends before the worker joins
-    the orders group. Raises ConfigurationError if payments is not co-partitioned with
-    orders."""
+    source: Source
+    key: bytes | None
+    value: bytes | None
+    reason: str
+    message: str
+
+
+class Polled(NamedTuple):
+    """What a poll of the reference topics did: records to dead-letter, late events."""
+
+    letters: list[Letter]
+    late: list[LateEvent]
+
+
+class ReferenceReader:
+    """Reads the reference topics into a :class:`ReferenceFeed` with ``assign()``: every
+    partition of every stream, from the beginning, including topics and partitions that appear
+    later (looked for every ``TRIAGE_METADATA_REFRESH_MS``).
+
+    ``poll()`` between batches applies what has arrived and returns the dead letters to produce
+    and the late events; ``restore()`` reads the streams up to their ends before the worker
+    joins the orders group."""
 
     def __init__(self, connection: ConnectionSettings, topics: TopicSettings,
                  feed: ReferenceFeed, log: Any = None) -> None:
@@ -353,82 +393,74 @@ class ReferenceReader:
         self.log = log or structlog.get_logger("reference")
         self.consumer: Consumer = make_consumer(connection,
                                                 f"triage-reference-{uuid.uuid4().hex}")
-        self.stream_of = {topics.inventory_topic: INVENTORY, topics.payments_topic: PAYMENTS,
-                          topics.zip_codes_topic: ZIP_CODES}
+        self.topic_of = {INVENTORY: topics.inventory_topic, PAYMENTS: topics.payments_topic,
+                         ZIP_CODES: topics.zip_codes_topic}
+        self.stream_of = {topic: stream for stream, topic in self.topic_of.items()}
         self.codecs: dict[str, Codec] = {
-            INVENTORY: codec_for(connection, "inventory", topics.inventory_topic),
-            PAYMENTS: codec_for(connection, "payment", topics.payments_topic),
-            ZIP_CODES: codec_for(connection, "zip_code", topics.zip_codes_topic)}
+            stream: codec_for(connection, SPECS[stream].schema, self.topic_of[stream])
+            for stream in STREAMS}
         self.missing: set[str] = set()
         self.assigned: list[TopicPartition] = []
+        self.refresh_s = connection.metadata_refresh_ms / 1000.0
+        self._looked_at = -math.inf
 
     def start(self, stop: Callable[[], bool] = lambda: False) -> None:
-        """Assign every partition of the global streams, from the beginning (a topic that does
-        not exist is logged and read as a stream without records); ``stop()`` gives up."""
-        for topic in (self.topics.inventory_topic, self.topics.zip_codes_topic):
-            if stop():
-                return
-            found = self._partitions(topic)
-            self.feed.assign(self.stream_of[topic], (tp.partition for tp in found))
-            self.assigned += found
-        self.consumer.assign([TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING)
-                              for tp in self.assigned])
+        """Assign every partition of the three streams, from the beginning (a topic that does
+        not exist is logged, read as a stream without records, and looked for again);
+        ``stop()`` gives up."""
+        if not stop():
+            self.discover()
 
-    def _partitions(self, topic: str) -> list[TopicPartition]:
+    def discover(self) -> list[TopicPartition]:
+        """Assign the partitions of the reference topics not read yet, from the beginning;
+        returns them. Asks for the metadata of every topic, which creates none (a request
+        naming a topic may create it on a broker that auto-creates topics)."""
+        self._looked_at = time.monotonic()
         try:
-            return partitions_of(self.consumer, topic)
+            known = self.consumer.list_topics(timeout=10.0).topics
         except KafkaException as exc:
-            self.missing.add(topic)
-            self.log.warning("reference_topic_missing", topic=topic, error=str(exc),
-                             note="orders wait for it up to TRIAGE_REFERENCE_MAX_WAIT_MS, "
-                             "unless a CSV snapshot was loaded")
+            self.log.warning("reference_metadata_failed", error=str(exc))
             return []
+        reading = {(tp.topic, tp.partition) for tp in self.assigned}
+        added: list[TopicPartition] = []
+        for stream in STREAMS:
+            topic = self.topic_of[stream]
+            meta = known.get(topic)
+            if meta is None or meta.error is not None or not meta.partitions:
+                if topic not in self.missing:
+                    self.missing.add(topic)
+                    self.log.warning("reference_topic_missing", topic=topic,
+                                     note="looked for again every TRIAGE_METADATA_REFRESH_MS; "
+                                     "until then orders wait for it up to "
+                                     "TRIAGE_REFERENCE_MAX_WAIT_MS, unless a CSV snapshot was "
+                                     "loaded")
+                continue
+            if topic in self.missing:
+                self.missing.discard(topic)
+                self.log.info("reference_topic_found", topic=topic,
+                              partitions=len(meta.partitions))
+            new = sorted(p for p in meta.partitions if (topic, p) not in reading)
+            self.feed.assign(stream, new, count=len(meta.partitions))
+            if new and self.assigned:
+                self.log.info("reference_partitions_added", topic=topic, partitions=new)
+            added += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in new]
+        if added:
+            self.consumer.incremental_assign(added)
+            self.assigned += added
+        return added
 
-    def check_copartitioned(self, orders_topic: str) -> None:
-        """Refuse to run when payments and orders have different partition counts: an order
-        and its payments would not be on the same partition number."""
-        if self.topics.payments_topic in self.missing:
-            return
-        payments = len(self._partitions(self.topics.payments_topic))
-        orders = len(partitions_of(self.consumer, orders_topic))
-        if payments and payments != orders:
-            raise ConfigurationError(
-                f"{self.topics.payments_topic} has {payments} partitions and {orders_topic} "
-                f"{orders}: payments must be co-partitioned with orders (the same count and "
-                "the Java client's partitioner) for a worker to find an order's payments; "
-                "recreate one of them")
-
-    def assign_payments(self, partitions: list[int]) -> None:
-        """Orders partitions were assigned: read the same payments partitions from the start."""
-        if self.topics.payments_topic in self.missing or not partitions:
-            return
-        self.feed.assign(PAYMENTS, partitions)
-        added = [TopicPartition(self.topics.payments_topic, p, OFFSET_BEGINNING)
-                 for p in partitions]
-        self.consumer.incremental_assign(added)
-        self.assigned += added
-        self.log.info("payments_restoring", partitions=partitions)
-
-    def revoke_payments(self, partitions: list[int]) -> None:
-        if self.topics.payments_topic in self.missing or not partitions:
-            return
-        gone = [TopicPartition(self.topics.payments_topic, p) for p in partitions]
-        self.consumer.incremental_unassign(gone)
-        self.assigned = [tp for tp in self.assigned if (tp.topic, tp.partition)
-                         not in {(g.topic, g.partition) for g in gone}]
-        self.feed.revoke_payments(partitions)
-
-    def poll(self, max_records: int = 20_000, timeout_s: float = 0.0
-             ) -> list[tuple[Source, bytes | None, bytes | None, str, str]]:
-        """Apply what has arrived (up to ``max_records``); returns the records to dead-letter
-        as (source, key, value, reason, message)."""
-        now = time.monotonic()
+    def poll(self, max_records: int = 20_000, timeout_s: float = 0.0) -> Polled:
+        """Apply what has arrived (up to ``max_records``), after looking for new topics and
+        partitions if it is time; returns the records to dead-letter and the late events."""
+        if time.monotonic() - self._looked_at >= self.refresh_s:
+            self.discover()
         batch = records_of(self.consumer.consume(max_records, timeout_s), self.log)
         by_partition: dict[tuple[str, int], list[Any]] = {}
         for msg in batch:
             source = source_of(msg)
             by_partition.setdefault((source.topic, source.partition), []).append((source, msg))
-        letters = []
+        letters: list[Letter] = []
+        late: list[LateEvent] = []
         for (topic, partition), items in by_partition.items():
             stream = self.stream_of[topic]
             codec = self.codecs[stream]
@@ -441,10 +473,11 @@ class ReferenceReader:
                     records.append(None)
                     rejected.append((i, exc.reason, exc.message))
             applied = self.feed.apply(stream, partition, records,
-                                      [s.offset for s, _ in items], now, rejected)
+                                      [s.offset for s, _ in items], rejected)
+            late += applied.late
             for i, reason, message in applied.rejected:
                 source, msg = items[i]
-                letters.append((source, msg.key(), msg.value(), reason, message))
+                letters.append(Letter(source, msg.key(), msg.value(), reason, message))
                 metrics.REFERENCE_DEAD_LETTERS.labels(stream, reason).inc()
                 self.log.warning("reference_dead_lettered", stream=stream, reason=reason,
                                  error=message[:200], partition=partition,
@@ -452,13 +485,12 @@ class ReferenceReader:
         for tp in self.assigned:
             low, high = self.consumer.get_watermark_offsets(tp, cached=True)
             if high >= 0:
-                self.feed.note_position(self.stream_of[tp.topic], tp.partition, low, high, now)
-        return letters
+                self.feed.note_position(self.stream_of[tp.topic], tp.partition, low, high)
+        return Polled(letters, late)
 
-    def restore(self, stream_names: Sequence[str] = (INVENTORY, ZIP_CODES),
-                timeout_s: float = 600.0, stop: Callable[[], bool] = lambda: False,
-                progress: Callable[[], object] = lambda: None
-                ) -> list[tuple[Source, bytes | None, bytes | None, str, str]]:
+    def restore(self, stream_names: Sequence[str] = STREAMS, timeout_s: float = 600.0,
+                stop: Callable[[], bool] = lambda: False,
+                progress: Callable[[], object] = lambda: None) -> list[Letter]:
         """Read ``stream_names`` up to their high watermarks (logging progress, and calling
         ``progress()``, every 2 s), unless ``stop()`` says to give up; returns the dead letters
         met on the way."""
@@ -466,7 +498,7 @@ class ReferenceReader:
         letters = []
         progress()
         while not all(self.feed.caught_up(s) for s in stream_names) and not stop():
-            letters += self.poll(timeout_s=0.1)
+            letters += self.poll(timeout_s=0.1).letters
             now = time.monotonic()
             if now - started > timeout_s:
                 raise KafkaException(KafkaError(KafkaError._TIMED_OUT,
@@ -482,4 +514,5 @@ class ReferenceReader:
         return letters
 
     def close(self) -> None:
-        self.consumer.close()
+        with contextlib.suppress(RuntimeError):  # closed already (a reader that failed)
+            self.consumer.close()

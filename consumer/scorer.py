@@ -13,6 +13,7 @@ loop commits a batch's offsets once every record it produced is acknowledged: at
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from confluent_kafka import Message, TopicPartition
 from triage.bus.clients import (
     PRODUCER_MAX_MESSAGE_BYTES,
     Source,
+    partitions_of,
     produce,
     source_of,
     topic_max_message_bytes,
@@ -35,7 +37,8 @@ from triage.consumer.core import CoreConfig, Incoming, Outcome, ScoringCore, spl
 from triage.consumer.deadletter import dead_letter_headers, fit_dead_letter
 from triage.consumer.loop import BatchLoop, Handled, Output
 from triage.consumer.models import ModelFollower
-from triage.consumer.reference import ReferenceFeed, ReferenceReader
+from triage.consumer.reference import Letter, Polled, ReferenceFeed, ReferenceReader
+from triage.consumer.revisions import RetainedOrders, kept_from_records, read_published
 from triage.consumer.validation import OrderValidator
 from triage.model.artifact import Model
 from triage.model.reference import ReferenceTables
@@ -50,11 +53,13 @@ class ScorerStats:
     dead_lettered: Counter[str] = field(default_factory=Counter)
     batches: int = 0
     expired: int = 0  # scored because the reference wait ran out
+    corrected: int = 0  # revisions published for late reference events
 
     def count(self, outcome: Outcome) -> None:
         self.consumed += outcome.size
         self.expired += outcome.expired
-        self.predicted += len(outcome.predictions)
+        # An order read again whose published revision still holds has its prediction.
+        self.predicted += len(outcome.predictions) + outcome.republished
         self.sampled += len(outcome.samples)
         self.dead_lettered.update(d.reason for d in outcome.dead_letters)
         self.batches += 1 if outcome.size else 0  # idle turns (reference polls) are no batch
@@ -67,7 +72,7 @@ class ScorerStats:
     def as_dict(self) -> dict[str, object]:
         return {"consumed": self.consumed, "predicted": self.predicted, "sampled": self.sampled,
                 "dead_lettered": dict(self.dead_lettered), "batches": self.batches,
-                "reference_wait_expired": self.expired}
+                "reference_wait_expired": self.expired, "corrected": self.corrected}
 
 
 def core_config(scorer: ScorerSettings) -> CoreConfig:
@@ -81,8 +86,9 @@ class Scorer:
 
     ``snapshot``: the reference tables loaded from CSVs (``--reference``), or None to start
     from nothing. With ``live_reference`` (the default) the worker reads the reference streams
-    on top (consumer/reference.py) and orders wait for them by event time; without, it scores
-    with the snapshot alone, at once. ``extra_hooks``: the hooks of ``TRIAGE_HOOKS``, run after
+    on top (consumer/reference.py), orders wait for them by event time, and late events bring
+    corrected revisions (consumer/revisions.py); without, it scores with the snapshot alone, at
+    once. ``extra_hooks``: the hooks of ``TRIAGE_HOOKS``, run after
     the built-in validation under the batch's deadline. ``health``: beaten by the loop and the
     restore; its ``reference_restored`` condition met once the tables are restored.
     ``follower``: a worker following a model registry; the models it loads are swapped in
@@ -109,10 +115,13 @@ class Scorer:
         self.reader = ReferenceReader(connection, topics, self.feed, log=self.log) \
             if live_reference else None
         checks, observers = split_hooks(extra_hooks or [])
+        self.retained = RetainedOrders(settings.reference.correction_retention_s * 1000) \
+            if live_reference else None
         self.core = ScoringCore(
             model, tables, codec_for(connection, "order", topics.orders_topic),
             config=core_config(settings.scorer), checks=[validator, *checks],
-            observers=observers, gate=self.feed if live_reference else None, log=self.log)
+            observers=observers, gate=self.feed if live_reference else None,
+            retained=self.retained, log=self.log)
         self.core.shadow = shadow
         self.predictions = codec_for(connection, "prediction", topics.predictions_topic)
         self.samples = codec_for(connection, "drift_sample", topics.drift_topic)
@@ -128,6 +137,11 @@ class Scorer:
                              health=health)
         loop.progress, loop.status = self.stats.as_dict, self.status
         self.loop = loop
+        # Predictions go to the partition number of their order when the two topics have as
+        # many partitions (then a partition's predictions are read back from one partition);
+        # else by key. Set by run().
+        self._prediction_partitions: list[int] = []
+        self._same_count = False
         self._consumed_upto: dict[tuple[str, int], int] = {}
         self._committed: dict[tuple[str, int], int] = {}
         self._paused: set[int] = set()
@@ -151,10 +165,10 @@ class Scorer:
                       live_reference=self.reader is not None,
                       reference_snapshot_records=self.feed.tables.size)
         if self.reader is not None:
+            self._count_partitions()
             self.reader.start(stop=lambda: self.loop.stop_requested)
             if self.loop.stop_requested:  # asked to stop while the brokers were being asked
                 return self.stats
-            self.reader.check_copartitioned(self.topics.orders_topic)
             letters = self.reader.restore(stop=lambda: self.loop.stop_requested,
                                           progress=self._restore_progress)
             if letters:  # dead letters met while restoring, before the loop runs
@@ -175,6 +189,14 @@ class Scorer:
                 self.reader.close()
             self.log.info("worker_stopped", **self.stats.as_dict())
         return self.stats
+
+    def _count_partitions(self) -> None:
+        """How many partitions the orders and predictions topics have (see __init__)."""
+        consumer = self.loop.consumer
+        orders = len(partitions_of(consumer, self.topics.orders_topic))
+        self._prediction_partitions = [tp.partition for tp in partitions_of(
+            consumer, self.topics.predictions_topic)]
+        self._same_count = orders == len(self._prediction_partitions)
 
     def _swap_model(self) -> None:
         """Between two batches: take the model the follower loaded, if any (consumer/models.py)."""
@@ -202,7 +224,9 @@ class Scorer:
     def status(self) -> dict[str, object]:
         """The status file's fields beyond the loop's: the worker is ready once restored."""
         return {"restored": True, "reference_records": self.feed.tables.size,
-                "waiting_orders": sum(self.core.waiting_counts().values())}
+                "waiting_orders": sum(self.core.waiting_counts().values()),
+                "reference_misplaced": sum(self.feed.misplaced.values()),
+                "corrected": self.stats.corrected}
 
     # -- the loop's handler ----------------------------------------------------------------
 
@@ -215,7 +239,9 @@ class Scorer:
         and the partitions to pause or resume."""
         if self.follower is not None:
             self._swap_model()
-        out = self._reference_letters(self.reader.poll()) if self.reader is not None else []
+        polled = self.reader.poll() if self.reader is not None else Polled([], [])
+        out = self._reference_letters(polled.letters)
+        corrections = self.core.correct(polled.late) + self.core.verify()
         sources = [source_of(m) for m in records]
         for source in sources:
             key = (source.topic, source.partition)
@@ -224,8 +250,15 @@ class Scorer:
                                      for m, source in zip(records, sources, strict=True)])
         encode_prediction, encode_sample = self.predictions.encode, self.samples.encode
         topics = self.topics
-        out += [Output(topics.predictions_topic, p.key, encode_prediction(p.record))
-                for p in outcome.predictions]
+        if self._same_count:
+            out += [Output(topics.predictions_topic, p.key, encode_prediction(p.record), None,
+                           p.record["order_partition"]) for p in outcome.predictions]
+        else:
+            out += [Output(topics.predictions_topic, p.key, encode_prediction(p.record))
+                    for p in outcome.predictions]
+        out += [Output(topics.predictions_topic, c.key, encode_prediction(c.record), None,
+                       c.partition if self._same_count else -1) for c in corrections]
+        self.stats.corrected += len(corrections)
         out += [Output(topics.drift_topic, s.key, encode_sample(s.record))
                 for s in outcome.samples]
         out += [Output(topics.shadow_topic, p.key, encode_prediction(p.record))
@@ -261,24 +294,32 @@ class Scorer:
         return pause, resume
 
     def on_assigned(self, partitions: list[int]) -> None:
-        if self.reader is not None:
-            self.reader.assign_payments(partitions)
+        """Read back what was published for the orders of ``partitions`` in the last
+        retention period, before any of their orders is scored (consumer/revisions.py)."""
+        if self.retained is None or not partitions:
+            return
+        self._count_partitions()
+        since = int(time.time() * 1000) - self.retained.retention_ms
+        found = read_published(
+            self.settings.connection, self.topics.predictions_topic, partitions,
+            partitions if self._same_count else self._prediction_partitions, since, self.log)
+        for partition, records in found.items():
+            self.retained.add(kept_from_records(partition, records, time.monotonic()))
 
     def on_revoked(self, partitions: list[int]) -> None:
         dropped = self.core.drop(partitions)
         if dropped:
             self.log.info("waiting_orders_dropped", orders=dropped, partitions=partitions,
                           note="uncommitted: the partitions' new owner reads them again")
-        if self.reader is not None:
-            self.reader.revoke_payments(partitions)
+        if self.retained is not None:
+            self.retained.drop(partitions)
         gone = set(partitions)
         for table in (self._consumed_upto, self._committed):
             for key in [k for k in table if k[1] in gone]:
                 del table[key]
         self._paused -= gone
 
-    def _reference_letters(self, letters: list[tuple[Source, bytes | None, bytes | None, str,
-                                                     str]]) -> list[Output]:
+    def _reference_letters(self, letters: list[Letter]) -> list[Output]:
         return [self._dead_letter(self.topics.reference_dlq_topic, source, key, value, reason,
                                   "ValidationError" if reason in VALIDATION_REASONS
                                   else "DecodeError", message)

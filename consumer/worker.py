@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from triage.bus.clients import records_in
+from triage.bus.clients import records_in, reference_topics
 from triage.bus.errors import EXIT_CONFIGURATION, ConfigurationError, exit_status, is_expected
 from triage.bus.health import Health, serve
 from triage.bus.logs import configure_logging
@@ -44,10 +44,11 @@ if TYPE_CHECKING:
 
 _PARENT_CHECK_S = 0.5
 # A worker joins the orders group before it loads and restores only when the restore reads at
-# most this many records of the global reference streams: about a second at the measured
-# ~110,000 records/s (a million in 9.1 s, docs/benchmarks.md). Otherwise it joins after, as it
-# would hold partitions it cannot read yet. (On the embedded broker the watermarks this asks
-# for count produce batches, not records, so it joins early more often there.)
+# most this many records of the reference streams (all three are global tables): about a
+# second at the measured ~110,000 records/s (a million in 9.1 s, docs/benchmarks.md).
+# Otherwise it joins after, as it would hold partitions it cannot read yet. (On the embedded
+# broker the watermarks this asks for count produce batches, not records, so it joins early
+# more often there.)
 EARLY_JOIN_MAX_RECORDS = 100_000
 READINESS = ("model_loaded", "reference_restored", "group_joined")  # /readyz waits for these
 
@@ -135,8 +136,7 @@ def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | P
         # unless the worker will spend long restoring the reference streams (it would hold
         # partitions it does not read) or may wait long for a registry's first version.
         if registry_dir is None:
-            backlog = records_in(loop.consumer, [settings.topics.inventory_topic,
-                                                 settings.topics.zip_codes_topic])
+            backlog = records_in(loop.consumer, list(reference_topics(settings.topics)))
             if backlog is not None and backlog <= EARLY_JOIN_MAX_RECORDS:
                 loop.subscribe()
         if serving_process:

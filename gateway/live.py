@@ -1,31 +1,31 @@
 """The live reference streams in the HTTP front door: the ``--reference`` CSVs as the snapshot
 (``snapshot``; without them the tables start empty, as a worker's without ``--reference``), and
 ``inventory``, ``payments`` and ``zip_codes`` applied on top as they arrive, by the workers' own
-reader and event-time rule (consumer/reference.py).
+reader and event-time rule (consumer/reference.py): every partition of every stream, topics
+and partitions that appear later included, the same tables as a worker's, so a worker and the
+gateway give the same answer for the same order.
 
-A gateway is in no consumer group and any order may reach it, so it reads every partition of
-all three streams (payments too), restores them before it is ready, and then applies what
-arrives from a background thread. It never waits for a stream: an answer is given at once,
-and says whether every stream had passed the order's time when it was given
-(``reference_complete``; an idle partition, at its high watermark for
-``TRIAGE_REFERENCE_IDLE_MS``, counts as passed). An answer given before that may miss
-reference events still to come, as a worker's prediction flagged ``reference_wait_expired``
-may: the published prediction carries that flag.
+The gateway restores the streams before it is ready, and then applies what arrives from a
+background thread. It never waits for a stream: an answer is given at once, and says whether
+every stream had passed the order's time when it was given (``reference_complete``; a quiet
+partition counts as passed once ``TRIAGE_REFERENCE_LATENESS_MS`` has run from the order's time).
+An answer given before that may miss reference events still to come, as a worker's prediction
+flagged ``reference_wait_expired`` may: the published prediction carries that flag. If the
+reader stops for any reason, :attr:`LiveReference.failed` says why and ``/readyz`` answers 503:
+the answers would come from tables that no longer move.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import structlog
 
-from triage.bus.clients import partitions_of
 from triage.bus.settings import Settings
-from triage.consumer.reference import PAYMENTS, STREAMS, ReferenceFeed, ReferenceReader
+from triage.consumer.reference import STREAMS, ReferenceFeed, ReferenceReader
 from triage.consumer.validation import OrderValidator
 from triage.model.reference import ReferenceTables
 
@@ -44,9 +44,7 @@ class LiveReference:
         self.reader = ReferenceReader(settings.connection, settings.topics, self.feed,
                                       log=self.log)
         self.reader.start()
-        if settings.topics.payments_topic not in self.reader.missing:
-            payments = partitions_of(self.reader.consumer, settings.topics.payments_topic)
-            self.reader.assign_payments([tp.partition for tp in payments])
+        self.failed: str | None = None  # why the background reader stopped, if it did
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gateway-reference",
@@ -72,29 +70,27 @@ class LiveReference:
     def complete(self, timestamps_ms: np.ndarray) -> np.ndarray:
         """bool per order time (UTC ms): every partition of every stream has passed it. Call
         inside :meth:`reading`."""
-        now = time.monotonic()
-        needed = np.floor_divide(timestamps_ms, 1000) * 1000
-        patient = np.full(len(needed), self.feed.idle_s)  # an idle partition has passed
-        ready, _ = self.feed.admit(np.full(len(needed), -1), needed, patient, now)
-        payments = self.feed.partitions(PAYMENTS)
-        if payments:
-            passed = min(self.feed.passed(PAYMENTS, p, now, self.feed.idle_s)
-                         for p in payments)
-            ready &= needed < passed
+        times = np.asarray(timestamps_ms, dtype=np.int64)
+        ready, _ = self.feed.admit(times, times, np.zeros(len(times)))
         return np.asarray(ready, dtype=bool)
+
+    @property
+    def healthy(self) -> bool:
+        """The background reader is running (or not started yet)."""
+        return self.failed is None
 
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
                 with self._lock:
-                    letters = self.reader.poll(timeout_s=0.0)
+                    letters = self.reader.poll(timeout_s=0.0).letters
                 if letters:  # the workers dead-letter them; a gateway only reads
                     self.log.warning("reference_records_refused", records=len(letters))
                 self._stop.wait(_POLL_S)
-        except Exception as exc:  # the answers go on from the tables as they stand
-            self.log.error("reference_reader_failed", error=str(exc),
-                           note="answers now come from the tables as they stand, flagged "
-                                "reference_complete false once the streams move on")
+        except Exception as exc:  # anything: the thread ends, and readiness says so
+            self.failed = f"{type(exc).__name__}: {exc}"
+            self.log.error("reference_reader_failed", error=self.failed,
+                           note="/readyz answers 503 from now on: the tables no longer move")
 
     def close(self) -> None:
         self._stop.set()

@@ -95,8 +95,13 @@ def _build(settings: Settings, log: Any, closing: list[Any], *, model_dir: Path 
         log.warning("publishing_off", note="no broker configured: /decision/v1 answers, "
                     "nothing is published, /v1/orders and /v1/predictions answer 503")
     gateway = Gateway(settings, model, reference, publisher, follower, live)
+    # Ready while every background reader runs: the view of the topics and the reference
+    # streams (whose tables would otherwise stop moving under the answers).
+    def ready() -> bool:
+        return (view is None or view.ready) and (live is None or live.healthy)
+
     app = make_app(gateway, max_body_bytes=settings.gateway_max_body_bytes, kafka=kafka,
-                   ready=(lambda: view.ready) if view is not None else (lambda: True))
+                   ready=ready)
     log.info("gateway_loaded", model_version=model.version, reference_records=reference.size,
              broker=broker)
     return app, closing

@@ -145,8 +145,12 @@ class View:
             if topic == self.topics.predictions_topic:
                 record = self.codec.decode(msg.value())
                 with self._lock:
-                    self._predicted[record["order_id"]] = (at, record)
-                    self._predicted.move_to_end(record["order_id"])
+                    # The highest revision wins, not the latest offset: a correction may
+                    # reach the view before the revision it corrects (another partition).
+                    before = self._predicted.get(record["order_id"])
+                    if before is None or record["revision"] >= before[1]["revision"]:
+                        self._predicted[record["order_id"]] = (at, record)
+                        self._predicted.move_to_end(record["order_id"])
             elif topic == self.topics.dlq_topic:
                 headers = headers_dict(msg.headers())
                 reason = {"reason": headers.get(REASON_HEADER, "unknown"),

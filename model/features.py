@@ -16,8 +16,10 @@ The four features (DESIGN.md):
 * ``payment_status``: latest status of the order at or before it; ``MISSING`` when none.
 * ``zip_code_available``: order strictly after the zip's ``available_from``; False if unknown.
 
-Order times arrive as epoch milliseconds; reference times have whole seconds, so "at or before"
-compares ``floor(ms / 1000)`` with the reference second, which is exact.
+Order and reference times are compared at their own precision, UTC epoch milliseconds: a CSV
+row's whole second is a multiple of 1,000, so the CSVs' second-resolution as-of join is the
+same join in milliseconds, and a live event at 10:00:00.400 applies to an order at
+10:00:00.600 of the same second.
 """
 
 from __future__ import annotations
@@ -39,24 +41,23 @@ class OrderKeys:
     order_ids: Sequence[str]
     skus: Sequence[str]
     zip_codes: Sequence[str]
-    seconds: np.ndarray  # int64 UTC seconds since the epoch, floor of the order's milliseconds
-    partitions: np.ndarray | None = None  # orders topic partition of each; None: no Kafka
+    times_ms: np.ndarray  # int64 UTC milliseconds since the epoch
 
 
 def _hour(keys: OrderKeys) -> np.ndarray:
-    return np.asarray(np.floor_divide(keys.seconds, 3600) % 24)
+    return np.asarray(np.floor_divide(keys.times_ms, 3_600_000) % 24)
 
 
 def _inventory(keys: OrderKeys) -> np.ndarray:
-    return keys.reference.stock(keys.skus, keys.seconds)
+    return keys.reference.stock(keys.skus, keys.times_ms)
 
 
 def _payment_status(keys: OrderKeys) -> np.ndarray:
-    return keys.reference.payment_status(keys.order_ids, keys.seconds, keys.partitions)
+    return keys.reference.payment_status(keys.order_ids, keys.times_ms)
 
 
 def _zip_code_available(keys: OrderKeys) -> np.ndarray:
-    return keys.reference.zip_available(keys.zip_codes, keys.seconds)
+    return keys.reference.zip_available(keys.zip_codes, keys.times_ms)
 
 
 def _as_is(values: np.ndarray) -> list[Any]:
@@ -185,10 +186,8 @@ class FeatureBatch:
 
 
 def compute_features(reference: ReferenceTables, order_ids: Sequence[str], skus: Sequence[str],
-                     zip_codes: Sequence[str], timestamps_ms: np.ndarray,
-                     partitions: np.ndarray | None = None) -> FeatureBatch:
-    """Every declared feature of a batch of orders (timestamps in UTC epoch milliseconds;
-    ``partitions``: the orders topic partition of each, for the live payment tables)."""
-    seconds = np.floor_divide(np.asarray(timestamps_ms, dtype=np.int64), 1000)
-    keys = OrderKeys(reference, order_ids, skus, zip_codes, seconds, partitions)
+                     zip_codes: Sequence[str], timestamps_ms: np.ndarray) -> FeatureBatch:
+    """Every declared feature of a batch of orders (timestamps in UTC epoch milliseconds)."""
+    keys = OrderKeys(reference, order_ids, skus, zip_codes,
+                     np.asarray(timestamps_ms, dtype=np.int64))
     return FeatureBatch(**{f.name: f.compute(keys) for f in FEATURES})

@@ -60,12 +60,10 @@ class OrderColumns:
                                      self.sku_code, self.zip_code, strict=True)
         ]
 
-    def features(self, reference: ReferenceTables, partitions: np.ndarray | None = None
-                 ) -> FeatureBatch:
-        """Every feature of these orders; ``partitions``: the orders topic partition of each
-        (the live payment tables are per partition), None for orders read from none."""
+    def features(self, reference: ReferenceTables) -> FeatureBatch:
+        """Every feature of these orders, as of each order's own millisecond."""
         return compute_features(reference, self.order_id, self.sku_code, self.zip_code,
-                                self.timestamp_ms, partitions)
+                                self.timestamp_ms)
 
 
 def read_orders_csv(path: str | Path, limit: int | None = None,

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pandas reads the CSVs, imported then: a worker on live data
     import pandas as pd
 
 from triage.bus.errors import ConfigurationError
-from triage.model.asof import VersionedTable, Vocabulary
+from triage.model.asof import TIME_MAX, TIME_MIN, VersionedTable, Vocabulary
 
 MISSING_STATUS = "MISSING"
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -133,63 +133,23 @@ def check_reference_dir(data_dir: str | Path, encoding: str = "utf-8") -> None:
                                      f"it has {', '.join(header)}")
 
 
-def event_seconds(timestamps_ms: np.ndarray) -> np.ndarray:
-    """int64 UTC milliseconds of reference events -> the whole second each applies from: the
-    first whole second at or after the event (ceiling). A CSV row's own second, since its
-    timestamp is whole; a live event at 10:00:00.500 applies from 10:00:01, so an order's
-    features never use an event later than the order, and an order at second s needs only
-    the events up to s * 1000 ms (consumer/reference.py waits for exactly those)."""
-    return np.asarray(-np.floor_divide(-np.asarray(timestamps_ms, dtype=np.int64), 1000))
+def table_times_ms(seconds: np.ndarray, file: str, column: str) -> np.ndarray:
+    """int64 UTC seconds read from ``file``'s ``column`` -> milliseconds, the tables' unit.
 
-
-class PaymentTables:
-    """Payment statuses as codes of a :class:`Vocabulary`, in as-of tables: the CSV snapshot's
-    (``snapshot``), and one per partition of the payments topic read live (dropped when the
-    orders partition of the same number is revoked). An order's status is the later of the
-    two answers (its partition's table wins a tie: it was applied after the snapshot)."""
-
-    def __init__(self, snapshot: VersionedTable[np.int32] | None = None) -> None:
-        self.snapshot = snapshot if snapshot is not None else VersionedTable(np.int32)
-        self.partitions: dict[int, VersionedTable[np.int32]] = {}
-
-    def lookup(self, order_ids: Sequence[str], seconds: np.ndarray,
-               partitions: np.ndarray | None = None) -> np.ndarray:
-        """int32 status codes (0 = MISSING) of each order as of ``seconds``; ``partitions``:
-        the orders topic partition of each order (its payments partition's table and the
-        snapshot answer), or -1 (or None for all) for an order read from no partition (a CSV,
-        an HTTP request), which every live partition table held answers: its payments are on
-        one partition only, so the newest record found is that partition's. The later record
-        of the snapshot and the live tables wins."""
-        codes, _, times = self.snapshot.lookup_with_times(order_ids, seconds)
-        if not self.partitions:
-            return codes
-        if partitions is None:
-            partitions = np.full(len(seconds), -1, dtype=np.int64)
-        unplaced = partitions < 0
-        for partition, table in self.partitions.items():
-            rows = np.flatnonzero((partitions == partition) | unplaced)
-            if not len(rows):
-                continue
-            live, found, live_times = table.lookup_with_times(
-                [order_ids[i] for i in rows.tolist()], seconds[rows])
-            newer = found & (live_times >= times[rows])
-            codes[rows[newer]] = live[newer]
-            times[rows[newer]] = live_times[newer]
-        return codes
-
-    def partition(self, number: int) -> VersionedTable[np.int32]:
-        """The live table of payments partition ``number`` (made empty on first use)."""
-        return self.partitions.setdefault(number, VersionedTable(np.int32))
-
-    def drop(self, number: int) -> None:
-        self.partitions.pop(number, None)
-
-    def __len__(self) -> int:
-        return len(self.snapshot) + sum(len(t) for t in self.partitions.values())
-
-    @property
-    def nbytes(self) -> int:
-        return self.snapshot.nbytes + sum(t.nbytes for t in self.partitions.values())
+    Raises :class:`ReferenceDataError` naming the file line (row index + 2, after the header) of
+    the first time the tables cannot hold (before 1900 or from 2400 on, model/asof.py): a
+    "forever" date such as 9999-12-31 among them, for which leaving the row out means the same
+    to every order before 2400 (an unknown zip is not served)."""
+    times = np.asarray(seconds, dtype=np.int64) * 1000
+    bad = (times < TIME_MIN) | (times >= TIME_MAX)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        moment = np.datetime64(int(seconds[first]), "s")
+        raise ReferenceDataError(
+            f"{file}: {int(bad.sum())} {column} value(s) outside the times the tables hold "
+            f"(1900-01-01 to 2399-12-31), first {moment} on line {first + 2}; a 'never' date "
+            "such as 9999-12-31 is best left out (an unknown zip is not served)")
+    return times
 
 
 @dataclass
@@ -197,44 +157,53 @@ class ReferenceTables:
     """Inventory levels per SKU, payment statuses per order and zip roll-outs, as of any time,
     for a whole batch at once (``pandas.merge_asof(direction="backward")``, ties to the last
     applied). Built from the CSV snapshot (``load``), from nothing (``empty``), and kept up to
-    date by the live reference streams (consumer/reference.py): every table grows by batches.
+    date by the live reference streams (consumer/reference.py): every table grows by batches,
+    the live events after the snapshot's rows, so a live event wins a tie with a CSV row.
 
-    Times are int64 UTC seconds: a CSV row's own, a live event's :func:`event_seconds`.
+    Times are int64 UTC milliseconds: a CSV row's whole second times 1,000, a live event's own.
     """
 
     inventory: VersionedTable[np.float64]
-    payments: PaymentTables
+    payments: VersionedTable[np.int32]  # codes of ``statuses``
     statuses: Vocabulary
     zips: VersionedTable[np.int8]  # a record at available_from: the zip is served after it
 
     @classmethod
     def empty(cls) -> ReferenceTables:
         """Tables with no record yet: the live path without a CSV snapshot."""
-        return cls(VersionedTable(np.float64), PaymentTables(), Vocabulary(),
+        return cls(VersionedTable(np.float64), VersionedTable(np.int32), Vocabulary(),
                    VersionedTable(np.int8))
 
     @classmethod
     def from_frames(cls, inventory: pd.DataFrame, payments: pd.DataFrame,
                     zip_codes: pd.DataFrame) -> ReferenceTables:
         """Tables from the three CSVs' columns (text). Rows of a file are applied in file order,
-        so of two rows with the same key and second the later one wins, as in merge_asof."""
+        so of two rows with the same key and second the later one wins, as in merge_asof.
+
+        Raises :class:`ReferenceDataError` naming the file and line of a value that cannot be
+        read or held (a time before 1900 or from 2400 on, a non-numeric level)."""
         try:
             stock = inventory["inventory"].to_numpy(dtype=np.float64)
         except ValueError as exc:
             raise ReferenceDataError(f"inventory.csv: non-numeric inventory ({exc})") from None
         statuses = Vocabulary()
         codes = statuses.encode(payments["payment_status"].tolist()).astype(np.int32)
+
+        def times(frame: pd.DataFrame, file: str, column: str) -> np.ndarray:
+            what = f"{file} {column}"
+            return table_times_ms(parse_timestamps(frame[column], what), file, column)
+
         return cls(
             inventory=VersionedTable.from_records(
                 inventory["sku_code"].tolist(),
-                parse_timestamps(inventory["timestamp"], "inventory.csv timestamp"), stock),
-            payments=PaymentTables(VersionedTable.from_records(
-                payments["order_id"].tolist(),
-                parse_timestamps(payments["timestamp"], "payments.csv timestamp"), codes)),
+                times(inventory, "inventory.csv", "timestamp"), stock),
+            payments=VersionedTable.from_records(
+                payments["order_id"].tolist(), times(payments, "payments.csv", "timestamp"),
+                codes),
             statuses=statuses,
             zips=VersionedTable.from_records(
                 zip_codes["zip_code"].tolist(),
-                parse_timestamps(zip_codes["available_from"], "zip_codes.csv available_from"),
+                times(zip_codes, "zip_codes.csv", "available_from"),
                 np.ones(len(zip_codes), dtype=np.int8)),
         )
 
@@ -252,21 +221,21 @@ class ReferenceTables:
 
     # -- lookups, for a batch ---------------------------------------------------------------
 
-    def stock(self, skus: Sequence[str], seconds: np.ndarray) -> np.ndarray:
-        """float64 latest stock level of each SKU at or before ``seconds``; NaN when none."""
-        values, found = self.inventory.lookup(skus, seconds)
+    def stock(self, skus: Sequence[str], times_ms: np.ndarray) -> np.ndarray:
+        """float64 latest stock level of each SKU at or before ``times_ms``; NaN when none."""
+        values, found = self.inventory.lookup(skus, times_ms)
         return np.where(found, values, np.nan)
 
-    def payment_status(self, order_ids: Sequence[str], seconds: np.ndarray,
-                       partitions: np.ndarray | None = None) -> np.ndarray:
-        """object array: latest status of each order at or before ``seconds``; MISSING when
-        none (see :meth:`PaymentTables.lookup` for ``partitions``)."""
-        return self.statuses.decode(self.payments.lookup(order_ids, seconds, partitions))
+    def payment_status(self, order_ids: Sequence[str], times_ms: np.ndarray) -> np.ndarray:
+        """object array: latest status of each order at or before ``times_ms``; MISSING when
+        none."""
+        codes, _ = self.payments.lookup(order_ids, times_ms)
+        return self.statuses.decode(codes)
 
-    def zip_available(self, zip_codes: Sequence[str], seconds: np.ndarray) -> np.ndarray:
-        """bool: the order's second is strictly after the zip's ``available_from`` (its
+    def zip_available(self, zip_codes: Sequence[str], times_ms: np.ndarray) -> np.ndarray:
+        """bool: the order's time is strictly after the zip's ``available_from`` (its
         earliest, if listed twice); False for an unknown zip."""
-        _, found = self.zips.lookup(zip_codes, np.asarray(seconds) - 1)
+        _, found = self.zips.lookup(zip_codes, np.asarray(times_ms) - 1)
         return found
 
     def knows_zip(self, zip_code: str) -> bool:

@@ -115,6 +115,7 @@ def test_demo_reports_full_agreement(settings: Settings, tmp_path: Path) -> None
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "agreement with offline batch scoring: 100.00%" in result.stdout
+    assert "wrong without a flag or a correction: 0\n" in result.stdout
     lines = (tmp_path / "results" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 20_000
     assert {json.loads(line)["recommendation"] for line in lines} == {

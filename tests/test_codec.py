@@ -47,6 +47,8 @@ PREDICTION = {
                  "zip_code_available": True},
     "order_timestamp_ms": 1, "scored_at_ms": 2, "order_published_at_ms": 3,
     "order_partition": 4, "order_offset": 5, "reference_wait_expired": True,
+    "revision": 2, "revision_reason": "late_reference:payments", "sku_code": "SKU-1",
+    "zip_code": "00501",
 }
 
 
@@ -523,10 +525,14 @@ def test_registry_tls_files_are_checked_at_start_up(tmp_path: Path) -> None:
         Settings.of(schema_registry_ssl_ca_location=str(missing))
 
 
-def test_a_prediction_written_with_the_first_contract_still_decodes() -> None:
-    """Schema evolution: version 2 added reference_wait_expired with a default; records
-    written with version 1 (schemas/history/prediction.1.avsc) decode, the field false."""
-    old = {k: v for k, v in PREDICTION.items() if k != "reference_wait_expired"}
-    data = Codec("history/prediction.1").encode(old)
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_prediction_written_with_an_earlier_contract_still_decodes(version: int) -> None:
+    """Schema evolution: version 2 added reference_wait_expired, version 3 revision,
+    revision_reason, sku_code and zip_code, each with a default; records written with an
+    earlier version (schemas/history/prediction.<n>.avsc) decode with the defaults."""
+    added = {"reference_wait_expired": False} if version == 1 else {}
+    added |= {"revision": 1, "revision_reason": None, "sku_code": "", "zip_code": ""}
+    old = {k: v for k, v in PREDICTION.items() if k not in added}
+    data = Codec(f"history/prediction.{version}").encode(old)
     assert data[2:10] != Codec("prediction").encode(PREDICTION)[2:10]  # another fingerprint
-    assert Codec("prediction").decode(data) == {**old, "reference_wait_expired": False}
+    assert Codec("prediction").decode(data) == {**old, **added}

@@ -109,8 +109,10 @@ def test_hand_made_edge_cases_match_merge_asof(tmp_path: Path) -> None:
     assert features.order_hour_of_day.tolist() == [10, 9, 12, 12, 0, 23]
 
 
-def test_sub_second_order_times_compare_by_the_second(tmp_path: Path) -> None:
-    """Orders from Kafka carry milliseconds; a stock row at 10:00:00 applies at 10:00:00.999."""
+def test_sub_second_order_times_compare_at_their_own_precision(tmp_path: Path) -> None:
+    """Orders from Kafka carry milliseconds: a stock row at 10:00:00 applies from 10:00:00.000
+    on, and a zip rolled out at 10:00:00 is served at 10:00:00.001 (strictly after), not at
+    10:00:00.000."""
     write(tmp_path, "inventory.csv", "sku_code,timestamp,inventory", ["A,2026-01-01 10:00:00,4"])
     write(tmp_path, "payments.csv", "order_id,timestamp,payment_status", [])
     write(tmp_path, "zip_codes.csv", "zip_code,available_from", ["1,2026-01-01 10:00:00"])
@@ -118,10 +120,11 @@ def test_sub_second_order_times_compare_by_the_second(tmp_path: Path) -> None:
     from triage.model.features import compute_features
 
     at = pd.Timestamp("2026-01-01 10:00:00").value // 1_000_000
-    features = compute_features(reference, ["x", "y"], ["A", "A"], ["1", "1"],
-                                np.array([at + 999, at - 1]))
+    features = compute_features(reference, ["x", "y", "z"], ["A", "A", "A"], ["1", "1", "1"],
+                                np.array([at + 1, at - 1, at]))
     assert features.inventory[0] == 4.0 and np.isnan(features.inventory[1])
-    assert features.zip_code_available.tolist() == [False, False]  # strictly after: not yet
+    assert features.inventory[2] == 4.0
+    assert features.zip_code_available.tolist() == [True, False, False]
 
 
 @pytest.mark.parametrize("contract", ["prediction", "drift_sample"])

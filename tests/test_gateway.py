@@ -34,6 +34,7 @@ from triage.bus.settings import Settings
 from triage.consumer.deadletter import headers_dict
 from triage.consumer.reader import TopicReader
 from triage.consumer.supervisor import Supervisor
+from triage.gateway.live import LiveReference
 from triage.gateway.server import build
 from triage.gateway.service import ORIGIN_HEADER, timestamp_ms
 from triage.model.features import FeatureBatch
@@ -310,6 +311,14 @@ def test_submitted_orders_become_predictions_and_http_decisions_are_published(
             assert client.request("GET", "/v1/predictions/never-seen")[0] == 404
             status, body = client.request("POST", "/v1/orders", {**orders[0], "order_id": ""})
             assert status == 422 and body["detail"][0]["loc"] == ["body", "order_id"]
+
+            # The reference reader stops (its Kafka client goes away under it): /readyz says
+            # so, instead of answering from tables that no longer move.
+            (reference,) = [r for r in closing if isinstance(r, LiveReference)]
+            assert client.request("GET", "/readyz")[0] == 200
+            reference.reader.consumer.close()
+            wait_for("/readyz 503", lambda: client.request("GET", "/readyz")[0] == 503)
+            assert reference.failed is not None
 
         # Every /decision/v1 above was published too, marked as HTTP, lineage -1.
         with TopicReader(settings.connection, settings.topics.predictions_topic,

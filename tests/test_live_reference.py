@@ -1,25 +1,28 @@
 """The live reference join on a real broker: workers with no reference CSVs learn inventory,
-payments and zip roll-outs from the topics, and every prediction's features equal
-pandas.merge_asof over the complete CSVs; when the streams come late, orders wait for them,
-or, past the max wait, are scored and say so; a killed worker restores and stays exact; bad
-reference records are dead-lettered; payments not co-partitioned with orders are refused."""
+payments and zip roll-outs from the topics, and every order's last revision has the features
+pandas.merge_asof gives over the complete CSVs, while a first prediction that differs says so
+(reference_wait_expired) or is corrected; when the streams come late, orders wait for them,
+or, past the max wait, are scored flagged and corrected when the events land; a killed worker
+restores and stays exact; bad reference records are dead-lettered; payments published by a
+foreign partitioner are counted and joined right; a reference topic created after the workers
+started is read."""
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from tests.test_features import oracle
 from triage.bus.clients import create_topics, make_admin, make_producer
 from triage.bus.offsets import committed_offsets
+from triage.bus.partitioner import partitions_for
 from triage.bus.settings import Settings
 from triage.consumer.deadletter import headers_dict
 from triage.consumer.reader import TopicReader, collect
@@ -63,8 +66,29 @@ def start(settings: Settings, model_dir: Path, workers: int) -> Supervisor:
 
 
 def predictions(settings: Settings, order_ids: set[str], since_ms: int) -> dict[str, list]:
+    """Every prediction record of ``order_ids``, revisions included (read until the topic
+    has been quiet for the lateness allowance and two seconds)."""
     return collect(settings.connection, settings.topics.predictions_topic, "prediction",
-                   order_ids, timeout_s=120, since_ms=since_ms)
+                   order_ids, timeout_s=120, since_ms=since_ms,
+                   settle_s=settings.reference.reference_lateness_ms / 1000 + 2.0)
+
+
+def last(records: list[dict]) -> dict:
+    """An order's highest revision (the later record on a tie)."""
+    return max(reversed(records), key=lambda r: r["revision"])
+
+
+def assert_never_silently_wrong(found: dict[str, list], expected: dict) -> int:
+    """Every order's last revision has merge_asof's features, and every first prediction that
+    differs is flagged or followed by a correction; returns how many were corrected."""
+    wrong = [o for o, records in found.items() if last(records)["features"] != expected[o]]
+    assert wrong == [], f"{len(wrong)} of {len(found)} orders end differing from merge_asof: " \
+                        f"{wrong[:3]}"
+    silent = [o for o, records in found.items() if records[0]["features"] != expected[o]
+              and not records[0]["reference_wait_expired"] and last(records)["revision"] == 1]
+    assert silent == [], f"{len(silent)} first predictions differ without a flag or a " \
+                         f"correction: {silent[:3]}"
+    return sum(last(records)["revision"] > 1 for records in found.values())
 
 
 def test_replaying_a_directory_gives_every_order_the_features_merge_asof_gives(
@@ -80,8 +104,7 @@ def test_replaying_a_directory_gives_every_order_the_features_merge_asof_gives(
         assert all(s["restored"] and s["reference_records"] > 0 for s in statuses)
     finally:
         supervisor.stop()
-    wrong = [o for o, records in found.items() if records[0]["features"] != expected[o]]
-    assert wrong == [], f"{len(wrong)} of {ORDERS} orders differ from merge_asof: {wrong[:3]}"
+    assert_never_silently_wrong(found, expected)
     assert not any(r[0]["reference_wait_expired"] for r in found.values())
 
 
@@ -89,7 +112,8 @@ def test_orders_before_their_reference_data_wait_for_it_or_say_they_could_not(
         settings: Settings, live_data: Path, model_dir: Path, expected: dict) -> None:
     """The orders first, the reference streams 2 s later: still 100% (the orders waited).
     Then, on fresh topics, with a max wait of 1 s and the streams 4 s late: the orders are
-    scored without them, flagged, and none is lost."""
+    scored without them, flagged, none is lost, and when the streams land every order whose
+    features they change is corrected (revision 2, late_reference), to merge_asof's."""
     settings = settings.replace(reference_max_wait_ms=60_000)
     supervisor = start(settings, model_dir, workers=1)
     try:
@@ -107,11 +131,13 @@ def test_orders_before_their_reference_data_wait_for_it_or_say_they_could_not(
         supervisor.stop()
     assert all(records[0]["features"] == expected[o] for o, records in found.items())
     assert not any(r[0]["reference_wait_expired"] for r in found.values())
+    assert all(last(records)["revision"] == 1 for records in found.values())
 
     late = settings.replace(**{name: f"{getattr(settings.topics, name)}-late" for name in (
         "orders_topic", "predictions_topic", "payments_topic", "inventory_topic",
         "zip_codes_topic", "drift_topic", "dlq_topic", "reference_dlq_topic")},
-        group_id=settings.scorer.group_id + "-late", reference_max_wait_ms=1_000)
+        group_id=settings.scorer.group_id + "-late", reference_max_wait_ms=1_000,
+        reference_lateness_ms=500)
     create_topics(late.connection, late.topics)
     supervisor = start(late, model_dir, workers=1)
     try:
@@ -126,6 +152,13 @@ def test_orders_before_their_reference_data_wait_for_it_or_say_they_could_not(
     flagged = [o for o, records in found.items() if records[0]["reference_wait_expired"]]
     assert len(flagged) == ORDERS
     assert all(found[o][0]["features"]["payment_status"] == "MISSING" for o in flagged)
+    corrected = assert_never_silently_wrong(found, expected)
+    changed = sum(found[o][0]["features"] != expected[o] for o in expected)
+    assert corrected == changed > 0
+    assert {last(r)["revision_reason"] for r in found.values() if last(r)["revision"] > 1} \
+        <= {f"late_reference:{s}" for s in ("inventory", "payments", "zip_codes",
+                                            "inventory,payments", "inventory,zip_codes",
+                                            "payments,zip_codes", "inventory,payments,zip_codes")}
 
 
 def test_a_worker_killed_mid_stream_restores_and_stays_exact(
@@ -144,10 +177,13 @@ def test_a_worker_killed_mid_stream_restores_and_stays_exact(
     finally:
         supervisor.stop()
     assert supervisor.restarts >= 1
-    assert all(records[0]["features"] == expected[o] for o, records in found.items())
-    for records in found.values():  # duplicates, if any, are the same prediction
-        content = [{k: v for k, v in r.items() if k != "scored_at_ms"} for r in records]
-        assert all(c == content[0] for c in content)
+    assert_never_silently_wrong(found, expected)
+    for records in found.values():  # duplicates of a revision, if any, say the same
+        by_revision: dict[int, list] = {}
+        for r in records:
+            by_revision.setdefault(r["revision"], []).append(
+                {k: v for k, v in r.items() if k != "scored_at_ms"})
+        assert all(c == same[0] for same in by_revision.values() for c in same)
 
 
 def test_a_bad_reference_record_is_dead_lettered_and_moves_nothing(
@@ -173,20 +209,108 @@ def test_a_bad_reference_record_is_dead_lettered_and_moves_nothing(
     assert {h["__connect.errors.topic"] for h in letters} == {settings.topics.inventory_topic}
 
 
-def test_payments_not_co_partitioned_with_orders_are_refused(
-        settings: Settings, model_dir: Path, tmp_path: Path) -> None:
-    from confluent_kafka.admin import NewTopic
+def test_payments_from_a_foreign_partitioner_are_counted_and_joined_right(
+        settings: Settings, live_data: Path, model_dir: Path, expected: dict) -> None:
+    """Payments published by a client left at librdkafka's default partitioner
+    (consistent_random, CRC-32): most land on another partition than their order's. The
+    workers count and warn about them, and every order still gets its payment."""
+    settings = settings.replace(reference_max_wait_ms=60_000)
+    supervisor = start(settings, model_dir, workers=2)
+    try:
+        since = int(time.time() * 1000)
+        replay(settings, live_data, streams=["inventory", "zip_codes"], progress=False)
+        foreign = make_producer(settings.connection, partitioner="consistent_random")
+        codec = Codec("payment")
+        frame = pd.read_csv(live_data / "payments.csv", dtype=str, keep_default_na=False)
+        times = pd.to_datetime(frame["timestamp"]).dt.as_unit("ms").astype("int64")
+        placements = []
+        for order_id, at, status in zip(frame["order_id"], times, frame["payment_status"],
+                                        strict=True):
+            foreign.produce(settings.topics.payments_topic, key=order_id.encode(),
+                            value=codec.encode({"order_id": order_id, "timestamp_ms": int(at),
+                                                "payment_status": status}),
+                            on_delivery=lambda err, msg: placements.append(
+                                (msg.key(), msg.partition())))
+        assert foreign.flush(60) == 0
+        replay(settings, live_data, streams=["orders"], progress=False)
+        found = predictions(settings, set(expected), since)
+        counted = [s["reference_misplaced"] for s in supervisor.statuses().values()]
+    finally:
+        supervisor.stop()
+    documented = partitions_for([k for k, _ in placements], settings.topics.orders_partitions)
+    misplaced = int(np.count_nonzero(documented != np.array([p for _, p in placements])))
+    assert misplaced > len(placements) / 2  # most are elsewhere than murmur2 would put them
+    assert counted == [misplaced, misplaced]  # each worker reads, and checks, every partition
+    assert_never_silently_wrong(found, expected)
+    assert all(r[0]["features"]["payment_status"] == expected[o]["payment_status"]
+               for o, r in found.items())
 
-    odd = settings.replace(payments_topic=settings.topics.payments_topic + "-odd")
-    admin = make_admin(odd.connection)
-    futures = admin.create_topics([NewTopic(odd.topics.payments_topic, 2, 1)])
-    for future in futures.values():
-        future.result()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
-    env.update({**odd.to_env(), "TRIAGE_LOG_FORMAT": "json"})
-    worker = subprocess.run([sys.executable, "-m", "triage.consumer.worker", "--model",
-                             str(model_dir)], env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert worker.returncode == 2, worker.stderr[-2000:]
-    assert "must be co-partitioned with orders" in worker.stderr
 
+def test_a_reference_topic_created_after_the_workers_started_is_read(
+        settings: Settings, live_data: Path, model_dir: Path, expected: dict) -> None:
+    """The payments topic does not exist when the worker starts (one
+    reference_topic_missing); it is created later, and the worker reads it within
+    TRIAGE_METADATA_REFRESH_MS: the orders after it are scored with their payments, unflagged."""
+    later = settings.replace(payments_topic=settings.topics.payments_topic + "-later",
+                             reference_max_wait_ms=60_000, metadata_refresh_ms=1_000)
+    supervisor = start(later, model_dir, workers=1)
+    try:
+        from confluent_kafka.admin import NewTopic
+
+        admin = make_admin(later.connection)
+        for future in admin.create_topics([NewTopic(later.topics.payments_topic,
+                                                    later.topics.orders_partitions,
+                                                    1)]).values():
+            future.result()
+        since = int(time.time() * 1000)
+        replay(later, live_data, progress=False)
+        found = predictions(later, set(expected), since)
+    finally:
+        supervisor.stop()
+    assert_never_silently_wrong(found, expected)
+    assert not any(r[0]["reference_wait_expired"] for r in found.values())
+
+
+def test_realistic_producer_timing_with_two_workers_and_a_restart_is_never_silently_wrong(
+        settings: Settings, model_dir: Path) -> None:
+    """The property test's timing (bench/timing.py), seeded, on the broker in real time: the
+    four streams published with independent delays up to 3 s, a pause and its burst, events
+    out of order, producer clocks up to 0.5 s ahead; two workers, one SIGKILLed in the middle
+    and restarted. Every order's last revision equals merge_asof over all the events, and no
+    first prediction is wrong without a flag or a correction."""
+    from tests.test_live_timing import merge_asof_features
+    from triage.bench.timing import ORDERS, Timing, publish, store_history
+
+    topics = {ORDERS: settings.topics.orders_topic, "payments": settings.topics.payments_topic,
+              "inventory": settings.topics.inventory_topic,
+              "zip_codes": settings.topics.zip_codes_topic}
+    codecs = {ORDERS: Codec("order"), "payments": Codec("payment"),
+              "inventory": Codec("inventory"), "zip_codes": Codec("zip_code")}
+    keys = {ORDERS: "order_id", "payments": "order_id", "inventory": "sku_code",
+            "zip_codes": "zip_code"}
+    supervisor = start(settings.replace(reference_max_wait_ms=10_000), model_dir, workers=2)
+    rng = np.random.default_rng(2026)
+    begin = int(time.time() * 1000) + 1_000
+    events = publish(rng, store_history(rng, 250, start_ms=begin, max_gap_ms=80),
+                     Timing(max_delay_ms=3_000, pauses=1, pause_ms=3_000, skew_ms=500))
+    expected = merge_asof_features(events)
+    producer = make_producer(settings.connection, **{"linger.ms": 0})
+    try:
+        since = int(time.time() * 1000)
+        killed = False
+        for event in events:
+            wait = (event.published_ms - time.time() * 1000) / 1000
+            if wait > 0:
+                time.sleep(wait)  # the scenario: each record published at its own time
+            if not killed and event.time_ms > events[len(events) // 2].time_ms:
+                os.kill(supervisor.pids()[0], signal.SIGKILL)  # restarted by the supervisor
+                killed = True
+            producer.produce(topics[event.stream], key=event.record[keys[event.stream]].encode(),
+                             value=codecs[event.stream].encode(event.record))
+            producer.poll(0)
+        assert producer.flush(30) == 0
+        found = predictions(settings, set(expected), since)
+    finally:
+        supervisor.stop()
+    assert supervisor.restarts >= 1
+    assert_never_silently_wrong(found, expected)

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle", type=float, default=5.0,
                    help="without --follow, stop after this many seconds with nothing new")
     p.add_argument("--out", type=Path, help="write to this .jsonl file instead of stdout")
+    p.add_argument("--all-revisions", action="store_true",
+                   help="every record as published, corrected revisions and all (default: "
+                        "the highest revision of each order)")
 
     p = commands.add_parser("demo", parents=[common],
                             help="generate, train, start broker and 2 workers, replay, report")
@@ -281,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http", action="store_true",
                    help="also triage serve's figures against a per-request baseline: p50/p99 "
                         "at 500 requests/s, saturation, the batch call (docs/benchmarks.md)")
+    p.add_argument("--timing", action="store_true",
+                   help="also corrections and flags per 10,000 orders under simulated late, "
+                        "bursty reference producers, by lateness allowance (no broker)")
     p.add_argument("--data", type=Path, help="orders.csv and reference CSVs (default: generated)")
     p.add_argument("--model", type=Path, help="model directory (default: trained on the data)")
     p.add_argument("--out", type=Path, default=Path("results/bench"),
@@ -745,14 +752,17 @@ def cmd_lag(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
-    from triage.consumer.reader import TopicReader
+    from triage.consumer.reader import TopicReader, latest_revisions
 
     out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115
     count = 0
     try:
         with TopicReader(settings.connection, settings.topics.predictions_topic,
                          "prediction") as reader:
-            for _, record in reader.read(follow=args.follow, idle_s=args.idle):
+            read = (record for _, record in reader.read(follow=args.follow, idle_s=args.idle))
+            records: Iterable[dict[str, Any] | None] = read if args.all_revisions else \
+                latest_revisions(read, streaming=args.follow)
+            for record in records:
                 out.write(json.dumps(record) + "\n")
                 count += 1
                 if args.follow:
@@ -806,7 +816,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         saturation_orders=args.saturation_orders,
         scaling_workers=args.scaling_workers, sweep=sweep, sweep_orders=args.sweep_orders,
         restore_records=args.restore_records, models=args.models,
-        per_message_orders=args.per_message_orders, http=args.http,
+        per_message_orders=args.per_message_orders, http=args.http, timing=args.timing,
         data_dir=args.data, model_dir=args.model, out_dir=args.out,
         keep_topics=args.keep_topics, scorer_module=args.scorer_module)
     try:

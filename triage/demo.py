@@ -3,9 +3,10 @@
 Generate 20k orders (or use --data), train (unless the model exists), start the broker and
 create the topics, run 2 workers with no reference data of their own, replay the data
 directory (orders and the three reference streams, merged in event time), wait until every
-published order has a prediction or a dead letter, compare each prediction with offline batch
-scoring of the same orders over the complete CSVs (merge_asof's features), report, write
-results/predictions.jsonl, shut down. The workers learn stock, payments and zip roll-outs only
+published order has a prediction or a dead letter (and the corrected revisions that follow
+have come), compare each order's last revision with offline batch scoring of the same orders
+over the complete CSVs (merge_asof's features), report, write results/predictions.jsonl (the
+last revision of each order), shut down. The workers learn stock, payments and zip roll-outs only
 from the reference topics, as they would from a live store (consumer/reference.py).
 
 Every record ends as exactly one of the two, so the demo waits for either: a bad row (an empty
@@ -55,8 +56,12 @@ class DemoError(InfrastructureError):
 class DemoSummary:
     orders: int                      # rows of orders.csv published
     counts: dict[str, int]           # predictions by recommendation
-    agreement: float                 # of the predicted orders, share equal to offline scoring
-    disagreements: list[str]
+    agreement: float                 # of the predicted orders' last revisions, share equal to
+    disagreements: list[str]         # offline scoring, and the orders that differ
+    corrected: int                   # orders whose first prediction a later revision replaced
+    first_agreement: float           # the same share for the first predictions
+    silently_wrong: int              # first predictions that differ, with no flag and no
+    #                                  correction after them: what must never happen
     throughput: float
     latency_ms: dict[str, float]
     duplicates: int
@@ -93,6 +98,9 @@ class DemoSummary:
             "",
             f"agreement with offline batch scoring: {self.agreement:.2%}"
             + (f"  (differs: {', '.join(self.disagreements[:5])})" if self.disagreements else ""),
+            f"corrected after a late reference event (revision 2 and up): {self.corrected}; "
+            f"first predictions agreeing: {self.first_agreement:.2%}; wrong without a flag or "
+            f"a correction: {self.silently_wrong}",
             f"throughput (first order published to last prediction): "
             f"{self.throughput:,.0f} orders/s",
             "end-to-end latency at saturation (order published -> prediction produced; "
@@ -168,19 +176,30 @@ def run_demo(settings: Settings, *, data_dir: Path | None, model_dir: Path,
             raise DemoError(f"{len(orders) - len(positions)} orders were not acknowledged")
         with tqdm(total=len(positions), unit="order", desc="scored or dead-lettered",
                   disable=not sys.stderr.isatty()) as bar:
-            outcomes = collect_outcomes(settings.connection, settings.topics, set(positions),
-                                        since_ms=started_ms,
-                                        stall_s=STALL_S, progress=bar.update)
+            # Then wait out the lateness allowance and a second for corrected revisions.
+            outcomes = collect_outcomes(
+                settings.connection, settings.topics, set(positions), since_ms=started_ms,
+                stall_s=STALL_S, progress=bar.update,
+                settle_s=settings.reference.reference_lateness_ms / 1000.0 + 1.0)
 
     expected, expected_proba = model.predict(orders.features(reference))
     first: dict[int, dict[str, Any]] = {}  # row of orders.csv -> its first prediction
-    disagreements = []
+    last: dict[int, dict[str, Any]] = {}   # row of orders.csv -> its highest revision
+    disagreements, first_disagreements, silently_wrong = [], 0, 0
+
+    def differs(record: dict[str, Any], row: int) -> bool:
+        return bool(record["recommendation"] != expected[row] or [
+            record["probabilities"][c] for c in model.classes] != expected_proba[row].tolist())
+
     for row, where in enumerate(positions):
         if where not in outcomes.predictions:
             continue
-        record = first[row] = outcomes.predictions[where][0]
-        if record["recommendation"] != expected[row] or [
-                record["probabilities"][c] for c in model.classes] != expected_proba[row].tolist():
+        first[row] = outcomes.predictions[where][0]
+        last[row] = outcomes.latest(where)
+        first_disagreements += differs(first[row], row)
+        silently_wrong += differs(first[row], row) and last[row]["revision"] == 1 \
+            and not first[row]["reference_wait_expired"]
+        if differs(last[row], row):
             disagreements.append(orders.order_id[row])
     scored = list(first.values())
     latencies = np.array([r["scored_at_ms"] - r["order_published_at_ms"] for r in scored])
@@ -190,17 +209,21 @@ def run_demo(settings: Settings, *, data_dir: Path | None, model_dir: Path,
     results_dir.mkdir(parents=True, exist_ok=True)
     output = results_dir / "predictions.jsonl"
     with open(output, "w") as out:
-        for row in sorted(first):
-            out.write(json.dumps(first[row]) + "\n")
+        for row in sorted(last):
+            out.write(json.dumps(last[row]) + "\n")
     return DemoSummary(
         orders=len(positions),
-        counts=dict(Counter(r["recommendation"] for r in scored)),
+        counts=dict(Counter(r["recommendation"] for r in last.values())),
         agreement=1.0 - len(disagreements) / len(scored) if scored else 1.0,
         disagreements=disagreements,
+        corrected=sum(r["revision"] > 1 for r in last.values()),
+        first_agreement=1.0 - first_disagreements / len(scored) if scored else 1.0,
+        silently_wrong=silently_wrong,
         throughput=len(scored) / span_s if span_s > 0 else float("nan"),
         latency_ms={f"p{q}": float(np.percentile(latencies, q)) if len(latencies) else 0.0
                     for q in (50, 95, 99)},
-        duplicates=sum(len(records) - 1 for records in outcomes.predictions.values()),
+        duplicates=sum(len(records) - len({r["revision"] for r in records})
+                       for records in outcomes.predictions.values()),
         expired=sum(1 for r in scored if r["reference_wait_expired"]),
         broker=bootstrap,
         model_version=model.version,

@@ -1,0 +1,292 @@
+"""Corrections: the orders a worker scored recently, what it last published for each, and where
+to find the ones a late reference event touches.
+
+A prediction is published with a ``revision`` (prediction.avsc): 1 the first time. When a
+reference event arrives after an order it applies to was scored (later than
+``TRIAGE_REFERENCE_LATENESS_MS``, or out of order within its partition), the scoring core
+(consumer/core.py) computes the order's features again; if they changed, it publishes the
+order again with the next revision, the new features and recommendation, and the reason
+(``late_reference:<streams>``). Readers keep the highest revision per order, not the latest
+offset; ``triage predictions`` and the HTTP door's view do. A store holding orders for a
+missing payment can thereby release them when the payment lands.
+
+:class:`RetainedOrders` keeps, for ``TRIAGE_CORRECTION_RETENTION_S`` of wall clock, each
+scored order's keys, lineage and last published revision, in columns per scored batch (no
+object per order beyond the strings the batch already had), with an index by ``order_id``. A
+late event older than every order kept is counted (``triage_reference_beyond_retention_total``).
+
+**Restarts and rebalances.** What was published is on the predictions topic, so a worker that
+is assigned an orders partition reads back that partition's predictions of the last retention
+period (:func:`read_published`, from the offsets for that time) before it scores any order of
+it: the highest revision of each order becomes what it keeps. Those orders are checked against
+its own tables once the event-time rule admits them (another worker scored them), and corrected
+if their features differ. An order record read again after a crash (its partition and offset
+already have a prediction) is published again only if its features changed, as the next
+revision: a batch processed again republishes nothing that would contradict what is out, and
+revision numbers never mean two things.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import structlog
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from triage.bus.clients import make_consumer, records_of
+from triage.bus.settings import ConnectionSettings
+from triage.consumer import metrics
+from triage.consumer.reference import INVENTORY, PAYMENTS, ZIP_CODES, LateEvent
+from triage.model.features import FEATURE_NAMES, FeatureBatch
+from triage.schemas.codec import codec_for
+
+# The reference stream each feature comes from (the hour comes from the order itself).
+FEATURE_STREAMS = {"inventory": INVENTORY, "payment_status": PAYMENTS,
+                   "zip_code_available": ZIP_CODES}
+# The order field each stream's events are keyed by.
+_KEY_FIELD = {INVENTORY: "sku_code", PAYMENTS: "order_id", ZIP_CODES: "zip_code"}
+
+
+def revision_reason(streams: Iterable[str]) -> str:
+    """The ``revision_reason`` of a correction whose features changed because of late events
+    of ``streams``."""
+    return "late_reference:" + ",".join(sorted(set(streams)))
+
+
+def changed_streams(old: FeatureBatch, new: FeatureBatch) -> list[list[str]]:
+    """Per row, the reference streams whose feature differs between ``old`` and ``new`` (equal
+    missing values, NaN or null, are the same); empty where nothing changed."""
+    changed: list[list[str]] = [[] for _ in range(len(new))]
+    for name in FEATURE_NAMES:
+        stream = FEATURE_STREAMS.get(name)
+        a, b = old.columns[name], new.columns[name]
+        same = (a == b) | (np.isnan(a) & np.isnan(b)) if a.dtype.kind == "f" else a == b
+        differs = ~same
+        for row in np.flatnonzero(differs).tolist():
+            changed[row].append(stream or name)
+    return changed
+
+
+@dataclass
+class Kept:
+    """The orders of one scored batch of one orders partition, in columns, as last published.
+    ``verified`` is False for orders read back from the predictions topic and not yet checked
+    against this worker's own tables; ``alive`` is False for a row an order's later record
+    replaced in the index."""
+
+    partition: int
+    order_id: list[str]
+    customer_id: list[str]
+    sku_code: list[str]
+    zip_code: list[str]
+    timestamp_ms: np.ndarray    # int64, UTC ms
+    offset: np.ndarray          # int64, on the orders topic
+    published_ms: np.ndarray    # int64, the order record's Kafka timestamp
+    expired: np.ndarray         # bool: reference_wait_expired of the last revision
+    revision: np.ndarray        # int32, the last published
+    recommendation: np.ndarray  # object: the last published
+    features: FeatureBatch      # the last published
+    scored_at_ms: int           # wall clock, when the batch was scored (retention)
+    verified: np.ndarray        # bool
+    alive: np.ndarray           # bool
+    read_back_at: float = 0.0   # monotonic seconds when read back from the topic
+
+    def __post_init__(self) -> None:
+        self._hashes: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.order_id)
+
+    def hashes(self, stream: str) -> np.ndarray:
+        """int64 ``hash()`` of the key each order has for ``stream``'s events (cached)."""
+        found = self._hashes.get(stream)
+        if found is None:
+            column: list[str] = getattr(self, _KEY_FIELD[stream])
+            found = np.fromiter(map(hash, column), dtype=np.int64, count=len(column))
+            self._hashes[stream] = found
+        return found
+
+
+class RetainedOrders:
+    """The orders this worker scored in the last ``retention_ms`` of wall clock, by orders
+    partition (module docstring). Not thread-safe: the worker loop owns it."""
+
+    def __init__(self, retention_ms: int) -> None:
+        self.retention_ms = retention_ms
+        self.batches: dict[int, list[Kept]] = {}
+        self.index: dict[str, tuple[Kept, int]] = {}  # order_id -> its latest row
+        self.dropped_upto = -(2**62)  # latest order time (ms) no longer kept
+        self.unchecked: list[Kept] = []  # batches with rows not verified yet (read back)
+
+    def __len__(self) -> int:
+        return sum(len(k) for batches in self.batches.values() for k in batches)
+
+    def add(self, kept: Kept) -> None:
+        """Keep a scored (or read back) batch; its rows become their orders' latest."""
+        self.batches.setdefault(kept.partition, []).append(kept)
+        if not kept.verified.all():
+            self.unchecked.append(kept)
+        index = self.index
+        for row, order_id in enumerate(kept.order_id):
+            before = index.get(order_id)
+            if before is not None:
+                before[0].alive[before[1]] = False
+            index[order_id] = (kept, row)
+
+    def latest(self, order_id: str) -> tuple[Kept, int] | None:
+        """The row of ``order_id``'s last published revision, if kept."""
+        return self.index.get(order_id)
+
+    def expire(self, now_ms: int) -> None:
+        """Forget the batches scored before ``now_ms - retention_ms``."""
+        cutoff = now_ms - self.retention_ms
+        for partition, batches in self.batches.items():
+            if batches and batches[0].scored_at_ms < cutoff:
+                old = [k for k in batches if k.scored_at_ms < cutoff]
+                self.batches[partition] = [k for k in batches if k.scored_at_ms >= cutoff]
+                for kept in old:
+                    self._forget(kept)
+
+    def drop(self, partitions: Iterable[int]) -> None:
+        """Forget the orders of revoked partitions (their new owner reads them back)."""
+        for partition in partitions:
+            for kept in self.batches.pop(partition, []):
+                self._forget(kept, counts=False)
+
+    def _forget(self, kept: Kept, counts: bool = True) -> None:
+        if self.unchecked:
+            self.unchecked = [k for k in self.unchecked if k is not kept]
+        index = self.index
+        for row, order_id in enumerate(kept.order_id):
+            if index.get(order_id, (None, -1)) == (kept, row):
+                del index[order_id]
+        if counts and len(kept):
+            self.dropped_upto = max(self.dropped_upto, int(kept.timestamp_ms.max()))
+
+    def affected(self, late: Sequence[LateEvent]) -> Iterator[tuple[Kept, np.ndarray]]:
+        """(batch, rows) of the kept orders that ``late`` events apply to: an order whose key
+        for the event's stream is the event's, at or after the event's time. Late events
+        older than the orders no longer kept are counted as beyond retention."""
+        by_stream: dict[str, dict[str, int]] = {}
+        for event in late:
+            earliest = by_stream.setdefault(event.stream, {})
+            earliest[event.key] = min(earliest.get(event.key, event.time_ms), event.time_ms)
+            if event.time_ms <= self.dropped_upto:
+                metrics.REFERENCE_BEYOND_RETENTION.labels(event.stream).inc()
+        if not by_stream:
+            return
+        for batches in self.batches.values():
+            for kept in batches:
+                rows = np.zeros(len(kept), dtype=bool)
+                for stream, earliest in by_stream.items():
+                    oldest = min(earliest.values())
+                    if not len(kept) or kept.timestamp_ms.max() < oldest:
+                        continue
+                    candidates = np.flatnonzero(
+                        np.isin(kept.hashes(stream), np.fromiter(
+                            map(hash, earliest), dtype=np.int64, count=len(earliest)))
+                        & (kept.timestamp_ms >= oldest) & kept.alive)
+                    keys: list[str] = getattr(kept, _KEY_FIELD[stream])
+                    for row in candidates.tolist():
+                        since = earliest.get(keys[row])
+                        if since is not None and kept.timestamp_ms[row] >= since:
+                            rows[row] = True
+                            metrics.REFERENCE_LATE.labels(stream).inc()
+                if rows.any():
+                    yield kept, np.flatnonzero(rows)
+
+    def unverified(self) -> list[tuple[Kept, np.ndarray]]:
+        """(batch, rows) of the orders read back from the topic and not checked yet (only
+        the batches read back are looked at: this runs on every turn of the loop)."""
+        found = []
+        for kept in self.unchecked:
+            rows = np.flatnonzero(~kept.verified & kept.alive)
+            if len(rows):
+                found.append((kept, rows))
+        self.unchecked = [kept for kept, _ in found]
+        return found
+
+
+def kept_from_records(partition: int, records: Sequence[dict[str, Any]], read_back_at: float
+                      ) -> Kept:
+    """A :class:`Kept` batch from prediction records read back from the topic (each the
+    highest revision of its order) at ``read_back_at`` (monotonic seconds), not verified
+    yet."""
+    n = len(records)
+    features = FeatureBatch.from_values({name: [r["features"][name] for r in records]
+                                         for name in FEATURE_NAMES})
+    return Kept(
+        partition=partition,
+        order_id=[r["order_id"] for r in records],
+        customer_id=[r["customer_id"] for r in records],
+        sku_code=[r["sku_code"] for r in records],
+        zip_code=[r["zip_code"] for r in records],
+        timestamp_ms=np.fromiter((r["order_timestamp_ms"] for r in records), np.int64, n),
+        offset=np.fromiter((r["order_offset"] for r in records), np.int64, n),
+        published_ms=np.fromiter((r["order_published_at_ms"] for r in records), np.int64, n),
+        expired=np.fromiter((r["reference_wait_expired"] for r in records), bool, n),
+        revision=np.fromiter((r["revision"] for r in records), np.int32, n),
+        recommendation=np.array([r["recommendation"] for r in records], dtype=object),
+        features=features,
+        scored_at_ms=min((r["scored_at_ms"] for r in records), default=0),
+        verified=np.zeros(n, dtype=bool),
+        alive=np.ones(n, dtype=bool),
+        read_back_at=read_back_at,
+    )
+
+
+def read_published(connection: ConnectionSettings, topic: str, order_partitions: Sequence[int],
+                   topic_partitions: Sequence[int], since_ms: int, log: Any = None
+                   ) -> dict[int, list[dict[str, Any]]]:
+    """The predictions of orders from ``order_partitions`` published on ``topic``'s
+    ``topic_partitions`` since ``since_ms`` (wall clock, by offsets for that time), up to the
+    end of each partition: per orders partition, the highest revision of each order (the later
+    record on a tie). Records the HTTP door made belong to no orders partition (theirs is
+    -1): they are not read back.
+
+    Raises KafkaException if the broker cannot be read."""
+    log = log or structlog.get_logger("revisions")
+    wanted = set(order_partitions)
+    best: dict[str, dict[str, Any]] = {}
+    if not wanted or not topic_partitions:
+        return {}
+    codec = codec_for(connection, "prediction", topic)
+    consumer = make_consumer(connection, f"triage-revisions-{uuid.uuid4().hex}",
+                             **{"enable.partition.eof": True})
+    started = time.monotonic()
+    try:
+        starts = consumer.offsets_for_times(
+            [TopicPartition(topic, p, since_ms) for p in topic_partitions], timeout=30.0)
+        reading = {tp.partition for tp in starts if tp.offset >= 0}
+        consumer.assign([tp for tp in starts if tp.offset >= 0])
+        records = 0
+        while reading:
+            if time.monotonic() - started > 300.0:
+                raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"reading {topic} "
+                                                "back took over 300 s"))
+            batch = consumer.consume(10_000, 0.5)
+            for msg in batch:
+                err = msg.error()
+                if err is not None and err.code() == KafkaError._PARTITION_EOF:
+                    reading.discard(msg.partition())
+            for msg in records_of(batch, log):
+                records += 1
+                record = codec.decode(msg.value())
+                if record["order_partition"] not in wanted:
+                    continue
+                before = best.get(record["order_id"])
+                if before is None or record["revision"] >= before["revision"]:
+                    best[record["order_id"]] = record
+    finally:
+        consumer.close()
+    found: dict[int, list[dict[str, Any]]] = {}
+    for record in best.values():
+        found.setdefault(record["order_partition"], []).append(record)
+    log.info("predictions_read_back", partitions=sorted(wanted), records=records,
+             orders=len(best), elapsed_s=round(time.monotonic() - started, 2))
+    return found
