@@ -102,9 +102,10 @@ def zip_code_records(data_dir: Path, encoding: str = "utf-8") -> list[dict[str, 
 
 
 def announce_ahead(known: Iterable[str], now_ms: int) -> dict[str, Any]:
-    """A roll-out announced a year ahead, of a zip code no order and no row of the data names:
-    it moves the zip code stream past every order time (announce-ahead passes by event time)
-    without changing any order's features."""
+    """A roll-out announced a year ahead, of a zip code no order and no row of the data names,
+    without changing any order's features. It moves the zip code stream only to the clock plus
+    TRIAGE_MAX_CLOCK_SKEW_MS (consumer/reference.py): after that the stream is quiet, and
+    each order waits the lateness allowance for it, as it would for a store's rare roll-outs."""
     taken = set(known)
     code = next(f"{n:05d}" for n in range(99_999, -1, -1) if f"{n:05d}" not in taken)
     return {"zip_code": code, "available_from_ms": now_ms + _ANNOUNCE_AHEAD_MS}

@@ -124,7 +124,6 @@ class Outcome:
     deferred: list[Incoming] = field(default_factory=list)       # of the batch, now waiting
     expired: int = 0  # orders scored because the reference wait ran out
     shadow_predictions: list[Scored] = field(default_factory=list)  # by the shadow model
-    corrections: list[Correction] = field(default_factory=list)  # of orders read again
     republished: int = 0  # orders read again whose last revision still holds: nothing new
 
 
@@ -478,10 +477,11 @@ class ScoringCore:
         the next revision."""
         retained = self.retained
         assert retained is not None
-        priors = list(map(retained.latest, orders.order_id))
-        if not any(priors):
-            return
-        found = [(i, prior) for i, prior in enumerate(priors) if prior is not None]
+        index = retained.index
+        if not any(map(index.__contains__, orders.order_id)):
+            return  # the usual case: none of these orders was published before
+        found = [(i, prior) for i, prior in enumerate(map(retained.latest, orders.order_id))
+                 if prior is not None]
         changed = changed_streams(
             FeatureBatch(**{name: np.array([kept.features.columns[name][row]
                                             for _, (kept, row) in found], dtype=column.dtype)
@@ -541,28 +541,40 @@ class ScoringCore:
         found = [(kept, rows[kept.verified[rows]]) for kept, rows in self.retained.affected(late)]
         return self._revise([(kept, rows) for kept, rows in found if len(rows)])
 
+    def read_back(self, kept: Kept) -> None:
+        """Keep a batch read back from the predictions topic (consumer/revisions.py): its
+        orders count as scored, so that an event at or before them is late."""
+        if self.retained is None:
+            return
+        self.retained.add(kept)
+        if self.gate is not None:
+            self.gate.scored(kept.timestamp_ms)
+
     def verify(self) -> list[Correction]:
         """Check the orders read back from the predictions topic against this worker's tables
-        once the gate admits them (their time is passed, or the wait ran out: then they stand
-        as published); corrected revisions of those whose features differ."""
+        once the gate admits them; corrected revisions of those whose features differ (flagged
+        reference_wait_expired where the wait ran out first)."""
         if self.retained is None:
             return []
-        admitted = []
+        admitted, flagged = [], []
         for kept, rows in self.retained.unverified():
+            expired = np.zeros(len(rows), dtype=bool)
             if self.gate is not None:
                 waited = np.full(len(rows), self.monotonic() - kept.read_back_at)
                 ready, expired = self.gate.admit(kept.timestamp_ms[rows],
                                                  kept.published_ms[rows], waited)
-                kept.verified[rows[expired]] = True
-                rows = rows[ready]
+                rows, expired = rows[ready | expired], expired[ready | expired]
             kept.verified[rows] = True
             if len(rows):
                 admitted.append((kept, rows))
-        return self._revise(admitted)
+                flagged.append(expired)
+        return self._revise(admitted, np.concatenate(flagged) if flagged else None)
 
-    def _revise(self, found: list[tuple[Kept, np.ndarray]]) -> list[Correction]:
+    def _revise(self, found: list[tuple[Kept, np.ndarray]],
+                expired: np.ndarray | None = None) -> list[Correction]:
         """Features again for ``found`` rows; the next revision of each whose changed, in
-        one predict call, and the kept rows brought up to date."""
+        one predict call, and the kept rows brought up to date. ``expired``: per row, scored
+        because the wait ran out (the revision says reference_wait_expired)."""
         if not found:
             return []
         order_ids = [kept.order_id[r] for kept, rows in found for r in rows.tolist()]
@@ -595,6 +607,8 @@ class ScoringCore:
             reason = revision_reason(changed[i])
             kept.revision[row] = revision
             kept.recommendation[row] = label
+            if expired is not None and expired[i]:
+                kept.expired[row] = True
             for name, column in features.columns.items():
                 kept.features.columns[name][row] = column[j]
             for stream in set(changed[i]):

@@ -21,11 +21,12 @@ UNKNOWN_ZIPS = Counter("triage_unknown_zip_codes_total",
 REFERENCE_APPLIED = Counter("triage_reference_events_total",
                             "Reference events applied to the worker's tables.", ["stream"])
 REFERENCE_LATE = Counter("triage_reference_late_events_total",
-                         "Reference events that arrived after an order of their key they apply "
-                         "to was scored (each then checked for a correction).", ["stream"])
+                         "Reference events (stock and zips: keys) that arrived after an order "
+                         "they apply to was scored; each such order is checked for a "
+                         "correction.", ["stream"])
 REFERENCE_BEYOND_RETENTION = Counter(
     "triage_reference_beyond_retention_total",
-    "Late reference events older than every order still kept for corrections "
+    "Late reference events at or before an order no longer kept for corrections "
     "(TRIAGE_CORRECTION_RETENTION_S): orders they apply to may go uncorrected.", ["stream"])
 REFERENCE_MISPLACED = Counter("triage_reference_misplaced_total",
                               "Co-partitioned reference records (payments) on a partition the "

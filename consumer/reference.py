@@ -30,8 +30,11 @@ says ``reference_wait_expired`` and ``triage_reference_wait_expired_total`` coun
 that is merely behind (a replay at full speed, a restart, a worker short of CPU) has the order's
 events coming, so the order waits for them, as Kafka Streams waits on a partition with known lag
 (KIP-695), and ``TRIAGE_MAX_WAITING_ORDERS`` pauses its orders partition meanwhile. "Records
-left" is what the fetches' high watermarks say; a partition whose watermark is unknown holds
-nothing back. The features then equal ``pandas.merge_asof`` over the complete history.
+left" is what the fetches' high watermarks say; a partition whose watermark is unknown (not
+fetched yet) holds an order until it delivers a later event or the max wait runs out. The
+features then equal ``pandas.merge_asof`` over the complete history. (Within the skew, an event
+stamped ahead moves its partition past orders of the next second at once: a payment for one
+of those published later than it is corrected, not waited for.)
 
 **Late events are corrected, not dropped.** An event that arrives after an order it applies to
 was scored (later than the allowance, or out of order within its partition) is returned by
@@ -417,7 +420,7 @@ class ReferenceReader:
         naming a topic may create it on a broker that auto-creates topics)."""
         self._looked_at = time.monotonic()
         try:
-            known = self.consumer.list_topics(timeout=10.0).topics
+            known = self.consumer.list_topics(timeout=5.0).topics
         except KafkaException as exc:
             self.log.warning("reference_metadata_failed", error=str(exc))
             return []

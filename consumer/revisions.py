@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import compress
 from typing import Any
 
 import numpy as np
@@ -72,12 +73,13 @@ def changed_streams(old: FeatureBatch, new: FeatureBatch) -> list[list[str]]:
     return changed
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a batch is itself, whatever its contents
 class Kept:
     """The orders of one scored batch of one orders partition, in columns, as last published.
     ``verified`` is False for orders read back from the predictions topic and not yet checked
     against this worker's own tables; ``alive`` is False for a row an order's later record
-    replaced in the index."""
+    replaced in the index, and for one that cannot be recomputed (read back from a record of
+    an earlier contract, which has no sku_code or zip_code)."""
 
     partition: int
     order_id: list[str]
@@ -91,13 +93,15 @@ class Kept:
     revision: np.ndarray        # int32, the last published
     recommendation: np.ndarray  # object: the last published
     features: FeatureBatch      # the last published
-    scored_at_ms: int           # wall clock, when the batch was scored (retention)
+    scored_at_ms: int           # wall clock, when the batch was scored or read back
     verified: np.ndarray        # bool
     alive: np.ndarray           # bool
     read_back_at: float = 0.0   # monotonic seconds when read back from the topic
 
     def __post_init__(self) -> None:
         self._hashes: dict[str, np.ndarray] = {}
+        self.seq = -1  # its number in RetainedOrders, once kept
+        self.newest_ms = int(self.timestamp_ms.max()) if len(self.timestamp_ms) else -(2**62)
 
     def __len__(self) -> int:
         return len(self.order_id)
@@ -112,14 +116,23 @@ class Kept:
         return found
 
 
+_ROW_BITS = 24  # an index entry is (batch number << _ROW_BITS) | row
+
+
 class RetainedOrders:
     """The orders this worker scored in the last ``retention_ms`` of wall clock, by orders
-    partition (module docstring). Not thread-safe: the worker loop owns it."""
+    partition (module docstring). Not thread-safe: the worker loop owns it.
+
+    The index maps each order_id to an int, (batch number << 24) | row: a dict of str and
+    int is not tracked by Python's garbage collector, where one of (batch, row) tuples would
+    make every full collection walk the hundreds of thousands kept."""
 
     def __init__(self, retention_ms: int) -> None:
         self.retention_ms = retention_ms
         self.batches: dict[int, list[Kept]] = {}
-        self.index: dict[str, tuple[Kept, int]] = {}  # order_id -> its latest row
+        self.index: dict[str, int] = {}  # order_id -> its latest row (class docstring)
+        self.by_number: dict[int, Kept] = {}
+        self._next = 0
         self.dropped_upto = -(2**62)  # latest order time (ms) no longer kept
         self.unchecked: list[Kept] = []  # batches with rows not verified yet (read back)
 
@@ -127,23 +140,37 @@ class RetainedOrders:
         return sum(len(k) for batches in self.batches.values() for k in batches)
 
     def add(self, kept: Kept) -> None:
-        """Keep a scored (or read back) batch; its rows become their orders' latest."""
+        """Keep a scored (or read back) batch of fewer than 2**24 orders; its rows become
+        their orders' latest."""
+        if len(kept) >= 1 << _ROW_BITS:
+            raise ValueError(f"a kept batch holds fewer than {1 << _ROW_BITS} orders")
+        kept.seq, self._next = self._next, self._next + 1
+        self.by_number[kept.seq] = kept
         self.batches.setdefault(kept.partition, []).append(kept)
-        if not kept.verified.all():
+        if not (kept.verified | ~kept.alive).all():
             self.unchecked.append(kept)
         index = self.index
-        for row, order_id in enumerate(kept.order_id):
-            before = index.get(order_id)
+        again = index.keys() & set(kept.order_id) if index else ()
+        for order_id in again:  # orders kept before: their older row is no longer theirs
+            before = self.latest(order_id)
             if before is not None:
                 before[0].alive[before[1]] = False
-            index[order_id] = (kept, row)
+        base = kept.seq << _ROW_BITS
+        index.update(zip(kept.order_id, range(base, base + len(kept)), strict=True))
+        if len(set(kept.order_id)) < len(kept):  # an order twice in a batch: the last counts
+            for row, order_id in enumerate(kept.order_id):
+                if index[order_id] != base + row:
+                    kept.alive[row] = False
 
     def latest(self, order_id: str) -> tuple[Kept, int] | None:
-        """The row of ``order_id``'s last published revision, if kept."""
-        return self.index.get(order_id)
+        """(batch, row) of ``order_id``'s last published revision, if kept."""
+        entry = self.index.get(order_id)
+        if entry is None:
+            return None
+        return self.by_number[entry >> _ROW_BITS], entry & ((1 << _ROW_BITS) - 1)
 
     def expire(self, now_ms: int) -> None:
-        """Forget the batches scored before ``now_ms - retention_ms``."""
+        """Forget the batches scored (or read back) before ``now_ms - retention_ms``."""
         cutoff = now_ms - self.retention_ms
         for partition, batches in self.batches.items():
             if batches and batches[0].scored_at_ms < cutoff:
@@ -162,43 +189,59 @@ class RetainedOrders:
         if self.unchecked:
             self.unchecked = [k for k in self.unchecked if k is not kept]
         index = self.index
-        for row, order_id in enumerate(kept.order_id):
-            if index.get(order_id, (None, -1)) == (kept, row):
+        self.by_number.pop(kept.seq, None)
+        # The rows still the latest of their order (most): those that did not go on living
+        # in a later batch.
+        for order_id in compress(kept.order_id, kept.alive.tolist()):
+            entry = index.get(order_id)
+            if entry is not None and entry >> _ROW_BITS == kept.seq:
                 del index[order_id]
         if counts and len(kept):
-            self.dropped_upto = max(self.dropped_upto, int(kept.timestamp_ms.max()))
+            self.dropped_upto = max(self.dropped_upto, kept.newest_ms)
 
-    def affected(self, late: Sequence[LateEvent]) -> Iterator[tuple[Kept, np.ndarray]]:
+    def affected(self, late: Sequence[LateEvent]) -> list[tuple[Kept, np.ndarray]]:
         """(batch, rows) of the kept orders that ``late`` events apply to: an order whose key
-        for the event's stream is the event's, at or after the event's time. Late events
-        older than the orders no longer kept are counted as beyond retention."""
+        for the event's stream is the event's, at or after the event's time. Payments are
+        found through the index (keyed by order_id); stock and zip events, few keys touching
+        many orders, by a scan of the batches newer than the event. An event at or before
+        the newest order no longer kept is counted as possibly beyond retention."""
+        rows: dict[int, tuple[Kept, set[int]]] = {}
+
+        def hit(kept: Kept, row: int) -> None:
+            rows.setdefault(id(kept), (kept, set()))[1].add(row)
+
         by_stream: dict[str, dict[str, int]] = {}
         for event in late:
-            earliest = by_stream.setdefault(event.stream, {})
-            earliest[event.key] = min(earliest.get(event.key, event.time_ms), event.time_ms)
             if event.time_ms <= self.dropped_upto:
                 metrics.REFERENCE_BEYOND_RETENTION.labels(event.stream).inc()
-        if not by_stream:
-            return
-        for batches in self.batches.values():
-            for kept in batches:
-                rows = np.zeros(len(kept), dtype=bool)
-                for stream, earliest in by_stream.items():
-                    oldest = min(earliest.values())
-                    if not len(kept) or kept.timestamp_ms.max() < oldest:
+            if event.stream == PAYMENTS:
+                entry = self.latest(event.key)
+                if entry is not None and entry[0].alive[entry[1]] \
+                        and entry[0].timestamp_ms[entry[1]] >= event.time_ms:
+                    hit(*entry)
+                    metrics.REFERENCE_LATE.labels(PAYMENTS).inc()
+                continue
+            earliest = by_stream.setdefault(event.stream, {})
+            earliest[event.key] = min(earliest.get(event.key, event.time_ms), event.time_ms)
+        for stream, earliest in by_stream.items():
+            oldest = min(earliest.values())
+            wanted = np.fromiter(map(hash, earliest), dtype=np.int64, count=len(earliest))
+            touched: set[str] = set()
+            for batches in self.batches.values():
+                for kept in batches:
+                    if kept.newest_ms < oldest:
                         continue
-                    candidates = np.flatnonzero(
-                        np.isin(kept.hashes(stream), np.fromiter(
-                            map(hash, earliest), dtype=np.int64, count=len(earliest)))
-                        & (kept.timestamp_ms >= oldest) & kept.alive)
+                    candidates = np.flatnonzero(np.isin(kept.hashes(stream), wanted)
+                                                & (kept.timestamp_ms >= oldest) & kept.alive)
                     keys: list[str] = getattr(kept, _KEY_FIELD[stream])
                     for row in candidates.tolist():
                         since = earliest.get(keys[row])
                         if since is not None and kept.timestamp_ms[row] >= since:
-                            rows[row] = True
-                            metrics.REFERENCE_LATE.labels(stream).inc()
-                if rows.any():
-                    yield kept, np.flatnonzero(rows)
+                            hit(kept, row)
+                            touched.add(keys[row])
+            if touched:
+                metrics.REFERENCE_LATE.labels(stream).inc(len(touched))
+        return [(kept, np.array(sorted(found))) for kept, found in rows.values()]
 
     def unverified(self) -> list[tuple[Kept, np.ndarray]]:
         """(batch, rows) of the orders read back from the topic and not checked yet (only
@@ -212,12 +255,15 @@ class RetainedOrders:
         return found
 
 
-def kept_from_records(partition: int, records: Sequence[dict[str, Any]], read_back_at: float
-                      ) -> Kept:
+def kept_from_records(partition: int, records: Sequence[dict[str, Any]], read_back_at: float,
+                      now_ms: int) -> Kept:
     """A :class:`Kept` batch from prediction records read back from the topic (each the
-    highest revision of its order) at ``read_back_at`` (monotonic seconds), not verified
-    yet."""
+    highest revision of its order) at ``read_back_at`` (monotonic seconds) and ``now_ms``
+    (wall clock, UTC ms: kept for a retention period from then), not verified yet. A record
+    of an earlier contract has no sku_code or zip_code: its features cannot be computed
+    again, so it only numbers the next revision of its order (``alive`` False)."""
     n = len(records)
+    whole = np.fromiter((bool(r["sku_code"] and r["zip_code"]) for r in records), bool, n)
     features = FeatureBatch.from_values({name: [r["features"][name] for r in records]
                                          for name in FEATURE_NAMES})
     return Kept(
@@ -233,9 +279,9 @@ def kept_from_records(partition: int, records: Sequence[dict[str, Any]], read_ba
         revision=np.fromiter((r["revision"] for r in records), np.int32, n),
         recommendation=np.array([r["recommendation"] for r in records], dtype=object),
         features=features,
-        scored_at_ms=min((r["scored_at_ms"] for r in records), default=0),
-        verified=np.zeros(n, dtype=bool),
-        alive=np.ones(n, dtype=bool),
+        scored_at_ms=now_ms,
+        verified=~whole,
+        alive=whole,
         read_back_at=read_back_at,
     )
 

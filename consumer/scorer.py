@@ -304,7 +304,8 @@ class Scorer:
             self.settings.connection, self.topics.predictions_topic, partitions,
             partitions if self._same_count else self._prediction_partitions, since, self.log)
         for partition, records in found.items():
-            self.retained.add(kept_from_records(partition, records, time.monotonic()))
+            self.core.read_back(kept_from_records(partition, records, time.monotonic(),
+                                                  int(time.time() * 1000)))
 
     def on_revoked(self, partitions: list[int]) -> None:
         dropped = self.core.drop(partitions)

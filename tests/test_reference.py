@@ -359,6 +359,21 @@ def test_a_late_payment_brings_a_corrected_revision_and_an_order_read_again_is_n
         3, "late_reference:payments")
 
 
+def published_record(order_id: str, status: str, *, revision: int = 4, partition: int = 2,
+                     offset: int = 7, scored_at: int = T, sku: str = "A",
+                     zip_code: str = "1") -> dict:
+    """A prediction as read back from the topic (through the codec, as the reader gives it)."""
+    codec = Codec("prediction")
+    return codec.decode(codec.encode({
+        "order_id": order_id, "customer_id": "c", "recommendation": "HoldCheckPayment",
+        "probabilities": {}, "model_version": "v", "order_timestamp_ms": T,
+        "features": {"order_hour_of_day": 10, "inventory": 5.0, "payment_status": status,
+                     "zip_code_available": True},
+        "scored_at_ms": scored_at, "order_published_at_ms": T, "order_partition": partition,
+        "order_offset": offset, "reference_wait_expired": False, "revision": revision,
+        "revision_reason": "late_reference:payments", "sku_code": sku, "zip_code": zip_code}))
+
+
 def test_orders_read_back_from_the_topic_are_checked_once_the_streams_pass_them(
         model_dir: Path) -> None:
     """A worker assigned a partition keeps the predictions another worker published; once its
@@ -368,25 +383,70 @@ def test_orders_read_back_from_the_topic_are_checked_once_the_streams_pass_them(
     f.apply(INVENTORY, 0, [stock("A", T - 60_000, 5)], [0])
     f.apply(ZIP_CODES, 0, [zipped("1", T - 60_000)], [0])
     f.apply(PAYMENTS, placed("o-7"), [paid("o-7", T - 5)], [0])
-    codec = Codec("prediction")
-    published = []
-    for order_id, status in (("o-7", "MISSING"), ("o-8", "MISSING")):
-        published.append(codec.decode(codec.encode({
-            "order_id": order_id, "customer_id": "c", "recommendation": "HoldCheckPayment",
-            "probabilities": {}, "model_version": "v", "order_timestamp_ms": T,
-            "features": {"order_hour_of_day": 10, "inventory": 5.0, "payment_status": status,
-                         "zip_code_available": True},
-            "scored_at_ms": T, "order_published_at_ms": T, "order_partition": 2,
-            "order_offset": 7, "reference_wait_expired": False, "revision": 4,
-            "revision_reason": "late_reference:payments", "sku_code": "A", "zip_code": "1"})))
-    assert core.retained is not None
-    core.retained.add(kept_from_records(2, published, read_back_at=time.monotonic()))
+    records = [published_record("o-7", "MISSING"), published_record("o-8", "MISSING")]
+    core.read_back(kept_from_records(2, records, time.monotonic(), clock.now_ms))
     assert core.verify() == []  # its streams have not passed T yet: it waits
     everything_past(f, T + 1_000)
     (fixed,) = core.verify()
     assert fixed.record["order_id"] == "o-7" and fixed.record["revision"] == 5
     assert fixed.record["features"]["payment_status"] == "OK"
+    assert not fixed.record["reference_wait_expired"]
     assert core.verify() == []  # checked once
+
+
+def test_orders_read_back_outlive_the_first_turn_and_count_as_scored(model_dir: Path) -> None:
+    """Found by review: read-back orders were kept with the time they were first scored, so
+    the first turn forgot those scored a retention period ago (then an order record read
+    again came out as a second revision 1); and they did not count as scored, so a late
+    payment for one of them was not late. Both are kept from the read-back on."""
+    clock = Clock(T + 10_000)
+    core, f = corrections_core(model_dir, clock)
+    f.apply(INVENTORY, 0, [stock("A", T - 60_000, 5)], [0])
+    f.apply(ZIP_CODES, 0, [zipped("1", T - 60_000)], [0])
+    everything_past(f, T + 1_000)
+    old = clock.now_ms - 119_000  # scored by the previous owner almost a retention ago
+    records = [published_record("o-3", "MISSING", revision=2, offset=0, scored_at=old)]
+    core.read_back(kept_from_records(2, records, time.monotonic(), clock.now_ms))
+    assert core.verify() == []  # as published: nothing to correct
+    again = core.process(order_items([order("o-3", T)], partition=2))  # offset 0: read again
+    assert again.predictions == [] and again.republished == 1
+    late = f.apply(PAYMENTS, placed("o-3"), [paid("o-3", T - 10)], [5]).late
+    assert [e.key for e in late] == ["o-3"]
+    (fixed,) = core.correct(late)
+    assert fixed.record["revision"] == 3
+
+
+def test_a_record_of_an_earlier_contract_only_numbers_the_next_revision(
+        model_dir: Path) -> None:
+    """Found by review: a version 2 prediction has no sku_code or zip_code; recomputing it
+    with empty keys turned a right Deliver into HoldCheckAvailability. Such an order is never
+    recomputed from the read-back; its record read again gets the next revision."""
+    clock = Clock(T + 10_000)
+    core, f = corrections_core(model_dir, clock)
+    f.apply(INVENTORY, 0, [stock("A", T - 60_000, 5)], [0])
+    f.apply(ZIP_CODES, 0, [zipped("1", T - 60_000)], [0])
+    everything_past(f, T + 1_000)
+    records = [published_record("o-4", "MISSING", revision=1, offset=0, sku="", zip_code="")]
+    core.read_back(kept_from_records(2, records, time.monotonic(), clock.now_ms))
+    assert core.verify() == []
+    assert core.correct(f.apply(PAYMENTS, placed("o-4"), [paid("o-4", T - 10)], [5]).late) == []
+    (again,) = core.process(order_items([order("o-4", T)], partition=2)).predictions
+    assert again.record["revision"] == 2 and again.record["features"]["inventory"] == 5.0
+    assert again.record["features"]["payment_status"] == "OK"
+
+
+def test_the_same_orders_kept_twice_expire_without_a_crash(model_dir: Path) -> None:
+    """Found by review: batches were compared field by field (numpy arrays among them) when
+    forgotten: the same orders published twice crashed the worker a retention later."""
+    clock = Clock(T + 10_000)
+    core, f = corrections_core(model_dir, clock)
+    everything_past(f, T + 1_000)
+    batch = [order("o-5", T), order("o-6", T)]
+    core.process(order_items(batch, partition=1))
+    core.process(order_items(batch, partition=1)[::-1])
+    clock.now_ms += 121_000
+    core.process([])
+    assert core.retained is not None and len(core.retained) == 0 and not core.retained.index
 
 
 # -- property: no reference value crashes the feed ------------------------------------------
