@@ -6,9 +6,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint venv lock clean bench promtool
+.PHONY: demo test lint venv kafka lock clean bench promtool
 
-venv: $(STAMP)
+venv: $(STAMP) kafka
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -17,8 +17,16 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: venv
 	$(BIN)/triage demo
+
+# Apache Kafka's broker jars (bus/apache_kafka.py), fetched once with Maven into
+# ~/.cache/triage (TRIAGE_KAFKA_CACHE), outside the tree: the tests run on Apache Kafka, and
+# `triage broker --kafka` starts one. Needs Java 17+ and Maven; without them this says why and
+# the tests run on the embedded broker.
+kafka: $(STAMP)
+	@$(BIN)/python -m triage.bus.apache_kafka resolve \
+	  || echo "the integration tests will run on the embedded broker instead"
 
 # The benchmark of docs/benchmarks.md: passthrough vs scorer vs per-message, latency, scaling,
 # batch-size sweep, the live reference path, start-up and memory; about 4.5 minutes on 2 cores.
@@ -27,9 +35,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/triage bench $(BENCH_FLAGS)
 
-# Two test files at a time (pytest-xdist), each worker with its own embedded broker: about
-# 8 minutes on 2 cores instead of 12; the tests wait on group joins and pacing more than on CPU.
-test: $(STAMP) lint promtool
+# Two test files at a time (pytest-xdist), each worker with its own broker (Apache Kafka, see
+# `kafka`; the tests marked `embedded` on tansu): the tests wait on group joins and pacing
+# more than on CPU.
+test: venv lint promtool
 	$(BIN)/pytest -n 2 --dist loadfile
 
 # promtool (in Debian's prometheus package) checks and unit-tests deploy/prometheus/ in the

@@ -29,6 +29,9 @@ def render(results: dict[str, Any]) -> str:
         f"machine: {m['cpu']}, {m['usable_cores']} cores, {m['memory_gb']} GB, {m['os']}, "
         f"Python {m['python']}; load average before {m['loadavg_before']}, "
         f"after {m['loadavg_after']}",
+        *([f"broker started in {results['broker']['start_s']} s; its peak RSS "
+           f"{results['broker']['peak_rss_mb']} MB"]
+          if results["broker"].get("start_s") is not None else []),
         "",
         f"{'configuration':<42}{'orders/s':>10}{'seconds':>9}{'CPU s/1k':>10}"
         f"{'broker CPU s/1k':>17}{'peak RSS':>10}",

@@ -43,6 +43,7 @@ from triage.bench.live import (
     zip_code_records,
 )
 from triage.bench.procstat import children_of, cpu_seconds, peak_rss_mb, stop_and_reap
+from triage.bus.apache_kafka import KAFKA_VERSION, ApacheKafka
 from triage.bus.clients import make_admin, make_consumer, make_producer, source_of
 from triage.bus.embedded import EmbeddedBroker
 from triage.bus.errors import InfrastructureError
@@ -86,6 +87,7 @@ class BenchOptions:
     models: bool = False  # the registry figures: shadow throughput, promote -> prediction
     http: bool = False  # triage serve against a per-request baseline (bench/http.py)
     timing: bool = False  # corrections under simulated producer timing (bench/timing.py)
+    broker: str = "embedded"  # the broker it starts when none is configured: embedded, kafka
     data_dir: Path | None = None
     model_dir: Path | None = None
     out_dir: Path = Path("results/bench")
@@ -184,6 +186,8 @@ class Bench:
         self.run_id = uuid.uuid4().hex[:8]
         self.topics: list[str] = []
         self.broker_pid: int | None = None
+        self.broker_start_s: float | None = None      # launch -> answering, when started here
+        self.broker_peak_rss_mb: float | None = None  # its VmHWM at the end of the run
         self._broker_cpu_start: float | None = None
         self._runs = 0
         self.latency_samples: dict[str, np.ndarray] = {}
@@ -202,10 +206,19 @@ class Bench:
             data_dir, model_dir = self._inputs(work)
             broker = self.settings.connection.bootstrap_servers
             if not broker:
-                embedded = EmbeddedBroker(log_path=self.logs / "tansu.log")
-                self.say("starting a fresh embedded broker (tansu) for the benchmark")
-                broker = stack.enter_context(embedded).bootstrap
-                self.broker_pid = embedded.process.pid if embedded.process else None
+                started: EmbeddedBroker | ApacheKafka
+                if options.broker == "kafka":
+                    started = ApacheKafka(log_path=self.logs / "kafka.log")
+                    self.say(f"starting a fresh Apache Kafka {KAFKA_VERSION} (KRaft, one node) "
+                             "for the benchmark")
+                else:
+                    started = EmbeddedBroker(log_path=self.logs / "tansu.log")
+                    self.say("starting a fresh embedded broker (tansu) for the benchmark")
+                launched = time.monotonic()
+                broker = started.start()
+                stack.callback(started.stop)
+                self.broker_start_s = round(time.monotonic() - launched, 2)
+                self.broker_pid = started.process.pid if started.process else None
             self.settings = self.settings.replace(bootstrap_servers=broker)
             stack.callback(self._delete_topics)
             startup = self._startup((model_dir, data_dir), work)
@@ -243,6 +256,8 @@ class Bench:
             registry = self._models(records, main, models, work) if options.models else None
             http_figures = self._http(model_dir, work) if options.http else None
             timing_figures = self._timing(model_dir) if options.timing else None
+            if self.broker_pid:
+                self.broker_peak_rss_mb = peak_rss_mb(self.broker_pid)
         load_after = _loadavg()
         live = self._live_results(live_run, live_records, runs[SCORER], live_latency, latency,
                                   restore)
@@ -992,8 +1007,13 @@ class Bench:
         return {
             "machine": machine_info(load_before, load_after),
             "broker": {"bootstrap": broker,
-                       "kind": "embedded tansu (fresh, in-memory)" if self.broker_pid
-                       else "configured (TRIAGE_BOOTSTRAP_SERVERS or --bootstrap)"},
+                       "kind": ("configured (TRIAGE_BOOTSTRAP_SERVERS or --bootstrap)"
+                                if not self.broker_pid else
+                                f"Apache Kafka {KAFKA_VERSION} (fresh, KRaft, one node)"
+                                if self.options.broker == "kafka"
+                                else "embedded tansu (fresh, in-memory)"),
+                       "start_s": self.broker_start_s,
+                       "peak_rss_mb": self.broker_peak_rss_mb},
             "options": {
                 "orders": main.orders, "partitions": self.options.partitions,
                 "batch_size": self.settings.scorer.batch_size,

@@ -88,10 +88,8 @@ def consumer_config(connection: ConnectionSettings, group_id: str,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
-        "session.timeout.ms": connection.session_timeout_ms,
         "max.poll.interval.ms": connection.max_poll_interval_ms,
-        "heartbeat.interval.ms": max(1, connection.session_timeout_ms // 3),
-        "partition.assignment.strategy": connection.assignment_strategy,
+        **group_protocol_config(connection),
         "isolation.level": "read_committed",  # never see an aborted transaction's records
         # Latency: a fetch returns within 10 ms when no data is waiting (Apache Kafka answers
         # as soon as data arrives anyway; the embedded broker only at this deadline).
@@ -103,6 +101,17 @@ def consumer_config(connection: ConnectionSettings, group_id: str,
         "fetch.queue.backoff.ms": 10,
         **overrides,
     }
+
+
+def group_protocol_config(connection: ConnectionSettings) -> dict[str, Any]:
+    """The group protocol's client settings: the classic protocol's session, heartbeat and
+    assignor, or KIP-848's ``group.protocol=consumer``, under which the broker owns those
+    (librdkafka refuses them then)."""
+    if connection.group_protocol == "consumer":
+        return {"group.protocol": "consumer"}
+    return {"session.timeout.ms": connection.session_timeout_ms,
+            "heartbeat.interval.ms": max(1, connection.session_timeout_ms // 3),
+            "partition.assignment.strategy": connection.assignment_strategy}
 
 
 def make_producer(connection: ConnectionSettings, **overrides: Any) -> Producer:
@@ -164,6 +173,14 @@ def make_consumer(connection: ConnectionSettings, group_id: str, **overrides: An
 
 def make_admin(connection: ConnectionSettings) -> AdminClient:
     return AdminClient(base_config(connection))
+
+
+def is_embedded(connection: ConnectionSettings, timeout_s: float = 30.0) -> bool:
+    """Whether the broker is the embedded one (tansu names its cluster ``tansu_cluster``).
+    Raises KafkaException if the broker does not answer in time."""
+    admin = make_admin(connection)  # kept alive until the answer
+    cluster = admin.describe_cluster(request_timeout=timeout_s).result(timeout=timeout_s)
+    return bool(cluster.cluster_id == "tansu_cluster")
 
 
 # The models control topic keeps the latest state record for ever: compacted, never deleted.

@@ -11,9 +11,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from confluent_kafka import OFFSET_BEGINNING, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
-from triage.bus.clients import make_admin, make_consumer, partitions_of
+from triage.bus.clients import make_consumer, partitions_of
 from triage.bus.errors import WaitTimeout
 from triage.bus.settings import ConnectionSettings
 
@@ -31,16 +31,39 @@ class PartitionLag:
         return self.end - max(self.committed if self.committed is not None else 0, self.start)
 
 
-def committed_offsets(connection: ConnectionSettings, group: str, topic: str
-                      ) -> dict[int, int | None]:
-    """Per partition of ``topic``, the offset ``group`` committed, or None."""
-    admin = make_admin(connection)
-    partitions = partitions_of(admin, topic)
-    request = ConsumerGroupTopicPartitions(group, partitions)
-    result = admin.list_consumer_group_offsets([request])[group].result(timeout=30)
-    found = {tp.partition: (tp.offset if tp.offset >= 0 else None)
-             for tp in result.topic_partitions}
-    return {tp.partition: found.get(tp.partition) for tp in partitions}
+_COORDINATOR_NOT_READY = frozenset({KafkaError.NOT_COORDINATOR,
+                                    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                                    KafkaError.COORDINATOR_NOT_AVAILABLE,
+                                    KafkaError._TIMED_OUT})
+
+
+def committed_offsets(connection: ConnectionSettings, group: str, topic: str,
+                      timeout_s: float = 30.0) -> dict[int, int | None]:
+    """Per partition of ``topic``, the offset ``group`` committed, or None.
+
+    Asked through a consumer of the group that never joins it (an OffsetFetch): on Apache
+    Kafka 4 the admin client's ListConsumerGroupOffsets waited out its whole timeout for a
+    group on a coordinator not loaded yet (a fresh cluster), where this retries and answers.
+    Raises WaitTimeout if the group's coordinator does not answer within ``timeout_s``."""
+    # read_uncommitted: a read_committed consumer asks for stable offsets (KIP-447) and waits
+    # out any transaction in flight, up to its timeout (a killed worker's, say).
+    consumer = make_consumer(connection, group, **{"isolation.level": "read_uncommitted"})
+    try:
+        partitions = partitions_of(consumer, topic)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                result = consumer.committed(partitions, timeout=max(1.0, timeout_s / 3))
+                break
+            except KafkaException as exc:
+                if exc.args[0].code() not in _COORDINATOR_NOT_READY \
+                        or time.monotonic() > deadline:
+                    raise WaitTimeout(f"the coordinator of group {group} did not answer: "
+                                      f"{exc.args[0].str()}") from None
+                time.sleep(0.2)
+    finally:
+        consumer.close()
+    return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in result}
 
 
 def watermarks(connection: ConnectionSettings, topic: str, timeout_s: float = 30.0

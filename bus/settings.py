@@ -112,6 +112,13 @@ class ConnectionSettings:
         "cooperative-sticky", "TRIAGE_ASSIGNMENT_STRATEGY",
         "Partition assignment: `cooperative-sticky` (incremental rebalances) or an eager one "
         "(`range`, `roundrobin`) for brokers that cannot do cooperative rebalancing.")
+    group_protocol: str = _setting(
+        "classic", "TRIAGE_GROUP_PROTOCOL",
+        "Consumer group protocol: `classic` (the client's assignor, TRIAGE_SESSION_TIMEOUT_MS "
+        "and TRIAGE_ASSIGNMENT_STRATEGY apply) or `consumer` (KIP-848, Apache Kafka 4.x: the "
+        "broker assigns partitions and its group.consumer.* settings govern sessions and "
+        "heartbeats; the two settings above are then left out). The embedded broker speaks "
+        "only `classic`.")
     state_dir: str = _setting(
         "", "TRIAGE_STATE_DIR",
         "Where `triage broker` records the embedded broker's address "
@@ -121,6 +128,9 @@ class ConnectionSettings:
         if not self.state_dir:
             object.__setattr__(self, "state_dir", _default_state_dir())
         _at_least_one(self, "session_timeout_ms", "metadata_refresh_ms")
+        if self.group_protocol not in ("classic", "consumer"):
+            raise SettingsError(f"TRIAGE_GROUP_PROTOCOL must be classic or consumer, got "
+                                f"{self.group_protocol!r}")
         if self.max_poll_interval_ms < self.session_timeout_ms:
             raise SettingsError(
                 f"TRIAGE_MAX_POLL_INTERVAL_MS ({self.max_poll_interval_ms}) must be at least "
@@ -244,10 +254,28 @@ class ScorerSettings:
     exactly_once: bool = _setting(
         False, "TRIAGE_EXACTLY_ONCE",
         "Transactional consume-transform-produce (`--exactly-once`); needs Apache Kafka.")
+    instance_id: str = _setting(
+        "", "TRIAGE_INSTANCE_ID",
+        "Static membership (`--instance-id`): the worker's group.instance.id, e.g. the pod "
+        "name; worker N of `triage consume` adds `-N`. A worker restarted with the same id "
+        "within TRIAGE_SESSION_TIMEOUT_MS gets its partitions back without a rebalance, and "
+        "with --exactly-once takes over its transactional id, so a killed worker's open "
+        "transaction is aborted at once. Unique per live worker; empty: dynamic membership.")
+    transaction_timeout_ms: int = _setting(
+        10_000, "TRIAGE_TRANSACTION_TIMEOUT_MS",
+        "With --exactly-once, the producer's transaction.timeout.ms: a killed worker's open "
+        "transaction holds read_committed readers back this long, plus up to the broker's "
+        "transaction.abort.timed.out.transaction.cleanup.interval.ms (without "
+        "TRIAGE_INSTANCE_ID; with it the restarted worker aborts it at once). Longer than a "
+        "batch's produce-and-commit.")
 
     def __post_init__(self) -> None:
         _at_least_one(self, "batch_size", "batch_timeout_ms", "processing_deadline_ms",
-                      "delivery_timeout_ms", "health_stall_ms")
+                      "delivery_timeout_ms", "health_stall_ms", "transaction_timeout_ms")
+        if self.instance_id and (not self.instance_id.isprintable()
+                                 or self.instance_id != self.instance_id.strip()):
+            raise SettingsError(f"TRIAGE_INSTANCE_ID={self.instance_id!r} must be printable "
+                                "without surrounding white space")
         if not 0.0 <= self.sample_rate <= 1.0:
             raise SettingsError(f"sample_rate must be within [0, 1], got {self.sample_rate}")
 

@@ -57,9 +57,15 @@ def next_offsets(consumed: list[Message]) -> list[TopicPartition]:
     return [TopicPartition(t, p, o + 1) for (t, p), o in highest.items()]
 
 
-def transactional_id(group_id: str, worker_id: str) -> str:
-    """Unique per process: fencing of zombies comes from the group metadata (KIP-447), so two
-    hosts running worker "0" of the same group must not share an id and fence each other."""
+def transactional_id(group_id: str, worker_id: str, instance_id: str = "") -> str:
+    """With a static instance id, the same id for the same worker across restarts: the
+    restarted worker's init_transactions aborts what the killed one left open at once (and
+    fences it). Without one, unique per process: fencing of zombies comes from the group
+    metadata (KIP-447), and two supervisors of one group on one host must not share an id
+    and fence each other; a killed worker's open transaction then ends after
+    TRIAGE_TRANSACTION_TIMEOUT_MS."""
+    if instance_id:
+        return f"{group_id}-{instance_id}-{worker_id}"
     return f"{group_id}-{socket.gethostname()}-{worker_id}-{time.time_ns()}"
 
 

@@ -24,6 +24,7 @@ Infrastructure failures (a delivery refused, a commit that cannot be made) raise
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import structlog
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from triage.bus.clients import make_consumer, make_producer, produce, records_of
 from triage.bus.health import Health
@@ -133,7 +134,9 @@ class BatchLoop:
         self.log = log or structlog.get_logger("loop").bind(worker=worker_id)
         self.progress = progress
         self.status = status
-        self.consumer = make_consumer(connection, scorer.group_id)
+        member = {"group.instance.id": f"{scorer.instance_id}-{worker_id}"} \
+            if scorer.instance_id else {}
+        self.consumer = make_consumer(connection, scorer.group_id, **member)
         self.assigned: set[int] = set()
         self.handler: BatchHandler = PerBatch(lambda records: [])  # until run() is given one
         self._subscribed = False
@@ -144,13 +147,16 @@ class BatchLoop:
         self.consumed = 0
         self._stop_requested = False
         self._revoked_now: set[int] = set()
+        self._committed_at_assign: dict[int, int] = {}  # see partition_lag()
         self._failed = False  # run() is leaving on an error: rebalance callbacks commit nothing
         if scorer.exactly_once:
             # A transaction commits once every record is acknowledged: only failed deliveries
             # need a Python callback.
             self.producer = make_producer(connection, **{
                 "delivery.report.only.error": True,
-                "transactional.id": transactional_id(scorer.group_id, worker_id)})
+                "transaction.timeout.ms": scorer.transaction_timeout_ms,
+                "transactional.id": transactional_id(scorer.group_id, worker_id,
+                                                     scorer.instance_id)})
             self.committer: AtLeastOnce = ExactlyOnce(self.producer, self.consumer, self.log,
                                                       scorer.delivery_timeout_ms / 1000.0)
         else:  # every delivery report counts towards its batch's commit (consumer/commit.py)
@@ -266,7 +272,7 @@ class BatchLoop:
             self._subscribed_at = None
         self.log.info("partitions_assigned", partitions=sorted(p.partition for p in partitions),
                       now_owned=sorted(self.assigned), **joined)
-        self._write_status()
+        self._write_status(ask_broker=False)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Revocation happens inside consume(), between batches: every finished batch is made
@@ -274,10 +280,12 @@ class BatchLoop:
         self._drain_unless_failed()
         self.assigned -= {p.partition for p in partitions}
         self._revoked_now |= {p.partition for p in partitions}
+        for p in partitions:
+            self._committed_at_assign.pop(p.partition, None)
         self.handler.on_revoked(sorted(p.partition for p in partitions))
         self.log.info("partitions_revoked", partitions=sorted(p.partition for p in partitions),
                       now_owned=sorted(self.assigned))
-        self._write_status()
+        self._write_status(ask_broker=False)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Probably no longer ours (the session expired): commit what was delivered anyway. It
@@ -287,21 +295,40 @@ class BatchLoop:
         self._drain_unless_failed()
         self.assigned -= {p.partition for p in partitions}
         self._revoked_now |= {p.partition for p in partitions}
+        for p in partitions:
+            self._committed_at_assign.pop(p.partition, None)
         self.handler.on_revoked(sorted(p.partition for p in partitions))
         self.log.warning("partitions_lost", partitions=sorted(p.partition for p in partitions))
-        self._write_status()
+        self._write_status(ask_broker=False)
 
-    def partition_lag(self) -> dict[int, int | None]:
+    def partition_lag(self, ask_broker: bool = True) -> dict[int, int | None]:
         """Records behind the end of each partition this worker owns, from the high watermarks
         of its own fetches (exact on any broker); None for a partition not fetched yet. A paused
-        partition is not fetched, so its figure is as of the pause."""
+        partition is not fetched, so its figure is as of the pause. ``ask_broker``: the
+        committed offset of a partition with no position yet may be asked for (never inside a
+        rebalance callback: a blocking call on the consumer there breaks confluent-kafka's
+        state for the next callback of the same consume())."""
         if not self.assigned:
             return {}
         lags: dict[int, int | None] = {}
-        for tp in self.consumer.position([TopicPartition(self.topic, p) for p in self.assigned]):
+        positions = self.consumer.position([TopicPartition(self.topic, p)
+                                            for p in self.assigned])
+        # A partition assigned at its end has no position until a record arrives (none may
+        # for a long time): its committed offset stands for it, asked of the broker once.
+        unknown = [tp.partition for tp in positions
+                   if tp.offset < 0 and tp.partition not in self._committed_at_assign]
+        if unknown and ask_broker:
+            with contextlib.suppress(KafkaException):
+                for tp in self.consumer.committed(
+                        [TopicPartition(self.topic, p) for p in unknown], timeout=5.0):
+                    if tp.offset >= 0:
+                        self._committed_at_assign[tp.partition] = tp.offset
+        for tp in positions:
+            offset = tp.offset if tp.offset >= 0 else self._committed_at_assign.get(
+                tp.partition, -1)
             high = self.consumer.get_watermark_offsets(tp, cached=True)
-            known = tp.offset >= 0 and high is not None and high[1] >= 0
-            lags[tp.partition] = max(0, high[1] - tp.offset) if known and high else None
+            known = offset >= 0 and high is not None and high[1] >= 0
+            lags[tp.partition] = max(0, high[1] - offset) if known and high else None
         return lags
 
     def lag(self) -> int | None:
@@ -310,10 +337,10 @@ class BatchLoop:
         lags = self.partition_lag()
         return None if None in lags.values() else sum(v for v in lags.values() if v is not None)
 
-    def _write_status(self) -> None:
+    def _write_status(self, ask_broker: bool = True) -> None:
         """Publish partitions, lag and counts for the supervisor (readiness, autoscaling) and
         as metrics (a partition's lag series goes when the partition does)."""
-        lags = self.partition_lag()
+        lags = self.partition_lag(ask_broker)
         metrics.OWNED_PARTITIONS.set(len(self.assigned))
         for partition in self._lag_series - self.assigned:
             metrics.LAG.remove(str(partition))

@@ -406,6 +406,7 @@ class ReferenceReader:
         self.assigned: list[TopicPartition] = []
         self.refresh_s = connection.metadata_refresh_ms / 1000.0
         self._looked_at = -math.inf
+        self._warned_counts: tuple[int, int] | None = None
 
     def start(self, stop: Callable[[], bool] = lambda: False) -> None:
         """Assign every partition of the three streams, from the beginning (a topic that does
@@ -450,7 +451,27 @@ class ReferenceReader:
         if added:
             self.consumer.incremental_assign(added)
             self.assigned += added
+        self._check_counts(known)
         return added
+
+    def _check_counts(self, known: dict[str, Any]) -> None:
+        """Warn, once per change, when payments and orders have different partition counts
+        (one of them grew): joins stay right, since every worker reads every payments
+        partition, but payments no longer land on their order's partition number."""
+        payments = known.get(self.topics.payments_topic)
+        orders = known.get(self.topics.orders_topic)
+        if payments is None or orders is None or payments.error or orders.error:
+            return
+        counts = (len(payments.partitions), len(orders.partitions))
+        if counts[0] != counts[1] and counts != self._warned_counts:
+            self.log.warning(
+                "payments_not_co_partitioned", payments_partitions=counts[0],
+                orders_partitions=counts[1],
+                note="grow both topics to the same count (kafka-topics.sh --alter "
+                     "--partitions N, payments first); meanwhile every order is still joined "
+                     "right (every worker reads every payments partition), but payments no "
+                     "longer share their order's partition number")
+        self._warned_counts = counts
 
     def poll(self, max_records: int = 20_000, timeout_s: float = 0.0) -> Polled:
         """Apply what has arrived (up to ``max_records``), after looking for new topics and

@@ -142,6 +142,7 @@ class Scorer:
         # else by key. Set by run().
         self._prediction_partitions: list[int] = []
         self._same_count = False
+        self._to_read_back: set[int] = set()  # assigned, not read back yet (on_assigned)
         self._consumed_upto: dict[tuple[str, int], int] = {}
         self._committed: dict[tuple[str, int], int] = {}
         self._paused: set[int] = set()
@@ -231,12 +232,15 @@ class Scorer:
     # -- the loop's handler ----------------------------------------------------------------
 
     def pending(self) -> bool:
-        """Reference records may arrive and waiting orders become ready with no new order."""
-        return self.reader is not None
+        """Reference records may arrive and waiting orders become ready with no new order;
+        partitions assigned may wait to be read back."""
+        return self.reader is not None or bool(self._to_read_back)
 
     def handle(self, records: list[Message]) -> Handled:
         """One consumed batch (maybe empty) -> the records to produce, the offsets settled,
         and the partitions to pause or resume."""
+        if self._to_read_back:
+            self._read_back()
         if self.follower is not None:
             self._swap_model()
         polled = self.reader.poll() if self.reader is not None else Polled([], [])
@@ -294,9 +298,21 @@ class Scorer:
         return pause, resume
 
     def on_assigned(self, partitions: list[int]) -> None:
-        """Read back what was published for the orders of ``partitions`` in the last
-        retention period, before any of their orders is scored (consumer/revisions.py)."""
-        if self.retained is None or not partitions:
+        """Partitions were assigned: what was published for their orders is read back at the
+        start of the next handle(), before any of their orders is scored. Not here: a
+        rebalance callback that makes blocking client calls breaks confluent-kafka's state
+        for the next callback of the same consume() (seen under the KIP-848 protocol: an
+        assertion, and the process aborted)."""
+        if self.retained is not None:
+            self._to_read_back |= set(partitions)
+
+    def _read_back(self) -> None:
+        """Read back what was published for the orders of the partitions assigned since the
+        last turn, in the last retention period (consumer/revisions.py)."""
+        assert self.retained is not None
+        partitions = sorted(self._to_read_back & self.loop.assigned)
+        self._to_read_back.clear()
+        if not partitions:
             return
         self._count_partitions()
         since = int(time.time() * 1000) - self.retained.retention_ms

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from triage.bus.clients import records_in, reference_topics
+from triage.bus.clients import is_embedded, records_in, reference_topics
 from triage.bus.errors import EXIT_CONFIGURATION, ConfigurationError, exit_status, is_expected
 from triage.bus.health import Health, serve
 from triage.bus.logs import configure_logging
@@ -126,6 +126,10 @@ def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | P
     health = Health(settings.scorer.health_stall_ms, READINESS)
     server = follower = loop = None
     try:
+        if settings.connection.group_protocol == "consumer" and is_embedded(settings.connection):
+            raise ConfigurationError(
+                "TRIAGE_GROUP_PROTOCOL=consumer (KIP-848) needs Apache Kafka 4.x; the embedded "
+                "broker (tansu) speaks only the classic protocol: leave the setting out there")
         loop = BatchLoop(settings.connection, settings.scorer, settings.topics.orders_topic,
                          worker_id=worker_id, status_file=status_file, log=log, health=health)
         if settings.scorer.metrics_port:

@@ -44,8 +44,10 @@ def test_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
 
     for config in ("passthrough", "scorer", "per_message"):
         row = figures["throughput"][config]
-        for key in ("orders_per_s", "seconds", "cpu_s_per_1000", "peak_rss_mb"):
+        for key in ("orders_per_s", "seconds", "peak_rss_mb"):
             assert _number(row[key]) and row[key] > 0, (config, key, row[key])
+        # CPU time comes in 10 ms ticks (/proc): 2,000 passthrough orders may take less.
+        assert _number(row["cpu_s_per_1000"]) and row["cpu_s_per_1000"] >= 0, (config, row)
         assert row["orders"] == 2000
         assert row["outputs"] >= 2000, (config, row["outputs"])  # every order came out
     assert _number(figures["ratios"]["scorer_vs_passthrough"])

@@ -71,12 +71,27 @@ def test_commands_without_a_broker_say_how_to_start_one(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_embedded_broker_command_is_found_by_other_commands_and_stops_cleanly(
-        tmp_path: Path) -> None:
-    env = clean_env(tmp_path)
-    broker = subprocess.Popen([*TRIAGE, "broker"], env=env, stdout=subprocess.PIPE, text=True)
+@pytest.mark.parametrize("kind", [[], ["--kafka"]], ids=["embedded", "apache-kafka"])
+def test_broker_command_is_found_by_other_commands_and_stops_cleanly(
+        kind: list[str], tmp_path: Path) -> None:
+    """`triage broker` (tansu) and `triage broker --kafka` (Apache Kafka from Maven's jars)."""
+    if kind:
+        from triage.bus.apache_kafka import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:
+            pytest.skip(reason)
+    env = clean_env(tmp_path, TMPDIR=str(tmp_path))
+    errors = open(tmp_path / "stderr.txt", "w+")  # noqa: SIM115 -- closed below
+    broker = subprocess.Popen([*TRIAGE, "broker", *kind], env=env, stdout=subprocess.PIPE,
+                              stderr=errors, text=True)
     try:
         line = broker.stdout.readline()  # printed once the broker answers metadata requests
+        if not line:
+            broker.wait(60)
+            logs = [p.read_text()[-3000:] for p in tmp_path.glob("*.log")]
+            errors.seek(0)
+            pytest.fail(f"exit {broker.returncode}: {errors.read()[-3000:]} {logs}")
         assert "listening on 127.0.0.1:" in line, line
         state = json.loads((tmp_path / "broker.json").read_text())
         assert state["pid"] == broker.pid and state["bootstrap"] in line
@@ -94,8 +109,19 @@ def test_embedded_broker_command_is_found_by_other_commands_and_stops_cleanly(
         assert "published order O-1 to orders partition" in produced.stdout
     finally:
         broker.send_signal(signal.SIGTERM)
-        assert broker.wait(timeout=20) == 0
+        code = broker.wait(timeout=40)
+        errors.close()
+    assert code == 0
     assert not (tmp_path / "broker.json").exists()
+    assert not list(tmp_path.glob("triage-kafka-*"))  # Apache Kafka's data went with it
+
+
+def test_apache_kafka_without_java_says_what_to_install(tmp_path: Path) -> None:
+    result = triage("broker", "--kafka", env=clean_env(tmp_path,
+                                                       JAVA_HOME=str(tmp_path / "no-jdk")))
+    assert result.returncode == 2, result.stderr
+    assert "needs Java 17 or later" in result.stderr and "install" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_produce_rejects_a_bad_timestamp_before_connecting(tmp_path: Path) -> None:
@@ -106,9 +132,10 @@ def test_produce_rejects_a_bad_timestamp_before_connecting(tmp_path: Path) -> No
 
 
 @pytest.mark.integration
+@pytest.mark.embedded
 def test_demo_reports_full_agreement(settings: Settings, tmp_path: Path) -> None:
-    """What `make demo` runs, from a directory with nothing in it yet (on topics of its own:
-    the broker is shared with the other tests)."""
+    """What `make demo` runs, from a directory with nothing in it yet, on the embedded broker
+    as `make demo` does (on topics of its own: the broker is shared with other tests)."""
     env = clean_env(tmp_path / "state", **{**settings.to_env(), "TRIAGE_LOG_FORMAT": "json",
                                            "TRIAGE_STATE_DIR": str(tmp_path / "state")})
     result = subprocess.run([*TRIAGE, "demo"], env=env, cwd=tmp_path, capture_output=True,

@@ -113,6 +113,10 @@ def test_the_config_names_only_real_settings_and_the_pods_serve_their_probes(
     assert scorer["terminationGracePeriodSeconds"] * 1000 > \
         settings.scorer.processing_deadline_ms + settings.scorer.delivery_timeout_ms
     assert "replicas" not in by_kind("Deployment", "triage-scorer")["spec"]  # KEDA's to set
+    # Static membership by pod name: a real setting, from the pod's own name.
+    env = {e["name"]: e for e in scorer["containers"][0]["env"]}
+    assert "TRIAGE_INSTANCE_ID" in known
+    assert env["TRIAGE_INSTANCE_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     for path in (config["TRIAGE_SASL_PASSWORD_FILE"], config["TRIAGE_SSL_CA_LOCATION"]):
         mount = next(m for m in scorer["containers"][0]["volumeMounts"]
                      if path.startswith(m["mountPath"] + "/"))

@@ -74,10 +74,10 @@ def _score(settings: Settings, model_dir: Path, reference_dir: Path, orders_csv:
 @pytest.fixture(scope="module")
 def run(bootstrap: str, history: Path, model_dir: Path,
         tmp_path_factory: pytest.TempPathFactory) -> Run:
-    from tests.conftest import settings as make_settings
+    from tests.conftest import make_settings
 
     tmp = tmp_path_factory.mktemp("drift-e2e")
-    settings = make_settings.__wrapped__(bootstrap, tmp).replace(
+    settings = make_settings(bootstrap, tmp).replace(
         sample_rate=1.0, drift_window_samples=PHASE, drift_min_samples=500,
         drift_metrics_port=free_port())
     shifted = tmp / "rollback"

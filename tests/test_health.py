@@ -134,12 +134,12 @@ def test_workers_are_ready_once_joined_even_without_partitions_and_unhealthy_whe
             return status == 200
 
         wait_for("worker a ready", ready, a)
-        # It answered before it was ready, and said what it was waiting for; there was a time
-        # when the model was loaded and the tables restored, and only the group join was left
-        # (joining takes seconds: the broker's initial rebalance delay).
+        # It answered before it was ready, and said what it was waiting for, the group join
+        # among it (how long the join takes is the broker's: seconds on one with an initial
+        # rebalance delay, almost nothing on the test cluster's Apache Kafka).
         assert answers[0][0] == 503, answers[:3]
-        assert {"status": "not_ready", "waiting_for": ["group_joined"]} in \
-            [body for _, body in answers], answers
+        assert all(body["status"] == "not_ready" for status, body in answers if status == 503)
+        assert any("group_joined" in body["waiting_for"] for _, body in answers), answers
         assert get(a_port, "/healthz")[0] == 200
         wait_for("a owns the partition", lambda: metric(a_port, "triage_owned_partitions") == 1)
         # The join began before the model and the tables were loaded, so it overlapped them;

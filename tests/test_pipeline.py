@@ -43,9 +43,9 @@ class Run:
 @pytest.fixture(scope="module")
 def run(bootstrap: str, history: Path, model_dir: Path,
         tmp_path_factory: pytest.TempPathFactory) -> Run:
-    from tests.conftest import settings as make_settings
+    from tests.conftest import make_settings
 
-    settings = make_settings.__wrapped__(bootstrap, tmp_path_factory.mktemp("pipeline"))
+    settings = make_settings(bootstrap, tmp_path_factory.mktemp("pipeline"))
     settings = settings.replace(sample_rate=SAMPLE_RATE, batch_size=200)
     supervisor = Supervisor(settings, model_dir, history, workers=2)
     supervisor.start()

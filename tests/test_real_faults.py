@@ -324,7 +324,9 @@ def test_a_hook_slower_than_max_poll_interval_dead_letters_its_orders_once(
     """The hook blocks for longer than max.poll.interval.ms on one order. Its batch is
     dead-lettered as `timeout` at the deadline, the worker is never evicted, nothing is
     consumed twice, and once the hook has returned later orders are scored again."""
-    settings = settings.replace(session_timeout_ms=3000, max_poll_interval_ms=4000,
+    # 6 s: the smallest session timeout Apache Kafka accepts by default
+    # (group.min.session.timeout.ms); the hook outlasts max.poll.interval.ms.
+    settings = settings.replace(session_timeout_ms=6000, max_poll_interval_ms=6000,
                                 processing_deadline_ms=1000, batch_size=50)
     records = read_orders_csv(history / "orders.csv", limit=200).records()
     records[10]["order_id"] = "SLOW"
@@ -337,7 +339,7 @@ def test_a_hook_slower_than_max_poll_interval_dead_letters_its_orders_once(
                              value=codec.encode(r))
         assert producer.flush(30) == 0
 
-    hook = BlockingHook(seconds=6.0)
+    hook = BlockingHook(seconds=8.0)
     scorer = Scorer(settings, artifact.load(model_dir), ReferenceTables.load(history),
                     extra_hooks=[hook])
     failure: list[BaseException] = []

@@ -15,6 +15,7 @@ from typing import Any
 
 from confluent_kafka import KafkaException
 
+from triage.bus.apache_kafka import KAFKA_VERSION, ApacheKafka
 from triage.bus.embedded import (
     BrokerNotFound,
     EmbeddedBroker,
@@ -60,8 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("broker", parents=[common],
-                            help="run the embedded Kafka-compatible broker (tansu) until Ctrl-C")
+                            help="run a local broker until Ctrl-C: the embedded Kafka-compatible "
+                                 "one (tansu), or Apache Kafka with --kafka")
     p.add_argument("--port", type=int, default=0, help="loopback port (default: a free one)")
+    p.add_argument("--kafka", action="store_true",
+                   help="Apache Kafka (single-node KRaft, from Maven Central's jars; needs "
+                        "Java 17+) instead of the embedded broker")
 
     p = commands.add_parser("topics", parents=[common], help="manage the service's topics")
     p.add_argument("action", choices=["create"])
@@ -153,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "decision needs a window of 6 samples")
     p.add_argument("--exactly-once", action="store_true", default=None,
                    help="transactional consume-transform-produce (TRIAGE_EXACTLY_ONCE)")
+    p.add_argument("--instance-id", dest="instance_id", metavar="ID",
+                   help="static group membership, e.g. the pod name (TRIAGE_INSTANCE_ID)")
+    p.add_argument("--group-protocol", dest="group_protocol", choices=["classic", "consumer"],
+                   help="consumer group protocol; consumer: KIP-848 (TRIAGE_GROUP_PROTOCOL)")
     _model_source(p)
     p.add_argument("--reference", type=Path,
                    help="directory with inventory.csv, payments.csv, zip_codes.csv: loaded "
@@ -176,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-rate", type=float, help="drift sample share (TRIAGE_SAMPLE_RATE)")
     p.add_argument("--exactly-once", action="store_true", default=None,
                    help="transactional consume-transform-produce (TRIAGE_EXACTLY_ONCE)")
+    p.add_argument("--instance-id", dest="instance_id", metavar="ID",
+                   help="static group membership, e.g. the pod name (TRIAGE_INSTANCE_ID)")
+    p.add_argument("--group-protocol", dest="group_protocol", choices=["classic", "consumer"],
+                   help="consumer group protocol; consumer: KIP-848 (TRIAGE_GROUP_PROTOCOL)")
     p.add_argument("--metrics-port", dest="metrics_port", type=int, metavar="PORT",
                    help="serve /metrics, /healthz and /readyz here (TRIAGE_METRICS_PORT)")
     p.add_argument("--worker-id", default="0",
@@ -285,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http", action="store_true",
                    help="also triage serve's figures against a per-request baseline: p50/p99 "
                         "at 500 requests/s, saturation, the batch call (docs/benchmarks.md)")
+    p.add_argument("--broker", choices=["embedded", "kafka"], default="embedded",
+                   dest="bench_broker",
+                   help="the broker it starts when none is configured: the embedded one "
+                        "(default) or Apache Kafka (Java 17+; docs/benchmarks.md)")
     p.add_argument("--timing", action="store_true",
                    help="also corrections and flags per 10,000 orders under simulated late, "
                         "bursty reference producers, by lateness allowance (no broker)")
@@ -333,7 +350,7 @@ def _settings(args: argparse.Namespace) -> Settings:
              "batch_timeout_ms", "sample_rate", "exactly_once", "drift_reports_topic",
              "drift_group_id", "drift_window_samples", "drift_window_minutes",
              "drift_min_samples", "drift_alpha", "drift_metrics_port", "csv_encoding",
-             "metrics_port", "gateway_port")
+             "metrics_port", "gateway_port", "instance_id", "group_protocol")
     settings = Settings.from_env().replace(**{n: getattr(args, n, None) for n in names})
     if getattr(args, "log_format", None) is None and "TRIAGE_LOG_FORMAT" not in os.environ \
             and sys.stderr.isatty():
@@ -352,18 +369,27 @@ def _resolved(settings: Settings) -> Settings:
 def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
     existing = running_embedded(settings.connection.state_dir)
     if existing:
-        print(f"error: an embedded broker is already running on {existing}", file=sys.stderr)
+        print(f"error: a broker started by `triage broker` is already running on {existing}",
+              file=sys.stderr)
         return EXIT_USAGE
-    log_path = Path(settings.connection.state_dir) / "tansu.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    broker = EmbeddedBroker(port=args.port, log_path=log_path)
+    state_dir = Path(settings.connection.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    broker: EmbeddedBroker | ApacheKafka
+    if args.kafka:
+        log_path = state_dir / "kafka.log"
+        broker = ApacheKafka(port=args.port, log_path=log_path)
+        what = (f"Apache Kafka {KAFKA_VERSION} (KRaft, one node; its data is removed when it "
+                "stops)")
+    else:
+        log_path = state_dir / "tansu.log"
+        broker = EmbeddedBroker(port=args.port, log_path=log_path)
+        what = "embedded broker (tansu, in-memory)"
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     bootstrap = broker.start()
     write_state(settings.connection.state_dir, bootstrap, os.getpid())
-    print(f"embedded broker (tansu, in-memory) listening on {bootstrap}; Ctrl-C stops it",
-          flush=True)
+    print(f"{what} listening on {bootstrap}; Ctrl-C stops it", flush=True)
     try:
         while not stop.wait(0.5) and broker.process is not None \
                 and broker.process.poll() is None:
@@ -373,9 +399,9 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
         crashed = broker.process is not None and broker.process.poll() is not None
         broker.stop()
     if crashed:
-        print(f"error: tansu exited unexpectedly; see {log_path}", file=sys.stderr)
+        print(f"error: the broker exited unexpectedly; see {log_path}", file=sys.stderr)
         return EXIT_FAILED
-    print("embedded broker stopped", flush=True)
+    print("broker stopped", flush=True)
     return 0
 
 
@@ -817,6 +843,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         scaling_workers=args.scaling_workers, sweep=sweep, sweep_orders=args.sweep_orders,
         restore_records=args.restore_records, models=args.models,
         per_message_orders=args.per_message_orders, http=args.http, timing=args.timing,
+        broker=args.bench_broker,
         data_dir=args.data, model_dir=args.model, out_dir=args.out,
         keep_topics=args.keep_topics, scorer_module=args.scorer_module)
     try:
