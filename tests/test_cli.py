@@ -182,3 +182,16 @@ def test_lag_command_reports_committed_end_and_lag_per_partition(bootstrap: str,
     assert ends == publisher.end_offsets  # from delivery reports, not from the broker
     assert all(row[1] == "-" and row[2] == row[3] for row in rows[:-1])  # nothing committed
     assert rows[-1] == ["total", "30", "30"]
+
+
+def test_readers_keep_the_highest_revision_of_each_order_not_the_latest_offset() -> None:
+    """What `triage predictions` prints: a correction read before the revision it replaces
+    (another partition, a replay) still wins; streaming, each record that raises its order's
+    revision comes out as it arrives."""
+    from triage.consumer.reader import latest_revisions
+
+    records = [{"order_id": "a", "revision": 2, "n": 1}, {"order_id": "b", "revision": 1, "n": 2},
+               {"order_id": "a", "revision": 1, "n": 3}, {"order_id": "b", "revision": 1, "n": 4},
+               {"order_id": "a", "revision": 3, "n": 5}]
+    assert [r["n"] for r in latest_revisions(records)] == [5, 4]
+    assert [r["n"] for r in latest_revisions(records, streaming=True)] == [1, 2, 4, 5]
