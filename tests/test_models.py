@@ -184,3 +184,34 @@ def test_workers_swap_to_a_promoted_version_between_batches_and_refuse_a_tampere
     assert forced.returncode == 0, forced.stderr
     state = read_state(settings.connection, settings.topics)
     assert state is not None and (state.active, state.forced, state.shadow) == (bad, True, None)
+
+
+@pytest.mark.integration
+def test_the_hints_train_and_models_list_print_run_as_printed(
+        settings: Settings, model_dir: Path, tmp_path: Path) -> None:
+    """Found by a new user: `train --registry R` said "`triage models promote V` makes it
+    active", and run as printed that was a usage error (no --registry). Each hint now runs."""
+    import re
+    import shlex
+
+    from triage.model.datagen import generate
+
+    root = tmp_path / "models dir"  # a space, so the hints must quote it
+    Registry(root).add(model_dir)
+    listed = cli(settings, "list", "--registry", str(root))
+    assert listed.returncode == 0, listed.stderr
+    hint = re.search(r"`triage (models promote VERSION [^`]+)`", listed.stdout)
+    assert hint, listed.stdout
+    version = Registry(root).versions()[0].version
+    promoted = cli(settings, *shlex.split(hint.group(1).replace("VERSION", version))[1:])
+    assert promoted.returncode == 0, promoted.stderr[-2000:]
+
+    generate(3_000, 5, tmp_path / "data")
+    trained = subprocess.run([*TRIAGE, "train", "--data", str(tmp_path / "data"),
+                              "--registry", str(root)], env=worker_env(settings),
+                             capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    hint = re.search(r"`triage (models promote [^`]+)`", trained.stdout)
+    assert hint, trained.stdout
+    promoted = cli(settings, *shlex.split(hint.group(1))[1:])
+    assert promoted.returncode == 0, promoted.stderr[-2000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -496,8 +497,9 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
                        encoding=settings.csv_encoding)
         if args.registry is not None:
             added = Registry(args.registry).add(out)
-            print(f"added {added.version} to the registry {args.registry}; "
-                  f"`triage models promote {added.version}` makes it active")
+            print(f"added {added.version} to the registry {args.registry}; `triage models "
+                  f"promote {added.version} --registry {shlex.quote(str(args.registry))}` "
+                  "makes it active")
         if settings.mlflow_tracking_uri:
             reference = mlflow_registry.log_training(settings, out)
             print(f"logged the run and registered {reference} in MLflow at "
@@ -660,7 +662,8 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
                      else "previous" if state and v.version == state.previous else "candidate")
             print(f"{v.version:<22}{label:<11}{v.created_at:<27}{v.holdout_accuracy:>17.4%}")
         if state is None:
-            print("no version is active yet: `triage models promote VERSION`")
+            print("no version is active yet: `triage models promote VERSION --registry "
+                  f"{shlex.quote(str(args.registry))}`")
         else:
             print(f"active {state.active} since {_when(state.changed_at_ms)} "
                   f"({state.action} by {state.changed_by}{', forced' if state.forced else ''})")
