@@ -33,6 +33,15 @@ class InfrastructureError(TriageError):
     """A broker, registry or process that did not do its part; exit status 1, restarted."""
 
 
+class PortInUse(ConfigurationError):
+    """A port this process was told to listen on is taken by another process."""
+
+    def __init__(self, port: int, what: str, setting: str) -> None:
+        super().__init__(f"port {port} ({what}) is already in use by another process: choose "
+                         f"a free one with {setting}")
+        self.port = port
+
+
 class WaitTimeout(InfrastructureError, TimeoutError):
     """Waited longer than allowed for the broker or the workers (nothing arrived, nothing
     settled). Also a TimeoutError."""

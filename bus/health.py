@@ -24,6 +24,7 @@ ASGI framework for three fixed answers: it would add to every worker's start-up 
 
 from __future__ import annotations
 
+import errno
 import json
 import threading
 import time
@@ -33,6 +34,8 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
+
+from triage.bus.errors import PortInUse
 
 StartResponse = Callable[..., Any]
 
@@ -107,10 +110,16 @@ def health_app(health: Health, registry: CollectorRegistry = REGISTRY
 
 
 def serve(port: int, health: Health, registry: CollectorRegistry = REGISTRY,
-          addr: str = "0.0.0.0") -> WSGIServer:
+          addr: str = "0.0.0.0", setting: str = "--metrics-port") -> WSGIServer:
     """Serve ``/healthz``, ``/readyz`` and ``/metrics`` on ``addr:port`` from a daemon thread.
-    Returns the server (``shutdown()`` stops it). Raises OSError if the port is taken."""
-    server = make_server(addr, port, health_app(health, registry), _ThreadingServer,
-                         handler_class=_QuietHandler)
+    Returns the server (``shutdown()`` stops it). Raises :class:`PortInUse` (a configuration
+    error, naming the port and ``setting``) if the port is taken."""
+    try:
+        server = make_server(addr, port, health_app(health, registry), _ThreadingServer,
+                             handler_class=_QuietHandler)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(port, "metrics, /healthz and /readyz", setting) from None
+        raise
     threading.Thread(target=server.serve_forever, name=f"health-{port}", daemon=True).start()
     return server

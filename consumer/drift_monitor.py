@@ -197,7 +197,8 @@ class DriftMonitor:
         self._server = None
         if drift.drift_metrics_port:
             self._server = serve(drift.drift_metrics_port, self.health, self.metrics.registry,
-                                 addr=metrics_addr)
+                                 addr=metrics_addr,
+                                 setting="--metrics-port or TRIAGE_DRIFT_METRICS_PORT")
             self.log.info("metrics_serving", port=drift.drift_metrics_port,
                           paths=["/metrics", "/healthz", "/readyz"])
         self.health.met("baseline_loaded")

@@ -134,7 +134,8 @@ def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | P
                          worker_id=worker_id, status_file=status_file, log=log, health=health)
         if settings.scorer.metrics_port:
             port = settings.scorer.metrics_port + int(worker_id)
-            server = serve(port, health)
+            server = serve(port, health, setting="--metrics-port or TRIAGE_METRICS_PORT "
+                           "(worker N listens on it + N)")
             log.info("metrics_serving", port=port, paths=["/metrics", "/healthz", "/readyz"])
         # Join now, so the join (3 s on a new group) overlaps the imports and loading below,
         # unless the worker will spend long restoring the reference streams (it would hold

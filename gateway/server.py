@@ -18,7 +18,8 @@ import structlog
 import uvicorn
 
 from triage.bus.clients import make_producer
-from triage.bus.errors import ConfigurationError
+from triage.bus.embedded import port_in_use
+from triage.bus.errors import ConfigurationError, PortInUse
 from triage.bus.settings import Settings
 from triage.gateway.app import make_app
 from triage.gateway.live import LiveReference
@@ -109,7 +110,10 @@ def _build(settings: Settings, log: Any, closing: list[Any], *, model_dir: Path 
 
 def run_gateway(settings: Settings, *, model_dir: Path | None, registry_dir: Path | None,
                 reference_dir: Path | None, host: str, broker: bool) -> int:
-    """Serve until SIGTERM/SIGINT (uvicorn finishes the requests in hand); returns 0."""
+    """Serve until SIGTERM/SIGINT (uvicorn finishes the requests in hand); returns 0. Raises
+    PortInUse (exit 2) before loading anything if the port is taken."""
+    if port_in_use(settings.gateway_port, host):
+        raise PortInUse(settings.gateway_port, "HTTP", "--port or TRIAGE_GATEWAY_PORT")
     app, closing = build(settings, model_dir=model_dir, registry_dir=registry_dir,
                          reference_dir=reference_dir, broker=broker)
     log = structlog.get_logger("gateway")

@@ -195,3 +195,34 @@ def test_readers_keep_the_highest_revision_of_each_order_not_the_latest_offset()
                {"order_id": "a", "revision": 3, "n": 5}]
     assert [r["n"] for r in latest_revisions(records)] == [5, 4]
     assert [r["n"] for r in latest_revisions(records, streaming=True)] == [1, 2, 4, 5]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("command", [
+    ["drift", "monitor", "--metrics-port", "{port}"],
+    ["worker", "--metrics-port", "{port}"],
+    ["serve", "--port", "{port}"],
+    ["broker", "--port", "{port}"],
+], ids=["drift-monitor", "worker", "serve", "broker"])
+def test_a_command_told_to_listen_on_a_busy_port_exits_2_naming_it(
+        command: list[str], settings: Settings, model_dir: Path, history: Path,
+        tmp_path: Path) -> None:
+    """Found by a new user: the drift monitor printed a traceback, the worker an
+    `Address already in use` without the port, `triage serve` logged `gateway_serving` and
+    exited 3."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = [a.format(port=port) for a in command]
+        if command[0] != "broker":
+            args += ["--model", str(model_dir)] + (["--reference", str(history)]
+                                                     if command[0] == "serve" else [])
+        result = triage(*args, env=clean_env(tmp_path, **{**settings.to_env(),
+                                                           "TRIAGE_STATE_DIR": str(tmp_path)}),
+                        timeout=120)
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert f"port {port}" in result.stderr and "already in use" in result.stderr
+    assert "Traceback" not in result.stderr and "gateway_serving" not in result.stderr
