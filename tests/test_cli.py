@@ -149,17 +149,6 @@ def test_demo_reports_full_agreement(settings: Settings, tmp_path: Path) -> None
         "Deliver", "HoldCheckAvailability", "HoldCheckDelivery", "HoldCheckPayment", "Decline"}
 
 
-def test_the_readme_lists_every_setting_and_every_command() -> None:
-    from triage.bus.settings import settings_table
-    from triage.cli import COMMANDS
-
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    for env, _, _ in settings_table():
-        assert f"| `{env}` |" in readme, env
-    for command in COMMANDS:
-        assert f"`triage {command}" in readme, command
-
-
 @pytest.mark.integration
 def test_lag_command_reports_committed_end_and_lag_per_partition(bootstrap: str,
                                                                  tmp_path: Path) -> None:
