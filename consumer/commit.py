@@ -14,7 +14,7 @@
   predictions, drift samples, dead letters and the consumed offsets (sent with the consumer
   group's metadata, so a fenced zombie cannot commit). Readers with ``read_committed`` see each
   batch once or not at all. Needs a broker with working transactions (Apache Kafka; see the
-  README on the embedded broker).
+  docs/operating.md on the embedded broker).
 
 All raise :class:`InfrastructureError` when the broker will not take the batch; the worker then
 exits non-zero, its supervisor restarts it, and it resumes from the last committed offsets.

@@ -86,7 +86,7 @@ class Models:
 def read_state(connection: ConnectionSettings, topics: TopicSettings,
                timeout_s: float = 30.0) -> ModelState | None:
     """The latest state on the control topic, None if it has none. Reads to the high watermark
-    that the fetches report (not ListOffsets: see the README on the embedded broker). Raises
+    that the fetches report (not ListOffsets: see docs/operating.md on the embedded broker). Raises
     InfrastructureError if the topic cannot be read within ``timeout_s``."""
     codec = codec_for(connection, "model_state", topics.models_topic)
     consumer = make_consumer(connection, f"triage-models-{uuid.uuid4().hex[:12]}")

@@ -1,5 +1,5 @@
 """Prometheus metrics of the HTTP front door (`triage serve`), served on its own /metrics with
-the scoring core's (consumer/metrics.py). README "Metrics" lists them."""
+the scoring core's (consumer/metrics.py). docs/operating.md, "Metrics", lists them."""
 
 from __future__ import annotations
 

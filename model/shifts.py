@@ -15,7 +15,7 @@ The scenarios (rates as of the order, on the default data):
 * ``stockouts``: a supplier failure: SKUs that take about 10% of orders (never one of the 30
   most popular, so no single SKU decides the rate) are out of stock all period. Out of stock
   as of the order goes from about 6% to about 15%. (The issue leaves the size open; a rise
-  half as large is measured in the README.)
+  half as large is measured in docs/operating.md, "Drift monitoring".)
 * ``payment-failures``: about 5% more orders find a failed status (``DECLINED``,
   ``INSUFFICIENT_FUNDS``, ``FRAUD_REVIEW``) where they had ``OK``: not OK goes from about 5.5%
   to about 10.5%.

@@ -131,7 +131,8 @@ def shared(*supervisors: Supervisor, partitions: int) -> bool:
 
 def retire_one_at_a_time(leaving: Supervisor, staying: Supervisor, partitions: int) -> None:
     """Scale in by SIGTERM, one worker at a time, each once the group has absorbed the last
-    (tansu sometimes strands partitions when two members leave at once; see the README)."""
+    (tansu sometimes strands partitions when two members leave at once; see docs/operating.md,
+    "The embedded broker's differences from Apache Kafka")."""
     while leaving.active_workers():
         worker = leaving.retire_worker()
         deadline = time.monotonic() + 60
@@ -264,7 +265,8 @@ def test_d_graceful_stop_and_restart_creates_no_duplicates(
         settings: Settings, big_history: Path, model_dir: Path) -> None:
     """A rolling restart: the new workers join, then the old ones are stopped with SIGTERM one
     by one and drain. (Rolling, because tansu sometimes wedges a group that went empty for
-    longer than the session timeout; see the README's embedded broker limits.)"""
+    longer than the session timeout; see docs/operating.md, "The embedded broker's differences
+    from Apache Kafka".)"""
     n = 20_000
     bg = Background()
     old, since = bg.start(settings, model_dir, big_history, workers=2, orders=n,

@@ -1,6 +1,6 @@
 """The embedded broker's (tansu's) deviations from Apache Kafka, each measured on both brokers
-side by side: what the README's table says is what these find. Where the integration tests run
-on the embedded broker (no Java 17+), only its half runs."""
+side by side: what the table of docs/operating.md says is what these find. Where the integration
+tests run on the embedded broker (no Java 17+), only its half runs."""
 
 from __future__ import annotations
 
