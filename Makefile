@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint venv kafka lock clean bench promtool
+.PHONY: demo test lint venv kafka lock clean bench promtool docs
 
 venv: $(STAMP) kafka
 
@@ -62,6 +62,11 @@ lint: $(STAMP)
 	ln -s $(CURDIR)/triage/*.py $(TYPECHECK)/triage/
 	for d in $(PACKAGES); do ln -s $(CURDIR)/$$d $(TYPECHECK)/triage/$$d; done
 	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p triage
+
+# The generated parts of docs/configuration.md (from bus/settings.py) and docs/cli.md (from
+# triage/cli.py's parser); tests/test_docs.py fails when they are stale.
+docs: $(STAMP)
+	$(BIN)/python -m triage.docs
 
 # Re-resolve the pins from requirements*.in (run by a person, on purpose; never by CI).
 lock:
