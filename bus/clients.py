@@ -10,6 +10,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic  # type:
 
 from triage.bus.embedded import resolve_bootstrap
 from triage.bus.errors import InfrastructureError
+from triage.bus.logs import librdkafka_logger
 from triage.bus.settings import ConnectionSettings, TopicSettings
 
 
@@ -31,12 +32,17 @@ def security_config(connection: ConnectionSettings) -> dict[str, Any]:
 def base_config(connection: ConnectionSettings) -> dict[str, Any]:
     """What every client shares. ``topic.metadata.refresh.interval.ms`` bounds how long a
     client takes to see a topic created again (after a broker lost it) or a partition added:
-    librdkafka's default, 5 minutes, would leave a worker assigned nothing that long."""
+    librdkafka's default, 5 minutes, would leave a worker assigned nothing that long.
+
+    ``logger`` routes librdkafka's own log lines through structlog (bus/logs.py) instead of
+    librdkafka printing them to stderr: they come out only while the client is polled
+    (``poll``, ``consume``, ``flush``); a client never polled drops them when destroyed."""
     return {
         "bootstrap.servers": resolve_bootstrap(connection.bootstrap_servers,
                                                connection.state_dir),
         "client.id": "triage",
         "topic.metadata.refresh.interval.ms": connection.metadata_refresh_ms,
+        "logger": librdkafka_logger(),
         **security_config(connection),
     }
 
@@ -75,6 +81,8 @@ def topic_max_message_bytes(connection: ConnectionSettings, topic: str,
         configs = next(iter(futures.values())).result(timeout=timeout_s)
     except Exception:  # an old broker, no DescribeConfigs ACL, a timeout: use the producer's
         return None
+    finally:
+        admin.poll(0)  # its log lines
     entry = configs.get("max.message.bytes")
     return int(entry.value) if entry is not None and str(entry.value).isdigit() else None
 
@@ -172,6 +180,8 @@ def make_consumer(connection: ConnectionSettings, group_id: str, **overrides: An
 
 
 def make_admin(connection: ConnectionSettings) -> AdminClient:
+    """An AdminClient with the shared configuration. Its librdkafka log lines are logged only
+    when it is polled: call ``admin.poll(0)`` after its requests (the helpers here do)."""
     return AdminClient(base_config(connection))
 
 
@@ -179,7 +189,10 @@ def is_embedded(connection: ConnectionSettings, timeout_s: float = 30.0) -> bool
     """Whether the broker is the embedded one (tansu names its cluster ``tansu_cluster``).
     Raises KafkaException if the broker does not answer in time."""
     admin = make_admin(connection)  # kept alive until the answer
-    cluster = admin.describe_cluster(request_timeout=timeout_s).result(timeout=timeout_s)
+    try:
+        cluster = admin.describe_cluster(request_timeout=timeout_s).result(timeout=timeout_s)
+    finally:
+        admin.poll(0)  # its log lines
     return bool(cluster.cluster_id == "tansu_cluster")
 
 
@@ -230,14 +243,17 @@ def create_topics(connection: ConnectionSettings, topics: TopicSettings,
          for name, partitions in specs.items()],
         request_timeout=timeout_s)
     outcome = {}
-    for name, future in futures.items():
-        try:
-            future.result()
-            outcome[name] = f"created ({specs[name]} partitions)"
-        except KafkaException as exc:
-            if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
-                raise
-            outcome[name] = "exists"
+    try:
+        for name, future in futures.items():
+            try:
+                future.result()
+                outcome[name] = f"created ({specs[name]} partitions)"
+            except KafkaException as exc:
+                if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
+                    raise
+                outcome[name] = "exists"
+    finally:
+        admin.poll(0)  # its log lines
     return outcome
 
 
@@ -263,8 +279,14 @@ def records_in(consumer: Consumer, topic_names: list[str], timeout_s: float = 5.
 
 def partitions_of(client: Producer | Consumer | AdminClient, topic: str,
                   timeout_s: float = 10.0) -> list[TopicPartition]:
-    """Every partition of ``topic``; raises if the topic does not exist."""
-    meta = client.list_topics(topic, timeout=timeout_s).topics[topic]
+    """Every partition of ``topic``; raises KafkaException if the topic does not exist or the
+    brokers do not answer within ``timeout_s``. An AdminClient is polled afterwards, so that
+    its log lines come out (a consumer is not: polling it would consume)."""
+    try:
+        meta = client.list_topics(topic, timeout=timeout_s).topics[topic]
+    finally:
+        if isinstance(client, AdminClient):
+            client.poll(0)
     if meta.error is not None:
         raise KafkaException(meta.error)
     return [TopicPartition(topic, p) for p in sorted(meta.partitions)]

@@ -108,8 +108,9 @@ def replay(settings: Settings, path: str | Path, *, streams: Sequence[str] | Non
     ``streams``: which of ``orders, payments, inventory, zip_codes`` a directory replays (all by
     default). ``limit``: the first N records of the merged stream. Rows of orders.csv that
     cannot become an order are skipped and listed; ``track`` keeps where each published order
-    landed (``positions``). Raises SettingsError for contradictory options, ReferenceDataError
-    for a file that cannot be read.
+    landed (``positions``). ``progress``: a progress bar on stderr, only when it is a terminal
+    (where stderr is a log, every line of it stays a log line). Raises SettingsError for
+    contradictory options, ReferenceDataError for a file that cannot be read.
     """
     if rate is not None and speedup is not None:
         raise SettingsError("give --rate or --speedup, not both")
@@ -167,7 +168,9 @@ def _publish(loaded: list[_Stream], producer: Any, *, rate: float | None,
     orders = next((s for s in loaded if s.name == "orders"), None)
     unit = "order" if len(loaded) == 1 and orders is not None else "record"
     started = time.monotonic()
-    with tqdm(total=len(order), unit=unit, disable=not progress, smoothing=0.1) as bar:
+    # disable=None: tqdm draws only on a terminal.
+    with tqdm(total=len(order), unit=unit, disable=None if progress else True,
+              smoothing=0.1) as bar:
         for n, (i, r) in enumerate(zip(which[order].tolist(), row[order].tolist(),
                                        strict=True)):
             if due is not None:

@@ -142,6 +142,14 @@ def test_demo_reports_full_agreement(settings: Settings, tmp_path: Path) -> None
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "agreement with offline batch scoring: 100.00%" in result.stdout
+    # With JSON logs, stderr is a log: every line JSON (no librdkafka line, no progress bar).
+    not_json = []
+    for line in result.stderr.replace("\r", "\n").splitlines():
+        try:
+            json.loads(line)
+        except ValueError:
+            not_json.append(line)
+    assert not not_json, not_json[:5]
     assert "wrong without a flag or a correction: 0\n" in result.stdout
     lines = (tmp_path / "results" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 20_000
