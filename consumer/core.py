@@ -465,6 +465,7 @@ class ScoringCore:
                 "probabilities": probabilities[i],
                 "model_version": version,
                 "scored_at_ms": scored_at,
+                "sample_rate": self.config.sample_rate,  # the report states what was sampled
             }))
         outcome.republished += publish.count(False)
 

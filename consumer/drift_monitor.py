@@ -49,7 +49,8 @@ _PROGRESS_S = 10.0  # how often the open window's progress is logged
 @dataclass
 class _Window:
     """Samples of the open window, column by column (each declared feature, the
-    recommendation, when it was scored, its partition), and where each came from."""
+    recommendation, when it was scored, the order's own time, the rate it was sampled at, its
+    partition), and where each came from."""
 
     opened_at_ms: int
     opened_mono: float
@@ -57,6 +58,8 @@ class _Window:
         default_factory=lambda: {name: [] for name in FEATURE_NAMES})
     recommendations: list[str] = field(default_factory=list)
     scored_at: list[int] = field(default_factory=list)
+    order_at: list[int] = field(default_factory=list)
+    rates: list[float | None] = field(default_factory=list)
     partitions: list[int] = field(default_factory=list)
     versions: Counter[str] = field(default_factory=Counter)
     offsets: dict[int, tuple[int, int]] = field(default_factory=dict)  # partition -> first, last
@@ -78,6 +81,8 @@ class _Window:
             column.append(values[name])
         self.recommendations.append(sample["recommendation"])
         self.scored_at.append(sample["scored_at_ms"])
+        self.order_at.append(sample["order"]["timestamp_ms"])
+        self.rates.append(sample["sample_rate"])
         self.partitions.append(partition)
         self.versions[sample["model_version"]] += 1
 
@@ -86,7 +91,7 @@ class _Window:
         them again from the last commit."""
         keep = [i for i, p in enumerate(self.partitions) if p not in lost]
         for column in (*self.features.values(), self.recommendations, self.scored_at,
-                       self.partitions):
+                       self.order_at, self.rates, self.partitions):
             column[:] = [column[i] for i in keep]
         self.offsets = {p: o for p, o in self.offsets.items() if p not in lost}
 
@@ -145,8 +150,16 @@ class DriftMetrics:
 
 def report_record(result: WindowResult, *, window_id: str, model_version: str,
                   opened_at_ms: int, closed_at_ms: int, scored_at_ms: Sequence[int] = (),
+                  order_at_ms: Sequence[int] = (), sample_rates: Sequence[float | None] = (),
+                  window_samples: int | None = None, window_minutes: float | None = None,
                   other_model_samples: int = 0, skipped: int = 0) -> dict[str, Any]:
-    """The ``DriftReport`` Avro record of one evaluated window."""
+    """The ``DriftReport`` Avro record of one evaluated window.
+
+    ``scored_at_ms`` and ``order_at_ms`` (UTC ms) and ``sample_rates`` (0..1, None when a
+    sample did not say) hold one value per sample; the record keeps their span, and each
+    distinct rate with its number of samples (in rate order, None last).
+    ``window_samples``/``window_minutes``: what closes the monitor's windows (None: not that)."""
+    rates = Counter(sample_rates)
     return {
         "window_id": window_id,
         "model_version": model_version,
@@ -161,6 +174,12 @@ def report_record(result: WindowResult, *, window_id: str, model_version: str,
         "last_scored_at_ms": max(scored_at_ms) if scored_at_ms else None,
         "other_model_samples": other_model_samples,
         "skipped": skipped,
+        "first_order_at_ms": min(order_at_ms) if order_at_ms else None,
+        "last_order_at_ms": max(order_at_ms) if order_at_ms else None,
+        "sample_rates": [{"rate": rate, "samples": rates[rate]}
+                         for rate in sorted(rates, key=lambda r: (r is None, r or 0.0))],
+        "window_samples": window_samples,
+        "window_minutes": window_minutes,
         "checks": [{
             "name": c.name, "feature": c.feature, "test": c.test, "verdict": c.verdict,
             "samples": c.samples, "statistic": c.statistic,
@@ -285,7 +304,10 @@ class DriftMonitor:
         record = report_record(
             result, window_id=window.window_id(), model_version=version,
             opened_at_ms=window.opened_at_ms, closed_at_ms=closed_at_ms,
-            scored_at_ms=window.scored_at,
+            scored_at_ms=window.scored_at, order_at_ms=window.order_at,
+            sample_rates=window.rates,
+            window_samples=self.drift.drift_window_samples or None,
+            window_minutes=self.drift.drift_window_minutes or None,
             other_model_samples=sum(n for v, n in window.versions.items() if v != version),
             skipped=window.skipped)
         produce(self.producer, self.topics.drift_reports_topic,

@@ -2,7 +2,11 @@
 
 For every check (each feature, inventory twice, and the predictions) the page shows the
 baseline and the latest window's distributions side by side, the statistic against its
-threshold and the verdict, and the statistic's trend over the last K windows. The plots are
+threshold and the verdict, and the statistic's trend over the last K windows, against the
+windows' times. It states what the reports saw, not this command's settings: each window's
+samples, the event-time span of its orders and the rate(s) its samples were taken at (each
+sample carries its sampler's rate). An alarm a zip roll-out causes by design is explained where
+it shows (:func:`rollout_note`). The plots are
 inline SVG written here (two chart types do not justify a plotting library in the runtime
 image), so the file opens anywhere, offline, and can be mailed or attached to a ticket.
 """
@@ -10,9 +14,11 @@ image), so the file opens anywhere, offline, and can be mailed or attached to a 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from html import escape
+from itertools import pairwise
 from typing import Any
 
 from triage.bus.offsets import watermarks
@@ -47,19 +53,66 @@ def unreported_samples(connection: ConnectionSettings, drift_topic: str,
     return max(0, on_topic - reported)
 
 
-def open_window_note(unreported: int, settings: Settings) -> str:
-    """One sentence: how many samples wait in the open window and what closes it."""
+def open_window_note(unreported: int, settings: Settings,
+                     reports: Sequence[dict[str, Any]] = ()) -> str:
+    """A sentence or two: how many samples wait in the open window, what closes it and the
+    rate the workers sampled at. Both come from the latest of ``reports`` (oldest first) when
+    it records them; what closes the window otherwise from ``settings`` (said to be this
+    command's), and the rate is then not stated: this command's TRIAGE_SAMPLE_RATE says
+    nothing about the workers'."""
+    latest = reports[-1] if reports else {}
+    by_count, by_time = latest.get("window_samples"), latest.get("window_minutes")
+    if by_count or by_time:
+        source = "as the monitor reported with its latest window"
+    else:
+        by_count = settings.drift.drift_window_samples
+        by_time = settings.drift.drift_window_minutes
+        source = ("as the monitor was started, if with this command's settings (TRIAGE_DRIFT_"
+                  "WINDOW_SAMPLES, TRIAGE_DRIFT_WINDOW_MINUTES; no report states the monitor's)")
     closes = []
-    if settings.drift.drift_window_samples:
-        closes.append(f"{settings.drift.drift_window_samples:,} samples "
-                      "(TRIAGE_DRIFT_WINDOW_SAMPLES)")
-    if settings.drift.drift_window_minutes:
-        closes.append(f"{settings.drift.drift_window_minutes:g} minutes "
-                      "(TRIAGE_DRIFT_WINDOW_MINUTES)")
-    return (f"{unreported:,} sample(s) on {settings.topics.drift_topic} are in no report yet: the "
-            f"monitor's open window closes at {' or after '.join(closes)}, as the monitor was "
-            f"started (these are this command's settings). The sampler copies "
-            f"{settings.scorer.sample_rate:.0%} of orders (TRIAGE_SAMPLE_RATE).")
+    if by_count:
+        closes.append(f"{by_count:,} samples")
+    if by_time:
+        closes.append(f"{by_time:g} minutes")
+    note = (f"{unreported:,} sample(s) on {settings.topics.drift_topic} are in no report yet: "
+            f"the monitor's open window closes at {' or after '.join(closes)}, {source}.")
+    rates = latest.get("sample_rates") or []
+    if any(r["rate"] is not None for r in rates):
+        note += (f" The workers sampled {rates_text(rates)} of orders in the latest window "
+                 "reported.")
+    elif reports:
+        note += " The reports do not record the workers' sampling rate (they predate it)."
+    return note
+
+
+def rates_text(rates: Sequence[dict[str, Any]]) -> str:
+    """The sampling rates of a report's ``sample_rates`` (rate 0..1 or None, samples) as text:
+    ``"20%"`` for one rate, ``"20% (1,800 samples), 5% (200 samples)"`` for several,
+    ``"not recorded"`` for none or only unrecorded ones."""
+    known = [r for r in rates if r["rate"] is not None and r["samples"]]
+    if not known:
+        return "not recorded"
+    if len(rates) == 1:
+        return _percent(known[0]["rate"])
+    return ", ".join(f"{'not recorded' if r['rate'] is None else _percent(r['rate'])} "
+                     f"({r['samples']:,} samples)" for r in rates)
+
+
+def _percent(share: float) -> str:
+    return f"{share * 100:.4g}%"
+
+
+def _merged_rates(reports: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``sample_rates`` of several reports added up (a report of contract version 1 has
+    none: its samples count as not recorded)."""
+    total: Counter[float | None] = Counter()
+    for report in reports:
+        rates = report.get("sample_rates") or []
+        for r in rates:
+            total[r["rate"]] += r["samples"]
+        total[None] += report["samples"] - sum(r["samples"] for r in rates)
+    return [{"rate": rate, "samples": total[rate]}
+            for rate in sorted(total, key=lambda r: (r is None, r or 0.0)) if total[rate]]
 
 
 def _time(ms: int | None) -> str:
@@ -120,10 +173,29 @@ def bar_chart(labels: Sequence[str], baseline: Sequence[float], current: Sequenc
 
 
 def trend_chart(points: Sequence[tuple[float, float | None, str]], *, check: str,
+                labels: Sequence[str] = (), axis: str = "", tips: Sequence[str] = (),
                 width: int = 560, height: int = 240) -> str:
     """The statistic per window (dots coloured by verdict) and its threshold (dashed), on a log
-    scale: a shift moves the statistic by orders of magnitude."""
-    left, right, top, bottom = 56, 24, 24, 36
+    scale: a shift moves the statistic by orders of magnitude.
+
+    ``points``: (statistic, threshold or None, verdict) per window, oldest first (a statistic
+    of 0 is not drawn). ``labels``: the x-axis label of each window (its time, see
+    :func:`window_axis`), at most 12 of them drawn; ``axis``: what the labels are; ``tips``:
+    a tooltip line per window. Raises ValueError when ``labels`` or ``tips`` is given with
+    another length than ``points``."""
+    for name, given in (("labels", labels), ("tips", tips)):
+        if given and len(given) != len(points):
+            raise ValueError(f"{len(given)} {name} for {len(points)} points")
+    labels = labels or [str(i + 1) for i in range(len(points))]
+    # At most 12 labels, evenly spaced back from the latest window, which always has one.
+    drawn = list(range(len(points) - 1, -1, -math.ceil(len(points) / 12)))[::-1]
+    longest = max((len(labels[i]) for i in drawn), default=0)
+    rotate = len(drawn) * (6.5 * longest + 8) > width - 80  # labels would overlap level
+    # Room for the first and last labels: centred under their points, or slanted to the left.
+    left = max(56, round(0.82 * 6.5 * longest) + 4) if rotate else 56
+    right, top = 24 if rotate else max(24, round(3.25 * longest) + 4), 24
+    bottom = (20 + round(0.64 * 6.5 * longest) if rotate else 24) + (16 if axis else 0)
+    height = max(height, top + 150 + bottom)
     plot_w, plot_h = width - left - right, height - top - bottom
     values = [v for s, t, _ in points for v in (s, t) if v is not None and v > 0]
     lo = math.floor(math.log10(min(values))) if values else -3
@@ -156,19 +228,47 @@ def trend_chart(points: Sequence[tuple[float, float | None, str]], *, check: str
         parts.append(f"<polyline points='{path}' fill='none' stroke='#bbb'/>")
     for i, (s, t, verdict) in enumerate(points):
         if s > 0:
+            tip = tips[i] if tips else f"window {labels[i]}"
             parts.append(f"<circle cx='{x(i):.1f}' cy='{y(s):.1f}' r='4' "
-                         f"fill='{COLORS.get(verdict, '#000')}'><title>window {i + 1}: "
+                         f"fill='{COLORS.get(verdict, '#000')}'><title>{escape(tip)}: "
                          f"{_fmt(s)} (threshold {_fmt(t)}), {verdict}</title></circle>")
-    for i in range(len(points)):
-        if len(points) <= 12 or i % math.ceil(len(points) / 12) == 0 or i == len(points) - 1:
-            parts.append(f"<text x='{x(i):.1f}' y='{top + plot_h + 16}' text-anchor='middle' "
-                         f"{_FONT}>{i + 1 - len(points) if i < len(points) - 1 else 'latest'}"
-                         f"</text>")
+    ly = top + plot_h + 14
+    for i in drawn:
+        anchor = "end" if rotate else "middle"
+        transform = f" transform='rotate(-35 {x(i):.1f} {ly:.1f})'" if rotate else ""
+        parts.append(f"<text class='tick' x='{x(i):.1f}' y='{ly}' text-anchor='{anchor}'"
+                     f"{transform} {_FONT}>{escape(labels[i])}</text>")
+    if axis:
+        parts.append(f"<text class='axis' x='{left + plot_w / 2:.1f}' y='{height - 4}' "
+                     f"text-anchor='middle' {_FONT}>{escape(axis)}</text>")
     parts.append(_legend(left, 6, [("statistic: ok", COLORS["ok"]),
                                    ("drift", COLORS["drift"]), ("threshold", "#555")],
                          dashed=2))
     parts.append("</svg>")
     return "".join(parts)
+
+
+def window_axis(reports: Sequence[dict[str, Any]]) -> tuple[str, list[str]]:
+    """How to place ``reports`` (oldest first) on a time axis: (what the labels are, one label
+    per report). By their orders' event time (each window's latest order) when every report
+    has it and it rises from window to window: a replay in event time closes its windows
+    seconds apart, but they span days of orders. Otherwise (orders shuffled over a period,
+    or reports that predate event times) by when the monitor closed each window. Labels are
+    UTC, as short as keeps distinct times distinct."""
+    last = [r["last_order_at_ms"] for r in reports if r.get("last_order_at_ms") is not None]
+    if len(last) == len(reports) and all(a < b for a, b in pairwise(last)):
+        return "latest order in each window (event time, UTC)", _time_labels(last)
+    return "window closed (UTC)", _time_labels([r["closed_at_ms"] for r in reports])
+
+
+def _time_labels(times_ms: Sequence[int]) -> list[str]:
+    """UTC labels for ``times_ms``: month-day and minutes, with seconds where minutes would
+    make distinct times look alike, with the year where the times span more than one."""
+    moments = [datetime.fromtimestamp(ms / 1000, UTC) for ms in times_ms]
+    year = "%Y-" if len({m.year for m in moments}) > 1 else ""
+    minutes = [m.strftime(f"{year}%m-%d %H:%M") for m in moments]
+    seconds = [m.strftime(f"{year}%m-%d %H:%M:%S") for m in moments]
+    return minutes if len(set(minutes)) == len(set(seconds)) else seconds
 
 
 def _nice_step(raw: float) -> float:
@@ -191,6 +291,46 @@ def _legend(x: float, y: float, items: list[tuple[str, str]], dashed: int = -1) 
     return "".join(parts)
 
 
+# The check of a feature that follows a roll-out: zips are served from their available_from
+# on, so its "available" share rises over time. Windows in event time see one stretch of the
+# roll-out, the baseline all of it, so it alarms by design in a replay and after training.
+ROLLOUT_CHECK = "zip_code_available"
+
+
+def rollout_note(check: dict[str, Any], report: dict[str, Any]) -> str:
+    """HTML explaining an alarm a zip roll-out causes by design, for a ``check`` (a DriftCheck
+    record) of ``report`` that is :data:`ROLLOUT_CHECK` and alarmed; "" otherwise. It gives
+    the window's "available" share against the baseline's and its orders' time span, how to
+    tell the roll-out from drift, and what to do."""
+    if check["name"] != ROLLOUT_CHECK or check["verdict"] != "drift":
+        return ""
+    bin_ = next((b for b in check["bins"] if b["label"] == "available"), None)
+    if bin_ is None:
+        return ""
+    side = "above" if bin_["current"] > bin_["baseline"] else "below"
+    span = ""
+    if report.get("first_order_at_ms") is not None:
+        span = (f" (from {_time(report['first_order_at_ms'])} to "
+                f"{_time(report['last_order_at_ms'])})")
+    return (
+        f"<div class='note rollout' id='rollout-{escape(check['name'])}'>"
+        f"<p><b>A roll-out shifts this check by design.</b> A zip counts as available once "
+        f"its <code>available_from</code> has passed, so the share of orders to available "
+        f"zips rises as zips roll out; the baseline is that share over the whole training "
+        f"period. Windows of orders in event time see one stretch of the roll-out: a "
+        f"replay's early windows sit below the baseline, its late ones above, and live "
+        f"windows after training above. The recommendation check follows (HoldCheckDelivery)."
+        f"</p><p>This window: available in {bin_['current']:.1%} of its orders{span} "
+        f"against {bin_['baseline']:.1%} in training: {side} the baseline.</p>"
+        f"<p><b>Roll-out or drift?</b> A roll-out explains a share below the baseline only "
+        f"for orders early in the training period, and above it only for orders late in it "
+        f"or after it; anything else is drift. Below, check that the workers read the "
+        f"<code>zip_codes</code> stream up to the orders' time (an unknown zip counts "
+        f"as not available) and whether zips were withdrawn. <b>What to do:</b> "
+        f"in a replay, nothing: the alarm is the roll-out. Live and above, retrain on recent "
+        f"history, so the baseline holds the zips served now.</p></div>")
+
+
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
 h1 { margin-bottom: 0.2em; } .meta { color: #555; }
@@ -204,6 +344,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 section.check { border-top: 1px solid #ccc; padding-top: 0.5em; margin-top: 1.5em; }
 .plots { display: flex; flex-wrap: wrap; gap: 16px; }
 .note { color: #555; font-size: 0.9em; }
+.rollout { border-left: 3px solid #8da0cb; padding: 0 0.8em; max-width: 60em; }
 """
 
 
@@ -230,10 +371,18 @@ def render(reports: Sequence[dict[str, Any]], *, last: int = 20,
     alarms = {c["name"]: sum(1 for r in shown for d in r["checks"]
                              if d["name"] == c["name"] and d["verdict"] == "drift")
               for c in latest["checks"]}
+    axis, labels = window_axis(shown)
+    first_order = [r["first_order_at_ms"] for r in shown
+                   if r.get("first_order_at_ms") is not None]
+    last_order = [r["last_order_at_ms"] for r in shown if r.get("last_order_at_ms") is not None]
+    orders = (f" · orders from {_time(min(first_order))} to {_time(max(last_order))}"
+              if first_order and last_order else "")
+    notes = {c["name"]: rollout_note(c, pictured) for c in pictured["checks"]}
     out = [head, f"<p class='meta'>Model <code>{escape(latest['model_version'])}</code> · "
-           f"{len(shown)} window(s) shown, {_time(shown[0]['opened_at_ms'])} to "
-           f"{_time(latest['closed_at_ms'])} · latest window: {latest['samples']} samples, "
-           f"{_badge(latest['status'])}</p>",
+           f"<a href='#windows'>{len(shown)} window(s) shown</a>, "
+           f"{_time(shown[0]['opened_at_ms'])} to {_time(latest['closed_at_ms'])}{orders} · "
+           f"sampled at {escape(rates_text(_merged_rates(shown)))} · latest window: "
+           f"{latest['samples']} samples, {_badge(latest['status'])}</p>",
            f"<p class='note'>Each window is compared with the training baseline. A check "
            f"alarms when its Holm-adjusted p-value is at most α = {latest['alpha']:g} (the "
            f"chance that a window without drift raises any alarm) and its PSI is at least "
@@ -245,7 +394,10 @@ def render(reports: Sequence[dict[str, Any]], *, last: int = 20,
     for c in latest["checks"]:
         out.append(f"<tr><td><a href='#{escape(c['name'])}'>{escape(c['name'])}</a></td>"
                    f"<td>{escape(c['feature'])}</td><td>{escape(c['test'])}</td>"
-                   f"<td>{_badge(c['verdict'])}</td><td class='num'>{_fmt(c['statistic'])}</td>"
+                   f"<td>{_badge(c['verdict'])}"
+                   + (f" <a href='#rollout-{escape(c['name'])}'>roll-out?</a>"
+                      if notes.get(c["name"]) and pictured is latest else "")
+                   + f"</td><td class='num'>{_fmt(c['statistic'])}</td>"
                    f"<td class='num'>{_fmt(c['threshold'])}</td>"
                    f"<td class='num'>{_fmt(c['adjusted_p_value'])}</td>"
                    f"<td class='num'>{_fmt(c['psi'])}</td>"
@@ -255,6 +407,9 @@ def render(reports: Sequence[dict[str, Any]], *, last: int = 20,
         out.append(f"<p class='note'>The latest window was too small to test; the sections "
                    f"below show the latest tested one, closed {_time(pictured['closed_at_ms'])}"
                    f" with {pictured['samples']} samples.</p>")
+    tips = [f"window closed {_time(r['closed_at_ms'])}, {r['samples']} samples"
+            + (f", orders {_time(r['first_order_at_ms'])} to {_time(r['last_order_at_ms'])}"
+               if r.get("first_order_at_ms") is not None else "") for r in shown]
     # Alarming checks first: they are what the reader opened the page for.
     for c in sorted(pictured["checks"], key=lambda c: c["verdict"] != "drift"):
         name = c["name"]
@@ -270,12 +425,35 @@ def render(reports: Sequence[dict[str, Any]], *, last: int = 20,
             f"test {escape(c['test'])} · statistic {_fmt(c['statistic'])} against threshold "
             f"{_fmt(c['threshold'])} · p {_fmt(c['p_value'])}, Holm-adjusted "
             f"{_fmt(c['adjusted_p_value'])} · PSI {_fmt(c['psi'])} · {c['samples']} samples"
-            f"{' · ' + escape(c['reason']) if c['reason'] else ''}</p>"
+            f"{' · ' + escape(c['reason']) if c['reason'] else ''}</p>" + notes[name]
             + (f"<p>Never seen in training:</p><ul>{unseen}</ul>" if unseen else "")
             + "<div class='plots'>"
             + bar_chart([b["label"] for b in bins], [b["baseline"] for b in bins],
                         [b["current"] for b in bins], check=name)
-            + trend_chart(points, check=name) + "</div></section>")
+            + trend_chart(points, check=name, labels=labels, axis=axis, tips=tips)
+            + "</div></section>")
+    out.append(_windows_table(shown, axis, labels))
     out.append(f"<p class='note'>Generated {_time(int(datetime.now(UTC).timestamp() * 1000))} "
                "by <code>triage drift report</code>.</p></body></html>")
     return "".join(out)
+
+
+def _windows_table(shown: Sequence[dict[str, Any]], axis: str, labels: Sequence[str]) -> str:
+    """What each window shown held: when it closed, its samples, the event-time span of its
+    orders, the rate(s) they were sampled at, its verdict and the checks that alarmed."""
+    rows = []
+    for report, label in zip(shown, labels, strict=True):
+        drifted = ", ".join(c["name"] for c in report["checks"] if c["verdict"] == "drift")
+        rates = rates_text(_merged_rates([report])) if report["samples"] else "-"
+        rows.append(f"<tr><td>{escape(label)}</td><td>{_time(report['closed_at_ms'])}</td>"
+                    f"<td class='num'>{report['samples']:,}</td>"
+                    f"<td>{_time(report.get('first_order_at_ms'))}</td>"
+                    f"<td>{_time(report.get('last_order_at_ms'))}</td>"
+                    f"<td>{escape(rates)}</td>"
+                    f"<td>{_badge(report['status'])}</td><td>{escape(drifted) or '-'}</td></tr>")
+    return ("<section id='windows'><h2>Windows shown</h2><p class='note'>What each report "
+            "says it saw: its samples, the time span of their orders (event time) and the "
+            "share of orders the workers sampled. The trend charts place windows by the "
+            f"first column.</p><table><tr><th>{escape(axis)}</th><th>closed</th><th>samples</th>"
+            "<th>first order</th><th>last order</th><th>sampled at</th><th>status</th>"
+            "<th>alarms</th></tr>" + "".join(rows) + "</table></section>")

@@ -339,7 +339,8 @@ def test_logical_types_in_nested_records_maps_and_arrays() -> None:
     records."""
     url = "mock://logical-nested"
     sample = {"order": ORDER, "features": PREDICTION["features"], "recommendation": "Deliver",
-              "probabilities": {"Deliver": 0.75}, "model_version": "m", "scored_at_ms": AT_MS}
+              "probabilities": {"Deliver": 0.75}, "model_version": "m", "scored_at_ms": AT_MS,
+              "sample_rate": 0.2}
     money = {"type": "fixed", "name": "Money", "size": 8, "logicalType": "decimal",
              "precision": 18, "scale": 2}
     data = framed_by_producer(
@@ -357,7 +358,9 @@ def test_logical_types_in_nested_records_maps_and_arrays() -> None:
     report = {"window_id": "w", "model_version": "m", "status": "ok", "samples": 1,
               "min_samples": 1, "alpha": 0.01, "correction": "holm", "opened_at_ms": AT_MS,
               "closed_at_ms": AT_MS, "first_scored_at_ms": None, "last_scored_at_ms": AT_MS,
-              "other_model_samples": 0, "skipped": 0, "checks": [{
+              "other_model_samples": 0, "skipped": 0, "first_order_at_ms": AT_MS,
+              "last_order_at_ms": AT_MS, "sample_rates": [{"rate": 0.2, "samples": 1}],
+              "window_samples": 1000, "window_minutes": None, "checks": [{
                   "name": "payment_status", "feature": "payment_status", "test": "chi2",
                   "verdict": "ok", "samples": 1, "statistic": 0.5, "threshold": None,
                   "p_value": 0.5, "adjusted_p_value": 0.5, "psi": 0.0, "reason": "",

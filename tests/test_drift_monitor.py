@@ -157,13 +157,18 @@ def _cli(settings: Settings, *args: str, **kwargs) -> subprocess.Popen:
 
 
 def test_drift_report_command_writes_the_page(run: Run, tmp_path: Path) -> None:
+    """The command runs with the default sample rate (5%); the page and its note state the
+    rate the worker sampled at (100%), carried by the samples and the reports."""
     out = tmp_path / "report.html"
-    process = _cli(run.settings, "drift", "report", "--out", str(out), "--idle", "1")
+    process = _cli(run.settings.replace(sample_rate=0.05), "drift", "report", "--out", str(out),
+                   "--idle", "1")
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     assert "2 window(s), latest: drift" in stdout
+    assert "The workers sampled 100% of orders" in stdout and "5%" not in stdout
     html = out.read_text()
     assert html.count("class='plot distribution'") == html.count("class='plot trend'") == 6
+    assert "sampled at 100%" in html
 
 
 def test_drift_monitor_command_reports_and_stops_cleanly_on_sigterm(

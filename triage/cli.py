@@ -435,7 +435,8 @@ def cmd_drift(args: argparse.Namespace, settings: Settings) -> int:
         reports = read_reports(settings.connection, settings.topics.drift_reports_topic,
                                idle_s=args.idle)
         note = open_window_note(unreported_samples(settings.connection,
-                                                   settings.topics.drift_topic, reports), settings)
+                                                   settings.topics.drift_topic, reports),
+                                settings, reports)
         args.out.write_text(render(reports, last=args.last, open_window=note))
         latest = reports[-1]["status"] if reports else "no reports yet"
         print(f"wrote {args.out}: {min(len(reports), args.last)} window(s), latest: {latest}")
