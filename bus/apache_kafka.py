@@ -15,7 +15,9 @@ listeners and a data directory of its own, formats the storage with
 ``kafka.tools.StorageTool format --standalone``, starts ``kafka.Kafka`` with a small heap and the
 settings of a one-node test cluster (replication factors 1, ``group.initial.rebalance.delay.ms=0``,
 one partition for the group offsets and the transactions' state), is ready when it answers a
-metadata request, and is stopped (SIGTERM, then SIGKILL) and its data removed on exit. Its log
+metadata request, and is stopped (SIGTERM, then SIGKILL) and its data removed on exit; started
+from the main thread on Linux, it also dies (SIGKILL) when this process is killed
+(:func:`~triage.bus.embedded.die_with_parent`; its temporary data folder stays then). Its log
 is kept at ``log_path`` for a failing test. Same interface as
 :class:`~triage.bus.embedded.EmbeddedBroker`.
 """
@@ -36,7 +38,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from triage.bus.embedded import BrokerStartError, broker_answers, free_port, port_in_use
+from triage.bus.embedded import (
+    BrokerStartError,
+    broker_answers,
+    die_with_parent,
+    free_port,
+    port_in_use,
+)
 from triage.bus.errors import ConfigurationError
 
 KAFKA_VERSION = "4.1.1"       # org.apache.kafka:kafka_2.13 (KRaft only, Java 17+)
@@ -274,7 +282,8 @@ class ApacheKafka:
                 [*base, f"-Xmx{self.heap_mb}m", f"-Xms{min(self.heap_mb, 256)}m",
                  "-XX:+UseSerialGC", "kafka.Kafka", str(config)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True)  # Ctrl-C in a terminal reaches us, and we stop it
+                start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop it,
+                preexec_fn=die_with_parent())  # and it dies with us, even of a SIGKILL
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

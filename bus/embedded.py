@@ -8,11 +8,14 @@ it without configuration.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,10 +78,45 @@ class _QuietLogger:
 
 _QUIET = _QuietLogger()
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for ``subprocess.Popen`` that makes the child die (SIGKILL) when this
+    process dies, however it dies (a SIGKILL included, which runs no cleanup of ours): Linux's
+    ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` through ctypes. Without it a killed ``triage broker``
+    left its broker running on the port.
+
+    Linux sends that signal when the *thread* that forked the child exits, so it is set only
+    when called from the main thread (whose end is the process's); elsewhere, and off Linux
+    (macOS has no such call), this returns None and the child outlives a killed parent, as it
+    did before. Never raises: without a usable ``prctl`` the child starts all the same. A
+    parent dead before the child set it is caught too (the child then kills itself)."""
+    if not sys.platform.startswith("linux") \
+            or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                      ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    parent = os.getpid()
+
+    def preexec() -> None:  # in the child, between fork and exec: nothing that could block
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the line above took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
 
 @dataclass
 class EmbeddedBroker:
-    """A tansu process on a loopback port. Use as a context manager or call start()/stop()."""
+    """A tansu process on a loopback port. Use as a context manager or call start()/stop().
+    Started from the main thread on Linux, tansu dies with this process, even of a SIGKILL
+    (:func:`die_with_parent`)."""
 
     port: int = 0
     log_path: Path | None = None
@@ -110,6 +148,7 @@ class EmbeddedBroker:
                  "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop it.
+                preexec_fn=die_with_parent(),  # and it dies with us, even of a SIGKILL
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

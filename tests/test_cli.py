@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,6 +116,65 @@ def test_broker_command_is_found_by_other_commands_and_stops_cleanly(
     assert code == 0
     assert not (tmp_path / "broker.json").exists()
     assert not list(tmp_path.glob("triage-kafka-*"))  # Apache Kafka's data went with it
+
+
+def _children(pid: int) -> list[int]:
+    """The pids of ``pid``'s children (Linux's /proc)."""
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie waiting to be reaped has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="a child dies with its parent on Linux only (PR_SET_PDEATHSIG)")
+@pytest.mark.parametrize("kind", [[], ["--kafka"]], ids=["embedded", "apache-kafka"])
+def test_a_killed_broker_command_takes_its_broker_with_it(kind: list[str],
+                                                          tmp_path: Path) -> None:
+    """SIGKILL of `triage broker` (no cleanup of ours runs) must not leave its broker
+    process running on the port, as it did."""
+    from triage.bus.embedded import port_in_use
+
+    if kind:
+        from triage.bus.apache_kafka import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:
+            pytest.skip(reason)
+    env = clean_env(tmp_path, TMPDIR=str(tmp_path))
+    broker = subprocess.Popen([*TRIAGE, "broker", *kind], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    children: list[int] = []
+    try:
+        line = broker.stdout.readline()  # printed once the broker answers metadata requests
+        assert "listening on 127.0.0.1:" in line, (line, broker.poll())
+        port = int(line.split("listening on 127.0.0.1:")[1].split(";")[0])
+        children = _children(broker.pid)
+        assert children and all(_alive(pid) for pid in children)
+        assert port_in_use(port)
+        broker.kill()
+        broker.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while (any(_alive(pid) for pid in children) or port_in_use(port)) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in children if _alive(pid)], "the broker outlived its parent"
+        assert not port_in_use(port)
+    finally:
+        if broker.poll() is None:
+            broker.kill()
+            broker.wait()
+        for pid in [pid for pid in children if _alive(pid)]:  # nor past this test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_apache_kafka_without_java_says_what_to_install(tmp_path: Path) -> None:
