@@ -37,6 +37,7 @@ from triage.model.features import FEATURE_NAMES, FEATURES, FeatureBatch
 from triage.model.orders import read_orders_csv
 from triage.model.policy import CLASSES, label
 from triage.model.reference import MISSING_STATUS, ReferenceTables, zip_code_warnings
+from triage.model.tables import confusion_text
 
 MIN_ACCURACY = 0.995
 UNSEEN_SHARE = 0.1  # share of non-OK statuses relabelled __UNSEEN__ to teach that category
@@ -59,11 +60,9 @@ class TrainReport:
     warnings: tuple[str, ...] = ()  # about the data: rows skipped, zips that look truncated
 
     def confusion_table(self) -> str:
-        width = max(len(c) for c in self.classes) + 2
-        lines = ["policy \\ model".ljust(width) + "".join(c[:14].rjust(16) for c in self.classes)]
-        for name, row in zip(self.classes, self.confusion, strict=True):
-            lines.append(name.ljust(width) + "".join(str(v).rjust(16) for v in row))
-        return "\n".join(lines)
+        """The holdout's confusion matrix as text (rows: the policy's labels, columns: the
+        model's), every class name whole (model/tables.py)."""
+        return confusion_text("policy \\ model", self.classes, self.confusion)
 
 
 def _with_unseen(features: FeatureBatch, rng: np.random.Generator) -> FeatureBatch:
