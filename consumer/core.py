@@ -674,7 +674,9 @@ def _call_check(hook: CheckHook | HookRunner, records: list[Record], deadline: f
 
 
 def split_hooks(hooks: Sequence[object]) -> tuple[list[HookRunner], list[HookRunner]]:
-    """User hooks (TRIAGE_HOOKS) as runners: (check hooks, observe hooks)."""
-    runners = [HookRunner(h) for h in hooks]
+    """User hooks as runners: (check hooks, observe hooks). ``hooks`` holds the runners of
+    :func:`~triage.consumer.hooks.load_hooks` (TRIAGE_HOOKS) or bare hook objects, which get a
+    runner without a factory (an overrunning call is then waited for, not replaced)."""
+    runners = [h if isinstance(h, HookRunner) else HookRunner(h) for h in hooks]
     return ([r for r in runners if isinstance(r.hook, CheckHook)],
             [r for r in runners if isinstance(r.hook, ObserveHook)])

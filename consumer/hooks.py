@@ -36,15 +36,21 @@ A hook that hangs never stops the loop either. Hooks run on a thread of their ow
 ``TRIAGE_PROCESSING_DEADLINE_MS`` (at most half of ``max.poll.interval.ms``, so the worker is
 never evicted from its group for being slow). Orders a ``check`` has not finished by then are
 dead-lettered as ``timeout``; an ``observe`` that overruns is logged and counted. A call that
-overran keeps running (Python cannot stop a thread), and its hook is not called again until it
-has returned: later batches wait for it within their own deadline, so hooks never run
-concurrently with themselves and need not be thread-safe.
+overran keeps running (Python cannot stop a thread) and is abandoned: the hook's factory is
+called again for a fresh instance, which checks the later batches, so a call that hangs costs
+only the orders it was given (a hook that hangs on one order costs that order's batch) and the
+orders behind it are checked and scored as usual. An instance is never called again while a
+call of its own is running, so hooks never run concurrently with themselves and need not be
+thread-safe. At most :data:`MAX_ABANDONED` abandoned calls of one hook may run at once; beyond
+that (or for a hook made without a factory) later batches wait for the oldest within their own
+deadline, as a hook that hangs on everything cannot be worked around.
 """
 
 from __future__ import annotations
 
 __all__ = ["CheckHook", "ObserveHook", "Rejection", "ScoredBatch"]
 
+import functools
 import importlib
 import threading
 import time
@@ -53,9 +59,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import structlog
 
 from triage.bus.errors import BadRecord
 from triage.bus.settings import Settings, SettingsError
+from triage.consumer import metrics
 from triage.model.features import FeatureBatch
 from triage.model.orders import OrderColumns
 
@@ -91,9 +99,11 @@ def hook_name(hook: object) -> str:
     return getattr(hook, "name", type(hook).__name__)
 
 
-def load_hooks(spec: str, settings: Settings) -> list[object]:
-    """Instantiate the hooks named in ``spec`` (``module:factory`` items, comma-separated)."""
-    hooks: list[object] = []
+def load_hooks(spec: str, settings: Settings) -> list[HookRunner]:
+    """Instantiate the hooks named in ``spec`` (``module:factory`` items, comma-separated), each
+    in a :class:`HookRunner` that can call its factory again for a fresh instance. Raises
+    SettingsError for an item that cannot be loaded or is not a hook."""
+    hooks: list[HookRunner] = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
         module_name, _, attribute = item.partition(":")
         if not attribute:
@@ -106,7 +116,7 @@ def load_hooks(spec: str, settings: Settings) -> list[object]:
         hook = factory(settings)
         if not isinstance(hook, CheckHook | ObserveHook):
             raise SettingsError(f"hook {item!r} has neither check() nor observe()")
-        hooks.append(hook)
+        hooks.append(HookRunner(hook, renew=functools.partial(factory, settings)))
     return hooks
 
 
@@ -140,24 +150,36 @@ class _Call:
 
 class HookRunner:
     """Runs one hook's calls on a daemon thread each, so that the scorer can give up on a call
-    at a deadline without interrupting it (see the module docstring)."""
+    at a deadline without interrupting it, and, with ``renew`` (the hook's factory), go on with
+    a fresh instance while the abandoned call runs (see the module docstring)."""
 
-    def __init__(self, hook: object) -> None:
+    def __init__(self, hook: object, renew: Callable[[], object] | None = None) -> None:
         self.hook = hook
         self.name = hook_name(hook)
+        self._renew = renew
         self._overrun: _Call | None = None
+        self._abandoned: list[_Call] = []
 
     @property
     def busy(self) -> bool:
-        """True while a call that overran its deadline is still running."""
+        """True while a call that overran its deadline is still running on the current
+        instance."""
         return self._overrun is not None and not self._overrun.done.is_set()
+
+    @property
+    def abandoned(self) -> int:
+        """Calls that overran on earlier instances and are still running."""
+        self._abandoned = [c for c in self._abandoned if not c.done.is_set()]
+        return len(self._abandoned)
 
     def call(self, method: str, argument: Any, deadline: float) -> Any:
         """``hook.<method>(argument)`` (a returned iterable as a list), by ``deadline``
         (``time.monotonic()`` seconds). Raises what the hook raised, or :class:`HookTimeout`
-        if it, or an earlier call that overran, has not returned by then."""
+        if it has not returned by then, or if an earlier call that overran has not returned by
+        then and no fresh instance could take over."""
         if self._overrun is not None:
-            if not self._overrun.done.wait(max(0.0, deadline - time.monotonic())):
+            wait = self._overrun.done.is_set() or not self._take_over(deadline)
+            if wait and not self._overrun.done.wait(max(0.0, deadline - time.monotonic())):
                 raise HookTimeout(f"hook {self.name} is still running a call that overran an "
                                   "earlier batch's deadline")
             self._overrun = None
@@ -170,3 +192,29 @@ class HookRunner:
         if call.error is not None:
             raise call.error
         return call.result
+
+    def _take_over(self, deadline: float) -> bool:
+        """Abandon the overrunning call and make a fresh instance with the factory (itself
+        under ``deadline``); False if there is no factory, too many abandoned calls run, or
+        the factory failed."""
+        if self._renew is None or self.abandoned >= MAX_ABANDONED:
+            return False
+        renew = self._renew
+        made = _Call(lambda _: [renew()], None)
+        threading.Thread(target=made.run, name=f"hook-{self.name}-renew", daemon=True).start()
+        if not made.done.wait(max(0.0, deadline - time.monotonic())) or made.error is not None:
+            return False
+        assert self._overrun is not None
+        self._abandoned.append(self._overrun)
+        self.hook = made.result[0]
+        metrics.HOOK_RENEWALS.labels(self.name).inc()
+        structlog.get_logger("hooks").warning(
+            "hook_renewed", hook=self.name, abandoned_running=len(self._abandoned),
+            note="a call overran the processing deadline and still runs; a fresh instance "
+                 "from the hook's factory checks the later batches")
+        return True
+
+
+# Abandoned calls of one hook allowed to run at once (each holds a thread): past this, a hook
+# that hangs on every call is waited for instead of renewed without end.
+MAX_ABANDONED = 4

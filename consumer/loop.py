@@ -36,8 +36,16 @@ from typing import Any, NamedTuple, Protocol
 import structlog
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
-from triage.bus.clients import make_consumer, make_producer, produce, records_of
+from triage.bus.clients import (
+    make_admin,
+    make_consumer,
+    make_producer,
+    partitions_of,
+    produce,
+    records_of,
+)
 from triage.bus.health import Health
+from triage.bus.offsets import group_lag
 from triage.bus.settings import ConnectionSettings, ScorerSettings
 from triage.consumer import metrics
 from triage.consumer.commit import (
@@ -47,6 +55,7 @@ from triage.consumer.commit import (
     next_offsets,
     transactional_id,
 )
+from triage.consumer.groupwatch import GroupWatch
 
 Headers = list[tuple[str, bytes]]
 
@@ -136,6 +145,7 @@ class BatchLoop:
         self.status = status
         member = {"group.instance.id": f"{scorer.instance_id}-{worker_id}"} \
             if scorer.instance_id else {}
+        self.connection = connection
         self.consumer = make_consumer(connection, scorer.group_id, **member)
         self.assigned: set[int] = set()
         self.handler: BatchHandler = PerBatch(lambda records: [])  # until run() is given one
@@ -204,6 +214,9 @@ class BatchLoop:
         batch_size = self.scorer.batch_size
         last_report = last_status = time.monotonic()
         beat = self.health.beat if self.health is not None else lambda: None
+        watch = GroupWatch(self.scorer.group_id, self.topic,
+                           2 * self.connection.session_timeout_ms, self._describe_group,
+                           self._group_progress, self.log)
         try:
             while not self._stop_requested:
                 self._revoked_now.clear()
@@ -216,6 +229,7 @@ class BatchLoop:
                     self._process(batch)
                 self.committer.settle()  # offsets of batches the broker has acknowledged
                 beat()
+                watch.tick(self.assigned)
                 now = time.monotonic()
                 if now - last_status >= 1.0:
                     self._write_status()
@@ -232,6 +246,21 @@ class BatchLoop:
         finally:
             self.committer.abort_open()  # an unfinished transaction must not block readers
             self.close()
+
+    def _describe_group(self) -> tuple[Any, list[int]]:
+        """The group's description (DescribeConsumerGroups) and the topic's partition numbers,
+        for the :class:`GroupWatch`. Raises KafkaException if the broker does not answer."""
+        admin = make_admin(self.connection)
+        future = admin.describe_consumer_groups([self.scorer.group_id],
+                                                request_timeout=5.0)[self.scorer.group_id]
+        description = future.result(timeout=10.0)
+        return description, [tp.partition for tp in partitions_of(self.consumer, self.topic)]
+
+    def _group_progress(self) -> dict[int, tuple[int | None, int]]:
+        """Per partition of the topic: the group's committed offset (None if none) and the
+        end offset, for the :class:`GroupWatch`."""
+        return {row.partition: (row.committed, row.end)
+                for row in group_lag(self.connection, self.scorer.group_id, self.topic)}
 
     def _drain_unless_failed(self) -> None:
         if not self._failed:

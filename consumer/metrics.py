@@ -15,6 +15,14 @@ HOOK_ERRORS = Counter("triage_hook_errors_total", "Exceptions raised by processi
 HOOK_TIMEOUTS = Counter("triage_hook_timeouts_total",
                         "Hook calls that did not return within the batch's processing deadline.",
                         ["hook"])
+HOOK_RENEWALS = Counter("triage_hook_renewals_total",
+                        "Fresh hook instances made by the hook's factory while a call that "
+                        "overran the processing deadline still runs (consumer/hooks.py).",
+                        ["hook"])
+GROUP_STALLS = Counter("triage_group_stalls_total",
+                       "Times a worker owning no partition found partitions owned by no member of "
+                       "its group, or the group not stable, after 2 x the session timeout "
+                       "(consumer/groupwatch.py).")
 UNKNOWN_ZIPS = Counter("triage_unknown_zip_codes_total",
                        "Orders to a zip code the reference data does not know (scored as not "
                        "served).")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,7 +98,7 @@ class Scorer:
 
     def __init__(self, settings: Settings, model: Model, snapshot: ReferenceTables | None,
                  worker_id: str = "0", status_file: Path | None = None,
-                 extra_hooks: list[object] | None = None, live_reference: bool = True,
+                 extra_hooks: Sequence[object] | None = None, live_reference: bool = True,
                  health: Health | None = None, follower: ModelFollower | None = None,
                  shadow: Model | None = None, loop: BatchLoop | None = None) -> None:
         self.settings = settings

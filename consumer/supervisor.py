@@ -162,8 +162,12 @@ class Supervisor:
         deadline = time.monotonic() + timeout_s
         while not self.balanced(partitions):
             if time.monotonic() > deadline:
-                raise WaitTimeout(f"workers own {self.assignments()} after {timeout_s:.0f} s, "
-                                   f"expected {partitions} partitions in all")
+                raise WaitTimeout(
+                    f"workers own {self.assignments()} after {timeout_s:.0f} s, expected "
+                    f"{partitions} partitions in all; their log's partitions_unowned warning "
+                    "says why (on the embedded broker a group restarted within its session "
+                    "timeout can stay unassigned: restart `triage broker`, or use a new group "
+                    "with --group or TRIAGE_GROUP_ID; docs/operating.md)")
             self._stopping.wait(0.1)
 
     # -- supervision -------------------------------------------------------------------------

@@ -179,6 +179,72 @@ def test_a_hook_past_the_deadline_dead_letters_its_orders_and_is_not_called_agai
     assert set(where(third).values()) == {"prediction"} and hook.calls == 2
 
 
+class HangsOnOneOrder:
+    """Hangs on any batch holding the order ``HANG`` until ``release`` is set; each instance
+    adds itself to ``made`` (a real factory's instances are separate objects too)."""
+
+    name = "hangs_on_one"
+
+    def __init__(self, release: threading.Event, made: list[object]) -> None:
+        self.release = release
+        made.append(self)
+
+    def check(self, orders: list[dict]) -> list[Rejection]:
+        if any(o["order_id"] == "HANG" for o in orders):
+            self.release.wait(30)
+        return []
+
+
+def test_a_hook_that_hangs_on_one_order_costs_that_batch_and_the_later_orders_are_scored(
+        parts: tuple) -> None:
+    """Found re-running the fault cases: the orders behind a hung call were dead-lettered as
+    ``timeout`` batch after batch ("still running a call that overran an earlier batch's
+    deadline"). The hook, loaded from its factory as TRIAGE_HOOKS loads it, is renewed."""
+    from triage.consumer.hooks import HookRunner
+
+    _, _, orders = parts
+    release, made = threading.Event(), []
+    runner = HookRunner(HangsOnOneOrder(release, made),
+                        renew=lambda: HangsOnOneOrder(release, made))
+    scoring = core(parts, hooks=[runner], deadline_s=0.3)
+    try:
+        hung = [dict(o) for o in orders[:10]]
+        hung[4]["order_id"] = "HANG"
+        assert set(where(scoring.process(kafka([CODEC.encode(o) for o in hung]))).values()) \
+            == {"timeout"}
+        later = scoring.process(kafka([CODEC.encode(o) for o in orders[10:20]]))
+        assert set(where(later).values()) == {"prediction"}
+        assert len(made) == 2 and runner.abandoned == 1
+        again = scoring.process(kafka([CODEC.encode(o) for o in hung]))  # the same order again
+        assert set(where(again).values()) == {"timeout"}
+        after = scoring.process(kafka([CODEC.encode(o) for o in orders[20:30]]))
+        assert set(where(after).values()) == {"prediction"} and runner.abandoned == 2
+    finally:
+        release.set()
+
+
+def test_a_hook_that_hangs_on_every_call_is_renewed_at_most_max_abandoned_times(
+        parts: tuple) -> None:
+    """Renewal is bounded: a hook that hangs on everything holds at most MAX_ABANDONED threads,
+    and the batches after that wait for it (dead-lettered as timeout), as before renewal."""
+    from triage.consumer.hooks import MAX_ABANDONED, HookRunner
+
+    _, _, orders = parts
+    release, made = threading.Event(), []
+    runner = HookRunner(HangsOnOneOrder(release, made),
+                        renew=lambda: HangsOnOneOrder(release, made))
+    scoring = core(parts, hooks=[runner], deadline_s=0.2)
+    try:
+        batch = [dict(o) for o in orders[:5]]
+        batch[0]["order_id"] = "HANG"
+        for _ in range(MAX_ABANDONED + 3):
+            outcome = scoring.process(kafka([CODEC.encode(o) for o in batch]))
+            assert set(where(outcome).values()) == {"timeout"}
+        assert runner.abandoned == MAX_ABANDONED and len(made) == MAX_ABANDONED + 1
+    finally:
+        release.set()
+
+
 def test_scoring_that_fails_for_one_order_rescoring_the_batch_one_by_one(parts: tuple) -> None:
     _, reference, orders = parts
     batch = [dict(o) for o in orders[:30]]

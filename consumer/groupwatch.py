@@ -1,0 +1,173 @@
+"""A worker that owns no partition says why, instead of waiting without a word.
+
+A worker owning no partition of the orders topic is normal when the group has more members than
+the topic has partitions. It is a fault when the topic has partitions that no member owns: the
+group is stuck in a rebalance (a member that stopped polling holds it up to that member's
+``max.poll.interval.ms``), or the broker lost track of the group (the embedded broker sometimes
+never assigns a group restarted within its session timeout: docs/operating.md, "The embedded
+broker's differences from Apache Kafka"). Found by a new user: workers logged
+``group_join_started``, then ``progress consumed 0`` for minutes.
+
+:class:`GroupWatch` is told on every turn of the loop what the worker owns. Once it has owned
+nothing for 2 x the session timeout it describes the group (Kafka's DescribeConsumerGroups) and
+the topic, and then
+
+* if some partitions are owned by no member, or the group is not stable, logs the warning
+  ``partitions_unowned`` with the group's state and members and what to do, and counts
+  ``triage_group_stalls_total``; it checks again 2 x the session timeout later. The worker
+  stays in the group: once the member holding the rebalance leaves (or is evicted at its
+  ``max.poll.interval.ms``), the group assigns the partitions and the worker scores, on both
+  brokers (tests/test_group_watch.py). Leaving and joining again does not help there, and on
+  the embedded broker it strands the group for good (measured), so the watch never does it;
+* if every partition is owned by another member, logs ``idle_no_partition`` once (info): more
+  workers than partitions;
+* if the broker cannot be asked, logs ``group_undescribed`` (info) and asks again later.
+
+The embedded broker describes a group without its members. There the verdict comes from the
+group's progress instead (:func:`verdict_by_progress`): a partition with records beyond the
+group's committed offset, whose committed offset has not moved in the last session timeout, is
+taken as owned by nobody (or by a member that neither consumes nor leaves: as bad).
+
+The verdicts are functions of what the broker said, so that they are tested on their own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import ConsumerGroupState
+from confluent_kafka.admin import ConsumerGroupDescription  # type: ignore[attr-defined]
+
+from triage.consumer import metrics
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the description of the group says of a worker that owns nothing.
+
+    ``unowned``: partitions of the topic in no member's assignment; ``stalled``: the worker
+    waits on a fault (unowned partitions, or a group that is not stable); ``state``: the
+    group's state as Kafka names it; ``members``: ``client_id@host`` of each member with the
+    partitions of the topic it owns."""
+
+    stalled: bool
+    unowned: list[int]
+    state: str
+    members: dict[str, list[int]]
+
+
+def verdict(description: ConsumerGroupDescription, topic: str, partitions: Iterable[int]
+            ) -> Verdict:
+    """The verdict on a worker owning no partition of ``topic`` (whose partitions are
+    ``partitions``) in the group ``description`` describes."""
+    members: dict[str, list[int]] = {}
+    owned: set[int] = set()
+    for member in description.members:
+        mine = sorted(tp.partition for tp in (member.assignment.topic_partitions or [])
+                      if tp.topic == topic)
+        members[f"{member.client_id}@{member.host} ({member.member_id[-8:]})"] = mine
+        owned.update(mine)
+    unowned = sorted(set(partitions) - owned)
+    state = getattr(description.state, "name", str(description.state))
+    stable = description.state == ConsumerGroupState.STABLE
+    return Verdict(bool(unowned) or not stable, unowned, state, members)
+
+
+def verdict_by_progress(before: dict[int, int | None], now: dict[int, int | None],
+                        ends: dict[int, int], state: str) -> Verdict:
+    """The verdict from the group's committed offsets (partition -> offset, None if none)
+    sampled twice, ``before`` and ``now``, and the partitions' end offsets ``ends``: stalled
+    if a partition has records beyond its committed offset (from the start without one) and
+    its commit did not move between the samples."""
+    unowned = sorted(p for p, end in ends.items()
+                     if end > (now.get(p) or 0) and p in before and before[p] == now.get(p))
+    return Verdict(bool(unowned), unowned, state, {})
+
+
+class GroupWatch:
+    """Watches a worker's ownership; see the module docstring.
+
+    ``describe()`` returns the group's description and the topic's partition numbers (it may
+    raise; it is called at most once per ``after_ms``). ``progress()`` returns the group's
+    committed offset and the end offset of each partition, ``{partition: (committed or None,
+    end)}``, sampled half an allowance before each check and at it, for a broker that lists no
+    members (it may raise). ``after_ms``: how long owning nothing is allowed (2 x the session
+    timeout). ``clock``: monotonic seconds."""
+
+    def __init__(self, group: str, topic: str, after_ms: int,
+                 describe: Callable[[], tuple[ConsumerGroupDescription, list[int]]],
+                 progress: Callable[[], dict[int, tuple[int | None, int]]], log: Any,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.group, self.topic, self.after_s = group, topic, after_ms / 1000.0
+        self._describe, self._progress = describe, progress
+        self.log, self.clock = log, clock
+        self._since: float | None = clock()  # owning nothing since (None: owns some)
+        self._next_check = self._since + self.after_s
+        self._sample: dict[int, int | None] | None = None  # committed offsets before a check
+        self._said_idle = False
+        self.stalls = 0
+
+    def tick(self, owned: set[int]) -> Verdict | None:
+        """Called on every turn of the loop with the partitions owned; returns the verdict when
+        it described the group on this turn."""
+        now = self.clock()
+        if owned:
+            self._since, self._said_idle = None, False
+            return None
+        if self._since is None:
+            self._since, self._next_check, self._sample = now, now + self.after_s, None
+            return None
+        if self._sample is None and now >= self._next_check - self.after_s / 2:
+            self._sample = self._committed()
+        if now < self._next_check:
+            return None
+        self._next_check = now + self.after_s
+        before, self._sample = self._sample, None
+        try:
+            description, partitions = self._describe()
+            if description.members:
+                found = verdict(description, self.topic, partitions)
+            else:  # the embedded broker lists no members: judge by the group's progress
+                offsets = self._progress()
+                found = verdict_by_progress(
+                    before or {}, {p: c for p, (c, _) in offsets.items()},
+                    {p: end for p, (_, end) in offsets.items()},
+                    getattr(description.state, "name", str(description.state)))
+        except Exception as exc:  # the broker answers later, or never: the loop goes on
+            self.log.info("group_undescribed", group=self.group, error=str(exc))
+            return None
+        idle_s = round(now - self._since, 1)
+        if found.stalled:
+            self.stalls += 1
+            metrics.GROUP_STALLS.inc()
+            self.log.warning(
+                "partitions_unowned", group=self.group, topic=self.topic,
+                owned_nothing_for_s=idle_s, unowned=found.unowned, group_state=found.state,
+                members=found.members,
+                note=f"this worker has owned no partition of {self.topic} for {idle_s} s while "
+                f"{len(found.unowned)} of its {len(partitions)} partitions are owned by no "
+                f"member of group {self.group} (state {found.state}). A member that stopped "
+                "polling holds a rebalance up to its max.poll.interval.ms (the partitions come "
+                "once it leaves or is evicted). "
+                "On the embedded broker a group restarted within its session timeout can stay "
+                "unassigned: restart `triage broker` (it keeps nothing), or use a new group "
+                "(--group or TRIAGE_GROUP_ID; a new group reads the topic from the beginning). "
+                "See docs/operating.md, \"The embedded broker's differences from Apache "
+                "Kafka\".")
+        elif not self._said_idle:
+            self._said_idle = True
+            self.log.info("idle_no_partition", group=self.group, topic=self.topic,
+                          members=len(found.members), partitions=len(partitions),
+                          note="every partition is owned by another member: more workers than "
+                               "partitions; this one takes over when a member leaves")
+        return found
+
+    def _committed(self) -> dict[int, int | None]:
+        """The group's committed offsets now ({} if the broker cannot say)."""
+        try:
+            return {p: committed for p, (committed, _) in self._progress().items()}
+        except Exception:
+            return {}

@@ -1,0 +1,194 @@
+"""A worker owning no partition says why (consumer/groupwatch.py): found by a new user, whose
+restarted group logged ``group_join_started`` and then ``progress consumed 0`` for minutes.
+
+On both brokers: a member of the group that stops polling holds a rebalance up to its
+``max.poll.interval.ms`` while the partitions it must give up are owned by nobody; the worker
+joining then says so within 2 x its session timeout, and scores once the member is gone (on
+Apache Kafka from the group's description, on the embedded broker, which lists no members,
+from the group's stalled commits). And a worker idle because the group has more members than
+partitions is told apart: no warning.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, ConsumerGroupState, TopicPartition
+from confluent_kafka.admin import ConsumerGroupDescription, MemberAssignment, MemberDescription
+from structlog.testing import capture_logs
+
+from triage.bus.clients import consumer_config, create_topics
+from triage.bus.settings import Settings
+from triage.consumer.groupwatch import GroupWatch, verdict, verdict_by_progress
+from triage.consumer.loop import BatchLoop
+from triage.producer.publisher import OrderPublisher, order_record
+
+
+def described(state: ConsumerGroupState, *owned: list[int], topic: str = "orders"
+              ) -> ConsumerGroupDescription:
+    """A group description as DescribeConsumerGroups returns it: a member per ``owned``."""
+    members = [MemberDescription(f"member-{i}", "triage", "/10.0.0.1", MemberAssignment(
+        [TopicPartition(topic, p) for p in parts])) for i, parts in enumerate(owned)]
+    return ConsumerGroupDescription("g", False, members, "cooperative-sticky", state, None)
+
+
+def test_the_verdict_tells_unowned_partitions_from_more_workers_than_partitions() -> None:
+    stuck = verdict(described(ConsumerGroupState.STABLE, [0], []), "orders", [0, 1, 2])
+    assert stuck.stalled and stuck.unowned == [1, 2]
+    idle = verdict(described(ConsumerGroupState.STABLE, [0, 1], [2], []), "orders", [0, 1, 2])
+    assert not idle.stalled and idle.unowned == []
+    rebalancing = verdict(described(ConsumerGroupState.PREPARING_REBALANCING, [0, 1, 2], []),
+                          "orders", [0, 1, 2])
+    assert rebalancing.stalled and rebalancing.state == "PREPARING_REBALANCING"
+    other_topic = verdict(described(ConsumerGroupState.STABLE, [0, 1], topic="other"),
+                          "orders", [0, 1])
+    assert other_topic.stalled and other_topic.unowned == [0, 1]
+
+
+def test_without_members_listed_a_partition_whose_commit_stands_still_behind_its_end_stalls(
+        ) -> None:
+    """The embedded broker describes a group without its members: the group's progress
+    decides."""
+    found = verdict_by_progress({0: 5, 1: 7, 2: None, 3: 4}, {0: 5, 1: 9, 2: None, 3: 4},
+                                {0: 10, 1: 12, 2: 3, 3: 4}, "STABLE")
+    assert found.stalled and found.unowned == [0, 2]  # 1 moves, 3 is at its end
+    assert not verdict_by_progress({0: 5}, {0: 6}, {0: 10}, "STABLE").stalled
+
+
+def test_on_a_broker_listing_no_members_the_watch_samples_the_commits_before_it_judges(
+        ) -> None:
+    now = [0.0]
+    committed = {0: 3}
+    sampled: list[float] = []
+
+    def progress() -> dict[int, tuple[int | None, int]]:
+        sampled.append(now[0])
+        return {p: (c, 10) for p, c in committed.items()}
+
+    watch = GroupWatch("g", "orders", 12_000,
+                       lambda: (described(ConsumerGroupState.STABLE), [0]), progress,
+                       log=__import__("structlog").get_logger(),
+                       clock=lambda: now[0])
+    for t in (1.0, 6.0, 11.0):
+        now[0] = t
+        assert watch.tick(set()) is None
+    now[0] = 12.0
+    found = watch.tick(set())
+    assert sampled == [6.0, 12.0] and found is not None and found.unowned == [0]
+    now[0] = 18.0
+    watch.tick(set())
+    now[0], committed[0] = 24.0, 4  # someone committed since the sample: not stalled
+    found = watch.tick(set())
+    assert found is not None and not found.stalled
+
+
+def test_the_watch_describes_only_after_owning_nothing_for_its_allowance() -> None:
+    now = [0.0]
+    asked: list[int] = []
+
+    def describe() -> tuple[ConsumerGroupDescription, list[int]]:
+        asked.append(1)
+        return described(ConsumerGroupState.STABLE, [0], []), [0, 1]
+
+    with capture_logs() as logs:
+        watch = GroupWatch("g", "orders", 12_000, describe, dict,
+                           log=__import__("structlog").get_logger(), clock=lambda: now[0])
+        for t in (1.0, 6.0, 11.9):
+            now[0] = t
+            assert watch.tick(set()) is None
+        now[0] = 12.0
+        found = watch.tick(set())
+        assert found is not None and found.unowned == [1]
+        now[0] = 13.0
+        watch.tick({1})  # owns a partition: the clock starts again when it owns none
+        for t in (14.0, 25.9):
+            now[0] = t
+            assert watch.tick(set()) is None
+    assert len(asked) == 1
+    assert [e["event"] for e in logs] == ["partitions_unowned"]
+    assert "docs/operating.md" in logs[0]["note"]
+
+
+def _published(settings: Settings, n: int) -> None:
+    publisher = OrderPublisher(settings.connection, settings.topics.orders_topic)
+    for i in range(n):
+        publisher.publish(order_record(f"O-{i}", "C", "S", "1", "2026-01-05 10:00:00"))
+    assert publisher.flush(30) == 0
+
+
+def _run(loop: BatchLoop, seen: list[Any]) -> threading.Thread:
+    thread = threading.Thread(target=loop.run, args=(lambda records: seen.extend(records)
+                                                     or [],), daemon=True)
+    thread.start()
+    return thread
+
+
+def _wait_for(logs: list[dict[str, Any]], event: str, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = [e for e in logs if e["event"] == event]
+        if found:
+            return found[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no {event} in {timeout_s} s: {[e['event'] for e in logs]}")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("on", ["broker", pytest.param("embedded", marks=pytest.mark.embedded)])
+def test_a_worker_held_out_by_a_member_that_stopped_polling_says_so_and_then_scores(
+        on: str, settings: Settings, tmp_path: Path) -> None:
+    settings = settings.replace(orders_topic=f"watch-{uuid.uuid4().hex[:8]}",
+                                orders_partitions=2)
+    create_topics(settings.connection, settings.topics)
+    _published(settings, 20)
+    stuck = Consumer(consumer_config(settings.connection, settings.scorer.group_id,
+                                     **{"max.poll.interval.ms": 45_000}))
+    stuck.subscribe([settings.topics.orders_topic])
+    deadline = time.monotonic() + 60
+    while not stuck.assignment() and time.monotonic() < deadline:
+        stuck.poll(0.2)
+    assert len(stuck.assignment()) == 2
+    seen: list[Any] = []
+    with capture_logs() as logs:
+        loop = BatchLoop(settings.connection, settings.scorer, settings.topics.orders_topic)
+        thread = _run(loop, seen)
+        try:
+            # the member polls no more: the rebalance the worker's join starts waits for it
+            # (when: 2 x the session timeout, as the fake clock's test above shows)
+            warned = _wait_for(logs, "partitions_unowned", 40)
+            assert warned["unowned"] or warned["group_state"] != "STABLE"
+            assert seen == [] and not [e for e in logs if e["event"] == "partitions_assigned"
+                                       and e["partitions"]]
+            stuck.close()  # the member leaves: the worker takes its partitions
+            deadline = time.monotonic() + 90
+            while len(seen) < 20 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(seen) == 20, [(e["event"], e.get("partitions"), e.get("unowned"))
+                                     for e in logs]
+        finally:
+            loop.request_stop()
+            thread.join(30)
+
+
+@pytest.mark.integration
+def test_a_worker_idle_because_the_group_has_more_members_than_partitions_warns_nothing(
+        settings: Settings) -> None:
+    settings = settings.replace(orders_topic=f"idle-{uuid.uuid4().hex[:8]}", orders_partitions=1)
+    create_topics(settings.connection, settings.topics)
+    loops = [BatchLoop(settings.connection, settings.scorer, settings.topics.orders_topic,
+                       worker_id=str(i)) for i in range(2)]
+    with capture_logs() as logs:
+        threads = [_run(loop, []) for loop in loops]
+        try:
+            _wait_for(logs, "idle_no_partition", 60)
+            assert not [e for e in logs if e["event"] == "partitions_unowned"]
+        finally:
+            for loop in loops:
+                loop.request_stop()
+            for thread in threads:
+                thread.join(30)
