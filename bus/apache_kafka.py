@@ -190,8 +190,12 @@ def unavailable_reason() -> str | None:
 
 def cluster_id() -> str:
     """A new KRaft cluster id: 16 random bytes, URL-safe base64 without padding (what
-    ``kafka-storage.sh random-uuid`` prints)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    ``kafka-storage.sh random-uuid`` prints). Like Kafka's own ``Uuid.randomUuid``, never one
+    starting with ``-``: StorageTool would read it as an option (1 start in 64 failed so)."""
+    while True:
+        found = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not found.startswith("-"):
+            return found
 
 
 @dataclass
