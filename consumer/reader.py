@@ -45,11 +45,13 @@ class TopicReader:
                 raise KafkaException(err)
         return out
 
-    def read(self, *, follow: bool = False, idle_s: float = 5.0
+    def read(self, *, follow: bool = False, idle_s: float = 5.0,
+             stop: Callable[[], bool] | None = None
              ) -> Iterator[tuple[Message, dict[str, Any] | None]]:
-        """Every record from the beginning; without ``follow``, stop after ``idle_s`` of quiet."""
+        """Every record from the beginning; without ``follow``, stop after ``idle_s`` of quiet.
+        ``stop``: asked between two polls (at most half a second apart); True ends the read."""
         quiet_since = time.monotonic()
-        while True:
+        while stop is None or not stop():
             records = self.poll()
             if records:
                 quiet_since = time.monotonic()

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from triage.bus.clients import make_producer
+from triage.bus.interrupt import Interrupt
 from triage.bus.settings import Settings, SettingsError
 from triage.model.orders import SkippedRow, read_orders_csv
 from triage.model.reference import REFERENCE_FILES, parse_timestamps, read_csv
@@ -43,6 +44,12 @@ STREAMS = ("zip_codes", "inventory", "payments", "orders")
 
 @dataclass(frozen=True)
 class ReplaySummary:
+    """What a replay did. ``sent``/``failed``: records the broker acknowledged / refused (or
+    that were still undelivered at the flush timeout); ``handed``: records handed to the
+    producer, from record ``skip`` on in the merged stream's order; ``interrupted``: the
+    signal that stopped it early (SIGINT, SIGTERM), else None; ``next_skip``: the ``--skip``
+    that resumes after the last record handed over."""
+
     sent: int
     failed: int
     elapsed_s: float
@@ -52,6 +59,18 @@ class ReplaySummary:
     # With replay(..., track=True): (partition, offset) of each order published, in file order.
     positions: list[tuple[int, int] | None] = field(default_factory=list)
     by_stream: dict[str, int] = field(default_factory=dict)  # records sent per stream
+    handed: int = 0
+    skip: int = 0
+    interrupted: str | None = None
+
+    @property
+    def next_skip(self) -> int:
+        return self.skip + self.handed
+
+    @property
+    def refused_all(self) -> bool:
+        """Every row of the file was refused: there were rows, and none could be sent."""
+        return bool(self.skipped) and self.handed == 0 and not self.interrupted
 
     @property
     def rate(self) -> float:
@@ -67,6 +86,10 @@ class ReplaySummary:
         if self.skipped:
             text += f"\n  {len(self.skipped)} row(s) of the file skipped, not orders: " + \
                 "; ".join(map(str, self.skipped[:5])) + ("; ..." if len(self.skipped) > 5 else "")
+        if self.interrupted:
+            text += (f"\n  interrupted ({self.interrupted}) after handing {self.handed:,} "
+                     f"record(s) to the producer, from record {self.skip:,} of the merged "
+                     f"stream on; the next to send is record {self.next_skip:,}")
         return text
 
 
@@ -102,11 +125,15 @@ def _reference_records(settings: Settings, directory: Path, name: str
 
 def replay(settings: Settings, path: str | Path, *, streams: Sequence[str] | None = None,
            rate: float | None = None, speedup: float | None = None, limit: int | None = None,
-           progress: bool = True, track: bool = False) -> ReplaySummary:
+           skip: int = 0, progress: bool = True, track: bool = False,
+           stop: Interrupt | None = None) -> ReplaySummary:
     """Publish ``path``: an orders CSV, or a directory of the four CSVs (module docstring).
 
     ``streams``: which of ``orders, payments, inventory, zip_codes`` a directory replays (all by
-    default). ``limit``: the first N records of the merged stream. Rows of orders.csv that
+    default). ``skip``: leave out the first N records of the merged stream (to resume an
+    interrupted replay: its summary's ``next_skip``); ``limit``: then publish at most N. ``stop``
+    (an :class:`~triage.bus.interrupt.Interrupt`): once requested, no further record is handed
+    over; what was is flushed and the summary says where to resume. Rows of orders.csv that
     cannot become an order are skipped and listed; ``track`` keeps where each published order
     landed (``positions``). ``progress``: a progress bar on stderr, only when it is a terminal
     (where stderr is a log, every line of it stays a log line). Raises SettingsError for
@@ -116,6 +143,8 @@ def replay(settings: Settings, path: str | Path, *, streams: Sequence[str] | Non
         raise SettingsError("give --rate or --speedup, not both")
     if (rate is not None and rate <= 0) or (speedup is not None and speedup <= 0):
         raise SettingsError("--rate and --speedup must be positive")
+    if skip < 0 or (limit is not None and limit < 0):
+        raise SettingsError("--skip and --limit take a number >= 0")
     path = Path(path)
     chosen = list(streams) if streams else (list(STREAMS) if path.is_dir() else ["orders"])
     unknown = set(chosen) - set(STREAMS)
@@ -144,13 +173,14 @@ def replay(settings: Settings, path: str | Path, *, streams: Sequence[str] | Non
                 "payments": (payment_publisher, topics.payments_topic),
                 "zip_codes": (zip_code_publisher, topics.zip_codes_topic)}[name]
         loaded.append(_Stream(name, make[0](connection, make[1], producer), records, times))
-    return _publish(loaded, producer, rate=rate, speedup=speedup, limit=limit,
-                    progress=progress, track=track, skipped=skipped)
+    return _publish(loaded, producer, rate=rate, speedup=speedup, limit=limit, skip=skip,
+                    progress=progress, track=track, skipped=skipped, stop=stop)
 
 
 def _publish(loaded: list[_Stream], producer: Any, *, rate: float | None,
-             speedup: float | None, limit: int | None, progress: bool, track: bool,
-             skipped: tuple[SkippedRow, ...]) -> ReplaySummary:
+             speedup: float | None, limit: int | None, skip: int, progress: bool,
+             track: bool, skipped: tuple[SkippedRow, ...], stop: Interrupt | None
+             ) -> ReplaySummary:
     """Publish the streams merged by (event time, stream order, row), paced as asked."""
     times = np.concatenate([s.times_ms for s in loaded]) if loaded else np.empty(0, np.int64)
     which = np.concatenate([np.full(len(s.records), i) for i, s in enumerate(loaded)]) \
@@ -158,7 +188,8 @@ def _publish(loaded: list[_Stream], producer: Any, *, rate: float | None,
     row = np.concatenate([np.arange(len(s.records)) for s in loaded]) \
         if loaded else np.empty(0, np.int64)
     # One stream keeps its file's order; several merge by event time.
-    order = (np.lexsort((row, which, times)) if len(loaded) > 1 else np.argsort(row))[:limit]
+    order = (np.lexsort((row, which, times)) if len(loaded) > 1 else np.argsort(row))
+    order = order[skip:skip + limit if limit is not None else None]
     if speedup is not None and len(order):
         due = ((times[order] - times[order].min()) / 1000.0 / speedup).tolist()
     elif rate is not None:
@@ -168,6 +199,8 @@ def _publish(loaded: list[_Stream], producer: Any, *, rate: float | None,
     orders = next((s for s in loaded if s.name == "orders"), None)
     unit = "order" if len(loaded) == 1 and orders is not None else "record"
     started = time.monotonic()
+    handed = 0
+    stopped = stop.event if stop is not None else None
     # disable=None: tqdm draws only on a terminal.
     with tqdm(total=len(order), unit=unit, disable=None if progress else True,
               smoothing=0.1) as bar:
@@ -175,11 +208,15 @@ def _publish(loaded: list[_Stream], producer: Any, *, rate: float | None,
                                        strict=True)):
             if due is not None:
                 # Pacing: serve delivery reports while waiting for this record's turn.
-                while (wait := started + due[n] - time.monotonic()) > 0:
-                    producer.poll(wait)
+                while (wait := started + due[n] - time.monotonic()) > 0 and not (
+                        stopped is not None and stopped.is_set()):
+                    producer.poll(min(wait, 0.2))
+            if stopped is not None and stopped.is_set():
+                break
             stream = loaded[i]
             stream.publisher.publish(stream.records[r],
                                      position=r if track and stream is orders else None)
+            handed += 1
             bar.update(1)
         remaining = producer.flush(60.0)
     publishers = [s.publisher for s in loaded]
@@ -194,4 +231,5 @@ def _publish(loaded: list[_Stream], producer: Any, *, rate: float | None,
         sum(p.sent for p in publishers), sum(p.failed for p in publishers) + remaining,
         time.monotonic() - started, dict(orders.publisher.end_offsets) if orders else {},
         dict(errors), skipped, positions,
-        {s.name: p.sent for s, p in zip(loaded, publishers, strict=True)})
+        {s.name: p.sent for s, p in zip(loaded, publishers, strict=True)}, handed, skip,
+        stop.signal_name if stop is not None and stop.requested else None)

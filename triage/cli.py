@@ -31,6 +31,7 @@ from triage.bus.errors import (
     exit_status,
     is_expected,
 )
+from triage.bus.interrupt import EXIT_INTERRUPTED, Interrupt
 from triage.bus.logs import configure_logging
 from triage.bus.settings import Settings, SettingsError, settings_table
 
@@ -134,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     pace.add_argument("--rate", type=float, help="records per second (all streams together)")
     pace.add_argument("--speedup", type=float,
                       help="pace by the orders' timestamps; 3600 = an hour of orders per second")
-    p.add_argument("--limit", type=int, help="publish only the first N records")
+    p.add_argument("--skip", type=int, default=0, metavar="N",
+                   help="leave out the first N records (in the order they are published): "
+                        "an interrupted replay prints the --skip that resumes it")
+    p.add_argument("--limit", type=int, help="publish only the first N records (after --skip)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
                    help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
@@ -238,7 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", dest="group_id", help="consumer group (TRIAGE_GROUP_ID)")
 
     p = commands.add_parser("predictions", parents=[common],
-                            help="print the predictions from the beginning, as JSON lines")
+                            help="print the predictions from the beginning, as JSON lines, and "
+                                 "a per-class summary on stderr")
+    p.add_argument("--order-id", dest="order_ids", action="append", metavar="ID",
+                   help="only this order's predictions (repeat for more); with --follow, "
+                        "waits for them and for their corrections")
     p.add_argument("--follow", action="store_true", help="keep waiting for new predictions")
     p.add_argument("--idle", type=float, default=5.0,
                    help="without --follow, stop after this many seconds with nothing new")
@@ -298,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "against without, and promote -> first prediction (docs/benchmarks.md)")
     p.add_argument("--http", action="store_true",
                    help="also triage serve's figures against a per-request baseline: p50/p99 "
-                        "at 500 requests/s, saturation, the batch call (docs/benchmarks.md)")
+                        "at 500 requests/s, saturation, the batch call, /healthz and /readyz while "
+                        "10,000-order batches run (docs/benchmarks.md)")
     p.add_argument("--broker", choices=["embedded", "kafka"], default="embedded",
                    dest="bench_broker",
                    help="the broker it starts when none is configured: the embedded one "
@@ -516,13 +525,38 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    """``triage replay``: 0 when everything handed over was delivered, 1 when some was not, 2
+    when every row was refused (nothing to publish), 130 after Ctrl-C or SIGTERM (with the
+    summary and the command that resumes)."""
     from triage.producer.replay import replay
 
     streams = [name.strip() for name in args.streams.split(",")] if args.streams else None
-    summary = replay(settings, args.csv, streams=streams, rate=args.rate, speedup=args.speedup,
-                     limit=args.limit, progress=not args.no_progress)
+    with Interrupt() as stop:
+        summary = replay(settings, args.csv, streams=streams, rate=args.rate,
+                         speedup=args.speedup, limit=args.limit, skip=args.skip,
+                         progress=not args.no_progress, stop=stop)
     print(summary)
+    if summary.interrupted:
+        print(f"resume with: {resumed_command(sys.argv, summary.next_skip)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if summary.refused_all:
+        print(f"error: every row of {args.csv} was refused ({len(summary.skipped)} row(s)); "
+              "nothing was published", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_FAILED if summary.failed else 0
+
+
+def resumed_command(argv: list[str], skip: int) -> str:
+    """The command line ``argv`` (``sys.argv``) as a person types it, with ``--skip`` set to
+    ``skip``: what resumes an interrupted replay."""
+    words, rest = ["triage"], list(argv[1:])
+    while rest:
+        word = rest.pop(0)
+        if word == "--skip":
+            rest = rest[1:]
+        elif not word.startswith("--skip="):
+            words.append(word)
+    return shlex.join([*words, "--skip", str(skip)])
 
 
 def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
@@ -782,29 +816,60 @@ def cmd_lag(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
+    """``triage predictions``: JSON lines on stdout (or ``--out``), nothing else there; the
+    per-class summary on stderr. 130 after Ctrl-C (the summary still comes)."""
     from triage.consumer.reader import TopicReader, latest_revisions
 
+    wanted = set(args.order_ids or ())
     out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115
     count = 0
-    try:
-        with TopicReader(settings.connection, settings.topics.predictions_topic,
-                         "prediction") as reader:
-            read = (record for _, record in reader.read(follow=args.follow, idle_s=args.idle))
+    latest: dict[str, dict[str, Any]] = {}
+    with Interrupt() as stop, TopicReader(settings.connection,
+                                          settings.topics.predictions_topic,
+                                          "prediction") as reader:
+        try:
+            read = (record for _, record in reader.read(follow=args.follow, idle_s=args.idle,
+                                                        stop=lambda: stop.requested)
+                    if not wanted or (record is not None and record["order_id"] in wanted))
             records: Iterable[dict[str, Any] | None] = read if args.all_revisions else \
                 latest_revisions(read, streaming=args.follow)
             for record in records:
+                if record is None:
+                    continue
                 out.write(json.dumps(record) + "\n")
                 count += 1
+                latest[record["order_id"]] = record
                 if args.follow:
                     out.flush()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if args.out:
-            out.close()
-    if args.out:
-        print(f"wrote {count} predictions to {args.out}", file=sys.stderr)
-    return 0
+        finally:
+            if args.out:
+                out.close()
+    print(predictions_summary(count, latest.values(), args.out), file=sys.stderr)
+    if wanted - latest.keys():
+        print(f"no prediction (yet) of {', '.join(sorted(wanted - latest.keys()))}",
+              file=sys.stderr)
+    return EXIT_INTERRUPTED if stop.requested else 0
+
+
+def predictions_summary(count: int, latest: Iterable[dict[str, Any]], out: Path | None
+                        ) -> str:
+    """``triage predictions``' summary: records written, orders, each class's count among the
+    orders' latest records, corrections and flags (stderr, so stdout stays JSON lines)."""
+    from collections import Counter
+
+    latest = list(latest)
+    classes = Counter(r["recommendation"] for r in latest)
+    text = (f"{count:,} prediction{'s' if count != 1 else ''} of {len(latest):,} order"
+            f"{'s' if len(latest) != 1 else ''}" + (f" written to {out}" if out else "") + ": "
+            + (", ".join(f"{name} {n:,}" for name, n in classes.most_common()) or "none"))
+    corrected = sum(1 for r in latest if r.get("revision", 1) > 1)
+    expired = sum(1 for r in latest if r.get("reference_wait_expired"))
+    if corrected:
+        text += f"; {corrected:,} corrected (revision > 1)"
+    if expired:
+        text += (f"; {expired:,} flagged reference_wait_expired (scored before every reference "
+                 "stream had passed the order's time)")
+    return text
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -886,7 +951,7 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(settings.log_format, settings.log_level)
         return COMMANDS[args.command](args, settings)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except KafkaException as exc:
         print(f"error: Kafka: {exc.args[0].str() if exc.args else exc}", file=sys.stderr)
         return exit_status(exc)

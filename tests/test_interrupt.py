@@ -1,0 +1,143 @@
+"""Ctrl-C in a long command stops cleanly with a summary, and a command that publishes nothing
+because every row was refused says so and exits non-zero: real processes, a real broker.
+
+Found by a new user: Ctrl-C during ``triage replay`` printed ``SystemError: <method 'poll' of
+'cimpl.Producer' objects> returned NULL without setting an exception`` in 3 of 10 tries and in
+the other 7 exited 130 without a word of how much was sent; a replay of a file whose every row
+was refused exited 0 having published nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from triage.bus.offsets import watermarks
+from triage.bus.settings import Settings
+from triage.consumer.reader import TopicReader
+
+from .test_cli import TRIAGE, clean_env, triage
+
+pytestmark = pytest.mark.integration
+
+
+def prediction(order_id: str, label: str, revision: int = 1, expired: bool = False
+               ) -> dict[str, object]:
+    """A prediction record as a worker publishes it (schemas/prediction.avsc)."""
+    return {"order_id": order_id, "customer_id": "C", "recommendation": label,
+            "probabilities": {label: 1.0}, "model_version": "m",
+            "features": {"order_hour_of_day": 10, "inventory": 3.0, "payment_status": "OK",
+                         "zip_code_available": True},
+            "order_timestamp_ms": 0, "scored_at_ms": 0, "order_published_at_ms": 0,
+            "order_partition": 0, "order_offset": 0, "reference_wait_expired": expired,
+            "revision": revision, "revision_reason": None if revision == 1 else "order_again",
+            "sku_code": "S", "zip_code": "1000"}
+
+
+def _on_topic(settings: Settings, topic: str) -> int:
+    return sum(high - low for low, high in watermarks(settings.connection, topic).values())
+
+
+def _interrupted(args: list[str], env: dict[str, str], ready: callable) -> subprocess.Popen:
+    """Start ``triage *args``, wait until ``ready()`` (polled), send SIGINT; the process."""
+    process = subprocess.Popen([*TRIAGE, *args], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not ready():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "never got going"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    return process
+
+
+def test_ctrl_c_during_a_replay_says_what_was_sent_and_the_resumed_replays_miss_nothing(
+        settings: Settings, history: Path, tmp_path: Path) -> None:
+    """Interrupted twice and resumed with the printed command each time: every order of the
+    file is on the topic exactly once."""
+    with (history / "orders.csv").open() as f:
+        ids = [row["order_id"] for row in csv.DictReader(f)][:1500]
+    orders = tmp_path / "orders.csv"
+    with (history / "orders.csv").open() as f:
+        orders.write_text("".join(f.readline() for _ in range(len(ids) + 1)))
+    env = clean_env(tmp_path, **settings.to_env())
+    topic = settings.topics.orders_topic
+    command = ["replay", str(orders), "--rate", "500", "--no-progress"]
+    for _ in range(2):
+        before = _on_topic(settings, topic)
+        process = _interrupted(command, env, lambda b=before: _on_topic(settings, topic) > b)
+        out, err = process.communicate(timeout=90)
+        assert process.returncode == 130, (out, err)
+        assert "Traceback" not in err and "SystemError" not in err
+        assert "interrupted (SIGINT) after handing" in out
+        resume = [line for line in err.splitlines() if line.startswith("resume with: ")]
+        assert len(resume) == 1, err
+        command = resume[0].removeprefix("resume with: triage ").split()
+    finished = triage(*command, env=env, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    with TopicReader(settings.connection, topic, "order") as reader:
+        seen = [record["order_id"] for _, record in reader.read(idle_s=3.0)]
+    assert sorted(seen) == sorted(ids)
+
+
+def test_a_replay_whose_every_row_is_refused_exits_2_and_says_nothing_was_published(
+        settings: Settings, tmp_path: Path) -> None:
+    bad = tmp_path / "orders.csv"
+    bad.write_text("order_id,customer_id,sku_code,zip_code,timestamp\n"
+                   "O-1,C-1,S-1,1000,yesterday\nO-2,C-2,S-2,1000,31/12/2021 10:00\n")
+    result = triage("replay", str(bad), "--no-progress",
+                    env=clean_env(tmp_path, **settings.to_env()))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "every row" in result.stderr and "nothing was published" in result.stderr
+    assert "line 2" in result.stdout and "line 3" in result.stdout
+    assert _on_topic(settings, settings.topics.orders_topic) == 0
+
+
+def test_ctrl_c_while_following_predictions_ends_with_the_per_class_summary(
+        settings: Settings, tmp_path: Path) -> None:
+    from triage.producer.publisher import RecordPublisher
+
+    env = clean_env(tmp_path, **settings.to_env())
+    publisher = RecordPublisher(settings.connection, settings.topics.predictions_topic,
+                                "prediction", "order_id")
+    for i, label in enumerate(["Deliver", "Deliver", "Decline"]):
+        publisher.publish(prediction(f"O-{i}", label))
+    assert publisher.flush(30) == 0
+    out_file = tmp_path / "p.jsonl"
+    process = _interrupted(["predictions", "--follow", "--out", str(out_file)], env,
+                           lambda: out_file.exists() and len(
+                               out_file.read_text().splitlines()) == 3)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, (out, err)
+    assert "Traceback" not in err
+    assert sorted(json.loads(line)["order_id"] for line in out_file.read_text().splitlines()
+                  ) == ["O-0", "O-1", "O-2"]
+    assert f"3 predictions of 3 orders written to {out_file}: Deliver 2, Decline 1" in err
+
+
+def test_predictions_of_one_order_its_latest_revision_on_stdout_and_the_summary_on_stderr(
+        settings: Settings, tmp_path: Path) -> None:
+    """A new user grepped 23k lines for one order; stdout stays pure JSON lines."""
+    from triage.producer.publisher import RecordPublisher
+
+    publisher = RecordPublisher(settings.connection, settings.topics.predictions_topic,
+                                "prediction", "order_id")
+    for record in (prediction("O-1", "Deliver"), prediction("O-2", "Decline"),
+                   prediction("O-1", "HoldCheckPayment", revision=2, expired=True)):
+        publisher.publish(record)
+    assert publisher.flush(30) == 0
+    result = triage("predictions", "--order-id", "O-1", "--order-id", "O-3", "--idle", "2",
+                    env=clean_env(tmp_path, **settings.to_env()))
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["order_id"], r["revision"], r["recommendation"]) for r in lines] == [
+        ("O-1", 2, "HoldCheckPayment")]
+    assert "1 prediction of 1 order: HoldCheckPayment 1; 1 corrected (revision > 1); 1 " \
+        "flagged reference_wait_expired" in result.stderr
+    assert "no prediction (yet) of O-3" in result.stderr
