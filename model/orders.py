@@ -78,6 +78,13 @@ def read_orders_csv(path: str | Path, limit: int | None = None,
     frame = read_csv(Path(path), ORDER_COLUMNS, encoding)
     if limit is not None:
         frame = frame.iloc[:limit]
+    return orders_of_frame(frame)
+
+
+def orders_of_frame(frame: Any) -> OrderColumns:
+    """Rows in the columns of orders.csv (``ORDER_COLUMNS``, as text) -> columns; rows whose
+    timestamp is not ``YYYY-MM-DD HH:MM:SS`` are left out and listed in ``skipped`` with their
+    line (row + 2). The validation of ``triage replay`` and ``triage produce`` alike."""
     seconds, bad = parse_timestamps_lenient(frame["timestamp"])
     skipped = tuple(
         SkippedRow(int(i) + 2, f"timestamp {frame['timestamp'].iloc[i]!r} is not "

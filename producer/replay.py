@@ -106,6 +106,17 @@ def _reference_records(settings: Settings, directory: Path, name: str
     """One reference CSV of ``directory`` as the stream's Avro records and their event times."""
     file = f"{name}.csv"
     frame = read_csv(directory / file, REFERENCE_FILES[file], settings.csv_encoding)
+    return reference_records(frame, name, str(directory / file))
+
+
+def reference_records(frame: Any, name: str, file: str
+                      ) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Rows of a reference stream ``name`` (``inventory``, ``payments``, ``zip_codes``), as
+    text in the columns of its CSV (``REFERENCE_FILES``), -> the stream's Avro records and
+    their event times (int64 UTC ms). The validation of ``triage replay`` and ``triage
+    produce`` alike. Raises ReferenceDataError naming ``file`` and the line (row + 2) of the
+    first time not in ``YYYY-MM-DD HH:MM:SS`` form, SettingsError for a stock level that is
+    not a number."""
     if name == "zip_codes":
         times = parse_timestamps(frame["available_from"], f"{file} available_from") * 1000
         return [{"zip_code": z, "available_from_ms": t}
@@ -115,7 +126,7 @@ def _reference_records(settings: Settings, directory: Path, name: str
         try:
             stock = frame["inventory"].to_numpy(dtype=np.float64).tolist()
         except ValueError as exc:
-            raise SettingsError(f"{directory / file}: non-numeric inventory ({exc})") from None
+            raise SettingsError(f"{file}: non-numeric inventory ({exc})") from None
         return [{"sku_code": k, "timestamp_ms": t, "inventory": v} for k, t, v in zip(
             frame["sku_code"].tolist(), times.tolist(), stock, strict=True)], times
     return [{"order_id": k, "timestamp_ms": t, "payment_status": v} for k, t, v in zip(

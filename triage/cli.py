@@ -143,12 +143,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
                    help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
 
-    p = commands.add_parser("produce", parents=[common], help="publish one order")
-    p.add_argument("--order-id", required=True)
-    p.add_argument("--customer-id", required=True)
-    p.add_argument("--sku", required=True)
-    p.add_argument("--zip", required=True)
-    p.add_argument("--timestamp", help="YYYY-MM-DD HH:MM:SS, UTC (default: now)")
+    p = commands.add_parser(
+        "produce", parents=[common],
+        help="publish an event by hand (an order, a payment, a stock level, a zip roll-out) "
+             "from flags, or many from JSON lines on stdin")
+    p.add_argument("stream", nargs="?", default="order",
+                   choices=["order", "payment", "inventory", "zip_code"],
+                   help="which stream (default order)")
+    p.add_argument("--order-id", help="order and payment")
+    p.add_argument("--customer-id", help="order")
+    p.add_argument("--sku", help="order and inventory: the SKU code")
+    p.add_argument("--zip", help="order and zip_code: the zip code")
+    p.add_argument("--status", help="payment: its status, e.g. OK, PENDING, DECLINED")
+    p.add_argument("--inventory", type=float, metavar="UNITS", help="inventory: the stock level")
+    p.add_argument("--timestamp", help="order, payment, inventory: YYYY-MM-DD HH:MM:SS, UTC "
+                                       "(default: now)")
+    p.add_argument("--available-from", metavar="TIME",
+                   help="zip_code: delivery available from, YYYY-MM-DD HH:MM:SS, UTC "
+                        "(default: now)")
+    p.add_argument("--stdin", action="store_true",
+                   help="read JSON lines from stdin instead of flags: each an object of the "
+                        "stream's CSV columns (a \"stream\" field picks another stream)")
 
     p = commands.add_parser("consume", parents=[common],
                             help="run N scorer workers in the consumer group")
@@ -560,23 +575,48 @@ def resumed_command(argv: list[str], skip: int) -> str:
 
 
 def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
-    from triage.producer.publisher import OrderPublisher, order_record
+    """``triage produce`` (producer/produce.py): 0 when what was not refused was published
+    (refusals listed on stderr), 1 when a delivery failed, 2 when the flags are refused or
+    every line was (nothing published), 130 after Ctrl-C."""
+    from triage.producer.produce import (
+        event_record,
+        json_rows,
+        now_text,
+        produce_events,
+    )
 
-    record = order_record(args.order_id, args.customer_id, args.sku, args.zip, args.timestamp)
-    # One record: an idempotent producer would only add its start-up (librdkafka asks for a
-    # producer id once a broker connection is up, on a 500 ms timer: half a second per call);
-    # a retry's duplicate is scored to the identical prediction (README, Delivery guarantees).
-    publisher = OrderPublisher(settings.connection, settings.topics.orders_topic,
-                               **{"enable.idempotence": False})
-    publisher.publish(record)
-    publisher.flush(30.0)
-    if publisher.failed:
-        print(f"error: not delivered: {', '.join(publisher.errors)}", file=sys.stderr)
+    flags = {"order_id": args.order_id, "customer_id": args.customer_id, "sku_code": args.sku,
+             "zip_code": args.zip, "payment_status": args.status, "inventory": args.inventory,
+             "timestamp": args.timestamp, "available_from": args.available_from}
+    given = {name: value for name, value in flags.items() if value is not None}
+    if args.stdin:
+        if given:
+            raise SettingsError(f"--stdin takes the events from stdin; leave out "
+                                f"{', '.join('--' + n for n in given)}")
+        rows = json_rows(sys.stdin, args.stream)
+    else:
+        time_field = "available_from" if args.stream == "zip_code" else "timestamp"
+        row = {time_field: now_text(), **given}
+        flag_names = {"order_id": "--order-id", "customer_id": "--customer-id",
+                      "sku_code": "--sku", "zip_code": "--zip", "payment_status": "--status",
+                      "inventory": "--inventory", "timestamp": "--timestamp",
+                      "available_from": "--available-from"}
+        # refused here, before connecting
+        event_record(args.stream, row, f"triage produce {args.stream}", flag_names)
+        rows = iter([(1, args.stream, row)])
+    summary = produce_events(_resolved(settings), rows, idempotent=args.stdin)
+    for stream, key, topic, partition, offset in summary.delivered[:20]:
+        print(f"published {stream} {key} to {topic} partition {partition} offset {offset}")
+    if args.stdin or summary.failed or summary.interrupted:
+        print(summary, file=sys.stderr)
+    if summary.interrupted:
+        return EXIT_INTERRUPTED
+    if summary.failed:
         return EXIT_FAILED
-    partition, end = next(iter(publisher.end_offsets.items()))
-    print(f"published order {args.order_id} to {settings.topics.orders_topic} "
-          f"partition {partition} offset {end - 1}")
-    return 0
+    if summary.refused and not summary.sent:
+        print("error: every event was refused; nothing was published", file=sys.stderr)
+        return EXIT_USAGE
+    return 0  # as a replay: what was refused is listed, the rest published
 
 
 def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
