@@ -145,12 +145,14 @@ class Outcomes:
 def collect_outcomes(connection: ConnectionSettings, topics: TopicSettings,
                      positions: set[tuple[int, int]], *, since_ms: int = 0,
                      stall_s: float = 60.0, progress: Callable[[int], object] | None = None,
-                     settle_s: float = 0.0) -> Outcomes:
+                     settle_s: float = 0.0, stop: Callable[[], bool] | None = None
+                     ) -> Outcomes:
     """Read the predictions and the dead-letter topic until every order record at
     ``positions`` ((partition, offset) on the orders topic) has a prediction or a dead letter
     made at or after ``since_ms``; then go on reading until ``settle_s`` pass without a new
     prediction of them (corrected revisions that follow). ``progress(n)`` is told of each n
-    newly settled records.
+    newly settled records. ``stop()``, asked between two polls: True returns what was read so
+    far.
 
     Raises TimeoutError, naming how many are missing, once ``stall_s`` pass with nothing new.
     """
@@ -159,7 +161,7 @@ def collect_outcomes(connection: ConnectionSettings, topics: TopicSettings,
     last_news = last_record = time.monotonic()
     with TopicReader(connection, topics.predictions_topic, "prediction") as predictions, \
             TopicReader(connection, topics.dlq_topic, None) as letters:
-        while True:
+        while stop is None or not stop():
             settled = outcomes.settled()
             now = time.monotonic()
             if positions <= settled:
@@ -192,3 +194,4 @@ def collect_outcomes(connection: ConnectionSettings, topics: TopicSettings,
                 last_news = time.monotonic()
                 if progress is not None:
                     progress(news)
+    return outcomes  # stopped

@@ -141,3 +141,25 @@ def test_predictions_of_one_order_its_latest_revision_on_stdout_and_the_summary_
     assert "1 prediction of 1 order: HoldCheckPayment 1; 1 corrected (revision > 1); 1 " \
         "flagged reference_wait_expired" in result.stderr
     assert "no prediction (yet) of O-3" in result.stderr
+
+
+def test_ctrl_c_during_the_demo_says_how_far_it_got_and_leaves_no_worker_running(
+        settings: Settings, history: Path, model_dir: Path, tmp_path: Path) -> None:
+    """The demo's workers are its children: stopped with it, not left scoring."""
+    env = clean_env(tmp_path, **settings.to_env())
+    process = subprocess.Popen([*TRIAGE, "demo", "--data", str(history), "--model",
+                                str(model_dir), "--results", str(tmp_path / "results")],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=tmp_path)
+    assert process.stdout is not None
+    for line in process.stdout:  # the workers own the partitions and the replay has begun
+        if line.startswith("replaying "):
+            break
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, (out, err[-3000:])
+    assert "Traceback" not in err and "SystemError" not in err
+    assert "interrupted (SIGINT) while" in err and "are stopped" in err
+    left = subprocess.run(["pgrep", "-f", f"triage.consumer.worker.*{model_dir}"],
+                          capture_output=True, text=True)
+    assert left.stdout == "", "a worker of the demo is still running"

@@ -913,11 +913,14 @@ def predictions_summary(count: int, latest: Iterable[dict[str, Any]], out: Path 
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from triage.demo import DemoError, run_demo
+    from triage.demo import DemoError, DemoInterrupted, run_demo
 
     try:
         summary = run_demo(settings, data_dir=args.data, model_dir=args.model,
                            results_dir=args.results)
+    except DemoInterrupted as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_INTERRUPTED
     except DemoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from triage.bus.clients import create_topics, make_admin, partitions_of
 from triage.bus.embedded import EmbeddedBroker, running_embedded
 from triage.bus.errors import InfrastructureError
+from triage.bus.interrupt import Interrupt
 from triage.bus.settings import Settings
 from triage.consumer.reader import collect_outcomes
 from triage.consumer.supervisor import Supervisor
@@ -50,6 +51,11 @@ STALL_S = 60.0  # give up when no prediction or dead letter arrived for this lon
 
 class DemoError(InfrastructureError):
     """The demo could not run to the end (a delivery failed, the workers stalled)."""
+
+
+class DemoInterrupted(DemoError):
+    """Ctrl-C (or SIGTERM) while the demo's broker and workers ran: they are stopped, and the
+    message says how far the demo got."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,10 @@ def run_demo(settings: Settings, *, data_dir: Path | None, model_dir: Path,
         print(f"warning: {warning}", file=sys.stderr, flush=True)
 
     with contextlib.ExitStack() as stack:
+        # From here on a Ctrl-C is a request (bus/interrupt.py): the replay stops between two
+        # records, the wait for predictions between two polls, and the stack stops the workers
+        # and the broker. Before, it stops the data generation or the training at once.
+        stop = stack.enter_context(Interrupt())
         connection = settings.connection
         bootstrap = connection.bootstrap_servers or running_embedded(connection.state_dir)
         if not bootstrap:
@@ -168,7 +178,12 @@ def run_demo(settings: Settings, *, data_dir: Path | None, model_dir: Path,
         started_ms = int(time.time() * 1000)
         print(f"replaying {len(orders)} orders and their reference streams through "
               f"{DEMO_WORKERS} workers", flush=True)
-        replayed = replay(settings, data_dir, track=True)
+        replayed = replay(settings, data_dir, track=True, stop=stop)
+        if replayed.interrupted:
+            raise DemoInterrupted(
+                f"interrupted ({replayed.interrupted}) while replaying: {replayed.sent:,} "
+                f"records published of {len(orders):,} orders and their reference streams; "
+                "the workers and the broker the demo started are stopped")
         if replayed.failed:
             raise DemoError(f"replay failed: {replayed}")
         positions = [where for where in replayed.positions if where is not None]
@@ -180,7 +195,14 @@ def run_demo(settings: Settings, *, data_dir: Path | None, model_dir: Path,
             outcomes = collect_outcomes(
                 settings.connection, settings.topics, set(positions), since_ms=started_ms,
                 stall_s=STALL_S, progress=bar.update,
-                settle_s=settings.reference.reference_lateness_ms / 1000.0 + 1.0)
+                settle_s=settings.reference.reference_lateness_ms / 1000.0 + 1.0,
+                stop=lambda: stop.requested)
+        if stop.requested:
+            raise DemoInterrupted(
+                f"interrupted ({stop.signal_name}) while waiting for predictions: "
+                f"{len(outcomes.settled() & set(positions)):,} of {len(positions):,} orders "
+                "scored or dead-lettered; the workers and the broker the demo started are "
+                "stopped")
 
     expected, expected_proba = model.predict(orders.features(reference))
     first: dict[int, dict[str, Any]] = {}  # row of orders.csv -> its first prediction
