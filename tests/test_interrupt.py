@@ -24,8 +24,6 @@ from triage.consumer.reader import TopicReader
 
 from .test_cli import TRIAGE, clean_env, triage
 
-pytestmark = pytest.mark.integration
-
 
 def prediction(order_id: str, label: str, revision: int = 1, expired: bool = False
                ) -> dict[str, object]:
@@ -57,6 +55,7 @@ def _interrupted(args: list[str], env: dict[str, str], ready: callable) -> subpr
     return process
 
 
+@pytest.mark.integration
 def test_ctrl_c_during_a_replay_says_what_was_sent_and_the_resumed_replays_miss_nothing(
         settings: Settings, history: Path, tmp_path: Path) -> None:
     """Interrupted twice and resumed with the printed command each time: every order of the
@@ -86,6 +85,7 @@ def test_ctrl_c_during_a_replay_says_what_was_sent_and_the_resumed_replays_miss_
     assert sorted(seen) == sorted(ids)
 
 
+@pytest.mark.integration
 def test_a_replay_whose_every_row_is_refused_exits_2_and_says_nothing_was_published(
         settings: Settings, tmp_path: Path) -> None:
     bad = tmp_path / "orders.csv"
@@ -99,6 +99,7 @@ def test_a_replay_whose_every_row_is_refused_exits_2_and_says_nothing_was_publis
     assert _on_topic(settings, settings.topics.orders_topic) == 0
 
 
+@pytest.mark.integration
 def test_ctrl_c_while_following_predictions_ends_with_the_per_class_summary(
         settings: Settings, tmp_path: Path) -> None:
     from triage.producer.publisher import RecordPublisher
@@ -121,6 +122,7 @@ def test_ctrl_c_while_following_predictions_ends_with_the_per_class_summary(
     assert f"3 predictions of 3 orders written to {out_file}: Deliver 2, Decline 1" in err
 
 
+@pytest.mark.integration
 def test_predictions_of_one_order_its_latest_revision_on_stdout_and_the_summary_on_stderr(
         settings: Settings, tmp_path: Path) -> None:
     """A new user grepped 23k lines for one order; stdout stays pure JSON lines."""
@@ -143,6 +145,7 @@ def test_predictions_of_one_order_its_latest_revision_on_stdout_and_the_summary_
     assert "no prediction (yet) of O-3" in result.stderr
 
 
+@pytest.mark.integration
 def test_ctrl_c_during_the_demo_says_how_far_it_got_and_leaves_no_worker_running(
         settings: Settings, history: Path, model_dir: Path, tmp_path: Path) -> None:
     """The demo's workers are its children: stopped with it, not left scoring."""
@@ -163,3 +166,21 @@ def test_ctrl_c_during_the_demo_says_how_far_it_got_and_leaves_no_worker_running
     left = subprocess.run(["pgrep", "-f", f"triage.consumer.worker.*{model_dir}"],
                           capture_output=True, text=True)
     assert left.stdout == "", "a worker of the demo is still running"
+
+
+def test_a_ctrl_c_inside_a_librdkafka_call_is_an_interruption_not_a_bug(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """What the 3 of 10 replays printed: SystemError, its context the KeyboardInterrupt."""
+    from triage import cli
+
+    def interrupted_in_c(*_: object) -> int:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise SystemError("<method 'poll' of 'cimpl.Producer' objects> returned NULL "
+                              "without setting an exception") from None
+
+    monkeypatch.setitem(cli.COMMANDS, "settings", interrupted_in_c)
+    assert cli.main(["settings"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: triage settings stopped" in err and "a bug" not in err

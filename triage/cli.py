@@ -986,19 +986,27 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit status: 0, 1 (infrastructure, or a bug: its traceback
-    goes to the log) or 2 (configuration: settings, files or data to fix). See bus/errors.py.
-    """
+    goes to the log), 2 (configuration: settings, files or data to fix; bus/errors.py) or 130
+    (Ctrl-C or SIGTERM; bus/interrupt.py)."""
     args = build_parser().parse_args(argv)
     try:
         settings = _settings(args)
         configure_logging(settings.log_format, settings.log_level)
         return COMMANDS[args.command](args, settings)
     except KeyboardInterrupt:
+        print(f"interrupted: triage {args.command} stopped before it finished", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KafkaException as exc:
         print(f"error: Kafka: {exc.args[0].str() if exc.args else exc}", file=sys.stderr)
         return exit_status(exc)
     except Exception as exc:
+        if isinstance(exc, SystemError) and isinstance(exc.__context__, KeyboardInterrupt):
+            # A Ctrl-C that reached Python inside a librdkafka call surfaces as "returned NULL
+            # without setting an exception". Long commands turn Ctrl-C into a flag
+            # (bus/interrupt.py); this covers the short ones.
+            print(f"interrupted: triage {args.command} stopped before it finished",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
         if not is_expected(exc):  # a bug: the traceback goes to the log, a person gets a line
             import structlog
 
