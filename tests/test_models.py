@@ -302,3 +302,33 @@ def test_the_hints_train_and_models_list_print_run_as_printed(
     assert hint, trained.stdout
     promoted = cli(settings, *shlex.split(hint.group(1))[1:])
     assert promoted.returncode == 0, promoted.stderr[-2000:]
+
+
+@pytest.mark.integration
+def test_models_list_shows_a_half_copied_version_as_unusable_with_its_problem(
+        settings: Settings, model_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    whole = Registry(root).add(model_dir).version
+    half = "xgb-0123456789ab"
+    (root / half).mkdir()  # its manifest not copied yet
+    listed = cli(settings, "list", "--registry", str(root))
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]
+            if line.startswith("xgb-")}
+    assert "candidate" in rows[whole]
+    assert "unusable" in rows[half] and "incomplete: manifest.json missing" in rows[half]
+    assert "candidate" not in rows[half]
+
+
+def test_models_compare_prints_every_class_name_whole() -> None:
+    """The demo's matrix cut HoldCheckAvailability to HoldCheckAvail; compare's did too."""
+    from triage.cli import report_text
+
+    classes = ["Deliver", "HoldCheckAvailability", "HoldCheckDelivery", "HoldCheckPayment",
+               "Decline"]
+    text = report_text({"pairs": 5, "active": "a", "shadow": "b", "agreement": 1.0,
+                        "classes": classes, "confusion": [[int(i == j) for j in range(5)]
+                                                          for i in range(5)],
+                        "active_policy_agreement": 1.0, "shadow_policy_agreement": 1.0})
+    header = text.splitlines()[1]
+    assert all(name in header.split() for name in classes)

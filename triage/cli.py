@@ -735,6 +735,10 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
             label = ("active" if state and v.version == state.active
                      else "shadow" if state and v.version == state.shadow
                      else "previous" if state and v.version == state.previous else "candidate")
+            if not v.complete:  # a copy not finished, or a changed file: cannot be promoted
+                label = f"{label}, unusable" if label != "candidate" else "unusable"
+                print(f"{v.version:<22}{label:<11}{v.problem}")
+                continue
             print(f"{v.version:<22}{label:<11}{v.created_at:<27}{v.holdout_accuracy:>17.4%}")
         if state is None:
             print("no version is active yet: `triage models promote VERSION --registry "
@@ -826,10 +830,9 @@ def report_text(report: dict[str, Any]) -> str:
     """``triage models compare``'s figures for people."""
     lines = [f"{report['pairs']:,} orders scored by both {report['active']} (active) and "
              f"{report['shadow']} (shadow): agreement {report['agreement']:.2%}"]
-    classes = report["classes"]
-    lines.append("active \\ shadow".ljust(24) + "".join(c[:14].rjust(16) for c in classes))
-    for row, counts in zip(classes, report["confusion"], strict=True):
-        lines.append(row.ljust(24) + "".join(f"{n:16d}" for n in counts))
+    from triage.model.tables import confusion_text
+
+    lines.append(confusion_text("active \\ shadow", report["classes"], report["confusion"]))
     lines.append(f"agreement with the policy on those orders: active "
                  f"{report['active_policy_agreement']:.2%}, shadow "
                  f"{report['shadow_policy_agreement']:.2%}")
