@@ -131,9 +131,13 @@ def test_a_kafka_cluster_id_is_never_read_as_an_option() -> None:
 
 
 def _children(pid: int) -> list[int]:
-    """The pids of ``pid``'s children (Linux's /proc)."""
-    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
-            for child in (task / "children").read_text().split()]
+    """The pids of ``pid``'s children (Linux's /proc: each thread lists those it forked; a
+    thread ending meanwhile, such as a librdkafka one, has none)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            found += [int(child) for child in (task / "children").read_text().split()]
+    return found
 
 
 def _alive(pid: int) -> bool:
