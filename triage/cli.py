@@ -736,8 +736,8 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
                      else "shadow" if state and v.version == state.shadow
                      else "previous" if state and v.version == state.previous else "candidate")
             if not v.complete:  # a copy not finished, or a changed file: cannot be promoted
-                label = f"{label}, unusable" if label != "candidate" else "unusable"
-                print(f"{v.version:<22}{label:<11}{v.problem}")
+                label = "unusable" if label == "candidate" else label
+                print(f"{v.version:<22}{label:<11}cannot be served: {v.problem}")
                 continue
             print(f"{v.version:<22}{label:<11}{v.created_at:<27}{v.holdout_accuracy:>17.4%}")
         if state is None:
