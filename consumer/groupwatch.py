@@ -4,8 +4,8 @@ A worker owning no partition of the orders topic is normal when the group has mo
 the topic has partitions. It is a fault when the topic has partitions that no member owns: the
 group is stuck in a rebalance (a member that stopped polling holds it up to that member's
 ``max.poll.interval.ms``), or the broker lost track of the group (the embedded broker sometimes
-never assigns a group restarted within its session timeout: docs/operating.md, "The embedded
-broker's differences from Apache Kafka"). Found by a new user: workers logged
+never assigns a group restarted after it sat empty: docs/operating.md, "The embedded broker's
+differences from Apache Kafka"). Found by a new user: workers logged
 ``group_join_started``, then ``progress consumed 0`` for minutes.
 
 :class:`GroupWatch` is told on every turn of the loop what the worker owns. Once it has owned
@@ -20,22 +20,24 @@ the topic, and then
   brokers (tests/test_group_watch.py). Leaving and joining again does not help there, and on
   the embedded broker it strands the group for good (measured), so the watch never does it;
 * if every partition is owned by another member, logs ``idle_no_partition`` once (info): more
-  workers than partitions;
+  workers than partitions; and looks again only 5 allowances later;
 * if the broker cannot be asked, logs ``group_undescribed`` (info) and asks again later.
 
 The embedded broker describes a group without its members. There the verdict comes from the
 group's progress instead (:func:`verdict_by_progress`): a partition with records beyond the
 group's committed offset, whose committed offset has not moved in the last session timeout, is
-taken as owned by nobody (or by a member that neither consumes nor leaves: as bad).
+taken as owned by nobody (or by a member that neither consumes nor leaves: as bad). A topic
+at its end shows nothing either way: the worker says so (info) and looks again later.
 
 The verdicts are functions of what the broker said, so that they are tested on their own.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from confluent_kafka import ConsumerGroupState
@@ -57,6 +59,7 @@ class Verdict:
     unowned: list[int]
     state: str
     members: dict[str, list[int]]
+    known: bool = True  # False: judged by the group's progress, its members unlisted
 
 
 def verdict(description: ConsumerGroupDescription, topic: str, partitions: Iterable[int]
@@ -91,55 +94,80 @@ class GroupWatch:
     """Watches a worker's ownership; see the module docstring.
 
     ``describe()`` returns the group's description and the topic's partition numbers (it may
-    raise; it is called at most once per ``after_ms``). ``progress()`` returns the group's
-    committed offset and the end offset of each partition, ``{partition: (committed or None,
-    end)}``, sampled half an allowance before each check and at it, for a broker that lists no
-    members (it may raise). ``after_ms``: how long owning nothing is allowed (2 x the session
-    timeout). ``clock``: monotonic seconds."""
+    raise). ``progress()`` returns the group's committed offset and the end offset of each
+    partition, ``{partition: (committed or None, end)}``, for a broker that lists no members
+    (it may raise); the committed offsets are sampled when the worker starts owning nothing
+    and at each check, so a stall is a whole allowance without a commit. ``after_ms``: how long
+    owning nothing is allowed (2 x the session timeout; under KIP-848 still the client's
+    TRIAGE_SESSION_TIMEOUT_MS, which the broker's session timeout may exceed). After a check
+    that finds nothing wrong the next comes 5 allowances later. ``background``: run the
+    checks (seconds of broker requests) on a thread of their own, so that the loop never waits
+    for them; without it :meth:`tick` runs them and returns the verdict. ``clock``: monotonic
+    seconds."""
 
     def __init__(self, group: str, topic: str, after_ms: int,
                  describe: Callable[[], tuple[ConsumerGroupDescription, list[int]]],
                  progress: Callable[[], dict[int, tuple[int | None, int]]], log: Any,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, background: bool = False
+                 ) -> None:
         self.group, self.topic, self.after_s = group, topic, after_ms / 1000.0
         self._describe, self._progress = describe, progress
-        self.log, self.clock = log, clock
-        self._since: float | None = clock()  # owning nothing since (None: owns some)
-        self._next_check = self._since + self.after_s
-        self._sample: dict[int, int | None] | None = None  # committed offsets before a check
+        self.log, self.clock, self.background = log, clock, background
+        self._since: float | None = None  # owning nothing since (None: owns some)
+        self._next_check = 0.0
+        self._sample: dict[int, int | None] | None = None  # committed offsets at the last look
         self._said_idle = False
+        self._checking: threading.Thread | None = None
         self.stalls = 0
 
     def tick(self, owned: set[int]) -> Verdict | None:
-        """Called on every turn of the loop with the partitions owned; returns the verdict when
-        it described the group on this turn."""
-        now = self.clock()
+        """Called on every turn of the loop with the partitions owned; returns the verdict
+        when it checked the group on this turn (never in the background mode)."""
         if owned:
-            self._since, self._said_idle = None, False
+            self._since, self._said_idle, self._sample = None, False, None
             return None
+        now = self.clock()
+        busy = self._checking is not None and self._checking.is_alive()
         if self._since is None:
-            self._since, self._next_check, self._sample = now, now + self.after_s, None
+            self._since, self._next_check = now, now + self.after_s
+            if not busy:
+                self._run(self._take_sample)
             return None
-        if self._sample is None and now >= self._next_check - self.after_s / 2:
-            self._sample = self._committed()
-        if now < self._next_check:
+        if now < self._next_check or busy:
             return None
         self._next_check = now + self.after_s
-        before, self._sample = self._sample, None
+        return self._run(lambda: self._check(now))
+
+    def _run(self, step: Callable[[], Verdict | None]) -> Verdict | None:
+        """``step()`` here, or on the watch's thread in the background mode (returns None)."""
+        if not self.background:
+            return step()
+        self._checking = threading.Thread(target=step, name="group-watch", daemon=True)
+        self._checking.start()
+        return None
+
+    def _take_sample(self) -> None:
+        self._sample = self._committed()
+
+    def _check(self, now: float) -> Verdict | None:
+        """Describe the group, judge, and say so (module docstring)."""
+        before = self._sample
         try:
             description, partitions = self._describe()
             if description.members:
                 found = verdict(description, self.topic, partitions)
             else:  # the embedded broker lists no members: judge by the group's progress
                 offsets = self._progress()
+                self._sample = {p: c for p, (c, _) in offsets.items()}
                 found = verdict_by_progress(
-                    before or {}, {p: c for p, (c, _) in offsets.items()},
-                    {p: end for p, (_, end) in offsets.items()},
+                    before or {}, self._sample, {p: end for p, (_, end) in offsets.items()},
                     getattr(description.state, "name", str(description.state)))
+                found = replace(found, known=False)
         except Exception as exc:  # the broker answers later, or never: the loop goes on
             self.log.info("group_undescribed", group=self.group, error=str(exc))
             return None
-        idle_s = round(now - self._since, 1)
+        since = self._since if self._since is not None else now
+        idle_s = round(now - since, 1)
         if found.stalled:
             self.stalls += 1
             metrics.GROUP_STALLS.inc()
@@ -149,20 +177,27 @@ class GroupWatch:
                 members=found.members,
                 note=f"this worker has owned no partition of {self.topic} for {idle_s} s while "
                 f"{len(found.unowned)} of its {len(partitions)} partitions are owned by no "
-                f"member of group {self.group} (state {found.state}). A member that stopped "
-                "polling holds a rebalance up to its max.poll.interval.ms (the partitions come "
-                "once it leaves or is evicted). "
-                "On the embedded broker a group restarted within its session timeout can stay "
-                "unassigned: restart `triage broker` (it keeps nothing), or use a new group "
-                "(--group or TRIAGE_GROUP_ID; a new group reads the topic from the beginning). "
-                "See docs/operating.md, \"The embedded broker's differences from Apache "
-                "Kafka\".")
-        elif not self._said_idle:
+                f"member of group {self.group} (state {found.state})"
+                + ("" if found.known else ", or by one that has not committed for "
+                   f"{self.after_s:g} s") + ". A member that stopped polling holds a "
+                "rebalance up to its max.poll.interval.ms (the partitions come once it leaves "
+                "or is evicted). On the embedded broker a group restarted after it sat empty "
+                "can stay unassigned: restart `triage broker` (it keeps nothing), or use a new "
+                "group (--group or TRIAGE_GROUP_ID; a new group reads the topic from the "
+                "beginning). See docs/operating.md, \"The embedded broker's differences from "
+                "Apache Kafka\".")
+            return found
+        self._next_check = max(self._next_check, now + 5 * self.after_s)
+        if not self._said_idle:
             self._said_idle = True
-            self.log.info("idle_no_partition", group=self.group, topic=self.topic,
-                          members=len(found.members), partitions=len(partitions),
-                          note="every partition is owned by another member: more workers than "
-                               "partitions; this one takes over when a member leaves")
+            self.log.info(
+                "idle_no_partition", group=self.group, topic=self.topic,
+                members=len(found.members), partitions=len(partitions),
+                note="every partition is owned by another member: more workers than "
+                     "partitions; this one takes over when a member leaves" if found.known
+                else "the broker lists no members and the group's commits keep up with the "
+                     "topic: nothing shows a stall now; if records arrive and no member takes "
+                     "them, this worker says so")
         return found
 
     def _committed(self) -> dict[int, int | None]:

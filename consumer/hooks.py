@@ -41,9 +41,12 @@ called again for a fresh instance, which checks the later batches, so a call tha
 only the orders it was given (a hook that hangs on one order costs that order's batch) and the
 orders behind it are checked and scored as usual. An instance is never called again while a
 call of its own is running, so hooks never run concurrently with themselves and need not be
-thread-safe. At most :data:`MAX_ABANDONED` abandoned calls of one hook may run at once; beyond
-that (or for a hook made without a factory) later batches wait for the oldest within their own
-deadline, as a hook that hangs on everything cannot be worked around.
+thread-safe (state shared between instances, such as class attributes, is shared with the
+abandoned call still running). A factory must return a new instance each call: one that
+returns an instance already in use, or raises 3 times in a row, is not called again. At most
+:data:`MAX_ABANDONED` abandoned calls of one hook may run at once; beyond that (or for a hook
+made without a factory) later batches wait for the oldest within their own deadline, as a hook
+that hangs on everything cannot be worked around.
 """
 
 from __future__ import annotations
@@ -158,7 +161,9 @@ class HookRunner:
         self.name = hook_name(hook)
         self._renew = renew
         self._overrun: _Call | None = None
-        self._abandoned: list[_Call] = []
+        self._abandoned: list[tuple[_Call, object]] = []  # (the call, its instance)
+        self._renewing: _Call | None = None  # a factory call not returned yet
+        self._renewal_failures = 0
 
     @property
     def busy(self) -> bool:
@@ -169,7 +174,7 @@ class HookRunner:
     @property
     def abandoned(self) -> int:
         """Calls that overran on earlier instances and are still running."""
-        self._abandoned = [c for c in self._abandoned if not c.done.is_set()]
+        self._abandoned = [(c, h) for c, h in self._abandoned if not c.done.is_set()]
         return len(self._abandoned)
 
     def call(self, method: str, argument: Any, deadline: float) -> Any:
@@ -195,26 +200,46 @@ class HookRunner:
 
     def _take_over(self, deadline: float) -> bool:
         """Abandon the overrunning call and make a fresh instance with the factory (itself
-        under ``deadline``); False if there is no factory, too many abandoned calls run, or
-        the factory failed."""
+        under ``deadline``; a factory call still running is waited for by the next batch, not
+        started again); False if there is no factory, too many abandoned calls run, or the
+        factory has not returned, failed, or returned an instance already in use. A factory
+        that failed :data:`MAX_RENEWAL_FAILURES` times in a row is not called again."""
         if self._renew is None or self.abandoned >= MAX_ABANDONED:
             return False
-        renew = self._renew
-        made = _Call(lambda _: [renew()], None)
-        threading.Thread(target=made.run, name=f"hook-{self.name}-renew", daemon=True).start()
-        if not made.done.wait(max(0.0, deadline - time.monotonic())) or made.error is not None:
+        if self._renewing is None:
+            renew = self._renew
+            self._renewing = _Call(lambda _: [renew()], None)
+            threading.Thread(target=self._renewing.run, name=f"hook-{self.name}-renew",
+                             daemon=True).start()
+        made = self._renewing
+        if not made.done.wait(max(0.0, deadline - time.monotonic())):
             return False
+        self._renewing = None
+        log = structlog.get_logger("hooks")
         assert self._overrun is not None
-        self._abandoned.append(self._overrun)
-        self.hook = made.result[0]
+        fresh = made.result[0] if made.error is None else None
+        if fresh is None or fresh is self.hook or any(fresh is h for _, h in self._abandoned):
+            self._renewal_failures += 1
+            reason = (f"{type(made.error).__name__}: {made.error}" if made.error is not None
+                      else "the factory returned an instance already in use")
+            if self._renewal_failures >= MAX_RENEWAL_FAILURES or made.error is None:
+                self._renew = None  # waited for from now on, as a hook without a factory
+            log.warning("hook_renewal_failed", hook=self.name, error=reason,
+                        renewing=self._renew is not None)
+            return False
+        self._renewal_failures = 0
+        self._abandoned.append((self._overrun, self.hook))
+        self.hook = fresh
         metrics.HOOK_RENEWALS.labels(self.name).inc()
-        structlog.get_logger("hooks").warning(
-            "hook_renewed", hook=self.name, abandoned_running=len(self._abandoned),
-            note="a call overran the processing deadline and still runs; a fresh instance "
-                 "from the hook's factory checks the later batches")
+        log.warning("hook_renewed", hook=self.name, abandoned_running=len(self._abandoned),
+                    note="a call overran the processing deadline and still runs; a fresh "
+                         "instance from the hook's factory checks the later batches")
         return True
 
 
 # Abandoned calls of one hook allowed to run at once (each holds a thread): past this, a hook
 # that hangs on every call is waited for instead of renewed without end.
 MAX_ABANDONED = 4
+# A factory that raises this many times in a row is not called again (one that registers a
+# metric, say, fails the same way each time).
+MAX_RENEWAL_FAILURES = 3

@@ -216,7 +216,7 @@ class BatchLoop:
         beat = self.health.beat if self.health is not None else lambda: None
         watch = GroupWatch(self.scorer.group_id, self.topic,
                            2 * self.connection.session_timeout_ms, self._describe_group,
-                           self._group_progress, self.log)
+                           self._group_progress, self.log, background=True)
         try:
             while not self._stop_requested:
                 self._revoked_now.clear()
@@ -250,11 +250,11 @@ class BatchLoop:
     def _describe_group(self) -> tuple[Any, list[int]]:
         """The group's description (DescribeConsumerGroups) and the topic's partition numbers,
         for the :class:`GroupWatch`. Raises KafkaException if the broker does not answer."""
-        admin = make_admin(self.connection)
+        admin = make_admin(self.connection)  # from the watch's thread: none of the loop's
         future = admin.describe_consumer_groups([self.scorer.group_id],
                                                 request_timeout=5.0)[self.scorer.group_id]
         description = future.result(timeout=10.0)
-        return description, [tp.partition for tp in partitions_of(self.consumer, self.topic)]
+        return description, [tp.partition for tp in partitions_of(admin, self.topic)]
 
     def _group_progress(self) -> dict[int, tuple[int | None, int]]:
         """Per partition of the topic: the group's committed offset (None if none) and the

@@ -233,7 +233,7 @@ def test_a_hook_that_hangs_on_every_call_is_renewed_at_most_max_abandoned_times(
     release, made = threading.Event(), []
     runner = HookRunner(HangsOnOneOrder(release, made),
                         renew=lambda: HangsOnOneOrder(release, made))
-    scoring = core(parts, hooks=[runner], deadline_s=0.2)
+    scoring = core(parts, hooks=[runner], deadline_s=0.5)
     try:
         batch = [dict(o) for o in orders[:5]]
         batch[0]["order_id"] = "HANG"
@@ -241,6 +241,50 @@ def test_a_hook_that_hangs_on_every_call_is_renewed_at_most_max_abandoned_times(
             outcome = scoring.process(kafka([CODEC.encode(o) for o in batch]))
             assert set(where(outcome).values()) == {"timeout"}
         assert runner.abandoned == MAX_ABANDONED and len(made) == MAX_ABANDONED + 1
+    finally:
+        release.set()
+
+
+def test_a_hook_factory_that_hangs_is_called_once_and_one_that_raises_is_given_up(
+        parts: tuple) -> None:
+    """A renewal that has not returned is waited for by the next batch, not started again (a
+    thread per batch otherwise); a factory failing 3 times in a row, or returning the instance
+    in use, is not called again (its batches wait, dead-lettered as timeout)."""
+    from triage.consumer.hooks import MAX_RENEWAL_FAILURES, HookRunner
+
+    _, _, orders = parts
+    release, made = threading.Event(), []
+    factory_calls: list[int] = []
+
+    def slow_factory() -> HangsOnOneOrder:
+        factory_calls.append(1)
+        release.wait(30)
+        return HangsOnOneOrder(release, made)
+
+    def failing_factory() -> HangsOnOneOrder:
+        factory_calls.append(1)
+        raise ValueError("Duplicated timeseries in CollectorRegistry")
+
+    in_use: list[HangsOnOneOrder] = []
+
+    def same_instance() -> HangsOnOneOrder:
+        factory_calls.append(1)
+        return in_use[0]
+
+    batch = [dict(o) for o in orders[:5]]
+    batch[0]["order_id"] = "HANG"
+    try:
+        for factory, batches, calls in ((slow_factory, 4, 1),
+                                        (failing_factory, MAX_RENEWAL_FAILURES + 2,
+                                         MAX_RENEWAL_FAILURES),
+                                        (same_instance, 3, 1)):
+            factory_calls.clear()
+            in_use[:] = [HangsOnOneOrder(release, made)]
+            scoring = core(parts, hooks=[HookRunner(in_use[0], renew=factory)], deadline_s=0.3)
+            for _ in range(batches):
+                outcome = scoring.process(kafka([CODEC.encode(o) for o in batch]))
+                assert set(where(outcome).values()) == {"timeout"}
+            assert len(factory_calls) == calls, factory
     finally:
         release.set()
 

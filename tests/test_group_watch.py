@@ -60,7 +60,7 @@ def test_without_members_listed_a_partition_whose_commit_stands_still_behind_its
     assert not verdict_by_progress({0: 5}, {0: 6}, {0: 10}, "STABLE").stalled
 
 
-def test_on_a_broker_listing_no_members_the_watch_samples_the_commits_before_it_judges(
+def test_on_a_broker_listing_no_members_a_stall_is_a_whole_allowance_without_a_commit(
         ) -> None:
     now = [0.0]
     committed = {0: 3}
@@ -70,21 +70,37 @@ def test_on_a_broker_listing_no_members_the_watch_samples_the_commits_before_it_
         sampled.append(now[0])
         return {p: (c, 10) for p, c in committed.items()}
 
-    watch = GroupWatch("g", "orders", 12_000,
-                       lambda: (described(ConsumerGroupState.STABLE), [0]), progress,
-                       log=__import__("structlog").get_logger(),
-                       clock=lambda: now[0])
-    for t in (1.0, 6.0, 11.0):
-        now[0] = t
+    with capture_logs() as logs:
+        watch = GroupWatch("g", "orders", 12_000,
+                           lambda: (described(ConsumerGroupState.STABLE), [0]), progress,
+                           log=__import__("structlog").get_logger(), clock=lambda: now[0])
+        watch.tick(set())  # owning nothing from now: the first sample
+        now[0], committed[0] = 11.0, 4  # a peer committed within the allowance
         assert watch.tick(set()) is None
-    now[0] = 12.0
-    found = watch.tick(set())
-    assert sampled == [6.0, 12.0] and found is not None and found.unowned == [0]
-    now[0] = 18.0
-    watch.tick(set())
-    now[0], committed[0] = 24.0, 4  # someone committed since the sample: not stalled
-    found = watch.tick(set())
+        now[0] = 12.0
+        found = watch.tick(set())
+        assert found is not None and not found.stalled and not found.known
+        now[0] = 12.0 + 5 * 12.0  # nothing wrong: the next look 5 allowances later
+        found = watch.tick(set())
+        assert found is not None and found.stalled and found.unowned == [0]
+    assert sampled == [0.0, 12.0, 72.0]
+    assert [e["event"] for e in logs] == ["idle_no_partition", "partitions_unowned"]
+    assert "the broker lists no members" in logs[0]["note"]
+    assert "or by one that has not committed for 12 s" in logs[1]["note"]
+
+
+def test_a_topic_at_its_end_on_a_broker_listing_no_members_is_not_called_owned() -> None:
+    """Nothing to read shows nothing: not 'every partition is owned by another member'."""
+    with capture_logs() as logs:
+        watch = GroupWatch("g", "orders", 12_000,
+                           lambda: (described(ConsumerGroupState.STABLE), [0, 1]),
+                           lambda: {0: (10, 10), 1: (None, 0)},
+                           log=__import__("structlog").get_logger(), clock=lambda: 99.0)
+        watch.tick(set())
+        watch._next_check = 0.0
+        found = watch.tick(set())
     assert found is not None and not found.stalled
+    assert "more workers than partitions" not in logs[0]["note"]
 
 
 def test_the_watch_describes_only_after_owning_nothing_for_its_allowance() -> None:
@@ -98,7 +114,7 @@ def test_the_watch_describes_only_after_owning_nothing_for_its_allowance() -> No
     with capture_logs() as logs:
         watch = GroupWatch("g", "orders", 12_000, describe, dict,
                            log=__import__("structlog").get_logger(), clock=lambda: now[0])
-        for t in (1.0, 6.0, 11.9):
+        for t in (0.0, 1.0, 6.0, 11.9):
             now[0] = t
             assert watch.tick(set()) is None
         now[0] = 12.0
@@ -106,7 +122,7 @@ def test_the_watch_describes_only_after_owning_nothing_for_its_allowance() -> No
         assert found is not None and found.unowned == [1]
         now[0] = 13.0
         watch.tick({1})  # owns a partition: the clock starts again when it owns none
-        for t in (14.0, 25.9):
+        for t in (14.0, 25.9):  # owning nothing again from 14.0
             now[0] = t
             assert watch.tick(set()) is None
     assert len(asked) == 1
@@ -147,7 +163,7 @@ def test_a_worker_held_out_by_a_member_that_stopped_polling_says_so_and_then_sco
     create_topics(settings.connection, settings.topics)
     _published(settings, 20)
     stuck = Consumer(consumer_config(settings.connection, settings.scorer.group_id,
-                                     **{"max.poll.interval.ms": 45_000}))
+                                     **{"max.poll.interval.ms": 120_000}))
     stuck.subscribe([settings.topics.orders_topic])
     deadline = time.monotonic() + 60
     while not stuck.assignment() and time.monotonic() < deadline:
