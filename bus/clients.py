@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -254,7 +255,28 @@ def create_topics(connection: ConnectionSettings, topics: TopicSettings,
                 outcome[name] = "exists"
     finally:
         admin.poll(0)  # its log lines
+    created = [name for name, what in outcome.items() if what != "exists"]
+    _await_metadata(admin, {name: specs[name] for name in created}, timeout_s)
     return outcome
+
+
+def _await_metadata(admin: AdminClient, partitions: dict[str, int], timeout_s: float) -> None:
+    """Wait until the broker's metadata shows every topic of ``partitions`` (name -> count)
+    with its partitions: CreateTopics answers once the controller has them, and a client
+    asking the broker right after may still be told UNKNOWN_TOPIC_OR_PART (1 in 15 on Apache
+    Kafka 4.1, a topic of 6 partitions). Raises InfrastructureError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while partitions:
+        found = admin.list_topics(timeout=max(0.1, deadline - time.monotonic())).topics
+        admin.poll(0)
+        partitions = {name: count for name, count in partitions.items()
+                      if name not in found or found[name].error is not None
+                      or len(found[name].partitions) < count}
+        if partitions and time.monotonic() >= deadline:
+            raise InfrastructureError(f"topics created but not in the broker's metadata after "
+                                      f"{timeout_s:g} s: {', '.join(sorted(partitions))}")
+        if partitions:
+            time.sleep(0.05)  # the broker's metadata catches up with its controller
 
 
 def records_in(consumer: Consumer, topic_names: list[str], timeout_s: float = 5.0
@@ -277,16 +299,29 @@ def records_in(consumer: Consumer, topic_names: list[str], timeout_s: float = 5.
     return sum(max(0, high - low) for low, high in marks)
 
 
+# Metadata errors of a topic that exists but is not ready yet (just created: its partitions'
+# leaders are being elected): partitions_of asks again.
+_NOT_READY = {KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION,
+              KafkaError.REPLICA_NOT_AVAILABLE}
+
+
 def partitions_of(client: Producer | Consumer | AdminClient, topic: str,
                   timeout_s: float = 10.0) -> list[TopicPartition]:
     """Every partition of ``topic``; raises KafkaException if the topic does not exist or the
-    brokers do not answer within ``timeout_s``. An AdminClient is polled afterwards, so that
-    its log lines come out (a consumer is not: polling it would consume)."""
-    try:
-        meta = client.list_topics(topic, timeout=timeout_s).topics[topic]
-    finally:
-        if isinstance(client, AdminClient):
-            client.poll(0)
-    if meta.error is not None:
-        raise KafkaException(meta.error)
-    return [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+    brokers do not answer within ``timeout_s``. A topic not ready (just created, its leaders not
+    elected yet: LEADER_NOT_AVAILABLE) is asked again until ``timeout_s``. An
+    AdminClient is polled afterwards, so that its log lines come out (a consumer is not:
+    polling it would consume)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            meta = client.list_topics(topic, timeout=max(0.1, deadline - time.monotonic())
+                                      ).topics[topic]
+        finally:
+            if isinstance(client, AdminClient):
+                client.poll(0)
+        if meta.error is None:
+            return [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+        if meta.error.code() not in _NOT_READY or time.monotonic() >= deadline:
+            raise KafkaException(meta.error)
+        time.sleep(0.1)  # metadata is asked again; the broker elects leaders meanwhile

@@ -51,7 +51,9 @@ class Interrupt:
     def __enter__(self) -> Interrupt:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
+                previous = signal.signal(signum, self._handle)
+                # None: a handler not installed from Python; the default is the closest.
+                self._previous[signum] = signal.SIG_DFL if previous is None else previous
         return self
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,17 +158,21 @@ class Supervisor:
         return (sum(len(p) for p in owned.values()) == partitions
                 and busy == min(partitions, self.active_workers()))
 
-    def wait_until_assigned(self, partitions: int, timeout_s: float = 60.0) -> None:
-        """Block until :meth:`balanced` (readiness for a replay or a test)."""
+    def wait_until_assigned(self, partitions: int, timeout_s: float = 60.0,
+                            stop: Callable[[], bool] | None = None) -> None:
+        """Block until :meth:`balanced` (readiness for a replay or a test), or until ``stop()``
+        (asked every 0.1 s) is True. Raises WaitTimeout after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while not self.balanced(partitions):
             if time.monotonic() > deadline:
                 raise WaitTimeout(
                     f"workers own {self.assignments()} after {timeout_s:.0f} s, expected "
                     f"{partitions} partitions in all; their log's partitions_unowned warning "
-                    "says why (on the embedded broker a group restarted within its session "
-                    "timeout can stay unassigned: restart `triage broker`, or use a new group "
-                    "with --group or TRIAGE_GROUP_ID; docs/operating.md)")
+                    "says why (on the embedded broker a group restarted after it sat empty can "
+                    "stay unassigned: restart `triage broker`, or use a new group with --group "
+                    "or TRIAGE_GROUP_ID; docs/operating.md)")
+            if stop is not None and stop():
+                return
             self._stopping.wait(0.1)
 
     # -- supervision -------------------------------------------------------------------------

@@ -7,6 +7,10 @@ timestamp``; ``order_id, timestamp, payment_status``; ``sku_code, timestamp, inv
 validation (model/orders.py ``orders_of_frame``, producer/replay.py ``reference_records``),
 publisher and partitioner as ``triage replay``: a payment lands on its order's partition.
 
+Unlike a CSV row, every field must be given (an empty id is refused here rather than
+dead-lettered by the scorer), and every field but a stock level must be text: a JSON number
+would lose a zip code's leading zeros.
+
 A JSON line may name its stream (``"stream": "payment"``) to mix streams in one input; the
 others are of the command's stream. A line that is not a JSON object of the stream's columns,
 or whose values do not validate, is refused with its line number and the reason; the rest are
@@ -16,6 +20,8 @@ published, in input order. Lines are published as they are read, so ``tail -f`` 
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -82,6 +88,9 @@ def event_record(stream: str, row: dict[str, Any], where: str,
     if unknown:
         raise RefusedEvent(f"{where}: {stream} takes no {', '.join(unknown)} (it takes "
                            f"{', '.join(shown(c, c) for c in columns)})")
+    texts = [shown(c, c) for c in columns if c != "inventory" and not isinstance(row[c], str)]
+    if texts:  # a JSON number would lose a zip code's or an id's leading zeros
+        raise RefusedEvent(f"{where}: {', '.join(texts)} must be text (in quotes)")
     frame = pd.DataFrame([{c: str(row[c]) for c in columns}])
     if stream == "order":
         orders = orders_of_frame(frame)
@@ -161,8 +170,7 @@ def produce_events(settings: Settings, rows: Iterable[tuple[int, str, dict[str, 
         if stream not in publishers:
             made: RecordPublisher
             if stream == "order":
-                made = OrderPublisher(connection, topics.orders_topic)
-                made.producer = producer
+                made = OrderPublisher(connection, topics.orders_topic, producer=producer)
             else:
                 make, topic = {"payment": (payment_publisher, topics.payments_topic),
                                "inventory": (inventory_publisher, topics.inventory_topic),
@@ -173,6 +181,14 @@ def produce_events(settings: Settings, rows: Iterable[tuple[int, str, dict[str, 
 
     summary = ProduceSummary()
     order: list[tuple[str, int, str]] = []  # (stream, position, key) of each handed over
+    terminated: list[str] = []
+
+    def on_sigterm(signum: int, frame: Any) -> None:  # while waiting for the next line
+        terminated.append("SIGTERM")
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
     try:
         for number, stream, row in rows:  # a Ctrl-C while reading the next line raises here
             if isinstance(row, RefusedEvent):
@@ -191,7 +207,10 @@ def produce_events(settings: Settings, rows: Iterable[tuple[int, str, dict[str, 
                 summary.interrupted = stop.signal_name
                 break
     except KeyboardInterrupt:
-        summary.interrupted = "SIGINT"
+        summary.interrupted = terminated[0] if terminated else "SIGINT"
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     with Interrupt():  # the flush is not cut short by a first Ctrl-C
         remaining = producer.flush(30.0)
     for publisher in publishers.values():

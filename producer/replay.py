@@ -62,6 +62,7 @@ class ReplaySummary:
     handed: int = 0
     skip: int = 0
     interrupted: str | None = None
+    records: int = 0  # in the merged stream, before skip and limit
 
     @property
     def next_skip(self) -> int:
@@ -69,8 +70,8 @@ class ReplaySummary:
 
     @property
     def refused_all(self) -> bool:
-        """Every row of the file was refused: there were rows, and none could be sent."""
-        return bool(self.skipped) and self.handed == 0 and not self.interrupted
+        """Every row was refused: the file had rows, and none became a record to publish."""
+        return bool(self.skipped) and self.records == 0
 
     @property
     def rate(self) -> float:
@@ -175,8 +176,8 @@ def replay(settings: Settings, path: str | Path, *, streams: Sequence[str] | Non
         if name == "orders":
             orders = read_orders_csv(orders_file, encoding=settings.csv_encoding)
             skipped = orders.skipped
-            publisher: RecordPublisher = OrderPublisher(connection, topics.orders_topic)
-            publisher.producer = producer
+            publisher: RecordPublisher = OrderPublisher(connection, topics.orders_topic,
+                                                        producer=producer)
             loaded.append(_Stream(name, publisher, orders.records(), orders.timestamp_ms))
             continue
         records, times = _reference_records(settings, path, name)
@@ -200,6 +201,7 @@ def _publish(loaded: list[_Stream], producer: Any, *, rate: float | None,
         if loaded else np.empty(0, np.int64)
     # One stream keeps its file's order; several merge by event time.
     order = (np.lexsort((row, which, times)) if len(loaded) > 1 else np.argsort(row))
+    records = len(order)
     order = order[skip:skip + limit if limit is not None else None]
     if speedup is not None and len(order):
         due = ((times[order] - times[order].min()) / 1000.0 / speedup).tolist()
@@ -243,4 +245,5 @@ def _publish(loaded: list[_Stream], producer: Any, *, rate: float | None,
         time.monotonic() - started, dict(orders.publisher.end_offsets) if orders else {},
         dict(errors), skipped, positions,
         {s.name: p.sent for s, p in zip(loaded, publishers, strict=True)}, handed, skip,
-        stop.signal_name if stop is not None and stop.requested else None)
+        stop.signal_name if stop is not None and stop.requested and handed < len(order)
+        else None, records)

@@ -67,7 +67,7 @@ def test_ctrl_c_during_a_replay_says_what_was_sent_and_the_resumed_replays_miss_
         orders.write_text("".join(f.readline() for _ in range(len(ids) + 1)))
     env = clean_env(tmp_path, **settings.to_env())
     topic = settings.topics.orders_topic
-    command = ["replay", str(orders), "--rate", "500", "--no-progress"]
+    command = ["replay", str(orders), "--rate", "200", "--no-progress"]
     for _ in range(2):
         before = _on_topic(settings, topic)
         process = _interrupted(command, env, lambda b=before: _on_topic(settings, topic) > b)
@@ -149,9 +149,13 @@ def test_predictions_of_one_order_its_latest_revision_on_stdout_and_the_summary_
 def test_ctrl_c_during_the_demo_says_how_far_it_got_and_leaves_no_worker_running(
         settings: Settings, history: Path, model_dir: Path, tmp_path: Path) -> None:
     """The demo's workers are its children: stopped with it, not left scoring."""
+    import shutil
+
     env = clean_env(tmp_path, **settings.to_env())
+    model = tmp_path / "model"  # a path of this test's own, for pgrep
+    shutil.copytree(model_dir, model)
     process = subprocess.Popen([*TRIAGE, "demo", "--data", str(history), "--model",
-                                str(model_dir), "--results", str(tmp_path / "results")],
+                                str(model), "--results", str(tmp_path / "results")],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, cwd=tmp_path)
     assert process.stdout is not None
@@ -163,7 +167,7 @@ def test_ctrl_c_during_the_demo_says_how_far_it_got_and_leaves_no_worker_running
     assert process.returncode == 130, (out, err[-3000:])
     assert "Traceback" not in err and "SystemError" not in err
     assert "interrupted (SIGINT) while" in err and "are stopped" in err
-    left = subprocess.run(["pgrep", "-f", f"triage.consumer.worker.*{model_dir}"],
+    left = subprocess.run(["pgrep", "-f", f"triage.consumer.worker.*{model}"],
                           capture_output=True, text=True)
     assert left.stdout == "", "a worker of the demo is still running"
 
@@ -184,3 +188,48 @@ def test_a_ctrl_c_inside_a_librdkafka_call_is_an_interruption_not_a_bug(
     assert cli.main(["settings"]) == 130
     err = capsys.readouterr().err
     assert "interrupted: triage settings stopped" in err and "a bug" not in err
+
+
+def test_the_printed_resume_keeps_what_was_left_of_the_limit() -> None:
+    from triage.cli import resumed_command
+
+    argv = ["/x/triage", "replay", "my data/o.csv", "--limit", "1000", "--skip=5", "--rate",
+            "50"]
+    assert resumed_command(argv, 305, 700) == \
+        "triage replay 'my data/o.csv' --rate 50 --skip 305 --limit 700"
+    assert resumed_command(["triage", "replay", "d"], 12) == "triage replay d --skip 12"
+
+
+@pytest.mark.integration
+def test_a_replay_skipping_past_the_end_is_not_called_refused(
+        settings: Settings, tmp_path: Path) -> None:
+    """Some rows refused, none left after --skip: nothing to send, not 'every row refused'."""
+    data = tmp_path / "orders.csv"
+    data.write_text("order_id,customer_id,sku_code,zip_code,timestamp\n"
+                    "O-1,C-1,S-1,1000,2026-01-05 10:00:00\nO-2,C-2,S-2,1000,yesterday\n")
+    result = triage("replay", str(data), "--skip", "5", "--no-progress",
+                    env=clean_env(tmp_path, **settings.to_env()))
+    assert result.returncode == 0, result.stderr
+    assert "sent 0" in result.stdout and "every row" not in result.stderr
+
+
+@pytest.mark.integration
+def test_sigterm_while_produce_waits_for_its_next_line_flushes_and_says_so(
+        settings: Settings, tmp_path: Path) -> None:
+    env = clean_env(tmp_path, **settings.to_env())
+    process = subprocess.Popen([*TRIAGE, "produce", "--stdin"], env=env, text=True,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    assert process.stdin is not None
+    process.stdin.write(json.dumps({"order_id": "T-1", "customer_id": "C", "sku_code": "S",
+                                    "zip_code": "1", "timestamp": "2026-01-05 10:00:00"})
+                        + "\n")
+    process.stdin.flush()
+    deadline = time.monotonic() + 60
+    while _on_topic(settings, settings.topics.orders_topic) == 0:
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)  # stdin still open: it waits for a line
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, (out, err)
+    assert "published 1, failed 0, refused 0" in err and "interrupted (SIGTERM)" in err

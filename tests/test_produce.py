@@ -87,6 +87,10 @@ def test_json_lines_on_stdin_mix_streams_and_a_bad_line_is_refused_with_its_numb
     assert "line 5: timestamp 'tomorrow'" in result.stderr and "line 6: not JSON" in result.stderr
     published = [line.split()[1] for line in result.stdout.splitlines()]
     assert published == ["order", "payment", "inventory", "zip_code"]
+    numeric = subprocess.run([*TRIAGE, "produce", "zip_code", "--stdin"],
+                             input='{"zip_code": 1000, "available_from": "2025-01-01 00:00:00"}\n',
+                             env=env, capture_output=True, text=True, timeout=60)
+    assert numeric.returncode == 2 and "zip_code must be text" in numeric.stderr
     refused = subprocess.run([*TRIAGE, "produce", "payment", "--stdin"], input="{}\n",
                              env=env, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "nothing was published" in refused.stderr

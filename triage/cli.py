@@ -552,7 +552,9 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
                          progress=not args.no_progress, stop=stop)
     print(summary)
     if summary.interrupted:
-        print(f"resume with: {resumed_command(sys.argv, summary.next_skip)}", file=sys.stderr)
+        left = None if args.limit is None else args.limit - summary.handed
+        print(f"resume with: {resumed_command(sys.argv, summary.next_skip, left)}",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     if summary.refused_all:
         print(f"error: every row of {args.csv} was refused ({len(summary.skipped)} row(s)); "
@@ -561,17 +563,19 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_FAILED if summary.failed else 0
 
 
-def resumed_command(argv: list[str], skip: int) -> str:
+def resumed_command(argv: list[str], skip: int, limit: int | None = None) -> str:
     """The command line ``argv`` (``sys.argv``) as a person types it, with ``--skip`` set to
-    ``skip``: what resumes an interrupted replay."""
+    ``skip`` and, if given, ``--limit`` to ``limit`` (what the interrupted replay had left of
+    its limit): what resumes an interrupted replay."""
     words, rest = ["triage"], list(argv[1:])
     while rest:
         word = rest.pop(0)
-        if word == "--skip":
+        if word in ("--skip", "--limit"):
             rest = rest[1:]
-        elif not word.startswith("--skip="):
+        elif not word.startswith(("--skip=", "--limit=")):
             words.append(word)
-    return shlex.join([*words, "--skip", str(skip)])
+    more = [] if limit is None else ["--limit", str(limit)]
+    return shlex.join([*words, "--skip", str(skip), *more])
 
 
 def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
@@ -615,6 +619,9 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_FAILED
     if summary.refused and not summary.sent:
         print("error: every event was refused; nothing was published", file=sys.stderr)
+        return EXIT_USAGE
+    if not summary.sent:
+        print("error: no event on stdin; nothing was published", file=sys.stderr)
         return EXIT_USAGE
     return 0  # as a replay: what was refused is listed, the rest published
 

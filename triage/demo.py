@@ -173,7 +173,11 @@ def run_demo(settings: Settings, *, data_dir: Path | None, model_dir: Path,
         supervisor.start()
         stack.callback(supervisor.stop)
         supervisor.wait_until_assigned(
-            len(partitions_of(make_admin(settings.connection), settings.topics.orders_topic)))
+            len(partitions_of(make_admin(settings.connection), settings.topics.orders_topic)),
+            stop=lambda: stop.requested)
+        if stop.requested:
+            raise DemoInterrupted(f"interrupted ({stop.signal_name}) while the workers joined "
+                                  "the group; they and the broker the demo started are stopped")
 
         started_ms = int(time.time() * 1000)
         print(f"replaying {len(orders)} orders and their reference streams through "
