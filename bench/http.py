@@ -12,7 +12,12 @@ One client in this process, on one keep-alive connection, sends requests one aft
 at a fixed rate (``--http-rate``, 500/s, paced; a request's latency is counted from the time it
 was due, so a slow answer delays the next ones' figures too: no coordinated omission), then as
 fast as answers come (saturation, requests/s), and the batch call (1,000 orders a request;
-orders/s). On 2 cores the client shares the machine with the server.
+orders/s). Then Kubernetes' probes under the largest batches: ``/healthz`` and ``/readyz`` in
+turn at ``PROBE_RATE``, each on a new connection at its due time (as the kubelet's, which do
+not wait for each other), while one connection sends batches of ``MAX_BATCH`` orders back to
+back (a probe that waits behind a batch is what makes the kubelet restart a busy pod:
+deploy/kubernetes/gateway.yaml gives it 5 s). On 2 cores the client shares the machine with
+the server.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +44,9 @@ from triage.bus.embedded import free_port
 from triage.bus.errors import InfrastructureError
 
 BATCH = 1_000
+PROBE_RATE = 50.0  # probes/s under the maximum batches
+PROBES = ("/healthz", "/readyz")
+PROBE_TIMEOUT_MS = 5_000  # the kubelet's timeoutSeconds in deploy/kubernetes/gateway.yaml
 
 
 def baseline_app(model_dir: Path, reference_dir: Path) -> Any:
@@ -165,6 +175,78 @@ def batch_rate(port: int, bodies: list[bytes], orders: int) -> float:
     return round(sent / (time.perf_counter() - started), 1)
 
 
+def probe(port: int, path: str) -> int:
+    """One GET of ``path`` on a connection of its own, as the kubelet sends a probe."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def probes_under_max_batches(port: int, bodies: list[bytes], seconds: float,
+                             rate: float = PROBE_RATE) -> dict[str, Any]:
+    """``PROBES`` in turn at ``rate``/s for ``seconds`` while batches of ``MAX_BATCH`` orders
+    (``bodies`` over and over) run back to back on one keep-alive connection. Each probe is
+    sent at its due time on a connection of its own, whether or not the earlier ones were
+    answered (the kubelet's probes do not wait for each other), and timed from then: p50,
+    p95, p99 and max in ms, and how many took over ``PROBE_TIMEOUT_MS`` (failed, to the
+    kubelet); the batches' p50 and max in s, and their count. Raises InfrastructureError for
+    an answer other than 200."""
+    from triage.gateway.app import MAX_BATCH
+
+    payload = b"[" + b",".join(bodies[i % len(bodies)] for i in range(MAX_BATCH)) + b"]"
+    stop, failed = threading.Event(), []
+    batch_seconds: list[float] = []
+
+    def batches() -> None:
+        client = Client(port)
+        while not stop.is_set():
+            sent = time.perf_counter()
+            status = client.post("/decision/v1/batch", payload)
+            if status != 200:
+                failed.append(f"/decision/v1/batch answered {status}")
+                return
+            batch_seconds.append(time.perf_counter() - sent)
+
+    def timed(path: str, due: float) -> float:
+        status = probe(port, path)
+        if status != 200:
+            raise InfrastructureError(f"{path} answered {status} under the maximum batches")
+        return (time.perf_counter() - due) * 1000
+
+    sender = threading.Thread(target=batches, name="max-batches", daemon=True)
+    sender.start()
+    n = int(rate * seconds)
+    # A thread for every probe if need be (they start as needed): none waits for a thread.
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="probe") as pool:
+        try:
+            started = time.perf_counter()
+            answers = []
+            for i in range(n):
+                due = started + i / rate
+                wait = due - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+                answers.append(pool.submit(timed, PROBES[i % len(PROBES)], due))
+            latencies = np.array([answer.result() for answer in answers])
+        finally:
+            stop.set()
+            sender.join()
+    if failed or not batch_seconds:
+        raise InfrastructureError(failed[0] if failed else "no maximum batch finished")
+    return {"probes": n, "offered_per_s": rate, "paths": list(PROBES),
+            "batch_orders": MAX_BATCH, "batches": len(batch_seconds),
+            "batch_p50_s": round(float(np.percentile(batch_seconds, 50)), 3),
+            "batch_max_s": round(max(batch_seconds), 3),
+            **{f"p{p}": round(float(np.percentile(latencies, p)), 2) for p in (50, 95, 99)},
+            "max": round(float(latencies.max()), 2),
+            "over_probe_timeout": int((latencies > PROBE_TIMEOUT_MS).sum())}
+
+
 def run(triage: list[str], model_dir: Path, data_dir: Path, logs: Path, state_dir: Path, *,
         rate: float = 500.0, seconds: float = 10.0, saturation_requests: int = 3_000,
         batch_orders: int = 50_000) -> dict[str, Any]:
@@ -182,6 +264,8 @@ def run(triage: list[str], model_dir: Path, data_dir: Path, logs: Path, state_di
         results["gateway_fixed_rate"] = fixed_rate(port, bodies, rate, seconds)
         results["gateway_saturation"] = saturation(port, bodies, saturation_requests)
         results["gateway_batch_orders_per_s"] = batch_rate(port, bodies, batch_orders)
+        results["gateway_probes_under_max_batches"] = probes_under_max_batches(
+            port, bodies, seconds)
     port = free_port()
     with serving([sys.executable, "-m", "triage.bench.http", "baseline", "--model",
                   str(model_dir), "--reference", str(data_dir), "--port", str(port)],

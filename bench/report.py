@@ -155,7 +155,7 @@ def _http_lines(results: dict[str, Any]) -> list[str]:
     """triage serve against the per-request baseline (--http)."""
     h, t = results["http"], results["targets"]
     fixed, sat, base = h["gateway_fixed_rate"], h["gateway_saturation"], h["baseline_saturation"]
-    bfixed = h["baseline_fixed_rate"]
+    bfixed, probes = h["baseline_fixed_rate"], h["gateway_probes_under_max_batches"]
     return [
         "",
         f"HTTP (--http), one client, keep-alive, {h['orders']:,} exercise-sized orders, no broker:",
@@ -169,6 +169,11 @@ def _http_lines(results: dict[str, Any]) -> list[str]:
         f"  batch call: {h['gateway_batch_orders_per_s']:,.0f} orders/s = "
         f"{h['batch_vs_baseline']}x the baseline   target >= 20x: "
         f"{_met(t['http_batch_at_least_20x_per_request_baseline'])}",
+        f"  probes ({', '.join(probes['paths'])}) at {probes['offered_per_s']:,.0f}/s while "
+        f"{probes['batch_orders']:,}-order batches run back to back: p50 {_ms(probes['p50'])}, "
+        f"p99 {_ms(probes['p99'])}, max {_ms(probes['max'])}, {probes['over_probe_timeout']} of "
+        f"{probes['probes']} over the kubelet's 5 s ({probes['batches']} batches, "
+        f"{probes['batch_p50_s']:.2f} s each at p50)",
     ]
 
 

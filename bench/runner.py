@@ -291,7 +291,8 @@ class Bench:
         from triage.bench import http
 
         self.say(f"http: triage serve and a per-request baseline, 500 requests/s for "
-                 f"{self.options.latency_seconds:g} s, then saturation and the batch call")
+                 f"{self.options.latency_seconds:g} s, then saturation, the batch call, and the "
+                 "probes under maximum batches")
         options = self.options
         figures = http.run(_triage(), model_dir, work / "exercise-sized", self.logs,
                            work / "http-state", seconds=options.latency_seconds,
@@ -299,7 +300,8 @@ class Bench:
                            batch_orders=options.saturation_orders)
         self.say(f"  p99 at 500/s {figures['gateway_fixed_rate']['p99']} ms; batch "
                  f"{figures['gateway_batch_orders_per_s']:,.0f} orders/s = "
-                 f"{figures['batch_vs_baseline']}x the baseline")
+                 f"{figures['batch_vs_baseline']}x the baseline; probes' p99 under maximum "
+                 f"batches {figures['gateway_probes_under_max_batches']['p99']} ms")
         return figures
 
     # -- start-up and memory, as a user sees them ---------------------------------------------

@@ -124,8 +124,8 @@ class Publisher:
 
 class Gateway:
     """Scores HTTP orders with ``model`` and ``reference`` through the workers' core. Not
-    thread-safe: the app calls it from its event loop's thread only (``async`` endpoints), one
-    request at a time."""
+    thread-safe: the app calls it one request at a time, from its scoring thread or, while
+    that has nothing to do, from its event loop's (gateway/app.py)."""
 
     def __init__(self, settings: Settings, model: Model, reference: ReferenceTables,
                  publisher: Publisher | None = None, follower: Any = None,

@@ -71,6 +71,8 @@ def test_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     for run in ("gateway_fixed_rate", "baseline_fixed_rate"):
         assert http[run]["p50"] <= http[run]["p99"] <= http[run]["max"], http[run]
     assert http["gateway_saturation"]["requests_per_s"] > 0
+    probes = http["gateway_probes_under_max_batches"]  # /healthz, /readyz under 10k batches
+    assert probes["p50"] <= probes["p99"] <= probes["max"] and probes["batches"] >= 1, probes
     assert set(figures["targets"]) == {
         "http_p99_at_most_10ms_at_500_per_s", "http_batch_at_least_20x_per_request_baseline",
         "scorer_at_least_0_35_of_passthrough", "scorer_at_least_15x_per_message",

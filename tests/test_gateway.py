@@ -2,8 +2,9 @@
 
 The exercise's own orders get the policy's answer one by one and in batches; bad input gets 422
 (or 413) naming what is wrong, never a 500 (also property-based, from the OpenAPI document, with
-schemathesis); on a real broker with a worker running, submitted orders become predictions the
-gateway answers with, decisions made over HTTP are published, and unknown orders are 404."""
+schemathesis); the probes answer while the largest batch is scored; on a real broker with a
+worker running, submitted orders become predictions the gateway answers with, decisions made
+over HTTP are published, and unknown orders are 404."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,18 @@ from triage.bus.settings import Settings
 from triage.consumer.deadletter import headers_dict
 from triage.consumer.reader import TopicReader
 from triage.consumer.supervisor import Supervisor
+from triage.gateway.app import MAX_BATCH, make_app
 from triage.gateway.live import LiveReference
 from triage.gateway.server import build
-from triage.gateway.service import ORIGIN_HEADER, timestamp_ms
+from triage.gateway.service import ORIGIN_HEADER, Decision, Gateway, timestamp_ms
+from triage.model import artifact
 from triage.model.features import FeatureBatch
 from triage.model.policy import label
+from triage.model.reference import ReferenceTables
 from triage.model.train import train
 from triage.producer.publisher import payment_publisher
+
+HOLD_S = 20.0  # how long a held batch waits for the test's word before it goes on by itself
 
 
 class Client:
@@ -194,6 +200,75 @@ def test_bad_input_gets_422_naming_each_field_and_never_a_500(offline: int) -> N
     status, text = client.request("GET", "/metrics")
     assert status == 200
     assert 'triage_http_requests_total{method="POST",route="/decision/v1",status="422"}' in text
+
+
+def test_a_batch_names_each_bad_order_by_its_place_and_refuses_more_than_max_batch(
+        offline: int) -> None:
+    client = Client(offline)
+    orders = exercise_orders()
+    full = [orders[i % len(orders)] for i in range(MAX_BATCH)]
+    bad = dict(full[-1])
+    del bad["customer_id"]
+    status, body = client.request("POST", "/decision/v1/batch",
+                                  [{**full[0], "sku_code": 7}, *full[1:-1], bad])
+    assert status == 422
+    assert [d["loc"] for d in body["detail"]] == [["body", 0, "sku_code"],
+                                                  ["body", MAX_BATCH - 1, "customer_id"]]
+    status, body = client.request("POST", "/decision/v1/batch", [*full, full[0]])
+    assert status == 422 and [d["loc"] for d in body["detail"]] == [["body"]], body
+    for raw in (b"", b'{"order_id": "o-1"}'):  # no body; one order, not a list of them
+        status, body = client.request("POST", "/decision/v1/batch", raw=raw)
+        assert status == 422 and [d["loc"] for d in body["detail"]] == [["body"]], body
+    status, body = client.request("POST", "/decision/v1/batch", full)
+    assert status == 200 and len(body["decisions"]) == MAX_BATCH
+
+
+class HeldBatches(Gateway):
+    """The gateway, except that a batch of ``MAX_BATCH`` orders, once its scoring has begun
+    (``scoring`` is set), waits there for ``let_go`` (at most ``HOLD_S``); ``held_to_the_end``
+    says whether it was let go rather than going on by itself."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.scoring, self.let_go = threading.Event(), threading.Event()
+        self.held_to_the_end: bool | None = None
+
+    def decide(self, orders: Sequence[Mapping[str, Any]]) -> list[Decision]:
+        if len(orders) == MAX_BATCH:
+            self.scoring.set()
+            self.held_to_the_end = self.let_go.wait(HOLD_S)
+        return super().decide(orders)
+
+
+def test_probes_answer_while_a_maximum_batch_is_scored(exercise_model: Path) -> None:
+    """Kubernetes restarts a pod whose /healthz does not answer: the event loop must answer it
+    while a batch is scored. The batch is held in its scoring until the probes have answered;
+    on the event loop, it would hold them too, until it went on by itself."""
+    gateway = HeldBatches(Settings(), artifact.load(exercise_model),
+                          ReferenceTables.load(EXERCISE))
+    orders = exercise_orders()
+    batch = [orders[i % len(orders)] for i in range(MAX_BATCH)]
+    answer: dict[str, Any] = {}
+    with serving(make_app(gateway)) as port:
+        def send() -> None:
+            answer["status"], answer["body"] = Client(port).request(
+                "POST", "/decision/v1/batch", batch)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        try:
+            assert gateway.scoring.wait(60), "the batch never reached its scoring"
+            probes = [Client(port).request("GET", path) for path in ("/healthz", "/readyz")]
+            batch_unanswered = "status" not in answer
+        finally:
+            gateway.let_go.set()
+            sender.join(60)
+    assert gateway.held_to_the_end, (
+        f"the probes were answered only once the batch went on by itself after {HOLD_S:g} s")
+    assert batch_unanswered
+    assert probes == [(200, {"status": "ok"}),
+                      (200, {"status": "ready", "model_version": gateway.model_version})]
+    assert answer["status"] == 200 and len(answer["body"]["decisions"]) == MAX_BATCH
 
 
 def test_the_openapi_contract_holds_for_generated_requests(offline: int) -> None:
