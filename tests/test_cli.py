@@ -184,6 +184,12 @@ def test_a_killed_broker_command_takes_its_broker_with_it(kind: list[str],
             time.sleep(0.1)
         assert not [pid for pid in children if _alive(pid)], "the broker outlived its parent"
         assert not port_in_use(port)
+        if kind:  # its data directory outlives it, until the next start sweeps it away
+            from triage.bus.apache_kafka import remove_orphaned_data
+
+            left = list(tmp_path.glob("triage-kafka-*"))
+            assert len(left) == 1 and remove_orphaned_data(tmp_path) == left
+            assert not left[0].exists()
     finally:
         if broker.poll() is None:
             broker.kill()
@@ -191,6 +197,20 @@ def test_a_killed_broker_command_takes_its_broker_with_it(kind: list[str],
         for pid in [pid for pid in children if _alive(pid)]:  # nor past this test
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_only_data_directories_of_owners_that_are_gone_are_removed(tmp_path: Path) -> None:
+    from triage.bus.apache_kafka import OWNER_FILE, remove_orphaned_data
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    orphan, running, foreign = (tmp_path / f"triage-kafka-{n}" for n in ("a", "b", "c"))
+    for path, owner in ((orphan, ended.pid), (running, os.getpid()), (foreign, None)):
+        path.mkdir()
+        if owner is not None:
+            (path / OWNER_FILE).write_text(str(owner))
+    assert remove_orphaned_data(tmp_path) == [orphan]
+    assert running.exists() and foreign.exists() and not orphan.exists()
 
 
 def test_apache_kafka_without_java_says_what_to_install(tmp_path: Path) -> None:
