@@ -126,4 +126,5 @@ def test_predictions_command_writes_every_prediction_as_json_lines(run: Run,
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(written) == sum(len(records) for records in run.predictions.values())
     assert {p["order_id"] for p in written} == set(run.order_ids)
-    assert f"wrote {len(written)} predictions" in result.stderr
+    assert f"{len(written):,} predictions of {len(set(run.order_ids)):,} orders written to " \
+        f"{out}: " in result.stderr  # the per-class summary, on stderr
