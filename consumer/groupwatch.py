@@ -27,7 +27,9 @@ The embedded broker describes a group without its members. There the verdict com
 group's progress instead (:func:`verdict_by_progress`): a partition with records beyond the
 group's committed offset, whose committed offset has not moved in the last session timeout, is
 taken as owned by nobody (or by a member that neither consumes nor leaves: as bad). A topic
-at its end shows nothing either way: the worker says so (info) and looks again later.
+at its end shows nothing either way: the worker says so (info) and looks again every
+allowance, so an order that arrives and that no member takes is warned about within 2
+allowances of its arrival (found by a new user: a restarted group on the embedded broker).
 
 The verdicts are functions of what the broker said, so that they are tested on their own.
 """
@@ -100,10 +102,10 @@ class GroupWatch:
     and at each check, so a stall is a whole allowance without a commit. ``after_ms``: how long
     owning nothing is allowed (2 x the session timeout; under KIP-848 still the client's
     TRIAGE_SESSION_TIMEOUT_MS, which the broker's session timeout may exceed). After a check
-    that finds nothing wrong the next comes 5 allowances later. ``background``: run the
-    checks (seconds of broker requests) on a thread of their own, so that the loop never waits
-    for them; without it :meth:`tick` runs them and returns the verdict. ``clock``: monotonic
-    seconds."""
+    whose members' assignments show nothing wrong the next comes 5 allowances later.
+    ``background``: run the checks (seconds of broker requests) on a thread of their own, so
+    that the loop never waits for them; without it :meth:`tick` runs them and returns the
+    verdict. ``clock``: monotonic seconds."""
 
     def __init__(self, group: str, topic: str, after_ms: int,
                  describe: Callable[[], tuple[ConsumerGroupDescription, list[int]]],
@@ -187,7 +189,8 @@ class GroupWatch:
                 "beginning). See docs/operating.md, \"The embedded broker's differences from "
                 "Apache Kafka\".")
             return found
-        self._next_check = max(self._next_check, now + 5 * self.after_s)
+        if found.known:  # the members say it: look again much later
+            self._next_check = max(self._next_check, now + 5 * self.after_s)
         if not self._said_idle:
             self._said_idle = True
             self.log.info(

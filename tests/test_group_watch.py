@@ -80,10 +80,10 @@ def test_on_a_broker_listing_no_members_a_stall_is_a_whole_allowance_without_a_c
         now[0] = 12.0
         found = watch.tick(set())
         assert found is not None and not found.stalled and not found.known
-        now[0] = 12.0 + 5 * 12.0  # nothing wrong: the next look 5 allowances later
+        now[0] = 24.0  # judged by commits, not members: the next look one allowance later
         found = watch.tick(set())
         assert found is not None and found.stalled and found.unowned == [0]
-    assert sampled == [0.0, 12.0, 72.0]
+    assert sampled == [0.0, 12.0, 24.0]
     assert [e["event"] for e in logs] == ["idle_no_partition", "partitions_unowned"]
     assert "the broker lists no members" in logs[0]["note"]
     assert "or by one that has not committed for 12 s" in logs[1]["note"]
@@ -120,6 +120,8 @@ def test_the_watch_describes_only_after_owning_nothing_for_its_allowance() -> No
         now[0] = 12.0
         found = watch.tick(set())
         assert found is not None and found.unowned == [1]
+        now[0] = 12.5  # stalled: looked at again an allowance later, not sooner
+        assert watch.tick(set()) is None
         now[0] = 13.0
         watch.tick({1})  # owns a partition: the clock starts again when it owns none
         for t in (14.0, 25.9):  # owning nothing again from 14.0
@@ -208,3 +210,18 @@ def test_a_worker_idle_because_the_group_has_more_members_than_partitions_warns_
                 loop.request_stop()
             for thread in threads:
                 thread.join(30)
+
+
+def test_a_worker_idle_by_its_groups_members_looks_again_5_allowances_later() -> None:
+    now, asked = [0.0], []
+
+    def describe() -> tuple[ConsumerGroupDescription, list[int]]:
+        asked.append(now[0])
+        return described(ConsumerGroupState.STABLE, [0], []), [0]
+
+    watch = GroupWatch("g", "orders", 12_000, describe, dict,
+                       log=__import__("structlog").get_logger(), clock=lambda: now[0])
+    for t in (0.0, 12.0, 24.0, 71.9, 72.0):
+        now[0] = t
+        watch.tick(set())
+    assert asked == [12.0, 72.0]
