@@ -46,6 +46,7 @@ from triage.bus.embedded import (
     port_in_use,
 )
 from triage.bus.errors import ConfigurationError
+from triage.bus.tempdirs import owned_tempdir, remove_orphaned
 
 KAFKA_VERSION = "4.1.1"       # org.apache.kafka:kafka_2.13 (KRaft only, Java 17+)
 LOG4J_VERSION = "2.25.3"      # org.apache.logging.log4j:log4j-slf4j-impl (Kafka logs via SLF4J 1.7)
@@ -198,28 +199,15 @@ def cluster_id() -> str:
             return found
 
 
-# A broker's own data directory: DATA_PREFIX* in the temporary directory, holding the pid of
-# the process that made it in OWNER_FILE.
+# A broker's own data directory: DATA_PREFIX* in the temporary directory (bus/tempdirs.py).
 DATA_PREFIX = "triage-kafka-"
-OWNER_FILE = "owner.pid"
 
 
 def remove_orphaned_data(tmp: Path | None = None) -> list[Path]:
     """Remove the data directories of brokers whose owning process is gone (a SIGKILLed
-    ``triage broker --kafka`` cannot remove its own; its broker died with it): those in
-    ``tmp`` (default: the temporary directory) with an OWNER_FILE naming a pid no process
-    has. A directory without one, or whose owner runs, is left. Returns what was removed."""
-    removed = []
-    for path in Path(tmp or tempfile.gettempdir()).glob(DATA_PREFIX + "*"):
-        try:
-            pid = int((path / OWNER_FILE).read_text())
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-        except (OSError, ValueError):  # no owner file, not ours to judge, or its owner runs
-            continue
-    return removed
+    ``triage broker --kafka`` cannot remove its own; its broker died with it). Returns what
+    was removed."""
+    return remove_orphaned(DATA_PREFIX, tmp)
 
 
 @dataclass
@@ -288,9 +276,7 @@ class ApacheKafka:
                 "a free one or leave --port out to get one")
         self.controller_port = self.controller_port or free_port()
         if self.data_dir is None:
-            remove_orphaned_data()
-            self._owned_dir = self.data_dir = Path(tempfile.mkdtemp(prefix=DATA_PREFIX))
-            (self._owned_dir / OWNER_FILE).write_text(str(os.getpid()))
+            self._owned_dir = self.data_dir = owned_tempdir(DATA_PREFIX)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "server.properties"
         config.write_text("".join(f"{k}={v}\n" for k, v in

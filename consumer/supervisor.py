@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ import structlog
 
 from triage.bus.errors import EXIT_CONFIGURATION, WaitTimeout
 from triage.bus.settings import Settings
+from triage.bus.tempdirs import owned_tempdir
 from triage.consumer.autoscale import Autoscaler
 
 _BACKOFF_START_S = 1.0
@@ -75,7 +75,7 @@ class Supervisor:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self.status_dir = Path(tempfile.mkdtemp(prefix="triage-workers-"))
+        self.status_dir = owned_tempdir("triage-workers-")  # a SIGKILLed one's is swept
         self.restarts = 0
         self.retired: dict[str, int] = {}
         # Set when no worker can run any more (all stopped with a configuration error):

@@ -200,7 +200,9 @@ def test_a_killed_broker_command_takes_its_broker_with_it(kind: list[str],
 
 
 def test_only_data_directories_of_owners_that_are_gone_are_removed(tmp_path: Path) -> None:
-    from triage.bus.apache_kafka import OWNER_FILE, remove_orphaned_data
+    """Apache Kafka's data and the supervisor's status directories (bus/tempdirs.py)."""
+    from triage.bus.apache_kafka import remove_orphaned_data
+    from triage.bus.tempdirs import OWNER_FILE
 
     ended = subprocess.Popen(["true"])
     ended.wait()
