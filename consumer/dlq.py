@@ -58,6 +58,21 @@ def inspect(settings: Settings, *, samples_per_reason: int = 3, idle_s: float = 
     return report
 
 
+def reasons_of(settings: Settings, order_ids: set[str], idle_s: float = 2.0) -> dict[str, str]:
+    """Order id -> ``reason: message`` of the latest dead letter of each of ``order_ids`` on
+    the dead-letter topic (its key is the order record's key: the order id). Reads the topic
+    up to its end as it was when asked."""
+    found: dict[str, str] = {}
+    with TopicReader(settings.connection, settings.topics.dlq_topic, None) as reader:
+        for msg, _ in reader.read(idle_s=idle_s, until_end=True):
+            key = (msg.key() or b"").decode(errors="replace")
+            if key in order_ids:
+                headers = headers_dict(msg.headers())
+                found[key] = (f"{headers.get(REASON_HEADER, 'unknown')}: "
+                              f"{headers.get('__connect.errors.exception.message', '')[:200]}")
+    return found
+
+
 def _sample(value: bytes | None, headers: dict[str, str], codec: Codec) -> dict[str, Any]:
     sample: dict[str, Any] = {
         "source": f"{headers.get('__connect.errors.topic')}/"

@@ -46,18 +46,38 @@ class TopicReader:
         return out
 
     def read(self, *, follow: bool = False, idle_s: float = 5.0,
-             stop: Callable[[], bool] | None = None
+             stop: Callable[[], bool] | None = None, until_end: bool = False
              ) -> Iterator[tuple[Message, dict[str, Any] | None]]:
-        """Every record from the beginning; without ``follow``, stop after ``idle_s`` of quiet.
-        ``stop``: asked between two polls (at most half a second apart); True ends the read."""
+        """Every record from the beginning; without ``follow``, stop after ``idle_s`` of quiet,
+        and with ``until_end`` as soon as every partition is read up to its end offset as it
+        was when the read began (no waiting out ``idle_s``). ``stop``: asked between two polls
+        (at most half a second apart); True ends the read."""
+        behind = self._ends() if until_end and not follow else None
         quiet_since = time.monotonic()
         while stop is None or not stop():
+            if behind is not None and not behind:
+                return
             records = self.poll()
             if records:
                 quiet_since = time.monotonic()
-                yield from records
+                for msg, record in records:
+                    partition, offset = msg.partition(), msg.offset()
+                    if behind is not None and partition is not None and offset is not None \
+                            and offset + 1 >= behind.get(partition, 0):
+                        behind.pop(partition, None)
+                    yield msg, record
             elif not follow and time.monotonic() - quiet_since >= idle_s:
                 return
+
+    def _ends(self, timeout_s: float = 10.0) -> dict[int, int] | None:
+        """Partition -> end offset of the partitions holding records now; None if the brokers
+        do not say (the read then ends on quiet alone)."""
+        try:
+            marks = {tp.partition: self.consumer.get_watermark_offsets(tp, timeout=timeout_s)
+                     for tp in self.consumer.assignment()}
+        except KafkaException:
+            return None
+        return {p: high for p, (low, high) in marks.items() if high > low}
 
     def close(self) -> None:
         self.consumer.close()

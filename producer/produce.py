@@ -64,6 +64,24 @@ def now_text() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def csv_time(text: str) -> str:
+    """A time as the CSVs write it, ``YYYY-MM-DD HH:MM:SS`` UTC: such a text as it is, an ISO
+    8601 one (``2021-07-04T20:31:02Z``, an offset converted to UTC, a fraction of a second
+    dropped) rewritten; anything else as it is, for the validation to refuse."""
+    try:
+        datetime.strptime(text, "%Y-%m-%d %H:%M:%S")
+        return text
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return text
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
 def stream_of(name: str) -> str:
     """``order``, ``payment``, ``inventory`` or ``zip_code`` (the topics' plural names too).
     Raises RefusedEvent for another."""

@@ -25,8 +25,8 @@ from triage.consumer.reader import TopicReader
 from .test_cli import TRIAGE, clean_env, triage
 
 
-def prediction(order_id: str, label: str, revision: int = 1, expired: bool = False
-               ) -> dict[str, object]:
+def prediction(order_id: str, label: str, revision: int = 1, expired: bool = False,
+               reason: str = "order_again") -> dict[str, object]:
     """A prediction record as a worker publishes it (schemas/prediction.avsc)."""
     return {"order_id": order_id, "customer_id": "C", "recommendation": label,
             "probabilities": {label: 1.0}, "model_version": "m",
@@ -34,7 +34,7 @@ def prediction(order_id: str, label: str, revision: int = 1, expired: bool = Fal
                          "zip_code_available": True},
             "order_timestamp_ms": 0, "scored_at_ms": 0, "order_published_at_ms": 0,
             "order_partition": 0, "order_offset": 0, "reference_wait_expired": expired,
-            "revision": revision, "revision_reason": None if revision == 1 else "order_again",
+            "revision": revision, "revision_reason": None if revision == 1 else reason,
             "sku_code": "S", "zip_code": "1000"}
 
 
@@ -77,7 +77,7 @@ def test_ctrl_c_during_a_replay_says_what_was_sent_and_the_resumed_replays_miss_
         assert "interrupted (SIGINT) after handing" in out
         resume = [line for line in err.splitlines() if line.startswith("resume with: ")]
         assert len(resume) == 1, err
-        command = resume[0].removeprefix("resume with: triage ").split()
+        command = resume[0].removeprefix("resume with: triage ").split()  # python -m
     finished = triage(*command, env=env, timeout=120)
     assert finished.returncode == 0, finished.stderr
     with TopicReader(settings.connection, topic, "order") as reader:
@@ -131,18 +131,30 @@ def test_predictions_of_one_order_its_latest_revision_on_stdout_and_the_summary_
     publisher = RecordPublisher(settings.connection, settings.topics.predictions_topic,
                                 "prediction", "order_id")
     for record in (prediction("O-1", "Deliver"), prediction("O-2", "Decline"),
-                   prediction("O-1", "HoldCheckPayment", revision=2, expired=True)):
+                   prediction("O-1", "HoldCheckPayment", revision=2, expired=True,
+                              reason="late_reference:payments")):
         publisher.publish(record)
     assert publisher.flush(30) == 0
-    result = triage("predictions", "--order-id", "O-1", "--order-id", "O-3", "--idle", "2",
-                    env=clean_env(tmp_path, **settings.to_env()))
+    from confluent_kafka import Producer
+
+    from triage.consumer.deadletter import HEADER_PREFIX, REASON_HEADER
+
+    letters = Producer({"bootstrap.servers": settings.connection.bootstrap_servers})
+    letters.produce(settings.topics.dlq_topic, key=b"O-4", value=b"x", headers=[
+        (REASON_HEADER, b"missing_field"),
+        (HEADER_PREFIX + "exception.message", b"sku_code is empty")])
+    assert letters.flush(30) == 0
+    result = triage("predictions", "--order-id", "O-1", "--order-id", "O-3", "--order-id",
+                    "O-4", env=clean_env(tmp_path, **settings.to_env()))
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(r["order_id"], r["revision"], r["recommendation"]) for r in lines] == [
         ("O-1", 2, "HoldCheckPayment")]
-    assert "1 prediction of 1 order: HoldCheckPayment 1; 1 corrected (revision > 1); 1 " \
-        "flagged reference_wait_expired" in result.stderr
-    assert "no prediction (yet) of O-3" in result.stderr
+    assert "1 prediction of 1 order: HoldCheckPayment 1; 1 corrected after late reference " \
+        "events (revision > 1); 1 flagged reference_wait_expired" in result.stderr
+    assert "no prediction (yet) of O-3, nor a dead letter" in result.stderr
+    assert f"O-4 was dead-lettered on {settings.topics.dlq_topic}: missing_field: sku_code " \
+        "is empty" in result.stderr
 
 
 @pytest.mark.integration
@@ -193,10 +205,10 @@ def test_a_ctrl_c_inside_a_librdkafka_call_is_an_interruption_not_a_bug(
 def test_the_printed_resume_keeps_what_was_left_of_the_limit() -> None:
     from triage.cli import resumed_command
 
-    argv = ["/x/triage", "replay", "my data/o.csv", "--limit", "1000", "--skip=5", "--rate",
-            "50"]
+    argv = ["/x/.venv/bin/triage", "replay", "my data/o.csv", "--limit", "1000", "--skip=5",
+            "--rate", "50"]
     assert resumed_command(argv, 305, 700) == \
-        "triage replay 'my data/o.csv' --rate 50 --skip 305 --limit 700"
+        "/x/.venv/bin/triage replay 'my data/o.csv' --rate 50 --skip 305 --limit 700"
     assert resumed_command(["triage", "replay", "d"], 12) == "triage replay d --skip 12"
 
 
@@ -233,3 +245,16 @@ def test_sigterm_while_produce_waits_for_its_next_line_flushes_and_says_so(
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130, (out, err)
     assert "published 1, failed 0, refused 0" in err and "interrupted (SIGTERM)" in err
+
+
+def test_the_summary_tells_a_correction_from_an_order_scored_again() -> None:
+    """A new user saw '10,000 corrected' after replaying the same file twice: every one was
+    the same order_id published again, no decision changed."""
+    from triage.cli import predictions_summary
+
+    text = predictions_summary(3, [
+        prediction("A", "Deliver", revision=2, reason="order_again"),
+        prediction("B", "Deliver", revision=3, reason="late_reference:inventory,payments"),
+        prediction("C", "Decline")], None)
+    assert "1 corrected after late reference events" in text
+    assert "1 scored again (the same order_id published again" in text

@@ -154,13 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--customer-id", help="order")
     p.add_argument("--sku", help="order and inventory: the SKU code")
     p.add_argument("--zip", help="order and zip_code: the zip code")
-    p.add_argument("--status", help="payment: its status, e.g. OK, PENDING, DECLINED")
+    p.add_argument("--status", help="payment: its status; OK lets the order through, any "
+                                    "other (FAILED, VERIFY_ADDRESS, ...) holds it")
     p.add_argument("--inventory", type=float, metavar="UNITS", help="inventory: the stock level")
-    p.add_argument("--timestamp", help="order, payment, inventory: YYYY-MM-DD HH:MM:SS, UTC "
-                                       "(default: now)")
+    p.add_argument("--timestamp", help="order, payment, inventory: YYYY-MM-DD HH:MM:SS, UTC, "
+                                       "or ISO 8601 (default: now)")
     p.add_argument("--available-from", metavar="TIME",
-                   help="zip_code: delivery available from, YYYY-MM-DD HH:MM:SS, UTC "
-                        "(default: now)")
+                   help="zip_code: delivery available from, YYYY-MM-DD HH:MM:SS, UTC, or ISO "
+                        "8601 (default: now)")
     p.add_argument("--stdin", action="store_true",
                    help="read JSON lines from stdin instead of flags: each an object of the "
                         "stream's CSV columns (a \"stream\" field picks another stream)")
@@ -531,8 +532,10 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
                   f"{settings.mlflow_tracking_uri}")
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"trained on {report.rows} orders (and {report.synthetic_rows} coverage rows, for "
-          f"fitting only); holdout accuracy against the policy {report.holdout_accuracy:.4%}")
+    print(f"trained on {report.rows} orders (and {report.synthetic_rows} coverage rows: "
+          "synthetic orders that show the model every combination of the rules, for fitting "
+          f"only; docs/models.md); holdout accuracy against the policy "
+          f"{report.holdout_accuracy:.4%}")
     print(report.confusion_table())
     if args.out is not None:
         print(f"model {report.version} written to {report.model_dir}")
@@ -566,8 +569,10 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 def resumed_command(argv: list[str], skip: int, limit: int | None = None) -> str:
     """The command line ``argv`` (``sys.argv``) as a person types it, with ``--skip`` set to
     ``skip`` and, if given, ``--limit`` to ``limit`` (what the interrupted replay had left of
-    its limit): what resumes an interrupted replay."""
-    words, rest = ["triage"], list(argv[1:])
+    its limit): what resumes an interrupted replay. The program is named as it was run (the
+    full path of a ``triage`` script that is not on the PATH), so the line runs as printed."""
+    program = argv[0] if argv and Path(argv[0]).name == "triage" else "triage"
+    words, rest = [program], list(argv[1:])
     while rest:
         word = rest.pop(0)
         if word in ("--skip", "--limit"):
@@ -583,6 +588,7 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     (refusals listed on stderr), 1 when a delivery failed, 2 when the flags are refused or
     every line was (nothing published), 130 after Ctrl-C."""
     from triage.producer.produce import (
+        csv_time,
         event_record,
         json_rows,
         now_text,
@@ -593,6 +599,9 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
              "zip_code": args.zip, "payment_status": args.status, "inventory": args.inventory,
              "timestamp": args.timestamp, "available_from": args.available_from}
     given = {name: value for name, value in flags.items() if value is not None}
+    for name in ("timestamp", "available_from"):  # ISO 8601 too, as the HTTP API takes it
+        if name in given:
+            given[name] = csv_time(given[name])
     if args.stdin:
         if given:
             raise SettingsError(f"--stdin takes the events from stdin; leave out "
@@ -879,7 +888,8 @@ def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
                                           "prediction") as reader:
         try:
             read = (record for _, record in reader.read(follow=args.follow, idle_s=args.idle,
-                                                        stop=lambda: stop.requested)
+                                                        stop=lambda: stop.requested,
+                                                        until_end=True)
                     if not wanted or (record is not None and record["order_id"] in wanted))
             records: Iterable[dict[str, Any] | None] = read if args.all_revisions else \
                 latest_revisions(read, streaming=args.follow)
@@ -895,9 +905,17 @@ def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
             if args.out:
                 out.close()
     print(predictions_summary(count, latest.values(), args.out), file=sys.stderr)
-    if wanted - latest.keys():
-        print(f"no prediction (yet) of {', '.join(sorted(wanted - latest.keys()))}",
-              file=sys.stderr)
+    if wanted - latest.keys() and not stop.requested:
+        from triage.consumer.dlq import reasons_of
+
+        missing = sorted(wanted - latest.keys())
+        letters = reasons_of(settings, set(missing))
+        for order_id in missing:
+            if order_id in letters:
+                print(f"{order_id} was dead-lettered on {settings.topics.dlq_topic}: "
+                      f"{letters[order_id]} (`triage dlq inspect` shows it)", file=sys.stderr)
+            else:
+                print(f"no prediction (yet) of {order_id}, nor a dead letter", file=sys.stderr)
     return EXIT_INTERRUPTED if stop.requested else 0
 
 
@@ -912,10 +930,15 @@ def predictions_summary(count: int, latest: Iterable[dict[str, Any]], out: Path 
     text = (f"{count:,} prediction{'s' if count != 1 else ''} of {len(latest):,} order"
             f"{'s' if len(latest) != 1 else ''}" + (f" written to {out}" if out else "") + ": "
             + (", ".join(f"{name} {n:,}" for name, n in classes.most_common()) or "none"))
-    corrected = sum(1 for r in latest if r.get("revision", 1) > 1)
+    reasons = Counter((r.get("revision_reason") or "").split(":")[0] for r in latest
+                      if r.get("revision", 1) > 1)
     expired = sum(1 for r in latest if r.get("reference_wait_expired"))
-    if corrected:
-        text += f"; {corrected:,} corrected (revision > 1)"
+    if reasons["late_reference"]:
+        text += (f"; {reasons['late_reference']:,} corrected after late reference events "
+                 "(revision > 1)")
+    if reasons["order_again"]:
+        text += (f"; {reasons['order_again']:,} scored again (the same order_id published "
+                 "again: revision > 1, revision_reason order_again)")
     if expired:
         text += (f"; {expired:,} flagged reference_wait_expired (scored before every reference "
                  "stream had passed the order's time)")
@@ -994,11 +1017,36 @@ COMMANDS = {
 }
 
 
+def refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                   unknown: list[str]) -> None:
+    """Exit 2 with the usage of the (sub)command given, not the top level's, and the closest
+    flag it has for each unknown one (``--wokers``: did you mean ``--workers``?)."""
+    import difflib
+
+    command = parser
+    while True:  # down to the subcommand that was chosen (triage drift monitor, ...)
+        subparsers = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subparsers or getattr(args, subparsers[0].dest, None) is None:
+            break
+        command = subparsers[0].choices[getattr(args, subparsers[0].dest)]
+    flags = [flag for action in command._actions for flag in action.option_strings]
+    hints = []
+    for word in unknown:
+        close = difflib.get_close_matches(word.split("=")[0], flags, n=1)
+        if word.startswith("-") and close:
+            hints.append(f"{word}: did you mean {close[0]}?")
+    command.error(f"unrecognized arguments: {' '.join(unknown)}"
+                  + ("".join(f"\n  {hint}" for hint in hints)))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit status: 0, 1 (infrastructure, or a bug: its traceback
     goes to the log), 2 (configuration: settings, files or data to fix; bus/errors.py) or 130
     (Ctrl-C or SIGTERM; bus/interrupt.py)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        refuse_unknown(parser, args, unknown)
     try:
         settings = _settings(args)
         configure_logging(settings.log_format, settings.log_level)
