@@ -322,3 +322,20 @@ def test_a_command_told_to_listen_on_a_busy_port_exits_2_naming_it(
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     assert f"port {port}" in result.stderr and "already in use" in result.stderr
     assert "Traceback" not in result.stderr and "gateway_serving" not in result.stderr
+
+
+def test_an_unknown_flag_gets_its_subcommands_usage_and_the_closest_flag(tmp_path: Path
+                                                                         ) -> None:
+    """Found by a new user: `consume --wokers 2` printed the top level's usage."""
+    result = triage("consume", "--wokers", "2", "--model", "m", env=clean_env(tmp_path))
+    assert result.returncode == 2
+    assert "usage: triage consume" in result.stderr
+    assert "--wokers: did you mean --workers?" in result.stderr
+
+
+def test_produce_takes_an_iso_8601_time_as_the_http_api_does() -> None:
+    from triage.producer.produce import csv_time
+
+    assert csv_time("2021-07-04T22:31:02.5+02:00") == "2021-07-04 20:31:02"
+    assert csv_time("2021-07-04T20:31:02") == csv_time("2021-07-04 20:31:02")
+    assert csv_time("soon") == "soon"  # left for the validation to refuse
