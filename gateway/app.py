@@ -55,6 +55,7 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.requests import ClientDisconnect
 
 from triage.gateway import metrics
+from triage.gateway.live import LiveBusy
 from triage.gateway.service import Decision, Gateway
 from triage.gateway.view import BrokerRefused
 
@@ -161,8 +162,9 @@ def _is_json(content_type: str) -> bool:
 
 
 def batch_json(decisions: Sequence[Decision]) -> bytes:
-    """``{"decisions": [...]}`` as UTF-8 JSON, the bytes FastAPI's response model would give,
-    serialised ``BATCH_CHUNK`` decisions a call."""
+    """``{"decisions": [...]}`` as UTF-8 JSON, serialised ``BATCH_CHUNK`` decisions a call: the
+    JSON value FastAPI's response model gives (its floats may be written differently:
+    ``7.19e-6`` for ``7.19e-06``; any JSON reader reads the same numbers)."""
     parts = [_ANSWERS.dump_json([d.as_response() for d in decisions[i:i + BATCH_CHUNK]])[1:-1]
              for i in range(0, len(decisions), BATCH_CHUNK)]
     return b'{"decisions":[' + b",".join(parts) + b"]}"
@@ -194,10 +196,15 @@ def make_app(gateway: Gateway, *, max_body_bytes: int = 4 << 20,
                                 inline_when_idle: bool = False) -> Any:
         """``function(*args)`` on the scoring thread, after the calls handed to it before;
         ``inline_when_idle``: on the loop itself if there are none (the thread then runs
-        nothing, and cannot start before the loop is free again)."""
+        nothing, and cannot start before the loop is free again), as ``function(*args,
+        wait=False)``, which raises LiveBusy rather than wait for the reference reader's lock
+        (held for seconds while the broker does not answer): then on the thread after all."""
         nonlocal handed
         if inline_when_idle and handed == 0:
-            return function(*args)
+            try:
+                return function(*args, wait=False)
+            except LiveBusy:  # the reference reader holds the tables: never wait on the loop
+                pass
         loop = asyncio.get_running_loop()
 
         def ended() -> None:

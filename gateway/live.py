@@ -32,6 +32,10 @@ from triage.model.reference import ReferenceTables
 _POLL_S = 0.05
 
 
+class LiveBusy(Exception):
+    """:meth:`LiveReference.reading` without waiting found the tables held by the reader."""
+
+
 class LiveReference:
     """The snapshot ``tables`` kept up to date from the reference topics; :meth:`reading`
     holds the tables still while a batch is scored."""
@@ -62,10 +66,17 @@ class LiveReference:
         return self
 
     @contextmanager
-    def reading(self) -> Iterator[None]:
-        """No record is applied while the block runs (a batch is scored on still tables)."""
-        with self._lock:
+    def reading(self, wait: bool = True) -> Iterator[None]:
+        """No record is applied while the block runs (a batch is scored on still tables).
+        ``wait=False``: raise :class:`LiveBusy` at once if the reader holds the tables (it
+        holds them while it polls: seconds when the broker does not answer), for a caller on
+        the event loop, which must not wait."""
+        if not self._lock.acquire(blocking=wait):
+            raise LiveBusy("the reference reader holds the tables")
+        try:
             yield
+        finally:
+            self._lock.release()
 
     def complete(self, timestamps_ms: np.ndarray) -> np.ndarray:
         """bool per order time (UTC ms): every partition of every stream has passed it. Call

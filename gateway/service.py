@@ -146,10 +146,13 @@ class Gateway:
     def model_version(self) -> str:
         return self.core.model.version
 
-    def decide(self, orders: Sequence[Mapping[str, Any]]) -> list[Decision]:
+    def decide(self, orders: Sequence[Mapping[str, Any]], wait: bool = True
+               ) -> list[Decision]:
         """One decision per order, in order, from one predict call. An order that cannot be
         scored (bad timestamp, a field the validation refuses) gets its error instead; the
-        others are scored as usual."""
+        others are scored as usual. ``wait=False`` (the event loop): raise
+        :class:`~triage.gateway.live.LiveBusy` before scoring anything if the live reference
+        reader holds the tables, rather than wait for it."""
         if self.follower is not None:  # a promotion: swap between two requests
             models = self.follower.take()
             if models is not None:
@@ -172,7 +175,7 @@ class Gateway:
             outcome = self.core.process(incoming)
             complete = [True] * len(outcome.predictions)
         else:
-            with self.live.reading():
+            with self.live.reading(wait=wait):
                 outcome = self.core.process(incoming)
                 complete = self.live.complete(np.fromiter(
                     (p.record["order_timestamp_ms"] for p in outcome.predictions), np.int64,

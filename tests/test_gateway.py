@@ -233,11 +233,12 @@ class HeldBatches(Gateway):
         self.scoring, self.let_go = threading.Event(), threading.Event()
         self.held_to_the_end: bool | None = None
 
-    def decide(self, orders: Sequence[Mapping[str, Any]]) -> list[Decision]:
+    def decide(self, orders: Sequence[Mapping[str, Any]], wait: bool = True
+               ) -> list[Decision]:
         if len(orders) == MAX_BATCH:
             self.scoring.set()
             self.held_to_the_end = self.let_go.wait(HOLD_S)
-        return super().decide(orders)
+        return super().decide(orders, wait)
 
 
 def test_probes_answer_while_a_maximum_batch_is_scored(exercise_model: Path) -> None:
@@ -269,6 +270,59 @@ def test_probes_answer_while_a_maximum_batch_is_scored(exercise_model: Path) -> 
     assert probes == [(200, {"status": "ok"}),
                       (200, {"status": "ready", "model_version": gateway.model_version})]
     assert answer["status"] == 200 and len(answer["body"]["decisions"]) == MAX_BATCH
+
+
+@pytest.mark.integration
+def test_probes_answer_while_the_reference_reader_holds_the_tables(
+        settings: Settings, exercise_model: Path) -> None:
+    """The reference reader holds the tables while it polls: seconds when the broker does not
+    answer. A single order, scored on the event loop when the scoring thread is idle, waited
+    for it there and held /healthz behind it (found in review); it now goes to the thread."""
+    from triage.gateway.live import LiveReference
+
+    class Asked:
+        """The reader's lock, telling when the decision has come to it."""
+
+        def __init__(self) -> None:
+            self.lock, self.asked = threading.Lock(), threading.Event()
+
+        def acquire(self, blocking: bool = True) -> bool:
+            self.asked.set()
+            return self.lock.acquire(blocking)
+
+        def release(self) -> None:
+            self.lock.release()
+
+    tables = ReferenceTables.load(EXERCISE)
+    live = LiveReference(settings, tables, snapshot=True)  # its reading thread not started
+    live._lock = spy = Asked()  # type: ignore[assignment]
+    gateway = Gateway(settings, artifact.load(exercise_model), tables, live=live)
+    answer: dict[str, Any] = {}
+    with serving(make_app(gateway)) as port:
+        spy.lock.acquire()  # as the reader does while it polls
+        release = threading.Timer(HOLD_S, spy.lock.release)
+        release.start()
+        try:
+            def send() -> None:
+                answer["status"], answer["body"] = Client(port).request(
+                    "POST", "/decision/v1", exercise_orders()[0])
+
+            sender = threading.Thread(target=send, daemon=True)
+            sender.start()
+            assert spy.asked.wait(60), "the decision never came to the tables"
+            probe = Client(port).request("GET", "/healthz")
+            held_during_probe = release.is_alive()
+            decision_unanswered = "status" not in answer
+        finally:
+            if release.is_alive():
+                release.cancel()
+                spy.lock.release()
+            sender.join(60)
+            live.close()
+    assert probe == (200, {"status": "ok"})
+    assert held_during_probe, f"/healthz answered only once the lock went after {HOLD_S:g} s"
+    assert decision_unanswered  # it waits for the tables, off the loop
+    assert answer["status"] == 200, answer
 
 
 def test_the_openapi_contract_holds_for_generated_requests(offline: int) -> None:
