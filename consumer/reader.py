@@ -16,6 +16,7 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Messag
 
 from triage.bus.clients import make_consumer, partitions_of
 from triage.bus.errors import WaitTimeout
+from triage.bus.offsets import watermarks
 from triage.bus.settings import ConnectionSettings, TopicSettings
 from triage.consumer.deadletter import HEADER_PREFIX, REASON_HEADER, headers_dict
 from triage.schemas.codec import codec_for
@@ -28,6 +29,7 @@ class TopicReader:
     def __init__(self, connection: ConnectionSettings, topic: str, schema_name: str | None
                  ) -> None:
         self.codec = codec_for(connection, schema_name, topic) if schema_name else None
+        self.connection, self.topic = connection, topic
         self.consumer = make_consumer(connection, f"triage-reader-{uuid.uuid4().hex}")
         partitions = partitions_of(self.consumer, topic)
         for tp in partitions:
@@ -69,13 +71,15 @@ class TopicReader:
             elif not follow and time.monotonic() - quiet_since >= idle_s:
                 return
 
-    def _ends(self, timeout_s: float = 10.0) -> dict[int, int] | None:
-        """Partition -> end offset of the partitions holding records now; None if the brokers
-        do not say (the read then ends on quiet alone)."""
+    def _ends(self) -> dict[int, int] | None:
+        """Partition -> end offset of the partitions holding records now, from fetches' high
+        watermarks (bus/offsets.py; ListOffsets answers the embedded broker's last batch's
+        base offset + 1, which ended a read at 1,000 of 3,000 records); None if the brokers do
+        not say (the read then ends on quiet alone). A transactional topic's last offset is a
+        commit marker, never read: the read ends on quiet there."""
         try:
-            marks = {tp.partition: self.consumer.get_watermark_offsets(tp, timeout=timeout_s)
-                     for tp in self.consumer.assignment()}
-        except KafkaException:
+            marks = watermarks(self.connection, self.topic)
+        except (KafkaException, WaitTimeout):
             return None
         return {p: high for p, (low, high) in marks.items() if high > low}
 

@@ -258,3 +258,25 @@ def test_the_summary_tells_a_correction_from_an_order_scored_again() -> None:
         prediction("C", "Decline")], None)
     assert "1 corrected after late reference events" in text
     assert "1 scored again (the same order_id published again" in text
+
+
+@pytest.mark.integration
+@pytest.mark.embedded
+def test_reading_to_the_end_reads_every_record_on_the_embedded_broker(
+        settings: Settings) -> None:
+    """The end came from ListOffsets, which the embedded broker answers with the last batch's
+    base offset + 1: a read to the end of 3,000 records in one batch stopped at 1,000 (found in
+    review), and `triage predictions --order-id` could miss an order that was there."""
+    from confluent_kafka import Producer
+
+    from triage.consumer.reader import TopicReader
+
+    topic = settings.topics.dlq_topic
+    producer = Producer({"bootstrap.servers": settings.connection.bootstrap_servers,
+                         "linger.ms": 1000, "partitioner": "murmur2_random"})
+    for i in range(3000):
+        producer.produce(topic, key=b"same-partition", value=str(i).encode())
+    assert producer.flush(30) == 0
+    with TopicReader(settings.connection, topic, None) as reader:
+        read = [msg.value() for msg, _ in reader.read(until_end=True, idle_s=30.0)]
+    assert len(read) == 3000
