@@ -46,7 +46,7 @@ from triage.bus.embedded import (
     port_in_use,
 )
 from triage.bus.errors import ConfigurationError
-from triage.bus.tempdirs import owned_tempdir, remove_orphaned
+from triage.bus.tempdirs import QUIET_S, owned_tempdir, remove_orphaned
 
 KAFKA_VERSION = "4.1.1"       # org.apache.kafka:kafka_2.13 (KRaft only, Java 17+)
 LOG4J_VERSION = "2.25.3"      # org.apache.logging.log4j:log4j-slf4j-impl (Kafka logs via SLF4J 1.7)
@@ -203,11 +203,11 @@ def cluster_id() -> str:
 DATA_PREFIX = "triage-kafka-"
 
 
-def remove_orphaned_data(tmp: Path | None = None) -> list[Path]:
+def remove_orphaned_data(tmp: Path | None = None, quiet_s: float = QUIET_S) -> list[Path]:
     """Remove the data directories of brokers whose owning process is gone (a SIGKILLed
-    ``triage broker --kafka`` cannot remove its own; its broker died with it). Returns what
-    was removed."""
-    return remove_orphaned(DATA_PREFIX, tmp)
+    ``triage broker --kafka`` cannot remove its own; its broker died with it) and that nothing
+    changed for ``quiet_s`` (bus/tempdirs.py). Returns what was removed."""
+    return remove_orphaned(DATA_PREFIX, tmp, quiet_s)
 
 
 @dataclass

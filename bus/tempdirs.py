@@ -8,9 +8,11 @@ owner no longer runs. Found by a new user: 33 ``triage-workers-*`` directories l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 OWNER_FILE = "owner.pid"
@@ -25,17 +27,37 @@ def owned_tempdir(prefix: str) -> Path:
     return path
 
 
-def remove_orphaned(prefix: str, tmp: Path | None = None) -> list[Path]:
+# A directory is removed only once nothing in it has changed for this long (s): a worker
+# outliving its supervisor for a moment, or a process of another PID namespace sharing /tmp
+# (its pid means nothing here), still writes in it. A live broker rewrites its checkpoints
+# every minute, workers their status every second.
+QUIET_S = 600.0
+
+
+def remove_orphaned(prefix: str, tmp: Path | None = None, quiet_s: float = QUIET_S
+                    ) -> list[Path]:
     """Remove the directories ``prefix*`` in ``tmp`` (default: the temporary directory) whose
-    OWNER_FILE names a pid no process has. A directory without one, or whose owner runs (or
-    belongs to another user), is left. Returns what was removed."""
+    OWNER_FILE names a pid no process has and in which nothing changed for ``quiet_s``. A
+    directory without one, whose owner runs (or belongs to another user), or still written
+    to, is left. Returns what was removed."""
     removed = []
     for path in Path(tmp or tempfile.gettempdir()).glob(prefix + "*"):
         try:
             os.kill(int((path / OWNER_FILE).read_text()), 0)
         except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+            if time.time() - _last_change(path) >= quiet_s:
+                shutil.rmtree(path, ignore_errors=True)
+                if not path.exists():
+                    removed.append(path)
         except (OSError, ValueError):  # no owner file, not ours to judge, or its owner runs
             continue
     return removed
+
+
+def _last_change(path: Path) -> float:
+    """The latest modification time (epoch s) of ``path`` and everything under it."""
+    latest = path.stat().st_mtime
+    for entry in path.rglob("*"):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            latest = max(latest, entry.stat().st_mtime)
+    return latest

@@ -168,8 +168,9 @@ class GroupWatch:
         except Exception as exc:  # the broker answers later, or never: the loop goes on
             self.log.info("group_undescribed", group=self.group, error=str(exc))
             return None
-        since = self._since if self._since is not None else now
-        idle_s = round(now - since, 1)
+        if self._since is None:  # partitions came while the broker was asked: nothing to say
+            return found
+        idle_s = round(now - self._since, 1)
         if found.stalled:
             self.stalls += 1
             metrics.GROUP_STALLS.inc()

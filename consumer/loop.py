@@ -387,5 +387,8 @@ class BatchLoop:
         if self.status_file is None:
             return
         tmp = self.status_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "worker": self.worker_id, **fields}))
-        tmp.replace(self.status_file)
+        try:
+            tmp.write_text(json.dumps({"pid": os.getpid(), "worker": self.worker_id, **fields}))
+            tmp.replace(self.status_file)
+        except FileNotFoundError:  # the supervisor is gone and its directory with it: the
+            pass  # status is for it alone, and the worker stops on its own (worker.py)

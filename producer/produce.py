@@ -75,10 +75,10 @@ def csv_time(text: str) -> str:
         pass
     try:
         moment = datetime.fromisoformat(text)
-    except ValueError:
+        if moment.tzinfo is not None:
+            moment = moment.astimezone(UTC)
+    except (ValueError, OverflowError):  # not a time, or one no calendar holds in UTC
         return text
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC)
     return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -109,6 +109,8 @@ def event_record(stream: str, row: dict[str, Any], where: str,
     texts = [shown(c, c) for c in columns if c != "inventory" and not isinstance(row[c], str)]
     if texts:  # a JSON number would lose a zip code's or an id's leading zeros
         raise RefusedEvent(f"{where}: {', '.join(texts)} must be text (in quotes)")
+    row = {**row, **{c: csv_time(row[c]) for c in ("timestamp", "available_from")
+                     if c in columns}}  # ISO 8601 too, as the HTTP API takes it
     frame = pd.DataFrame([{c: str(row[c]) for c in columns}])
     if stream == "order":
         orders = orders_of_frame(frame)
