@@ -299,29 +299,16 @@ def records_in(consumer: Consumer, topic_names: list[str], timeout_s: float = 5.
     return sum(max(0, high - low) for low, high in marks)
 
 
-# Metadata errors of a topic that exists but is not ready yet (just created: its partitions'
-# leaders are being elected): partitions_of asks again.
-_NOT_READY = {KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION,
-              KafkaError.REPLICA_NOT_AVAILABLE}
-
-
 def partitions_of(client: Producer | Consumer | AdminClient, topic: str,
                   timeout_s: float = 10.0) -> list[TopicPartition]:
     """Every partition of ``topic``; raises KafkaException if the topic does not exist or the
-    brokers do not answer within ``timeout_s``. A topic not ready (just created, its leaders not
-    elected yet: LEADER_NOT_AVAILABLE) is asked again until ``timeout_s``. An
-    AdminClient is polled afterwards, so that its log lines come out (a consumer is not:
-    polling it would consume)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            meta = client.list_topics(topic, timeout=max(0.1, deadline - time.monotonic())
-                                      ).topics[topic]
-        finally:
-            if isinstance(client, AdminClient):
-                client.poll(0)
-        if meta.error is None:
-            return [TopicPartition(topic, p) for p in sorted(meta.partitions)]
-        if meta.error.code() not in _NOT_READY or time.monotonic() >= deadline:
-            raise KafkaException(meta.error)
-        time.sleep(0.1)  # metadata is asked again; the broker elects leaders meanwhile
+    brokers do not answer within ``timeout_s``. An AdminClient is polled afterwards, so that
+    its log lines come out (a consumer is not: polling it would consume)."""
+    try:
+        meta = client.list_topics(topic, timeout=timeout_s).topics[topic]
+    finally:
+        if isinstance(client, AdminClient):
+            client.poll(0)
+    if meta.error is not None:
+        raise KafkaException(meta.error)
+    return [TopicPartition(topic, p) for p in sorted(meta.partitions)]

@@ -7,7 +7,9 @@ the other 7 the command exited 130 without saying what it had sent. :class:`Inte
 SIGINT and SIGTERM into a flag the command's loop checks between two steps; the command then
 flushes what it handed to the producer, prints its summary (with where to resume) and exits
 130 (:data:`EXIT_INTERRUPTED`, 128 + SIGINT, as shells report a Ctrl-C). A second signal stops
-at once: the previous handlers come back and it is raised again.
+at once: the previous handlers come back and it is raised again. Where a command waits outside
+librdkafka (for a line on stdin), it sets :attr:`Interrupt.raising`, and the first signal also
+raises KeyboardInterrupt there.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ EXIT_INTERRUPTED = 128 + signal.SIGINT
 class Interrupt:
     """A context manager: while inside it (main thread only), SIGINT and SIGTERM set
     :attr:`requested` (and the :attr:`event`) instead of raising. ``signal_name``: the first
-    signal's name (``SIGINT``), None before one. Outside the main thread it does nothing
-    (signals reach only the main thread)."""
+    signal's name (``SIGINT``), None before one. ``raising``: while True, a signal also raises
+    KeyboardInterrupt where the main thread is (set it only around waits outside a C call).
+    Outside the main thread it does nothing (signals reach only the main thread)."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.signal_name: str | None = None
+        self.raising = False
         self._previous: dict[int, Any] = {}
 
     @property
@@ -42,6 +46,8 @@ class Interrupt:
             return
         self.signal_name = signal.Signals(signum).name
         self.event.set()
+        if self.raising:
+            raise KeyboardInterrupt
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():

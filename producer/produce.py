@@ -20,8 +20,6 @@ published, in input order. Lines are published as they are read, so ``tail -f`` 
 from __future__ import annotations
 
 import json
-import signal
-import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,13 +33,7 @@ from triage.bus.interrupt import Interrupt
 from triage.bus.settings import Settings
 from triage.model.orders import ORDER_COLUMNS, orders_of_frame
 from triage.model.reference import REFERENCE_FILES
-from triage.producer.publisher import (
-    OrderPublisher,
-    RecordPublisher,
-    inventory_publisher,
-    payment_publisher,
-    zip_code_publisher,
-)
+from triage.producer.publisher import RecordPublisher, stream_publisher
 from triage.producer.replay import reference_records
 
 # The command's stream names -> (the replay's stream name, the CSV columns of a row).
@@ -145,6 +137,14 @@ def json_rows(lines: Iterable[str], stream: str
             yield number, stream, RefusedEvent(f"line {number}: {exc}")
 
 
+def _record_or_refusal(stream: str, row: dict[str, Any], number: int
+                       ) -> dict[str, Any] | RefusedEvent:
+    try:
+        return event_record(stream, row, f"line {number}")
+    except RefusedEvent as exc:
+        return exc
+
+
 @dataclass
 class ProduceSummary:
     """What ``triage produce`` did: events acknowledged (``sent``) or not (``failed``, with
@@ -181,58 +181,35 @@ def produce_events(settings: Settings, rows: Iterable[tuple[int, str, dict[str, 
     was handed over is flushed either way. ``idempotent``: False for a single event, which
     would otherwise wait half a second for a producer id (a retry's duplicate is scored to the
     identical prediction)."""
-    connection, topics = settings.connection, settings.topics
-    producer = make_producer(connection, **({} if idempotent else
-                                             {"enable.idempotence": False}))
+    producer = make_producer(settings.connection, **({} if idempotent else
+                                                      {"enable.idempotence": False}))
     publishers: dict[str, RecordPublisher] = {}
-
-    def publisher_of(stream: str) -> RecordPublisher:
-        if stream not in publishers:
-            made: RecordPublisher
-            if stream == "order":
-                made = OrderPublisher(connection, topics.orders_topic, producer=producer)
-            else:
-                make, topic = {"payment": (payment_publisher, topics.payments_topic),
-                               "inventory": (inventory_publisher, topics.inventory_topic),
-                               "zip_code": (zip_code_publisher, topics.zip_codes_topic)}[stream]
-                made = make(connection, topic, producer)
-            publishers[stream] = made
-        return publishers[stream]
-
     summary = ProduceSummary()
     order: list[tuple[str, int, str]] = []  # (stream, position, key) of each handed over
-    terminated: list[str] = []
-
-    def on_sigterm(signum: int, frame: Any) -> None:  # while waiting for the next line
-        terminated.append("SIGTERM")
-        raise KeyboardInterrupt
-
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
-    try:
-        for number, stream, row in rows:  # a Ctrl-C while reading the next line raises here
-            if isinstance(row, RefusedEvent):
-                summary.refused.append(str(row))
-                continue
-            try:
-                record = event_record(stream, row, f"line {number}")
-            except RefusedEvent as exc:
-                summary.refused.append(str(exc))
-                continue
-            publisher = publisher_of(stream)
-            with Interrupt() as stop:
-                publisher.publish(record, position=len(order))
-            order.append((stream, len(order), str(record[publisher.key_field])))
-            if stop.requested:
-                summary.interrupted = stop.signal_name
-                break
-    except KeyboardInterrupt:
-        summary.interrupted = terminated[0] if terminated else "SIGINT"
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-    with Interrupt():  # the flush is not cut short by a first Ctrl-C
-        remaining = producer.flush(30.0)
+    with Interrupt() as stop:
+        try:
+            stop.raising = True  # waiting for the next line: a signal ends the wait
+            for number, stream, row in rows:
+                stop.raising = False
+                if isinstance(row, RefusedEvent):
+                    summary.refused.append(str(row))
+                elif not isinstance(record := _record_or_refusal(stream, row, number), dict):
+                    summary.refused.append(str(record))
+                else:
+                    if stream not in publishers:
+                        publishers[stream] = stream_publisher(
+                            STREAMS[stream][0], settings.connection, settings.topics, producer)
+                    publisher = publishers[stream]
+                    publisher.publish(record, position=len(order))
+                    order.append((stream, len(order), str(record[publisher.key_field])))
+                if stop.requested:
+                    break
+                stop.raising = True
+        except KeyboardInterrupt:
+            pass
+        stop.raising = False
+        summary.interrupted = stop.signal_name if stop.requested else None
+        remaining = producer.flush(30.0)  # a second signal cuts it short
     for publisher in publishers.values():
         summary.sent += publisher.sent
         summary.failed += publisher.failed

@@ -19,7 +19,7 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from triage.bus.clients import make_producer, produce, source_of
 from triage.bus.errors import ConfigurationError
-from triage.bus.settings import ConnectionSettings
+from triage.bus.settings import ConnectionSettings, TopicSettings
 from triage.schemas.codec import codec_for
 
 
@@ -111,6 +111,18 @@ class OrderPublisher(RecordPublisher):
     def __init__(self, connection: ConnectionSettings, topic: str, **producer_overrides: Any
                  ) -> None:
         super().__init__(connection, topic, "order", "order_id", **producer_overrides)
+
+
+def stream_publisher(stream: str, connection: ConnectionSettings, topics: TopicSettings,
+                     producer: Producer) -> RecordPublisher:
+    """The publisher of ``stream`` (``orders``, ``payments``, ``inventory``, ``zip_codes``) on
+    its topic, sharing ``producer`` (a replay or ``triage produce`` of several streams)."""
+    if stream == "orders":
+        return OrderPublisher(connection, topics.orders_topic, producer=producer)
+    make, topic = {"inventory": (inventory_publisher, topics.inventory_topic),
+                   "payments": (payment_publisher, topics.payments_topic),
+                   "zip_codes": (zip_code_publisher, topics.zip_codes_topic)}[stream]
+    return make(connection, topic, producer)
 
 
 def inventory_publisher(connection: ConnectionSettings, topic: str,

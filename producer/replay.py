@@ -30,13 +30,7 @@ from triage.bus.interrupt import Interrupt
 from triage.bus.settings import Settings, SettingsError
 from triage.model.orders import SkippedRow, read_orders_csv
 from triage.model.reference import REFERENCE_FILES, parse_timestamps, read_csv
-from triage.producer.publisher import (
-    OrderPublisher,
-    RecordPublisher,
-    inventory_publisher,
-    payment_publisher,
-    zip_code_publisher,
-)
+from triage.producer.publisher import RecordPublisher, stream_publisher
 
 # Stream names, in the order the merge takes them at one instant.
 STREAMS = ("zip_codes", "inventory", "payments", "orders")
@@ -176,15 +170,12 @@ def replay(settings: Settings, path: str | Path, *, streams: Sequence[str] | Non
         if name == "orders":
             orders = read_orders_csv(orders_file, encoding=settings.csv_encoding)
             skipped = orders.skipped
-            publisher: RecordPublisher = OrderPublisher(connection, topics.orders_topic,
-                                                        producer=producer)
-            loaded.append(_Stream(name, publisher, orders.records(), orders.timestamp_ms))
+            loaded.append(_Stream(name, stream_publisher(name, connection, topics, producer),
+                                  orders.records(), orders.timestamp_ms))
             continue
         records, times = _reference_records(settings, path, name)
-        make = {"inventory": (inventory_publisher, topics.inventory_topic),
-                "payments": (payment_publisher, topics.payments_topic),
-                "zip_codes": (zip_code_publisher, topics.zip_codes_topic)}[name]
-        loaded.append(_Stream(name, make[0](connection, make[1], producer), records, times))
+        loaded.append(_Stream(name, stream_publisher(name, connection, topics, producer),
+                              records, times))
     return _publish(loaded, producer, rate=rate, speedup=speedup, limit=limit, skip=skip,
                     progress=progress, track=track, skipped=skipped, stop=stop)
 

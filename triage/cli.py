@@ -587,35 +587,24 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     """``triage produce`` (producer/produce.py): 0 when what was not refused was published
     (refusals listed on stderr), 1 when a delivery failed, 2 when the flags are refused or
     every line was (nothing published), 130 after Ctrl-C."""
-    from triage.producer.produce import (
-        csv_time,
-        event_record,
-        json_rows,
-        now_text,
-        produce_events,
-    )
+    from triage.producer.produce import event_record, json_rows, now_text, produce_events
 
-    flags = {"order_id": args.order_id, "customer_id": args.customer_id, "sku_code": args.sku,
-             "zip_code": args.zip, "payment_status": args.status, "inventory": args.inventory,
-             "timestamp": args.timestamp, "available_from": args.available_from}
-    given = {name: value for name, value in flags.items() if value is not None}
-    for name in ("timestamp", "available_from"):  # ISO 8601 too, as the HTTP API takes it
-        if name in given:
-            given[name] = csv_time(given[name])
+    # The stream's columns and the flags that give them (a flag's dest is its name).
+    flag_of = {"order_id": "--order-id", "customer_id": "--customer-id", "sku_code": "--sku",
+               "zip_code": "--zip", "payment_status": "--status", "inventory": "--inventory",
+               "timestamp": "--timestamp", "available_from": "--available-from"}
+    given = {column: value for column, flag in flag_of.items()
+             if (value := getattr(args, flag[2:].replace("-", "_"))) is not None}
     if args.stdin:
         if given:
             raise SettingsError(f"--stdin takes the events from stdin; leave out "
-                                f"{', '.join('--' + n for n in given)}")
+                                f"{', '.join(flag_of[column] for column in given)}")
         rows = json_rows(sys.stdin, args.stream)
     else:
         time_field = "available_from" if args.stream == "zip_code" else "timestamp"
         row = {time_field: now_text(), **given}
-        flag_names = {"order_id": "--order-id", "customer_id": "--customer-id",
-                      "sku_code": "--sku", "zip_code": "--zip", "payment_status": "--status",
-                      "inventory": "--inventory", "timestamp": "--timestamp",
-                      "available_from": "--available-from"}
-        # refused here, before connecting
-        event_record(args.stream, row, f"triage produce {args.stream}", flag_names)
+        # refused here, before connecting (ISO 8601 times are taken, as the HTTP API takes them)
+        event_record(args.stream, row, f"triage produce {args.stream}", flag_of)
         rows = iter([(1, args.stream, row)])
     summary = produce_events(_resolved(settings), rows, idempotent=args.stdin)
     for stream, key, topic, partition, offset in summary.delivered[:20]:
