@@ -59,7 +59,7 @@ promtool:
 # mypy runs on the installed layout (triage.model is model/, ...): a tree of symlinks, made
 # afresh each time so that new files are seen. mypy does not run the editable install's hook.
 TYPECHECK := build/typecheck
-PACKAGES  := bus schemas model producer consumer gateway bench
+PACKAGES  := bus schemas model producer scoring consumer gateway bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

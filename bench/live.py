@@ -3,7 +3,7 @@ own, and what it reads back from a worker's JSON log (docs/benchmarks.md, "Live 
 data").
 
 On the live path the scorer runs as shipped, without ``--reference``: an order waits until
-every reference partition it reads has passed its second (consumer/reference.py). The bench
+every reference partition it reads has passed its second (scoring/feed.py). The bench
 gives each order one payment event (its ``order_id``) and one stock event (its ``sku_code``)
 carrying the status and level the CSV history gives as of the order, so the features stay
 those of the data: pre-published at the order's own time for the throughput and restore runs,
@@ -104,7 +104,7 @@ def zip_code_records(data_dir: Path, encoding: str = "utf-8") -> list[dict[str, 
 def announce_ahead(known: Iterable[str], now_ms: int) -> dict[str, Any]:
     """A roll-out announced a year ahead, of a zip code no order and no row of the data names,
     without changing any order's features. It moves the zip code stream only to the clock plus
-    TRIAGE_MAX_CLOCK_SKEW_MS (consumer/reference.py): after that the stream is quiet, and
+    TRIAGE_MAX_CLOCK_SKEW_MS (scoring/feed.py): after that the stream is quiet, and
     each order waits the lateness allowance for it, as it would for a store's rare roll-outs."""
     taken = set(known)
     code = next(f"{n:05d}" for n in range(99_999, -1, -1) if f"{n:05d}" not in taken)

@@ -377,13 +377,13 @@ class Bench:
 
     def _models(self, records: list[dict[str, Any]], main: Published,
                 models: tuple[Path, Path], work: Path) -> dict[str, Any]:
-        """The scorer following a registry (consumer/models.py): throughput over the N orders
+        """The scorer following a registry (scoring/follower.py): throughput over the N orders
         with the active version alone and with a shadow version (interleaved, 2 pairs), and
         the time from each of 5 promotions to the first prediction by the new version, at a
         steady --rate / 5 orders/s."""
-        from triage.consumer.models import changed, publish_state
         from triage.model.registry import Registry
         from triage.model.train import train
+        from triage.scoring.follower import changed, publish_state
 
         model_dir, data_dir = models
         registry = Registry(work / "registry")
@@ -609,7 +609,7 @@ class Bench:
             group_id=self._topic(f"{tag}-group"),
             batch_size=batch_size or self.settings.scorer.batch_size, **reference.settings())
         if self._following is not None:  # the models figures: a control topic of its own
-            from triage.consumer.models import changed, publish_state
+            from triage.scoring.follower import changed, publish_state
 
             _, active, shadow = self._following
             settings = settings.replace(models_topic=self._topic(f"{tag}-models"),

@@ -1,7 +1,7 @@
 """A store's producer timing, simulated: the four streams published with independent delays,
 bursts after pauses, out-of-order events and producer clocks ahead, through the workers'
-broker-free event-time rule, scoring core and corrections (consumer/reference.py,
-consumer/core.py, consumer/revisions.py) on a simulated wall clock.
+broker-free event-time rule, scoring core and corrections (scoring/feed.py,
+scoring/core.py, scoring/corrections.py) on a simulated wall clock.
 
 Used twice: by the property test (tests/test_live_timing.py: every order's last revision
 equals merge_asof over all events, and every first prediction that differs is flagged or
@@ -28,13 +28,13 @@ import numpy as np
 from triage.bus.clients import Source
 from triage.bus.partitioner import partitions_for
 from triage.bus.settings import ReferenceSettings, ValidationSettings
-from triage.consumer.core import CoreConfig, Incoming, ScoringCore
-from triage.consumer.reference import INVENTORY, PAYMENTS, ZIP_CODES, ReferenceFeed
-from triage.consumer.revisions import RetainedOrders
-from triage.consumer.validation import OrderValidator
 from triage.model.artifact import Model
 from triage.model.reference import ReferenceTables
 from triage.schemas.codec import Codec
+from triage.scoring.core import CoreConfig, Incoming, ScoringCore
+from triage.scoring.corrections import RetainedOrders
+from triage.scoring.feed import INVENTORY, PAYMENTS, ZIP_CODES, ReferenceFeed
+from triage.scoring.validation import OrderValidator
 
 ORDERS = "orders"
 START_MS = 1_767_607_200_000  # 2026-01-05 10:00:00 UTC

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from confluent_kafka import Message
 
+from triage.bus.deadletter import headers_dict
 from triage.bus.settings import Settings
-from triage.consumer.deadletter import headers_dict
 from triage.consumer.loop import BatchLoop, Handler, Output
 
 SOURCE_HEADER = "triage.bench.source"

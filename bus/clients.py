@@ -215,13 +215,13 @@ def topic_specs(topics: TopicSettings) -> dict[str, int]:
         # One partition: a few reports per hour, read back in window order by the HTML report.
         topics.drift_reports_topic: 1,
         # Co-partitioned with orders (the documented placement, checked by the workers; they
-        # read every partition all the same, consumer/reference.py).
+        # read every partition all the same, scoring/feed.py).
         topics.payments_topic: topics.orders_partitions,
         topics.inventory_topic: topics.reference_partitions,
         topics.zip_codes_topic: topics.reference_partitions,
         topics.reference_dlq_topic: topics.output_partitions,
         topics.shadow_topic: topics.output_partitions,
-        # One partition, compacted: one key, the whole model state (consumer/models.py).
+        # One partition, compacted: one key, the whole model state (scoring/follower.py).
         topics.models_topic: 1,
     }
 

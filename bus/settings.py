@@ -235,7 +235,7 @@ class ScorerSettings:
         "Largest order record accepted; larger ones are dead-lettered as `oversized`.")
     hooks: str = _setting(
         "", "TRIAGE_HOOKS",
-        "Extra per-batch hooks, comma-separated `module:factory` (see consumer/hooks.py).")
+        "Extra per-batch hooks, comma-separated `module:factory` (see scoring/hooks.py).")
     metrics_port: int = _setting(
         0, "TRIAGE_METRICS_PORT",
         "Serve /metrics, /healthz and /readyz from each worker on this port + worker number; "
@@ -344,7 +344,7 @@ class DriftSettings:
 
 @dataclass(frozen=True)
 class ReferenceSettings:
-    """How workers join orders with the live reference streams (consumer/reference.py)."""
+    """How workers join orders with the live reference streams (scoring/feed.py)."""
 
     reference_lateness_ms: int = _setting(
         2000, "TRIAGE_REFERENCE_LATENESS_MS",

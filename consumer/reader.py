@@ -15,10 +15,10 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message
 
 from triage.bus.clients import make_consumer, partitions_of
+from triage.bus.deadletter import HEADER_PREFIX, REASON_HEADER, headers_dict
 from triage.bus.errors import WaitTimeout
 from triage.bus.offsets import watermarks
 from triage.bus.settings import ConnectionSettings, TopicSettings
-from triage.consumer.deadletter import HEADER_PREFIX, REASON_HEADER, headers_dict
 from triage.schemas.codec import codec_for
 
 

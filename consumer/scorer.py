@@ -1,11 +1,11 @@
 """The scorer one worker process runs: the Kafka loop (:mod:`triage.consumer.loop`) around the
-scoring core (:mod:`triage.consumer.core`).
+scoring core (:mod:`triage.scoring.core`).
 
 Per batch the loop consumes, this module turns the records into the core's input, the core
 decides what becomes of each, and this module turns that into records to produce: predictions
 (Avro, keyed by order) to the predictions topic, sampled ones to the drift topic, and dead
 letters, with Kafka Connect's headers and the original key and value, fitted to what the
-producer and topic take (:mod:`triage.consumer.deadletter`), to the dead-letter topic. The
+producer and topic take (:mod:`triage.bus.deadletter`), to the dead-letter topic. The
 loop commits a batch's offsets once every record it produced is acknowledged: at-least-once
 (consumer/commit.py ``PipelinedAtLeastOnce``), or one transaction per batch with
 ``--exactly-once``.
@@ -30,19 +30,20 @@ from triage.bus.clients import (
     source_of,
     topic_max_message_bytes,
 )
+from triage.bus.deadletter import dead_letter_headers, fit_dead_letter
 from triage.bus.health import Health
-from triage.bus.settings import ScorerSettings, Settings
+from triage.bus.settings import Settings
 from triage.consumer import metrics
-from triage.consumer.core import CoreConfig, Incoming, Outcome, ScoringCore, split_hooks
-from triage.consumer.deadletter import dead_letter_headers, fit_dead_letter
 from triage.consumer.loop import BatchLoop, Handled, Output
-from triage.consumer.models import ModelFollower
-from triage.consumer.reference import Letter, Polled, ReferenceFeed, ReferenceReader
-from triage.consumer.revisions import RetainedOrders, kept_from_records, read_published
-from triage.consumer.validation import OrderValidator
+from triage.consumer.readback import read_published
 from triage.model.artifact import Model
 from triage.model.reference import ReferenceTables
 from triage.schemas.codec import codec_for
+from triage.scoring.core import Incoming, Outcome, ScoringCore, core_config, split_hooks
+from triage.scoring.corrections import RetainedOrders, kept_from_records
+from triage.scoring.feed import Letter, Polled, ReferenceFeed, ReferenceReader
+from triage.scoring.follower import ModelFollower
+from triage.scoring.validation import OrderValidator
 
 
 @dataclass
@@ -75,24 +76,18 @@ class ScorerStats:
                 "reference_wait_expired": self.expired, "corrected": self.corrected}
 
 
-def core_config(scorer: ScorerSettings) -> CoreConfig:
-    return CoreConfig(max_message_bytes=scorer.max_message_bytes,
-                      sample_rate=scorer.sample_rate,
-                      deadline_s=scorer.processing_deadline_ms / 1000.0)
-
-
 class Scorer:
     """One worker's scorer: ``run()`` until ``request_stop()``; counts in ``stats``.
 
     ``snapshot``: the reference tables loaded from CSVs (``--reference``), or None to start
     from nothing. With ``live_reference`` (the default) the worker reads the reference streams
-    on top (consumer/reference.py), orders wait for them by event time, and late events bring
-    corrected revisions (consumer/revisions.py); without, it scores with the snapshot alone, at
+    on top (scoring/feed.py), orders wait for them by event time, and late events bring
+    corrected revisions (scoring/corrections.py); without, it scores with the snapshot alone, at
     once. ``extra_hooks``: the hooks of ``TRIAGE_HOOKS``, run after
     the built-in validation under the batch's deadline. ``health``: beaten by the loop and the
     restore; its ``reference_restored`` condition met once the tables are restored.
     ``follower``: a worker following a model registry; the models it loads are swapped in
-    before the next batch (consumer/models.py). ``shadow``: a model scored beside ``model``
+    before the next batch (scoring/follower.py). ``shadow``: a model scored beside ``model``
     from the start, its predictions to the shadow topic. ``loop``: the worker's batch loop, made
     (and maybe subscribed, see BatchLoop.subscribe) before the model loaded; else one is made."""
 
@@ -200,7 +195,7 @@ class Scorer:
         self._same_count = orders == len(self._prediction_partitions)
 
     def _swap_model(self) -> None:
-        """Between two batches: take the model the follower loaded, if any (consumer/models.py)."""
+        """Between two batches: take the model the follower loaded, if any (scoring/follower.py)."""
         assert self.follower is not None
         models = self.follower.take()
         if models is None:
@@ -308,7 +303,7 @@ class Scorer:
 
     def _read_back(self) -> None:
         """Read back what was published for the orders of the partitions assigned since the
-        last turn, in the last retention period (consumer/revisions.py)."""
+        last turn, in the last retention period (scoring/corrections.py)."""
         assert self.retained is not None
         partitions = sorted(self._to_read_back & self.loop.assigned)
         self._to_read_back.clear()

@@ -67,7 +67,7 @@ class Supervisor:
     workers: int
     autoscaler: Autoscaler | None = None
     scale_interval_s: float = 5.0
-    registry_dir: Path | None = None  # a model registry the workers follow (consumer/models.py)
+    registry_dir: Path | None = None  # a model registry the workers follow (scoring/follower.py)
     slots: list[_Slot] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -1,7 +1,7 @@
 """One scorer worker process: ``python -m triage.consumer.worker --model DIR [--reference DIR]``.
 
 ``--reference DIR``: load the reference CSVs as a snapshot first; the live reference streams
-apply on top either way (consumer/reference.py).
+apply on top either way (scoring/feed.py).
 
 Settings come from the ``TRIAGE_*`` environment the supervisor passes down; ``triage worker``
 runs the same :func:`run` in its own process with no supervisor (one worker per Kubernetes
@@ -100,7 +100,7 @@ def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | P
         serving_process: bool = False) -> int:
     """Run one worker in this process until SIGTERM/SIGINT; returns its exit status (module
     docstring). The model: ``model_dir``, or with ``registry_dir`` the version the models
-    control topic says is active, swapped between batches when it changes (consumer/models.py).
+    control topic says is active, swapped between batches when it changes (scoring/follower.py).
     With ``TRIAGE_METRICS_PORT``, ``/metrics``, ``/healthz`` and ``/readyz`` are served on that
     port + ``worker_id`` from the start (bus/health.py): ready once the model is loaded, the
     reference tables restored and the consumer group joined. ``serving_process``: this process
@@ -149,13 +149,14 @@ def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | P
 
             import_xgboost_for_serving()
         from triage.consumer import metrics
-        from triage.consumer.hooks import load_hooks
-        from triage.consumer.models import ModelFollower
         from triage.consumer.scorer import Scorer
         from triage.model import artifact
         from triage.model.policy import CLASSES
         from triage.model.reference import ReferenceTables, zip_code_warnings
         from triage.model.registry import Registry
+        from triage.scoring import metrics as scoring_metrics
+        from triage.scoring.follower import ModelFollower
+        from triage.scoring.hooks import load_hooks
 
         if registry_dir is not None:
             follower = ModelFollower(settings.connection, settings.topics,
@@ -184,7 +185,7 @@ def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | P
             quiet_garbage_collector()
         metrics.MODEL_INFO.labels(model.version).set(1)
         for recommendation in CLASSES:  # every class has a series from the start, at 0
-            metrics.PREDICTIONS.labels(recommendation)
+            scoring_metrics.PREDICTIONS.labels(recommendation)
         if stop_requested.is_set():
             scorer.request_stop()
         scorer.run()

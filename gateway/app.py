@@ -55,7 +55,7 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.requests import ClientDisconnect
 
 from triage.gateway import metrics
-from triage.gateway.live import LiveBusy
+from triage.gateway.reference_thread import ReferenceBusy
 from triage.gateway.service import Decision, Gateway
 from triage.gateway.view import BrokerRefused
 
@@ -197,13 +197,13 @@ def make_app(gateway: Gateway, *, max_body_bytes: int = 4 << 20,
         """``function(*args)`` on the scoring thread, after the calls handed to it before;
         ``inline_when_idle``: on the loop itself if there are none (the thread then runs
         nothing, and cannot start before the loop is free again), as ``function(*args,
-        wait=False)``, which raises LiveBusy rather than wait for the reference reader's lock
+        wait=False)``, which raises ReferenceBusy rather than wait for the reference reader's lock
         (held for seconds while the broker does not answer): then on the thread after all."""
         nonlocal handed
         if inline_when_idle and handed == 0:
             try:
                 return function(*args, wait=False)
-            except LiveBusy:  # the reference reader holds the tables: never wait on the loop
+            except ReferenceBusy:  # the reference reader holds the tables: never wait on the loop
                 pass
         loop = asyncio.get_running_loop()
 

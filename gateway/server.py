@@ -23,7 +23,7 @@ from triage.bus.embedded import port_in_use
 from triage.bus.errors import ConfigurationError, PortInUse
 from triage.bus.settings import Settings
 from triage.gateway.app import make_app
-from triage.gateway.live import LiveReference
+from triage.gateway.reference_thread import ReferenceThread
 from triage.gateway.service import Gateway, Publisher
 from triage.gateway.view import AsyncOrders, View
 from triage.model import artifact
@@ -55,8 +55,8 @@ def _build(settings: Settings, log: Any, closing: list[Any], *, model_dir: Path 
         if not broker:
             raise ConfigurationError("--registry needs a broker: the active version is on the "
                                      "models control topic; use --model DIR without one")
-        from triage.consumer.models import ModelFollower
         from triage.model.registry import Registry
+        from triage.scoring.follower import ModelFollower
 
         follower = ModelFollower(settings.connection, settings.topics,
                                  Registry(registry_dir), log=log).start()
@@ -79,7 +79,7 @@ def _build(settings: Settings, log: Any, closing: list[Any], *, model_dir: Path 
     if broker:
         log.info("reference_restoring", note="the reference streams, every partition, on top "
                  "of the CSVs; the gateway serves once they are read to their ends")
-        live = LiveReference(settings, reference, snapshot=reference_dir is not None)
+        live = ReferenceThread(settings, reference, snapshot=reference_dir is not None)
         closing.append(live)
         live.start()
         producer = make_producer(settings.connection)

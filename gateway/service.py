@@ -1,12 +1,12 @@
 """The HTTP front door's scoring: orders as the original exercise posts them, scored by the
-stream workers' own core (consumer/core.py: the same validation, features, model and records),
+stream workers' own core (scoring/core.py: the same validation, features, model and records),
 and, with a broker, published like any other decision.
 
 An HTTP order is ``{"order_id", "customer_id", "timestamp", "sku_code", "zip_code"}``. Its
 ``timestamp`` is ``YYYY-MM-DD HH:MM:SS`` (UTC, the CSVs' form) or ISO 8601 with or without an
 offset (``2021-05-01T13:21:59.930321+00:00``, the exercise's own example; without an offset it
 is UTC); empty or missing means now. Everything else about an order is checked by the workers'
-validation (consumer/validation.py).
+validation (scoring/validation.py).
 
 Publishing (when a broker is configured): every decision goes to the predictions topic like a
 worker's, keyed by ``order_id``, with the header ``triage-origin: http`` and lineage -1
@@ -28,16 +28,15 @@ import structlog
 from confluent_kafka import Producer
 
 from triage.bus.settings import Settings
-from triage.consumer.core import CoreConfig, Incoming, ScoringCore, split_hooks
-from triage.consumer.hooks import load_hooks
-from triage.consumer.scorer import core_config
-from triage.consumer.validation import OrderValidator
 from triage.gateway import metrics
-from triage.gateway.live import LiveReference
+from triage.gateway.reference_thread import ReferenceThread
 from triage.model.artifact import Model
 from triage.model.reference import ReferenceTables
 from triage.producer.publisher import OrderError, parse_timestamp_ms
 from triage.schemas.codec import Codec, codec_for
+from triage.scoring.core import CoreConfig, Incoming, ScoringCore, core_config, split_hooks
+from triage.scoring.hooks import load_hooks
+from triage.scoring.validation import OrderValidator
 
 ORIGIN_HEADER = "triage-origin"
 FIELDS = ("order_id", "customer_id", "timestamp", "sku_code", "zip_code")
@@ -129,10 +128,10 @@ class Gateway:
 
     def __init__(self, settings: Settings, model: Model, reference: ReferenceTables,
                  publisher: Publisher | None = None, follower: Any = None,
-                 live: LiveReference | None = None) -> None:
+                 live: ReferenceThread | None = None) -> None:
         self.settings = settings
         self.publisher = publisher
-        self.follower = follower  # consumer/models.py ModelFollower, with --registry
+        self.follower = follower  # scoring/follower.py ModelFollower, with --registry
         self.live = live  # the reference streams applied on top of ``reference``
         validator = OrderValidator(settings.validation)
         config: CoreConfig = core_config(settings.scorer)
@@ -151,8 +150,8 @@ class Gateway:
         """One decision per order, in order, from one predict call. An order that cannot be
         scored (bad timestamp, a field the validation refuses) gets its error instead; the
         others are scored as usual. ``wait=False`` (the event loop): raise
-        :class:`~triage.gateway.live.LiveBusy` before scoring anything if the live reference
-        reader holds the tables, rather than wait for it."""
+        :class:`~triage.gateway.reference_thread.ReferenceBusy` before scoring anything if the
+        reference reader holds the tables, rather than wait for it."""
         if self.follower is not None:  # a promotion: swap between two requests
             models = self.follower.take()
             if models is not None:
@@ -183,7 +182,8 @@ class Gateway:
         for scored, whole in zip(outcome.predictions, complete, strict=True):
             position = positions[id(scored.item)]
             # Answered before every reference stream passed the order's time: the features
-            # may miss events still to come, as a worker's expired wait may (gateway/live.py).
+            # may miss events still to come, as a worker's expired wait may
+            # (gateway/reference_thread.py).
             scored.record["reference_wait_expired"] = not whole
             decisions[position] = Decision(scored.record["order_id"], prediction=scored.record)
         for letter in outcome.dead_letters:

@@ -28,13 +28,13 @@ import structlog
 from confluent_kafka import KafkaError, TopicPartition
 
 from triage.bus.clients import make_consumer, partitions_of
+from triage.bus.deadletter import REASON_HEADER, headers_dict
 from triage.bus.errors import BadRecord
 from triage.bus.settings import Settings
-from triage.consumer.deadletter import REASON_HEADER, headers_dict
-from triage.consumer.validation import OrderValidator
 from triage.gateway.service import InvalidTimestamp, field_of, order_record
 from triage.producer.publisher import RecordPublisher
 from triage.schemas.codec import codec_for
+from triage.scoring.validation import OrderValidator
 
 _POLL_S = 0.2
 _MESSAGE_HEADER = "__connect.errors.exception.message"

@@ -12,7 +12,7 @@ With ``mlflow-skinny`` installed and ``TRIAGE_MLFLOW_TRACKING_URI`` set:
   by file, against its manifest) and promotes it there.
 
 Workers never talk to MLflow: they follow the triage registry and the control topic
-(consumer/models.py), so a tracking server that is down stops neither scoring nor a rollback.
+(scoring/follower.py), so a tracking server that is down stops neither scoring nor a rollback.
 The artifact is stored as it is, not as an MLflow "flavor": MLflow keeps it, triage verifies
 and loads it.
 

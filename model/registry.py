@@ -13,7 +13,7 @@ missing", "model.json does not match its manifest ...") instead of as a candidat
 :meth:`Registry.get` (what promoting and shadowing call) refuses it.
 
 The registry holds versions; which one is active, which one runs in shadow and who changed it
-when live on the control topic (consumer/models.py), so that every worker agrees on them.
+when live on the control topic (scoring/follower.py), so that every worker agrees on them.
 
 A version's metadata is its manifest's: ``created_at`` (UTC), ``metrics.holdout_accuracy``
 (against the policy, on the training run's holdout), ``training.data_sha256`` (of each

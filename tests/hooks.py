@@ -9,7 +9,7 @@ import threading
 import time
 
 from triage.bus.settings import Settings
-from triage.consumer.hooks import ScoredBatch
+from triage.scoring.hooks import ScoredBatch
 
 SLOW_BATCH_ENV = "TRIAGE_TEST_SLOW_BATCH_MS"
 

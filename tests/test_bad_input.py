@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from triage.bus.clients import make_producer
+from triage.bus.deadletter import headers_dict
 from triage.bus.offsets import committed_offsets
 from triage.bus.settings import Settings
-from triage.consumer import dlq
-from triage.consumer.deadletter import headers_dict
+from triage.consumer import deadletter_topic as dlq
 from triage.consumer.reader import TopicReader
 from triage.consumer.scorer import Scorer
 from triage.model import artifact

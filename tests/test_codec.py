@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from triage.bus.settings import Settings, SettingsError
-from triage.consumer.validation import OrderValidator
 from triage.schemas.codec import (
     Codec,
     DecodeError,
@@ -36,6 +35,7 @@ from triage.schemas.codec import (
     load_schema,
     schema_fingerprint,
 )
+from triage.scoring.validation import OrderValidator
 
 ORDER = {"order_id": "O-1", "customer_id": "C-9", "timestamp_ms": 1_767_225_600_000,
          "sku_code": "SKU-00042", "zip_code": "01234"}

@@ -15,14 +15,14 @@ import pytest
 from tests.test_bad_input import PoisonedInventory
 from triage.bus.clients import Source
 from triage.bus.settings import Settings
-from triage.consumer.core import CoreConfig, Incoming, Outcome, ScoringCore, split_hooks
-from triage.consumer.hooks import Rejection
-from triage.consumer.sampler import sampled_indices
-from triage.consumer.validation import OrderValidator
 from triage.model import artifact
 from triage.model.orders import OrderColumns, read_orders_csv
 from triage.model.reference import ReferenceTables
 from triage.schemas.codec import Codec
+from triage.scoring.core import CoreConfig, Incoming, Outcome, ScoringCore, split_hooks
+from triage.scoring.hooks import Rejection
+from triage.scoring.sampling import sampled_indices
+from triage.scoring.validation import OrderValidator
 
 CODEC = Codec("order")
 DAY_MS = 86_400_000
@@ -200,7 +200,7 @@ def test_a_hook_that_hangs_on_one_order_costs_that_batch_and_the_later_orders_ar
     """Found re-running the fault cases: the orders behind a hung call were dead-lettered as
     ``timeout`` batch after batch ("still running a call that overran an earlier batch's
     deadline"). The hook, loaded from its factory as TRIAGE_HOOKS loads it, is renewed."""
-    from triage.consumer.hooks import HookRunner
+    from triage.scoring.hooks import HookRunner
 
     _, _, orders = parts
     release, made = threading.Event(), []
@@ -227,7 +227,7 @@ def test_a_hook_that_hangs_on_every_call_is_renewed_at_most_max_abandoned_times(
         parts: tuple) -> None:
     """Renewal is bounded: a hook that hangs on everything holds at most MAX_ABANDONED threads,
     and the batches after that wait for it (dead-lettered as timeout), as before renewal."""
-    from triage.consumer.hooks import MAX_ABANDONED, HookRunner
+    from triage.scoring.hooks import MAX_ABANDONED, HookRunner
 
     _, _, orders = parts
     release, made = threading.Event(), []
@@ -250,7 +250,7 @@ def test_a_hook_factory_that_hangs_is_called_once_and_one_that_raises_is_given_u
     """A renewal that has not returned is waited for by the next batch, not started again (a
     thread per batch otherwise); a factory failing 3 times in a row, or returning the instance
     in use, is not called again (its batches wait, dead-lettered as timeout)."""
-    from triage.consumer.hooks import MAX_RENEWAL_FAILURES, HookRunner
+    from triage.scoring.hooks import MAX_RENEWAL_FAILURES, HookRunner
 
     _, _, orders = parts
     release, made = threading.Event(), []

@@ -15,11 +15,8 @@ import numpy as np
 import pytest
 
 from triage.bus.settings import Settings
-from triage.consumer.core import CoreConfig, Incoming, ScoringCore
 from triage.consumer.drift_monitor import _Window, report_record
 from triage.consumer.drift_report import open_window_note, render
-from triage.consumer.sampler import sampled_indices
-from triage.consumer.validation import OrderValidator
 from triage.model import artifact
 from triage.model.datagen import generate
 from triage.model.drift import CHECKS, Reference, evaluate
@@ -27,6 +24,9 @@ from triage.model.features import FEATURE_NAMES, FeatureBatch
 from triage.model.orders import read_orders_csv
 from triage.model.reference import ReferenceTables
 from triage.schemas.codec import Codec
+from triage.scoring.core import CoreConfig, Incoming, ScoringCore
+from triage.scoring.sampling import sampled_indices
+from triage.scoring.validation import OrderValidator
 
 
 class _Tags(HTMLParser):

@@ -30,13 +30,13 @@ from tests.test_delivery import Background
 from tests.test_features import oracle
 from tests.test_health import wait_for
 from tests.test_real_faults import EXERCISE
+from triage.bus.deadletter import headers_dict
 from triage.bus.embedded import free_port
 from triage.bus.settings import Settings
-from triage.consumer.deadletter import headers_dict
 from triage.consumer.reader import TopicReader
 from triage.consumer.supervisor import Supervisor
 from triage.gateway.app import MAX_BATCH, make_app
-from triage.gateway.live import LiveReference
+from triage.gateway.reference_thread import ReferenceThread
 from triage.gateway.server import build
 from triage.gateway.service import ORIGIN_HEADER, Decision, Gateway, timestamp_ms
 from triage.model import artifact
@@ -278,7 +278,7 @@ def test_probes_answer_while_the_reference_reader_holds_the_tables(
     """The reference reader holds the tables while it polls: seconds when the broker does not
     answer. A single order, scored on the event loop when the scoring thread is idle, waited
     for it there and held /healthz behind it (found in review); it now goes to the thread."""
-    from triage.gateway.live import LiveReference
+    from triage.gateway.reference_thread import ReferenceThread
 
     class Asked:
         """The reader's lock, telling when the decision has come to it."""
@@ -294,7 +294,7 @@ def test_probes_answer_while_the_reference_reader_holds_the_tables(
             self.lock.release()
 
     tables = ReferenceTables.load(EXERCISE)
-    live = LiveReference(settings, tables, snapshot=True)  # its reading thread not started
+    live = ReferenceThread(settings, tables, snapshot=True)  # its reading thread not started
     live._lock = spy = Asked()  # type: ignore[assignment]
     gateway = Gateway(settings, artifact.load(exercise_model), tables, live=live)
     answer: dict[str, Any] = {}
@@ -443,9 +443,9 @@ def test_submitted_orders_become_predictions_and_http_decisions_are_published(
 
             # The reference reader stops (its Kafka client goes away under it): /readyz says
             # so, instead of answering from tables that no longer move.
-            (reference,) = [r for r in closing if isinstance(r, LiveReference)]
+            (reference,) = [r for r in closing if isinstance(r, ReferenceThread)]
             assert client.request("GET", "/readyz")[0] == 200
-            reference.reader.consumer.close()
+            reference.reader.reader.consumer.close()
             wait_for("/readyz 503", lambda: client.request("GET", "/readyz")[0] == 503)
             assert reference.failed is not None
 

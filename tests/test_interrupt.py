@@ -137,7 +137,7 @@ def test_predictions_of_one_order_its_latest_revision_on_stdout_and_the_summary_
     assert publisher.flush(30) == 0
     from confluent_kafka import Producer
 
-    from triage.consumer.deadletter import HEADER_PREFIX, REASON_HEADER
+    from triage.bus.deadletter import HEADER_PREFIX, REASON_HEADER
 
     letters = Producer({"bootstrap.servers": settings.connection.bootstrap_servers})
     letters.produce(settings.topics.dlq_topic, key=b"O-4", value=b"x", headers=[

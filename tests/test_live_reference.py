@@ -21,10 +21,10 @@ import pytest
 
 from tests.test_features import oracle
 from triage.bus.clients import create_topics, make_admin, make_producer
+from triage.bus.deadletter import headers_dict
 from triage.bus.offsets import committed_offsets
 from triage.bus.partitioner import partitions_for
 from triage.bus.settings import Settings
-from triage.consumer.deadletter import headers_dict
 from triage.consumer.reader import TopicReader, collect
 from triage.consumer.supervisor import Supervisor
 from triage.model.datagen import generate

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 
 from triage.bench.timing import ORDERS, Event, Timing, publish, simulate, store_history
 from triage.bus.settings import ReferenceSettings
-from triage.consumer.reference import INVENTORY, PAYMENTS, ZIP_CODES
 from triage.model import artifact
 from triage.model.artifact import Model
+from triage.scoring.feed import INVENTORY, PAYMENTS, ZIP_CODES
 
 REFERENCE = ReferenceSettings(reference_lateness_ms=2_000, reference_max_wait_ms=5_000,
                               max_clock_skew_ms=1_000)

@@ -13,10 +13,10 @@ import pytest
 
 from tests.test_models import TRIAGE, cli, tamper
 from triage.bus.settings import Settings
-from triage.consumer.models import read_state
 from triage.consumer.supervisor import worker_env
 from triage.model import artifact
 from triage.model.registry import Registry
+from triage.scoring.follower import read_state
 
 
 def run(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -1,4 +1,4 @@
-"""Models that change without a stop (model/registry.py, consumer/models.py): the registry on
+"""Models that change without a stop (model/registry.py, scoring/follower.py): the registry on
 its own, then two workers following it on the broker while orders stream in and versions are
 promoted, refused and rolled back."""
 
@@ -20,7 +20,6 @@ import pytest
 
 from tests.test_delivery import Background, outcome
 from triage.bus.settings import Settings
-from triage.consumer.models import changed, publish_state, read_state
 from triage.consumer.reader import TopicReader
 from triage.consumer.supervisor import Supervisor, worker_env
 from triage.model import artifact
@@ -30,6 +29,7 @@ from triage.model.orders import read_orders_csv
 from triage.model.policy import label
 from triage.model.registry import Registry, RegistryError
 from triage.model.train import train
+from triage.scoring.follower import changed, publish_state, read_state
 
 TRIAGE = [sys.executable, "-m", "triage.cli"]
 

@@ -86,7 +86,7 @@ def test_duplicates_if_any_are_identical(run: Run) -> None:
 
 
 def test_drift_samples_are_exactly_the_hashed_subset(run: Run) -> None:
-    def fraction(order_id: str) -> float:  # consumer/sampler.py's definition
+    def fraction(order_id: str) -> float:  # scoring/sampling.py's definition
         return zlib.crc32(order_id.encode()) / 2**32
 
     expected = {o for o in run.order_ids if fraction(o) < SAMPLE_RATE}

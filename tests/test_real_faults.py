@@ -24,17 +24,16 @@ from tests.test_bad_input import run_scorer
 from tests.test_cli import TRIAGE, clean_env, triage
 from tests.test_features import oracle
 from triage.bus.clients import consumer_config, create_topics, make_producer, producer_config
-from triage.bus.embedded import EmbeddedBroker, free_port
-from triage.bus.offsets import committed_offsets
-from triage.bus.settings import Settings, SettingsError
-from triage.consumer.deadletter import (
+from triage.bus.deadletter import (
     MAX_HEADER_VALUE_BYTES,
     RECORD_OVERHEAD_BYTES,
     fit_dead_letter,
     headers_dict,
     record_size,
 )
-from triage.consumer.hooks import Rejection
+from triage.bus.embedded import EmbeddedBroker, free_port
+from triage.bus.offsets import committed_offsets
+from triage.bus.settings import Settings, SettingsError
 from triage.consumer.reader import TopicReader, collect
 from triage.consumer.scorer import Scorer
 from triage.consumer.supervisor import Supervisor
@@ -51,6 +50,7 @@ from triage.model.reference import (
 )
 from triage.producer.replay import replay
 from triage.schemas.codec import Codec
+from triage.scoring.hooks import Rejection
 
 EXERCISE = Path(__file__).resolve().parents[2] / "shared" / "data" / "exercise-2021"
 

@@ -15,14 +15,14 @@ from hypothesis import strategies as st
 from tests.test_core import CODEC, kafka
 from triage.bus.partitioner import partitions_for
 from triage.bus.settings import ReferenceSettings, ValidationSettings
-from triage.consumer.core import CoreConfig, Incoming, ScoringCore
-from triage.consumer.reference import INVENTORY, PAYMENTS, SPECS, ZIP_CODES, ReferenceFeed
-from triage.consumer.revisions import RetainedOrders, kept_from_records
-from triage.consumer.validation import OrderValidator
 from triage.model import artifact
 from triage.model.asof import TIME_MAX
 from triage.model.reference import ReferenceDataError, ReferenceTables
 from triage.schemas.codec import Codec
+from triage.scoring.core import CoreConfig, Incoming, ScoringCore
+from triage.scoring.corrections import RetainedOrders, kept_from_records
+from triage.scoring.feed import INVENTORY, PAYMENTS, SPECS, ZIP_CODES, ReferenceFeed
+from triage.scoring.validation import OrderValidator
 
 T = 1_767_607_200_000  # 2026-01-05 10:00:00 UTC, in ms
 LATENESS_MS, MAX_WAIT_S, SKEW_MS = 2_000, 5.0, 1_000

@@ -45,8 +45,8 @@ from triage.model import artifact
 artifact.import_xgboost_for_serving()
 import triage.consumer.worker
 from triage.bus.settings import Settings
-from triage.consumer.core import CoreConfig, Incoming, ScoringCore
-from triage.consumer.validation import OrderValidator
+from triage.scoring.core import CoreConfig, Incoming, ScoringCore
+from triage.scoring.validation import OrderValidator
 from triage.model.reference import ReferenceTables
 from triage.schemas.codec import Codec
 model = artifact.load(sys.argv[1])

@@ -707,13 +707,13 @@ def _check_model_source(args: argparse.Namespace) -> None:
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
-    """``triage models list|promote|rollback|shadow|compare`` (consumer/models.py,
+    """``triage models list|promote|rollback|shadow|compare`` (scoring/follower.py,
     model/registry.py)."""
     import structlog
 
-    from triage.consumer.models import changed, publish_state, read_state
     from triage.model.mlflow_registry import MODELS_SCHEME
     from triage.model.registry import Registry
+    from triage.scoring.follower import changed, publish_state, read_state
 
     registry = Registry(args.registry)
     if args.models_command == "promote" and args.version.startswith(MODELS_SCHEME):
@@ -726,7 +726,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     settings = _resolved(settings)
     connection, topics = settings.connection, settings.topics
     if args.models_command == "compare":
-        from triage.consumer.models import compare
+        from triage.consumer.shadow import compare
 
         report = compare(connection, topics, since_ms=int((time.time() - args.minutes * 60)
                                                           * 1000), idle_s=args.idle)
@@ -806,7 +806,7 @@ def _live_gate(args: argparse.Namespace, connection: Any, topics: Any, version: 
     """A version that ran in shadow beside the active one must agree with the policy on live
     traffic at least as often as the active one did on the same orders (the last --minutes).
     Raises SettingsError if not, unless --force; returns True when --force overrode it."""
-    from triage.consumer.models import compare
+    from triage.consumer.shadow import compare
 
     report = compare(connection, topics, since_ms=int((time.time() - args.minutes * 60) * 1000),
                      idle_s=2.0, shadow_version=version, active_version=active)
@@ -895,7 +895,7 @@ def cmd_predictions(args: argparse.Namespace, settings: Settings) -> int:
                 out.close()
     print(predictions_summary(count, latest.values(), args.out), file=sys.stderr)
     if wanted - latest.keys() and not stop.requested:
-        from triage.consumer.dlq import reasons_of
+        from triage.consumer.deadletter_topic import reasons_of
 
         missing = sorted(wanted - latest.keys())
         letters = reasons_of(settings, set(missing))
@@ -951,7 +951,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
-    from triage.consumer import dlq
+    from triage.consumer import deadletter_topic as dlq
 
     if args.action == "inspect":
         print(dlq.inspect(settings, samples_per_reason=args.samples, idle_s=args.idle))

@@ -7,7 +7,7 @@ published order has a prediction or a dead letter (and the corrected revisions t
 have come), compare each order's last revision with offline batch scoring of the same orders
 over the complete CSVs (merge_asof's features), report, write results/predictions.jsonl (the
 last revision of each order), shut down. The workers learn stock, payments and zip roll-outs only
-from the reference topics, as they would from a live store (consumer/reference.py).
+from the reference topics, as they would from a live store (scoring/feed.py).
 
 Every record ends as exactly one of the two, so the demo waits for either: a bad row (an empty
 or malformed ``order_id``) is dead-lettered by the workers and reported by reason; a row that

@@ -4,7 +4,7 @@ to find the ones a late reference event touches.
 A prediction is published with a ``revision`` (prediction.avsc): 1 the first time. When a
 reference event arrives after an order it applies to was scored (later than
 ``TRIAGE_REFERENCE_LATENESS_MS``, or out of order within its partition), the scoring core
-(consumer/core.py) computes the order's features again; if they changed, it publishes the
+(scoring/core.py) computes the order's features again; if they changed, it publishes the
 order again with the next revision, the new features and recommendation, and the reason
 (``late_reference:<streams>``). Readers keep the highest revision per order, not the latest
 offset; ``triage predictions`` and the HTTP door's view do. A store holding orders for a
@@ -17,7 +17,7 @@ late event older than every order kept is counted (``triage_reference_beyond_ret
 
 **Restarts and rebalances.** What was published is on the predictions topic, so a worker that
 is assigned an orders partition reads back that partition's predictions of the last retention
-period (:func:`read_published`, from the offsets for that time) before it scores any order of
+period (consumer/readback.py, from the offsets for that time) before it scores any order of
 it: the highest revision of each order becomes what it keeps. Those orders are checked against
 its own tables once the event-time rule admits them (another worker scored them), and corrected
 if their features differ. An order record read again after a crash (its partition and offset
@@ -28,23 +28,16 @@ revision numbers never mean two things.
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import compress
 from typing import Any
 
 import numpy as np
-import structlog
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from triage.bus.clients import make_consumer, records_of
-from triage.bus.settings import ConnectionSettings
-from triage.consumer import metrics
-from triage.consumer.reference import INVENTORY, PAYMENTS, ZIP_CODES, LateEvent
 from triage.model.features import FEATURE_NAMES, FeatureBatch
-from triage.schemas.codec import codec_for
+from triage.scoring import metrics
+from triage.scoring.feed import INVENTORY, PAYMENTS, ZIP_CODES, LateEvent
 
 # The reference stream each feature comes from (the hour comes from the order itself).
 FEATURE_STREAMS = {"inventory": INVENTORY, "payment_status": PAYMENTS,
@@ -284,55 +277,3 @@ def kept_from_records(partition: int, records: Sequence[dict[str, Any]], read_ba
         alive=whole,
         read_back_at=read_back_at,
     )
-
-
-def read_published(connection: ConnectionSettings, topic: str, order_partitions: Sequence[int],
-                   topic_partitions: Sequence[int], since_ms: int, log: Any = None
-                   ) -> dict[int, list[dict[str, Any]]]:
-    """The predictions of orders from ``order_partitions`` published on ``topic``'s
-    ``topic_partitions`` since ``since_ms`` (wall clock, by offsets for that time), up to the
-    end of each partition: per orders partition, the highest revision of each order (the later
-    record on a tie). Records the HTTP door made belong to no orders partition (theirs is
-    -1): they are not read back.
-
-    Raises KafkaException if the broker cannot be read."""
-    log = log or structlog.get_logger("revisions")
-    wanted = set(order_partitions)
-    best: dict[str, dict[str, Any]] = {}
-    if not wanted or not topic_partitions:
-        return {}
-    codec = codec_for(connection, "prediction", topic)
-    consumer = make_consumer(connection, f"triage-revisions-{uuid.uuid4().hex}",
-                             **{"enable.partition.eof": True})
-    started = time.monotonic()
-    try:
-        starts = consumer.offsets_for_times(
-            [TopicPartition(topic, p, since_ms) for p in topic_partitions], timeout=30.0)
-        reading = {tp.partition for tp in starts if tp.offset >= 0}
-        consumer.assign([tp for tp in starts if tp.offset >= 0])
-        records = 0
-        while reading:
-            if time.monotonic() - started > 300.0:
-                raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"reading {topic} "
-                                                "back took over 300 s"))
-            batch = consumer.consume(10_000, 0.5)
-            for msg in batch:
-                err = msg.error()
-                if err is not None and err.code() == KafkaError._PARTITION_EOF:
-                    reading.discard(msg.partition())
-            for msg in records_of(batch, log):
-                records += 1
-                record = codec.decode(msg.value())
-                if record["order_partition"] not in wanted:
-                    continue
-                before = best.get(record["order_id"])
-                if before is None or record["revision"] >= before["revision"]:
-                    best[record["order_id"]] = record
-    finally:
-        consumer.close()
-    found: dict[int, list[dict[str, Any]]] = {}
-    for record in best.values():
-        found.setdefault(record["order_partition"], []).append(record)
-    log.info("predictions_read_back", partitions=sorted(wanted), records=records,
-             orders=len(best), elapsed_s=round(time.monotonic() - started, 2))
-    return found

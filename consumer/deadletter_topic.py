@@ -16,9 +16,9 @@ from typing import Any
 from confluent_kafka import KafkaError, Message
 
 from triage.bus.clients import make_producer, produce, source_of
+from triage.bus.deadletter import REASON_HEADER, headers_dict
 from triage.bus.offsets import watermarks
 from triage.bus.settings import Settings
-from triage.consumer.deadletter import REASON_HEADER, headers_dict
 from triage.consumer.reader import TopicReader
 from triage.schemas.codec import Codec, DecodeError, codec_for
 

@@ -1,7 +1,7 @@
 """The live reference streams in the HTTP front door: the ``--reference`` CSVs as the snapshot
 (``snapshot``; without them the tables start empty, as a worker's without ``--reference``), and
 ``inventory``, ``payments`` and ``zip_codes`` applied on top as they arrive, by the workers' own
-reader and event-time rule (consumer/reference.py): every partition of every stream, topics
+reader and event-time rule (scoring/feed.py): every partition of every stream, topics
 and partitions that appear later included, the same tables as a worker's, so a worker and the
 gateway give the same answer for the same order.
 
@@ -11,7 +11,7 @@ every stream had passed the order's time when it was given (``reference_complete
 partition counts as passed once ``TRIAGE_REFERENCE_LATENESS_MS`` has run from the order's time).
 An answer given before that may miss reference events still to come, as a worker's prediction
 flagged ``reference_wait_expired`` may: the published prediction carries that flag. If the
-reader stops for any reason, :attr:`LiveReference.failed` says why and ``/readyz`` answers 503:
+reader stops for any reason, :attr:`ReferenceThread.failed` says why and ``/readyz`` answers 503:
 the answers would come from tables that no longer move.
 """
 
@@ -25,18 +25,18 @@ import numpy as np
 import structlog
 
 from triage.bus.settings import Settings
-from triage.consumer.reference import STREAMS, ReferenceFeed, ReferenceReader
-from triage.consumer.validation import OrderValidator
 from triage.model.reference import ReferenceTables
+from triage.scoring.feed import STREAMS, ReferenceFeed, ReferenceReader
+from triage.scoring.validation import OrderValidator
 
 _POLL_S = 0.05
 
 
-class LiveBusy(Exception):
-    """:meth:`LiveReference.reading` without waiting found the tables held by the reader."""
+class ReferenceBusy(Exception):
+    """:meth:`ReferenceThread.reading` without waiting found the tables held by the reader."""
 
 
-class LiveReference:
+class ReferenceThread:
     """The snapshot ``tables`` kept up to date from the reference topics; :meth:`reading`
     holds the tables still while a batch is scored."""
 
@@ -58,7 +58,7 @@ class LiveReference:
     def tables(self) -> ReferenceTables:
         return self.feed.tables
 
-    def start(self) -> LiveReference:
+    def start(self) -> ReferenceThread:
         """Read every stream up to its high watermark (before the gateway serves, as a worker
         restores before it joins), then apply what arrives from a background thread."""
         self.reader.restore(stream_names=STREAMS)
@@ -68,11 +68,11 @@ class LiveReference:
     @contextmanager
     def reading(self, wait: bool = True) -> Iterator[None]:
         """No record is applied while the block runs (a batch is scored on still tables).
-        ``wait=False``: raise :class:`LiveBusy` at once if the reader holds the tables (it
+        ``wait=False``: raise :class:`ReferenceBusy` at once if the reader holds the tables (it
         holds them while it polls: seconds when the broker does not answer), for a caller on
         the event loop, which must not wait."""
         if not self._lock.acquire(blocking=wait):
-            raise LiveBusy("the reference reader holds the tables")
+            raise ReferenceBusy("the reference reader holds the tables")
         try:
             yield
         finally:

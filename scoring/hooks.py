@@ -4,7 +4,7 @@ A hook is an object with either or both of these methods:
 
 * ``check(orders: list[dict]) -> Iterable[Rejection]``: runs on every decoded batch before
   scoring. Each :class:`Rejection` sends that order to the dead-letter topic with its reason;
-  the rest of the batch is scored. The built-in validation (:mod:`triage.consumer.validation`) is
+  the rest of the batch is scored. The built-in validation (:mod:`triage.scoring.validation`) is
   such a hook.
 * ``observe(batch: ScoredBatch) -> None``: runs after the batch is scored and its predictions
   are produced, for latency checks, data thresholds, extra metrics or alerts. It cannot
@@ -15,7 +15,7 @@ called once per worker with the :class:`~triage.bus.settings.Settings` and retur
 The hook API is this module's ``__all__``, under the project's own import name. Example::
 
     # mycompany/hooks.py
-    from triage.consumer.hooks import Rejection
+    from triage.scoring.hooks import Rejection
 
     BLOCKED = {"C-666"}
 
@@ -66,9 +66,9 @@ import structlog
 
 from triage.bus.errors import BadRecord
 from triage.bus.settings import Settings, SettingsError
-from triage.consumer import metrics
 from triage.model.features import FeatureBatch
 from triage.model.orders import OrderColumns
+from triage.scoring import metrics
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,16 @@ no coordinates), and returns an :class:`Outcome` that says, for every record, ex
   large, does not decode, fails a check hook (validation is the first), is not finished by the
   batch's deadline, or makes scoring fail;
 * deferred: held back until the reference streams have passed the order's time (the
-  ``gate``, consumer/reference.py); the core keeps it and scores it in a later call, flagged
+  ``gate``, scoring/feed.py); the core keeps it and scores it in a later call, flagged
   ``reference_wait_expired`` if the maximum wait ran out first.
 
-With ``retained`` (consumer/revisions.py) the core also keeps what it published for each order
+With ``retained`` (scoring/corrections.py) the core also keeps what it published for each order
 and publishes corrected revisions: :meth:`ScoringCore.correct` for late reference events,
 :meth:`ScoringCore.verify` for orders read back from the predictions topic, and an order record
 read again is published again only if its features changed.
 
 Per batch: size check, decode, the check hooks (under one deadline, see
-:mod:`triage.consumer.hooks`), features for the whole batch, one ``predict``, the records, the
+:mod:`triage.scoring.hooks`), features for the whole batch, one ``predict``, the records, the
 observe hooks. No Kafka client: the worker loop (:mod:`triage.consumer.scorer`) consumes, hands
 the batch here, produces what comes back and commits; tests and other front doors call it
 directly. Prometheus counters of predictions, dead letters, hook errors and unknown zips are
@@ -39,8 +39,21 @@ import structlog
 
 from triage.bus.clients import Source
 from triage.bus.errors import BadRecord
-from triage.consumer import metrics
-from triage.consumer.hooks import (
+from triage.bus.settings import ScorerSettings
+from triage.model.artifact import Model
+from triage.model.features import FeatureBatch, compute_features
+from triage.model.orders import OrderColumns
+from triage.model.reference import ReferenceTables, truncated_zip_match
+from triage.schemas.codec import Codec
+from triage.scoring import metrics
+from triage.scoring.corrections import (
+    Kept,
+    RetainedOrders,
+    changed_streams,
+    revision_reason,
+)
+from triage.scoring.feed import LateEvent
+from triage.scoring.hooks import (
     CheckHook,
     HookRunner,
     HookTimeout,
@@ -49,19 +62,7 @@ from triage.consumer.hooks import (
     ScoredBatch,
     hook_name,
 )
-from triage.consumer.reference import LateEvent
-from triage.consumer.revisions import (
-    Kept,
-    RetainedOrders,
-    changed_streams,
-    revision_reason,
-)
-from triage.consumer.sampler import sampled_indices
-from triage.model.artifact import Model
-from triage.model.features import FeatureBatch, compute_features
-from triage.model.orders import OrderColumns
-from triage.model.reference import ReferenceTables, truncated_zip_match
-from triage.schemas.codec import Codec
+from triage.scoring.sampling import sampled_indices
 
 Record = dict[str, Any]
 
@@ -136,8 +137,16 @@ class CoreConfig:
     deadline_s: float = 30.0          # hooks of one batch, together
 
 
+def core_config(scorer: ScorerSettings) -> CoreConfig:
+    """The core's configuration from the scorer's settings (TRIAGE_MAX_MESSAGE_BYTES,
+    TRIAGE_SAMPLE_RATE, TRIAGE_PROCESSING_DEADLINE_MS), for the worker and the gateway alike."""
+    return CoreConfig(max_message_bytes=scorer.max_message_bytes,
+                      sample_rate=scorer.sample_rate,
+                      deadline_s=scorer.processing_deadline_ms / 1000.0)
+
+
 class Gate(Protocol):
-    """Decides when an order may be scored (consumer/reference.py: the event-time rule)."""
+    """Decides when an order may be scored (scoring/feed.py: the event-time rule)."""
 
     def admit(self, timestamps_ms: np.ndarray, published_ms: np.ndarray, waited_s: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray]:
@@ -543,7 +552,7 @@ class ScoringCore:
         return self._revise([(kept, rows) for kept, rows in found if len(rows)])
 
     def read_back(self, kept: Kept) -> None:
-        """Keep a batch read back from the predictions topic (consumer/revisions.py): its
+        """Keep a batch read back from the predictions topic (scoring/corrections.py): its
         orders count as scored, so that an event at or before them is late."""
         if self.retained is None:
             return
@@ -675,7 +684,7 @@ def _call_check(hook: CheckHook | HookRunner, records: list[Record], deadline: f
 
 def split_hooks(hooks: Sequence[object]) -> tuple[list[HookRunner], list[HookRunner]]:
     """User hooks as runners: (check hooks, observe hooks). ``hooks`` holds the runners of
-    :func:`~triage.consumer.hooks.load_hooks` (TRIAGE_HOOKS) or bare hook objects, which get a
+    :func:`~triage.scoring.hooks.load_hooks` (TRIAGE_HOOKS) or bare hook objects, which get a
     runner without a factory (an overrunning call is then waited for, not replaced)."""
     runners = [h if isinstance(h, HookRunner) else HookRunner(h) for h in hooks]
     return ([r for r in runners if isinstance(r.hook, CheckHook)],

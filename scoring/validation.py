@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from triage.bus.settings import ValidationSettings
-from triage.consumer.hooks import Rejection
+from triage.scoring.hooks import Rejection
 
 STRING_FIELDS = ("order_id", "customer_id", "sku_code", "zip_code")
 

@@ -40,7 +40,7 @@ of those published later than it is corrected, not waited for.)
 was scored (later than the allowance, or out of order within its partition) is returned by
 :meth:`ReferenceFeed.apply` as *late*; the scoring core looks up the orders it scored recently
 that the event's key and time touch, and publishes a corrected prediction for each whose
-features changed (consumer/revisions.py).
+features changed (scoring/corrections.py).
 
 **Bad reference records** (that do not decode or validate, or hold a value the tables cannot:
 a time before 1900 or from 2400 on, such as the "forever" date 9999-12-31; a stock level that is
@@ -54,27 +54,25 @@ into it.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from triage.bus.clients import Source, make_consumer, records_of, source_of
-from triage.bus.errors import BadRecord
+from triage.bus.clients import Source
+from triage.bus.errors import BadRecord, WaitTimeout
+from triage.bus.global_reader import GlobalReader
 from triage.bus.partitioner import partitions_for
 from triage.bus.settings import ConnectionSettings, ReferenceSettings, TopicSettings
-from triage.consumer import metrics
-from triage.consumer.validation import OrderValidator
 from triage.model.asof import TIME_MAX, TIME_MIN
 from triage.model.reference import ReferenceTables
 from triage.schemas.codec import Codec, codec_for
+from triage.scoring import metrics
+from triage.scoring.validation import OrderValidator
 
 INVENTORY, PAYMENTS, ZIP_CODES = "inventory", "payments", "zip_codes"
 STREAMS = (INVENTORY, PAYMENTS, ZIP_CODES)
@@ -381,9 +379,10 @@ class Polled(NamedTuple):
 
 
 class ReferenceReader:
-    """Reads the reference topics into a :class:`ReferenceFeed` with ``assign()``: every
-    partition of every stream, from the beginning, including topics and partitions that appear
-    later (looked for every ``TRIAGE_METADATA_REFRESH_MS``).
+    """Reads the reference topics into a :class:`ReferenceFeed`: every partition of every
+    stream, from the beginning, including topics and partitions that appear later (a
+    :class:`~triage.bus.global_reader.GlobalReader`), decoding each record with its stream's
+    codec.
 
     ``poll()`` between batches applies what has arrived and returns the dead letters to produce
     and the late events; ``restore()`` reads the streams up to their ends before the worker
@@ -392,125 +391,56 @@ class ReferenceReader:
     def __init__(self, connection: ConnectionSettings, topics: TopicSettings,
                  feed: ReferenceFeed, log: Any = None) -> None:
         self.feed = feed
-        self.topics = topics
         self.log = log or structlog.get_logger("reference")
-        self.consumer: Consumer = make_consumer(connection,
-                                                f"triage-reference-{uuid.uuid4().hex}")
         self.topic_of = {INVENTORY: topics.inventory_topic, PAYMENTS: topics.payments_topic,
                          ZIP_CODES: topics.zip_codes_topic}
-        self.stream_of = {topic: stream for stream, topic in self.topic_of.items()}
         self.codecs: dict[str, Codec] = {
             stream: codec_for(connection, SPECS[stream].schema, self.topic_of[stream])
             for stream in STREAMS}
-        self.missing: set[str] = set()
-        self.assigned: list[TopicPartition] = []
-        self.refresh_s = connection.metadata_refresh_ms / 1000.0
-        self._looked_at = -math.inf
-        self._warned_counts: tuple[int, int] | None = None
+        self._letters: list[Letter] = []
+        self._late: list[LateEvent] = []
+        self.reader = GlobalReader(
+            connection, self.topic_of,
+            on_partitions=lambda stream, new, count: feed.assign(stream, new, count),
+            on_records=self._apply, on_position=feed.note_position,
+            co_partitioned={self.topic_of[s]: topics.orders_topic
+                            for s in STREAMS if SPECS[s].co_partitioned},
+            log=self.log)
 
     def start(self, stop: Callable[[], bool] = lambda: False) -> None:
-        """Assign every partition of the three streams, from the beginning (a topic that does
-        not exist is logged, read as a stream without records, and looked for again);
-        ``stop()`` gives up."""
+        """Assign every partition of the streams, from the beginning (a topic that does not
+        exist is logged, read as a stream without records, and looked for again); ``stop()``
+        gives up."""
         if not stop():
-            self.discover()
+            self.reader.discover()
 
-    def discover(self) -> list[TopicPartition]:
-        """Assign the partitions of the reference topics not read yet, from the beginning;
-        returns them. Asks for the metadata of every topic, which creates none (a request
-        naming a topic may create it on a broker that auto-creates topics)."""
-        self._looked_at = time.monotonic()
-        try:
-            known = self.consumer.list_topics(timeout=5.0).topics
-        except KafkaException as exc:
-            self.log.warning("reference_metadata_failed", error=str(exc))
-            return []
-        reading = {(tp.topic, tp.partition) for tp in self.assigned}
-        added: list[TopicPartition] = []
-        for stream in STREAMS:
-            topic = self.topic_of[stream]
-            meta = known.get(topic)
-            if meta is None or meta.error is not None or not meta.partitions:
-                if topic not in self.missing:
-                    self.missing.add(topic)
-                    self.log.warning("reference_topic_missing", topic=topic,
-                                     note="looked for again every TRIAGE_METADATA_REFRESH_MS; "
-                                     "until then orders wait for it up to "
-                                     "TRIAGE_REFERENCE_MAX_WAIT_MS, unless a CSV snapshot was "
-                                     "loaded")
-                continue
-            if topic in self.missing:
-                self.missing.discard(topic)
-                self.log.info("reference_topic_found", topic=topic,
-                              partitions=len(meta.partitions))
-            new = sorted(p for p in meta.partitions if (topic, p) not in reading)
-            self.feed.assign(stream, new, count=len(meta.partitions))
-            if new and self.assigned:
-                self.log.info("reference_partitions_added", topic=topic, partitions=new)
-            added += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in new]
-        if added:
-            self.consumer.incremental_assign(added)
-            self.assigned += added
-        self._check_counts(known)
-        return added
-
-    def _check_counts(self, known: dict[str, Any]) -> None:
-        """Warn, once per change, when payments and orders have different partition counts
-        (one of them grew): joins stay right, since every worker reads every payments
-        partition, but payments no longer land on their order's partition number."""
-        payments = known.get(self.topics.payments_topic)
-        orders = known.get(self.topics.orders_topic)
-        if payments is None or orders is None or payments.error or orders.error:
-            return
-        counts = (len(payments.partitions), len(orders.partitions))
-        if counts[0] != counts[1] and counts != self._warned_counts:
-            self.log.warning(
-                "payments_not_co_partitioned", payments_partitions=counts[0],
-                orders_partitions=counts[1],
-                note="grow both topics to the same count (kafka-topics.sh --alter "
-                     "--partitions N, payments first); meanwhile every order is still joined "
-                     "right (every worker reads every payments partition), but payments no "
-                     "longer share their order's partition number")
-        self._warned_counts = counts
+    def _apply(self, stream: str, partition: int,
+               items: Sequence[tuple[Source, Any]]) -> None:
+        codec = self.codecs[stream]
+        records: list[dict[str, Any] | None] = []
+        rejected = []
+        for i, (_, msg) in enumerate(items):
+            try:
+                records.append(codec.decode(msg.value()))
+            except BadRecord as exc:
+                records.append(None)
+                rejected.append((i, exc.reason, exc.message))
+        applied = self.feed.apply(stream, partition, records, [s.offset for s, _ in items],
+                                  rejected)
+        self._late += applied.late
+        for i, reason, message in applied.rejected:
+            source, msg = items[i]
+            self._letters.append(Letter(source, msg.key(), msg.value(), reason, message))
+            metrics.REFERENCE_DEAD_LETTERS.labels(stream, reason).inc()
+            self.log.warning("reference_dead_lettered", stream=stream, reason=reason,
+                             error=message[:200], partition=partition, offset=source.offset)
 
     def poll(self, max_records: int = 20_000, timeout_s: float = 0.0) -> Polled:
         """Apply what has arrived (up to ``max_records``), after looking for new topics and
         partitions if it is time; returns the records to dead-letter and the late events."""
-        if time.monotonic() - self._looked_at >= self.refresh_s:
-            self.discover()
-        batch = records_of(self.consumer.consume(max_records, timeout_s), self.log)
-        by_partition: dict[tuple[str, int], list[Any]] = {}
-        for msg in batch:
-            source = source_of(msg)
-            by_partition.setdefault((source.topic, source.partition), []).append((source, msg))
-        letters: list[Letter] = []
-        late: list[LateEvent] = []
-        for (topic, partition), items in by_partition.items():
-            stream = self.stream_of[topic]
-            codec = self.codecs[stream]
-            records: list[dict[str, Any] | None] = []
-            rejected = []
-            for i, (_, msg) in enumerate(items):
-                try:
-                    records.append(codec.decode(msg.value()))
-                except BadRecord as exc:
-                    records.append(None)
-                    rejected.append((i, exc.reason, exc.message))
-            applied = self.feed.apply(stream, partition, records,
-                                      [s.offset for s, _ in items], rejected)
-            late += applied.late
-            for i, reason, message in applied.rejected:
-                source, msg = items[i]
-                letters.append(Letter(source, msg.key(), msg.value(), reason, message))
-                metrics.REFERENCE_DEAD_LETTERS.labels(stream, reason).inc()
-                self.log.warning("reference_dead_lettered", stream=stream, reason=reason,
-                                 error=message[:200], partition=partition,
-                                 offset=source.offset)
-        for tp in self.assigned:
-            low, high = self.consumer.get_watermark_offsets(tp, cached=True)
-            if high >= 0:
-                self.feed.note_position(self.stream_of[tp.topic], tp.partition, low, high)
-        return Polled(letters, late)
+        self._letters, self._late = [], []
+        self.reader.poll(max_records, timeout_s)
+        return Polled(self._letters, self._late)
 
     def restore(self, stream_names: Sequence[str] = STREAMS, timeout_s: float = 600.0,
                 stop: Callable[[], bool] = lambda: False,
@@ -525,8 +455,7 @@ class ReferenceReader:
             letters += self.poll(timeout_s=0.1).letters
             now = time.monotonic()
             if now - started > timeout_s:
-                raise KafkaException(KafkaError(KafkaError._TIMED_OUT,
-                                                f"reference restore took over {timeout_s} s"))
+                raise WaitTimeout(f"reference restore took over {timeout_s} s")
             if now - last_log >= 2.0:
                 self.log.info("reference_restoring", records=self.feed.tables.size,
                               elapsed_s=round(now - started, 1))
@@ -538,5 +467,4 @@ class ReferenceReader:
         return letters
 
     def close(self) -> None:
-        with contextlib.suppress(RuntimeError):  # closed already (a reader that failed)
-            self.consumer.close()
+        self.reader.close()

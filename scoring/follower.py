@@ -23,24 +23,21 @@ from __future__ import annotations
 import getpass
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
-from triage.bus.clients import make_consumer, make_producer, produce
-from triage.bus.errors import InfrastructureError, TriageError
+from triage.bus.control_topic import ControlTopicFollower, publish_value, read_values
+from triage.bus.errors import TriageError
 from triage.bus.settings import ConnectionSettings, TopicSettings
-from triage.consumer import metrics
 from triage.model import artifact
 from triage.model.artifact import Model
 from triage.model.registry import Registry
 from triage.schemas.codec import DecodeError, codec_for
+from triage.scoring import metrics
 
 STATE_KEY = b"state"
-_POLL_S = 0.1
 _RETRY_S = 30.0  # a refused version is tried again this often, until the state changes
 
 
@@ -85,34 +82,13 @@ class Models:
 
 def read_state(connection: ConnectionSettings, topics: TopicSettings,
                timeout_s: float = 30.0) -> ModelState | None:
-    """The latest state on the control topic, None if it has none. Reads to the high watermark
-    that the fetches report (not ListOffsets: see docs/operating.md on the embedded broker). Raises
-    InfrastructureError if the topic cannot be read within ``timeout_s``."""
+    """The latest state on the control topic, None if it has none. Raises InfrastructureError
+    if the topic cannot be read to its end within ``timeout_s`` (bus/control_topic.py)."""
     codec = codec_for(connection, "model_state", topics.models_topic)
-    consumer = make_consumer(connection, f"triage-models-{uuid.uuid4().hex[:12]}")
-    tp = TopicPartition(topics.models_topic, 0, OFFSET_BEGINNING)
-    consumer.assign([tp])
-    state, position = None, 0
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            for msg in consumer.consume(100, _POLL_S):
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        continue
-                    raise InfrastructureError(f"{topics.models_topic}: {err.str()}")
-                position = (msg.offset() or 0) + 1
-                state = _decode(codec, msg.value()) or state
-            _, high = consumer.get_watermark_offsets(tp, cached=True)
-            if high >= 0 and position >= high:
-                return state
-            if time.monotonic() > deadline:
-                raise InfrastructureError(f"could not read {topics.models_topic} to its end "
-                                          f"within {timeout_s:.0f} s (does it exist? `triage "
-                                          "topics create` makes it)")
-    finally:
-        consumer.close()
+    state = None
+    for value in read_values(connection, topics.models_topic, timeout_s):
+        state = _decode(codec, value) or state
+    return state
 
 
 def publish_state(connection: ConnectionSettings, topics: TopicSettings,
@@ -120,13 +96,7 @@ def publish_state(connection: ConnectionSettings, topics: TopicSettings,
     """Write ``state`` to the control topic and wait for the broker's acknowledgement. Raises
     InfrastructureError if it was not acknowledged."""
     codec = codec_for(connection, "model_state", topics.models_topic)
-    producer = make_producer(connection)
-    errors: list[str] = []
-    produce(producer, topics.models_topic, key=STATE_KEY, value=codec.encode(state.record()),
-            on_delivery=lambda err, _: errors.append(err.str()) if err else None)
-    if producer.flush(30.0) or errors:
-        raise InfrastructureError(f"the model state was not written to {topics.models_topic}: "
-                                  f"{errors[0] if errors else 'no acknowledgement in 30 s'}")
+    publish_value(connection, topics.models_topic, STATE_KEY, codec.encode(state.record()))
 
 
 def _decode(codec: Any, value: bytes | None) -> ModelState | None:
@@ -150,9 +120,6 @@ class ModelFollower:
         self.registry = registry
         self.topic = topics.models_topic
         self.codec = codec_for(connection, "model_state", topics.models_topic)
-        # assign(), never subscribe() or commit: the group id only names this reader.
-        self.consumer = make_consumer(connection, f"triage-models-{uuid.uuid4().hex[:12]}")
-        self.consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
         self.log = log or structlog.get_logger("models")
         self.current: Models | None = None  # the models last handed over (being scored)
         self._seen: tuple[str, str | None] | None = None  # (active, shadow) last acted on
@@ -160,11 +127,13 @@ class ModelFollower:
         self._ready: Models | None = None
         self._lock = threading.Lock()
         self._loaded = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="model-follower", daemon=True)
+        self._latest: ModelState | None = None  # the latest state read
+        self._reader = ControlTopicFollower(connection, self.topic, on_value=self._read,
+                                            on_idle=self._act, on_error=self._failed,
+                                            log=self.log, name="model-follower")
 
     def start(self) -> ModelFollower:
-        self._thread.start()
+        self._reader.start()
         return self
 
     def wait_first(self, stop: Any = lambda: False, tick: Any = lambda: None) -> Models | None:
@@ -183,32 +152,21 @@ class ModelFollower:
         return models
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5.0)
-        self.consumer.close()
+        self._reader.close()
 
-    def _run(self) -> None:
-        latest: ModelState | None = None
-        reported: set[str] = set()  # consumer errors already logged (a missing topic repeats)
-        while not self._stop.is_set():
-            try:
-                for msg in self.consumer.consume(100, _POLL_S):
-                    err = msg.error()
-                    if err is None:
-                        latest = _decode(self.codec, msg.value()) or latest
-                    elif err.code() != KafkaError._PARTITION_EOF and err.str() not in reported:
-                        reported.add(err.str())
-                        self.log.error("models_topic_error", topic=self.topic, error=err.str(),
-                                       note="`triage topics create` makes the control topic")
-                # Only the latest record read so far matters: a backlog of changes loads once;
-                # a refused one is tried again every _RETRY_S (a volume still syncing).
-                if latest is not None and ((latest.active, latest.shadow) != self._seen
-                                           or time.monotonic() >= self._retry_at):
-                    self._load(latest)
-            except Exception as exc:  # never let the thread die silently: say so, go on
-                metrics.MODEL_REFUSALS.inc()
-                self.log.exception("model_follower_error", error=str(exc))
-                self._stop.wait(1.0)
+    def _read(self, value: bytes) -> None:
+        self._latest = _decode(self.codec, value) or self._latest
+
+    def _act(self) -> None:
+        # Only the latest record read so far matters: a backlog of changes loads once; a
+        # refused one is tried again every _RETRY_S (a volume still syncing).
+        latest = self._latest
+        if latest is not None and ((latest.active, latest.shadow) != self._seen
+                                   or time.monotonic() >= self._retry_at):
+            self._load(latest)
+
+    def _failed(self, exc: BaseException) -> None:
+        metrics.MODEL_REFUSALS.inc()
 
     def _load(self, state: ModelState) -> None:
         self._seen = (state.active, state.shadow)
@@ -245,57 +203,3 @@ class ModelFollower:
                            note="the promoted version could not be loaded; the worker goes on "
                            "with the models it has")
             return None
-
-
-def compare(connection: ConnectionSettings, topics: TopicSettings, *, since_ms: int,
-            idle_s: float = 3.0, shadow_version: str | None = None,
-            active_version: str | None = None) -> dict[str, Any]:
-    """Agreement of the shadow version with the active one over the orders both scored since
-    ``since_ms`` (UTC ms): the shadow topic's predictions joined to the predictions topic's
-    first revisions by order (partition and offset of the order, so a re-read order counts
-    once; the shadow scored the features of the first revision, and is not corrected). Returns
-    {"active", "shadow", "pairs", "agreement" (0..1), "classes", "confusion" (rows: active,
-    columns: shadow), "active_policy_agreement", "shadow_policy_agreement" (0..1: agreement
-    with the policy, model/policy.py, applied to the features both scored with)}; with
-    several versions in the window, the most frequent of each, unless ``shadow_version`` and
-    ``active_version`` name the pair to compare."""
-    from collections import Counter
-
-    from triage.consumer.reader import TopicReader
-    from triage.model.features import FEATURE_NAMES, FeatureBatch
-    from triage.model.policy import CLASSES, label
-
-    def read(topic: str, version: str | None) -> dict[tuple[int, int], dict[str, Any]]:
-        with TopicReader(connection, topic, "prediction") as reader:
-            return {(p["order_partition"], p["order_offset"]): p
-                    for _, p in reader.read(idle_s=idle_s)
-                    if p is not None and p["scored_at_ms"] >= since_ms and p["revision"] == 1
-                    and version in (None, p["model_version"])}
-
-    shadow = read(topics.shadow_topic, shadow_version)
-    active = read(topics.predictions_topic, active_version) if shadow else {}
-    pairs = [(active[k], s) for k, s in shadow.items() if k in active]
-    index = {c: i for i, c in enumerate(CLASSES)}
-    confusion = [[0] * len(CLASSES) for _ in CLASSES]
-    for a, s in pairs:
-        confusion[index[a["recommendation"]]][index[s["recommendation"]]] += 1
-    agreed = sum(confusion[i][i] for i in range(len(CLASSES)))
-    policy: list[str] = []
-    if pairs:
-        features = FeatureBatch.from_values(
-            {name: [s["features"][name] for _, s in pairs] for name in FEATURE_NAMES})
-        policy = label(features).tolist()
-
-    def with_policy(side: int) -> float:
-        same = sum(pair[side]["recommendation"] == p for pair, p in zip(pairs, policy,
-                                                                          strict=True))
-        return same / len(pairs) if pairs else 0.0
-
-    def most(records: list[dict[str, Any]]) -> str | None:
-        counts = Counter(r["model_version"] for r in records)
-        return counts.most_common(1)[0][0] if counts else None
-
-    return {"active": most([a for a, _ in pairs]), "shadow": most([s for _, s in pairs]),
-            "pairs": len(pairs), "agreement": agreed / len(pairs) if pairs else 0.0,
-            "classes": list(CLASSES), "confusion": confusion,
-            "active_policy_agreement": with_policy(0), "shadow_policy_agreement": with_policy(1)}
