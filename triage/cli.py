@@ -708,12 +708,16 @@ def _check_model_source(args: argparse.Namespace) -> None:
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     """``triage models list|promote|rollback|shadow|compare`` (consumer/models.py,
-    model/registry.py)."""
-    import structlog
-
+    model/registry.py: the rules, which raise PromotionRefused or ChangeRefused, exit 2)."""
     from triage.consumer.models import changed, publish_state, read_state
     from triage.model.mlflow_registry import MODELS_SCHEME
-    from triage.model.registry import Registry
+    from triage.model.registry import (
+        Registry,
+        check_accuracy,
+        check_live,
+        check_rollback,
+        check_shadow,
+    )
 
     registry = Registry(args.registry)
     if args.models_command == "promote" and args.version.startswith(MODELS_SCHEME):
@@ -754,29 +758,29 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.models_command == "promote":
         version = registry.get(args.version)  # verified: a changed file is refused here
-        if version.holdout_accuracy < args.min_accuracy and not args.force:
-            raise SettingsError(
-                f"{version.version}'s holdout accuracy {version.holdout_accuracy:.4%} is below "
-                f"--min-accuracy {args.min_accuracy:.2%}; not promoted (--force overrides)")
+        forced = check_accuracy(version, args.min_accuracy, args.force)
         if state is not None and state.active == version.version:
             print(f"{version.version} is already active")
             return 0
-        forced = version.holdout_accuracy < args.min_accuracy
         if forced:
-            structlog.get_logger("models").warning(
-                "promotion_forced", version=version.version, gate="min_accuracy",
-                holdout_accuracy=version.holdout_accuracy, min_accuracy=args.min_accuracy)
+            _forced(version.version, "min_accuracy", holdout_accuracy=version.holdout_accuracy,
+                    min_accuracy=args.min_accuracy)
         if state is not None:
-            forced |= _live_gate(args, connection, topics, version.version, state.active)
+            live = _live_figures(connection, topics, version.version, state.active,
+                                 args.minutes)
+            theirs, ours = live["shadow_policy_agreement"], live["active_policy_agreement"]
+            if check_live(version.version, state.active, live["pairs"], theirs, ours,
+                          args.force):
+                _forced(version.version, "live", shadow_policy_agreement=theirs,
+                        active_policy_agreement=ours)
+                forced = True
         shadow = state.shadow if state and state.shadow != version.version else None
         new = changed(version.version, state.active if state else None, "promote", args.by,
                       forced, shadow)
     elif args.models_command == "shadow":
-        if state is None:
-            raise SettingsError("no version is active yet: promote one before shadowing another")
         target = None if args.clear else registry.get(args.version).version
-        if target == state.active:
-            raise SettingsError(f"{target} is the active version: shadow another one")
+        check_shadow(state.active if state else None, target)
+        assert state is not None  # check_shadow refused a shadow with no version active
         if target is not None:
             from triage.bus.clients import make_admin, partitions_of
 
@@ -790,45 +794,43 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         print(f"shadow: {target or 'none'} beside {state.active}")
         return 0
     else:
-        if state is None or state.previous is None:
-            raise SettingsError("nothing to roll back to: no version was active before this one")
-        registry.get(state.previous)
-        new = changed(state.previous, state.active, "rollback", args.by,
-                      shadow=state.shadow if state.shadow != state.previous else None)
+        back = check_rollback(state.active if state else None,
+                              state.previous if state else None)
+        assert state is not None  # check_rollback refused a rollback with no version active
+        registry.get(back)
+        new = changed(back, state.active, "rollback", args.by,
+                      shadow=state.shadow if state.shadow != back else None)
     publish_state(connection, topics, new)
     print(f"{new.action}: {new.active} is active (was {new.previous or 'none'}); workers "
           "following the registry swap to it between two batches")
     return 0
 
 
-def _live_gate(args: argparse.Namespace, connection: Any, topics: Any, version: str,
-               active: str) -> bool:
-    """A version that ran in shadow beside the active one must agree with the policy on live
-    traffic at least as often as the active one did on the same orders (the last --minutes).
-    Raises SettingsError if not, unless --force; returns True when --force overrode it."""
+def _live_figures(connection: Any, topics: Any, version: str, active: str, minutes: float
+                  ) -> dict[str, Any]:
+    """What the live gate (model/registry.py's check_live) decides on: consumer/models.py's
+    compare of ``version`` in shadow with ``active`` over the last ``minutes``, read from the
+    predictions and shadow topics and printed for the person promoting."""
     from triage.consumer.models import compare
 
-    report = compare(connection, topics, since_ms=int((time.time() - args.minutes * 60) * 1000),
+    report = compare(connection, topics, since_ms=int((time.time() - minutes * 60) * 1000),
                      idle_s=2.0, shadow_version=version, active_version=active)
     if not report["pairs"]:
         print(f"live gate not applied: {version} has not run in shadow beside {active} in the "
-              f"last {args.minutes:g} minutes")
-        return False
+              f"last {minutes:g} minutes")
+    else:
+        print(f"live: {version} agreed with the policy on "
+              f"{report['shadow_policy_agreement']:.2%} of {report['pairs']:,} orders, the "
+              f"active {active} on {report['active_policy_agreement']:.2%}")
+    return report
+
+
+def _forced(version: str, gate: str, **figures: float) -> None:
+    """Log that ``version`` was promoted past ``gate`` by --force, with the gate's figures."""
     import structlog
 
-    theirs, ours = report["shadow_policy_agreement"], report["active_policy_agreement"]
-    print(f"live: {version} agreed with the policy on {theirs:.2%} of {report['pairs']:,} "
-          f"orders, the active {active} on {ours:.2%}")
-    if theirs >= ours:
-        return False
-    if not args.force:
-        raise SettingsError(f"{version} agrees with the policy less often on live traffic "
-                            f"({theirs:.2%}) than the active version ({ours:.2%}); not "
-                            "promoted (--force overrides)")
-    structlog.get_logger("models").warning("promotion_forced", version=version, gate="live",
-                                           shadow_policy_agreement=theirs,
-                                           active_policy_agreement=ours)
-    return True
+    structlog.get_logger("models").warning("promotion_forced", version=version, gate=gate,
+                                           **figures)
 
 
 def report_text(report: dict[str, Any]) -> str:
