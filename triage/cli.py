@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from confluent_kafka import KafkaException
 
@@ -38,6 +38,9 @@ from triage.bus.settings import Settings, SettingsError, settings_table
 EXIT_FAILED = EXIT_INFRASTRUCTURE
 EXIT_USAGE = EXIT_CONFIGURATION
 
+if TYPE_CHECKING:
+    Commands: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
+
 
 def _connection_flags() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -56,12 +59,21 @@ def _connection_flags() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``triage``'s parser: one function per command adds it (``_add_train``, ...), in the
+    order ``triage --help`` lists them; docs/cli.md's reference is generated from it."""
     common = _connection_flags()
     parser = argparse.ArgumentParser(
         prog="triage", description="Streaming order triage on Kafka: Avro orders in, XGBoost "
         "recommendations out. Settings come from TRIAGE_* variables; flags override them.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_broker, _add_topics, _add_datagen, _add_drift, _add_train, _add_replay,
+                _add_produce, _add_consume, _add_worker, _add_models, _add_lag,
+                _add_predictions, _add_demo, _add_dlq, _add_bench, _add_serve, _add_settings):
+        add(commands, common)
+    return parser
 
+
+def _add_broker(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("broker", parents=[common],
                             help="run a local broker until Ctrl-C: the embedded Kafka-compatible "
                                  "one (tansu), or Apache Kafka with --kafka")
@@ -70,23 +82,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Apache Kafka (single-node KRaft, from Maven Central's jars; needs "
                         "Java 17+) instead of the embedded broker")
 
+
+def _add_topics(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("topics", parents=[common], help="manage the service's topics")
     p.add_argument("action", choices=["create"])
     p.add_argument("--orders-partitions", type=int)
     p.add_argument("--output-partitions", type=int)
     p.add_argument("--replication-factor", type=int)
 
+
+def _add_datagen(commands: Commands, common: argparse.ArgumentParser) -> None:
+    from triage.model.scenarios import SCENARIOS
+
     p = commands.add_parser("datagen", parents=[common], help="generate the four input CSVs")
     p.add_argument("--orders", type=int, default=20_000, help="how many orders (default 20000)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--weeks", type=int, default=4, help="weeks the orders span (default 4)")
     p.add_argument("--out", type=Path, required=True, help="directory to write the CSVs to")
-    from triage.model.scenarios import SCENARIOS
-
     p.add_argument("--shift", choices=list(SCENARIOS), metavar="SCENARIO",
                    help="the same data with one realistic shift: " + "; ".join(
                        f"{name}: {what}" for name, what in SCENARIOS.items()).replace("%", "%%"))
 
+
+def _add_drift(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("drift", help="drift monitoring: the monitor and its HTML report")
     drift = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = drift.add_parser("monitor", parents=[common],
@@ -113,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop reading after this many seconds with nothing new")
     p.add_argument("--reports-topic", dest="drift_reports_topic", metavar="NAME")
 
+
+def _add_train(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("train", parents=[common], help="train and save the model")
     p.add_argument("--data", type=Path, required=True, help="directory with the four CSVs")
     p.add_argument("--out", type=Path, help="model directory to write")
@@ -121,9 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-accuracy", type=float, default=0.995,
                    help="refuse to save a model below this holdout accuracy (default 0.995)")
-    p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
-                   help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
+    _encoding_flag(p)
 
+
+def _add_replay(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser(
         "replay", parents=[common],
         help="publish orders.csv as orders, or a directory's four CSVs merged in event time")
@@ -140,9 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "an interrupted replay prints the --skip that resumes it")
     p.add_argument("--limit", type=int, help="publish only the first N records (after --skip)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
-                   help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
+    _encoding_flag(p)
 
+
+def _add_produce(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser(
         "produce", parents=[common],
         help="publish an event by hand (an order, a payment, a stock level, a zip roll-out) "
@@ -166,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read JSON lines from stdin instead of flags: each an object of the "
                         "stream's CSV columns (a \"stream\" field picks another stream)")
 
+
+def _add_consume(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("consume", parents=[common],
                             help="run N scorer workers in the consumer group")
     p.add_argument("--workers", default="1",
@@ -177,86 +201,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale-interval", type=float, default=5.0,
                    help="with --workers auto: seconds between lag samples (default 5); a "
                    "decision needs a window of 6 samples")
-    p.add_argument("--exactly-once", action="store_true", default=None,
-                   help="transactional consume-transform-produce (TRIAGE_EXACTLY_ONCE)")
-    p.add_argument("--instance-id", dest="instance_id", metavar="ID",
-                   help="static group membership, e.g. the pod name (TRIAGE_INSTANCE_ID)")
-    p.add_argument("--group-protocol", dest="group_protocol", choices=["classic", "consumer"],
-                   help="consumer group protocol; consumer: KIP-848 (TRIAGE_GROUP_PROTOCOL)")
+    _membership_flags(p)
     _model_source(p)
     p.add_argument("--reference", type=Path,
                    help="directory with inventory.csv, payments.csv, zip_codes.csv: loaded "
                    "first, as a snapshot; the reference topics apply on top either way")
-    p.add_argument("--group", dest="group_id", help="consumer group (TRIAGE_GROUP_ID)")
-    p.add_argument("--batch-size", type=int, help="orders per batch (TRIAGE_BATCH_SIZE)")
-    p.add_argument("--batch-timeout-ms", type=int, help="TRIAGE_BATCH_TIMEOUT_MS")
-    p.add_argument("--sample-rate", type=float, help="drift sample share (TRIAGE_SAMPLE_RATE)")
-    p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
-                   help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
+    _batch_flags(p)
+    _encoding_flag(p)
 
+
+def _add_worker(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser(
         "worker", parents=[common],
         help="one scorer worker in this process, no supervisor (a Kubernetes pod's command)")
     _model_source(p)
     p.add_argument("--reference", type=Path,
                    help="reference CSVs loaded first, as a snapshot (as for consume)")
-    p.add_argument("--group", dest="group_id", help="consumer group (TRIAGE_GROUP_ID)")
-    p.add_argument("--batch-size", type=int, help="orders per batch (TRIAGE_BATCH_SIZE)")
-    p.add_argument("--batch-timeout-ms", type=int, help="TRIAGE_BATCH_TIMEOUT_MS")
-    p.add_argument("--sample-rate", type=float, help="drift sample share (TRIAGE_SAMPLE_RATE)")
-    p.add_argument("--exactly-once", action="store_true", default=None,
-                   help="transactional consume-transform-produce (TRIAGE_EXACTLY_ONCE)")
-    p.add_argument("--instance-id", dest="instance_id", metavar="ID",
-                   help="static group membership, e.g. the pod name (TRIAGE_INSTANCE_ID)")
-    p.add_argument("--group-protocol", dest="group_protocol", choices=["classic", "consumer"],
-                   help="consumer group protocol; consumer: KIP-848 (TRIAGE_GROUP_PROTOCOL)")
+    _batch_flags(p)
+    _membership_flags(p)
     p.add_argument("--metrics-port", dest="metrics_port", type=int, metavar="PORT",
                    help="serve /metrics, /healthz and /readyz here (TRIAGE_METRICS_PORT)")
     p.add_argument("--worker-id", default="0",
                    help="this worker's number: its transactional id and metrics port offset")
-    p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
-                   help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
+    _encoding_flag(p)
 
+
+def _add_models(commands: Commands, common: argparse.ArgumentParser) -> None:
     models = commands.add_parser(
         "models", help="the model registry: list versions, promote, roll back")
     actions = models.add_subparsers(dest="models_command", required=True)
-    for name, text in (("list", "the registry's versions and which one is active"),
-                       ("promote", "make a version active: every worker swaps to it"),
-                       ("rollback", "make the previous active version active again"),
-                       ("shadow", "score a version beside the active one, to the shadow topic"),
-                       ("compare", "agreement of the shadow version with the active one")):
+
+    def action(name: str, text: str) -> argparse.ArgumentParser:
         a = actions.add_parser(name, parents=[common], help=text)
         a.add_argument("--registry", type=Path, required=True, help="model registry directory")
-        if name == "shadow":
-            which = a.add_mutually_exclusive_group(required=True)
-            which.add_argument("version", nargs="?", help="a version id")
-            which.add_argument("--clear", action="store_true", help="stop shadow scoring")
-        if name == "compare":
-            a.add_argument("--minutes", type=float, default=60.0,
-                           help="predictions scored in the last M minutes (default 60)")
-            a.add_argument("--idle", type=float, default=3.0,
-                           help="stop reading after this many seconds with nothing new")
-            a.add_argument("--json", action="store_true", help="print the figures as JSON")
-        if name == "promote":
-            a.add_argument("version", help="a version id, as `triage models list` shows, or "
-                                           "an MLflow model, models:/NAME/VERSION (with "
-                                           "TRIAGE_MLFLOW_TRACKING_URI)")
-            a.add_argument("--min-accuracy", type=float, default=0.995,
-                           help="refuse a version whose holdout accuracy against the policy "
-                                "is below this (default 0.995)")
-            a.add_argument("--force", action="store_true",
-                           help="promote even below --min-accuracy, or below the active "
-                                "version's live agreement with the policy (recorded)")
-            a.add_argument("--minutes", type=float, default=60.0,
-                           help="a version in shadow: compare its live agreement with the "
-                                "policy over the last M minutes (default 60)")
-        if name in ("promote", "rollback", "shadow"):
-            a.add_argument("--by", help="who makes the change (default: your user name)")
+        return a
 
+    def by(a: argparse.ArgumentParser) -> None:
+        a.add_argument("--by", help="who makes the change (default: your user name)")
+
+    action("list", "the registry's versions and which one is active")
+    a = action("promote", "make a version active: every worker swaps to it")
+    a.add_argument("version", help="a version id, as `triage models list` shows, or an MLflow "
+                                   "model, models:/NAME/VERSION (with "
+                                   "TRIAGE_MLFLOW_TRACKING_URI)")
+    a.add_argument("--min-accuracy", type=float, default=0.995,
+                   help="refuse a version whose holdout accuracy against the policy is below "
+                        "this (default 0.995)")
+    a.add_argument("--force", action="store_true",
+                   help="promote even below --min-accuracy, or below the active version's live "
+                        "agreement with the policy (recorded)")
+    a.add_argument("--minutes", type=float, default=60.0,
+                   help="a version in shadow: compare its live agreement with the policy over "
+                        "the last M minutes (default 60)")
+    by(a)
+    by(action("rollback", "make the previous active version active again"))
+    a = action("shadow", "score a version beside the active one, to the shadow topic")
+    which = a.add_mutually_exclusive_group(required=True)
+    which.add_argument("version", nargs="?", help="a version id")
+    which.add_argument("--clear", action="store_true", help="stop shadow scoring")
+    by(a)
+    a = action("compare", "agreement of the shadow version with the active one")
+    a.add_argument("--minutes", type=float, default=60.0,
+                   help="predictions scored in the last M minutes (default 60)")
+    a.add_argument("--idle", type=float, default=3.0,
+                   help="stop reading after this many seconds with nothing new")
+    a.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def _add_lag(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("lag", parents=[common],
                             help="committed offset, end offset and lag per partition")
     p.add_argument("--group", dest="group_id", help="consumer group (TRIAGE_GROUP_ID)")
 
+
+def _add_predictions(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("predictions", parents=[common],
                             help="print the predictions from the beginning, as JSON lines, and "
                                  "a per-class summary on stderr")
@@ -271,15 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every record as published, corrected revisions and all (default: "
                         "the highest revision of each order)")
 
+
+def _add_demo(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("demo", parents=[common],
                             help="generate, train, start broker and 2 workers, replay, report")
     p.add_argument("--data", type=Path, help="use these CSVs instead of generating 20k orders")
     p.add_argument("--model", type=Path, default=Path("models/demo"),
                    help="model directory; trained there unless it exists (default models/demo)")
     p.add_argument("--results", type=Path, default=Path("results"))
-    p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
-                   help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
+    _encoding_flag(p)
 
+
+def _add_dlq(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("dlq", parents=[common], help="inspect or replay dead letters")
     p.add_argument("action", choices=["inspect", "replay"])
     p.add_argument("--reason", help="replay: only records dead-lettered for this reason")
@@ -287,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle", type=float, default=3.0,
                    help="stop reading after this many seconds with nothing new")
 
+
+def _add_bench(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser(
         "bench", parents=[common],
         help="benchmark the scorer against passthrough and per-message scoring, and on the live "
@@ -340,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-topics", action="store_true", help="do not delete the bench topics")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
+
+def _add_serve(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser(
         "serve", parents=[common],
         help="the HTTP front door: POST /decision/v1 (and its batch form), asynchronous "
@@ -356,8 +381,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
                    help="text encoding of the CSVs (TRIAGE_CSV_ENCODING, default utf-8)")
 
+
+def _add_settings(commands: Commands, common: argparse.ArgumentParser) -> None:
     commands.add_parser("settings", help="list every TRIAGE_* setting with its default")
-    return parser
+
+
+def _encoding_flag(p: argparse.ArgumentParser) -> None:
+    """--encoding: the CSVs' text encoding."""
+    p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
+                   help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
+
+
+def _batch_flags(p: argparse.ArgumentParser) -> None:
+    """A scorer's consumer group and batches (consume, worker)."""
+    p.add_argument("--group", dest="group_id", help="consumer group (TRIAGE_GROUP_ID)")
+    p.add_argument("--batch-size", type=int, help="orders per batch (TRIAGE_BATCH_SIZE)")
+    p.add_argument("--batch-timeout-ms", type=int, help="TRIAGE_BATCH_TIMEOUT_MS")
+    p.add_argument("--sample-rate", type=float, help="drift sample share (TRIAGE_SAMPLE_RATE)")
+
+
+def _membership_flags(p: argparse.ArgumentParser) -> None:
+    """A scorer's transactions and group membership (consume, worker)."""
+    p.add_argument("--exactly-once", action="store_true", default=None,
+                   help="transactional consume-transform-produce (TRIAGE_EXACTLY_ONCE)")
+    p.add_argument("--instance-id", dest="instance_id", metavar="ID",
+                   help="static group membership, e.g. the pod name (TRIAGE_INSTANCE_ID)")
+    p.add_argument("--group-protocol", dest="group_protocol", choices=["classic", "consumer"],
+                   help="consumer group protocol; consumer: KIP-848 (TRIAGE_GROUP_PROTOCOL)")
 
 
 def _model_source(p: argparse.ArgumentParser) -> None:
