@@ -15,6 +15,12 @@ missing", "model.json does not match its manifest ...") instead of as a candidat
 The registry holds versions; which one is active, which one runs in shadow and who changed it
 when live on the control topic (scoring/follower.py), so that every worker agrees on them.
 
+The rules for changing them are here too, as pure functions of figures a caller has read (no
+broker, no files): the promotion gates (:func:`check_accuracy`, :func:`check_live`), each
+raising :class:`PromotionRefused` unless forced and returning whether it was forced, and the
+rules of the state (:func:`check_shadow`, :func:`check_rollback`), raising
+:class:`ChangeRefused`. ``triage models`` reads the figures, calls them and prints.
+
 A version's metadata is its manifest's: ``created_at`` (UTC), ``metrics.holdout_accuracy``
 (against the policy, on the training run's holdout), ``training.data_sha256`` (of each
 training CSV).
@@ -22,6 +28,7 @@ training CSV).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -36,6 +43,24 @@ from triage.model import artifact
 
 class RegistryError(ConfigurationError):
     """The registry directory, or a version asked for, is not there or not usable."""
+
+
+class PromotionRefused(ConfigurationError):
+    """A promotion gate refused a version: its holdout accuracy is below the minimum
+    (``gate`` "min_accuracy"), or it agreed with the policy on live traffic less often than the
+    active version (``gate`` "live"). ``--force`` overrides a gate (the new state records it as
+    forced). A ConfigurationError (bus/errors.py): the command exits with status 2, and running
+    it again refuses again until the version, the figures or the flags change."""
+
+    def __init__(self, gate: str, message: str) -> None:
+        super().__init__(message)
+        self.gate = gate
+
+
+class ChangeRefused(ConfigurationError):
+    """A shadow or rollback that the current state does not allow (no version is active yet,
+    the version is the active one, nothing to roll back to); ``--force`` does not override it.
+    A ConfigurationError (bus/errors.py): the command exits with status 2."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +170,69 @@ class Registry:
         RegistryError if unknown, ArtifactError if a file was changed."""
         path = self.path(version)
         return Version.of(path, artifact.verify(path))
+
+
+# -- the rules of changing versions ----------------------------------------------------------
+# A gate is a function of figures (and ``force``) that returns whether the promotion was forced
+# past it and raises PromotionRefused when it is not passed and not forced (_gate). Adding one
+# (a backtest required before promotion, ...) is one more function here and one call in the CLI.
+
+
+def _gate(gate: str, passed: bool, force: bool, refusal: str) -> bool:
+    """False when ``passed``; True when not passed but ``force``d. Raises PromotionRefused
+    (``gate``, ``refusal`` and how to override it) when neither."""
+    if passed:
+        return False
+    if not force:
+        raise PromotionRefused(gate, f"{refusal}; not promoted (--force overrides)")
+    return True
+
+
+def check_accuracy(version: Version, min_accuracy: float, force: bool = False) -> bool:
+    """The offline gate: ``version``'s holdout accuracy against the policy (0..1, its
+    manifest's) must be at least ``min_accuracy`` (0..1); a version whose manifest records no
+    accuracy does not pass. Returns True when it did not pass and ``force`` promotes it anyway,
+    False when it passed. Raises PromotionRefused (gate "min_accuracy") otherwise."""
+    accuracy = version.holdout_accuracy
+    refusal = (f"{version.version}'s manifest records no holdout accuracy to hold against "
+               f"--min-accuracy {min_accuracy:.2%}" if math.isnan(accuracy) else
+               f"{version.version}'s holdout accuracy {accuracy:.4%} is below --min-accuracy "
+               f"{min_accuracy:.2%}")
+    return _gate("min_accuracy", accuracy >= min_accuracy, force, refusal)
+
+
+def check_live(version: str, active: str, pairs: int, shadow_policy_agreement: float,
+               active_policy_agreement: float, force: bool = False) -> bool:
+    """The live gate: ``version``, run in shadow beside the ``active`` one, must agree with the
+    policy on live traffic at least as often as the active one did on the same orders. The
+    figures are consumer/models.py's ``compare``: ``pairs`` orders scored by both, and each
+    version's share of them on which it agreed with the policy (0..1). With no pairs there is
+    nothing to compare and the gate does not apply (False). Returns True when it did not pass
+    and ``force`` promotes it anyway, False when it passed. Raises PromotionRefused (gate
+    "live") otherwise."""
+    passed = pairs == 0 or shadow_policy_agreement >= active_policy_agreement
+    return _gate("live", passed, force,
+                 f"{version} agrees with the policy less often on live traffic "
+                 f"({shadow_policy_agreement:.2%}) than the active version "
+                 f"({active_policy_agreement:.2%})")
+
+
+def check_shadow(active: str | None, shadow: str | None) -> None:
+    """Whether ``shadow`` (a version id; None stops shadow scoring) may run beside ``active``
+    (None: no version is active yet). Raises ChangeRefused when no version is active, or when
+    ``shadow`` is the active version."""
+    if active is None:
+        raise ChangeRefused("no version is active yet: promote one before shadowing another")
+    if shadow == active:
+        raise ChangeRefused(f"{shadow} is the active version: shadow another one")
+
+
+def check_rollback(active: str | None, previous: str | None) -> str:
+    """The version a rollback makes active: ``previous``, the one active before ``active``.
+    Raises ChangeRefused when there is none (no version active, or only ever one)."""
+    if active is None or previous is None:
+        raise ChangeRefused("nothing to roll back to: no version was active before this one")
+    return previous
 
 
 # What artifact.save names a version: "xgb-" and the model file's sha256's first 12 digits.

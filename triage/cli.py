@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from confluent_kafka import KafkaException
 
@@ -38,6 +38,9 @@ from triage.bus.settings import Settings, SettingsError, settings_table
 EXIT_FAILED = EXIT_INFRASTRUCTURE
 EXIT_USAGE = EXIT_CONFIGURATION
 
+if TYPE_CHECKING:
+    Commands: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
+
 
 def _connection_flags() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -56,12 +59,21 @@ def _connection_flags() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``triage``'s parser: one function per command adds it (``_add_train``, ...), in the
+    order ``triage --help`` lists them; docs/cli.md's reference is generated from it."""
     common = _connection_flags()
     parser = argparse.ArgumentParser(
         prog="triage", description="Streaming order triage on Kafka: Avro orders in, XGBoost "
         "recommendations out. Settings come from TRIAGE_* variables; flags override them.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_broker, _add_topics, _add_datagen, _add_drift, _add_train, _add_replay,
+                _add_produce, _add_consume, _add_worker, _add_models, _add_lag,
+                _add_predictions, _add_demo, _add_dlq, _add_bench, _add_serve, _add_settings):
+        add(commands, common)
+    return parser
 
+
+def _add_broker(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("broker", parents=[common],
                             help="run a local broker until Ctrl-C: the embedded Kafka-compatible "
                                  "one (tansu), or Apache Kafka with --kafka")
@@ -70,23 +82,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Apache Kafka (single-node KRaft, from Maven Central's jars; needs "
                         "Java 17+) instead of the embedded broker")
 
+
+def _add_topics(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("topics", parents=[common], help="manage the service's topics")
     p.add_argument("action", choices=["create"])
     p.add_argument("--orders-partitions", type=int)
     p.add_argument("--output-partitions", type=int)
     p.add_argument("--replication-factor", type=int)
 
+
+def _add_datagen(commands: Commands, common: argparse.ArgumentParser) -> None:
+    from triage.model.scenarios import SCENARIOS
+
     p = commands.add_parser("datagen", parents=[common], help="generate the four input CSVs")
     p.add_argument("--orders", type=int, default=20_000, help="how many orders (default 20000)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--weeks", type=int, default=4, help="weeks the orders span (default 4)")
     p.add_argument("--out", type=Path, required=True, help="directory to write the CSVs to")
-    from triage.model.scenarios import SCENARIOS
-
     p.add_argument("--shift", choices=list(SCENARIOS), metavar="SCENARIO",
                    help="the same data with one realistic shift: " + "; ".join(
                        f"{name}: {what}" for name, what in SCENARIOS.items()).replace("%", "%%"))
 
+
+def _add_drift(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("drift", help="drift monitoring: the monitor and its HTML report")
     drift = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = drift.add_parser("monitor", parents=[common],
@@ -113,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop reading after this many seconds with nothing new")
     p.add_argument("--reports-topic", dest="drift_reports_topic", metavar="NAME")
 
+
+def _add_train(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("train", parents=[common], help="train and save the model")
     p.add_argument("--data", type=Path, required=True, help="directory with the four CSVs")
     p.add_argument("--out", type=Path, help="model directory to write")
@@ -121,9 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-accuracy", type=float, default=0.995,
                    help="refuse to save a model below this holdout accuracy (default 0.995)")
-    p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
-                   help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
+    _encoding_flag(p)
 
+
+def _add_replay(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser(
         "replay", parents=[common],
         help="publish orders.csv as orders, or a directory's four CSVs merged in event time")
@@ -140,9 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "an interrupted replay prints the --skip that resumes it")
     p.add_argument("--limit", type=int, help="publish only the first N records (after --skip)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
-                   help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
+    _encoding_flag(p)
 
+
+def _add_produce(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser(
         "produce", parents=[common],
         help="publish an event by hand (an order, a payment, a stock level, a zip roll-out) "
@@ -166,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read JSON lines from stdin instead of flags: each an object of the "
                         "stream's CSV columns (a \"stream\" field picks another stream)")
 
+
+def _add_consume(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("consume", parents=[common],
                             help="run N scorer workers in the consumer group")
     p.add_argument("--workers", default="1",
@@ -177,86 +201,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale-interval", type=float, default=5.0,
                    help="with --workers auto: seconds between lag samples (default 5); a "
                    "decision needs a window of 6 samples")
-    p.add_argument("--exactly-once", action="store_true", default=None,
-                   help="transactional consume-transform-produce (TRIAGE_EXACTLY_ONCE)")
-    p.add_argument("--instance-id", dest="instance_id", metavar="ID",
-                   help="static group membership, e.g. the pod name (TRIAGE_INSTANCE_ID)")
-    p.add_argument("--group-protocol", dest="group_protocol", choices=["classic", "consumer"],
-                   help="consumer group protocol; consumer: KIP-848 (TRIAGE_GROUP_PROTOCOL)")
+    _membership_flags(p)
     _model_source(p)
     p.add_argument("--reference", type=Path,
                    help="directory with inventory.csv, payments.csv, zip_codes.csv: loaded "
                    "first, as a snapshot; the reference topics apply on top either way")
-    p.add_argument("--group", dest="group_id", help="consumer group (TRIAGE_GROUP_ID)")
-    p.add_argument("--batch-size", type=int, help="orders per batch (TRIAGE_BATCH_SIZE)")
-    p.add_argument("--batch-timeout-ms", type=int, help="TRIAGE_BATCH_TIMEOUT_MS")
-    p.add_argument("--sample-rate", type=float, help="drift sample share (TRIAGE_SAMPLE_RATE)")
-    p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
-                   help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
+    _batch_flags(p)
+    _encoding_flag(p)
 
+
+def _add_worker(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser(
         "worker", parents=[common],
         help="one scorer worker in this process, no supervisor (a Kubernetes pod's command)")
     _model_source(p)
     p.add_argument("--reference", type=Path,
                    help="reference CSVs loaded first, as a snapshot (as for consume)")
-    p.add_argument("--group", dest="group_id", help="consumer group (TRIAGE_GROUP_ID)")
-    p.add_argument("--batch-size", type=int, help="orders per batch (TRIAGE_BATCH_SIZE)")
-    p.add_argument("--batch-timeout-ms", type=int, help="TRIAGE_BATCH_TIMEOUT_MS")
-    p.add_argument("--sample-rate", type=float, help="drift sample share (TRIAGE_SAMPLE_RATE)")
-    p.add_argument("--exactly-once", action="store_true", default=None,
-                   help="transactional consume-transform-produce (TRIAGE_EXACTLY_ONCE)")
-    p.add_argument("--instance-id", dest="instance_id", metavar="ID",
-                   help="static group membership, e.g. the pod name (TRIAGE_INSTANCE_ID)")
-    p.add_argument("--group-protocol", dest="group_protocol", choices=["classic", "consumer"],
-                   help="consumer group protocol; consumer: KIP-848 (TRIAGE_GROUP_PROTOCOL)")
+    _batch_flags(p)
+    _membership_flags(p)
     p.add_argument("--metrics-port", dest="metrics_port", type=int, metavar="PORT",
                    help="serve /metrics, /healthz and /readyz here (TRIAGE_METRICS_PORT)")
     p.add_argument("--worker-id", default="0",
                    help="this worker's number: its transactional id and metrics port offset")
-    p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
-                   help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
+    _encoding_flag(p)
 
+
+def _add_models(commands: Commands, common: argparse.ArgumentParser) -> None:
     models = commands.add_parser(
         "models", help="the model registry: list versions, promote, roll back")
     actions = models.add_subparsers(dest="models_command", required=True)
-    for name, text in (("list", "the registry's versions and which one is active"),
-                       ("promote", "make a version active: every worker swaps to it"),
-                       ("rollback", "make the previous active version active again"),
-                       ("shadow", "score a version beside the active one, to the shadow topic"),
-                       ("compare", "agreement of the shadow version with the active one")):
+
+    def action(name: str, text: str) -> argparse.ArgumentParser:
         a = actions.add_parser(name, parents=[common], help=text)
         a.add_argument("--registry", type=Path, required=True, help="model registry directory")
-        if name == "shadow":
-            which = a.add_mutually_exclusive_group(required=True)
-            which.add_argument("version", nargs="?", help="a version id")
-            which.add_argument("--clear", action="store_true", help="stop shadow scoring")
-        if name == "compare":
-            a.add_argument("--minutes", type=float, default=60.0,
-                           help="predictions scored in the last M minutes (default 60)")
-            a.add_argument("--idle", type=float, default=3.0,
-                           help="stop reading after this many seconds with nothing new")
-            a.add_argument("--json", action="store_true", help="print the figures as JSON")
-        if name == "promote":
-            a.add_argument("version", help="a version id, as `triage models list` shows, or "
-                                           "an MLflow model, models:/NAME/VERSION (with "
-                                           "TRIAGE_MLFLOW_TRACKING_URI)")
-            a.add_argument("--min-accuracy", type=float, default=0.995,
-                           help="refuse a version whose holdout accuracy against the policy "
-                                "is below this (default 0.995)")
-            a.add_argument("--force", action="store_true",
-                           help="promote even below --min-accuracy, or below the active "
-                                "version's live agreement with the policy (recorded)")
-            a.add_argument("--minutes", type=float, default=60.0,
-                           help="a version in shadow: compare its live agreement with the "
-                                "policy over the last M minutes (default 60)")
-        if name in ("promote", "rollback", "shadow"):
-            a.add_argument("--by", help="who makes the change (default: your user name)")
+        return a
 
+    def by(a: argparse.ArgumentParser) -> None:
+        a.add_argument("--by", help="who makes the change (default: your user name)")
+
+    action("list", "the registry's versions and which one is active")
+    a = action("promote", "make a version active: every worker swaps to it")
+    a.add_argument("version", help="a version id, as `triage models list` shows, or an MLflow "
+                                   "model, models:/NAME/VERSION (with "
+                                   "TRIAGE_MLFLOW_TRACKING_URI)")
+    a.add_argument("--min-accuracy", type=float, default=0.995,
+                   help="refuse a version whose holdout accuracy against the policy is below "
+                        "this (default 0.995)")
+    a.add_argument("--force", action="store_true",
+                   help="promote even below --min-accuracy, or below the active version's live "
+                        "agreement with the policy (recorded)")
+    a.add_argument("--minutes", type=float, default=60.0,
+                   help="a version in shadow: compare its live agreement with the policy over "
+                        "the last M minutes (default 60)")
+    by(a)
+    by(action("rollback", "make the previous active version active again"))
+    a = action("shadow", "score a version beside the active one, to the shadow topic")
+    which = a.add_mutually_exclusive_group(required=True)
+    which.add_argument("version", nargs="?", help="a version id")
+    which.add_argument("--clear", action="store_true", help="stop shadow scoring")
+    by(a)
+    a = action("compare", "agreement of the shadow version with the active one")
+    a.add_argument("--minutes", type=float, default=60.0,
+                   help="predictions scored in the last M minutes (default 60)")
+    a.add_argument("--idle", type=float, default=3.0,
+                   help="stop reading after this many seconds with nothing new")
+    a.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def _add_lag(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("lag", parents=[common],
                             help="committed offset, end offset and lag per partition")
     p.add_argument("--group", dest="group_id", help="consumer group (TRIAGE_GROUP_ID)")
 
+
+def _add_predictions(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("predictions", parents=[common],
                             help="print the predictions from the beginning, as JSON lines, and "
                                  "a per-class summary on stderr")
@@ -271,15 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every record as published, corrected revisions and all (default: "
                         "the highest revision of each order)")
 
+
+def _add_demo(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("demo", parents=[common],
                             help="generate, train, start broker and 2 workers, replay, report")
     p.add_argument("--data", type=Path, help="use these CSVs instead of generating 20k orders")
     p.add_argument("--model", type=Path, default=Path("models/demo"),
                    help="model directory; trained there unless it exists (default models/demo)")
     p.add_argument("--results", type=Path, default=Path("results"))
-    p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
-                   help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
+    _encoding_flag(p)
 
+
+def _add_dlq(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("dlq", parents=[common], help="inspect or replay dead letters")
     p.add_argument("action", choices=["inspect", "replay"])
     p.add_argument("--reason", help="replay: only records dead-lettered for this reason")
@@ -287,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle", type=float, default=3.0,
                    help="stop reading after this many seconds with nothing new")
 
+
+def _add_bench(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser(
         "bench", parents=[common],
         help="benchmark the scorer against passthrough and per-message scoring, and on the live "
@@ -340,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-topics", action="store_true", help="do not delete the bench topics")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
+
+def _add_serve(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser(
         "serve", parents=[common],
         help="the HTTP front door: POST /decision/v1 (and its batch form), asynchronous "
@@ -356,8 +381,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
                    help="text encoding of the CSVs (TRIAGE_CSV_ENCODING, default utf-8)")
 
+
+def _add_settings(commands: Commands, common: argparse.ArgumentParser) -> None:
     commands.add_parser("settings", help="list every TRIAGE_* setting with its default")
-    return parser
+
+
+def _encoding_flag(p: argparse.ArgumentParser) -> None:
+    """--encoding: the CSVs' text encoding."""
+    p.add_argument("--encoding", dest="csv_encoding", metavar="NAME",
+                   help="text encoding of the CSVs (TRIAGE_CSV_ENCODING; default utf-8)")
+
+
+def _batch_flags(p: argparse.ArgumentParser) -> None:
+    """A scorer's consumer group and batches (consume, worker)."""
+    p.add_argument("--group", dest="group_id", help="consumer group (TRIAGE_GROUP_ID)")
+    p.add_argument("--batch-size", type=int, help="orders per batch (TRIAGE_BATCH_SIZE)")
+    p.add_argument("--batch-timeout-ms", type=int, help="TRIAGE_BATCH_TIMEOUT_MS")
+    p.add_argument("--sample-rate", type=float, help="drift sample share (TRIAGE_SAMPLE_RATE)")
+
+
+def _membership_flags(p: argparse.ArgumentParser) -> None:
+    """A scorer's transactions and group membership (consume, worker)."""
+    p.add_argument("--exactly-once", action="store_true", default=None,
+                   help="transactional consume-transform-produce (TRIAGE_EXACTLY_ONCE)")
+    p.add_argument("--instance-id", dest="instance_id", metavar="ID",
+                   help="static group membership, e.g. the pod name (TRIAGE_INSTANCE_ID)")
+    p.add_argument("--group-protocol", dest="group_protocol", choices=["classic", "consumer"],
+                   help="consumer group protocol; consumer: KIP-848 (TRIAGE_GROUP_PROTOCOL)")
 
 
 def _model_source(p: argparse.ArgumentParser) -> None:
@@ -708,11 +758,15 @@ def _check_model_source(args: argparse.Namespace) -> None:
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     """``triage models list|promote|rollback|shadow|compare`` (scoring/follower.py,
-    model/registry.py)."""
-    import structlog
-
+    model/registry.py: the rules, which raise PromotionRefused or ChangeRefused, exit 2)."""
     from triage.model.mlflow_registry import MODELS_SCHEME
-    from triage.model.registry import Registry
+    from triage.model.registry import (
+        Registry,
+        check_accuracy,
+        check_live,
+        check_rollback,
+        check_shadow,
+    )
     from triage.scoring.follower import changed, publish_state, read_state
 
     registry = Registry(args.registry)
@@ -754,29 +808,29 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.models_command == "promote":
         version = registry.get(args.version)  # verified: a changed file is refused here
-        if version.holdout_accuracy < args.min_accuracy and not args.force:
-            raise SettingsError(
-                f"{version.version}'s holdout accuracy {version.holdout_accuracy:.4%} is below "
-                f"--min-accuracy {args.min_accuracy:.2%}; not promoted (--force overrides)")
+        forced = check_accuracy(version, args.min_accuracy, args.force)
         if state is not None and state.active == version.version:
             print(f"{version.version} is already active")
             return 0
-        forced = version.holdout_accuracy < args.min_accuracy
         if forced:
-            structlog.get_logger("models").warning(
-                "promotion_forced", version=version.version, gate="min_accuracy",
-                holdout_accuracy=version.holdout_accuracy, min_accuracy=args.min_accuracy)
+            _forced(version.version, "min_accuracy", holdout_accuracy=version.holdout_accuracy,
+                    min_accuracy=args.min_accuracy)
         if state is not None:
-            forced |= _live_gate(args, connection, topics, version.version, state.active)
+            live = _live_figures(connection, topics, version.version, state.active,
+                                 args.minutes)
+            theirs, ours = live["shadow_policy_agreement"], live["active_policy_agreement"]
+            if check_live(version.version, state.active, live["pairs"], theirs, ours,
+                          args.force):
+                _forced(version.version, "live", shadow_policy_agreement=theirs,
+                        active_policy_agreement=ours)
+                forced = True
         shadow = state.shadow if state and state.shadow != version.version else None
         new = changed(version.version, state.active if state else None, "promote", args.by,
                       forced, shadow)
     elif args.models_command == "shadow":
-        if state is None:
-            raise SettingsError("no version is active yet: promote one before shadowing another")
         target = None if args.clear else registry.get(args.version).version
-        if target == state.active:
-            raise SettingsError(f"{target} is the active version: shadow another one")
+        check_shadow(state.active if state else None, target)
+        assert state is not None  # check_shadow refused a shadow with no version active
         if target is not None:
             from triage.bus.clients import make_admin, partitions_of
 
@@ -790,45 +844,43 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         print(f"shadow: {target or 'none'} beside {state.active}")
         return 0
     else:
-        if state is None or state.previous is None:
-            raise SettingsError("nothing to roll back to: no version was active before this one")
-        registry.get(state.previous)
-        new = changed(state.previous, state.active, "rollback", args.by,
-                      shadow=state.shadow if state.shadow != state.previous else None)
+        back = check_rollback(state.active if state else None,
+                              state.previous if state else None)
+        assert state is not None  # check_rollback refused a rollback with no version active
+        registry.get(back)
+        new = changed(back, state.active, "rollback", args.by,
+                      shadow=state.shadow if state.shadow != back else None)
     publish_state(connection, topics, new)
     print(f"{new.action}: {new.active} is active (was {new.previous or 'none'}); workers "
           "following the registry swap to it between two batches")
     return 0
 
 
-def _live_gate(args: argparse.Namespace, connection: Any, topics: Any, version: str,
-               active: str) -> bool:
-    """A version that ran in shadow beside the active one must agree with the policy on live
-    traffic at least as often as the active one did on the same orders (the last --minutes).
-    Raises SettingsError if not, unless --force; returns True when --force overrode it."""
+def _live_figures(connection: Any, topics: Any, version: str, active: str, minutes: float
+                  ) -> dict[str, Any]:
+    """What the live gate (model/registry.py's check_live) decides on: consumer/shadow.py's
+    compare of ``version`` in shadow with ``active`` over the last ``minutes``, read from the
+    predictions and shadow topics and printed for the person promoting."""
     from triage.consumer.shadow import compare
 
-    report = compare(connection, topics, since_ms=int((time.time() - args.minutes * 60) * 1000),
+    report = compare(connection, topics, since_ms=int((time.time() - minutes * 60) * 1000),
                      idle_s=2.0, shadow_version=version, active_version=active)
     if not report["pairs"]:
         print(f"live gate not applied: {version} has not run in shadow beside {active} in the "
-              f"last {args.minutes:g} minutes")
-        return False
+              f"last {minutes:g} minutes")
+    else:
+        print(f"live: {version} agreed with the policy on "
+              f"{report['shadow_policy_agreement']:.2%} of {report['pairs']:,} orders, the "
+              f"active {active} on {report['active_policy_agreement']:.2%}")
+    return report
+
+
+def _forced(version: str, gate: str, **figures: float) -> None:
+    """Log that ``version`` was promoted past ``gate`` by --force, with the gate's figures."""
     import structlog
 
-    theirs, ours = report["shadow_policy_agreement"], report["active_policy_agreement"]
-    print(f"live: {version} agreed with the policy on {theirs:.2%} of {report['pairs']:,} "
-          f"orders, the active {active} on {ours:.2%}")
-    if theirs >= ours:
-        return False
-    if not args.force:
-        raise SettingsError(f"{version} agrees with the policy less often on live traffic "
-                            f"({theirs:.2%}) than the active version ({ours:.2%}); not "
-                            "promoted (--force overrides)")
-    structlog.get_logger("models").warning("promotion_forced", version=version, gate="live",
-                                           shadow_policy_agreement=theirs,
-                                           active_policy_agreement=ours)
-    return True
+    structlog.get_logger("models").warning("promotion_forced", version=version, gate=gate,
+                                           **figures)
 
 
 def report_text(report: dict[str, Any]) -> str:
