@@ -205,7 +205,7 @@ def check_live(version: str, active: str, pairs: int, shadow_policy_agreement: f
                active_policy_agreement: float, force: bool = False) -> bool:
     """The live gate: ``version``, run in shadow beside the ``active`` one, must agree with the
     policy on live traffic at least as often as the active one did on the same orders. The
-    figures are consumer/models.py's ``compare``: ``pairs`` orders scored by both, and each
+    figures are consumer/shadow.py's ``compare``: ``pairs`` orders scored by both, and each
     version's share of them on which it agreed with the policy (0..1). With no pairs there is
     nothing to compare and the gate does not apply (False). Returns True when it did not pass
     and ``force`` promotes it anyway, False when it passed. Raises PromotionRefused (gate
