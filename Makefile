@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint venv kafka lock clean bench promtool docs
+.PHONY: demo test test-fast test-integration lint venv kafka lock clean bench promtool docs
 
 venv: $(STAMP) kafka
 
@@ -35,16 +35,20 @@ kafka: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/triage bench $(BENCH_FLAGS)
 
-# Two test files at a time (pytest-xdist), each worker with its own broker (Apache Kafka, see
-# `kafka`; the tests marked `embedded` on tansu): the tests wait on group joins and pacing
-# more than on CPU.
+# Both tiers, tests/unit and tests/integration. Two test files at a time (pytest-xdist), each
+# worker with its own broker (Apache Kafka, see `kafka`; the tests marked `embedded` on tansu):
+# the tests wait on group joins and pacing more than on CPU.
 test: venv lint promtool
 	$(BIN)/pytest -n 2 --dist loadfile
 
-# The tests that need no broker (those not marked integration), for the edit-test loop: about
+# The unit tier (tests/unit: no broker, no process started), for the edit-test loop: about
 # 70 s on 2 cores, against 10 minutes for the whole suite. CI runs `make test`.
 test-fast: $(STAMP)
-	$(BIN)/pytest -n 2 --dist loadfile -m "not integration"
+	$(BIN)/pytest -n 2 --dist loadfile tests/unit
+
+# The integration tier alone (tests/integration: a broker, processes started).
+test-integration: venv promtool
+	$(BIN)/pytest -n 2 --dist loadfile tests/integration
 
 # promtool (in Debian's prometheus package) checks and unit-tests deploy/prometheus/ in the
 # tests. Installed with apt-get where make runs as root on Debian (CI, the dev machines);

@@ -1,0 +1,21 @@
+"""The documented partitioner (bus/partitioner.py): Kafka's murmur2, held to the Java client's
+own test vectors and to where librdkafka's murmur2_random really puts keys on a broker."""
+
+from __future__ import annotations
+
+from triage.bus.clients import make_producer
+from triage.bus.partitioner import partitions_for
+from triage.bus.settings import Settings
+
+
+def test_partitions_are_where_librdkafkas_murmur2_random_puts_them(settings: Settings) -> None:
+    keys = [f"O-{i:09d}-{i * 7919 % 65536:04x}".encode() for i in range(300)]
+    producer = make_producer(settings.connection)  # partitioner=murmur2_random
+    landed: dict[bytes, int] = {}
+    for key in keys:
+        producer.produce(settings.topics.payments_topic, key=key, value=b"x",
+                         on_delivery=lambda err, msg: landed.__setitem__(msg.key(),
+                                                                         msg.partition()))
+    assert producer.flush(30) == 0
+    expected = partitions_for(keys, settings.topics.orders_partitions)
+    assert [landed[k] for k in keys] == expected.tolist()
