@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import BROKERS, DELIVERY_RESULTS, EXERCISE
 from triage.model.datagen import generate
 from triage.model.train import train
-
-BROKERS = Path(__file__).parent.parent / "results" / "brokers"  # for the run's summary
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +81,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
                 f"{path.stem}: integration tests on {noted['kind']} at {noted['bootstrap']}"
                 + (f"; its log: {noted['log']}" if failed and noted["log"] else ""))
 
-    folder = Path(__file__).parent.parent / "results" / "delivery"
+    folder = DELIVERY_RESULTS
     files = [f for f in sorted(folder.glob("*.json")) if f.stat().st_mtime >= started]
     if not files:
         return
@@ -91,3 +90,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         figures = json.loads(path.read_text())
         terminalreporter.write_line(f"{path.stem}: " + ", ".join(
             f"{k} {v}" for k, v in figures.items()))
+
+
+@pytest.fixture(scope="module")
+def exercise_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not EXERCISE.is_dir():
+        pytest.skip(f"{EXERCISE} is not in this checkout")
+    out = tmp_path_factory.mktemp("exercise-model")
+    train(EXERCISE, out)
+    return out

@@ -13,14 +13,25 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
 
+import numpy as np
 import pytest
 
-from tests.conftest import BROKERS
+from tests.helpers import (
+    APACHE_KAFKA,
+    BROKERS,
+    CONFIGURED,
+    EMBEDDED,
+    LIVE_ORDERS,
+    Broker,
+    SettingsFactory,
+    oracle,
+)
 from triage.bus.clients import create_topics
 from triage.bus.embedded import EmbeddedBroker
 from triage.bus.settings import Settings
+from triage.model.datagen import generate
+from triage.model.orders import read_orders_csv
 
 HERE = Path(__file__).parent
 
@@ -30,15 +41,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if HERE in item.path.parents:
             item.add_marker(pytest.mark.integration)
-
-
-APACHE_KAFKA, EMBEDDED, CONFIGURED = "Apache Kafka", "embedded (tansu)", "configured"
-
-
-class Broker(NamedTuple):
-    bootstrap: str
-    kind: str                 # APACHE_KAFKA, EMBEDDED or CONFIGURED (TRIAGE_BOOTSTRAP_SERVERS)
-    log: Path | None = None   # the broker's log, kept for a failing test
 
 
 def _docker_running() -> bool:
@@ -139,3 +141,30 @@ def make_settings(bootstrap: str, tmp_path: Path) -> Settings:
     )
     create_topics(settings.connection, settings.topics)
     return settings
+
+
+@pytest.fixture(scope="module")
+def live_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1,500 orders over one week, with their reference histories (ties included)."""
+    path = tmp_path_factory.mktemp("live")
+    generate(LIVE_ORDERS, 23, path, weeks=1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def expected(live_data: Path) -> dict[str, dict]:
+    """order_id -> the four features merge_asof gives over the complete CSVs."""
+    frame = oracle(live_data)
+    ids = read_orders_csv(live_data / "orders.csv").order_id
+    return {order_id: {"order_hour_of_day": int(row.order_hour_of_day),
+                       "inventory": None if np.isnan(row.inventory) else float(row.inventory),
+                       "payment_status": row.payment_status,
+                       "zip_code_available": bool(row.zip_code_available)}
+            for order_id, row in zip(ids, frame.itertuples(), strict=True)}
+
+
+@pytest.fixture(scope="session")
+def fresh_settings(bootstrap: str) -> SettingsFactory:
+    """make_settings on this process's broker, for fixtures wider than a test (``settings`` is
+    one test's): settings with topics and a group of their own, under the given directory."""
+    return lambda tmp_path: make_settings(bootstrap, tmp_path)

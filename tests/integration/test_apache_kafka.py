@@ -15,11 +15,16 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import NewPartitions
 
-from tests.integration.conftest import EMBEDDED, Broker
-from tests.integration.test_delivery import Background, order_ids, outcome, report
-from tests.integration.test_live_reference import assert_never_silently_wrong, predictions
-from tests.integration.test_live_reference import expected as expected
-from tests.integration.test_live_reference import live_data as live_data
+from tests.helpers import (
+    EMBEDDED,
+    Background,
+    Broker,
+    assert_never_silently_wrong,
+    order_ids,
+    outcome,
+    predictions,
+    report,
+)
 from triage.bus.clients import make_admin
 from triage.bus.settings import Settings
 from triage.consumer.supervisor import Supervisor

@@ -9,13 +9,13 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from tests.helpers import PoisonedInventory, run_scorer
 from triage.bus.clients import make_producer
 from triage.bus.deadletter import headers_dict
 from triage.bus.offsets import committed_offsets
@@ -24,7 +24,6 @@ from triage.consumer import deadletter_topic as dlq
 from triage.consumer.reader import TopicReader
 from triage.consumer.scorer import Scorer
 from triage.model import artifact
-from triage.model.asof import VersionedTable
 from triage.model.orders import read_orders_csv
 from triage.model.reference import ReferenceTables
 from triage.schemas.codec import Codec, codec_for
@@ -32,49 +31,6 @@ from triage.schemas.codec import Codec, codec_for
 TOTAL = 20_000
 PER_KIND = 200  # 11 kinds x 200 = 2,200 bad records, 11% of the stream
 DAY_MS = 86_400_000
-
-
-class PoisonedInventory:
-    """The real inventory table, except that a lookup including the SKU ``POISON`` raises: the
-    fault a bug in the feature code would cause."""
-
-    def __init__(self, table: VersionedTable[np.float64]) -> None:
-        self.table = table
-
-    def lookup(self, keys: list[str], times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if "POISON" in keys:
-            raise FloatingPointError("feature code exploded")
-        return self.table.lookup(keys, times)
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def __getattr__(self, name: str) -> object:  # everything else as the real table
-        return getattr(self.table, name)
-
-
-def run_scorer(scorer: Scorer, expected: int, timeout_s: float = 180) -> Counter:
-    """Run the loop in a thread until ``expected`` records are settled (predicted or
-    dead-lettered); then stop it."""
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            scorer.run()
-        except BaseException as exc:  # the test asserts there was none
-            failure.append(exc)
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    deadline = time.monotonic() + timeout_s
-    while scorer.stats.settled < expected and thread.is_alive():
-        assert time.monotonic() < deadline, f"settled only {scorer.stats.as_dict()}"
-        thread.join(0.2)
-    scorer.request_stop()
-    thread.join(60)
-    assert not failure, failure
-    assert not thread.is_alive()
-    return scorer.stats.dead_lettered
 
 
 def bad_records(settings: Settings, good: list[dict], rng: np.random.Generator

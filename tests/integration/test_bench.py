@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-TRIAGE = [sys.executable, "-m", "triage.cli"]
+from tests.helpers import TRIAGE
 
 
 def _number(value: object) -> bool:

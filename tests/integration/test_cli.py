@@ -13,20 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import TRIAGE, clean_env, triage
 from triage.bus.embedded import BrokerNotFound, resolve_bootstrap, write_state
 from triage.bus.settings import Settings
-
-TRIAGE = [sys.executable, "-m", "triage.cli"]
-
-
-def clean_env(state_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
-    return {**env, "TRIAGE_STATE_DIR": str(state_dir), "TRIAGE_LOG_FORMAT": "json", **extra}
-
-
-def triage(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*TRIAGE, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def test_broker_resolution_order(tmp_path: Path) -> None:

@@ -8,20 +8,19 @@ results/delivery/<test>.json and printed at the end of the run (see conftest.py)
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import AdminClient
 
+from tests.helpers import Background, order_ids, outcome, report
 from tests.hooks import SLOW_BATCH_ENV
 from triage.bus.clients import create_topics
 from triage.bus.embedded import EmbeddedBroker
@@ -29,96 +28,8 @@ from triage.bus.offsets import committed_offsets, group_lag
 from triage.bus.settings import Settings
 from triage.consumer.autoscale import Autoscaler
 from triage.consumer.commit import MAX_UNCOMMITTED_BATCHES
-from triage.consumer.reader import TopicReader, collect
+from triage.consumer.reader import TopicReader
 from triage.consumer.supervisor import Supervisor
-from triage.model.orders import read_orders_csv
-from triage.producer.replay import ReplaySummary, replay
-
-RESULTS = Path(__file__).parents[2] / "results" / "delivery"
-
-
-class Background:
-    """Run a supervisor's loop (restarts, autoscaling) and a paced replay in threads."""
-
-    def __init__(self) -> None:
-        self.threads: list[threading.Thread] = []
-        self.replayed: ReplaySummary | None = None
-
-    def supervise(self, supervisor: Supervisor) -> Supervisor:
-        supervisor.start()
-        thread = threading.Thread(target=supervisor.run, daemon=True)
-        thread.start()
-        self.threads.append(thread)
-        return supervisor
-
-    def replay(self, settings: Settings, csv: Path, *, limit: int, rate: float) -> None:
-        def target() -> None:
-            self.replayed = replay(settings, csv, limit=limit, rate=rate, progress=False)
-
-        thread = threading.Thread(target=target, daemon=True)
-        thread.start()
-        self.threads.append(thread)
-        self.replay_thread = thread
-
-    def start(self, settings: Settings, model_dir: Path, history: Path, *, workers: int,
-              orders: int, rate: float) -> tuple[Supervisor, int]:
-        """A supervisor with ``workers`` that has every partition, then a replay of ``orders``
-        at ``rate``; returns the supervisor and the wall-clock ms the replay started at."""
-        supervisor = self.supervise(Supervisor(settings, model_dir, history, workers=workers))
-        supervisor.wait_until_assigned(settings.topics.orders_partitions)
-        since = int(time.time() * 1000)
-        self.replay(settings, history / "orders.csv", limit=orders, rate=rate)
-        return supervisor, since
-
-    def replay_running(self) -> bool:
-        return self.replay_thread.is_alive()
-
-    def wait_replay(self, timeout_s: float = 300) -> ReplaySummary:
-        self.replay_thread.join(timeout_s)
-        assert self.replayed is not None and self.replayed.failed == 0, self.replayed
-        return self.replayed
-
-
-@dataclass
-class Outcome:
-    orders: int
-    predictions: list[dict]
-    by_offset: dict[tuple[int, int], list[dict]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        grouped: dict[tuple[int, int], list[dict]] = defaultdict(list)
-        for p in self.predictions:
-            grouped[(p["order_partition"], p["order_offset"])].append(p)
-        self.by_offset = dict(grouped)
-
-    @property
-    def duplicates(self) -> int:
-        return len(self.predictions) - len(self.by_offset)
-
-    def duplicated_offsets(self) -> list[tuple[int, int]]:
-        return [key for key, copies in self.by_offset.items() if len(copies) > 1]
-
-    def assert_nothing_lost_and_copies_identical(self, order_ids: list[str]) -> None:
-        assert {p["order_id"] for p in self.predictions} == set(order_ids)
-        assert len(self.by_offset) == self.orders  # one offset per replayed order
-        for copies in self.by_offset.values():
-            content = [{k: v for k, v in c.items() if k != "scored_at_ms"} for c in copies]
-            assert all(c == content[0] for c in content)
-
-
-def outcome(settings: Settings, order_ids: list[str], since_ms: int) -> Outcome:
-    """Wait until every order has a prediction, then read every prediction (duplicates too)."""
-    collect(settings.connection, settings.topics.predictions_topic, "prediction", set(order_ids),
-            timeout_s=240, since_ms=since_ms)
-    with TopicReader(settings.connection, settings.topics.predictions_topic,
-                     "prediction") as reader:
-        predictions = [p for _, p in reader.read(idle_s=3.0) if p["scored_at_ms"] >= since_ms]
-    return Outcome(len(order_ids), predictions)
-
-
-def report(name: str, **figures: object) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(figures, indent=2) + "\n")
 
 
 def shared(*supervisors: Supervisor, partitions: int) -> bool:
@@ -159,10 +70,6 @@ def kill_workers_during_replay(bg: Background, supervisor: Supervisor, settings:
                       "committed": committed_offsets(settings.connection, settings.scorer.group_id,
                                                      settings.topics.orders_topic)})
     return kills
-
-
-def order_ids(history: Path, n: int) -> list[str]:
-    return read_orders_csv(history / "orders.csv", limit=n).order_id
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 import triage.consumer.metrics  # noqa: F401 - registers the worker's metrics in REGISTRY
-from tests.unit.test_deploy import PROMETHEUS
+from tests.helpers import PROMETHEUS
 
 # -- Prometheus and Grafana --------------------------------------------------------------------
 

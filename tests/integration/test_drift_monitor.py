@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
+from tests.helpers import SettingsFactory
 from triage.bus.clients import create_topics
 from triage.bus.embedded import free_port
 from triage.bus.settings import Settings
@@ -70,12 +71,10 @@ def _score(settings: Settings, model_dir: Path, reference_dir: Path, orders_csv:
 
 
 @pytest.fixture(scope="module")
-def run(bootstrap: str, history: Path, model_dir: Path,
+def run(fresh_settings: SettingsFactory, history: Path, model_dir: Path,
         tmp_path_factory: pytest.TempPathFactory) -> Run:
-    from tests.integration.conftest import make_settings
-
     tmp = tmp_path_factory.mktemp("drift-e2e")
-    settings = make_settings(bootstrap, tmp).replace(
+    settings = fresh_settings(tmp).replace(
         sample_rate=1.0, drift_window_samples=PHASE, drift_min_samples=500,
         drift_metrics_port=free_port())
     shifted = tmp / "rollback"

@@ -16,7 +16,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
-from tests.integration.conftest import EMBEDDED, Broker
+from tests.helpers import EMBEDDED, Broker
 
 pytestmark = pytest.mark.embedded
 

@@ -20,10 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.integration.test_delivery import Background
-from tests.integration.test_real_faults import EXERCISE
-from tests.unit.test_gateway import HOLD_S, Client, exercise_orders, serving
-from tests.unit.test_health import wait_for
+from tests.helpers import EXERCISE, HOLD_S, Background, Client, exercise_orders, serving, wait_for
 from triage.bus.deadletter import headers_dict
 from triage.bus.embedded import free_port
 from triage.bus.settings import Settings

@@ -21,7 +21,7 @@ import pytest
 from confluent_kafka import Consumer
 from structlog.testing import capture_logs
 
-from tests.integration.conftest import EMBEDDED, Broker
+from tests.helpers import EMBEDDED, Broker
 from triage.bus.clients import consumer_config, create_topics
 from triage.bus.settings import Settings
 from triage.consumer.loop import BatchLoop

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,13 +18,11 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.unit.test_health import get, wait_for
+from tests.helpers import TRIAGE, get, wait_for
 from triage.bus.clients import create_topics
 from triage.bus.embedded import free_port
 from triage.bus.settings import Settings
 from triage.consumer.supervisor import worker_env
-
-TRIAGE = [sys.executable, "-m", "triage.cli"]
 
 
 def metric(port: int, name: str) -> float | None:

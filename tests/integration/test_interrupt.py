@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_interrupt import prediction
+from tests.helpers import prediction
 from triage.bus.offsets import watermarks
 from triage.bus.settings import Settings
 from triage.consumer.reader import TopicReader

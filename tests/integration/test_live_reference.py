@@ -17,42 +17,25 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
-from tests.unit.test_features import oracle
+from tests.helpers import (
+    LIVE_ORDERS,
+    assert_never_silently_wrong,
+    last,
+    merge_asof_features,
+    predictions,
+)
 from triage.bus.clients import create_topics, make_admin, make_producer
 from triage.bus.deadletter import headers_dict
 from triage.bus.offsets import committed_offsets
 from triage.bus.partitioner import partitions_for
 from triage.bus.settings import Settings
-from triage.consumer.reader import TopicReader, collect
+from triage.consumer.reader import TopicReader
 from triage.consumer.supervisor import Supervisor
-from triage.model.datagen import generate
-from triage.model.orders import read_orders_csv
 from triage.producer.replay import replay
 from triage.schemas.codec import Codec
 
-ORDERS = 1_500
-
-
-@pytest.fixture(scope="module")
-def live_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """1,500 orders over one week, with their reference histories (ties included)."""
-    path = tmp_path_factory.mktemp("live")
-    generate(ORDERS, 23, path, weeks=1)
-    return path
-
-
-@pytest.fixture(scope="module")
-def expected(live_data: Path) -> dict[str, dict]:
-    """order_id -> the four features merge_asof gives over the complete CSVs."""
-    frame = oracle(live_data)
-    ids = read_orders_csv(live_data / "orders.csv").order_id
-    return {order_id: {"order_hour_of_day": int(row.order_hour_of_day),
-                       "inventory": None if np.isnan(row.inventory) else float(row.inventory),
-                       "payment_status": row.payment_status,
-                       "zip_code_available": bool(row.zip_code_available)}
-            for order_id, row in zip(ids, frame.itertuples(), strict=True)}
+ORDERS = LIVE_ORDERS  # in the live_data fixture (tests/integration/conftest.py)
 
 
 def start(settings: Settings, model_dir: Path, workers: int) -> Supervisor:
@@ -62,32 +45,6 @@ def start(settings: Settings, model_dir: Path, workers: int) -> Supervisor:
     threading.Thread(target=supervisor.run, daemon=True).start()
     supervisor.wait_until_assigned(settings.topics.orders_partitions)
     return supervisor
-
-
-def predictions(settings: Settings, order_ids: set[str], since_ms: int) -> dict[str, list]:
-    """Every prediction record of ``order_ids``, revisions included (read until the topic
-    has been quiet for the lateness allowance and two seconds)."""
-    return collect(settings.connection, settings.topics.predictions_topic, "prediction",
-                   order_ids, timeout_s=120, since_ms=since_ms,
-                   settle_s=settings.reference.reference_lateness_ms / 1000 + 2.0)
-
-
-def last(records: list[dict]) -> dict:
-    """An order's highest revision (the later record on a tie)."""
-    return max(reversed(records), key=lambda r: r["revision"])
-
-
-def assert_never_silently_wrong(found: dict[str, list], expected: dict) -> int:
-    """Every order's last revision has merge_asof's features, and every first prediction that
-    differs is flagged or followed by a correction; returns how many were corrected."""
-    wrong = [o for o, records in found.items() if last(records)["features"] != expected[o]]
-    assert wrong == [], f"{len(wrong)} of {len(found)} orders end differing from merge_asof: " \
-                        f"{wrong[:3]}"
-    silent = [o for o, records in found.items() if records[0]["features"] != expected[o]
-              and not records[0]["reference_wait_expired"] and last(records)["revision"] == 1]
-    assert silent == [], f"{len(silent)} first predictions differ without a flag or a " \
-                         f"correction: {silent[:3]}"
-    return sum(last(records)["revision"] > 1 for records in found.values())
 
 
 def test_replaying_a_directory_gives_every_order_the_features_merge_asof_gives(
@@ -277,7 +234,6 @@ def test_realistic_producer_timing_with_two_workers_and_a_restart_is_never_silen
     out of order, producer clocks up to 0.5 s ahead; two workers, one SIGKILLed in the middle
     and restarted. Every order's last revision equals merge_asof over all the events, and no
     first prediction is wrong without a flag or a correction."""
-    from tests.unit.test_live_timing import merge_asof_features
     from triage.bench.timing import ORDERS, Timing, publish, store_history
 
     topics = {ORDERS: settings.topics.orders_topic, "payments": settings.topics.payments_topic,

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_models import TRIAGE, cli
-from tests.unit.test_models import tamper
+from tests.helpers import TRIAGE, cli, tamper
 from triage.bus.settings import Settings
 from triage.consumer.supervisor import worker_env
 from triage.model import artifact

@@ -7,27 +7,18 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_delivery import Background, outcome
-from tests.unit.test_models import tamper
+from tests.helpers import TRIAGE, Background, cli, outcome, tamper
 from triage.bus.settings import Settings
 from triage.consumer.reader import TopicReader
 from triage.consumer.supervisor import Supervisor, worker_env
 from triage.model.orders import read_orders_csv
 from triage.model.registry import Registry
 from triage.scoring.follower import changed, publish_state, read_state
-
-TRIAGE = [sys.executable, "-m", "triage.cli"]
-
-
-def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*TRIAGE, "models", *args], env=worker_env(settings),
-                          capture_output=True, text=True, timeout=120)
 
 
 def test_workers_swap_to_a_promoted_version_between_batches_and_refuse_a_tampered_one(

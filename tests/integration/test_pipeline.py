@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import TopicPartition
 
+from tests.helpers import SettingsFactory
 from triage.bus.clients import make_consumer
 from triage.bus.settings import Settings
 from triage.consumer.reader import TopicReader, collect
@@ -39,11 +40,9 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def run(bootstrap: str, history: Path, model_dir: Path,
+def run(fresh_settings: SettingsFactory, history: Path, model_dir: Path,
         tmp_path_factory: pytest.TempPathFactory) -> Run:
-    from tests.integration.conftest import make_settings
-
-    settings = make_settings(bootstrap, tmp_path_factory.mktemp("pipeline"))
+    settings = fresh_settings(tmp_path_factory.mktemp("pipeline"))
     settings = settings.replace(sample_rate=SAMPLE_RATE, batch_size=200)
     supervisor = Supervisor(settings, model_dir, history, workers=2)
     supervisor.start()

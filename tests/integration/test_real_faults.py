@@ -18,10 +18,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.integration.test_bad_input import run_scorer
-from tests.integration.test_cli import TRIAGE, clean_env, triage
-from tests.unit.test_features import oracle
-from tests.unit.test_real_faults import _cp1252_copy, _small_data, _write_rows
+from tests.helpers import (
+    EXERCISE,
+    TRIAGE,
+    clean_env,
+    cp1252_copy,
+    oracle,
+    run_scorer,
+    small_data,
+    triage,
+    write_rows,
+)
 from triage.bus.clients import create_topics, make_producer
 from triage.bus.deadletter import (
     headers_dict,
@@ -43,8 +50,6 @@ from triage.producer.replay import replay
 from triage.schemas.codec import Codec
 from triage.scoring.hooks import Rejection
 
-EXERCISE = Path(__file__).resolve().parents[3] / "shared" / "data" / "exercise-2021"
-
 
 def _env(settings: Settings, tmp_path: Path, **extra: str) -> dict[str, str]:
     """A child process's environment: these settings (own topics, group, state dir) only."""
@@ -55,11 +60,11 @@ def _env(settings: Settings, tmp_path: Path, **extra: str) -> dict[str, str]:
 
 def test_demo_ends_when_every_row_is_a_prediction_or_a_dead_letter(
         settings: Settings, history: Path, model_dir: Path, tmp_path: Path) -> None:
-    rows = _small_data(history, tmp_path / "data", 300)
+    rows = small_data(history, tmp_path / "data", 300)
     rows[3][0] = ""              # empty order_id: dead-lettered as missing_field
     rows[4][0] = "O-\x01-bad"    # unprintable: invalid_field
     rows[5][2] = "yesterday"     # not a timestamp: not an order at all, skipped by line
-    _write_rows(tmp_path / "data" / "orders.csv", rows)
+    write_rows(tmp_path / "data" / "orders.csv", rows)
 
     result = subprocess.run(
         [*TRIAGE, "demo", "--data", str(tmp_path / "data"), "--model", str(model_dir),
@@ -135,7 +140,7 @@ def test_a_record_too_large_to_dead_letter_as_is_does_not_stop_the_loop(
 
 def test_commands_refuse_a_csv_in_another_encoding_once_with_the_config_status(
         settings: Settings, history: Path, model_dir: Path, tmp_path: Path) -> None:
-    data = _cp1252_copy(history, tmp_path / "data")
+    data = cp1252_copy(history, tmp_path / "data")
     env = _env(settings, tmp_path)
     trained = triage("train", "--data", str(data), "--out", str(tmp_path / "m"), env=env)
     assert trained.returncode == 2 and "orders.csv is not utf-8 text: line 4" in trained.stderr

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.unit.test_security import SECRET
+from tests.helpers import SECRET
 
 
 def test_a_worker_never_logs_its_password(bootstrap: str, tmp_path: Path, history: Path,

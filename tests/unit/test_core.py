@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.integration.test_bad_input import PoisonedInventory
-from triage.bus.clients import Source
+from tests.helpers import CODEC, PoisonedInventory, kafka
 from triage.bus.settings import Settings
 from triage.model import artifact
 from triage.model.orders import OrderColumns, read_orders_csv
@@ -24,7 +23,6 @@ from triage.scoring.hooks import Rejection
 from triage.scoring.sampling import sampled_indices
 from triage.scoring.validation import OrderValidator
 
-CODEC = Codec("order")
 DAY_MS = 86_400_000
 
 
@@ -41,11 +39,6 @@ def core(parts: tuple, *, hooks: list[object] = (), deadline_s: float = 30.0,
     return ScoringCore(model, reference or history_reference, CODEC,
                        config=CoreConfig(sample_rate=sample_rate, deadline_s=deadline_s),
                        checks=[OrderValidator(Settings().validation), *checks], observers=observers)
-
-
-def kafka(values: list[bytes | None]) -> list[Incoming]:
-    return [Incoming(v, b"k", Source("orders", 0, i, 1_700_000_000_000 + i))
-            for i, v in enumerate(values)]
 
 
 def position(item: Incoming) -> int:

@@ -20,12 +20,12 @@ import yaml
 from prometheus_client import REGISTRY, CollectorRegistry
 
 import triage.consumer.metrics  # noqa: F401 - registers the worker's metrics in REGISTRY
+from tests.helpers import PROMETHEUS
 from triage.bus.settings import Settings, settings_table
 from triage.consumer.drift_monitor import DriftMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
-PROMETHEUS = ROOT / "deploy" / "prometheus"
 GRAFANA = ROOT / "deploy" / "grafana"
 KUBERNETES_VERSION = "1.33.0"  # the manifests' target; kubernetes-validate ships its schema
 

@@ -8,38 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.helpers import oracle
 from triage.model.datagen import generate
 from triage.model.features import FeatureBatch
 from triage.model.orders import read_orders_csv
 from triage.model.reference import ReferenceTables
-
-
-def oracle(data_dir: Path) -> pd.DataFrame:
-    """The four features computed the slow, obvious way, with pandas."""
-    def read(name: str, times: list[str]) -> pd.DataFrame:
-        frame = pd.read_csv(data_dir / name, dtype=str, keep_default_na=False)
-        for column in times:
-            frame[column] = pd.to_datetime(frame[column], format="%Y-%m-%d %H:%M:%S")
-        return frame
-
-    orders = read("orders.csv", ["timestamp"]).reset_index(names="row")
-    inventory = read("inventory.csv", ["timestamp"])
-    inventory["inventory"] = inventory["inventory"].astype(float)
-    payments = read("payments.csv", ["timestamp"])
-    zips = read("zip_codes.csv", ["available_from"])
-
-    by_time = orders.sort_values("timestamp", kind="stable")
-    stock = pd.merge_asof(by_time, inventory.sort_values("timestamp", kind="stable"),
-                          on="timestamp", by="sku_code", direction="backward")
-    paid = pd.merge_asof(by_time, payments.sort_values("timestamp", kind="stable"),
-                         on="timestamp", by="order_id", direction="backward")
-    result = orders[["row", "timestamp", "zip_code"]].merge(zips, on="zip_code", how="left")
-    result = result.sort_values("row").set_index("row")
-    result["order_hour_of_day"] = result["timestamp"].dt.hour
-    result["inventory"] = stock.set_index("row")["inventory"]
-    result["payment_status"] = paid.set_index("row")["payment_status"].fillna("MISSING")
-    result["zip_code_available"] = (result["timestamp"] > result["available_from"]).fillna(False)
-    return result
 
 
 def streaming(data_dir: Path) -> FeatureBatch:

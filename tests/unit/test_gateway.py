@@ -8,10 +8,7 @@ over HTTP are published, and unknown orders are 404."""
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import http.client
-import json
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,12 +17,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-import uvicorn
 
-from tests.integration.test_real_faults import EXERCISE
-from tests.unit.test_features import oracle
-from tests.unit.test_health import wait_for
-from triage.bus.embedded import free_port
+from tests.helpers import EXERCISE, HOLD_S, Client, exercise_orders, oracle, serving
 from triage.bus.settings import Settings
 from triage.gateway.app import MAX_BATCH, make_app
 from triage.gateway.server import build
@@ -34,57 +27,6 @@ from triage.model import artifact
 from triage.model.features import FeatureBatch
 from triage.model.policy import label
 from triage.model.reference import ReferenceTables
-from triage.model.train import train
-
-HOLD_S = 20.0  # how long a held batch waits for the test's word before it goes on by itself
-
-
-class Client:
-    """A keep-alive HTTP/1.1 client of one server."""
-
-    def __init__(self, port: int) -> None:
-        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-
-    def request(self, method: str, path: str, body: Any = None, raw: bytes | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, Any]:
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        self.connection.request(method, path, body=data,
-                                headers={"Content-Type": "application/json", **(headers or {})})
-        response = self.connection.getresponse()
-        payload = response.read()
-        kind = response.getheader("Content-Type") or ""
-        return response.status, json.loads(payload) if "json" in kind else payload.decode()
-
-
-@contextlib.contextmanager
-def serving(app: Any) -> Iterator[int]:
-    """``app`` on uvicorn in a thread, on a free port; yields the port once it listens."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
-                                           log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_for("uvicorn listening", lambda: server.started, timeout_s=30)
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-def exercise_orders() -> list[dict[str, str]]:
-    with open(EXERCISE / "orders.csv", newline="", encoding="utf-8") as f:
-        return [{k: row[k] for k in ("order_id", "customer_id", "timestamp", "sku_code",
-                                     "zip_code")} for row in csv.DictReader(f)]
-
-
-@pytest.fixture(scope="module")
-def exercise_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not EXERCISE.is_dir():
-        pytest.skip(f"{EXERCISE} is not in this checkout")
-    out = tmp_path_factory.mktemp("exercise-model")
-    train(EXERCISE, out)
-    return out
 
 
 @pytest.fixture(scope="module")

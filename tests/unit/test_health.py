@@ -7,40 +7,13 @@ SIGUSR1 while the server's thread goes on)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter
 
+from tests.helpers import get, wait_for
 from triage.bus.embedded import free_port
 from triage.bus.health import Health, serve
 from triage.bus.settings import Settings
-
-_WAIT_S = 60.0  # start-up (imports, model, group join) on a loaded 2-core machine
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    """(HTTP status, body) of GET ``path``; (0, error) while nothing answers."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError as exc:
-        return 0, str(exc)
-
-
-def wait_for(what: str, check: Callable[[], bool], proc: subprocess.Popen[bytes] | None = None,
-             timeout_s: float = _WAIT_S) -> None:
-    """Poll ``check`` every 50 ms until it holds; fail if ``proc`` exits or time runs out."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert proc is None or proc.poll() is None, f"{what}: the worker exited {proc.poll()}"
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
-        time.sleep(0.05)
 
 
 def test_health_state_over_http() -> None:

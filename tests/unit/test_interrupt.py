@@ -11,18 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-
-def prediction(order_id: str, label: str, revision: int = 1, expired: bool = False,
-               reason: str = "order_again") -> dict[str, object]:
-    """A prediction record as a worker publishes it (schemas/prediction.avsc)."""
-    return {"order_id": order_id, "customer_id": "C", "recommendation": label,
-            "probabilities": {label: 1.0}, "model_version": "m",
-            "features": {"order_hour_of_day": 10, "inventory": 3.0, "payment_status": "OK",
-                         "zip_code_available": True},
-            "order_timestamp_ms": 0, "scored_at_ms": 0, "order_published_at_ms": 0,
-            "order_partition": 0, "order_offset": 0, "reference_wait_expired": expired,
-            "revision": revision, "revision_reason": None if revision == 1 else reason,
-            "sku_code": "S", "zip_code": "1000"}
+from tests.helpers import prediction
 
 
 def test_a_ctrl_c_inside_a_librdkafka_call_is_an_interruption_not_a_bug(

@@ -10,47 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from triage.bench.timing import ORDERS, Event, Timing, publish, simulate, store_history
+from tests.helpers import merge_asof_features
+from triage.bench.timing import Timing, publish, simulate, store_history
 from triage.bus.settings import ReferenceSettings
 from triage.model import artifact
 from triage.model.artifact import Model
-from triage.scoring.feed import INVENTORY, PAYMENTS, ZIP_CODES
 
 REFERENCE = ReferenceSettings(reference_lateness_ms=2_000, reference_max_wait_ms=5_000,
                               max_clock_skew_ms=1_000)
-
-
-def merge_asof_features(events: list[Event]) -> dict[str, dict]:
-    """order_id -> its four features by pandas.merge_asof(direction="backward") over every
-    reference event, in publication order (of two events of one key and time, the later
-    published wins, as the later row in a file does)."""
-    def frame(stream: str, columns: dict[str, str]) -> pd.DataFrame:
-        rows = [{new: e.record[old] for old, new in columns.items()}
-                for e in events if e.stream == stream]
-        table = pd.DataFrame(rows, columns=list(columns.values()))
-        return table.sort_values("at", kind="stable")
-
-    orders = frame(ORDERS, {"order_id": "order_id", "timestamp_ms": "at", "sku_code": "sku",
-                            "zip_code": "zip"})
-    stock = frame(INVENTORY, {"sku_code": "sku", "timestamp_ms": "at", "inventory": "level"})
-    paid = frame(PAYMENTS, {"order_id": "order_id", "timestamp_ms": "at",
-                            "payment_status": "status"})
-    served = frame(ZIP_CODES, {"zip_code": "zip", "available_from_ms": "at"}).assign(
-        served=True)
-    joined = pd.merge_asof(orders, stock, on="at", by="sku", direction="backward")
-    joined = pd.merge_asof(joined, paid, on="at", by="order_id", direction="backward")
-    joined = pd.merge_asof(joined, served, on="at", by="zip", direction="backward",
-                           allow_exact_matches=False)  # served strictly after available_from
-    return {row.order_id: {
-        "order_hour_of_day": int(row.at // 3_600_000 % 24),
-        "inventory": None if pd.isna(row.level) else float(row.level),
-        "payment_status": "MISSING" if pd.isna(row.status) else row.status,
-        "zip_code_available": bool(row.served is True)} for row in joined.itertuples()}
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.helpers import tamper
 from triage.model import artifact
 from triage.model import train as train_module
 from triage.model.artifact import ArtifactError
 from triage.model.policy import label
 from triage.model.registry import Registry, RegistryError
 from triage.model.train import train
-
-
-def tamper(model_dir: Path) -> None:
-    """Change one byte of the model file, as a bad copy or an attacker would."""
-    model_file = model_dir / artifact.read_manifest(model_dir)["model_file"]
-    data = bytearray(model_file.read_bytes())
-    data[-2] ^= 0x01
-    model_file.write_bytes(bytes(data))
 
 
 def swapped(labels: np.ndarray) -> np.ndarray:

@@ -4,13 +4,12 @@ triage, reproduced small, on a real broker and with real processes where it invo
 
 from __future__ import annotations
 
-import csv
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import cp1252_copy
 from triage.bus.clients import consumer_config, producer_config
 from triage.bus.deadletter import (
     MAX_HEADER_VALUE_BYTES,
@@ -28,21 +27,6 @@ from triage.model.reference import (
     truncated_zip_match,
     zip_code_warnings,
 )
-
-
-def _write_rows(path: Path, rows: list[list[str]], encoding: str = "utf-8") -> None:
-    with open(path, "w", newline="", encoding=encoding) as f:
-        csv.writer(f).writerows(rows)
-
-
-def _small_data(history: Path, out: Path, orders: int) -> list[list[str]]:
-    """The reference CSVs of ``history`` and the first ``orders`` rows of its orders.csv."""
-    out.mkdir()
-    for name in ("inventory.csv", "payments.csv", "zip_codes.csv"):
-        shutil.copy(history / name, out / name)
-    with open(history / "orders.csv", newline="") as f:
-        return [row for _, row in zip(range(orders + 1), csv.reader(f), strict=False)]
-
 
 # -- 2. a dead letter too large to send -----------------------------------------------------
 
@@ -74,22 +58,9 @@ def test_a_dead_letter_always_fits_whatever_its_parts_weigh() -> None:
 
 # -- 4. a CSV that is not UTF-8 ------------------------------------------------------------
 
-def _cp1252_copy(history: Path, out: Path) -> Path:
-    """history's CSVs, 300 orders, saved as Windows-1252 with a customer and a SKU that
-    need it (line 4 of each file)."""
-    rows = _small_data(history, out, 300)
-    rows[3][1] = "C-Müller"
-    _write_rows(out / "orders.csv", rows, encoding="cp1252")
-    with open(history / "inventory.csv", newline="") as f:
-        inventory = list(csv.reader(f))
-    inventory[3][0] = "SKU-Größe"
-    _write_rows(out / "inventory.csv", inventory, encoding="cp1252")
-    return out
-
-
 def test_a_csv_in_another_encoding_is_refused_naming_file_line_and_byte(
         history: Path, tmp_path: Path) -> None:
-    data = _cp1252_copy(history, tmp_path / "data")
+    data = cp1252_copy(history, tmp_path / "data")
     with pytest.raises(ReferenceDataError, match=r"inventory.csv is not utf-8 text: line 4, "
                                                  r"column \d+: byte 0xf6"):
         ReferenceTables.load(data)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.unit.test_core import CODEC, kafka
+from tests.helpers import CODEC, kafka
 from triage.bus.partitioner import partitions_for
 from triage.bus.settings import ReferenceSettings, ValidationSettings
 from triage.model import artifact

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import SECRET
 from triage.bus.clients import consumer_config, producer_config
 from triage.bus.settings import Settings, SettingsError
-
-SECRET = "s3cr3t-Pa55-word-never-logged"
 
 
 def test_sasl_and_tls_settings_reach_producers_and_consumers(tmp_path: Path) -> None:
