@@ -34,12 +34,8 @@ from triage.model.reference import (
     parse_timestamps,
     read_csv,
 )
-from triage.producer.publisher import (
-    RecordPublisher,
-    inventory_publisher,
-    payment_publisher,
-    zip_code_publisher,
-)
+from triage.model.streams import INVENTORY, PAYMENTS, ZIP_CODES
+from triage.producer.publisher import RecordPublisher, reference_publisher
 
 # What an order's live events carry when the CSV history has nothing as of the order: the same
 # label as nothing (the policy treats a missing status as not OK, a missing level as no stock).
@@ -57,8 +53,9 @@ class LiveTopics:
 
     def settings(self) -> dict[str, str]:
         """The topic names as :meth:`Settings.replace` takes them."""
-        return {"inventory_topic": self.inventory, "payments_topic": self.payments,
-                "zip_codes_topic": self.zip_codes}
+        return {f"{INVENTORY.name}_topic": self.inventory,
+                f"{PAYMENTS.name}_topic": self.payments,
+                f"{ZIP_CODES.name}_topic": self.zip_codes}
 
 
 @dataclass
@@ -72,9 +69,9 @@ class ReferencePublishers:
     @classmethod
     def make(cls, connection: ConnectionSettings, topics: LiveTopics, producer: Producer
              ) -> ReferencePublishers:
-        return cls(zip_code_publisher(connection, topics.zip_codes, producer),
-                   payment_publisher(connection, topics.payments, producer),
-                   inventory_publisher(connection, topics.inventory, producer))
+        return cls(reference_publisher(ZIP_CODES, connection, topics.zip_codes, producer),
+                   reference_publisher(PAYMENTS, connection, topics.payments, producer),
+                   reference_publisher(INVENTORY, connection, topics.inventory, producer))
 
     def all(self) -> list[RecordPublisher]:
         return [self.zip_codes, self.payments, self.stock]

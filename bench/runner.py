@@ -50,7 +50,8 @@ from triage.bus.errors import InfrastructureError
 from triage.bus.settings import Settings, SettingsError
 from triage.consumer.supervisor import worker_env
 from triage.model.orders import read_orders_csv
-from triage.producer.publisher import OrderPublisher, RecordPublisher, inventory_publisher
+from triage.model.streams import INVENTORY
+from triage.producer.publisher import OrderPublisher, RecordPublisher, reference_publisher
 
 PASSTHROUGH, SCORER, PER_MESSAGE = "passthrough", "scorer", "per_message"
 _POLL_S = 0.01           # status files and process liveness
@@ -921,7 +922,7 @@ class Bench:
         connection = self.settings.connection
         topics = LiveTopics(self._topic("restore-inventory"), live.payments, live.zip_codes)
         self._create_topics({topics.inventory: self.settings.topics.reference_partitions})
-        publisher = inventory_publisher(connection, topics.inventory)
+        publisher = reference_publisher(INVENTORY, connection, topics.inventory)
         first, last = order_span_ms(records)
         skus = sorted({r["sku_code"] for r in records})
         started = time.monotonic()

@@ -28,15 +28,19 @@ import numpy as np
 from triage.bus.clients import Source
 from triage.bus.partitioner import partitions_for
 from triage.bus.settings import ReferenceSettings, ValidationSettings
+from triage.model import streams
 from triage.model.artifact import Model
 from triage.model.reference import ReferenceTables
 from triage.schemas.codec import Codec
 from triage.scoring.core import CoreConfig, Incoming, ScoringCore
 from triage.scoring.corrections import RetainedOrders
-from triage.scoring.feed import INVENTORY, PAYMENTS, ZIP_CODES, ReferenceFeed
+from triage.scoring.feed import ReferenceFeed
 from triage.scoring.validation import OrderValidator
 
 ORDERS = "orders"
+INVENTORY, PAYMENTS, ZIP_CODES = (s.name for s in (streams.INVENTORY, streams.PAYMENTS,
+                                                    streams.ZIP_CODES))
+_KEYS = {ORDERS: "order_id", **{s.name: s.key for s in streams.REFERENCE_STREAMS}}
 START_MS = 1_767_607_200_000  # 2026-01-05 10:00:00 UTC
 PARTITIONS = {ORDERS: 2, PAYMENTS: 2, INVENTORY: 2, ZIP_CODES: 1}
 _STATUSES = ("OK", "OK", "OK", "PENDING", "DECLINED")
@@ -120,8 +124,7 @@ def publish(rng: np.random.Generator, events: Sequence[Event], timing: Timing) -
             for start, end in pauses[event.stream]:
                 if start <= published < end:
                     published = end
-        key = event.record[{ORDERS: "order_id", PAYMENTS: "order_id", INVENTORY: "sku_code",
-                            ZIP_CODES: "zip_code"}[event.stream]]
+        key = event.record[_KEYS[event.stream]]
         if event.stream == PAYMENTS and timing.foreign_payments:
             partition = int(rng.integers(PARTITIONS[PAYMENTS]))
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -205,8 +206,10 @@ REFERENCE_TOPIC_CONFIG = {"cleanup.policy": "delete", "retention.ms": "-1",
                           "retention.bytes": "-1"}
 
 
-def topic_specs(topics: TopicSettings) -> dict[str, int]:
-    """Topic name -> partition count for every topic the service uses."""
+def topic_specs(topics: TopicSettings, reference: Mapping[str, int]) -> dict[str, int]:
+    """Topic name -> partition count for every topic the service uses; ``reference``: the
+    reference streams' topics and counts (model/streams.py ``reference_topic_partitions``:
+    co-partitioned with the orders or ``TRIAGE_REFERENCE_PARTITIONS``)."""
     return {
         topics.orders_topic: topics.orders_partitions,
         topics.predictions_topic: topics.output_partitions,
@@ -214,11 +217,7 @@ def topic_specs(topics: TopicSettings) -> dict[str, int]:
         topics.dlq_topic: topics.output_partitions,
         # One partition: a few reports per hour, read back in window order by the HTML report.
         topics.drift_reports_topic: 1,
-        # Co-partitioned with orders (the documented placement, checked by the workers; they
-        # read every partition all the same, scoring/feed.py).
-        topics.payments_topic: topics.orders_partitions,
-        topics.inventory_topic: topics.reference_partitions,
-        topics.zip_codes_topic: topics.reference_partitions,
+        **reference,
         topics.reference_dlq_topic: topics.output_partitions,
         topics.shadow_topic: topics.output_partitions,
         # One partition, compacted: one key, the whole model state (scoring/follower.py).
@@ -226,17 +225,15 @@ def topic_specs(topics: TopicSettings) -> dict[str, int]:
     }
 
 
-def reference_topics(topics: TopicSettings) -> tuple[str, str, str]:
-    """The reference streams: (inventory, payments, zip codes) topic names."""
-    return topics.inventory_topic, topics.payments_topic, topics.zip_codes_topic
-
-
 def create_topics(connection: ConnectionSettings, topics: TopicSettings,
-                  timeout_s: float = 30.0) -> dict[str, str]:
-    """Create the service's topics; existing ones are left as they are. Returns name -> outcome."""
+                  reference: Mapping[str, int], timeout_s: float = 30.0) -> dict[str, str]:
+    """Create the service's topics, ``reference`` (topic -> partitions) the reference streams'
+    (kept forever: REFERENCE_TOPIC_CONFIG); existing ones are left as they are. Returns name ->
+    outcome. Raises KafkaException for a refusal other than "exists", InfrastructureError if
+    the broker's metadata does not show them within ``timeout_s``."""
     admin = make_admin(connection)
-    specs = topic_specs(topics)
-    history = set(reference_topics(topics))
+    specs = topic_specs(topics, reference)
+    history = set(reference)
     futures = admin.create_topics(
         [NewTopic(name, partitions, topics.replication_factor,
                   config=REFERENCE_TOPIC_CONFIG if name in history

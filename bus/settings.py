@@ -18,6 +18,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,6 +30,11 @@ from triage.bus.errors import ConfigurationError
 
 class SettingsError(ConfigurationError):
     """A TRIAGE_* variable or flag has a value that cannot be used."""
+
+
+#: The variable of a reference stream's topic (TopicSettings.stream_topics).
+STREAM_TOPIC_PATTERN = "TRIAGE_<STREAM>_TOPIC"
+_STREAM_TOPIC = re.compile(r"TRIAGE_([A-Z0-9_]+)_TOPIC")
 
 
 def _setting(default: Any, env: str, doc: str) -> Any:
@@ -179,16 +185,6 @@ class TopicSettings:
         "Partitions of the predictions, drift and dead-letter topics when created.")
     replication_factor: int = _setting(
         1, "TRIAGE_REPLICATION_FACTOR", "Replication factor of created topics.")
-    inventory_topic: str = _setting(
-        "inventory", "TRIAGE_INVENTORY_TOPIC",
-        "Reference stream of stock levels, keyed by sku_code (every worker reads all of it).")
-    payments_topic: str = _setting(
-        "payments", "TRIAGE_PAYMENTS_TOPIC",
-        "Reference stream of payment statuses, keyed by order_id and co-partitioned with the "
-        "orders topic (same partition count, the Java client's partitioner).")
-    zip_codes_topic: str = _setting(
-        "zip_codes", "TRIAGE_ZIP_CODES_TOPIC",
-        "Reference stream of zip code roll-outs, keyed by zip_code (every worker reads all).")
     reference_dlq_topic: str = _setting(
         "reference.dlq", "TRIAGE_REFERENCE_DLQ_TOPIC",
         "Dead-letter topic for reference records that do not decode or validate.")
@@ -202,12 +198,22 @@ class TopicSettings:
         "followed by workers started with --registry.")
     reference_partitions: int = _setting(
         6, "TRIAGE_REFERENCE_PARTITIONS",
-        "Partitions of the inventory and zip_codes topics when created (payments gets the "
-        "orders topic's count).")
+        "Partitions of the global reference streams' topics when created (inventory, "
+        "zip_codes; a co-partitioned one, payments, gets the orders topic's count).")
+    # The reference streams' topics, (stream, topic) pairs for those not named as the stream:
+    # TRIAGE_<STREAM>_TOPIC, one per stream declared in model/streams.py (listed there and in
+    # docs/configuration.md). Set with Settings.of(payments_topic=...) or the variable.
+    stream_topics: tuple[tuple[str, str], ...] = field(
+        default=(), metadata={"env": STREAM_TOPIC_PATTERN, "doc": "", "streams": True})
 
     def __post_init__(self) -> None:
         _at_least_one(self, "orders_partitions", "output_partitions", "replication_factor",
                       "reference_partitions")
+
+    def topic_of(self, stream: str) -> str:
+        """The topic of the reference stream ``stream`` (model/streams.py): its
+        ``TRIAGE_<STREAM>_TOPIC``, by default the stream's name."""
+        return dict(self.stream_topics).get(stream, stream)
 
 
 @dataclass(frozen=True)
@@ -502,7 +508,14 @@ class Settings:
         """Build settings from ``TRIAGE_*`` variables; unset ones keep their defaults."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        fixed = {f.metadata["env"] for f, _ in _fields()}
+        for variable, value in environ.items():  # TRIAGE_<STREAM>_TOPIC: a reference stream's
+            match = _STREAM_TOPIC.fullmatch(variable)
+            if match and variable not in fixed and value:
+                values[f"{match[1].lower()}_topic"] = value
         for f, _ in _fields():
+            if f.metadata.get("streams"):
+                continue
             raw = environ.get(f.metadata["env"])
             if not raw and f.metadata.get("secret") and environ.get(f.metadata["env"] + "_FILE"):
                 raw = _read_secret_file(f.metadata["env"] + "_FILE",
@@ -514,9 +527,18 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with the given fields (flat names, any section) changed; ``None`` values
-        (unset flags) are ignored. Raises SettingsError for a name no section has."""
+        (unset flags) are ignored; ``<stream>_topic`` names a reference stream's topic
+        (model/streams.py; the scorer refuses one no stream is declared for). Raises
+        SettingsError for a name no section has."""
         changes = {k: v for k, v in changes.items() if v is not None}
         owner = {f.name: section for f, section in _fields()}
+        streams = {k: v for k, v in changes.items()
+                   if k not in owner and k.endswith("_topic") and k != "_topic"}
+        if streams:
+            changes = {k: v for k, v in changes.items() if k not in streams}
+            merged = dict(self.topics.stream_topics) | {k.removesuffix("_topic"): str(v)
+                                                        for k, v in streams.items()}
+            changes["stream_topics"] = tuple(sorted(merged.items()))
         unknown = set(changes) - set(owner)
         if unknown:
             raise SettingsError(f"no such setting: {', '.join(sorted(unknown))}")
@@ -531,9 +553,12 @@ class Settings:
 
     def to_env(self) -> dict[str, str]:
         """The ``TRIAGE_*`` variables that reproduce these settings in a child process."""
-        return {f.metadata["env"]: str(getattr(getattr(self, section) if section else self,
-                                               f.name))
-                for f, section in _fields()}
+        env = {f.metadata["env"]: str(getattr(getattr(self, section) if section else self,
+                                              f.name))
+               for f, section in _fields() if not f.metadata.get("streams")}
+        for stream, topic in self.topics.stream_topics:
+            env[f"TRIAGE_{stream.upper()}_TOPIC"] = topic
+        return env
 
 
 def _fields() -> Iterator[tuple[dataclasses.Field[Any], str | None]]:
@@ -576,6 +601,8 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
 
 
 def settings_table() -> list[tuple[str, str, str]]:
-    """(variable, default, description) rows, for the README and `triage settings`."""
+    """(variable, default, description) rows, for docs/configuration.md and `triage settings`;
+    the reference streams' topics are not among them (model/streams.py lists those:
+    ``stream_settings``)."""
     return [(f.metadata["env"], "" if f.name == "state_dir" else str(f.default),
-             f.metadata["doc"]) for f, _ in _fields()]
+             f.metadata["doc"]) for f, _ in _fields() if not f.metadata.get("streams")]

@@ -29,12 +29,13 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from triage.bus.clients import is_embedded, records_in, reference_topics
+from triage.bus.clients import is_embedded, records_in
 from triage.bus.errors import EXIT_CONFIGURATION, ConfigurationError, exit_status, is_expected
 from triage.bus.health import Health, serve
 from triage.bus.logs import configure_logging
 from triage.bus.settings import Settings, SettingsError
 from triage.consumer.loop import BatchLoop
+from triage.model.streams import REFERENCE_STREAMS
 
 if TYPE_CHECKING:
     from triage.consumer.scorer import Scorer
@@ -141,7 +142,8 @@ def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | P
         # unless the worker will spend long restoring the reference streams (it would hold
         # partitions it does not read) or may wait long for a registry's first version.
         if registry_dir is None:
-            backlog = records_in(loop.consumer, list(reference_topics(settings.topics)))
+            backlog = records_in(loop.consumer, [settings.topics.topic_of(s.name)
+                                                 for s in REFERENCE_STREAMS])
             if backlog is not None and backlog <= EARLY_JOIN_MAX_RECORDS:
                 loop.subscribe()
         if serving_process:
@@ -174,7 +176,7 @@ def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | P
             raise ConfigurationError("a worker needs --model or --registry")
         reference = ReferenceTables.load(reference_dir, encoding=settings.csv_encoding) \
             if reference_dir else None
-        for warning in zip_code_warnings(reference.zips.keys()) if reference else ():
+        for warning in zip_code_warnings(reference.keys("zip_codes")) if reference else ():
             log.warning("zip_codes_look_truncated", detail=warning)
         scorer = Scorer(settings, model, reference, worker_id=worker_id,
                         status_file=status_file,

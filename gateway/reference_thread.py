@@ -26,7 +26,7 @@ import structlog
 
 from triage.bus.settings import Settings
 from triage.model.reference import ReferenceTables
-from triage.scoring.feed import STREAMS, ReferenceFeed, ReferenceReader
+from triage.scoring.feed import ReferenceFeed, ReferenceReader
 from triage.scoring.validation import OrderValidator
 
 _POLL_S = 0.05
@@ -61,7 +61,7 @@ class ReferenceThread:
     def start(self) -> ReferenceThread:
         """Read every stream up to its high watermark (before the gateway serves, as a worker
         restores before it joins), then apply what arrives from a background thread."""
-        self.reader.restore(stream_names=STREAMS)
+        self.reader.restore()
         self._thread.start()
         return self
 

@@ -73,7 +73,7 @@ def _build(settings: Settings, log: Any, closing: list[Any], *, model_dir: Path 
         raise ConfigurationError("without a broker the gateway needs --reference DIR")
     reference = (ReferenceTables.load(reference_dir, encoding=settings.csv_encoding)
                  if reference_dir is not None else ReferenceTables.empty())
-    for warning in zip_code_warnings(reference.zips.keys()):
+    for warning in zip_code_warnings(reference.keys("zip_codes")):
         log.warning("zip_codes_look_truncated", detail=warning)
     publisher = kafka = view = live = None
     if broker:

@@ -1,4 +1,5 @@
-"""Synthetic order history in the CSV formats users already have (DESIGN.md, "Input data").
+"""Synthetic order history in the CSV formats users already have (the original exercise's
+files; docs/contracts.md, "Bad input", says how they are read).
 
 The data is shaped so that training and the streaming scorer are tested against what real
 histories look like, not against a tidy toy:

@@ -9,7 +9,7 @@ missing value, its Avro type in the prediction and drift-sample contracts (a tes
 each batch, so the two cannot drift apart. Adding a feature means a declaration here, its
 values in the data generator and, if it decides anything, the policy.
 
-The four features (DESIGN.md):
+The four features (the original exercise's; docs/how-it-works.md):
 
 * ``order_hour_of_day``: hour 0-23 of the order timestamp, UTC.
 * ``inventory``: latest stock of the SKU at or before the order; NaN when there is none.
@@ -49,15 +49,16 @@ def _hour(keys: OrderKeys) -> np.ndarray:
 
 
 def _inventory(keys: OrderKeys) -> np.ndarray:
-    return keys.reference.stock(keys.skus, keys.times_ms)
+    return keys.reference.as_of("inventory", keys.skus, keys.times_ms)
 
 
 def _payment_status(keys: OrderKeys) -> np.ndarray:
-    return keys.reference.payment_status(keys.order_ids, keys.times_ms)
+    return keys.reference.as_of("payments", keys.order_ids, keys.times_ms)
 
 
 def _zip_code_available(keys: OrderKeys) -> np.ndarray:
-    return keys.reference.zip_available(keys.zip_codes, keys.times_ms)
+    # Served strictly after available_from: the roll-out as of 1 ms before the order.
+    return keys.reference.as_of("zip_codes", keys.zip_codes, np.asarray(keys.times_ms) - 1)
 
 
 def _as_is(values: np.ndarray) -> list[Any]:
@@ -89,7 +90,9 @@ class Feature:
     ``<name>=<value>`` columns. ``drift``: the drift checks that watch it (model/drift.py).
     ``coverage``: values that every combination of which training also fits on, so the model
     agrees with the policy off the history's grid (a categorical feature covers its whole
-    vocabulary; model/train.py).
+    vocabulary; model/train.py). ``stream``: the reference stream it is looked up in
+    (model/streams.py), None for one computed from the order alone; a late event of that
+    stream can change it (scoring/corrections.py).
     """
 
     name: str
@@ -104,6 +107,7 @@ class Feature:
     categorical: bool = False
     to_avro: Callable[[np.ndarray], list[Any]] = _as_is
     missing: Any = None  # the value of a sample whose record says null (drift monitor)
+    stream: str | None = None
 
 
 FEATURES: tuple[Feature, ...] = (
@@ -122,16 +126,18 @@ FEATURES: tuple[Feature, ...] = (
             # the level anywhere but at the policy's 0 (model/artifact.py). The raw level
             # keeps artifacts from before in_stock loadable.
             design={"in_stock": lambda v: np.greater(v, 0), "inventory": lambda v: v},
-            trained_design=("in_stock",), to_avro=_nan_to_null, missing=np.nan),
+            trained_design=("in_stock",), to_avro=_nan_to_null, missing=np.nan,
+            stream="inventory"),
     Feature("payment_status", "latest status of the order at or before it; MISSING when none",
             _payment_status, object, "string", drift=(DriftCheck("payment_status",
                                                                  "categorical"),),
-            categorical=True),
+            categorical=True, stream="payments"),
     Feature("zip_code_available", "order strictly after the zip's available_from; false if "
             "unknown", _zip_code_available, np.bool_, "boolean",
             drift=(DriftCheck("zip_code_available", "binary", ("available", "not available")),),
             coverage=(True, False),
-            design={"zip_code_available": lambda v: v}, trained_design=("zip_code_available",)),
+            design={"zip_code_available": lambda v: v}, trained_design=("zip_code_available",),
+            stream="zip_codes"),
 )
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
 BY_NAME: dict[str, Feature] = {f.name: f for f in FEATURES}

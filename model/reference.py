@@ -1,4 +1,5 @@
-"""Reference data (inventory, payments, zip codes) with a vectorised as-of lookup.
+"""Reference data: the reference streams' state (model/streams.py: inventory, payments, zip
+codes), with a vectorised as-of lookup.
 
 Loaded from the users' CSVs (the snapshot), or from nothing, and kept up to date by the live
 reference streams; every lookup is numpy over a whole batch, with no pandas and no per-order
@@ -13,10 +14,9 @@ import codecs
 import csv
 import io
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, KeysView, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,14 +25,12 @@ if TYPE_CHECKING:  # pandas reads the CSVs, imported then: a worker on live data
 
 from triage.bus.errors import ConfigurationError
 from triage.model.asof import TIME_MAX, TIME_MIN, VersionedTable, Vocabulary
+from triage.model.streams import REFERENCE_STREAMS, ReferenceStream, by_name
 
 MISSING_STATUS = "MISSING"
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
-REFERENCE_FILES = {
-    "inventory.csv": ["sku_code", "timestamp", "inventory"],
-    "payments.csv": ["order_id", "timestamp", "payment_status"],
-    "zip_codes.csv": ["zip_code", "available_from"],
-}
+#: The snapshot's files and the columns read from each (model/streams.py).
+REFERENCE_FILES = {s.csv_file: s.csv_columns for s in REFERENCE_STREAMS}
 
 
 class ReferenceDataError(ConfigurationError):
@@ -152,108 +150,130 @@ def table_times_ms(seconds: np.ndarray, file: str, column: str) -> np.ndarray:
     return times
 
 
-@dataclass
 class ReferenceTables:
-    """Inventory levels per SKU, payment statuses per order and zip roll-outs, as of any time,
-    for a whole batch at once (``pandas.merge_asof(direction="backward")``, ties to the last
-    applied). Built from the CSV snapshot (``load``), from nothing (``empty``), and kept up to
-    date by the live reference streams (consumer/reference.py): every table grows by batches,
-    the live events after the snapshot's rows, so a live event wins a tie with a CSV row.
+    """The reference streams' state (model/streams.py): one
+    :class:`~triage.model.asof.VersionedTable` per declared stream, for a whole batch at once
+    (``pandas.merge_asof(direction="backward")``, ties to the last applied). Built from the CSV
+    snapshot (``load``), from nothing (``empty``), and kept up to date by the live reference
+    streams (scoring/feed.py): every table grows by batches, the live events after the
+    snapshot's rows, so a live event wins a tie with a CSV row.
 
     Times are int64 UTC milliseconds: a CSV row's whole second times 1,000, a live event's own.
+    A ``category`` stream's values are codes of its :class:`~triage.model.asof.Vocabulary`
+    (``vocabularies[name]``, code 0 its ``missing`` label).
     """
 
-    inventory: VersionedTable[np.float64]
-    payments: VersionedTable[np.int32]  # codes of ``statuses``
-    statuses: Vocabulary
-    zips: VersionedTable[np.int8]  # a record at available_from: the zip is served after it
+    def __init__(self, streams: Sequence[ReferenceStream] = REFERENCE_STREAMS,
+                 tables: Mapping[str, VersionedTable[Any]] | None = None,
+                 vocabularies: Mapping[str, Vocabulary] | None = None) -> None:
+        self.streams = by_name(streams)
+        self.tables: dict[str, VersionedTable[Any]] = dict(tables) if tables else {
+            s.name: VersionedTable(_DTYPES[s.kind]) for s in streams}
+        self.vocabularies: dict[str, Vocabulary] = dict(vocabularies) if vocabularies else {
+            s.name: Vocabulary() for s in streams if s.kind == "category"}
 
     @classmethod
-    def empty(cls) -> ReferenceTables:
+    def empty(cls, streams: Sequence[ReferenceStream] = REFERENCE_STREAMS) -> ReferenceTables:
         """Tables with no record yet: the live path without a CSV snapshot."""
-        return cls(VersionedTable(np.float64), VersionedTable(np.int32), Vocabulary(),
-                   VersionedTable(np.int8))
+        return cls(streams)
 
     @classmethod
-    def from_frames(cls, inventory: pd.DataFrame, payments: pd.DataFrame,
-                    zip_codes: pd.DataFrame) -> ReferenceTables:
-        """Tables from the three CSVs' columns (text). Rows of a file are applied in file order,
-        so of two rows with the same key and second the later one wins, as in merge_asof.
+    def from_frames(cls, frames: Mapping[str, pd.DataFrame],
+                    streams: Sequence[ReferenceStream] = REFERENCE_STREAMS) -> ReferenceTables:
+        """Tables from each stream's CSV columns (text), ``frames``: stream name -> frame. Rows
+        of a file are applied in file order, so of two rows with the same key and second the
+        later one wins, as in merge_asof.
 
         Raises :class:`ReferenceDataError` naming the file and line of a value that cannot be
-        read or held (a time before 1900 or from 2400 on, a non-numeric level)."""
-        try:
-            stock = inventory["inventory"].to_numpy(dtype=np.float64)
-        except ValueError as exc:
-            raise ReferenceDataError(f"inventory.csv: non-numeric inventory ({exc})") from None
-        statuses = Vocabulary()
-        codes = statuses.encode(payments["payment_status"].tolist()).astype(np.int32)
-
-        def times(frame: pd.DataFrame, file: str, column: str) -> np.ndarray:
-            what = f"{file} {column}"
-            return table_times_ms(parse_timestamps(frame[column], what), file, column)
-
-        return cls(
-            inventory=VersionedTable.from_records(
-                inventory["sku_code"].tolist(),
-                times(inventory, "inventory.csv", "timestamp"), stock),
-            payments=VersionedTable.from_records(
-                payments["order_id"].tolist(), times(payments, "payments.csv", "timestamp"),
-                codes),
-            statuses=statuses,
-            zips=VersionedTable.from_records(
-                zip_codes["zip_code"].tolist(),
-                times(zip_codes, "zip_codes.csv", "available_from"),
-                np.ones(len(zip_codes), dtype=np.int8)),
-        )
+        read or held (a time before 1900 or from 2400 on, a non-numeric number)."""
+        tables = cls(streams)
+        for stream in streams:
+            frame = frames[stream.name]
+            what = f"{stream.csv_file} {stream.csv_time}"
+            times = table_times_ms(parse_timestamps(frame[stream.csv_time], what),
+                                   stream.csv_file, stream.csv_time)
+            column = frame[stream.value].tolist() if stream.value else None
+            try:
+                values = tables.encode(stream.name, column, len(frame))
+            except ValueError as exc:
+                raise ReferenceDataError(f"{stream.csv_file}: non-numeric {stream.value} "
+                                         f"({exc})") from None
+            tables.tables[stream.name] = VersionedTable.from_records(
+                frame[stream.key].tolist(), times, values)
+        return tables
 
     @classmethod
-    def load(cls, data_dir: str | Path, encoding: str = "utf-8") -> ReferenceTables:
-        """Read inventory.csv, payments.csv and zip_codes.csv from ``data_dir``.
+    def load(cls, data_dir: str | Path, encoding: str = "utf-8",
+             streams: Sequence[ReferenceStream] = REFERENCE_STREAMS) -> ReferenceTables:
+        """Read each stream's ``csv_file`` (inventory.csv, payments.csv, zip_codes.csv) from
+        ``data_dir``.
 
         Raises :class:`ReferenceDataError` (a configuration error) for a missing file or
         column, a file not in ``encoding``, or a value that cannot be read."""
         data_dir = Path(data_dir)
-        frames = {name: read_csv(data_dir / name, columns, encoding)
-                  for name, columns in REFERENCE_FILES.items()}
-        return cls.from_frames(frames["inventory.csv"], frames["payments.csv"],
-                               frames["zip_codes.csv"])
+        return cls.from_frames({s.name: read_csv(data_dir / s.csv_file, s.csv_columns, encoding)
+                                for s in streams}, streams)
+
+    # -- updates -----------------------------------------------------------------------------
+
+    def encode(self, stream: str, values: Sequence[Any] | None, count: int) -> np.ndarray:
+        """``count`` values of ``stream`` as its table holds them: float64 for a number, int32
+        vocabulary codes for a category, int8 ones for presence (``values`` None). Raises
+        ValueError for a number that is not one."""
+        kind = self.streams[stream].kind
+        if kind == "presence":
+            return np.ones(count, dtype=np.int8)
+        assert values is not None
+        if kind == "number":
+            return np.asarray(values, dtype=np.float64)
+        return self.vocabularies[stream].encode(values).astype(np.int32)
+
+    def insert(self, stream: str, records: Sequence[Mapping[str, Any]]) -> None:
+        """Add decoded event records of ``stream`` (its ``key``, ``time`` in UTC ms and
+        ``value`` fields) as new versions. Raises ValueError, TypeError or OverflowError for a
+        value the table cannot hold (nothing of the batch is added then)."""
+        spec = self.streams[stream]
+        times = np.fromiter((r[spec.time] for r in records), np.int64, len(records))
+        values = self.encode(stream, [r[spec.value] for r in records] if spec.value else None,
+                             len(records))
+        self.tables[stream].insert([r[spec.key] for r in records], times, values)
+
+    def retain(self, horizon_ms: int) -> None:
+        """Trim every table to ``horizon_ms`` of event time (TRIAGE_REFERENCE_RETENTION)."""
+        for table in self.tables.values():
+            table.retain(horizon_ms)
 
     # -- lookups, for a batch ---------------------------------------------------------------
 
-    def stock(self, skus: Sequence[str], times_ms: np.ndarray) -> np.ndarray:
-        """float64 latest stock level of each SKU at or before ``times_ms``; NaN when none."""
-        values, found = self.inventory.lookup(skus, times_ms)
-        return np.where(found, values, np.nan)
+    def as_of(self, stream: str, keys: Sequence[str], times_ms: np.ndarray) -> np.ndarray:
+        """The latest value of each key of ``stream`` at or before ``times_ms`` (int64 UTC
+        ms), one per key: float64 (NaN when none) for a number, an object array of labels
+        (``missing`` when none) for a category, bool (the key has a version) for presence."""
+        values, found = self.tables[stream].lookup(keys, times_ms)
+        kind = self.streams[stream].kind
+        if kind == "number":
+            return np.where(found, values, np.nan)
+        if kind == "category":
+            return self.vocabularies[stream].decode(values)
+        return np.asarray(found, dtype=bool)
 
-    def payment_status(self, order_ids: Sequence[str], times_ms: np.ndarray) -> np.ndarray:
-        """object array: latest status of each order at or before ``times_ms``; MISSING when
-        none."""
-        codes, _ = self.payments.lookup(order_ids, times_ms)
-        return self.statuses.decode(codes)
-
-    def zip_available(self, zip_codes: Sequence[str], times_ms: np.ndarray) -> np.ndarray:
-        """bool: the order's time is strictly after the zip's ``available_from`` (its
-        earliest, if listed twice); False for an unknown zip."""
-        _, found = self.zips.lookup(zip_codes, np.asarray(times_ms) - 1)
-        return found
-
-    def knows_zip(self, zip_code: str) -> bool:
-        return zip_code in self.zips
-
-    def zip_codes(self) -> list[str]:
-        """Every zip code with a record."""
-        return list(self.zips.keys())
+    def keys(self, stream: str) -> KeysView[str]:
+        """Every key of ``stream`` with a version."""
+        return self.tables[stream].keys()
 
     @property
     def size(self) -> int:
         """Records held in all tables."""
-        return len(self.inventory) + len(self.payments) + len(self.zips)
+        return sum(len(t) for t in self.tables.values())
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the tables' arrays (the key strings come on top)."""
-        return self.inventory.nbytes + self.payments.nbytes + self.zips.nbytes
+        return sum(t.nbytes for t in self.tables.values())
+
+
+_DTYPES: dict[str, type[np.generic]] = {"number": np.float64, "category": np.int32,
+                                        "presence": np.int8}
 
 
 def zip_code_warnings(reference_zips: Collection[str], order_zips: Iterable[str] = ()

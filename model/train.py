@@ -96,7 +96,7 @@ def vocabularies(features: FeatureBatch, reference: ReferenceTables) -> dict[str
         if feature.categorical:
             values = set(features.columns[feature.name].tolist())
             if feature.name == "payment_status":
-                values |= set(reference.statuses.names)
+                values |= set(reference.vocabularies["payments"].names)
             first = [MISSING_STATUS] if MISSING_STATUS in values else []
             found[feature.name] = [*first, *sorted(values - {MISSING_STATUS}), UNSEEN_STATUS]
     return found
@@ -112,7 +112,7 @@ def train(data_dir: str | Path, out_dir: str | Path, *, seed: int = 0, holdout: 
     orders = read_orders_csv(data_dir / "orders.csv", encoding=encoding)
     reference = ReferenceTables.load(data_dir, encoding=encoding)
     warnings = (*(f"orders.csv {row}; not trained on" for row in orders.skipped),
-                *zip_code_warnings(reference.zips.keys(), orders.zip_code))
+                *zip_code_warnings(reference.keys("zip_codes"), orders.zip_code))
     features = orders.features(reference)
     labels = label(features)
     present = set(labels.tolist())

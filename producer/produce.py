@@ -32,17 +32,20 @@ from triage.bus.errors import ConfigurationError
 from triage.bus.interrupt import Interrupt
 from triage.bus.settings import Settings
 from triage.model.orders import ORDER_COLUMNS, orders_of_frame
-from triage.model.reference import REFERENCE_FILES
+from triage.model.streams import REFERENCE_STREAMS, by_name
 from triage.producer.publisher import RecordPublisher, stream_publisher
 from triage.producer.replay import reference_records
 
 # The command's stream names -> (the replay's stream name, the CSV columns of a row).
+# A reference stream's command name is its schema's (payment, inventory, zip_code).
 STREAMS: dict[str, tuple[str, list[str]]] = {
     "order": ("orders", ORDER_COLUMNS),
-    "payment": ("payments", REFERENCE_FILES["payments.csv"]),
-    "inventory": ("inventory", REFERENCE_FILES["inventory.csv"]),
-    "zip_code": ("zip_codes", REFERENCE_FILES["zip_codes.csv"]),
+    **{s.schema: (s.name, s.csv_columns) for s in REFERENCE_STREAMS},
 }
+# The time columns, which take ISO 8601 too.
+_TIME_COLUMNS = {"timestamp", *(s.csv_time for s in REFERENCE_STREAMS)}
+# Columns that hold numbers (any other must be text: a JSON number would lose leading zeros).
+_NUMBER_COLUMNS = {s.value for s in REFERENCE_STREAMS if s.kind == "number"}
 _ALIASES = {**{name: name for name in STREAMS},
             **{replay_name: name for name, (replay_name, _) in STREAMS.items()}}
 
@@ -98,10 +101,11 @@ def event_record(stream: str, row: dict[str, Any], where: str,
     if unknown:
         raise RefusedEvent(f"{where}: {stream} takes no {', '.join(unknown)} (it takes "
                            f"{', '.join(shown(c, c) for c in columns)})")
-    texts = [shown(c, c) for c in columns if c != "inventory" and not isinstance(row[c], str)]
+    texts = [shown(c, c) for c in columns
+             if c not in _NUMBER_COLUMNS and not isinstance(row[c], str)]
     if texts:  # a JSON number would lose a zip code's or an id's leading zeros
         raise RefusedEvent(f"{where}: {', '.join(texts)} must be text (in quotes)")
-    row = {**row, **{c: csv_time(row[c]) for c in ("timestamp", "available_from")
+    row = {**row, **{c: csv_time(row[c]) for c in _TIME_COLUMNS
                      if c in columns}}  # ISO 8601 too, as the HTTP API takes it
     frame = pd.DataFrame([{c: str(row[c]) for c in columns}])
     if stream == "order":
@@ -111,7 +115,7 @@ def event_record(stream: str, row: dict[str, Any], where: str,
                                "YYYY-MM-DD HH:MM:SS")
         return orders.records()[0]
     try:
-        records, _ = reference_records(frame, replay_name, where)
+        records, _ = reference_records(frame, by_name()[replay_name], where)
     except ConfigurationError as exc:
         raise RefusedEvent(str(exc).replace(" on line 2", "")) from None
     return records[0]

@@ -1,9 +1,9 @@
 """The producer API: publish orders, and the reference streams, as Avro records.
 
 :class:`RecordPublisher` publishes records of one contract to one topic, keyed by one field:
-:class:`OrderPublisher` orders (keyed by ``order_id``), :func:`inventory_publisher`,
-:func:`payment_publisher` and :func:`zip_code_publisher` the reference streams. ``triage
-replay`` and ``triage produce`` go through them. The producer is idempotent
+:class:`OrderPublisher` orders (keyed by ``order_id``), :func:`reference_publisher` the
+reference streams (model/streams.py). ``triage replay`` and ``triage produce`` go through
+them. The producer is idempotent
 (``enable.idempotence``), so librdkafka's retries never duplicate a record, and partitions keys
 as the Java client does (bus/clients.py), so payments land on their order's partition.
 """
@@ -20,6 +20,7 @@ from confluent_kafka import KafkaError, Message, Producer
 from triage.bus.clients import make_producer, produce, source_of
 from triage.bus.errors import ConfigurationError
 from triage.bus.settings import ConnectionSettings, TopicSettings
+from triage.model.streams import ReferenceStream, by_name
 from triage.schemas.codec import codec_for
 
 
@@ -115,30 +116,19 @@ class OrderPublisher(RecordPublisher):
 
 def stream_publisher(stream: str, connection: ConnectionSettings, topics: TopicSettings,
                      producer: Producer) -> RecordPublisher:
-    """The publisher of ``stream`` (``orders``, ``payments``, ``inventory``, ``zip_codes``) on
-    its topic, sharing ``producer`` (a replay or ``triage produce`` of several streams)."""
+    """The publisher of ``stream`` (``orders``, or a reference stream of model/streams.py:
+    its schema, keyed by its key, on its topic), sharing ``producer`` (a replay or ``triage
+    produce`` of several streams). Raises KeyError for a stream no one declared."""
     if stream == "orders":
         return OrderPublisher(connection, topics.orders_topic, producer=producer)
-    make, topic = {"inventory": (inventory_publisher, topics.inventory_topic),
-                   "payments": (payment_publisher, topics.payments_topic),
-                   "zip_codes": (zip_code_publisher, topics.zip_codes_topic)}[stream]
-    return make(connection, topic, producer)
+    return reference_publisher(by_name()[stream], connection, topics.topic_of(stream),
+                               producer)
 
 
-def inventory_publisher(connection: ConnectionSettings, topic: str,
+def reference_publisher(stream: ReferenceStream, connection: ConnectionSettings, topic: str,
                         producer: Producer | None = None) -> RecordPublisher:
-    """Stock levels (``schemas/inventory.avsc``), keyed by ``sku_code``."""
-    return RecordPublisher(connection, topic, "inventory", "sku_code", producer=producer)
-
-
-def payment_publisher(connection: ConnectionSettings, topic: str,
-                      producer: Producer | None = None) -> RecordPublisher:
-    """Payment statuses (``schemas/payment.avsc``), keyed by ``order_id``: the same key, and
-    partitioner, as the order, so both land on the same partition number."""
-    return RecordPublisher(connection, topic, "payment", "order_id", producer=producer)
-
-
-def zip_code_publisher(connection: ConnectionSettings, topic: str,
-                       producer: Producer | None = None) -> RecordPublisher:
-    """Zip code roll-outs (``schemas/zip_code.avsc``), keyed by ``zip_code``."""
-    return RecordPublisher(connection, topic, "zip_code", "zip_code", producer=producer)
+    """Events of the reference stream ``stream`` (schemas/<its schema>.avsc) on ``topic``
+    (``TopicSettings.topic_of(stream.name)``), keyed by its key: a co-partitioned one
+    (payments, by ``order_id``) with the same key and partitioner as the orders, so it lands on
+    its order's partition number."""
+    return RecordPublisher(connection, topic, stream.schema, stream.key, producer=producer)

@@ -1,10 +1,11 @@
-"""Replay orders.csv onto the orders topic, or a whole data directory onto all four streams.
+"""Replay orders.csv onto the orders topic, or a whole data directory onto every stream.
 
-``triage replay orders.csv`` publishes each row as an order. ``triage replay DIR`` publishes the
-four CSVs of DIR (orders.csv, payments.csv, inventory.csv, zip_codes.csv) as one stream merged
-in event-time order, each row to its own topic: what the store's services would have published
-as it happened. At one instant the merge is stable: zip roll-outs, then stock levels, then
-payments, then orders, each file in its own order (so of two reference rows of one key at one
+``triage replay orders.csv`` publishes each row as an order. ``triage replay DIR`` publishes
+orders.csv and each reference stream's CSV of DIR (model/streams.py: inventory.csv,
+payments.csv, zip_codes.csv) as one stream merged in event-time order, each row to its own
+topic: what the store's services would have published as it happened. At one instant the merge
+is stable: the reference streams in their declared order (stock levels, payments, zip
+roll-outs), then orders, each file in its own order (so of two reference rows of one key at one
 second the later in the file is applied last and wins, as merge_asof has it). ``streams`` picks
 a subset (``orders`` first, and the reference streams a moment later, for example).
 
@@ -29,11 +30,14 @@ from triage.bus.clients import make_producer
 from triage.bus.interrupt import Interrupt
 from triage.bus.settings import Settings, SettingsError
 from triage.model.orders import SkippedRow, read_orders_csv
-from triage.model.reference import REFERENCE_FILES, parse_timestamps, read_csv
+from triage.model.reference import parse_timestamps, read_csv
+from triage.model.streams import REFERENCE_STREAMS, ReferenceStream, by_name
 from triage.producer.publisher import RecordPublisher, stream_publisher
 
 # Stream names, in the order the merge takes them at one instant.
-STREAMS = ("zip_codes", "inventory", "payments", "orders")
+# Reference streams before the orders: of an event and an order at the same time, the event
+# is published first (it applies to the order).
+STREAMS = (*(s.name for s in REFERENCE_STREAMS), "orders")
 
 
 @dataclass(frozen=True)
@@ -96,37 +100,33 @@ class _Stream:
     times_ms: np.ndarray  # int64 event time of each record
 
 
-def _reference_records(settings: Settings, directory: Path, name: str
+def _reference_records(settings: Settings, directory: Path, stream: ReferenceStream
                        ) -> tuple[list[dict[str, Any]], np.ndarray]:
     """One reference CSV of ``directory`` as the stream's Avro records and their event times."""
-    file = f"{name}.csv"
-    frame = read_csv(directory / file, REFERENCE_FILES[file], settings.csv_encoding)
-    return reference_records(frame, name, str(directory / file))
+    file = directory / stream.csv_file
+    frame = read_csv(file, stream.csv_columns, settings.csv_encoding)
+    return reference_records(frame, stream, str(file))
 
 
-def reference_records(frame: Any, name: str, file: str
+def reference_records(frame: Any, stream: ReferenceStream, file: str
                       ) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """Rows of a reference stream ``name`` (``inventory``, ``payments``, ``zip_codes``), as
-    text in the columns of its CSV (``REFERENCE_FILES``), -> the stream's Avro records and
-    their event times (int64 UTC ms). The validation of ``triage replay`` and ``triage
-    produce`` alike. Raises ReferenceDataError naming ``file`` and the line (row + 2) of the
-    first time not in ``YYYY-MM-DD HH:MM:SS`` form, SettingsError for a stock level that is
-    not a number."""
-    if name == "zip_codes":
-        times = parse_timestamps(frame["available_from"], f"{file} available_from") * 1000
-        return [{"zip_code": z, "available_from_ms": t}
-                for z, t in zip(frame["zip_code"].tolist(), times.tolist(), strict=True)], times
-    times = parse_timestamps(frame["timestamp"], f"{file} timestamp") * 1000
-    if name == "inventory":
+    """Rows of a reference stream (model/streams.py), as text in the columns of its CSV, ->
+    the stream's Avro records and their event times (int64 UTC ms). The validation of
+    ``triage replay`` and ``triage produce`` alike. Raises ReferenceDataError naming ``file``
+    and the line (row + 2) of the first time not in ``YYYY-MM-DD HH:MM:SS`` form,
+    SettingsError for a number that is not one."""
+    times = parse_timestamps(frame[stream.csv_time], f"{file} {stream.csv_time}") * 1000
+    columns = {stream.key: frame[stream.key].tolist(), stream.time: times.tolist()}
+    if stream.value is not None and stream.kind == "number":
         try:
-            stock = frame["inventory"].to_numpy(dtype=np.float64).tolist()
+            columns[stream.value] = frame[stream.value].to_numpy(dtype=np.float64).tolist()
         except ValueError as exc:
-            raise SettingsError(f"{file}: non-numeric inventory ({exc})") from None
-        return [{"sku_code": k, "timestamp_ms": t, "inventory": v} for k, t, v in zip(
-            frame["sku_code"].tolist(), times.tolist(), stock, strict=True)], times
-    return [{"order_id": k, "timestamp_ms": t, "payment_status": v} for k, t, v in zip(
-        frame["order_id"].tolist(), times.tolist(), frame["payment_status"].tolist(),
-        strict=True)], times
+            raise SettingsError(f"{file}: non-numeric {stream.value} ({exc})") from None
+    elif stream.value is not None:
+        columns[stream.value] = frame[stream.value].tolist()
+    names = list(columns)
+    return [dict(zip(names, row, strict=True))
+            for row in zip(*columns.values(), strict=True)], times
 
 
 def replay(settings: Settings, path: str | Path, *, streams: Sequence[str] | None = None,
@@ -173,7 +173,7 @@ def replay(settings: Settings, path: str | Path, *, streams: Sequence[str] | Non
             loaded.append(_Stream(name, stream_publisher(name, connection, topics, producer),
                                   orders.records(), orders.timestamp_ms))
             continue
-        records, times = _reference_records(settings, path, name)
+        records, times = _reference_records(settings, path, by_name()[name])
         loaded.append(_Stream(name, stream_publisher(name, connection, topics, producer),
                               records, times))
     return _publish(loaded, producer, rate=rate, speedup=speedup, limit=limit, skip=skip,

@@ -649,7 +649,7 @@ class ScoringCore:
     def _count_unknown_zips(self, zip_codes: list[str]) -> None:
         """Count orders to zips the reference data does not know (scored as not served), and
         warn once if they look like reference zips that lost their leading zeros."""
-        known = self.reference.zips.keys()
+        known = self.reference.keys("zip_codes")
         unknown = [z for z in zip_codes if z not in known]
         if not unknown:
             return

@@ -35,15 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from triage.model.features import FEATURE_NAMES, FeatureBatch
+from triage.model.features import BY_NAME, FEATURE_NAMES, FeatureBatch
+from triage.model.streams import REFERENCE_STREAMS, ReferenceStream, by_name
 from triage.scoring import metrics
-from triage.scoring.feed import INVENTORY, PAYMENTS, ZIP_CODES, LateEvent
-
-# The reference stream each feature comes from (the hour comes from the order itself).
-FEATURE_STREAMS = {"inventory": INVENTORY, "payment_status": PAYMENTS,
-                   "zip_code_available": ZIP_CODES}
-# The order field each stream's events are keyed by.
-_KEY_FIELD = {INVENTORY: "sku_code", PAYMENTS: "order_id", ZIP_CODES: "zip_code"}
+from triage.scoring.feed import LateEvent
 
 
 def revision_reason(streams: Iterable[str]) -> str:
@@ -57,7 +52,7 @@ def changed_streams(old: FeatureBatch, new: FeatureBatch) -> list[list[str]]:
     missing values, NaN or null, are the same); empty where nothing changed."""
     changed: list[list[str]] = [[] for _ in range(len(new))]
     for name in FEATURE_NAMES:
-        stream = FEATURE_STREAMS.get(name)
+        stream = BY_NAME[name].stream
         a, b = old.columns[name], new.columns[name]
         same = (a == b) | (np.isnan(a) & np.isnan(b)) if a.dtype.kind == "f" else a == b
         differs = ~same
@@ -99,13 +94,14 @@ class Kept:
     def __len__(self) -> int:
         return len(self.order_id)
 
-    def hashes(self, stream: str) -> np.ndarray:
-        """int64 ``hash()`` of the key each order has for ``stream``'s events (cached)."""
-        found = self._hashes.get(stream)
+    def hashes(self, order_key: str) -> np.ndarray:
+        """int64 ``hash()`` of each order's ``order_key`` field (one of the order fields kept
+        here: the field a reference stream joins on), cached."""
+        found = self._hashes.get(order_key)
         if found is None:
-            column: list[str] = getattr(self, _KEY_FIELD[stream])
+            column: list[str] = getattr(self, order_key)
             found = np.fromiter(map(hash, column), dtype=np.int64, count=len(column))
-            self._hashes[stream] = found
+            self._hashes[order_key] = found
         return found
 
 
@@ -120,8 +116,10 @@ class RetainedOrders:
     int is not tracked by Python's garbage collector, where one of (batch, row) tuples would
     make every full collection walk the hundreds of thousands kept."""
 
-    def __init__(self, retention_ms: int) -> None:
+    def __init__(self, retention_ms: int,
+                 streams: Sequence[ReferenceStream] = REFERENCE_STREAMS) -> None:
         self.retention_ms = retention_ms
+        self.streams = by_name(streams)
         self.batches: dict[int, list[Kept]] = {}
         self.index: dict[str, int] = {}  # order_id -> its latest row (class docstring)
         self.by_number: dict[int, Kept] = {}
@@ -194,10 +192,11 @@ class RetainedOrders:
 
     def affected(self, late: Sequence[LateEvent]) -> list[tuple[Kept, np.ndarray]]:
         """(batch, rows) of the kept orders that ``late`` events apply to: an order whose key
-        for the event's stream is the event's, at or after the event's time. Payments are
-        found through the index (keyed by order_id); stock and zip events, few keys touching
-        many orders, by a scan of the batches newer than the event. An event at or before
-        the newest order no longer kept is counted as possibly beyond retention."""
+        for the event's stream is the event's, at or after the event's time. Events of a stream
+        joined on ``order_id`` (payments) are found through the index; the others (stock, zip
+        codes: few keys touching many orders) by a scan of the batches newer than the event.
+        An event at or before the newest order no longer kept is counted as possibly beyond
+        retention."""
         rows: dict[int, tuple[Kept, set[int]]] = {}
 
         def hit(kept: Kept, row: int) -> None:
@@ -207,12 +206,12 @@ class RetainedOrders:
         for event in late:
             if event.time_ms <= self.dropped_upto:
                 metrics.REFERENCE_BEYOND_RETENTION.labels(event.stream).inc()
-            if event.stream == PAYMENTS:
+            if self.streams[event.stream].order_key == "order_id":  # one order: the index
                 entry = self.latest(event.key)
                 if entry is not None and entry[0].alive[entry[1]] \
                         and entry[0].timestamp_ms[entry[1]] >= event.time_ms:
                     hit(*entry)
-                    metrics.REFERENCE_LATE.labels(PAYMENTS).inc()
+                    metrics.REFERENCE_LATE.labels(event.stream).inc()
                 continue
             earliest = by_stream.setdefault(event.stream, {})
             earliest[event.key] = min(earliest.get(event.key, event.time_ms), event.time_ms)
@@ -224,9 +223,10 @@ class RetainedOrders:
                 for kept in batches:
                     if kept.newest_ms < oldest:
                         continue
-                    candidates = np.flatnonzero(np.isin(kept.hashes(stream), wanted)
+                    order_key = self.streams[stream].order_key
+                    candidates = np.flatnonzero(np.isin(kept.hashes(order_key), wanted)
                                                 & (kept.timestamp_ms >= oldest) & kept.alive)
-                    keys: list[str] = getattr(kept, _KEY_FIELD[stream])
+                    keys: list[str] = getattr(kept, order_key)
                     for row in candidates.tolist():
                         since = earliest.get(keys[row])
                         if since is not None and kept.timestamp_ms[row] >= since:

@@ -1,5 +1,6 @@
-"""Live reference data: the streams ``inventory``, ``payments`` and ``zip_codes`` applied to a
-worker's as-of tables, and the event-time rule that says when an order may be scored.
+"""Live reference data: the reference streams (declared in model/streams.py: ``inventory``,
+``payments``, ``zip_codes``) applied to a worker's as-of tables, and the event-time rule that
+says when an order may be scored.
 
 **What a worker reads.** Every partition of all three streams, from the beginning, with
 ``assign()``: never through a consumer group, never committed. Payments are *global* too, as a
@@ -67,37 +68,22 @@ from triage.bus.clients import Source
 from triage.bus.errors import BadRecord, WaitTimeout
 from triage.bus.global_reader import GlobalReader
 from triage.bus.partitioner import partitions_for
-from triage.bus.settings import ConnectionSettings, ReferenceSettings, TopicSettings
+from triage.bus.settings import (
+    ConnectionSettings,
+    ReferenceSettings,
+    SettingsError,
+    TopicSettings,
+)
 from triage.model.asof import TIME_MAX, TIME_MIN
 from triage.model.reference import ReferenceTables
 from triage.schemas.codec import Codec, codec_for
 from triage.scoring import metrics
 from triage.scoring.validation import OrderValidator
 
-INVENTORY, PAYMENTS, ZIP_CODES = "inventory", "payments", "zip_codes"
-STREAMS = (INVENTORY, PAYMENTS, ZIP_CODES)
 _NEVER = -(2**62)      # "passed nothing"
 _ALWAYS = 2**62        # "passed every time"
 _RETAIN_EVERY = 100_000  # apply retention after this many records (it is O(table))
 _WARN_EVERY_S = 60.0   # at most one misplaced-records warning per stream this often
-
-
-@dataclass(frozen=True)
-class StreamSpec:
-    """A reference stream: its key and event-time fields, its contract (schemas/), and
-    whether its producers are expected to key it like the orders (checked, not relied on)."""
-
-    name: str
-    key: str
-    time: str
-    schema: str
-    co_partitioned: bool = False
-
-
-SPECS = {INVENTORY: StreamSpec(INVENTORY, "sku_code", "timestamp_ms", "inventory"),
-         PAYMENTS: StreamSpec(PAYMENTS, "order_id", "timestamp_ms", "payment",
-                              co_partitioned=True),
-         ZIP_CODES: StreamSpec(ZIP_CODES, "zip_code", "available_from_ms", "zip_code")}
 
 
 @dataclass
@@ -149,6 +135,7 @@ class ReferenceFeed:
                  validator: OrderValidator, *, snapshot: bool, log: Any = None,
                  clock: Callable[[], int] = lambda: int(time.time() * 1000)) -> None:
         self.tables = tables
+        self.streams = tables.streams  # name -> declaration (model/streams.py)
         self.lateness_ms = settings.reference_lateness_ms
         self.skew_ms = settings.max_clock_skew_ms
         self.max_wait_s = settings.reference_max_wait_ms / 1000.0
@@ -159,9 +146,9 @@ class ReferenceFeed:
         self.log = log or structlog.get_logger("reference")
         self.progress: dict[tuple[str, int], PartitionProgress] = {}
         self.partition_counts: dict[str, int] = {}
-        self.had_records = dict.fromkeys(STREAMS, False)
+        self.had_records = dict.fromkeys(self.streams, False)
         self.scored_upto = _NEVER  # latest order time (UTC ms) scored: events up to it are late
-        self.misplaced: dict[str, int] = dict.fromkeys(STREAMS, 0)
+        self.misplaced: dict[str, int] = dict.fromkeys(self.streams, 0)
         self._warned_at: dict[str, float] = {}
         self._since_retention = 0
 
@@ -185,7 +172,7 @@ class ReferenceFeed:
         """(reason, message) for a reference record that must not be applied, or None;
         ``now_ms``: the wall clock, UTC ms (an event may not be far in the future)."""
         check = self.validator
-        spec = SPECS[stream]
+        spec = self.streams[stream]
         found = check.text_problem(spec.key, record[spec.key])
         at = record[spec.time]
         if found is None and not TIME_MIN <= at < TIME_MAX:
@@ -193,11 +180,12 @@ class ReferenceFeed:
                      "hold (1900-01-01 to 2399-12-31 UTC)")
         # A roll-out may be announced ahead; other events happen when they are recorded.
         found = found or check.time_problem(spec.time, at,
-                                            None if stream == ZIP_CODES else now_ms)
-        if found is None and stream == PAYMENTS:
-            found = check.text_problem("payment_status", record["payment_status"])
-        if found is None and stream == INVENTORY and not math.isfinite(record["inventory"]):
-            found = ("invalid_field", f"inventory {record['inventory']} is not a number")
+                                            None if spec.announced_ahead else now_ms)
+        if found is None and spec.kind == "category":
+            found = check.text_problem(spec.value or "", record[spec.value or ""])
+        if found is None and spec.kind == "number" and not math.isfinite(record[spec.value
+                                                                                or ""]):
+            found = ("invalid_field", f"{spec.value} {record[spec.value or '']} is not a number")
         return found
 
     def apply(self, stream: str, partition: int, records: Sequence[dict[str, Any] | None],
@@ -239,7 +227,7 @@ class ReferenceFeed:
             good = kept
             if not good:
                 return Applied(0, bad)
-        spec = SPECS[stream]
+        spec = self.streams[stream]
         self.had_records[stream] = True
         times = [r[spec.time] for r in good]
         # An event stamped ahead of the clock moves its partition only to the clock + skew.
@@ -254,18 +242,7 @@ class ReferenceFeed:
         return Applied(len(good), bad, late, misplaced)
 
     def _insert(self, stream: str, good: list[dict[str, Any]]) -> None:
-        tables = self.tables
-        spec = SPECS[stream]
-        ms = np.fromiter((r[spec.time] for r in good), np.int64, len(good))
-        keys = [r[spec.key] for r in good]
-        if stream == ZIP_CODES:
-            tables.zips.insert(keys, ms, np.ones(len(good), dtype=np.int8))
-        elif stream == INVENTORY:
-            tables.inventory.insert(keys, ms, np.fromiter((r["inventory"] for r in good),
-                                                          np.float64, len(good)))
-        else:
-            codes = tables.statuses.encode(r["payment_status"] for r in good)
-            tables.payments.insert(keys, ms, codes.astype(np.int32))
+        self.tables.insert(stream, good)
 
     def _check_placement(self, stream: str, partition: int, good: list[dict[str, Any]]) -> int:
         """Count (and warn about, at most once a minute) records on a partition the documented
@@ -273,7 +250,7 @@ class ReferenceFeed:
         count = self.partition_counts.get(stream)
         if not count:
             return 0
-        key = SPECS[stream].key
+        key = self.streams[stream].key
         expected = partitions_for([r[key].encode() for r in good], count)
         wrong = int(np.count_nonzero(expected != partition))
         if wrong:
@@ -295,10 +272,8 @@ class ReferenceFeed:
     def retain(self) -> None:
         """Trim every table to the retention horizon, in event time (TRIAGE_REFERENCE_RETENTION)."""
         self._since_retention = 0
-        if self.retention_ms is None:
-            return
-        for table in (self.tables.inventory, self.tables.zips, self.tables.payments):
-            table.retain(self.retention_ms)
+        if self.retention_ms is not None:
+            self.tables.retain(self.retention_ms)
 
     def note_position(self, stream: str, partition: int, low: int, high: int) -> None:
         """A fetch said the partition's watermarks are (``low``, ``high``)."""
@@ -322,7 +297,7 @@ class ReferenceFeed:
         patient = now_ms >= np.maximum(needed, published_ms) + self.lateness_ms
         ready = np.ones(len(needed), dtype=bool)
         behind = np.zeros(len(needed), dtype=bool)
-        for stream in STREAMS:
+        for stream in self.streams:
             busy, quiet, lagging = self._stream_bounds(stream)
             ready &= (needed < busy) & ((needed < quiet) | patient)
             behind |= needed >= lagging
@@ -386,25 +361,31 @@ class ReferenceReader:
 
     ``poll()`` between batches applies what has arrived and returns the dead letters to produce
     and the late events; ``restore()`` reads the streams up to their ends before the worker
-    joins the orders group."""
+    joins the orders group. Raises SettingsError for a topic setting of a stream no one
+    declared (``TRIAGE_<STREAM>_TOPIC``: a misspelt variable)."""
 
     def __init__(self, connection: ConnectionSettings, topics: TopicSettings,
                  feed: ReferenceFeed, log: Any = None) -> None:
         self.feed = feed
         self.log = log or structlog.get_logger("reference")
-        self.topic_of = {INVENTORY: topics.inventory_topic, PAYMENTS: topics.payments_topic,
-                         ZIP_CODES: topics.zip_codes_topic}
+        streams = feed.streams.values()
+        unknown = sorted(set(dict(topics.stream_topics)) - set(feed.streams))
+        if unknown:
+            raise SettingsError(
+                f"{', '.join(f'TRIAGE_{name.upper()}_TOPIC' for name in unknown)} names no "
+                f"reference stream; the streams are {', '.join(feed.streams)} "
+                "(model/streams.py)")
+        self.topic_of = {s.name: topics.topic_of(s.name) for s in streams}
         self.codecs: dict[str, Codec] = {
-            stream: codec_for(connection, SPECS[stream].schema, self.topic_of[stream])
-            for stream in STREAMS}
+            s.name: codec_for(connection, s.schema, self.topic_of[s.name]) for s in streams}
         self._letters: list[Letter] = []
         self._late: list[LateEvent] = []
         self.reader = GlobalReader(
             connection, self.topic_of,
             on_partitions=lambda stream, new, count: feed.assign(stream, new, count),
             on_records=self._apply, on_position=feed.note_position,
-            co_partitioned={self.topic_of[s]: topics.orders_topic
-                            for s in STREAMS if SPECS[s].co_partitioned},
+            co_partitioned={self.topic_of[s.name]: topics.orders_topic
+                            for s in streams if s.co_partitioned},
             log=self.log)
 
     def start(self, stop: Callable[[], bool] = lambda: False) -> None:
@@ -442,12 +423,14 @@ class ReferenceReader:
         self.reader.poll(max_records, timeout_s)
         return Polled(self._letters, self._late)
 
-    def restore(self, stream_names: Sequence[str] = STREAMS, timeout_s: float = 600.0,
+    def restore(self, stream_names: Sequence[str] | None = None, timeout_s: float = 600.0,
                 stop: Callable[[], bool] = lambda: False,
                 progress: Callable[[], object] = lambda: None) -> list[Letter]:
         """Read ``stream_names`` up to their high watermarks (logging progress, and calling
         ``progress()``, every 2 s), unless ``stop()`` says to give up; returns the dead letters
-        met on the way."""
+        met on the way. ``stream_names``: default every declared stream. Raises WaitTimeout
+        after ``timeout_s``."""
+        stream_names = list(self.feed.streams) if stream_names is None else stream_names
         started = last_log = time.monotonic()
         letters = []
         progress()

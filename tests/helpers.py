@@ -48,7 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 # --- paths ---------------------------------------------------------------------------------------
 
-EXERCISE = ROOT.parent / "shared" / "data" / "exercise-2021"
+# 500 orders of the 2021 exercise's own CSVs and the reference rows they need, cut from
+# ../shared/data/exercise-2021 (its README says how)
+EXERCISE = ROOT / "tests" / "data" / "exercise-2021"
 
 
 BROKERS = ROOT / "results" / "brokers"  # for the run's summary

@@ -33,7 +33,8 @@ from triage.bus.errors import (
 )
 from triage.bus.interrupt import EXIT_INTERRUPTED, Interrupt
 from triage.bus.logs import configure_logging
-from triage.bus.settings import Settings, SettingsError, settings_table
+from triage.bus.settings import Settings, SettingsError
+from triage.model.streams import REFERENCE_STREAMS, settings_rows
 
 EXIT_FAILED = EXIT_INFRASTRUCTURE
 EXIT_USAGE = EXIT_CONFIGURATION
@@ -170,7 +171,7 @@ def _add_produce(commands: Commands, common: argparse.ArgumentParser) -> None:
         help="publish an event by hand (an order, a payment, a stock level, a zip roll-out) "
              "from flags, or many from JSON lines on stdin")
     p.add_argument("stream", nargs="?", default="order",
-                   choices=["order", "payment", "inventory", "zip_code"],
+                   choices=["order", *(s.schema for s in REFERENCE_STREAMS)],
                    help="which stream (default order)")
     p.add_argument("--order-id", help="order and payment")
     p.add_argument("--customer-id", help="order")
@@ -184,9 +185,24 @@ def _add_produce(commands: Commands, common: argparse.ArgumentParser) -> None:
     p.add_argument("--available-from", metavar="TIME",
                    help="zip_code: delivery available from, YYYY-MM-DD HH:MM:SS, UTC, or ISO "
                         "8601 (default: now)")
+    for stream in REFERENCE_STREAMS:  # a stream declared later: a flag per column
+        for column in stream.csv_columns:
+            if column not in _PRODUCE_FLAGS:
+                p.add_argument(_produce_flag(column), help=f"{stream.schema}: its {column}")
     p.add_argument("--stdin", action="store_true",
                    help="read JSON lines from stdin instead of flags: each an object of the "
                         "stream's CSV columns (a \"stream\" field picks another stream)")
+
+
+# triage produce: the columns of the streams' CSVs and the flags that give them (a flag's dest
+# is its name); a column of a stream declared later gets --<column> (_produce_flag).
+_PRODUCE_FLAGS = {"order_id": "--order-id", "customer_id": "--customer-id", "sku_code": "--sku",
+                  "zip_code": "--zip", "payment_status": "--status", "inventory": "--inventory",
+                  "timestamp": "--timestamp", "available_from": "--available-from"}
+
+
+def _produce_flag(column: str) -> str:
+    return _PRODUCE_FLAGS.get(column, "--" + column.replace("_", "-"))
 
 
 def _add_consume(commands: Commands, common: argparse.ArgumentParser) -> None:
@@ -483,8 +499,10 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
     from triage.bus.clients import create_topics
+    from triage.model.streams import reference_topic_partitions
 
-    for name, outcome in create_topics(settings.connection, settings.topics).items():
+    for name, outcome in create_topics(settings.connection, settings.topics,
+                                       reference_topic_partitions(settings.topics)).items():
         print(f"{name}: {outcome}")
     return 0
 
@@ -639,10 +657,8 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     every line was (nothing published), 130 after Ctrl-C."""
     from triage.producer.produce import event_record, json_rows, now_text, produce_events
 
-    # The stream's columns and the flags that give them (a flag's dest is its name).
-    flag_of = {"order_id": "--order-id", "customer_id": "--customer-id", "sku_code": "--sku",
-               "zip_code": "--zip", "payment_status": "--status", "inventory": "--inventory",
-               "timestamp": "--timestamp", "available_from": "--available-from"}
+    flag_of = {column: _produce_flag(column) for column in
+               {*_PRODUCE_FLAGS, *(c for s in REFERENCE_STREAMS for c in s.csv_columns)}}
     given = {column: value for column, flag in flag_of.items()
              if (value := getattr(args, flag[2:].replace("-", "_"))) is not None}
     if args.stdin:
@@ -651,7 +667,8 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
                                 f"{', '.join(flag_of[column] for column in given)}")
         rows = json_rows(sys.stdin, args.stream)
     else:
-        time_field = "available_from" if args.stream == "zip_code" else "timestamp"
+        time_field = next((s.csv_time for s in REFERENCE_STREAMS if s.schema == args.stream),
+                          "timestamp")
         row = {time_field: now_text(), **given}
         # refused here, before connecting (ISO 8601 times are taken, as the HTTP API takes them)
         event_record(args.stream, row, f"triage produce {args.stream}", flag_of)
@@ -1042,7 +1059,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
-    for env, default, doc in settings_table():
+    for env, default, doc in settings_rows():
         print(f"{env}={default}\n    {doc}")
     return 0
 

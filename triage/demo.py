@@ -40,6 +40,7 @@ from triage.model import artifact
 from triage.model.datagen import CSV_FILES, generate
 from triage.model.orders import SkippedRow, read_orders_csv
 from triage.model.reference import ReferenceDataError, ReferenceTables, zip_code_warnings
+from triage.model.streams import reference_topic_partitions
 from triage.model.train import train
 from triage.producer.replay import replay
 
@@ -152,7 +153,7 @@ def run_demo(settings: Settings, *, data_dir: Path | None, model_dir: Path,
     model = artifact.load(model_dir)
     reference = ReferenceTables.load(data_dir, encoding=settings.csv_encoding)
     orders = read_orders_csv(data_dir / "orders.csv", encoding=settings.csv_encoding)
-    for warning in zip_code_warnings(reference.zips.keys(), orders.zip_code):
+    for warning in zip_code_warnings(reference.keys("zip_codes"), orders.zip_code):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
 
     with contextlib.ExitStack() as stack:
@@ -166,7 +167,8 @@ def run_demo(settings: Settings, *, data_dir: Path | None, model_dir: Path,
             print("starting the embedded broker (tansu)", flush=True)
             bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap
         settings = settings.replace(bootstrap_servers=bootstrap)
-        for name, outcome in create_topics(settings.connection, settings.topics).items():
+        for name, outcome in create_topics(settings.connection, settings.topics,
+                                           reference_topic_partitions(settings.topics)).items():
             print(f"topic {name}: {outcome}", flush=True)
 
         supervisor = Supervisor(settings, model_dir.resolve(), None, DEMO_WORKERS)

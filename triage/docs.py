@@ -1,7 +1,7 @@
 """The generated parts of the docs, so that they cannot drift from the code.
 
 * ``docs/configuration.md``: the table of every ``TRIAGE_*`` variable, from the settings
-  declarations (:func:`triage.bus.settings.settings_table`).
+  declarations (:func:`triage.model.streams.settings_rows`: bus/settings.py and the streams).
 * ``docs/cli.md``: the reference of every command and subcommand with its flags, from the
   argparse parser (:func:`triage.cli.build_parser`).
 
@@ -31,10 +31,10 @@ def _cell(text: str) -> str:
 
 def settings_reference() -> str:
     """Markdown table of every setting, in declaration order: variable, default, meaning."""
-    from triage.bus.settings import settings_table
+    from triage.model.streams import settings_rows
 
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
-    for env, default, doc in settings_table():
+    for env, default, doc in settings_rows():
         shown = f"`{_cell(default)}`" if default else ""
         rows.append(f"| `{env}` | {shown} | {_cell(doc)} |")
     return "\n".join(rows)

@@ -32,6 +32,7 @@ from triage.bus.embedded import EmbeddedBroker
 from triage.bus.settings import Settings
 from triage.model.datagen import generate
 from triage.model.orders import read_orders_csv
+from triage.model.streams import reference_topic_partitions
 
 HERE = Path(__file__).parent
 
@@ -139,7 +140,7 @@ def make_settings(bootstrap: str, tmp_path: Path) -> Settings:
         models_topic=f"models.control-{run}", shadow_topic=f"predictions.shadow-{run}",
         group_id=f"triage-scorer-{run}", state_dir=str(tmp_path / "state"),
     )
-    create_topics(settings.connection, settings.topics)
+    create_topics(settings.connection, settings.topics, reference_topic_partitions(settings.topics))
     return settings
 
 

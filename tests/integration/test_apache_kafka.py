@@ -28,6 +28,7 @@ from tests.helpers import (
 from triage.bus.clients import make_admin
 from triage.bus.settings import Settings
 from triage.consumer.supervisor import Supervisor
+from triage.model.streams import reference_topic_partitions
 from triage.producer.replay import replay
 
 
@@ -139,7 +140,7 @@ def test_partitions_added_to_payments_then_orders_while_workers_run(
         thread.start()
         time.sleep(2.0)  # the scenario: grow while the stream runs
         for future in admin.create_partitions(
-                [NewPartitions(settings.topics.payments_topic, 12)]).values():
+                [NewPartitions(settings.topics.topic_of("payments"), 12)]).values():
             future.result()
         time.sleep(1.0)  # only payments has grown for a second: the workers say so
         for future in admin.create_partitions(
@@ -171,7 +172,8 @@ def test_topics_created_are_in_a_new_clients_metadata_at_once(bootstrap: str) ->
     for _ in range(15):
         settings = Settings.of(bootstrap_servers=bootstrap,
                                orders_topic=f"fresh-{uuid.uuid4().hex[:8]}")
-        create_topics(settings.connection, settings.topics)
+        create_topics(settings.connection, settings.topics,
+                      reference_topic_partitions(settings.topics))
         consumer = make_consumer(settings.connection, f"g-{uuid.uuid4().hex[:8]}")
         topic = settings.topics.orders_topic
         meta = consumer.list_topics(topic, timeout=10).topics[topic]

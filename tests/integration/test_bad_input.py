@@ -4,7 +4,6 @@ dead letter, counted by offsets; the worker never crashes; the DLQ tools re-driv
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import subprocess
@@ -90,8 +89,11 @@ def test_every_record_ends_as_one_prediction_or_one_dead_letter(
     assert producer.flush(60) == 0 and len(offsets) == TOTAL
 
     history_reference = ReferenceTables.load(history)
-    reference = dataclasses.replace(history_reference,
-                                    inventory=PoisonedInventory(history_reference.inventory))
+    reference = ReferenceTables(
+        history_reference.streams.values(),
+        {**history_reference.tables,
+         "inventory": PoisonedInventory(history_reference.tables["inventory"])},
+        history_reference.vocabularies)
     scorer = Scorer(settings, artifact.load(model_dir), reference)
     dead_lettered = run_scorer(scorer, TOTAL)
 

@@ -16,6 +16,7 @@ import pytest
 from tests.helpers import TRIAGE, clean_env, triage
 from triage.bus.embedded import BrokerNotFound, resolve_bootstrap, write_state
 from triage.bus.settings import Settings
+from triage.model.streams import reference_topic_partitions
 
 
 def test_broker_resolution_order(tmp_path: Path) -> None:
@@ -215,7 +216,7 @@ def test_lag_command_reports_committed_end_and_lag_per_partition(bootstrap: str,
 
     settings = Settings.of(bootstrap_servers=bootstrap, orders_topic=f"lag-{tmp_path.name}",
                         orders_partitions=2, state_dir=str(tmp_path))
-    create_topics(settings.connection, settings.topics)
+    create_topics(settings.connection, settings.topics, reference_topic_partitions(settings.topics))
     publisher = OrderPublisher(settings.connection, settings.topics.orders_topic)
     for i in range(30):
         publisher.publish(order_record(f"O-{i}", "C", "S", "1", "2026-01-05 10:00:00"))

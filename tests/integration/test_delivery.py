@@ -30,6 +30,7 @@ from triage.consumer.autoscale import Autoscaler
 from triage.consumer.commit import MAX_UNCOMMITTED_BATCHES
 from triage.consumer.reader import TopicReader
 from triage.consumer.supervisor import Supervisor
+from triage.model.streams import reference_topic_partitions
 
 
 def shared(*supervisors: Supervisor, partitions: int) -> bool:
@@ -145,7 +146,8 @@ def test_c_a_paused_broker_is_waited_out_without_restarts(
     n = 20_000
     with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker:
         settings = Settings.of(bootstrap_servers=broker.bootstrap, state_dir=str(tmp_path))
-        create_topics(settings.connection, settings.topics)
+        create_topics(settings.connection, settings.topics,
+                      reference_topic_partitions(settings.topics))
         bg = Background()
         supervisor = bg.supervise(Supervisor(settings, model_dir, big_history, workers=2))
         supervisor.wait_until_assigned(settings.topics.orders_partitions)

@@ -36,6 +36,7 @@ from triage.consumer.reader import TopicReader
 from triage.consumer.supervisor import Supervisor
 from triage.model import artifact
 from triage.model.datagen import generate
+from triage.model.streams import reference_topic_partitions
 from triage.producer.replay import replay
 
 PHASE = 2_000
@@ -176,7 +177,7 @@ def test_drift_monitor_command_reports_and_stops_cleanly_on_sigterm(
         drift_reports_topic=run.settings.topics.drift_reports_topic + "-cli",
         drift_group_id=run.settings.drift.drift_group_id + "-cli", drift_metrics_port=0)
     # The monitor expects its reports topic, as `triage topics create` makes it.
-    create_topics(settings.connection, settings.topics)
+    create_topics(settings.connection, settings.topics, reference_topic_partitions(settings.topics))
     monitor = _cli(settings, "drift", "monitor", "--model", str(model_dir))
     try:
         found: list[dict] = []

@@ -32,7 +32,8 @@ from triage.gateway.server import build
 from triage.gateway.service import ORIGIN_HEADER, Gateway
 from triage.model import artifact
 from triage.model.reference import ReferenceTables
-from triage.producer.publisher import payment_publisher
+from triage.model.streams import PAYMENTS
+from triage.producer.publisher import reference_publisher
 
 
 def test_probes_answer_while_the_reference_reader_holds_the_tables(
@@ -154,7 +155,8 @@ def test_submitted_orders_become_predictions_and_http_decisions_are_published(
             status, before = client.request("POST", "/decision/v1", live)
             assert status == 200 and before["features"]["payment_status"] == "MISSING"
             assert isinstance(before["reference_complete"], bool)
-            payments = payment_publisher(settings.connection, settings.topics.payments_topic)
+            payments = reference_publisher(PAYMENTS, settings.connection,
+                                           settings.topics.topic_of("payments"))
             payments.publish({"order_id": "live-order-1", "payment_status": "DECLINED",
                               "timestamp_ms": int(time.time() * 1000) - 60_000})
             payments.producer.flush(10)

@@ -25,6 +25,7 @@ from tests.helpers import EMBEDDED, Broker
 from triage.bus.clients import consumer_config, create_topics
 from triage.bus.settings import Settings
 from triage.consumer.loop import BatchLoop
+from triage.model.streams import reference_topic_partitions
 from triage.producer.publisher import OrderPublisher, order_record
 
 
@@ -57,7 +58,7 @@ def test_a_worker_held_out_by_a_member_that_stopped_polling_says_so_and_then_sco
         on: str, settings: Settings, tmp_path: Path) -> None:
     settings = settings.replace(orders_topic=f"watch-{uuid.uuid4().hex[:8]}",
                                 orders_partitions=2)
-    create_topics(settings.connection, settings.topics)
+    create_topics(settings.connection, settings.topics, reference_topic_partitions(settings.topics))
     _published(settings, 20)
     stuck = Consumer(consumer_config(settings.connection, settings.scorer.group_id,
                                      **{"max.poll.interval.ms": 120_000}))
@@ -97,7 +98,7 @@ def test_a_worker_idle_because_the_group_has_more_members_than_partitions_warns_
         pytest.skip("KIP-848 needs Apache Kafka (make venv fetches it; Java 17+)")
     settings = settings.replace(orders_topic=f"idle-{uuid.uuid4().hex[:8]}", orders_partitions=1,
                                 group_protocol=protocol)
-    create_topics(settings.connection, settings.topics)
+    create_topics(settings.connection, settings.topics, reference_topic_partitions(settings.topics))
     loops = [BatchLoop(settings.connection, settings.scorer, settings.topics.orders_topic,
                        worker_id=str(i)) for i in range(2)]
     with capture_logs() as logs:

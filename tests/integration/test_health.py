@@ -23,6 +23,7 @@ from triage.bus.clients import create_topics
 from triage.bus.embedded import free_port
 from triage.bus.settings import Settings
 from triage.consumer.supervisor import worker_env
+from triage.model.streams import reference_topic_partitions
 
 
 def metric(port: int, name: str) -> float | None:
@@ -60,7 +61,7 @@ def test_workers_are_ready_once_joined_even_without_partitions_and_unhealthy_whe
     # One partition for two workers: one of them owns nothing (payments co-partitioned).
     settings = settings.replace(orders_topic=f"orders-one-{run}",
                                 payments_topic=f"payments-one-{run}", orders_partitions=1)
-    create_topics(settings.connection, settings.topics)
+    create_topics(settings.connection, settings.topics, reference_topic_partitions(settings.topics))
     stuck_env = {"TRIAGE_HOOKS": "tests.hooks:FreezeOnSignal",
                  "TRIAGE_PROCESSING_DEADLINE_MS": "500", "TRIAGE_DELIVERY_TIMEOUT_MS": "1000",
                  "TRIAGE_HEALTH_STALL_MS": "2000",
@@ -123,17 +124,19 @@ def test_a_worker_counts_the_reference_backlog_it_decides_its_join_on(
     """records_in (what a worker asks before joining early, consumer/worker.py): the records
     between the watermarks of every partition of the topics named; a missing topic counts 0."""
     from triage.bus.clients import make_consumer, records_in
-    from triage.producer.publisher import inventory_publisher
+    from triage.model.streams import INVENTORY
+    from triage.producer.publisher import reference_publisher
 
-    stock = inventory_publisher(settings.connection, settings.topics.inventory_topic)
+    stock = reference_publisher(INVENTORY, settings.connection,
+                                settings.topics.topic_of("inventory"))
     for i in range(37):  # one record a produce request: tansu's ListOffsets(latest), which
         stock.publish({"sku_code": f"SKU-{i}", "timestamp_ms": 1_700_000_000_000 + i,
                        "inventory": 3.0})  # the watermark query uses, counts batches
         stock.producer.flush(30)
     consumer = make_consumer(settings.connection, f"triage-test-{uuid.uuid4().hex}")
     try:
-        assert records_in(consumer, [settings.topics.inventory_topic,
-                                     settings.topics.zip_codes_topic]) == 37
+        assert records_in(consumer, [settings.topics.topic_of("inventory"),
+                                     settings.topics.topic_of("zip_codes")]) == 37
         assert records_in(consumer, [f"no-such-topic-{uuid.uuid4().hex}"]) == 0
     finally:
         consumer.close()

@@ -32,6 +32,7 @@ from triage.bus.partitioner import partitions_for
 from triage.bus.settings import Settings
 from triage.consumer.reader import TopicReader
 from triage.consumer.supervisor import Supervisor
+from triage.model.streams import reference_topic_partitions
 from triage.producer.replay import replay
 from triage.schemas.codec import Codec
 
@@ -90,11 +91,12 @@ def test_orders_before_their_reference_data_wait_for_it_or_say_they_could_not(
     assert all(last(records)["revision"] == 1 for records in found.values())
 
     late = settings.replace(**{name: f"{getattr(settings.topics, name)}-late" for name in (
-        "orders_topic", "predictions_topic", "payments_topic", "inventory_topic",
-        "zip_codes_topic", "drift_topic", "dlq_topic", "reference_dlq_topic")},
+        "orders_topic", "predictions_topic", "drift_topic", "dlq_topic", "reference_dlq_topic")},
+        **{f"{s}_topic": f"{settings.topics.topic_of(s)}-late"
+           for s in ("payments", "inventory", "zip_codes")},
         group_id=settings.scorer.group_id + "-late", reference_max_wait_ms=1_000,
         reference_lateness_ms=500)
-    create_topics(late.connection, late.topics)
+    create_topics(late.connection, late.topics, reference_topic_partitions(late.topics))
     supervisor = start(late, model_dir, workers=1)
     try:
         since = int(time.time() * 1000)
@@ -146,8 +148,8 @@ def test_a_bad_reference_record_is_dead_lettered_and_moves_nothing(
         settings: Settings, live_data: Path, model_dir: Path) -> None:
     codec = Codec("inventory")
     producer = make_producer(settings.connection)
-    producer.produce(settings.topics.inventory_topic, key=b"S", value=b"not avro")
-    producer.produce(settings.topics.inventory_topic, key=b"S", value=codec.encode(
+    producer.produce(settings.topics.topic_of("inventory"), key=b"S", value=b"not avro")
+    producer.produce(settings.topics.topic_of("inventory"), key=b"S", value=codec.encode(
         {"sku_code": "", "timestamp_ms": 1_767_607_200_000, "inventory": 1.0}))
     assert producer.flush(30) == 0
     supervisor = start(settings.replace(reference_max_wait_ms=60_000), model_dir, workers=1)
@@ -162,7 +164,7 @@ def test_a_bad_reference_record_is_dead_lettered_and_moves_nothing(
         supervisor.stop()
     assert sorted(h["triage.errors.reason"] for h in letters) == ["missing_field",
                                                                    "unknown_framing"]
-    assert {h["__connect.errors.topic"] for h in letters} == {settings.topics.inventory_topic}
+    assert {h["__connect.errors.topic"] for h in letters} == {settings.topics.topic_of("inventory")}
 
 
 def test_payments_from_a_foreign_partitioner_are_counted_and_joined_right(
@@ -182,7 +184,7 @@ def test_payments_from_a_foreign_partitioner_are_counted_and_joined_right(
         placements = []
         for order_id, at, status in zip(frame["order_id"], times, frame["payment_status"],
                                         strict=True):
-            foreign.produce(settings.topics.payments_topic, key=order_id.encode(),
+            foreign.produce(settings.topics.topic_of("payments"), key=order_id.encode(),
                             value=codec.encode({"order_id": order_id, "timestamp_ms": int(at),
                                                 "payment_status": status}),
                             on_delivery=lambda err, msg: placements.append(
@@ -207,14 +209,14 @@ def test_a_reference_topic_created_after_the_workers_started_is_read(
     """The payments topic does not exist when the worker starts (one
     reference_topic_missing); it is created later, and the worker reads it within
     TRIAGE_METADATA_REFRESH_MS: the orders after it are scored with their payments, unflagged."""
-    later = settings.replace(payments_topic=settings.topics.payments_topic + "-later",
+    later = settings.replace(payments_topic=settings.topics.topic_of("payments") + "-later",
                              reference_max_wait_ms=60_000, metadata_refresh_ms=1_000)
     supervisor = start(later, model_dir, workers=1)
     try:
         from confluent_kafka.admin import NewTopic
 
         admin = make_admin(later.connection)
-        for future in admin.create_topics([NewTopic(later.topics.payments_topic,
+        for future in admin.create_topics([NewTopic(later.topics.topic_of("payments"),
                                                     later.topics.orders_partitions,
                                                     1)]).values():
             future.result()
@@ -236,9 +238,8 @@ def test_realistic_producer_timing_with_two_workers_and_a_restart_is_never_silen
     first prediction is wrong without a flag or a correction."""
     from triage.bench.timing import ORDERS, Timing, publish, store_history
 
-    topics = {ORDERS: settings.topics.orders_topic, "payments": settings.topics.payments_topic,
-              "inventory": settings.topics.inventory_topic,
-              "zip_codes": settings.topics.zip_codes_topic}
+    topics = {ORDERS: settings.topics.orders_topic,
+              **{s: settings.topics.topic_of(s) for s in ("payments", "inventory", "zip_codes")}}
     codecs = {ORDERS: Codec("order"), "payments": Codec("payment"),
               "inventory": Codec("inventory"), "zip_codes": Codec("zip_code")}
     keys = {ORDERS: "order_id", "payments": "order_id", "inventory": "sku_code",

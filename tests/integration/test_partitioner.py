@@ -13,7 +13,7 @@ def test_partitions_are_where_librdkafkas_murmur2_random_puts_them(settings: Set
     producer = make_producer(settings.connection)  # partitioner=murmur2_random
     landed: dict[bytes, int] = {}
     for key in keys:
-        producer.produce(settings.topics.payments_topic, key=key, value=b"x",
+        producer.produce(settings.topics.topic_of("payments"), key=key, value=b"x",
                          on_delivery=lambda err, msg: landed.__setitem__(msg.key(),
                                                                          msg.partition()))
     assert producer.flush(30) == 0

@@ -3,7 +3,6 @@ the scoring fallback, decoded input with no Kafka coordinates, and offline equal
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections import Counter
@@ -111,7 +110,10 @@ def test_every_dead_letter_route(parts: tuple) -> None:
         "invalid_timestamp": CODEC.encode({**good, "timestamp_ms": now + 3 * DAY_MS}),
         "scoring_failed": CODEC.encode({**good, "sku_code": "POISON"}),
     }
-    poisoned = dataclasses.replace(reference, inventory=PoisonedInventory(reference.inventory))
+    poisoned = ReferenceTables(
+        reference.streams.values(),
+        {**reference.tables, "inventory": PoisonedInventory(reference.tables["inventory"])},
+        reference.vocabularies)
     outcome = core(parts, reference=poisoned).process(kafka(list(cases.values())))
     assert list(where(outcome).values()) == list(cases)
     assert {d.reason: d.error_class for d in outcome.dead_letters}["oversized"] == \
@@ -286,7 +288,10 @@ def test_scoring_that_fails_for_one_order_rescoring_the_batch_one_by_one(parts: 
     _, reference, orders = parts
     batch = [dict(o) for o in orders[:30]]
     batch[11]["sku_code"] = "POISON"
-    poisoned = dataclasses.replace(reference, inventory=PoisonedInventory(reference.inventory))
+    poisoned = ReferenceTables(
+        reference.streams.values(),
+        {**reference.tables, "inventory": PoisonedInventory(reference.tables["inventory"])},
+        reference.vocabularies)
     outcome = core(parts, reference=poisoned).process(kafka([CODEC.encode(o) for o in batch]))
     found = where(outcome)
     assert found[11] == "scoring_failed"

@@ -23,6 +23,8 @@ from triage.model.artifact import Model
 REFERENCE = ReferenceSettings(reference_lateness_ms=2_000, reference_max_wait_ms=5_000,
                               max_clock_skew_ms=1_000)
 
+INVENTORY, PAYMENTS, ZIP_CODES = "inventory", "payments", "zip_codes"  # model/streams.py
+
 
 @pytest.fixture(scope="module")
 def model(model_dir: Path) -> Model:

@@ -64,7 +64,7 @@ def test_a_csv_in_another_encoding_is_refused_naming_file_line_and_byte(
     with pytest.raises(ReferenceDataError, match=r"inventory.csv is not utf-8 text: line 4, "
                                                  r"column \d+: byte 0xf6"):
         ReferenceTables.load(data)
-    assert "SKU-Größe" in ReferenceTables.load(data, encoding="cp1252").inventory
+    assert "SKU-Größe" in ReferenceTables.load(data, encoding="cp1252").keys("inventory")
     assert "C-Müller" in read_orders_csv(data / "orders.csv", encoding="cp1252").customer_id
     bom = tmp_path / "bom.csv"  # UTF-8 as Excel saves it: a byte-order mark first
     bom.write_bytes("\ufeffzip_code,available_from\n00501,2026-01-01 00:00:00\n".encode())

@@ -17,13 +17,16 @@ from triage.bus.partitioner import partitions_for
 from triage.bus.settings import ReferenceSettings, ValidationSettings
 from triage.model import artifact
 from triage.model.asof import TIME_MAX
+from triage.model.features import BY_NAME, OrderKeys
 from triage.model.reference import ReferenceDataError, ReferenceTables
+from triage.model.streams import by_name
 from triage.schemas.codec import Codec
 from triage.scoring.core import CoreConfig, Incoming, ScoringCore
 from triage.scoring.corrections import RetainedOrders, kept_from_records
-from triage.scoring.feed import INVENTORY, PAYMENTS, SPECS, ZIP_CODES, ReferenceFeed
+from triage.scoring.feed import ReferenceFeed
 from triage.scoring.validation import OrderValidator
 
+INVENTORY, PAYMENTS, ZIP_CODES = "inventory", "payments", "zip_codes"  # model/streams.py
 T = 1_767_607_200_000  # 2026-01-05 10:00:00 UTC, in ms
 LATENESS_MS, MAX_WAIT_S, SKEW_MS = 2_000, 5.0, 1_000
 
@@ -131,7 +134,7 @@ def test_a_payment_published_a_second_after_its_order_is_joined() -> None:
     assert admit(f, order, published) == (False, False)  # the allowance still runs
     clock.now_ms = published + LATENESS_MS
     assert admit(f, order, published) == (True, False)  # joined, not flagged
-    assert f.tables.payment_status(["o-1"], np.array([order])).tolist() == ["OK"]
+    assert f.tables.as_of(PAYMENTS, ["o-1"], np.array([order])).tolist() == ["OK"]
 
 
 def test_with_a_snapshot_a_stream_without_records_holds_no_news() -> None:
@@ -149,14 +152,15 @@ def test_events_and_orders_compare_at_their_own_millisecond() -> None:
     f = feed()
     f.apply(PAYMENTS, 0, [paid("o", T + 100, "OK"), paid("o", T + 400, "DECLINED")], [0, 1])
     f.apply(INVENTORY, 0, [stock("A", T + 500, 7)], [0])
-    statuses = f.tables.payment_status(["o", "o", "o", "o"],
+    statuses = f.tables.as_of(PAYMENTS, ["o", "o", "o", "o"],
                                        np.array([T + 99, T + 100, T + 399, T + 1_000]))
     assert statuses.tolist() == ["MISSING", "OK", "OK", "DECLINED"]
-    levels = f.tables.stock(["A", "A"], np.array([T + 499, T + 500]))
+    levels = f.tables.as_of(INVENTORY, ["A", "A"], np.array([T + 499, T + 500]))
     assert np.isnan(levels[0]) and levels[1] == 7.0
     f.apply(ZIP_CODES, 0, [zipped("1", T + 500)], [0])
-    assert f.tables.zip_available(["1", "1"], np.array([T + 500, T + 501])).tolist() == [
-        False, True]  # strictly after available_from
+    served = BY_NAME["zip_code_available"].compute(
+        OrderKeys(f.tables, ["o", "o"], ["A", "A"], ["1", "1"], np.array([T + 500, T + 501])))
+    assert served.tolist() == [False, True]  # strictly after available_from
 
 
 def test_an_event_stamped_ahead_of_the_clock_moves_its_partition_only_to_the_clock_plus_skew(
@@ -176,7 +180,7 @@ def test_an_event_stamped_ahead_of_the_clock_moves_its_partition_only_to_the_clo
     f.apply(PAYMENTS, placed("o-2"), [paid("o-2", order - 50)], [2])  # its payment arrives
     clock.now_ms = order + LATENESS_MS
     assert admit(f, order) == (True, False)
-    assert f.tables.payment_status(["o-2", "ahead"], np.array([order, order])).tolist() == [
+    assert f.tables.as_of(PAYMENTS, ["o-2", "ahead"], np.array([order, order])).tolist() == [
         "OK", "MISSING"]  # the early-stamped payment applies at its own time only
 
 
@@ -214,7 +218,7 @@ def test_late_misplaced_and_bad_reference_records() -> None:
     misplaced = f.apply(PAYMENTS, wrong, [paid("o-9", T), paid("o-10", T)], [4, 5])
     assert misplaced.applied == 2
     assert misplaced.misplaced == 2 - (placed("o-10") == wrong) and f.misplaced[PAYMENTS] >= 1
-    assert f.tables.payment_status(["o-9"], np.array([T])).tolist() == ["OK"]
+    assert f.tables.as_of(PAYMENTS, ["o-9"], np.array([T])).tolist() == ["OK"]
 
 
 def test_the_csv_loader_refuses_a_time_the_tables_cannot_hold_with_file_and_line(
@@ -469,7 +473,7 @@ def test_any_valid_avro_reference_value_is_applied_or_dead_lettered(
         data: st.DataObject, stream: str) -> None:
     """Every value the reference schemas allow, through the codec and the feed: each record
     ends applied or rejected with a reason, and the feed never raises."""
-    codec = Codec(SPECS[stream].schema)
+    codec = Codec(by_name()[stream].schema)
     records = data.draw(st.lists(RECORDS[stream], min_size=1, max_size=8))
     decoded = [codec.decode(codec.encode(r)) for r in records]
     f = feed()
