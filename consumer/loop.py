@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import structlog
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
 from triage.bus.clients import (
     make_admin,
@@ -126,7 +126,10 @@ class BatchLoop:
     ``progress``: called every 10 s for a log line of the caller's counts. ``status``: more
     fields for the status file (the scorer's reference tables and waiting orders). ``health``:
     beaten on every turn of the loop (a batch or an idle poll), its ``group_joined`` condition
-    met on the first assignment, even of no partition (bus/health.py).
+    met on the first assignment, even of no partition (bus/health.py). ``consumer`` and
+    ``producer``: the Kafka clients, made from ``connection`` when not given (a test gives
+    doubles of them, tests/unit/doubles.py); a producer given for ``scorer.exactly_once`` must
+    be transactional.
     """
 
     def __init__(self, connection: ConnectionSettings, scorer: ScorerSettings, topic: str, *,
@@ -134,7 +137,8 @@ class BatchLoop:
                  status_file: Path | None = None, log: Any = None,
                  progress: Callable[[], dict[str, object]] | None = None,
                  status: Callable[[], dict[str, object]] | None = None,
-                 health: Health | None = None) -> None:
+                 health: Health | None = None, consumer: Consumer | None = None,
+                 producer: Producer | None = None) -> None:
         self.scorer = scorer
         self.health = health
         self.topic = topic
@@ -146,7 +150,8 @@ class BatchLoop:
         member = {"group.instance.id": f"{scorer.instance_id}-{worker_id}"} \
             if scorer.instance_id else {}
         self.connection = connection
-        self.consumer = make_consumer(connection, scorer.group_id, **member)
+        self.consumer = consumer if consumer is not None else make_consumer(
+            connection, scorer.group_id, **member)
         self.assigned: set[int] = set()
         self.handler: BatchHandler = PerBatch(lambda records: [])  # until run() is given one
         self._subscribed = False
@@ -162,7 +167,7 @@ class BatchLoop:
         if scorer.exactly_once:
             # A transaction commits once every record is acknowledged: only failed deliveries
             # need a Python callback.
-            self.producer = make_producer(connection, **{
+            self.producer = producer if producer is not None else make_producer(connection, **{
                 "delivery.report.only.error": True,
                 "transaction.timeout.ms": scorer.transaction_timeout_ms,
                 "transactional.id": transactional_id(scorer.group_id, worker_id,
@@ -170,7 +175,7 @@ class BatchLoop:
             self.committer: AtLeastOnce = ExactlyOnce(self.producer, self.consumer, self.log,
                                                       scorer.delivery_timeout_ms / 1000.0)
         else:  # every delivery report counts towards its batch's commit (consumer/commit.py)
-            self.producer = make_producer(connection)
+            self.producer = producer if producer is not None else make_producer(connection)
             self.committer = PipelinedAtLeastOnce(self.producer, self.consumer, self.log,
                                                   scorer.delivery_timeout_ms / 1000.0)
 
