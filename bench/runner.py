@@ -47,7 +47,8 @@ from triage.bus.apache_kafka import KAFKA_VERSION, ApacheKafka
 from triage.bus.clients import make_admin, make_consumer, make_producer, source_of
 from triage.bus.embedded import EmbeddedBroker
 from triage.bus.errors import InfrastructureError
-from triage.bus.settings import Settings, SettingsError
+from triage.bus.settings import SettingsError
+from triage.consumer.settings import WorkerSettings
 from triage.consumer.supervisor import worker_env
 from triage.model.orders import read_orders_csv
 from triage.model.streams import INVENTORY
@@ -177,7 +178,7 @@ class _Worker:
 
 @dataclass
 class Bench:
-    settings: Settings
+    settings: WorkerSettings
     options: BenchOptions
     say: Callable[[str], None] = field(default=lambda text: print(text, file=sys.stderr))
 
@@ -232,7 +233,7 @@ class Bench:
             self.say(f"published {main.orders:,} orders to {options.partitions} partitions in "
                      f"{main.seconds:.1f} s")
             models = (model_dir, data_dir)
-            values = as_of_values(records, data_dir, self.settings.csv_encoding)
+            values = as_of_values(records, data_dir, self.settings.data.csv_encoding)
             live_topics, live_records = self._live_reference(records, values, data_dir)
             runs = {
                 PASSTHROUGH: self._run_config(PASSTHROUGH, main, models, count_outputs=True),
@@ -391,7 +392,7 @@ class Bench:
         first = registry.add(model_dir).version
         self.say("training a second model version (another seed) for the models figures")
         second = registry.add(train(data_dir, work / "second", seed=3,
-                                    encoding=self.settings.csv_encoding).model_dir
+                                    encoding=self.settings.data.csv_encoding).model_dir
                               or "").version
         runs: dict[str, list[RunFigures]] = {"active": [], "with_shadow": []}
         for pair in range(2):
@@ -572,7 +573,7 @@ class Bench:
         topics = self._reference_topics("live", self.options.partitions)
         publishers = ReferencePublishers.make(connection, topics, make_producer(connection))
         started = time.monotonic()
-        for zip_code in zip_code_records(data_dir, self.settings.csv_encoding):
+        for zip_code in zip_code_records(data_dir, self.settings.data.csv_encoding):
             publishers.zip_codes.publish(zip_code)
         publish_order_events(publishers, records, values)
         self._flush(publishers.all())
@@ -596,8 +597,8 @@ class Bench:
     # -- one configuration -------------------------------------------------------------------
 
     def _config_settings(self, tag: str, source: str, batch_size: int | None,
-                         live: LiveTopics | None = None) -> Settings:
-        """Settings of one configuration's workers: its own output topics and group; the
+                         live: LiveTopics | None = None) -> WorkerSettings:
+        """WorkerSettings of one configuration's workers: its own output topics and group; the
         reference streams ``live``, else topics of the bench that are never created (the CSV
         path: a worker with a snapshot and no stream scores at once)."""
         names = {n: self._topic(f"{tag}-{n}") for n in ("out", "drift", "dlq")}
@@ -686,7 +687,7 @@ class Bench:
         return figures
 
     @contextlib.contextmanager
-    def _workers(self, config: str, settings: Settings, models: tuple[Path, Path],
+    def _workers(self, config: str, settings: WorkerSettings, models: tuple[Path, Path],
                  count: int, tag: str, extra: list[str] | None = None, snapshot: bool = True
                  ) -> Iterator[list[_Worker]]:
         env = {**worker_env(settings), "TRIAGE_LOG_FORMAT": "json"}
@@ -710,7 +711,8 @@ class Bench:
                 if w.proc.returncode is None:
                     stop_and_reap(w.proc)
 
-    def _wait_done(self, procs: list[_Worker], settings: Settings, end_offsets: dict[int, int],
+    def _wait_done(self, procs: list[_Worker], settings: WorkerSettings,
+                   end_offsets: dict[int, int],
                    label: str, start_timeout_s: float | None = None) -> tuple[float, float]:
         """(first assignment, last commit) in wall-clock seconds. Raises BenchError if a worker
         exits, gets no partitions within ``start_timeout_s`` (default: the stall timeout), or
@@ -757,7 +759,7 @@ class Bench:
         finally:
             checker.close()
 
-    def _delete_outputs(self, settings: Settings) -> None:
+    def _delete_outputs(self, settings: WorkerSettings) -> None:
         if self.options.keep_topics:
             return
         mine = [settings.topics.predictions_topic, settings.topics.drift_topic,
@@ -863,7 +865,7 @@ class Bench:
         if topics is not None and live_values is not None:
             publishers = ReferencePublishers.make(settings.connection, topics,
                                                   publisher.producer)
-            zips = zip_code_records(models[1], self.settings.csv_encoding)
+            zips = zip_code_records(models[1], self.settings.data.csv_encoding)
             known = {z["zip_code"] for z in zips} | {r["zip_code"] for r in warmup + fixed}
             publishers.zip_codes.publish(announce_ahead(known, int(time.time() * 1000)))
             for zip_code in zips:
@@ -1021,7 +1023,7 @@ class Bench:
                 "orders": main.orders, "partitions": self.options.partitions,
                 "batch_size": self.settings.scorer.batch_size,
                 "batch_timeout_ms": self.settings.scorer.batch_timeout_ms,
-                "sample_rate": self.settings.scorer.sample_rate,
+                "sample_rate": self.settings.core.sample_rate,
                 "rate": self.options.rate, "latency_seconds": self.options.latency_seconds,
                 "latency_partitions": self.options.latency_partitions,
                 "saturation_orders": self.options.saturation_orders,
@@ -1149,7 +1151,7 @@ def _loadavg() -> list[float]:
         return []
 
 
-def count_records(settings: Settings, topic: str, timeout_s: float = 60.0) -> int:
+def count_records(settings: WorkerSettings, topic: str, timeout_s: float = 60.0) -> int:
     """Records in ``topic``, counted by reading it to the end (the fetch high watermark is right
     on every broker; ListOffsets(latest) is not on the embedded one)."""
     consumer = make_consumer(settings.connection, f"bench-count-{uuid.uuid4().hex}",
@@ -1175,7 +1177,7 @@ def count_records(settings: Settings, topic: str, timeout_s: float = 60.0) -> in
         consumer.close()
 
 
-def output_times(settings: Settings, config: str, expected: int,
+def output_times(settings: WorkerSettings, config: str, expected: int,
                  timeout_s: float = 120.0) -> np.ndarray:
     """One row per consumed order, read back from ``config``'s output topic until ``expected``:
     (source partition, source offset, published at ms, output at ms, 1 if the prediction says
@@ -1238,7 +1240,7 @@ def machine_info(load_before: list[float], load_after: list[float]) -> dict[str,
     }
 
 
-def run_benchmark(settings: Settings, options: BenchOptions,
+def run_benchmark(settings: WorkerSettings, options: BenchOptions,
                   say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run everything, write ``bench.json`` and the plots to ``options.out_dir``, return the
     results (what ``triage bench --json`` prints)."""

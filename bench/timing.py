@@ -27,7 +27,6 @@ import numpy as np
 
 from triage.bus.clients import Source
 from triage.bus.partitioner import partitions_for
-from triage.bus.settings import ReferenceSettings, ValidationSettings
 from triage.model import streams
 from triage.model.artifact import Model
 from triage.model.reference import ReferenceTables
@@ -35,6 +34,7 @@ from triage.schemas.codec import Codec
 from triage.scoring.core import CoreConfig, Incoming, ScoringCore
 from triage.scoring.corrections import RetainedOrders
 from triage.scoring.feed import ReferenceFeed
+from triage.scoring.settings import ReferenceSettings, ValidationSettings
 from triage.scoring.validation import OrderValidator
 
 ORDERS = "orders"

@@ -29,8 +29,8 @@ from pathlib import Path
 from confluent_kafka import Message
 
 from triage.bus.deadletter import headers_dict
-from triage.bus.settings import Settings
 from triage.consumer.loop import BatchLoop, Handler, Output
+from triage.consumer.settings import WorkerSettings
 
 SOURCE_HEADER = "triage.bench.source"
 
@@ -45,7 +45,7 @@ def header_source(headers: Sequence[tuple[str, str | bytes | None]] | Mapping[
     return int(partition), int(offset), int(published_at)
 
 
-def passthrough(settings: Settings, source_header: bool = False) -> Handler:
+def passthrough(settings: WorkerSettings, source_header: bool = False) -> Handler:
     """(a): the raw bytes, keyed as they came, to the output topic. No decoding at all."""
     topic = settings.topics.predictions_topic
 
@@ -60,7 +60,7 @@ def passthrough(settings: Settings, source_header: bool = False) -> Handler:
     return handle_with_source if source_header else handle
 
 
-def per_message(settings: Settings, model_dir: Path, reference_dir: Path) -> Handler:
+def per_message(settings: WorkerSettings, model_dir: Path, reference_dir: Path) -> Handler:
     """(c): one order at a time through a one-row DataFrame, as the seed services scored."""
     import numpy as np
     import pandas as pd
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.mode == "per-message" and not (args.model and args.reference):
         parser.error("per-message needs --model and --reference")
-    settings = Settings.from_env()
+    settings = WorkerSettings.from_env()
     loop = BatchLoop(settings.connection, settings.scorer, settings.topics.orders_topic,
                      status_file=args.status_file)
     handle = (passthrough(settings, args.source_header) if args.mode == "passthrough"

@@ -18,8 +18,8 @@ from confluent_kafka import KafkaError, Message
 from triage.bus.clients import make_producer, produce, source_of
 from triage.bus.deadletter import REASON_HEADER, headers_dict
 from triage.bus.offsets import watermarks
-from triage.bus.settings import Settings
 from triage.consumer.reader import TopicReader
+from triage.consumer.settings import WorkerSettings
 from triage.schemas.codec import Codec, DecodeError, codec_for
 
 REPLAY_HEADER = "triage.replayed-from"
@@ -42,7 +42,7 @@ class DlqReport:
         return "\n".join(lines)
 
 
-def inspect(settings: Settings, *, samples_per_reason: int = 3, idle_s: float = 3.0
+def inspect(settings: WorkerSettings, *, samples_per_reason: int = 3, idle_s: float = 3.0
             ) -> DlqReport:
     """Count the dead letters by reason; keep a few samples of each, decoded where possible."""
     codec = codec_for(settings.connection, "order", settings.topics.orders_topic)
@@ -58,7 +58,8 @@ def inspect(settings: Settings, *, samples_per_reason: int = 3, idle_s: float = 
     return report
 
 
-def reasons_of(settings: Settings, order_ids: set[str], idle_s: float = 2.0) -> dict[str, str]:
+def reasons_of(settings: WorkerSettings, order_ids: set[str], idle_s: float = 2.0
+               ) -> dict[str, str]:
     """Order id -> ``reason: message`` of the latest dead letter of each of ``order_ids`` on
     the dead-letter topic (its key is the order record's key: the order id). Reads the topic
     up to its end as it was when asked."""
@@ -99,7 +100,7 @@ class DlqReplaySummary:
                 f"failed {self.failed}")
 
 
-def replay(settings: Settings, *, reason: str | None = None, idle_s: float = 3.0
+def replay(settings: WorkerSettings, *, reason: str | None = None, idle_s: float = 3.0
            ) -> DlqReplaySummary:
     """Re-publish dead letters (those with ``reason``, or all) to the orders topic."""
     producer = make_producer(settings.connection)

@@ -38,8 +38,9 @@ from prometheus_client import Counter as PromCounter
 from triage.bus.clients import make_consumer, make_producer, produce, records_of, source_of
 from triage.bus.errors import WaitTimeout
 from triage.bus.health import Health, serve
-from triage.bus.settings import ConnectionSettings, DriftSettings, TopicSettings
+from triage.bus.settings import ConnectionSettings, TopicSettings
 from triage.consumer.commit import AtLeastOnce
+from triage.consumer.settings import DriftSettings
 from triage.model.drift import DRIFT, MIN_BASELINE_ROWS, Reference, WindowResult, evaluate
 from triage.model.features import FEATURE_NAMES, FeatureBatch
 from triage.schemas.codec import DecodeError, codec_for

@@ -22,8 +22,9 @@ from itertools import pairwise
 from typing import Any
 
 from triage.bus.offsets import watermarks
-from triage.bus.settings import ConnectionSettings, Settings
+from triage.bus.settings import ConnectionSettings
 from triage.consumer.reader import TopicReader, decoded
+from triage.consumer.settings import WorkerSettings
 
 COLORS = {"baseline": "#8da0cb", "current": "#fc8d62", "ok": "#1b9e77", "drift": "#d62728",
           "insufficient_data": "#999999"}
@@ -53,7 +54,7 @@ def unreported_samples(connection: ConnectionSettings, drift_topic: str,
     return max(0, on_topic - reported)
 
 
-def open_window_note(unreported: int, settings: Settings,
+def open_window_note(unreported: int, settings: WorkerSettings,
                      reports: Sequence[dict[str, Any]] = ()) -> str:
     """A sentence or two: how many samples wait in the open window, what closes it and the
     rate the workers sampled at. Both come from the latest of ``reports`` (oldest first) when

@@ -46,7 +46,7 @@ from triage.bus.clients import (
 )
 from triage.bus.health import Health
 from triage.bus.offsets import group_lag
-from triage.bus.settings import ConnectionSettings, ScorerSettings
+from triage.bus.settings import ConnectionSettings
 from triage.consumer import metrics
 from triage.consumer.commit import (
     AtLeastOnce,
@@ -56,6 +56,7 @@ from triage.consumer.commit import (
     transactional_id,
 )
 from triage.consumer.groupwatch import GroupWatch
+from triage.consumer.settings import ScorerSettings
 
 Headers = list[tuple[str, bytes]]
 

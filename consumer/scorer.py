@@ -32,10 +32,10 @@ from triage.bus.clients import (
 )
 from triage.bus.deadletter import dead_letter_headers, fit_dead_letter
 from triage.bus.health import Health
-from triage.bus.settings import Settings
 from triage.consumer import metrics
 from triage.consumer.loop import BatchLoop, Handled, Output
 from triage.consumer.readback import read_published
+from triage.consumer.settings import WorkerSettings
 from triage.model.artifact import Model
 from triage.model.reference import ReferenceTables
 from triage.schemas.codec import codec_for
@@ -91,7 +91,7 @@ class Scorer:
     from the start, its predictions to the shadow topic. ``loop``: the worker's batch loop, made
     (and maybe subscribed, see BatchLoop.subscribe) before the model loaded; else one is made."""
 
-    def __init__(self, settings: Settings, model: Model, snapshot: ReferenceTables | None,
+    def __init__(self, settings: WorkerSettings, model: Model, snapshot: ReferenceTables | None,
                  worker_id: str = "0", status_file: Path | None = None,
                  extra_hooks: Sequence[object] | None = None, live_reference: bool = True,
                  health: Health | None = None, follower: ModelFollower | None = None,
@@ -114,7 +114,7 @@ class Scorer:
             if live_reference else None
         self.core = ScoringCore(
             model, tables, codec_for(connection, "order", topics.orders_topic),
-            config=core_config(settings.scorer), checks=[validator, *checks],
+            config=core_config(settings.core), checks=[validator, *checks],
             observers=observers, gate=self.feed if live_reference else None,
             retained=self.retained, log=self.log)
         self.core.shadow = shadow

@@ -32,16 +32,16 @@ from typing import Any
 import structlog
 
 from triage.bus.errors import EXIT_CONFIGURATION, WaitTimeout
-from triage.bus.settings import Settings
 from triage.bus.tempdirs import owned_tempdir
 from triage.consumer.autoscale import Autoscaler
+from triage.consumer.settings import WorkerSettings
 
 _BACKOFF_START_S = 1.0
 _BACKOFF_MAX_S = 30.0
 _HEALTHY_AFTER_S = 60.0
 
 
-def worker_env(settings: Settings) -> dict[str, str]:
+def worker_env(settings: WorkerSettings) -> dict[str, str]:
     """The environment of a worker process: its settings, and two glibc malloc arenas instead
     of one per core and thread (librdkafka's threads), which keeps its resident memory about
     30 MB lower (docs/benchmarks.md). An operator's own MALLOC_ARENA_MAX wins."""
@@ -61,7 +61,7 @@ class _Slot:
 
 @dataclass
 class Supervisor:
-    settings: Settings          # bootstrap already resolved: workers need no state file
+    settings: WorkerSettings          # bootstrap already resolved: workers need no state file
     model_dir: Path | None      # None: the workers follow ``registry_dir``
     reference_dir: Path | None  # a CSV snapshot for every worker, or None
     workers: int

@@ -3,7 +3,7 @@
 ``--reference DIR``: load the reference CSVs as a snapshot first; the live reference streams
 apply on top either way (scoring/feed.py).
 
-Settings come from the ``TRIAGE_*`` environment the supervisor passes down; ``triage worker``
+WorkerSettings come from the ``TRIAGE_*`` environment the supervisor passes down; ``triage worker``
 runs the same :func:`run` in its own process with no supervisor (one worker per Kubernetes
 pod, where the orchestrator restarts it). Exit status: 0 after
 a requested stop (SIGTERM/SIGINT: finish the batch, commit, leave the group), 1 after an
@@ -33,8 +33,9 @@ from triage.bus.clients import is_embedded, records_in
 from triage.bus.errors import EXIT_CONFIGURATION, ConfigurationError, exit_status, is_expected
 from triage.bus.health import Health, serve
 from triage.bus.logs import configure_logging
-from triage.bus.settings import Settings, SettingsError
+from triage.bus.settings import SettingsError
 from triage.consumer.loop import BatchLoop
+from triage.consumer.settings import WorkerSettings
 from triage.model.streams import REFERENCE_STREAMS
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop when this process (the parent) is gone")
     args = parser.parse_args(argv)
     try:
-        settings = Settings.from_env()
+        settings = WorkerSettings.from_env()
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIGURATION
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                registry_dir=args.registry, serving_process=True)
 
 
-def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | Path | None, *,
+def run(settings: WorkerSettings, model_dir: str | Path | None, reference_dir: str | Path | None, *,
         worker_id: str = "0", status_file: Path | None = None,
         supervisor_pid: int | None = None, registry_dir: str | Path | None = None,
         serving_process: bool = False) -> int:
@@ -174,13 +175,13 @@ def run(settings: Settings, model_dir: str | Path | None, reference_dir: str | P
             model, shadow = artifact.load(model_dir), None
         else:
             raise ConfigurationError("a worker needs --model or --registry")
-        reference = ReferenceTables.load(reference_dir, encoding=settings.csv_encoding) \
+        reference = ReferenceTables.load(reference_dir, encoding=settings.data.csv_encoding) \
             if reference_dir else None
         for warning in zip_code_warnings(reference.keys("zip_codes")) if reference else ():
             log.warning("zip_codes_look_truncated", detail=warning)
         scorer = Scorer(settings, model, reference, worker_id=worker_id,
                         status_file=status_file,
-                        extra_hooks=load_hooks(settings.scorer.hooks, settings), health=health,
+                        extra_hooks=load_hooks(settings.core.hooks, settings), health=health,
                         follower=follower, shadow=shadow, loop=loop)
         health.met("model_loaded")
         if serving_process:

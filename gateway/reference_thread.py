@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import numpy as np
 import structlog
 
-from triage.bus.settings import Settings
+from triage.gateway.settings import GatewaySettings
 from triage.model.reference import ReferenceTables
 from triage.scoring.feed import ReferenceFeed, ReferenceReader
 from triage.scoring.validation import OrderValidator
@@ -40,7 +40,8 @@ class ReferenceThread:
     """The snapshot ``tables`` kept up to date from the reference topics; :meth:`reading`
     holds the tables still while a batch is scored."""
 
-    def __init__(self, settings: Settings, tables: ReferenceTables, *, snapshot: bool) -> None:
+    def __init__(self, settings: GatewaySettings, tables: ReferenceTables, *,
+                 snapshot: bool) -> None:
         self.log = structlog.get_logger("gateway.reference")
         self.feed = ReferenceFeed(tables, settings.reference,
                                   OrderValidator(settings.validation), snapshot=snapshot,

@@ -21,17 +21,17 @@ import uvicorn
 from triage.bus.clients import make_producer
 from triage.bus.embedded import port_in_use
 from triage.bus.errors import ConfigurationError, PortInUse
-from triage.bus.settings import Settings
 from triage.gateway.app import make_app
 from triage.gateway.reference_thread import ReferenceThread
 from triage.gateway.service import Gateway, Publisher
+from triage.gateway.settings import GatewaySettings
 from triage.gateway.view import AsyncOrders, View
 from triage.model import artifact
 from triage.model.reference import ReferenceTables, zip_code_warnings
 from triage.producer.publisher import RecordPublisher
 
 
-def build(settings: Settings, *, model_dir: Path | None, registry_dir: Path | None,
+def build(settings: GatewaySettings, *, model_dir: Path | None, registry_dir: Path | None,
           reference_dir: Path | None, broker: bool) -> tuple[Any, list[Any]]:
     """(the ASGI app, what to close on the way out). Raises ConfigurationError for a model or
     reference data that cannot be used, or ``--registry`` without a broker; KafkaException
@@ -47,7 +47,7 @@ def build(settings: Settings, *, model_dir: Path | None, registry_dir: Path | No
         raise
 
 
-def _build(settings: Settings, log: Any, closing: list[Any], *, model_dir: Path | None,
+def _build(settings: GatewaySettings, log: Any, closing: list[Any], *, model_dir: Path | None,
            registry_dir: Path | None, reference_dir: Path | None, broker: bool
            ) -> tuple[Any, list[Any]]:
     follower = None
@@ -71,7 +71,7 @@ def _build(settings: Settings, log: Any, closing: list[Any], *, model_dir: Path 
         model = artifact.load(model_dir)
     if reference_dir is None and not broker:
         raise ConfigurationError("without a broker the gateway needs --reference DIR")
-    reference = (ReferenceTables.load(reference_dir, encoding=settings.csv_encoding)
+    reference = (ReferenceTables.load(reference_dir, encoding=settings.data.csv_encoding)
                  if reference_dir is not None else ReferenceTables.empty())
     for warning in zip_code_warnings(reference.keys("zip_codes")):
         log.warning("zip_codes_look_truncated", detail=warning)
@@ -85,7 +85,7 @@ def _build(settings: Settings, log: Any, closing: list[Any], *, model_dir: Path 
         producer = make_producer(settings.connection)
         publisher = Publisher(settings, producer)
         closing.append(publisher)
-        view = View(settings, settings.gateway_view_s)
+        view = View(settings, settings.http.gateway_view_s)
         closing.append(view)
         view.start()
         kafka = AsyncOrders(settings, RecordPublisher(
@@ -102,19 +102,19 @@ def _build(settings: Settings, log: Any, closing: list[Any], *, model_dir: Path 
     def ready() -> bool:
         return (view is None or view.ready) and (live is None or live.healthy)
 
-    app = make_app(gateway, max_body_bytes=settings.gateway_max_body_bytes, kafka=kafka,
+    app = make_app(gateway, max_body_bytes=settings.http.gateway_max_body_bytes, kafka=kafka,
                    ready=ready)
     log.info("gateway_loaded", model_version=model.version, reference_records=reference.size,
              broker=broker)
     return app, closing
 
 
-def run_gateway(settings: Settings, *, model_dir: Path | None, registry_dir: Path | None,
+def run_gateway(settings: GatewaySettings, *, model_dir: Path | None, registry_dir: Path | None,
                 reference_dir: Path | None, host: str, broker: bool) -> int:
     """Serve until SIGTERM/SIGINT (uvicorn finishes the requests in hand); returns 0. Raises
     PortInUse (exit 2) before loading anything if the port is taken."""
-    if port_in_use(settings.gateway_port, host):
-        raise PortInUse(settings.gateway_port, "HTTP", "--port or TRIAGE_GATEWAY_PORT")
+    if port_in_use(settings.http.gateway_port, host):
+        raise PortInUse(settings.http.gateway_port, "HTTP", "--port or TRIAGE_GATEWAY_PORT")
     app, closing = build(settings, model_dir=model_dir, registry_dir=registry_dir,
                          reference_dir=reference_dir, broker=broker)
     # What lives as long as the process (modules, the model, the reference tables) out of the
@@ -124,13 +124,13 @@ def run_gateway(settings: Settings, *, model_dir: Path | None, registry_dir: Pat
     # the largest batches").
     gc.freeze()
     log = structlog.get_logger("gateway")
-    log.info("gateway_serving", host=host, port=settings.gateway_port,
+    log.info("gateway_serving", host=host, port=settings.http.gateway_port,
              paths=["/decision/v1", "/decision/v1/batch", "/v1/orders",
                     "/v1/predictions/{order_id}", "/healthz", "/readyz", "/metrics", "/docs"])
     # uvloop's event loop and httptools' parser (pinned; what uvicorn's "auto" picks when
     # they are installed), by name so that a missing one fails here rather than serving at
     # about three quarters of the speed (docs/benchmarks.md, "HTTP front door").
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=settings.gateway_port,
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=settings.http.gateway_port,
                                            loop="uvloop", http="httptools",
                                            log_level="warning", access_log=False,
                                            lifespan="off"))

@@ -27,9 +27,9 @@ import numpy as np
 import structlog
 from confluent_kafka import Producer
 
-from triage.bus.settings import Settings
 from triage.gateway import metrics
 from triage.gateway.reference_thread import ReferenceThread
+from triage.gateway.settings import GatewaySettings
 from triage.model.artifact import Model
 from triage.model.reference import ReferenceTables
 from triage.producer.publisher import OrderError, parse_timestamp_ms
@@ -90,7 +90,7 @@ class Decision:
 class Publisher:
     """Predictions and drift samples of HTTP decisions, to the topics the workers write."""
 
-    def __init__(self, settings: Settings, producer: Producer) -> None:
+    def __init__(self, settings: GatewaySettings, producer: Producer) -> None:
         self.producer = producer
         self.topics = settings.topics
         # The workers' framing (Schema Registry when configured) on the workers' topics.
@@ -126,7 +126,7 @@ class Gateway:
     thread-safe: the app calls it one request at a time, from its scoring thread or, while
     that has nothing to do, from its event loop's (gateway/app.py)."""
 
-    def __init__(self, settings: Settings, model: Model, reference: ReferenceTables,
+    def __init__(self, settings: GatewaySettings, model: Model, reference: ReferenceTables,
                  publisher: Publisher | None = None, follower: Any = None,
                  live: ReferenceThread | None = None) -> None:
         self.settings = settings
@@ -134,9 +134,9 @@ class Gateway:
         self.follower = follower  # scoring/follower.py ModelFollower, with --registry
         self.live = live  # the reference streams applied on top of ``reference``
         validator = OrderValidator(settings.validation)
-        config: CoreConfig = core_config(settings.scorer)
+        config: CoreConfig = core_config(settings.core)
         # TRIAGE_HOOKS too: the same checks and observers as a worker's batches.
-        checks, observers = split_hooks(load_hooks(settings.scorer.hooks, settings))
+        checks, observers = split_hooks(load_hooks(settings.core.hooks, settings))
         self.core = ScoringCore(model, reference, Codec("order"), config=config,
                                 checks=[validator, *checks], observers=observers,
                                 log=structlog.get_logger("gateway"))

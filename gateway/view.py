@@ -30,8 +30,8 @@ from confluent_kafka import KafkaError, TopicPartition
 from triage.bus.clients import make_consumer, partitions_of
 from triage.bus.deadletter import REASON_HEADER, headers_dict
 from triage.bus.errors import BadRecord
-from triage.bus.settings import Settings
 from triage.gateway.service import InvalidTimestamp, field_of, order_record
+from triage.gateway.settings import GatewaySettings
 from triage.producer.publisher import RecordPublisher
 from triage.schemas.codec import codec_for
 from triage.scoring.validation import OrderValidator
@@ -44,7 +44,7 @@ class View:
     """What the orders, predictions and dead-letter topics said about each order in the last
     ``window_s`` seconds (module docstring). Thread-safe."""
 
-    def __init__(self, settings: Settings, window_s: float) -> None:
+    def __init__(self, settings: GatewaySettings, window_s: float) -> None:
         self.topics = settings.topics
         self.window_ms = int(window_s * 1000)
         self.codec = codec_for(settings.connection, "prediction", self.topics.predictions_topic)
@@ -179,7 +179,7 @@ class AsyncOrders:
     """``POST /v1/orders`` and ``GET /v1/predictions/{order_id}``: orders validated as the
     workers would, then published to the orders topic; answers from the :class:`View`."""
 
-    def __init__(self, settings: Settings, publisher: RecordPublisher, view: View) -> None:
+    def __init__(self, settings: GatewaySettings, publisher: RecordPublisher, view: View) -> None:
         self.publisher = publisher
         self.view = view
         self.validator = OrderValidator(settings.validation)

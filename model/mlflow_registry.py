@@ -32,16 +32,17 @@ from pathlib import Path
 from typing import Any
 
 from triage.bus.errors import InfrastructureError
-from triage.bus.settings import Settings, SettingsError
+from triage.bus.settings import SettingsError
 from triage.model import artifact
 from triage.model.registry import RegistryError
+from triage.model.settings import MlflowSettings
 
 MODELS_SCHEME = "models:/"
 VERSION_TAG = "triage.version"
 ARTIFACT_PATH = "model"
 
 
-def _mlflow(settings: Settings) -> Any:
+def _mlflow(settings: MlflowSettings) -> Any:
     """The mlflow module, pointed at the tracking URI. Raises SettingsError if the URI is unset
     or mlflow is not installed."""
     if not settings.mlflow_tracking_uri:
@@ -59,7 +60,7 @@ def _mlflow(settings: Settings) -> Any:
     return mlflow
 
 
-def check_installed(settings: Settings) -> None:
+def check_installed(settings: MlflowSettings) -> None:
     """Raises SettingsError unless the tracking URI is set and mlflow can be imported: called
     before work whose result would otherwise be lost at the end."""
     _mlflow(settings)
@@ -80,7 +81,7 @@ def _errors(what: str) -> Iterator[None]:
         raise InfrastructureError(f"{what}: {e.message}") from None
 
 
-def _experiment_id(mlflow: Any, settings: Settings) -> str:
+def _experiment_id(mlflow: Any, settings: MlflowSettings) -> str:
     """The experiment's id, created if missing; a new one on a local sqlite store keeps its
     artifacts beside the database file."""
     found = mlflow.get_experiment_by_name(settings.mlflow_experiment)
@@ -93,7 +94,7 @@ def _experiment_id(mlflow: Any, settings: Settings) -> str:
     return str(mlflow.create_experiment(settings.mlflow_experiment, artifact_location=location))
 
 
-def log_training(settings: Settings, model_dir: str | Path) -> str:
+def log_training(settings: MlflowSettings, model_dir: str | Path) -> str:
     """Log the training run of the verified artifact in ``model_dir`` and register it; returns
     the new model version's reference, ``models:/NAME/N``. Raises SettingsError (no URI, no
     mlflow), ArtifactError (the artifact does not verify), InfrastructureError (the tracking
@@ -137,7 +138,7 @@ def _registered(client: Any, name: str) -> bool:
 
 
 @contextmanager
-def fetch(settings: Settings, reference: str) -> Iterator[Path]:
+def fetch(settings: MlflowSettings, reference: str) -> Iterator[Path]:
     """Download the artifact of ``models:/NAME/VERSION`` (or ``models:/NAME@alias``) into a
     temporary directory, yielded while the context is open. Raises SettingsError (not a
     models:/ reference, no URI, no mlflow), RegistryError (no such model or version),

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from triage.bus.settings import TopicSettings, settings_table
+from triage.bus.settings import TopicSettings
 
 Kind = Literal["number", "category", "presence"]
 Partitioning = Literal["co-partitioned", "global"]
@@ -135,14 +135,3 @@ def reference_topic_partitions(topics: TopicSettings,
     return {topics.topic_of(s.name): topics.orders_partitions if s.co_partitioned
             else topics.reference_partitions for s in streams}
 
-
-def settings_rows(streams: Sequence[ReferenceStream] = REFERENCE_STREAMS
-                  ) -> list[tuple[str, str, str]]:
-    """Every setting as (variable, default, description): bus/settings.py's
-    ``settings_table`` with the streams' topic settings (:func:`stream_settings`) after
-    TRIAGE_REPLICATION_FACTOR, the other topic settings' neighbour. For docs/configuration.md
-    and `triage settings`."""
-    rows = settings_table()
-    at = next((i + 1 for i, row in enumerate(rows) if row[0] == "TRIAGE_REPLICATION_FACTOR"),
-              len(rows))
-    return rows[:at] + stream_settings(streams) + rows[at:]

@@ -30,11 +30,11 @@ import pandas as pd
 from triage.bus.clients import make_producer
 from triage.bus.errors import ConfigurationError
 from triage.bus.interrupt import Interrupt
-from triage.bus.settings import Settings
 from triage.model.orders import ORDER_COLUMNS, orders_of_frame
 from triage.model.streams import REFERENCE_STREAMS, by_name
 from triage.producer.publisher import RecordPublisher, stream_publisher
 from triage.producer.replay import reference_records
+from triage.producer.settings import ProducerSettings
 
 # The command's stream names -> (the replay's stream name, the CSV columns of a row).
 # A reference stream's command name is its schema's (payment, inventory, zip_code).
@@ -176,7 +176,7 @@ class ProduceSummary:
         return text
 
 
-def produce_events(settings: Settings, rows: Iterable[tuple[int, str, dict[str, Any]
+def produce_events(settings: ProducerSettings, rows: Iterable[tuple[int, str, dict[str, Any]
                                                              | RefusedEvent]],
                    *, idempotent: bool = True) -> ProduceSummary:
     """Publish ``rows`` ((line, stream, row or refusal), as :func:`json_rows` yields) in input

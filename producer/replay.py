@@ -28,11 +28,12 @@ from tqdm import tqdm
 
 from triage.bus.clients import make_producer
 from triage.bus.interrupt import Interrupt
-from triage.bus.settings import Settings, SettingsError
+from triage.bus.settings import SettingsError
 from triage.model.orders import SkippedRow, read_orders_csv
 from triage.model.reference import parse_timestamps, read_csv
 from triage.model.streams import REFERENCE_STREAMS, ReferenceStream, by_name
 from triage.producer.publisher import RecordPublisher, stream_publisher
+from triage.producer.settings import ProducerSettings
 
 # Stream names, in the order the merge takes them at one instant.
 # Reference streams before the orders: of an event and an order at the same time, the event
@@ -100,11 +101,11 @@ class _Stream:
     times_ms: np.ndarray  # int64 event time of each record
 
 
-def _reference_records(settings: Settings, directory: Path, stream: ReferenceStream
+def _reference_records(settings: ProducerSettings, directory: Path, stream: ReferenceStream
                        ) -> tuple[list[dict[str, Any]], np.ndarray]:
     """One reference CSV of ``directory`` as the stream's Avro records and their event times."""
     file = directory / stream.csv_file
-    frame = read_csv(file, stream.csv_columns, settings.csv_encoding)
+    frame = read_csv(file, stream.csv_columns, settings.data.csv_encoding)
     return reference_records(frame, stream, str(file))
 
 
@@ -129,7 +130,7 @@ def reference_records(frame: Any, stream: ReferenceStream, file: str
             for row in zip(*columns.values(), strict=True)], times
 
 
-def replay(settings: Settings, path: str | Path, *, streams: Sequence[str] | None = None,
+def replay(settings: ProducerSettings, path: str | Path, *, streams: Sequence[str] | None = None,
            rate: float | None = None, speedup: float | None = None, limit: int | None = None,
            skip: int = 0, progress: bool = True, track: bool = False,
            stop: Interrupt | None = None) -> ReplaySummary:
@@ -168,7 +169,7 @@ def replay(settings: Settings, path: str | Path, *, streams: Sequence[str] | Non
         if name not in chosen:
             continue
         if name == "orders":
-            orders = read_orders_csv(orders_file, encoding=settings.csv_encoding)
+            orders = read_orders_csv(orders_file, encoding=settings.data.csv_encoding)
             skipped = orders.skipped
             loaded.append(_Stream(name, stream_publisher(name, connection, topics, producer),
                                   orders.records(), orders.timestamp_ms))

@@ -39,7 +39,6 @@ import structlog
 
 from triage.bus.clients import Source
 from triage.bus.errors import BadRecord
-from triage.bus.settings import ScorerSettings
 from triage.model.artifact import Model
 from triage.model.features import FeatureBatch, compute_features
 from triage.model.orders import OrderColumns
@@ -63,6 +62,7 @@ from triage.scoring.hooks import (
     hook_name,
 )
 from triage.scoring.sampling import sampled_indices
+from triage.scoring.settings import CoreSettings
 
 Record = dict[str, Any]
 
@@ -137,12 +137,12 @@ class CoreConfig:
     deadline_s: float = 30.0          # hooks of one batch, together
 
 
-def core_config(scorer: ScorerSettings) -> CoreConfig:
-    """The core's configuration from the scorer's settings (TRIAGE_MAX_MESSAGE_BYTES,
+def core_config(core: CoreSettings) -> CoreConfig:
+    """The core's configuration from its settings (TRIAGE_MAX_MESSAGE_BYTES,
     TRIAGE_SAMPLE_RATE, TRIAGE_PROCESSING_DEADLINE_MS), for the worker and the gateway alike."""
-    return CoreConfig(max_message_bytes=scorer.max_message_bytes,
-                      sample_rate=scorer.sample_rate,
-                      deadline_s=scorer.processing_deadline_ms / 1000.0)
+    return CoreConfig(max_message_bytes=core.max_message_bytes,
+                      sample_rate=core.sample_rate,
+                      deadline_s=core.processing_deadline_ms / 1000.0)
 
 
 class Gate(Protocol):

@@ -68,16 +68,12 @@ from triage.bus.clients import Source
 from triage.bus.errors import BadRecord, WaitTimeout
 from triage.bus.global_reader import GlobalReader
 from triage.bus.partitioner import partitions_for
-from triage.bus.settings import (
-    ConnectionSettings,
-    ReferenceSettings,
-    SettingsError,
-    TopicSettings,
-)
+from triage.bus.settings import ConnectionSettings, SettingsError, TopicSettings
 from triage.model.asof import TIME_MAX, TIME_MIN
 from triage.model.reference import ReferenceTables
 from triage.schemas.codec import Codec, codec_for
 from triage.scoring import metrics
+from triage.scoring.settings import ReferenceSettings
 from triage.scoring.validation import OrderValidator
 
 _NEVER = -(2**62)      # "passed nothing"

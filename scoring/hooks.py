@@ -11,7 +11,8 @@ A hook is an object with either or both of these methods:
   reject anything.
 
 Register hooks with ``TRIAGE_HOOKS=package.module:factory,other.module:factory``. Each factory is
-called once per worker with the :class:`~triage.bus.settings.Settings` and returns the hook.
+called once per worker with the process's settings (a
+:class:`~triage.scoring.settings.ScoringSettings`) and returns the hook.
 The hook API is this module's ``__all__``, under the project's own import name. Example::
 
     # mycompany/hooks.py
@@ -65,10 +66,11 @@ import numpy as np
 import structlog
 
 from triage.bus.errors import BadRecord
-from triage.bus.settings import Settings, SettingsError
+from triage.bus.settings import SettingsError
 from triage.model.features import FeatureBatch
 from triage.model.orders import OrderColumns
 from triage.scoring import metrics
+from triage.scoring.settings import ScoringSettings
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def hook_name(hook: object) -> str:
     return getattr(hook, "name", type(hook).__name__)
 
 
-def load_hooks(spec: str, settings: Settings) -> list[HookRunner]:
+def load_hooks(spec: str, settings: ScoringSettings) -> list[HookRunner]:
     """Instantiate the hooks named in ``spec`` (``module:factory`` items, comma-separated), each
     in a :class:`HookRunner` that can call its factory again for a fresh instance. Raises
     SettingsError for an item that cannot be loaded or is not a hook."""
@@ -112,7 +114,7 @@ def load_hooks(spec: str, settings: Settings) -> list[HookRunner]:
         if not attribute:
             raise SettingsError(f"hook {item!r} is not in module:factory form")
         try:
-            factory: Callable[[Settings], object] = getattr(
+            factory: Callable[[ScoringSettings], object] = getattr(
                 importlib.import_module(module_name), attribute)
         except (ImportError, AttributeError) as exc:
             raise SettingsError(f"hook {item!r} cannot be loaded: {exc}") from None

@@ -18,8 +18,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from triage.bus.settings import ValidationSettings
 from triage.scoring.hooks import Rejection
+from triage.scoring.settings import ValidationSettings
 
 STRING_FIELDS = ("order_id", "customer_id", "sku_code", "zip_code")
 

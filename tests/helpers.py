@@ -27,7 +27,6 @@ import uvicorn
 
 from triage.bus.clients import Source
 from triage.bus.embedded import free_port
-from triage.bus.settings import Settings
 from triage.consumer.reader import TopicReader, collect
 from triage.consumer.supervisor import Supervisor, worker_env
 from triage.model import artifact
@@ -35,6 +34,7 @@ from triage.model.orders import read_orders_csv
 from triage.producer.replay import ReplaySummary, replay
 from triage.schemas.codec import Codec
 from triage.scoring.core import Incoming
+from triage.settings import Settings
 
 if TYPE_CHECKING:
     import numpy as np

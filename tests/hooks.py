@@ -8,8 +8,8 @@ import signal
 import threading
 import time
 
-from triage.bus.settings import Settings
 from triage.scoring.hooks import ScoredBatch
+from triage.scoring.settings import ScoringSettings
 
 SLOW_BATCH_ENV = "TRIAGE_TEST_SLOW_BATCH_MS"
 
@@ -20,7 +20,7 @@ class SlowBatches:
 
     name = "slow_batches"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: ScoringSettings) -> None:
         self.seconds = float(os.environ.get(SLOW_BATCH_ENV, "0")) / 1000.0
 
     def observe(self, batch: ScoredBatch) -> None:
@@ -35,7 +35,7 @@ class FreezeOnSignal:
 
     name = "freeze_on_signal"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: ScoringSettings) -> None:
         signal.signal(signal.SIGUSR1, lambda *_: threading.Event().wait())
 
     def observe(self, batch: ScoredBatch) -> None:

@@ -33,8 +33,9 @@ from triage.bus.errors import (
 )
 from triage.bus.interrupt import EXIT_INTERRUPTED, Interrupt
 from triage.bus.logs import configure_logging
-from triage.bus.settings import Settings, SettingsError
-from triage.model.streams import REFERENCE_STREAMS, settings_rows
+from triage.bus.settings import SettingsError
+from triage.model.streams import REFERENCE_STREAMS
+from triage.settings import Settings, settings_rows
 
 EXIT_FAILED = EXIT_INFRASTRUCTURE
 EXIT_USAGE = EXIT_CONFIGURATION
@@ -559,7 +560,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     _check_model_source(args)
     if args.reference:
-        check_reference_dir(args.reference, settings.csv_encoding)
+        check_reference_dir(args.reference, settings.data.csv_encoding)
     try:
         settings, broker = _resolved(settings), True
     except BrokerNotFound:
@@ -578,26 +579,26 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from triage.model.registry import Registry
     from triage.model.train import train
 
-    if args.out is None and args.registry is None and not settings.mlflow_tracking_uri:
+    if args.out is None and args.registry is None and not settings.mlflow.mlflow_tracking_uri:
         raise SettingsError("train needs --out DIR, --registry DIR or TRIAGE_MLFLOW_TRACKING_URI "
                             "(any of them)")
-    if settings.mlflow_tracking_uri:
+    if settings.mlflow.mlflow_tracking_uri:
         from triage.model import mlflow_registry
 
-        mlflow_registry.check_installed(settings)  # before training, not after it
+        mlflow_registry.check_installed(settings.mlflow)  # before training, not after it
     with tempfile.TemporaryDirectory(prefix="triage-train-") as scratch:
         out = args.out or Path(scratch) / "model"
         report = train(args.data, out, seed=args.seed, min_accuracy=args.min_accuracy,
-                       encoding=settings.csv_encoding)
+                       encoding=settings.data.csv_encoding)
         if args.registry is not None:
             added = Registry(args.registry).add(out)
             print(f"added {added.version} to the registry {args.registry}; `triage models "
                   f"promote {added.version} --registry {shlex.quote(str(args.registry))}` "
                   "makes it active")
-        if settings.mlflow_tracking_uri:
-            reference = mlflow_registry.log_training(settings, out)
+        if settings.mlflow.mlflow_tracking_uri:
+            reference = mlflow_registry.log_training(settings.mlflow, out)
             print(f"logged the run and registered {reference} in MLflow at "
-                  f"{settings.mlflow_tracking_uri}")
+                  f"{settings.mlflow.mlflow_tracking_uri}")
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"trained on {report.rows} orders (and {report.synthetic_rows} coverage rows: "
@@ -701,7 +702,7 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
 
     _check_model_source(args)  # fail here, once, rather than in every worker
     if args.reference:
-        check_reference_dir(args.reference, settings.csv_encoding)
+        check_reference_dir(args.reference, settings.data.csv_encoding)
     settings = _resolved(settings)
     log = structlog.get_logger("supervisor")
     autoscaler = None
@@ -754,7 +755,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         raise SettingsError(f"--worker-id must be a number >= 0, got {args.worker_id!r}")
     _check_model_source(args)
     if args.reference:
-        check_reference_dir(args.reference, settings.csv_encoding)
+        check_reference_dir(args.reference, settings.data.csv_encoding)
     return run(_resolved(settings), args.model.resolve() if args.model else None,
                args.reference.resolve() if args.reference else None, worker_id=args.worker_id,
                registry_dir=args.registry.resolve() if args.registry else None,
@@ -790,7 +791,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     if args.models_command == "promote" and args.version.startswith(MODELS_SCHEME):
         from triage.model.mlflow_registry import fetch
 
-        with fetch(settings, args.version) as downloaded:  # into the registry first
+        with fetch(settings.mlflow, args.version) as downloaded:  # into the registry first
             added = registry.add(downloaded)  # verified against its manifest
         print(f"{args.version} is {added.version}; added to the registry {args.registry}")
         args.version = added.version

@@ -33,7 +33,6 @@ from triage.bus.clients import create_topics, make_admin, partitions_of
 from triage.bus.embedded import EmbeddedBroker, running_embedded
 from triage.bus.errors import InfrastructureError
 from triage.bus.interrupt import Interrupt
-from triage.bus.settings import Settings
 from triage.consumer.reader import collect_outcomes
 from triage.consumer.supervisor import Supervisor
 from triage.model import artifact
@@ -43,6 +42,7 @@ from triage.model.reference import ReferenceDataError, ReferenceTables, zip_code
 from triage.model.streams import reference_topic_partitions
 from triage.model.train import train
 from triage.producer.replay import replay
+from triage.settings import Settings
 
 DEMO_ORDERS = 20_000
 DEMO_SEED = 7
@@ -149,10 +149,10 @@ def run_demo(settings: Settings, *, data_dir: Path | None, model_dir: Path,
              results_dir: Path) -> DemoSummary:
     """Run the demo; raises DemoError, or ReferenceDataError for data that cannot be read."""
     data_dir = _ensure_data(data_dir)
-    _ensure_model(model_dir, data_dir, settings.csv_encoding)
+    _ensure_model(model_dir, data_dir, settings.data.csv_encoding)
     model = artifact.load(model_dir)
-    reference = ReferenceTables.load(data_dir, encoding=settings.csv_encoding)
-    orders = read_orders_csv(data_dir / "orders.csv", encoding=settings.csv_encoding)
+    reference = ReferenceTables.load(data_dir, encoding=settings.data.csv_encoding)
+    orders = read_orders_csv(data_dir / "orders.csv", encoding=settings.data.csv_encoding)
     for warning in zip_code_warnings(reference.keys("zip_codes"), orders.zip_code):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
 

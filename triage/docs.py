@@ -1,7 +1,8 @@
 """The generated parts of the docs, so that they cannot drift from the code.
 
 * ``docs/configuration.md``: the table of every ``TRIAGE_*`` variable, from the settings
-  declarations (:func:`triage.model.streams.settings_rows`: bus/settings.py and the streams).
+  declarations (:func:`triage.settings.settings_rows`: each component's settings.py, the
+  streams).
 * ``docs/cli.md``: the reference of every command and subcommand with its flags, from the
   argparse parser (:func:`triage.cli.build_parser`).
 
@@ -31,7 +32,7 @@ def _cell(text: str) -> str:
 
 def settings_reference() -> str:
     """Markdown table of every setting, in declaration order: variable, default, meaning."""
-    from triage.model.streams import settings_rows
+    from triage.settings import settings_rows
 
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for env, default, doc in settings_rows():
@@ -157,7 +158,7 @@ def cli_reference(parser: argparse.ArgumentParser | None = None) -> str:
 
 
 PAGES: dict[str, tuple[str, Callable[[], str]]] = {
-    "docs/configuration.md": ("bus/settings.py", settings_reference),
+    "docs/configuration.md": ("the */settings.py declarations", settings_reference),
     "docs/cli.md": ("triage/cli.py", cli_reference),
 }
 

@@ -29,10 +29,10 @@ from tests.helpers import (
 )
 from triage.bus.clients import create_topics
 from triage.bus.embedded import EmbeddedBroker
-from triage.bus.settings import Settings
 from triage.model.datagen import generate
 from triage.model.orders import read_orders_csv
 from triage.model.streams import reference_topic_partitions
+from triage.settings import Settings
 
 HERE = Path(__file__).parent
 

@@ -26,10 +26,10 @@ from tests.helpers import (
     report,
 )
 from triage.bus.clients import make_admin
-from triage.bus.settings import Settings
 from triage.consumer.supervisor import Supervisor
 from triage.model.streams import reference_topic_partitions
 from triage.producer.replay import replay
+from triage.settings import Settings
 
 
 @pytest.fixture(autouse=True)

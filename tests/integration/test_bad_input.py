@@ -18,7 +18,6 @@ from tests.helpers import PoisonedInventory, run_scorer
 from triage.bus.clients import make_producer
 from triage.bus.deadletter import headers_dict
 from triage.bus.offsets import committed_offsets
-from triage.bus.settings import Settings
 from triage.consumer import deadletter_topic as dlq
 from triage.consumer.reader import TopicReader
 from triage.consumer.scorer import Scorer
@@ -26,6 +25,7 @@ from triage.model import artifact
 from triage.model.orders import read_orders_csv
 from triage.model.reference import ReferenceTables
 from triage.schemas.codec import Codec, codec_for
+from triage.settings import Settings
 
 TOTAL = 20_000
 PER_KIND = 200  # 11 kinds x 200 = 2,200 bad records, 11% of the stream
@@ -55,7 +55,7 @@ def bad_records(settings: Settings, good: list[dict], rng: np.random.Generator
                            for i in n],                                      # another schema
         "no_registry": [b"\x00" + (1000 + i).to_bytes(4, "big") + order(i)[10:] for i in n],
         "tombstone": [None for _ in n],
-        "oversized": [order(i, customer_id="C" * settings.scorer.max_message_bytes) for i in n],
+        "oversized": [order(i, customer_id="C" * settings.core.max_message_bytes) for i in n],
         "missing_field": [order(i, sku_code=["", " ", "\t"][i % 3]) for i in n],
         "invalid_field": [order(i, zip_code=["1\x00", "9" * 500, " 10001", "\u200b"][i % 4])
                           for i in n],

@@ -15,8 +15,8 @@ import pytest
 
 from tests.helpers import TRIAGE, clean_env, triage
 from triage.bus.embedded import BrokerNotFound, resolve_bootstrap, write_state
-from triage.bus.settings import Settings
 from triage.model.streams import reference_topic_partitions
+from triage.settings import Settings
 
 
 def test_broker_resolution_order(tmp_path: Path) -> None:

@@ -25,12 +25,12 @@ from tests.hooks import SLOW_BATCH_ENV
 from triage.bus.clients import create_topics
 from triage.bus.embedded import EmbeddedBroker
 from triage.bus.offsets import committed_offsets, group_lag
-from triage.bus.settings import Settings
 from triage.consumer.autoscale import Autoscaler
 from triage.consumer.commit import MAX_UNCOMMITTED_BATCHES
 from triage.consumer.reader import TopicReader
 from triage.consumer.supervisor import Supervisor
 from triage.model.streams import reference_topic_partitions
+from triage.settings import Settings
 
 
 def shared(*supervisors: Supervisor, partitions: int) -> bool:

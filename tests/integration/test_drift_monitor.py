@@ -29,7 +29,6 @@ from structlog.testing import capture_logs
 from tests.helpers import SettingsFactory
 from triage.bus.clients import create_topics
 from triage.bus.embedded import free_port
-from triage.bus.settings import Settings
 from triage.consumer.drift_monitor import DriftMonitor
 from triage.consumer.drift_report import read_reports
 from triage.consumer.reader import TopicReader
@@ -38,6 +37,7 @@ from triage.model import artifact
 from triage.model.datagen import generate
 from triage.model.streams import reference_topic_partitions
 from triage.producer.replay import replay
+from triage.settings import Settings
 
 PHASE = 2_000
 

@@ -23,7 +23,6 @@ from typing import Any
 from tests.helpers import EXERCISE, HOLD_S, Background, Client, exercise_orders, serving, wait_for
 from triage.bus.deadletter import headers_dict
 from triage.bus.embedded import free_port
-from triage.bus.settings import Settings
 from triage.consumer.reader import TopicReader
 from triage.consumer.supervisor import Supervisor
 from triage.gateway.app import make_app
@@ -34,6 +33,7 @@ from triage.model import artifact
 from triage.model.reference import ReferenceTables
 from triage.model.streams import PAYMENTS
 from triage.producer.publisher import reference_publisher
+from triage.settings import Settings
 
 
 def test_probes_answer_while_the_reference_reader_holds_the_tables(

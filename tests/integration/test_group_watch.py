@@ -23,10 +23,10 @@ from structlog.testing import capture_logs
 
 from tests.helpers import EMBEDDED, Broker
 from triage.bus.clients import consumer_config, create_topics
-from triage.bus.settings import Settings
 from triage.consumer.loop import BatchLoop
 from triage.model.streams import reference_topic_partitions
 from triage.producer.publisher import OrderPublisher, order_record
+from triage.settings import Settings
 
 
 def _published(settings: Settings, n: int) -> None:

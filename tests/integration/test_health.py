@@ -21,9 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.helpers import TRIAGE, get, wait_for
 from triage.bus.clients import create_topics
 from triage.bus.embedded import free_port
-from triage.bus.settings import Settings
 from triage.consumer.supervisor import worker_env
 from triage.model.streams import reference_topic_partitions
+from triage.settings import Settings
 
 
 def metric(port: int, name: str) -> float | None:

@@ -20,8 +20,8 @@ import pytest
 
 from tests.helpers import prediction
 from triage.bus.offsets import watermarks
-from triage.bus.settings import Settings
 from triage.consumer.reader import TopicReader
+from triage.settings import Settings
 
 from .test_cli import TRIAGE, clean_env, triage
 

@@ -29,12 +29,12 @@ from triage.bus.clients import create_topics, make_admin, make_producer
 from triage.bus.deadletter import headers_dict
 from triage.bus.offsets import committed_offsets
 from triage.bus.partitioner import partitions_for
-from triage.bus.settings import Settings
 from triage.consumer.reader import TopicReader
 from triage.consumer.supervisor import Supervisor
 from triage.model.streams import reference_topic_partitions
 from triage.producer.replay import replay
 from triage.schemas.codec import Codec
+from triage.settings import Settings
 
 ORDERS = LIVE_ORDERS  # in the live_data fixture (tests/integration/conftest.py)
 

@@ -21,7 +21,7 @@ CHILD = """
 import logging, os, sys, time
 from triage.bus.clients import make_consumer
 from triage.bus.logs import configure_logging, librdkafka_logger
-from triage.bus.settings import Settings
+from triage.settings import Settings
 
 settings = Settings.from_env(os.environ)
 configure_logging(settings.log_format, settings.log_level)

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import TRIAGE, cli, tamper
-from triage.bus.settings import Settings
 from triage.consumer.supervisor import worker_env
 from triage.model import artifact
 from triage.model.registry import Registry
 from triage.scoring.follower import read_state
+from triage.settings import Settings
 
 
 def run(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import TRIAGE, Background, cli, outcome, tamper
-from triage.bus.settings import Settings
 from triage.consumer.reader import TopicReader
 from triage.consumer.supervisor import Supervisor, worker_env
 from triage.model.orders import read_orders_csv
 from triage.model.registry import Registry
 from triage.scoring.follower import changed, publish_state, read_state
+from triage.settings import Settings
 
 
 def test_workers_swap_to_a_promoted_version_between_batches_and_refuse_a_tampered_one(

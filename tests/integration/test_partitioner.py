@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from triage.bus.clients import make_producer
 from triage.bus.partitioner import partitions_for
-from triage.bus.settings import Settings
+from triage.settings import Settings
 
 
 def test_partitions_are_where_librdkafkas_murmur2_random_puts_them(settings: Settings) -> None:

@@ -17,13 +17,13 @@ from confluent_kafka import TopicPartition
 
 from tests.helpers import SettingsFactory
 from triage.bus.clients import make_consumer
-from triage.bus.settings import Settings
 from triage.consumer.reader import TopicReader, collect
 from triage.consumer.supervisor import Supervisor
 from triage.model import artifact
 from triage.model.orders import read_orders_csv
 from triage.model.reference import ReferenceTables
 from triage.producer.replay import ReplaySummary, replay
+from triage.settings import Settings
 
 ORDERS = 5_000
 SAMPLE_RATE = 0.05

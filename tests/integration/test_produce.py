@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from triage.bus.settings import Settings
+from triage.settings import Settings
 
 from .test_cli import TRIAGE, clean_env, triage
 

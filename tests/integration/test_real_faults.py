@@ -35,7 +35,6 @@ from triage.bus.deadletter import (
 )
 from triage.bus.embedded import EmbeddedBroker, free_port
 from triage.bus.offsets import committed_offsets
-from triage.bus.settings import Settings
 from triage.consumer.reader import TopicReader, collect
 from triage.consumer.scorer import Scorer
 from triage.consumer.supervisor import Supervisor
@@ -50,6 +49,7 @@ from triage.model.streams import reference_topic_partitions
 from triage.producer.replay import replay
 from triage.schemas.codec import Codec
 from triage.scoring.hooks import Rejection
+from triage.settings import Settings
 
 
 def _env(settings: Settings, tmp_path: Path, **extra: str) -> dict[str, str]:

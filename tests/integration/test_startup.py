@@ -44,7 +44,7 @@ def test_a_serving_process_scores_without_sklearn_scipy_stats_or_pandas(
 from triage.model import artifact
 artifact.import_xgboost_for_serving()
 import triage.consumer.worker
-from triage.bus.settings import Settings
+from triage.settings import Settings
 from triage.scoring.core import CoreConfig, Incoming, ScoringCore
 from triage.scoring.validation import OrderValidator
 from triage.model.reference import ReferenceTables

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from triage.bus.settings import Settings
 from triage.consumer.supervisor import Supervisor
+from triage.settings import Settings
 
 
 def test_a_worker_with_a_configuration_error_is_not_restarted(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from triage.bus.settings import Settings, SettingsError
+from triage.bus.settings import SettingsError
+from triage.settings import Settings
 
 
 def test_settings_come_from_the_environment_and_flags_override_them() -> None:

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from triage.bus.settings import Settings, SettingsError
+from triage.bus.settings import SettingsError
 from triage.schemas.codec import (
     Codec,
     DecodeError,
@@ -36,6 +36,7 @@ from triage.schemas.codec import (
     schema_fingerprint,
 )
 from triage.scoring.validation import OrderValidator
+from triage.settings import Settings
 
 ORDER = {"order_id": "O-1", "customer_id": "C-9", "timestamp_ms": 1_767_225_600_000,
          "sku_code": "SKU-00042", "zip_code": "01234"}

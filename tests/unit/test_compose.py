@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
-from triage.bus.settings import Settings, SettingsError, settings_table
+from triage.bus.settings import SettingsError
 from triage.cli import build_parser
+from triage.settings import Settings, settings_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -134,7 +135,7 @@ def test_named_volumes_are_declared() -> None:
 # --- settings -------------------------------------------------------------------------------
 
 def test_triage_variables_are_real_settings() -> None:
-    known = {row[0] for row in settings_table()}
+    known = {row[0] for row in settings_rows()}
     for name, spec in SERVICES.items():
         env = {k: v for k, v in _environment(spec).items() if k.startswith("TRIAGE_")}
         unknown = sorted(set(env) - known)

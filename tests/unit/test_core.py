@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from tests.helpers import CODEC, PoisonedInventory, kafka
-from triage.bus.settings import Settings
 from triage.model import artifact
 from triage.model.orders import OrderColumns, read_orders_csv
 from triage.model.reference import ReferenceTables
@@ -21,6 +20,7 @@ from triage.scoring.core import CoreConfig, Incoming, Outcome, ScoringCore, spli
 from triage.scoring.hooks import Rejection
 from triage.scoring.sampling import sampled_indices
 from triage.scoring.validation import OrderValidator
+from triage.settings import Settings
 
 DAY_MS = 86_400_000
 

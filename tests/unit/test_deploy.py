@@ -21,8 +21,8 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 import triage.consumer.metrics  # noqa: F401 - registers the worker's metrics in REGISTRY
 from tests.helpers import PROMETHEUS
-from triage.bus.settings import Settings, settings_table
 from triage.consumer.drift_monitor import DriftMetrics
+from triage.settings import Settings, settings_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -88,8 +88,8 @@ def config_settings(tmp_path: Path) -> Settings:
 def test_the_config_names_only_real_settings_and_the_pods_serve_their_probes(
         tmp_path: Path) -> None:
     config = by_kind("ConfigMap", "triage-config")["data"]
-    known = {env for env, _, _ in settings_table()}
-    secrets = {env + "_FILE" for env, _, doc in settings_table() if "_FILE" in doc}
+    known = {env for env, _, _ in settings_rows()}
+    secrets = {env + "_FILE" for env, _, doc in settings_rows() if "_FILE" in doc}
     unknown = set(config) - known - secrets
     assert not unknown, f"not settings of triage: {unknown}"
     settings = config_settings(tmp_path)  # the values parse and pass validation
@@ -109,7 +109,7 @@ def test_the_config_names_only_real_settings_and_the_pods_serve_their_probes(
     # SIGTERM drains a batch: hooks up to the processing deadline, then the wait for the
     # broker's acknowledgements, then the commit.
     assert scorer["terminationGracePeriodSeconds"] * 1000 > \
-        settings.scorer.processing_deadline_ms + settings.scorer.delivery_timeout_ms
+        settings.core.processing_deadline_ms + settings.scorer.delivery_timeout_ms
     assert "replicas" not in by_kind("Deployment", "triage-scorer")["spec"]  # KEDA's to set
     # Static membership by pod name: a real setting, from the pod's own name.
     env = {e["name"]: e for e in scorer["containers"][0]["env"]}

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from triage import docs
-from triage.bus.settings import settings_table
 from triage.cli import COMMANDS, build_parser
+from triage.settings import settings_rows
 
 ROOT = Path(__file__).parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -36,7 +36,7 @@ def test_the_generated_pages_are_current() -> None:
 
 def test_every_setting_is_in_the_configuration_reference() -> None:
     page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
-    missing = [env for env, _, _ in settings_table() if f"| `{env}` |" not in page]
+    missing = [env for env, _, _ in settings_rows() if f"| `{env}` |" not in page]
     assert missing == [], f"not in docs/configuration.md (run `make docs`): {missing}"
 
 

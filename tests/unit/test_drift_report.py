@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from triage.bus.settings import Settings
 from triage.consumer.drift_monitor import _Window, report_record
 from triage.consumer.drift_report import open_window_note, render
 from triage.model import artifact
@@ -27,6 +26,7 @@ from triage.schemas.codec import Codec
 from triage.scoring.core import CoreConfig, Incoming, ScoringCore
 from triage.scoring.sampling import sampled_indices
 from triage.scoring.validation import OrderValidator
+from triage.settings import Settings
 
 
 class _Tags(HTMLParser):
@@ -171,7 +171,7 @@ def test_the_page_states_the_workers_sampling_rate_not_this_commands(
         reports: list[dict]) -> None:
     """The workers sampled at 20%; the report command runs with the default 5%."""
     command = Settings()
-    assert command.scorer.sample_rate != WORKERS_RATE
+    assert command.core.sample_rate != WORKERS_RATE
     html = render(reports)
     meta = html.split("</p>")[0]
     assert "sampled at 20%" in meta and "5%" not in meta

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 
 from tests.helpers import EXERCISE, HOLD_S, Client, exercise_orders, oracle, serving
-from triage.bus.settings import Settings
 from triage.gateway.app import MAX_BATCH, make_app
 from triage.gateway.server import build
 from triage.gateway.service import Decision, Gateway, timestamp_ms
@@ -27,6 +26,7 @@ from triage.model import artifact
 from triage.model.features import FeatureBatch
 from triage.model.policy import label
 from triage.model.reference import ReferenceTables
+from triage.settings import Settings
 
 
 @pytest.fixture(scope="module")

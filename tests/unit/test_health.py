@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter
 from tests.helpers import get, wait_for
 from triage.bus.embedded import free_port
 from triage.bus.health import Health, serve
-from triage.bus.settings import Settings
+from triage.settings import Settings
 
 
 def test_health_state_over_http() -> None:

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 from tests.helpers import merge_asof_features
 from triage.bench.timing import Timing, publish, simulate, store_history
-from triage.bus.settings import ReferenceSettings
 from triage.model import artifact
 from triage.model.artifact import Model
+from triage.scoring.settings import ReferenceSettings
 
 REFERENCE = ReferenceSettings(reference_lateness_ms=2_000, reference_max_wait_ms=5_000,
                               max_clock_skew_ms=1_000)

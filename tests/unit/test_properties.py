@@ -12,12 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from triage.bus.settings import Settings
 from triage.model import artifact
 from triage.model.orders import OrderColumns
 from triage.model.reference import ReferenceTables
 from triage.schemas.codec import Codec, DecodeError
 from triage.scoring.validation import OrderValidator
+from triage.settings import Settings
 
 EXAMPLES = settings(max_examples=5_000, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -18,7 +18,7 @@ from triage.bus.deadletter import (
     headers_dict,
     record_size,
 )
-from triage.bus.settings import Settings, SettingsError
+from triage.bus.settings import SettingsError
 from triage.model.orders import read_orders_csv
 from triage.model.reference import (
     ReferenceDataError,
@@ -27,6 +27,7 @@ from triage.model.reference import (
     truncated_zip_match,
     zip_code_warnings,
 )
+from triage.settings import Settings
 
 # -- 2. a dead letter too large to send -----------------------------------------------------
 

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from tests.helpers import CODEC, kafka
 from triage.bus.partitioner import partitions_for
-from triage.bus.settings import ReferenceSettings, ValidationSettings
 from triage.model import artifact
 from triage.model.asof import TIME_MAX
 from triage.model.features import BY_NAME, OrderKeys
@@ -24,6 +23,7 @@ from triage.schemas.codec import Codec
 from triage.scoring.core import CoreConfig, Incoming, ScoringCore
 from triage.scoring.corrections import RetainedOrders, kept_from_records
 from triage.scoring.feed import ReferenceFeed
+from triage.scoring.settings import ReferenceSettings, ValidationSettings
 from triage.scoring.validation import OrderValidator
 
 INVENTORY, PAYMENTS, ZIP_CODES = "inventory", "payments", "zip_codes"  # model/streams.py

@@ -9,7 +9,8 @@ import pytest
 
 from tests.helpers import SECRET
 from triage.bus.clients import consumer_config, producer_config
-from triage.bus.settings import Settings, SettingsError
+from triage.bus.settings import SettingsError
+from triage.settings import Settings
 
 
 def test_sasl_and_tls_settings_reach_producers_and_consumers(tmp_path: Path) -> None:

@@ -12,19 +12,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from triage.bus.settings import ReferenceSettings, Settings, SettingsError, ValidationSettings
+from triage.bus.settings import SettingsError
 from triage.model.features import FeatureBatch
 from triage.model.reference import ReferenceTables
 from triage.model.streams import (
     REFERENCE_STREAMS,
     ReferenceStream,
     reference_topic_partitions,
-    settings_rows,
 )
 from triage.producer.replay import reference_records
 from triage.scoring.corrections import Kept, RetainedOrders
 from triage.scoring.feed import LateEvent, ReferenceFeed, ReferenceReader
+from triage.scoring.settings import ReferenceSettings, ValidationSettings
 from triage.scoring.validation import OrderValidator
+from triage.settings import Settings, settings_rows
 
 # The toy stream: a loyalty tier per customer, joined on the order's customer_id.
 LOYALTY = ReferenceStream(

@@ -1,0 +1,34 @@
+"""The command line's settings: every section of every component (bus/settings.py says how
+sections and aggregates work). :class:`Settings` inherits from each component's aggregate
+(WorkerSettings, GatewaySettings, ProducerSettings), so whatever a command wires together is
+given the one object read from the environment and the flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from triage.bus.settings import section
+from triage.consumer.settings import WorkerSettings
+from triage.gateway.settings import GatewaySettings
+from triage.model.settings import MlflowSettings
+from triage.model.streams import REFERENCE_STREAMS, ReferenceStream, stream_settings
+from triage.producer.settings import ProducerSettings
+
+
+@dataclass(frozen=True)
+class Settings(WorkerSettings, GatewaySettings, ProducerSettings):
+    """Every setting: the worker's, the gateway's, the producer's and MLflow's."""
+
+    mlflow: MlflowSettings = section(MlflowSettings)
+
+
+def settings_rows(streams: tuple[ReferenceStream, ...] = REFERENCE_STREAMS
+                  ) -> list[tuple[str, str, str]]:
+    """Every setting as (variable, default, description): :class:`Settings`' table with the
+    reference streams' topic settings (model/streams.py ``stream_settings``) after
+    TRIAGE_REPLICATION_FACTOR, the other topic settings' neighbour. For docs/configuration.md
+    and `triage settings`."""
+    rows = Settings.settings_table()
+    at = next((i + 1 for i, row in enumerate(rows) if row[0] == "TRIAGE_REPLICATION_FACTOR"),
+              len(rows))
+    return rows[:at] + stream_settings(streams) + rows[at:]
