@@ -16,9 +16,9 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from tests.unit.doubles import FakeConsumer, FakeProducer, Record
 from triage.bus.errors import InfrastructureError
-from triage.bus.settings import Settings
 from triage.consumer.commit import MAX_UNCOMMITTED_BATCHES, AtLeastOnce
 from triage.consumer.loop import BatchLoop, Output
+from triage.settings import Settings
 
 TOPIC, OUT = "orders", "predictions"
 STRATEGIES = pytest.mark.parametrize("exactly_once", [False, True],
