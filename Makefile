@@ -42,7 +42,7 @@ test: venv lint promtool
 	$(BIN)/pytest -n 2 --dist loadfile
 
 # The unit tier (tests/unit: no broker, no process started), for the edit-test loop: about
-# 70 s on 2 cores, against 10 minutes for the whole suite. CI runs `make test`.
+# 40 s on 2 cores, against 10 minutes for the whole suite. CI runs `make test`.
 test-fast: $(STAMP)
 	$(BIN)/pytest -n 2 --dist loadfile tests/unit
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import BROKERS, DELIVERY_RESULTS, EXERCISE
+from tests.helpers import DELIVERY_RESULTS, EXERCISE, broker_notes
 from triage.model.datagen import generate
 from triage.model.train import train
 
@@ -59,6 +61,9 @@ def pytest_configure(config: pytest.Config) -> None:
     state = tempfile.mkdtemp(prefix="triage-test-state-")
     os.environ["TRIAGE_STATE_DIR"] = state
     os.environ["XDG_STATE_HOME"] = state
+    # One id per run, the same in its pytest-xdist workers (started after this, they inherit
+    # it): the brokers they note are this run's alone (helpers.broker_notes).
+    os.environ.setdefault("TRIAGE_TEST_RUN", uuid.uuid4().hex[:12])
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -72,14 +77,17 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     and the delivery figures tests/test_delivery.py measured in this run."""
     import json
 
+    if "PYTEST_XDIST_WORKER" in os.environ:  # the process that started the workers prints
+        return
     started = _SESSION_STARTED[0] if _SESSION_STARTED else 0.0
     failed = terminalreporter.stats.get("failed")
-    for path in sorted(BROKERS.glob("*.json")) if BROKERS.is_dir() else ():
-        if path.stat().st_mtime >= started:
-            noted = json.loads(path.read_text())
-            terminalreporter.write_line(
-                f"{path.stem}: integration tests on {noted['kind']} at {noted['bootstrap']}"
-                + (f"; its log: {noted['log']}" if failed and noted["log"] else ""))
+    notes = broker_notes()
+    for path in sorted(notes.glob("*.json")) if notes.is_dir() else ():
+        noted = json.loads(path.read_text())
+        terminalreporter.write_line(
+            f"{path.stem}: integration tests on {noted['kind']} at {noted['bootstrap']}"
+            + (f"; its log: {noted['log']}" if failed and noted["log"] else ""))
+    shutil.rmtree(notes, ignore_errors=True)
 
     folder = DELIVERY_RESULTS
     files = [f for f in sorted(folder.glob("*.json")) if f.stat().st_mtime >= started]

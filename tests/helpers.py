@@ -56,6 +56,13 @@ EXERCISE = ROOT / "tests" / "data" / "exercise-2021"
 BROKERS = ROOT / "results" / "brokers"  # for the run's summary
 
 
+def broker_notes() -> Path:
+    """Where the pytest processes of this test run note their brokers: a folder of the run's
+    own (TRIAGE_TEST_RUN, set in tests/conftest.py), so that runs at the same time, or a
+    person's while CI runs, never print each other's."""
+    return BROKERS / os.environ.get("TRIAGE_TEST_RUN", "unknown")
+
+
 DELIVERY_RESULTS = ROOT / "results" / "delivery"
 
 

@@ -19,12 +19,12 @@ import pytest
 
 from tests.helpers import (
     APACHE_KAFKA,
-    BROKERS,
     CONFIGURED,
     EMBEDDED,
     LIVE_ORDERS,
     Broker,
     SettingsFactory,
+    broker_notes,
     oracle,
 )
 from triage.bus.clients import create_topics
@@ -61,9 +61,10 @@ def _noted(broker: Broker) -> Broker:
     by the process that ran the tests, read by the one that prints)."""
     import json
 
-    BROKERS.mkdir(parents=True, exist_ok=True)
+    notes = broker_notes()
+    notes.mkdir(parents=True, exist_ok=True)
     name = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    (BROKERS / f"{name}-{broker.kind.split()[0].lower()}.json").write_text(json.dumps(
+    (notes / f"{name}-{broker.kind.split()[0].lower()}.json").write_text(json.dumps(
         {"kind": broker.kind, "bootstrap": broker.bootstrap,
          "log": str(broker.log) if broker.log else None}))
     return broker
