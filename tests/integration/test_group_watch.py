@@ -7,6 +7,8 @@ joining then says so within 2 x its session timeout, and scores once the member 
 Apache Kafka from the group's description, on the embedded broker, which lists no members,
 from the group's stalled commits). And a worker idle because the group has more members than
 partitions is told apart: no warning.
+
+This half needs a broker or starts processes; tests/unit/test_group_watch.py has the rest.
 """
 
 from __future__ import annotations

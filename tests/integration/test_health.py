@@ -2,7 +2,9 @@
 then real workers (``triage worker``, one process each, as in a Kubernetes pod) on the broker:
 not ready before they join their consumer group, ready after, still ready when they own no
 partition, and not healthy once their loop is stuck (a hook freezes the loop's thread on
-SIGUSR1 while the server's thread goes on)."""
+SIGUSR1 while the server's thread goes on).
+
+This half needs a broker or starts processes; tests/unit/test_health.py has the rest."""
 
 from __future__ import annotations
 

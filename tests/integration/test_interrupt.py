@@ -5,6 +5,8 @@ Found by a new user: Ctrl-C during ``triage replay`` printed ``SystemError: <met
 'cimpl.Producer' objects> returned NULL without setting an exception`` in 3 of 10 tries and in
 the other 7 exited 130 without a word of how much was sent; a replay of a file whose every row
 was refused exited 0 having published nothing.
+
+This half needs a broker or starts processes; tests/unit/test_interrupt.py has the rest.
 """
 
 from __future__ import annotations

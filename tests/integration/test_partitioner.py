@@ -1,5 +1,7 @@
 """The documented partitioner (bus/partitioner.py): Kafka's murmur2, held to the Java client's
-own test vectors and to where librdkafka's murmur2_random really puts keys on a broker."""
+own test vectors and to where librdkafka's murmur2_random really puts keys on a broker.
+
+This half needs a broker or starts processes; tests/unit/test_partitioner.py has the rest."""
 
 from __future__ import annotations
 

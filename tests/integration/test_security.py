@@ -1,5 +1,7 @@
 """TLS/SASL settings reach every client; secrets come from the environment or files and never
-appear in logs."""
+appear in logs.
+
+This half needs a broker or starts processes; tests/unit/test_security.py has the rest."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The command line as a person uses it: real processes, the real embedded broker."""
+"""The command line as a person uses it: real processes, the real embedded broker.
+
+This half needs no broker and starts no process; tests/integration/test_cli.py has the rest."""
 
 from __future__ import annotations
 

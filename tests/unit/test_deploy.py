@@ -4,7 +4,9 @@ and the metric names in the rules and the Grafana dashboard against what the cod
 
 Nothing here starts a cluster: the manifests are checked as the API server would admit them,
 the rules as Prometheus would load and evaluate them (``promtool test rules`` runs every alert
-on series of its own, deploy/prometheus/alerts.test.yml)."""
+on series of its own, deploy/prometheus/alerts.test.yml).
+
+This half needs no broker and starts no process; tests/integration/test_deploy.py has the rest."""
 
 from __future__ import annotations
 

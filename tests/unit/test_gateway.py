@@ -4,7 +4,9 @@ The exercise's own orders get the policy's answer one by one and in batches; bad
 (or 413) naming what is wrong, never a 500 (also property-based, from the OpenAPI document, with
 schemathesis); the probes answer while the largest batch is scored; on a real broker with a
 worker running, submitted orders become predictions the gateway answers with, decisions made
-over HTTP are published, and unknown orders are 404."""
+over HTTP are published, and unknown orders are 404.
+
+This half needs no broker and starts no process; tests/integration/test_gateway.py has the rest."""
 
 from __future__ import annotations
 

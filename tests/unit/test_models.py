@@ -1,6 +1,8 @@
 """Models that change without a stop (model/registry.py, scoring/follower.py): the registry on
 its own, then two workers following it on the broker while orders stream in and versions are
-promoted, refused and rolled back."""
+promoted, refused and rolled back.
+
+This half needs no broker and starts no process; tests/integration/test_models.py has the rest."""
 
 from __future__ import annotations
 

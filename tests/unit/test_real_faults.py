@@ -1,5 +1,8 @@
 """Real input and real faults (issue 10): each test is one kind of failure that once broke
 triage, reproduced small, on a real broker and with real processes where it involves them.
+
+This half needs no broker and starts no process; tests/integration/test_real_faults.py has the
+rest.
 """
 
 from __future__ import annotations

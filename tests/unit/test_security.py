@@ -1,5 +1,8 @@
 """TLS/SASL settings reach every client; secrets come from the environment or files and never
-appear in logs."""
+appear in logs.
+
+This half needs no broker and starts no process; tests/integration/test_security.py has the
+rest."""
 
 from __future__ import annotations
 
