@@ -12,10 +12,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.helpers import DELIVERY_RESULTS, EXERCISE, broker_notes
+from triage.model import train as train_module
 from triage.model.datagen import generate
+from triage.model.policy import label
+from triage.model.registry import Registry
 from triage.model.train import train
 
 
@@ -106,3 +110,29 @@ def exercise_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("exercise-model")
     train(EXERCISE, out)
     return out
+
+
+def swapped(labels: np.ndarray) -> np.ndarray:
+    """The policy's labels with Deliver and HoldCheckPayment exchanged: a mislabelled history."""
+    out = labels.copy()
+    out[labels == "Deliver"], out[labels == "HoldCheckPayment"] = "HoldCheckPayment", "Deliver"
+    return out
+
+
+@pytest.fixture(scope="module")
+def registry(model_dir: Path, history: Path, tmp_path_factory: pytest.TempPathFactory
+             ) -> tuple[Registry, str, str, str]:
+    """A registry with three versions: the session's model, one trained with another seed,
+    and a bad candidate trained on mislabelled data (its recorded holdout accuracy is against
+    those labels, so it passes the offline gate)."""
+    root = tmp_path_factory.mktemp("registry") / "models"
+    reg = Registry(root)
+    v1 = reg.add(model_dir).version
+    v2 = reg.add(train(history, tmp_path_factory.mktemp("v2") / "model", seed=11).model_dir
+                  or "").version
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "label", lambda features: swapped(label(features)))
+        bad = reg.add(train(history, tmp_path_factory.mktemp("bad") / "model", seed=5)
+                      .model_dir or "").version
+    assert len({v1, v2, bad}) == 3
+    return reg, v1, v2, bad

@@ -13,42 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from tests.helpers import tamper
 from triage.model import artifact
-from triage.model import train as train_module
 from triage.model.artifact import ArtifactError
-from triage.model.policy import label
 from triage.model.registry import Registry, RegistryError
-from triage.model.train import train
-
-
-def swapped(labels: np.ndarray) -> np.ndarray:
-    """The policy's labels with Deliver and HoldCheckPayment exchanged: a mislabelled history."""
-    out = labels.copy()
-    out[labels == "Deliver"], out[labels == "HoldCheckPayment"] = "HoldCheckPayment", "Deliver"
-    return out
-
-
-@pytest.fixture(scope="module")
-def registry(model_dir: Path, history: Path, tmp_path_factory: pytest.TempPathFactory
-             ) -> tuple[Registry, str, str, str]:
-    """A registry with three versions: the session's model, one trained with another seed,
-    and a bad candidate trained on mislabelled data (its recorded holdout accuracy is against
-    those labels, so it passes the offline gate)."""
-    root = tmp_path_factory.mktemp("registry") / "models"
-    reg = Registry(root)
-    v1 = reg.add(model_dir).version
-    v2 = reg.add(train(history, tmp_path_factory.mktemp("v2") / "model", seed=11).model_dir
-                  or "").version
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module, "label", lambda features: swapped(label(features)))
-        bad = reg.add(train(history, tmp_path_factory.mktemp("bad") / "model", seed=5)
-                      .model_dir or "").version
-    assert len({v1, v2, bad}) == 3
-    return reg, v1, v2, bad
 
 
 def test_the_registry_adds_verified_versions_once_and_lists_only_them(
