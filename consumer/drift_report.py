@@ -24,11 +24,11 @@ from typing import Any
 from triage.bus.offsets import watermarks
 from triage.bus.settings import ConnectionSettings
 from triage.consumer.reader import TopicReader, decoded
+from triage.consumer.report_html import BASE_CSS, FONT, legend, nice_step, number, utc_time
 from triage.consumer.settings import WorkerSettings
 
 COLORS = {"baseline": "#8da0cb", "current": "#fc8d62", "ok": "#1b9e77", "drift": "#d62728",
           "insufficient_data": "#999999"}
-_FONT = "font-family='system-ui, sans-serif' font-size='11'"
 
 
 def read_reports(connection: ConnectionSettings, topic: str, idle_s: float = 3.0
@@ -116,20 +116,6 @@ def _merged_rates(reports: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             for rate in sorted(total, key=lambda r: (r is None, r or 0.0)) if total[rate]]
 
 
-def _time(ms: int | None) -> str:
-    if ms is None:
-        return "-"
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _fmt(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
-        return f"{value:.2e}"
-    return f"{value:.4g}"
-
-
 def bar_chart(labels: Sequence[str], baseline: Sequence[float], current: Sequence[float], *,
               check: str, width: int = 560, plot_h: int = 150) -> str:
     """Grouped bars: baseline and current share per bin."""
@@ -140,7 +126,7 @@ def bar_chart(labels: Sequence[str], baseline: Sequence[float], current: Sequenc
     left, right, top = 48, 10, 24
     bottom = 24 + round(0.64 * 6.5 * longest) if rotate else 30  # room for slanted labels
     plot_w, height = width - left - right, top + plot_h + bottom
-    step = _nice_step(max([*baseline, *current, 1e-9]) / 3)
+    step = nice_step(max([*baseline, *current, 1e-9]) / 3)
     peak = step * math.ceil(max([*baseline, *current, 1e-9]) * 1.05 / step)
     group = plot_w / max(len(labels), 1)
     bar = group * 0.38
@@ -152,7 +138,7 @@ def bar_chart(labels: Sequence[str], baseline: Sequence[float], current: Sequenc
         y = top + plot_h * (1 - k * step / peak)
         parts.append(f"<line x1='{left}' x2='{width - right}' y1='{y:.1f}' y2='{y:.1f}' "
                      f"stroke='#ddd'/><text x='{left - 4}' y='{y + 4:.1f}' text-anchor='end' "
-                     f"{_FONT}>{k * step * 100:g}%</text>")
+                     f"{FONT}>{k * step * 100:g}%</text>")
     for i, label in enumerate(labels):
         x0 = left + i * group + group * 0.12
         for j, (series, value) in enumerate((("baseline", baseline[i]),
@@ -166,9 +152,9 @@ def bar_chart(labels: Sequence[str], baseline: Sequence[float], current: Sequenc
         anchor = "end" if rotate else "middle"
         transform = f" transform='rotate(-40 {cx:.1f} {ly:.1f})'" if rotate else ""
         parts.append(f"<text x='{cx:.1f}' y='{ly:.1f}' text-anchor='{anchor}'{transform} "
-                     f"{_FONT}><title>{escape(label)}</title>{escape(short)}</text>")
-    parts.append(_legend(left, 6, [("baseline (training)", COLORS["baseline"]),
-                                   ("current window", COLORS["current"])]))
+                     f"{FONT}><title>{escape(label)}</title>{escape(short)}</text>")
+    parts.append(legend(left, 6, [("baseline (training)", COLORS["baseline"]),
+                                  ("current window", COLORS["current"])]))
     parts.append("</svg>")
     return "".join(parts)
 
@@ -217,7 +203,7 @@ def trend_chart(points: Sequence[tuple[float, float | None, str]], *, check: str
         yy = y(10.0 ** exponent)
         parts.append(f"<line x1='{left}' x2='{width - right}' y1='{yy:.1f}' y2='{yy:.1f}' "
                      f"stroke='#eee'/><text x='{left - 4}' y='{yy + 4:.1f}' text-anchor='end' "
-                     f"{_FONT}>1e{exponent}</text>")
+                     f"{FONT}>1e{exponent}</text>")
     threshold = [(x(i), y(t)) for i, (_, t, _) in enumerate(points) if t]
     if threshold:
         path = " ".join(f"{px:.1f},{py:.1f}" for px, py in threshold)
@@ -232,19 +218,19 @@ def trend_chart(points: Sequence[tuple[float, float | None, str]], *, check: str
             tip = tips[i] if tips else f"window {labels[i]}"
             parts.append(f"<circle cx='{x(i):.1f}' cy='{y(s):.1f}' r='4' "
                          f"fill='{COLORS.get(verdict, '#000')}'><title>{escape(tip)}: "
-                         f"{_fmt(s)} (threshold {_fmt(t)}), {verdict}</title></circle>")
+                         f"{number(s)} (threshold {number(t)}), {verdict}</title></circle>")
     ly = top + plot_h + 14
     for i in drawn:
         anchor = "end" if rotate else "middle"
         transform = f" transform='rotate(-35 {x(i):.1f} {ly:.1f})'" if rotate else ""
         parts.append(f"<text class='tick' x='{x(i):.1f}' y='{ly}' text-anchor='{anchor}'"
-                     f"{transform} {_FONT}>{escape(labels[i])}</text>")
+                     f"{transform} {FONT}>{escape(labels[i])}</text>")
     if axis:
         parts.append(f"<text class='axis' x='{left + plot_w / 2:.1f}' y='{height - 4}' "
-                     f"text-anchor='middle' {_FONT}>{escape(axis)}</text>")
-    parts.append(_legend(left, 6, [("statistic: ok", COLORS["ok"]),
-                                   ("drift", COLORS["drift"]), ("threshold", "#555")],
-                         dashed=2))
+                     f"text-anchor='middle' {FONT}>{escape(axis)}</text>")
+    parts.append(legend(left, 6, [("statistic: ok", COLORS["ok"]),
+                                  ("drift", COLORS["drift"]), ("threshold", "#555")],
+                        dashed=2))
     parts.append("</svg>")
     return "".join(parts)
 
@@ -272,26 +258,6 @@ def _time_labels(times_ms: Sequence[int]) -> list[str]:
     return minutes if len(set(minutes)) == len(set(seconds)) else seconds
 
 
-def _nice_step(raw: float) -> float:
-    """The smallest of 1, 2, 2.5 or 5 times a power of ten that is at least ``raw``."""
-    power = 10.0 ** math.floor(math.log10(raw))
-    return next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
-
-
-def _legend(x: float, y: float, items: list[tuple[str, str]], dashed: int = -1) -> str:
-    parts = []
-    lx = x
-    for i, (label, color) in enumerate(items):
-        if i == dashed:
-            parts.append(f"<line x1='{lx}' x2='{lx + 14}' y1='{y + 5}' y2='{y + 5}' "
-                         f"stroke='{color}' stroke-dasharray='4,3'/>")
-        else:
-            parts.append(f"<rect x='{lx}' y='{y}' width='10' height='10' fill='{color}'/>")
-        parts.append(f"<text x='{lx + 17}' y='{y + 9}' {_FONT}>{escape(label)}</text>")
-        lx += 30 + 6.5 * len(label)
-    return "".join(parts)
-
-
 # The check of a feature that follows a roll-out: zips are served from their available_from
 # on, so its "available" share rises over time. Windows in event time see one stretch of the
 # roll-out, the baseline all of it, so it alarms by design in a replay and after training.
@@ -311,8 +277,8 @@ def rollout_note(check: dict[str, Any], report: dict[str, Any]) -> str:
     side = "above" if bin_["current"] > bin_["baseline"] else "below"
     span = ""
     if report.get("first_order_at_ms") is not None:
-        span = (f" (from {_time(report['first_order_at_ms'])} to "
-                f"{_time(report['last_order_at_ms'])})")
+        span = (f" (from {utc_time(report['first_order_at_ms'])} to "
+                f"{utc_time(report['last_order_at_ms'])})")
     return (
         f"<div class='note rollout' id='rollout-{escape(check['name'])}'>"
         f"<p><b>A roll-out shifts this check by design.</b> A zip counts as available once "
@@ -332,12 +298,7 @@ def rollout_note(check: dict[str, Any], report: dict[str, Any]) -> str:
         f"history, so the baseline holds the zips served now.</p></div>")
 
 
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
-h1 { margin-bottom: 0.2em; } .meta { color: #555; }
-table { border-collapse: collapse; margin: 1em 0; }
-th, td { border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: left; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+_CSS = BASE_CSS + """\
 .badge { display: inline-block; padding: 1px 8px; border-radius: 8px; color: #fff;
          font-size: 0.85em; }
 .ok { background: #1b9e77; } .drift { background: #d62728; }
@@ -376,12 +337,12 @@ def render(reports: Sequence[dict[str, Any]], *, last: int = 20,
     first_order = [r["first_order_at_ms"] for r in shown
                    if r.get("first_order_at_ms") is not None]
     last_order = [r["last_order_at_ms"] for r in shown if r.get("last_order_at_ms") is not None]
-    orders = (f" · orders from {_time(min(first_order))} to {_time(max(last_order))}"
+    orders = (f" · orders from {utc_time(min(first_order))} to {utc_time(max(last_order))}"
               if first_order and last_order else "")
     notes = {c["name"]: rollout_note(c, pictured) for c in pictured["checks"]}
     out = [head, f"<p class='meta'>Model <code>{escape(latest['model_version'])}</code> · "
            f"<a href='#windows'>{len(shown)} window(s) shown</a>, "
-           f"{_time(shown[0]['opened_at_ms'])} to {_time(latest['closed_at_ms'])}{orders} · "
+           f"{utc_time(shown[0]['opened_at_ms'])} to {utc_time(latest['closed_at_ms'])}{orders} · "
            f"sampled at {escape(rates_text(_merged_rates(shown)))} · latest window: "
            f"{latest['samples']} samples, {_badge(latest['status'])}</p>",
            f"<p class='note'>Each window is compared with the training baseline. A check "
@@ -398,18 +359,18 @@ def render(reports: Sequence[dict[str, Any]], *, last: int = 20,
                    f"<td>{_badge(c['verdict'])}"
                    + (f" <a href='#rollout-{escape(c['name'])}'>roll-out?</a>"
                       if notes.get(c["name"]) and pictured is latest else "")
-                   + f"</td><td class='num'>{_fmt(c['statistic'])}</td>"
-                   f"<td class='num'>{_fmt(c['threshold'])}</td>"
-                   f"<td class='num'>{_fmt(c['adjusted_p_value'])}</td>"
-                   f"<td class='num'>{_fmt(c['psi'])}</td>"
+                   + f"</td><td class='num'>{number(c['statistic'])}</td>"
+                   f"<td class='num'>{number(c['threshold'])}</td>"
+                   f"<td class='num'>{number(c['adjusted_p_value'])}</td>"
+                   f"<td class='num'>{number(c['psi'])}</td>"
                    f"<td class='num'>{alarms[c['name']]}</td></tr>")
     out.append("</table>")
     if pictured is not latest:
         out.append(f"<p class='note'>The latest window was too small to test; the sections "
-                   f"below show the latest tested one, closed {_time(pictured['closed_at_ms'])}"
+                   f"below show the latest tested one, closed {utc_time(pictured['closed_at_ms'])}"
                    f" with {pictured['samples']} samples.</p>")
-    tips = [f"window closed {_time(r['closed_at_ms'])}, {r['samples']} samples"
-            + (f", orders {_time(r['first_order_at_ms'])} to {_time(r['last_order_at_ms'])}"
+    tips = [f"window closed {utc_time(r['closed_at_ms'])}, {r['samples']} samples"
+            + (f", orders {utc_time(r['first_order_at_ms'])} to {utc_time(r['last_order_at_ms'])}"
                if r.get("first_order_at_ms") is not None else "") for r in shown]
     # Alarming checks first: they are what the reader opened the page for.
     for c in sorted(pictured["checks"], key=lambda c: c["verdict"] != "drift"):
@@ -423,9 +384,9 @@ def render(reports: Sequence[dict[str, Any]], *, last: int = 20,
         out.append(
             f"<section class='check' id='{escape(name)}'><h2>{escape(name)} "
             f"{_badge(c['verdict'])}</h2><p>feature <code>{escape(c['feature'])}</code> · "
-            f"test {escape(c['test'])} · statistic {_fmt(c['statistic'])} against threshold "
-            f"{_fmt(c['threshold'])} · p {_fmt(c['p_value'])}, Holm-adjusted "
-            f"{_fmt(c['adjusted_p_value'])} · PSI {_fmt(c['psi'])} · {c['samples']} samples"
+            f"test {escape(c['test'])} · statistic {number(c['statistic'])} against threshold "
+            f"{number(c['threshold'])} · p {number(c['p_value'])}, Holm-adjusted "
+            f"{number(c['adjusted_p_value'])} · PSI {number(c['psi'])} · {c['samples']} samples"
             f"{' · ' + escape(c['reason']) if c['reason'] else ''}</p>" + notes[name]
             + (f"<p>Never seen in training:</p><ul>{unseen}</ul>" if unseen else "")
             + "<div class='plots'>"
@@ -434,7 +395,7 @@ def render(reports: Sequence[dict[str, Any]], *, last: int = 20,
             + trend_chart(points, check=name, labels=labels, axis=axis, tips=tips)
             + "</div></section>")
     out.append(_windows_table(shown, axis, labels))
-    out.append(f"<p class='note'>Generated {_time(int(datetime.now(UTC).timestamp() * 1000))} "
+    out.append(f"<p class='note'>Generated {utc_time(int(datetime.now(UTC).timestamp() * 1000))} "
                "by <code>triage drift report</code>.</p></body></html>")
     return "".join(out)
 
@@ -446,10 +407,10 @@ def _windows_table(shown: Sequence[dict[str, Any]], axis: str, labels: Sequence[
     for report, label in zip(shown, labels, strict=True):
         drifted = ", ".join(c["name"] for c in report["checks"] if c["verdict"] == "drift")
         rates = rates_text(_merged_rates([report])) if report["samples"] else "-"
-        rows.append(f"<tr><td>{escape(label)}</td><td>{_time(report['closed_at_ms'])}</td>"
+        rows.append(f"<tr><td>{escape(label)}</td><td>{utc_time(report['closed_at_ms'])}</td>"
                     f"<td class='num'>{report['samples']:,}</td>"
-                    f"<td>{_time(report.get('first_order_at_ms'))}</td>"
-                    f"<td>{_time(report.get('last_order_at_ms'))}</td>"
+                    f"<td>{utc_time(report.get('first_order_at_ms'))}</td>"
+                    f"<td>{utc_time(report.get('last_order_at_ms'))}</td>"
                     f"<td>{escape(rates)}</td>"
                     f"<td>{_badge(report['status'])}</td><td>{escape(drifted) or '-'}</td></tr>")
     return ("<section id='windows'><h2>Windows shown</h2><p class='note'>What each report "
