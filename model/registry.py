@@ -28,6 +28,7 @@ training CSV).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -165,6 +166,37 @@ class Registry:
                                 f"(versions: {known})")
         return path
 
+    def backtests(self, version: str) -> Path:
+        """Where ``version``'s backtest reports are kept: ``<registry>/backtests/<version>/``
+        (beside the versions, never inside one: a version's files are hashed). Raises
+        RegistryError for a version id that is not one."""
+        if not version or version.startswith(".") or Path(version).name != version:
+            raise RegistryError(f"{version!r} is not a version id")
+        return self.root / "backtests" / version
+
+    def save_backtest(self, report: dict[str, Any]) -> Path:
+        """Keep a backtest report (consumer/backtest.py's JSON, with its ``id`` and
+        ``candidate``) as ``backtests/<candidate>/<id>.json``; returns its path."""
+        folder = self.backtests(report["candidate"])
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{report['id']}.json"
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(report, indent=1))
+        os.replace(temporary, path)  # a reader never sees half a report
+        return path
+
+    def latest_backtest(self, version: str) -> dict[str, Any] | None:
+        """The newest backtest report kept for ``version`` (ids sort by time), or None.
+        Raises RegistryError for a report that is not JSON."""
+        reports = sorted(self.backtests(version).glob("bt-*.json"))
+        if not reports:
+            return None
+        try:
+            found: dict[str, Any] = json.loads(reports[-1].read_text())
+        except (OSError, ValueError) as exc:
+            raise RegistryError(f"backtest report {reports[-1]} cannot be read: {exc}") from None
+        return found
+
     def get(self, version: str) -> Version:
         """``version``, verified: every file has the hash its manifest records. Raises
         RegistryError if unknown, ArtifactError if a file was changed."""
@@ -215,6 +247,45 @@ def check_live(version: str, active: str, pairs: int, shadow_policy_agreement: f
                  f"{version} agrees with the policy less often on live traffic "
                  f"({shadow_policy_agreement:.2%}) than the active version "
                  f"({active_policy_agreement:.2%})")
+
+
+#: A backtest (consumer/backtest.py) passes over at least this many orders...
+MIN_BACKTEST_ORDERS = 1_000
+#: ... with the candidate's agreement with the policy no more than this below the active's.
+BACKTEST_TOLERANCE = 0.001
+
+
+def check_backtest(version: str, report: dict[str, Any] | None, active: str | None,
+                   min_agreement: float, force: bool = False) -> bool:
+    """The backtest gate (``--require-backtest``): ``report`` (the latest backtest of
+    ``version``, consumer/backtest.py's JSON; None: never backtested) passes when it scored at
+    least MIN_BACKTEST_ORDERS orders, the candidate agreed with the policy on at least
+    ``min_agreement`` of them (0..1), and, if a version is ``active``, the report compared it
+    with that same version and the candidate's agreement is no more than BACKTEST_TOLERANCE
+    (0.1 percentage points) below the active one's. Returns True when it did not pass and
+    ``force`` promotes it anyway, False when it passed. Raises PromotionRefused (gate
+    "backtest") otherwise."""
+    if report is None:
+        return _gate("backtest", False, force, f"{version} has no backtest: run `triage models "
+                     f"backtest {version}` first")
+    ours = report.get("candidate_policy_agreement") or 0.0
+    theirs = report.get("active_policy_agreement")
+    orders = int(report.get("orders") or 0)
+    found = f"backtest {report.get('id')}"
+    if orders < MIN_BACKTEST_ORDERS:
+        refusal = f"{found} scored {orders:,} orders, fewer than {MIN_BACKTEST_ORDERS:,}"
+    elif ours < min_agreement:
+        refusal = (f"in {found} {version} agreed with the policy on {ours:.2%}, below "
+                   f"--min-agreement {min_agreement:.2%}")
+    elif active is not None and report.get("active") != active:
+        refusal = (f"{found} compared {version} with {report.get('active') or 'no version'}, "
+                   f"not with the active {active}: backtest it again")
+    elif active is not None and theirs is not None and ours < theirs - BACKTEST_TOLERANCE:
+        refusal = (f"in {found} {version} agreed with the policy on {ours:.2%}, more than "
+                   f"{BACKTEST_TOLERANCE:.1%} below the active {active}'s {theirs:.2%}")
+    else:
+        return False
+    return _gate("backtest", False, force, refusal)
 
 
 def check_shadow(active: str | None, shadow: str | None) -> None:

@@ -52,24 +52,27 @@ class ModelState:
     changed_at_ms: int   # UTC ms
     forced: bool = False
     shadow: str | None = None
+    backtest: str | None = None  # the passed backtest's id a promotion required
 
     @classmethod
     def of(cls, record: dict[str, Any]) -> ModelState:
         return cls(record["active"], record["previous"], record["action"],
                    record["changed_by"], record["changed_at_ms"], record["forced"],
-                   record["shadow"])
+                   record["shadow"], record.get("backtest"))
 
     def record(self) -> dict[str, Any]:
         return {"active": self.active, "previous": self.previous, "shadow": self.shadow,
                 "action": self.action, "changed_by": self.changed_by,
-                "changed_at_ms": self.changed_at_ms, "forced": self.forced}
+                "changed_at_ms": self.changed_at_ms, "forced": self.forced,
+                "backtest": self.backtest}
 
 
 def changed(active: str, previous: str | None, action: str, by: str | None = None,
-            forced: bool = False, shadow: str | None = None) -> ModelState:
+            forced: bool = False, shadow: str | None = None,
+            backtest: str | None = None) -> ModelState:
     """A new state, made now by ``by`` (default: this process's user name)."""
     return ModelState(active, previous, action, by or getpass.getuser(),
-                      int(time.time() * 1000), forced, shadow)
+                      int(time.time() * 1000), forced, shadow, backtest)
 
 
 @dataclass(frozen=True)

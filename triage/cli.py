@@ -270,6 +270,12 @@ def _add_models(commands: Commands, common: argparse.ArgumentParser) -> None:
     a.add_argument("--minutes", type=float, default=60.0,
                    help="a version in shadow: compare its live agreement with the policy over "
                         "the last M minutes (default 60)")
+    a.add_argument("--require-backtest", action="store_true",
+                   help="refuse a version without a passed backtest (`triage models "
+                        "backtest`): over 1,000 orders or more, agreement with the policy at "
+                        "least --min-agreement and at most 0.1 points below the active "
+                        "version's; the report's id is recorded in the state")
+    _min_agreement(a)
     by(a)
     by(action("rollback", "make the previous active version active again"))
     a = action("shadow", "score a version beside the active one, to the shadow topic")
@@ -283,6 +289,31 @@ def _add_models(commands: Commands, common: argparse.ArgumentParser) -> None:
     a.add_argument("--idle", type=float, default=3.0,
                    help="stop reading after this many seconds with nothing new")
     a.add_argument("--json", action="store_true", help="print the figures as JSON")
+    a = action("backtest", "score a version over the history in Kafka (or --data DIR) with "
+                           "the features as they were, against the active version and the "
+                           "policy; publishes nothing, commits nothing")
+    a.add_argument("version", help="the candidate: a version id of the registry")
+    a.add_argument("--from", dest="from_time", metavar="TIME",
+                   help="first order time, UTC, YYYY-MM-DD HH:MM:SS or ISO 8601 (default: the "
+                        "beginning)")
+    a.add_argument("--to", dest="to_time", metavar="TIME",
+                   help="last order time, as --from (default: the end)")
+    a.add_argument("--data", type=Path, metavar="DIR",
+                   help="score a data directory's CSVs instead of Kafka (no broker needed)")
+    a.add_argument("--active", metavar="VERSION",
+                   help="the version to compare with (default: the active one on the control "
+                        "topic; with --data, none unless given)")
+    a.add_argument("--out", type=Path, default=Path("backtests"),
+                   help="directory for the report's JSON and HTML (default ./backtests)")
+    _min_agreement(a)
+    a.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _encoding_flag(a)
+
+
+def _min_agreement(a: argparse.ArgumentParser) -> None:
+    a.add_argument("--min-agreement", type=float, default=0.99,
+                   help="a backtest passes only if the candidate agrees with the policy on at "
+                        "least this share of the orders (default 0.99)")
 
 
 def _add_lag(commands: Commands, common: argparse.ArgumentParser) -> None:
@@ -775,12 +806,13 @@ def _check_model_source(args: argparse.Namespace) -> None:
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
-    """``triage models list|promote|rollback|shadow|compare`` (scoring/follower.py,
+    """``triage models list|promote|rollback|shadow|compare|backtest`` (scoring/follower.py,
     model/registry.py: the rules, which raise PromotionRefused or ChangeRefused, exit 2)."""
     from triage.model.mlflow_registry import MODELS_SCHEME
     from triage.model.registry import (
         Registry,
         check_accuracy,
+        check_backtest,
         check_live,
         check_rollback,
         check_shadow,
@@ -795,8 +827,12 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
             added = registry.add(downloaded)  # verified against its manifest
         print(f"{args.version} is {added.version}; added to the registry {args.registry}")
         args.version = added.version
+    if args.models_command == "backtest" and args.data is not None:
+        return _backtest(args, settings, registry, None)
     settings = _resolved(settings)
     connection, topics = settings.connection, settings.topics
+    if args.models_command == "backtest":
+        return _backtest(args, settings, registry, read_state(connection, topics))
     if args.models_command == "compare":
         from triage.consumer.shadow import compare
 
@@ -842,9 +878,17 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
                 _forced(version.version, "live", shadow_policy_agreement=theirs,
                         active_policy_agreement=ours)
                 forced = True
+        backtest: str | None = None
+        if args.require_backtest:
+            found = registry.latest_backtest(version.version)
+            backtest = found["id"] if found else None
+            if check_backtest(version.version, found, state.active if state else None,
+                              args.min_agreement, args.force):
+                _forced(version.version, "backtest", backtest=backtest or "none")
+                forced = True
         shadow = state.shadow if state and state.shadow != version.version else None
         new = changed(version.version, state.active if state else None, "promote", args.by,
-                      forced, shadow)
+                      forced, shadow, backtest)
     elif args.models_command == "shadow":
         target = None if args.clear else registry.get(args.version).version
         check_shadow(state.active if state else None, target)
@@ -874,6 +918,80 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _backtest(args: argparse.Namespace, settings: Settings, registry: Any,
+              state: Any) -> int:
+    """``triage models backtest`` (consumer/backtest.py): score the version over the history,
+    print the summary, write the JSON and HTML reports to --out and keep the JSON in the
+    registry for ``promote --require-backtest``. 0 when it ran, whatever it found."""
+    from tqdm import tqdm
+
+    from triage.consumer import backtest as bt
+    from triage.consumer.backtest_report import write_html
+    from triage.model import artifact
+    from triage.model.registry import PromotionRefused, check_backtest
+    from triage.model.tables import confusion_text
+    from triage.producer.publisher import OrderError, parse_timestamp_ms
+
+    try:
+        from_ms = parse_timestamp_ms(args.from_time) if args.from_time else None
+        to_ms = parse_timestamp_ms(args.to_time) if args.to_time else None
+    except OrderError as exc:
+        raise SettingsError(f"--from/--to: {exc}") from None
+    if from_ms is not None and to_ms is not None and from_ms > to_ms:
+        raise SettingsError("--from is after --to")
+    candidate = artifact.load(registry.get(args.version).path)
+    active_id = args.active or (state.active if state is not None else None)
+    active = artifact.load(registry.get(active_id).path) if active_id else None
+    result = bt.Backtest(candidate.version, active.version if active else None,
+                         f"data {args.data}" if args.data else "kafka", from_ms, to_ms)
+    if args.data is not None:
+        tables, batches = bt.data_history(args.data, encoding=settings.data.csv_encoding,
+                                          from_ms=from_ms, to_ms=to_ms)
+        published = None
+    else:
+        history = bt.kafka_history(settings, from_ms=from_ms, to_ms=to_ms)
+        tables, batches, published = history.tables, history.batches, history.published
+        result.warnings += history.warnings
+    bar = tqdm(unit=" orders", disable=args.no_progress or not sys.stderr.isatty(),
+               file=sys.stderr, desc="backtest")
+    with bar:
+        bt.run(candidate, active, tables, batches, result, progress=bar.update,
+               published=published or (lambda batch: None))
+    if not result.orders:
+        raise bt.BacktestError("no orders in the range to backtest" + (
+            f" ({args.from_time or 'the beginning'} to {args.to_time or 'the end'})"))
+    report = result.as_dict()
+    path = bt.write(result, args.out)
+    html = write_html(report, path.with_suffix(".html"))
+    kept = registry.save_backtest(report)
+    span = " to ".join(_when(t) for t in (result.first_ms or 0, result.last_ms or 0))
+    print(f"backtest {result.id}: {result.candidate} over {result.orders:,} orders ({span}), "
+          f"{report['orders_per_s'] or 0:,} orders/s")
+    for role, version in (("candidate", result.candidate), ("active", result.active)):
+        agreement = result.policy_agreement(role)
+        if agreement is not None:
+            print(f"agreement with the policy: {agreement:.2%} ({role} {version})")
+    if report["published_agreement"] is not None:
+        print(f"agreement with the published predictions: {report['published_agreement']:.2%}"
+              f" of {result.published_orders:,} orders")
+    if result.active is not None:
+        changes = sum(n for row in report["changed_by_class"].values() for n in row.values())
+        print(f"decisions that would change: {changes:,} of {result.orders:,}")
+        print(confusion_text("active \\ candidate", report["classes"],
+                             report["confusion"]["active_vs_candidate"]))
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    try:
+        check_backtest(result.candidate, report, result.active, args.min_agreement)
+        verdict = f"passes the promotion gate at --min-agreement {args.min_agreement:.2%}"
+    except PromotionRefused as exc:
+        verdict = f"would not pass the promotion gate: {exc}"
+    print(f"{result.candidate} {verdict}")
+    print(f"report: {path} and {html}; kept as {kept} for `triage models promote "
+          f"{result.candidate} --require-backtest`")
+    return 0
+
+
 def _live_figures(connection: Any, topics: Any, version: str, active: str, minutes: float
                   ) -> dict[str, Any]:
     """What the live gate (model/registry.py's check_live) decides on: consumer/shadow.py's
@@ -893,7 +1011,7 @@ def _live_figures(connection: Any, topics: Any, version: str, active: str, minut
     return report
 
 
-def _forced(version: str, gate: str, **figures: float) -> None:
+def _forced(version: str, gate: str, **figures: float | str) -> None:
     """Log that ``version`` was promoted past ``gate`` by --force, with the gate's figures."""
     import structlog
 
