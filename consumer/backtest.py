@@ -286,23 +286,40 @@ def data_history(data_dir: Path, *, encoding: str = "utf-8", from_ms: int | None
     """The reference tables of ``data_dir``'s CSVs (all their rows) and its orders.csv in
     batches of ``batch`` rows, read as they are scored (rows whose timestamp is not
     ``YYYY-MM-DD HH:MM:SS`` are left out, as the replay leaves them out). Raises
-    ReferenceDataError for a file that cannot be read."""
+    ReferenceDataError for a reference file that cannot be read or an orders.csv without its
+    columns; for a row of orders.csv that cannot be read (a byte not in ``encoding``, a line
+    of too many fields), the iteration raises it, naming the line, when it reaches the row."""
     import pandas as pd
 
     tables = ReferenceTables.load(data_dir, encoding)
     path = data_dir / "orders.csv"
-    read_csv(path, ORDER_COLUMNS, encoding)  # its errors, with the file's line, before scoring
+    python_encoding = ("utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8")
+                       else encoding)
+    # The header is checked now (read_csv's errors, before scoring); the rows are read, and
+    # checked, batch by batch: reading the whole file first held every order in memory at once.
+    try:
+        header = pd.read_csv(path, dtype=str, nrows=0, encoding=python_encoding)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        header = None
+    if header is None or any(c not in header.columns for c in ORDER_COLUMNS):
+        read_csv(path, ORDER_COLUMNS, encoding)  # raises ReferenceDataError, naming the file
 
     def batches() -> Iterator[Batch]:
-        for frame in pd.read_csv(path, dtype=str, keep_default_na=False, usecols=ORDER_COLUMNS,
-                                 encoding="utf-8-sig" if encoding.lower().replace("_", "-")
-                                 in ("utf-8", "utf8") else encoding, chunksize=batch):
-            orders = orders_of_frame(frame.fillna(""))
-            keep = within(orders, from_ms, to_ms)
-            if not keep.all():
-                orders = _subset(orders, keep)
-            n = len(orders)
-            yield Batch(orders, np.full(n, -1, dtype=np.int32), np.full(n, -1, dtype=np.int64))
+        try:
+            # All columns, not usecols: a line of too many fields must be refused, as
+            # read_csv refuses it, not cut to the columns.
+            for frame in pd.read_csv(path, dtype=str, keep_default_na=False,
+                                     encoding=python_encoding, chunksize=batch):
+                orders = orders_of_frame(frame[ORDER_COLUMNS].fillna(""))
+                keep = within(orders, from_ms, to_ms)
+                if not keep.all():
+                    orders = _subset(orders, keep)
+                n = len(orders)
+                yield Batch(orders, np.full(n, -1, dtype=np.int32),
+                            np.full(n, -1, dtype=np.int64))
+        except (UnicodeDecodeError, pd.errors.ParserError):
+            read_csv(path, ORDER_COLUMNS, encoding)  # raises ReferenceDataError, with the line
+            raise
 
     return tables, batches()
 
