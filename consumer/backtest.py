@@ -24,6 +24,7 @@ Published predictions are kept as one byte and one short per order of the range.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -52,8 +53,6 @@ from triage.scoring.validation import OrderValidator
 EXAMPLES = 1_000
 #: Orders scored at once.
 BATCH = 50_000
-#: Fewest orders a backtest must score for promotion to accept it (model/registry.py).
-MIN_ORDERS = 1_000
 _CODE = {c: i for i, c in enumerate(CLASSES)}
 _NONE = -1  # no published prediction for the order
 
@@ -87,10 +86,11 @@ class Tally:
         self.candidate += candidate
         self.active += active
 
-    def as_dict(self) -> dict[str, float | int]:
+    def as_dict(self, active: bool = True) -> dict[str, float | int | None]:
+        """The slice's figures; ``active`` False: no active version was scored (None)."""
         n = self.orders or 1
         return {"orders": self.orders, "candidate_policy_agreement": self.candidate / n,
-                "active_policy_agreement": self.active / n}
+                "active_policy_agreement": self.active / n if active else None}
 
 
 @dataclass
@@ -116,6 +116,7 @@ class Backtest:
     published_orders: int = 0
     published_agreement: int = 0  # the candidate's decision equals the published one
     examples: list[dict[str, Any]] = field(default_factory=list)
+    refused: dict[str, int] = field(default_factory=dict)  # reason -> orders not scored
     first_ms: int | None = None
     last_ms: int | None = None
     elapsed_s: float = 0.0
@@ -146,12 +147,14 @@ class Backtest:
             np.add.at(self.active_vs_policy, (act, pol), 1)
             np.add.at(self.active_vs_candidate, (act, cand), 1)
         self.total.add(n, int(cand_ok.sum()), int(act_ok.sum()))
-        hours = (times // 3_600_000).astype(np.int64)
-        for hour in np.unique(hours).tolist():
-            rows = hours == hour
+        hours, slot = np.unique(times // 3_600_000, return_inverse=True)
+        counts = np.bincount(slot, minlength=len(hours))
+        cand_hits = np.bincount(slot, weights=cand_ok, minlength=len(hours))
+        act_hits = np.bincount(slot, weights=act_ok, minlength=len(hours))
+        for i, hour in enumerate(hours.tolist()):
             key = datetime.fromtimestamp(hour * 3600, UTC).strftime("%Y-%m-%dT%H:00Z")
-            self.by_hour.setdefault(key, Tally()).add(int(rows.sum()), int(cand_ok[rows].sum()),
-                                                      int(act_ok[rows].sum()))
+            self.by_hour.setdefault(key, Tally()).add(int(counts[i]), int(cand_hits[i]),
+                                                      int(act_hits[i]))
         for code in np.unique(pol).tolist():
             rows = pol == code
             self.by_class.setdefault(CLASSES[code], Tally()).add(
@@ -206,8 +209,11 @@ class Backtest:
                           "active_vs_policy": self.active_vs_policy.tolist(),
                           "active_vs_candidate": self.active_vs_candidate.tolist()},
             "changed_by_class": self.changed_by_class(),
-            "by_hour": {k: v.as_dict() for k, v in sorted(self.by_hour.items())},
-            "by_class": {k: v.as_dict() for k, v in sorted(self.by_class.items())},
+            "by_hour": {k: v.as_dict(self.active is not None)
+                        for k, v in sorted(self.by_hour.items())},
+            "by_class": {k: v.as_dict(self.active is not None)
+                         for k, v in sorted(self.by_class.items())},
+            "refused": dict(self.refused),
             "examples": self.examples, "examples_limit": EXAMPLES,
             "warnings": self.warnings,
         }
@@ -241,13 +247,18 @@ def run(candidate: Model, active: Model | None, tables: ReferenceTables,
         batches: Iterator[Batch], result: Backtest, *,
         published: Callable[[Batch], np.ndarray | None] = lambda batch: None,
         on_batch: Callable[[Batch, FeatureBatch, np.ndarray], None] | None = None,
-        progress: Callable[[int], object] = lambda n: None) -> Backtest:
+        progress: Callable[[int], object] = lambda n: None,
+        validator: OrderValidator | None = None) -> Backtest:
     """Score every batch with ``candidate`` (and ``active``) on features as of each order's
-    time from ``tables``, and count it into ``result``. ``on_batch(batch, features,
+    time from ``tables``, and count it into ``result``. With ``validator`` (the workers'),
+    an order the workers would dead-letter is not scored but counted in ``result.refused`` by
+    reason. ``on_batch(batch, features,
     candidate's recommendations)`` sees every batch (the tests compare the features with an
     offline join); ``progress(n)`` is called with each batch's size."""
     started = time.monotonic()
     for batch in batches:
+        if validator is not None:
+            batch = _valid(batch, validator, result)
         features = batch.orders.features(tables)
         ours, _ = candidate.predict(features)
         theirs = active.predict(features)[0] if active is not None else None
@@ -257,6 +268,18 @@ def run(candidate: Model, active: Model | None, tables: ReferenceTables,
         progress(len(batch.orders))
     result.elapsed_s = time.monotonic() - started
     return result
+
+
+def _valid(batch: Batch, validator: OrderValidator, result: Backtest) -> Batch:
+    """``batch`` without the orders ``validator`` refuses (counted in ``result.refused``)."""
+    refused = list(validator.check(batch.orders.records()))
+    if not refused:
+        return batch
+    keep = np.ones(len(batch.orders), dtype=bool)
+    for rejection in refused:
+        keep[rejection.index] = False
+        result.refused[rejection.reason] = result.refused.get(rejection.reason, 0) + 1
+    return Batch(_subset(batch.orders, keep), batch.partitions[keep], batch.offsets[keep])
 
 
 def within(orders: OrderColumns, from_ms: int | None, to_ms: int | None) -> np.ndarray:
@@ -347,7 +370,10 @@ def kafka_history(settings: Any, *, from_ms: int | None = None, to_ms: int | Non
     partition's end, keeping those whose own time is within [from_ms, to_ms]. Raises
     InfrastructureError or KafkaException when the broker cannot be read."""
     log = log or structlog.get_logger("backtest")
-    feed = ReferenceFeed(ReferenceTables.empty(), settings.reference,
+    # Every event kept: TRIAGE_REFERENCE_RETENTION trims a long-running worker's tables, but a
+    # backtest's features are merge_asof over all the history it reads.
+    feed = ReferenceFeed(ReferenceTables.empty(),
+                         dataclasses.replace(settings.reference, reference_retention=""),
                          OrderValidator(settings.validation), snapshot=False, log=log)
     reader = ReferenceReader(settings.connection, settings.topics, feed, log=log)
     warnings: list[str] = []
@@ -358,19 +384,25 @@ def kafka_history(settings: Any, *, from_ms: int | None = None, to_ms: int | Non
             warnings.append(f"{len(letters)} reference records could not be applied (the "
                             "workers dead-letter them too)")
         for (stream, partition), progress in sorted(feed.progress.items()):
-            if progress.low > 0:
+            if progress.low > 0 and progress.high > progress.low:
                 warnings.append(f"{stream} partition {partition} begins at offset "
                                 f"{progress.low}: retention removed its earlier events, so "
                                 "orders before them may see less history than the workers "
                                 "saw")
+        for topic in sorted(reader.reader.missing):
+            warnings.append(f"reference topic {topic} does not exist: every order's feature "
+                            "from it is missing (as a worker's would be)")
     finally:
         reader.close()
     topics = settings.topics
     connection = settings.connection
     consumer = make_consumer(connection, f"triage-backtest-{uuid.uuid4().hex}",
                              **{"enable.partition.eof": True})
-    starts = _starts(consumer, topics.orders_topic, from_ms)
-    published = _Published(connection, topics.predictions_topic, from_ms,
+    # By record timestamp (publication), back by how far ahead of its publication an order may
+    # be stamped (TRIAGE_MAX_FUTURE_SECONDS); the orders' own times are then filtered.
+    seek_ms = None if from_ms is None else from_ms - settings.validation.max_future_seconds * 1000
+    starts = _starts(consumer, topics.orders_topic, seek_ms)
+    published = _Published(connection, topics.predictions_topic, seek_ms,
                            {tp.partition: tp.offset for tp in starts}, log)
     codec = codec_for(connection, "order", topics.orders_topic)
 
@@ -414,10 +446,13 @@ def _batch(records: list[dict[str, Any]], where: list[tuple[int, int]]) -> Batch
 
 def _starts(consumer: Any, topic: str, from_ms: int | None) -> list[TopicPartition]:
     """Every partition of ``topic`` at the offset for ``from_ms`` (the first record with a
-    timestamp at or after it; the beginning without one)."""
+    timestamp at or after it; without one, its earliest offset: its low watermark, which
+    retention moves)."""
     partitions = partitions_of(consumer, topic)
     if from_ms is None:
-        return [TopicPartition(topic, tp.partition, 0) for tp in partitions]
+        return [TopicPartition(topic, tp.partition,
+                               consumer.get_watermark_offsets(tp, timeout=30.0)[0])
+                for tp in partitions]
     found = consumer.offsets_for_times(
         [TopicPartition(topic, tp.partition, from_ms) for tp in partitions], timeout=30.0)
     # -1: no record at or after the time: nothing of that partition is in the range.

@@ -1,11 +1,12 @@
 """The model registry: a directory any worker on any machine can read (local, or a volume shared
 by compose services or Kubernetes pods), holding one subdirectory per model version, named by
 its version id (``xgb-<hash>``, from the artifact's manifest), each a verified artifact
-(model/artifact.py). Anything else in the directory is a dot-file (a version being added is
-copied to ``.adding-<id>``, checked against its manifest, written to disk (fsync) and only then
-renamed into place, so a reader never sees half of one, even after a crash); a directory
-without a readable manifest and without a version's name (``lost+found`` on a mounted volume)
-is not listed.
+(model/artifact.py). Beside them, ``backtests/<version>/`` keeps the versions' backtest
+reports (consumer/backtest.py); anything else in the directory is a dot-file (a version being
+added is copied to ``.adding-<id>``, checked against its manifest, written to disk (fsync) and
+only then renamed into place, so a reader never sees half of one, even after a crash); a
+directory without a readable manifest and without a version's name (``backtests``,
+``lost+found`` on a mounted volume) is not listed.
 
 A version copied in by other means (``cp -r``, rsync, a volume being synced) can be seen half
 way: :meth:`Registry.versions` lists it with its ``problem`` ("incomplete: model.json
@@ -48,8 +49,9 @@ class RegistryError(ConfigurationError):
 
 class PromotionRefused(ConfigurationError):
     """A promotion gate refused a version: its holdout accuracy is below the minimum
-    (``gate`` "min_accuracy"), or it agreed with the policy on live traffic less often than the
-    active version (``gate`` "live"). ``--force`` overrides a gate (the new state records it as
+    (``gate`` "min_accuracy"), it agreed with the policy on live traffic less often than the
+    active version (``gate`` "live"), or it has no passed backtest where one is required
+    (``gate`` "backtest"). ``--force`` overrides a gate (the new state records it as
     forced). A ConfigurationError (bus/errors.py): the command exits with status 2, and running
     it again refuses again until the version, the figures or the flags change."""
 

@@ -98,8 +98,17 @@ def publish_state(connection: ConnectionSettings, topics: TopicSettings,
                   state: ModelState) -> None:
     """Write ``state`` to the control topic and wait for the broker's acknowledgement. Raises
     InfrastructureError if it was not acknowledged."""
-    codec = codec_for(connection, "model_state", topics.models_topic)
-    publish_value(connection, topics.models_topic, STATE_KEY, codec.encode(state.record()))
+    publish_value(connection, topics.models_topic, STATE_KEY,
+                  encode_state(connection, topics.models_topic, state))
+
+
+def encode_state(connection: ConnectionSettings, topic: str, state: ModelState) -> bytes:
+    """``state`` as the control topic's record. A state that records no backtest is written
+    with the contract's first version (schemas/history/model_state.1.avsc), which workers
+    older than the ``backtest`` field read too: a promotion that needs no backtest leaves none
+    of them behind during a rolling upgrade (docs/contracts.md)."""
+    schema = "model_state" if state.backtest is not None else "history/model_state.1"
+    return codec_for(connection, schema, topic).encode(state.record())
 
 
 def _decode(codec: Any, value: bytes | None) -> ModelState | None:

@@ -28,6 +28,7 @@ from triage.bus.embedded import (
 from triage.bus.errors import (
     EXIT_CONFIGURATION,
     EXIT_INFRASTRUCTURE,
+    InfrastructureError,
     exit_status,
     is_expected,
 )
@@ -265,8 +266,9 @@ def _add_models(commands: Commands, common: argparse.ArgumentParser) -> None:
                    help="refuse a version whose holdout accuracy against the policy is below "
                         "this (default 0.995)")
     a.add_argument("--force", action="store_true",
-                   help="promote even below --min-accuracy, or below the active version's live "
-                        "agreement with the policy (recorded)")
+                   help="promote even below --min-accuracy, below the active version's live "
+                        "agreement with the policy, or without a passed backtest where "
+                        "--require-backtest asks for one (recorded)")
     a.add_argument("--minutes", type=float, default=60.0,
                    help="a version in shadow: compare its live agreement with the policy over "
                         "the last M minutes (default 60)")
@@ -342,8 +344,9 @@ def _add_demo(commands: Commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("demo", parents=[common],
                             help="generate, train, start broker and 2 workers, replay, report")
     p.add_argument("--data", type=Path, help="use these CSVs instead of generating 20k orders")
-    p.add_argument("--model", type=Path, default=Path("models/demo"),
-                   help="model directory; trained there unless it exists (default models/demo)")
+    p.add_argument("--model", type=Path, default=Path("artifacts/demo"),
+                   help="model directory; trained there unless it exists (default "
+                        "artifacts/demo)")
     p.add_argument("--results", type=Path, default=Path("results"))
     _encoding_flag(p)
 
@@ -832,7 +835,8 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     settings = _resolved(settings)
     connection, topics = settings.connection, settings.topics
     if args.models_command == "backtest":
-        return _backtest(args, settings, registry, read_state(connection, topics))
+        return _backtest(args, settings, registry, None if args.active else
+                         _active_or_none(connection, topics))
     if args.models_command == "compare":
         from triage.consumer.shadow import compare
 
@@ -931,6 +935,7 @@ def _backtest(args: argparse.Namespace, settings: Settings, registry: Any,
     from triage.model.registry import PromotionRefused, check_backtest
     from triage.model.tables import confusion_text
     from triage.producer.publisher import OrderError, parse_timestamp_ms
+    from triage.scoring.validation import OrderValidator
 
     try:
         from_ms = parse_timestamp_ms(args.from_time) if args.from_time else None
@@ -941,9 +946,15 @@ def _backtest(args: argparse.Namespace, settings: Settings, registry: Any,
         raise SettingsError("--from is after --to")
     candidate = artifact.load(registry.get(args.version).path)
     active_id = args.active or (state.active if state is not None else None)
+    notes: list[str] = []
+    if active_id and not args.active and not (registry.root / active_id).is_dir():
+        notes.append(f"the active version {active_id} is not in the registry {args.registry}: "
+                     "compared with the policy alone")
+        active_id = None
     active = artifact.load(registry.get(active_id).path) if active_id else None
     result = bt.Backtest(candidate.version, active.version if active else None,
                          f"data {args.data}" if args.data else "kafka", from_ms, to_ms)
+    result.warnings += notes
     if args.data is not None:
         tables, batches = bt.data_history(args.data, encoding=settings.data.csv_encoding,
                                           from_ms=from_ms, to_ms=to_ms)
@@ -956,7 +967,8 @@ def _backtest(args: argparse.Namespace, settings: Settings, registry: Any,
                file=sys.stderr, desc="backtest")
     with bar:
         bt.run(candidate, active, tables, batches, result, progress=bar.update,
-               published=published or (lambda batch: None))
+               published=published or (lambda batch: None),
+               validator=OrderValidator(settings.validation))
     if not result.orders:
         raise bt.BacktestError("no orders in the range to backtest" + (
             f" ({args.from_time or 'the beginning'} to {args.to_time or 'the end'})"))
@@ -974,11 +986,17 @@ def _backtest(args: argparse.Namespace, settings: Settings, registry: Any,
     if report["published_agreement"] is not None:
         print(f"agreement with the published predictions: {report['published_agreement']:.2%}"
               f" of {result.published_orders:,} orders")
+    if result.refused:
+        print("not scored (the workers would dead-letter them): " + ", ".join(
+            f"{n:,} {reason}" for reason, n in sorted(result.refused.items())))
     if result.active is not None:
         changes = sum(n for row in report["changed_by_class"].values() for n in row.values())
         print(f"decisions that would change: {changes:,} of {result.orders:,}")
         print(confusion_text("active \\ candidate", report["classes"],
                              report["confusion"]["active_vs_candidate"]))
+    else:
+        print(confusion_text("candidate \\ policy", report["classes"],
+                             report["confusion"]["candidate_vs_policy"]))
     for warning in result.warnings:
         print(f"warning: {warning}")
     try:
@@ -990,6 +1008,19 @@ def _backtest(args: argparse.Namespace, settings: Settings, registry: Any,
     print(f"report: {path} and {html}; kept as {kept} for `triage models promote "
           f"{result.candidate} --require-backtest`")
     return 0
+
+
+def _active_or_none(connection: Any, topics: Any) -> Any:
+    """The control topic's state, or None (with a warning on stderr) when it cannot be read:
+    a backtest then compares the candidate with the policy alone."""
+    from triage.scoring.follower import read_state
+
+    try:
+        return read_state(connection, topics, timeout_s=10.0)
+    except InfrastructureError as exc:
+        print(f"no active version reachable ({exc}): compared with the policy alone",
+              file=sys.stderr)
+        return None
 
 
 def _live_figures(connection: Any, topics: Any, version: str, active: str, minutes: float

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from triage.bus.settings import section
+from triage.bus.settings import SettingsError, section
 from triage.consumer.settings import WorkerSettings
 from triage.gateway.settings import GatewaySettings
 from triage.model.settings import MlflowSettings
@@ -20,6 +20,16 @@ class Settings(WorkerSettings, GatewaySettings, ProducerSettings):
     """Every setting: the worker's, the gateway's, the producer's and MLflow's."""
 
     mlflow: MlflowSettings = section(MlflowSettings)
+
+    def check(self) -> None:
+        super().check()
+        declared = {s.name for s in REFERENCE_STREAMS}
+        unknown = sorted(set(dict(self.topics.stream_topics)) - declared)
+        if unknown:  # a misspelt variable would otherwise quietly leave the default topic
+            raise SettingsError(
+                f"{', '.join(f'TRIAGE_{name.upper()}_TOPIC' for name in unknown)} names no "
+                f"reference stream; the streams are {', '.join(sorted(declared))} "
+                "(model/streams.py)")
 
 
 def settings_rows(streams: tuple[ReferenceStream, ...] = REFERENCE_STREAMS

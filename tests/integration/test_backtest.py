@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.helpers import cli, predictions
 from triage.bus.offsets import committed_offsets, watermarks
@@ -21,6 +22,7 @@ from triage.model import artifact
 from triage.model.features import FEATURE_NAMES
 from triage.model.registry import Registry
 from triage.producer.replay import replay
+from triage.scoring import feed as feed_module
 from triage.scoring.follower import read_state
 from triage.settings import Settings
 
@@ -39,7 +41,7 @@ def offsets(settings: Settings) -> dict[str, object]:
 
 def test_a_backtest_from_kafka_joins_as_the_workers_do_and_touches_nothing(
         settings: Settings, live_data: Path, model_dir: Path, expected: dict,
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = settings.replace(reference_max_wait_ms=60_000)
     supervisor = Supervisor(settings, model_dir, None, workers=1)
     supervisor.start()
@@ -54,9 +56,11 @@ def test_a_backtest_from_kafka_joins_as_the_workers_do_and_touches_nothing(
     assert len(published) == len(expected)
     before = offsets(settings)
 
-    # The library: every order of the topic, with merge_asof's features.
+    # The library: every order of the topic, with merge_asof's features, even where the
+    # workers would trim their tables (TRIAGE_REFERENCE_RETENTION, here after every record).
     model = artifact.load(model_dir)
-    history = bt.kafka_history(settings, batch=400)
+    monkeypatch.setattr(feed_module, "_RETAIN_EVERY", 1)
+    history = bt.kafka_history(settings.replace(reference_retention="1s"), batch=400)
     assert not history.warnings
     seen: dict[str, dict] = {}
 
@@ -100,3 +104,14 @@ def test_a_backtest_from_kafka_joins_as_the_workers_do_and_touches_nothing(
     assert promoted.returncode == 0, promoted.stderr
     state = read_state(settings.connection, settings.topics)
     assert state is not None and state.active == version and state.backtest == report["id"]
+
+    # No control topic, a reference topic missing: the policy alone, and a warning that says so.
+    elsewhere = settings.replace(models_topic=f"{settings.topics.models_topic}-none",
+                                 inventory_topic=f"{settings.topics.topic_of('inventory')}-none")
+    alone = cli(elsewhere, "backtest", version, "--registry", str(registry.root),
+                "--out", str(tmp_path / "reports"))
+    assert alone.returncode == 0, alone.stderr
+    assert "compared with the policy alone" in alone.stderr
+    assert "(active " not in alone.stdout
+    assert f"warning: reference topic {settings.topics.topic_of('inventory')}-none does not " \
+           "exist" in alone.stdout

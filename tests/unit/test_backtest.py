@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers import oracle
+from tests.helpers import EXERCISE, oracle
+from triage.bus.settings import ConnectionSettings
 from triage.consumer import backtest as bt
 from triage.model import artifact
 from triage.model.features import FeatureBatch
@@ -23,6 +24,10 @@ from triage.model.policy import label
 from triage.model.reference import ReferenceDataError
 from triage.model.registry import PromotionRefused, Registry, check_backtest
 from triage.producer.publisher import parse_timestamp_ms
+from triage.schemas.codec import Codec, DecodeError
+from triage.scoring.follower import changed, encode_state
+from triage.scoring.settings import ValidationSettings
+from triage.scoring.validation import OrderValidator
 
 
 def backtest(candidate: Path, active: Path | None, data: Path, batch: int = bt.BATCH,
@@ -90,6 +95,26 @@ def test_the_figures_do_not_depend_on_the_batch_size(history: Path, model_dir: P
     for key in ("orders", "candidate_policy_agreement", "confusion", "by_hour", "by_class",
                 "first_order_ms", "last_order_ms"):
         assert streamed[key] == whole[key], key
+
+
+def test_orders_the_workers_would_dead_letter_are_counted_not_scored(
+        model_dir: Path, tmp_path: Path) -> None:
+    """An order far in the future decodes, but the workers dead-letter it (and a datetime of
+    its hour does not exist): the backtest must not score it, nor stop on it."""
+    data = tmp_path / "data"
+    shutil.copytree(EXERCISE, data)
+    with open(data / "orders.csv", "a", encoding="utf-8") as f:
+        # the exercise's columns: order_id, customer_id, timestamp, sku_code, quantity, ...
+        f.write("bad-1,c,9999-12-31 23:59:59,SKU,1,00000,False\r\n")  # far in the future
+        f.write("bad-2,c,2021-07-01 10:00:00,,1,00000,False\r\n")     # no sku_code
+    ours = artifact.load(model_dir)
+    tables, batches = bt.data_history(data)
+    result = bt.run(ours, None, tables, batches, bt.Backtest(ours.version, None, "data", None,
+                                                             None),
+                    validator=OrderValidator(ValidationSettings()))
+    assert result.refused == {"invalid_timestamp": 1, "missing_field": 1}
+    assert result.orders == len(pd.read_csv(EXERCISE / "orders.csv"))
+    assert all(e["order_id"] not in ("bad-1", "bad-2") for e in result.examples)
 
 
 def test_the_gate_asks_for_enough_orders_the_same_active_version_and_the_floor() -> None:
@@ -164,3 +189,19 @@ def test_a_bad_row_of_orders_csv_is_refused_with_its_line(history: Path,
             _, batches = bt.data_history(data, batch=3_000)
             for _ in batches:
                 pass
+
+
+def test_a_state_without_a_backtest_is_readable_by_workers_that_predate_the_field() -> None:
+    """Rolling upgrades: a worker of before the backtest field knows only the first version
+    of the control topic's contract; a promotion that needs no backtest is written with it."""
+    connection = ConnectionSettings()
+    plain = encode_state(connection, "models.control", changed("xgb-1", None, "promote", "me"))
+    old_worker = Codec("history/model_state.1")
+    assert old_worker.decode(plain)["active"] == "xgb-1"
+    gated = encode_state(connection, "models.control",
+                         changed("xgb-2", "xgb-1", "promote", "me", backtest="bt-1"))
+    with pytest.raises(DecodeError):
+        old_worker.decode(gated)  # only a gated promotion needs the new contract
+    new_worker = Codec("model_state")
+    assert new_worker.decode(plain)["backtest"] is None
+    assert new_worker.decode(gated)["backtest"] == "bt-1"

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from triage.bus.settings import SettingsError
+from triage.consumer.settings import WorkerSettings
 from triage.model.features import FeatureBatch
 from triage.model.reference import ReferenceTables
 from triage.model.streams import (
@@ -135,10 +136,12 @@ def test_a_declared_stream_loads_from_its_snapshot_csv(tmp_path: Path) -> None:
 
 
 def test_a_declared_stream_has_its_topic_setting_partitions_and_docs_row() -> None:
-    settings = Settings.from_env({"TRIAGE_LOYALTY_TOPIC": "crm.loyalty"})
+    # A worker's settings (the command line's Settings knows only the streams declared in
+    # model/streams.py, and refuses others: the next test).
+    settings = WorkerSettings.from_env({"TRIAGE_LOYALTY_TOPIC": "crm.loyalty"})
     assert settings.topics.topic_of("loyalty") == "crm.loyalty"
     assert settings.to_env()["TRIAGE_LOYALTY_TOPIC"] == "crm.loyalty"
-    assert Settings.of(loyalty_topic="x").topics.topic_of("loyalty") == "x"
+    assert WorkerSettings.of(loyalty_topic="x").topics.topic_of("loyalty") == "x"
     assert Settings().topics.topic_of("loyalty") == "loyalty"  # the default: its name
     partitions = reference_topic_partitions(settings.topics, STREAMS)
     assert partitions["crm.loyalty"] == settings.topics.reference_partitions  # global
@@ -157,7 +160,12 @@ def test_a_declared_stream_replays_from_its_csv_columns() -> None:
 
 
 def test_a_topic_setting_of_a_stream_nobody_declared_is_refused() -> None:
-    """TRIAGE_PAYMENT_TOPIC (singular) is a misspelling, not a new stream."""
-    settings = Settings.from_env({"TRIAGE_PAYMENT_TOPIC": "pay"})
+    """TRIAGE_PAYMENT_TOPIC (singular) is a misspelling, not a new stream: refused by every
+    command (the command line's settings) and by a worker's reference reader."""
     with pytest.raises(SettingsError, match="TRIAGE_PAYMENT_TOPIC names no reference stream"):
-        ReferenceReader(settings.connection, settings.topics, toy_feed(T))
+        Settings.from_env({"TRIAGE_PAYMENT_TOPIC": "pay"})
+    with pytest.raises(SettingsError, match="TRIAGE_PAYMNTS_TOPIC names no reference stream"):
+        Settings.of(paymnts_topic="pay")
+    worker = WorkerSettings.from_env({"TRIAGE_PAYMENT_TOPIC": "pay"})
+    with pytest.raises(SettingsError, match="TRIAGE_PAYMENT_TOPIC names no reference stream"):
+        ReferenceReader(worker.connection, worker.topics, toy_feed(T))
