@@ -93,3 +93,58 @@ def stop_and_reap(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> Rea
             deadline = time.monotonic() + timeout_s
         time.sleep(0.02)
 
+
+
+# A process of its own between the bench and the measured command: the kernel counts in a
+# child's peak RSS the memory of the process it was forked from, up to its exec (the bench
+# holds hundreds of MB; see peak_rss_mb). Forked from this small interpreter instead, the
+# command's figure is its own (at least the launcher's ~10 MB). It spawns the command, waits for
+# it and writes "<exit code> <ru_maxrss in kB> <user + system CPU s>" to the file argv[1].
+_LAUNCHER = """\
+import os, sys
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss} "
+              f"{usage.ru_utime + usage.ru_stime}")
+"""
+
+
+@dataclass(frozen=True)
+class Ran:
+    """A command run to its end: exit code, peak RSS (MiB), CPU and wall-clock seconds."""
+
+    exit_code: int
+    peak_rss_mb: float
+    cpu_s: float
+    seconds: float
+
+
+def run_measured(command: list[str], env: dict[str, str], log_path: str | os.PathLike[str],
+                 timeout_s: float = 600.0) -> Ran:
+    """Run ``command`` to its end, its output to ``log_path``, and return its peak RSS (the
+    kernel's ``ru_maxrss`` of it alone, through :data:`_LAUNCHER`), CPU and wall time. Past
+    ``timeout_s`` the launcher and the command are killed and TimeoutError raised."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="triage-run-") as work:
+        figures = os.path.join(work, "figures")
+        with open(log_path, "wb") as log:
+            started = time.monotonic()
+            proc = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, figures, *command],
+                                    env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise TimeoutError(f"{command[0]} ran over {timeout_s:.0f} s") from None
+            seconds = time.monotonic() - started
+        try:
+            with open(figures) as f:
+                code, maxrss, cpu = f.read().split()
+        except (OSError, ValueError):  # the launcher itself failed (no such command, ...)
+            return Ran(proc.returncode or -1, 0.0, 0.0, seconds)
+    return Ran(int(code), _rss_mb(int(maxrss)), float(cpu), seconds)

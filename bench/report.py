@@ -78,6 +78,8 @@ def render(results: dict[str, Any]) -> str:
         lines += _http_lines(results)
     if results.get("timing"):
         lines += _timing_lines(results["timing"])
+    if results.get("backtest"):
+        lines += _backtest_lines(results)
     scaling = results["scaling"]
     if scaling:
         workers = [k for k in scaling if k.startswith("workers_") and k != "workers_1_orders_per_s"]
@@ -149,6 +151,38 @@ def _timing_lines(timing: dict[str, Any]) -> list[str]:
             f"{row['flagged_per_10000']:,.1f} flagged; first prediction p50 "
             f"{wait['p50']:,.0f} ms, p99 {wait['p99']:,.0f} ms after publishing")
     return lines
+
+
+def _backtest_lines(results: dict[str, Any]) -> list[str]:
+    """`triage models backtest`'s speed and memory (--backtest)."""
+    b, t = results["backtest"], results["targets"]
+    kafka, data, memory = b["kafka"], b["data"], b["memory"]
+    one, many = memory["orders_1x"], memory[f"orders_{memory['repeats']}x"]
+    return [
+        "",
+        "backtest (--backtest), the candidate alone, a process of its own:",
+        f"  from Kafka, {kafka['orders']:,} orders with the live path's reference streams and "
+        f"predictions: {kafka['orders_per_s']:,.0f} orders/s ({kafka['history_read_s']:.2f} s "
+        f"reading the reference streams and predictions, {kafka['scoring_s']:.2f} s reading and "
+        f"scoring the orders: {kafka['scoring_orders_per_s'] or 0:,.0f} orders/s) = "
+        f"{b['kafka_vs_scorer']}x the scorer (b)'s {b['scorer_orders_per_s']:,.0f}   target "
+        f">= 3x: {_met(t['backtest_from_kafka_at_least_3x_scorer'])}; scoring alone "
+        f"{b['kafka_scoring_vs_scorer']}x; agreement with the published predictions "
+        f"{_share(kafka['published_agreement'])} of {kafka['published_orders']:,}",
+        f"  from the CSVs, {data['orders']:,} orders: {data['orders_per_s']:,.0f} orders/s "
+        f"({data['history_read_s']:.2f} s loading the reference CSVs, {data['scoring_s']:.2f} s "
+        f"reading and scoring the orders) = {b['data_vs_scorer']}x the scorer",
+        f"  `triage models backtest --data`, peak RSS: {one['peak_rss_mb']:.0f} MB over "
+        f"{one['orders']:,} orders, {many['peak_rss_mb']:.0f} MB over {many['orders']:,} (the "
+        f"same orders {memory['repeats']} times, the same reference CSVs) = "
+        f"{memory['peak_rss_ratio']}   target <= 1.10: "
+        f"{_met(t['backtest_peak_rss_4x_orders_at_most_1_1x'])}; generated in "
+        f"{memory['generate_s']:.1f} s + {memory['repeat_s']:.1f} s",
+    ]
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2%}"
 
 
 def _http_lines(results: dict[str, Any]) -> list[str]:

@@ -42,7 +42,13 @@ from triage.bench.live import (
     stock_cycle,
     zip_code_records,
 )
-from triage.bench.procstat import children_of, cpu_seconds, peak_rss_mb, stop_and_reap
+from triage.bench.procstat import (
+    children_of,
+    cpu_seconds,
+    peak_rss_mb,
+    run_measured,
+    stop_and_reap,
+)
 from triage.bus.apache_kafka import KAFKA_VERSION, ApacheKafka
 from triage.bus.clients import make_admin, make_consumer, make_producer, source_of
 from triage.bus.embedded import EmbeddedBroker
@@ -65,6 +71,11 @@ _RESTORE_TIMEOUT_S = 600.0  # a worker's own limit on restoring (ReferenceReader
 _STARTUP_RUNS = 3           # `triage consume` launches; the median is the figure
 _EXERCISE_ORDERS = 10_000   # the original exercise's orders.csv (and its reference files)
 _COMMAND_RUNS = 5           # `triage --help` and `triage produce` runs; the median counts
+_BACKTEST_TIMEOUT_S = 600.0  # one backtest process of the speed figures
+_BACKTEST_SOURCES = {
+    "kafka": "Kafka (kafka_history + run): the orders topic, the live path's reference topics "
+             "and the predictions the live run published",
+    "data": "the bench's CSVs (data_history + run)"}
 
 
 class BenchError(InfrastructureError):
@@ -89,6 +100,8 @@ class BenchOptions:
     models: bool = False  # the registry figures: shadow throughput, promote -> prediction
     http: bool = False  # triage serve against a per-request baseline (bench/http.py)
     timing: bool = False  # corrections under simulated producer timing (bench/timing.py)
+    backtest: bool = False  # triage models backtest: speed against (b), memory (bench/backtest.py)
+    backtest_orders: int = 1_000_000  # of the backtest's memory figure (and 4x that)
     broker: str = "embedded"  # the broker it starts when none is configured: embedded, kafka
     data_dir: Path | None = None
     model_dir: Path | None = None
@@ -100,7 +113,7 @@ class BenchOptions:
 
     def __post_init__(self) -> None:
         for name in ("orders", "partitions", "latency_partitions", "saturation_orders",
-                     "sweep_orders", "per_message_orders"):
+                     "sweep_orders", "per_message_orders", "backtest_orders"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
         if self.rate <= 0 or self.latency_seconds <= 0:
@@ -126,6 +139,7 @@ class RunFigures:
     batch_size: int = 0
     logs: list[Path] = field(default_factory=list)  # of its worker processes
     launched_at: float = 0.0  # wall clock when the first of them was started
+    kept: WorkerSettings | None = None  # its settings, when its output topics were kept
 
     @property
     def orders_per_s(self) -> float:
@@ -241,7 +255,10 @@ class Bench:
             }
             # The live path right after the CSV path (b), so that both meet the same load.
             live_run = self._run_config(SCORER, main, models, count_outputs=True,
-                                        live=live_topics)
+                                        live=live_topics, keep_outputs=options.backtest)
+            # The backtest over what the live run read and published, right after it.
+            backtest_speed = (self._backtest_speed(live_run, models, work)
+                              if options.backtest else None)
             # The baseline scores ~500 orders/s: over its own first N orders, not all of them.
             baseline = main if options.per_message_orders >= main.orders else self._publish(
                 "per-message", records[:options.per_message_orders])
@@ -258,6 +275,8 @@ class Bench:
             registry = self._models(records, main, models, work) if options.models else None
             http_figures = self._http(model_dir, work) if options.http else None
             timing_figures = self._timing(model_dir) if options.timing else None
+            backtest_memory = (self._backtest_memory(model_dir, work)
+                               if options.backtest else None)
             if self.broker_pid:
                 self.broker_peak_rss_mb = peak_rss_mb(self.broker_pid)
         load_after = _loadavg()
@@ -270,6 +289,11 @@ class Bench:
         results["targets"].update(_startup_targets(startup))
         results["http"] = http_figures
         results["timing"] = timing_figures
+        results["backtest"] = None
+        if backtest_speed is not None and backtest_memory is not None:
+            results["backtest"] = _backtest_results(backtest_speed, backtest_memory,
+                                                    runs[SCORER])
+            results["targets"].update(_backtest_targets(results["backtest"]))
         if http_figures is not None:
             p99 = http_figures["gateway_fixed_rate"]["p99"]
             ratio = http_figures["batch_vs_baseline"]
@@ -279,6 +303,56 @@ class Bench:
                 "http_batch_at_least_20x_per_request_baseline": {
                     "value": ratio, "target": 20, "met": ratio >= 20}})
         return results
+
+    def _backtest_speed(self, live_run: RunFigures, models: tuple[Path, Path], work: Path
+                        ) -> dict[str, Any]:
+        """bench/backtest.py: the backtest from Kafka over the orders topic, the live path's
+        reference topics and the predictions ``live_run`` published (its kept outputs, deleted
+        here), then from the bench's CSVs; each a process of its own."""
+        from triage.bench.backtest import child_command
+
+        model_dir, data_dir = models
+        settings = live_run.kept
+        if settings is None:
+            raise BenchError("backtest: the live run's predictions were not kept")
+        figures: dict[str, Any] = {}
+        for source in ("kafka", "data"):
+            out = work / f"backtest-{source}.json"
+            log = self.logs / f"backtest-{source}.log"
+            self.say(f"backtest from {_BACKTEST_SOURCES[source]}")
+            env = {**os.environ, **settings.to_env(), "TRIAGE_LOG_FORMAT": "json"}
+            broker_cpu = cpu_seconds(self.broker_pid) if self.broker_pid else None
+            ran = run_measured(child_command(source, model_dir, out,
+                                             data_dir if source == "data" else None),
+                               env, log, timeout_s=_BACKTEST_TIMEOUT_S)
+            if ran.exit_code != 0:
+                raise BenchError(f"backtest from {source} exited {ran.exit_code}; see {log}:\n"
+                                 + _tail(log))
+            row = json.loads(out.read_text())
+            broker_end = cpu_seconds(self.broker_pid) if self.broker_pid else None
+            row["process_seconds"] = round(ran.seconds, 2)
+            row["broker_cpu_s"] = (None if broker_cpu is None or broker_end is None
+                                   or source != "kafka" else round(broker_end - broker_cpu, 2))
+            figures[source] = row
+            self.say(f"  {row['orders']:,} orders at {row['orders_per_s']:,.0f} orders/s "
+                     f"({row['history_read_s']:.2f} s reading the history, "
+                     f"{row['scoring_s']:.2f} s scoring); peak RSS {row['peak_rss_mb']:.0f} MB")
+        self._delete_outputs(settings)
+        return figures
+
+    def _backtest_memory(self, model_dir: Path, work: Path) -> dict[str, Any]:
+        """bench/backtest.py: `triage models backtest --data` over --backtest-orders generated
+        orders and over 4 times as many with the same reference CSVs: peak RSS of each."""
+        from triage.bench.backtest import REPEATS, memory_runs
+        from triage.model.registry import Registry
+
+        n = self.options.backtest_orders
+        self.say(f"backtest memory: `triage models backtest --data` over {n:,} and "
+                 f"{n * REPEATS:,} orders, the same reference CSVs")
+        registry = Registry(work / "backtest-registry")
+        version = registry.add(model_dir).version
+        return memory_runs(_triage(), registry.root, version, n, self.options.seed, work,
+                           self.logs, self.say)
 
     def _timing(self, model_dir: Path) -> dict[str, Any]:
         """bench/timing.py: 10,000 simulated orders under late, bursty producers, no broker."""
@@ -642,11 +716,13 @@ class Bench:
     def _run_config(self, config: str, source: Published, models: tuple[Path, Path], *,
                     workers: int = 1, batch_size: int | None = None,
                     count_outputs: bool = False, live: LiveTopics | None = None,
-                    start_timeout_s: float | None = None) -> RunFigures:
+                    start_timeout_s: float | None = None, keep_outputs: bool = False
+                    ) -> RunFigures:
         """``workers`` workers of ``config`` over ``source`` from the beginning, timed from the
         first assignment to the last commit; ``live``: the scorer on these reference streams
         with no CSV snapshot. ``start_timeout_s``: how long the workers may take to get their
-        partitions (default: the stall timeout)."""
+        partitions (default: the stall timeout). ``keep_outputs``: its output topics are left
+        for the caller, with its settings in ``kept``."""
         self._runs += 1  # a fresh consumer group for every run, even of the same point
         path = "-live" if live else ""
         tag = (f"{config}{path}-{source.name}-w{workers}-"
@@ -683,7 +759,10 @@ class Bench:
             figures.outputs = count_records(settings, settings.topics.predictions_topic)
         self.say(f"  {figures.orders_per_s:,.0f} orders/s, {figures.seconds:.2f} s, "
                  f"peak RSS {figures.peak_rss_mb:.0f} MB")
-        self._delete_outputs(settings)
+        if keep_outputs:
+            figures.kept = settings
+        else:
+            self._delete_outputs(settings)
         return figures
 
     @contextlib.contextmanager
@@ -1070,6 +1149,32 @@ class Bench:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+def _backtest_results(speed: dict[str, Any], memory: dict[str, Any], scorer: RunFigures
+                      ) -> dict[str, Any]:
+    """The backtest's figures (bench/backtest.py) beside the scorer (b) of the same run."""
+    rate = scorer.orders_per_s
+
+    def ratio(value: float | None) -> float | None:
+        return None if value is None or not rate else round(value / rate, 2)
+
+    kafka, data = speed["kafka"], speed["data"]
+    return {"scorer_orders_per_s": round(rate, 1), "kafka": kafka, "data": data,
+            "kafka_vs_scorer": ratio(kafka["orders_per_s"]),
+            "kafka_scoring_vs_scorer": ratio(kafka["scoring_orders_per_s"]),
+            "data_vs_scorer": ratio(data["orders_per_s"]),
+            "memory": memory}
+
+
+def _backtest_targets(figures: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Issue 28's targets: the backtest from Kafka at least 3x the scorer's orders/s, and the
+    peak RSS over 4 times the orders at most 1.10x the peak over them once."""
+    speed, memory = figures["kafka_vs_scorer"], figures["memory"]["peak_rss_ratio"]
+    return {"backtest_from_kafka_at_least_3x_scorer": {
+                "value": speed, "target": 3, "met": speed is not None and speed >= 3},
+            "backtest_peak_rss_4x_orders_at_most_1_1x": {
+                "value": memory, "target": 1.1, "met": memory <= 1.1}}
+
 
 def _startup_targets(figures: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Issue 14's start-up and memory targets, against the figures of :meth:`Bench._startup`."""

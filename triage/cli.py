@@ -405,6 +405,13 @@ def _add_bench(commands: Commands, common: argparse.ArgumentParser) -> None:
     p.add_argument("--timing", action="store_true",
                    help="also corrections and flags per 10,000 orders under simulated late, "
                         "bursty reference producers, by lateness allowance (no broker)")
+    p.add_argument("--backtest", action="store_true",
+                   help="also `triage models backtest`: its orders/s from Kafka and from the "
+                        "CSVs against the scorer's, and its peak RSS over --backtest-orders "
+                        "orders and over 4 times as many (docs/benchmarks.md)")
+    p.add_argument("--backtest-orders", type=int, default=1_000_000,
+                   help="orders of the backtest's memory figure, generated; its second run has "
+                        "4 times as many (default 1000000)")
     p.add_argument("--data", type=Path, help="orders.csv and reference CSVs (default: generated)")
     p.add_argument("--model", type=Path, help="model directory (default: trained on the data)")
     p.add_argument("--out", type=Path, default=Path("results/bench"),
@@ -1196,7 +1203,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         scaling_workers=args.scaling_workers, sweep=sweep, sweep_orders=args.sweep_orders,
         restore_records=args.restore_records, models=args.models,
         per_message_orders=args.per_message_orders, http=args.http, timing=args.timing,
-        broker=args.bench_broker,
+        backtest=args.backtest, backtest_orders=args.backtest_orders, broker=args.bench_broker,
         data_dir=args.data, model_dir=args.model, out_dir=args.out,
         keep_topics=args.keep_topics, scorer_module=args.scorer_module)
     try:
