@@ -24,6 +24,16 @@ read, which is right for ``timestamp-millis`` (and a ``uuid`` string) but **not*
 ``timestamp-micros``: on the wire it is indistinguishable from millis and reads as milliseconds
 a thousand times too large (an order's is then rejected by validation as a future timestamp).
 Writers must use millis, or registry framing, which carries the schema.
+
+Generated codecs. For the contracts in :data:`COMPILED_CONTRACTS` (those whose equality with
+fastavro tests/unit/test_compiled_codec.py proves), an encoder and a decoder are generated from
+the ``.avsc`` once per process (:mod:`schemas.compiled`): no walk over the schema per record.
+The encoder serves single-object encoding (a registry's serializer does its own); a record it
+is not sure of (a numpy scalar, a missing field with a default, a value fastavro would coerce or
+refuse) is written by fastavro as before. The decoder serves single-object records written with
+the contract's own schema (its fingerprint); records of an earlier writer schema and
+registry-framed ones go through fastavro and its schema resolution as before. Both give
+fastavro's bytes and values, and bad bodies fail with the same reasons.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from triage.bus.errors import BadRecord, InfrastructureError
 from triage.bus.settings import ConnectionSettings
+from triage.schemas.compiled import CompiledCodec, Unsupported, compile_schema
 from triage.schemas.logical import Convert, UnconvertibleValue, adapt
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
@@ -84,6 +95,26 @@ def earlier_versions(name: str) -> tuple[dict[str, Any], ...]:
     found = sorted(entry.name for entry in history.iterdir()
                    if entry.name.startswith(f"{name}.") and entry.name.endswith(".avsc"))
     return tuple(load_schema(f"history/{file.removesuffix('.avsc')}") for file in found)
+
+
+# The contracts served by generated codecs: each one's encoder and decoder are proven equal to
+# fastavro's by tests/unit/test_compiled_codec.py. A contract added to schemas/ takes them only
+# once it is added here and there.
+COMPILED_CONTRACTS = frozenset({"order", "prediction", "drift_sample", "drift_report",
+                                "model_state", "inventory", "payment", "zip_code"})
+
+
+@functools.cache
+def compiled_codec(name: str) -> CompiledCodec | None:
+    """The generated codec of contract ``name``, once per process; None for a contract not in
+    :data:`COMPILED_CONTRACTS` or one whose schema the generator does not take (fastavro then
+    does all)."""
+    if name not in COMPILED_CONTRACTS:
+        return None
+    try:
+        return compile_schema(load_schema(name))
+    except Unsupported:
+        return None
 
 
 def schema_fingerprint(schema: dict[str, Any]) -> bytes:
@@ -131,6 +162,11 @@ class Codec:
         self._writers = {schema_fingerprint(old): old for old in earlier_versions(schema_name)}
         self._writers[self._header[2:]] = self.schema
         self._serializer = self._registry = None
+        compiled = compiled_codec(schema_name)
+        # The generated encoder writes single-object records only (a registry's serializer
+        # frames and registers); the generated decoder reads the contract's own writer schema.
+        self._encode_body = compiled.encode if compiled and not registry_url else None
+        self._decode_body = compiled.decode if compiled else None
         # Registry schema id -> how to read it: see _registry_reader.
         self._registry_readers: dict[int, tuple[Any, Any, Convert | None]] = {}
         if registry_url:
@@ -155,6 +191,11 @@ class Codec:
                         f"Schema Registry {self.registry_url}: could not register or look up "
                         f"the {self.schema_name} schema: {type(exc).__name__}: {exc}") from exc
                 raise
+        if self._encode_body is not None:
+            try:
+                return self._header + self._encode_body(record)
+            except Exception:  # not sure of fastavro's bytes: fastavro writes it
+                pass
         out = io.BytesIO()
         out.write(self._header)
         fastavro.schemaless_writer(out, self.schema, record)
@@ -167,6 +208,19 @@ class Codec:
         Raises :class:`DecodeError` with a reason, or :class:`RegistryUnavailable`."""
         if data is None:
             raise DecodeError("tombstone", "null value (tombstone)")
+        if (self._decode_body is not None and data.__class__ is bytes
+                and data.startswith(self._header)):
+            # The common case first: a record of this contract's own schema, read by the
+            # generated decoder with _read's outcomes.
+            try:
+                record, end = self._decode_body(data, _SINGLE_OBJECT_HEADER)
+            except Exception as exc:  # IndexError, struct.error, UnicodeDecodeError, ...
+                raise DecodeError("invalid_avro",
+                                  f"invalid Avro body: {type(exc).__name__}: {exc}") from None
+            if end != len(data):
+                raise DecodeError("trailing_bytes",
+                                  f"{len(data) - end} bytes left over after the record")
+            return record
         if data[:2] == SINGLE_OBJECT_MAGIC:
             return self._decode_single_object(data)
         if data[:1] == b"\x00" and len(data) >= 5:
@@ -180,7 +234,8 @@ class Codec:
         if writer is None:
             raise DecodeError("unknown_schema", f"unknown schema fingerprint "
                               f"{data[2:10].hex()} for {self.schema_name}")
-        # This version of the contract needs no schema resolution; an earlier one does.
+        # This version of the contract needs no schema resolution (as bytes, decode has read it
+        # with the generated decoder); an earlier one does.
         return _read(data, _SINGLE_OBJECT_HEADER, writer,
                      None if writer is self.schema else self.schema)
 
