@@ -48,6 +48,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from triage.bus.errors import BadRecord, ConfigurationError
+
 __all__ = ["CompiledCodec", "Fallback", "Unsupported", "compile_schema"]
 
 Encoder = Callable[[Any], bytes]
@@ -61,13 +63,18 @@ _MASK64 = (1 << 64) - 1
 _KEY_CACHE_SIZE = 4096
 
 
-class Unsupported(ValueError):
-    """The schema uses something the generated codecs do not do: keep fastavro for it."""
+class Unsupported(ConfigurationError):
+    """The schema uses something the generated codecs do not do: keep fastavro for it (the
+    codec catches it; a ConfigurationError, the project's kind for a file that cannot be used,
+    should it ever escape)."""
 
 
-class Fallback(Exception):  # an instruction to the caller, not an error
-    """The compiled encoder cannot be sure of fastavro's bytes for this record: write it with
-    fastavro."""
+class Fallback(BadRecord):
+    """The compiled encoder cannot be sure of fastavro's bytes for this one record: write it
+    with fastavro (the codec catches it; it never reaches a dead-letter topic)."""
+
+    def __init__(self, message: str = "the generated encoder gives way to fastavro") -> None:
+        super().__init__("compiled_codec_fallback", message)
 
 
 @dataclass(frozen=True)
@@ -201,11 +208,12 @@ def _read_varint(d: bytes, p: int) -> tuple[int, int]:
     return (n >> 1) ^ -(n & 1), p
 
 
-class _Short(EOFError):
-    """The body ends before a string or bytes value does (or its length is negative)."""
+class _Short(BadRecord):
+    """The body ends before a string or bytes value does (or its length is negative): an
+    invalid Avro body (the codec reports it as DecodeError "invalid_avro")."""
 
     def __init__(self, size: int, left: int) -> None:
-        super().__init__(f"expected {size} bytes, {left} left")
+        super().__init__("invalid_avro", f"expected {size} bytes, {left} left")
 
 
 def _new_key_cache() -> tuple[dict[str, bytes], Callable[[Any], bytes]]:
