@@ -408,34 +408,42 @@ def kafka_history(settings: Any, *, from_ms: int | None = None, to_ms: int | Non
 
     def batches() -> Iterator[Batch]:
         try:
-            consumer.assign(starts)
-            reading = {tp.partition for tp in starts}
             records: list[dict[str, Any]] = []
             where: list[tuple[int, int]] = []
-            while reading:
-                polled = consumer.consume(10_000, 1.0)
-                for msg in polled:
-                    err = msg.error()
-                    if err is not None and err.code() == KafkaError._PARTITION_EOF:
-                        reading.discard(msg.partition())
-                for msg in records_of(polled, log):
-                    try:
-                        record = codec.decode(msg.value())
-                    except BadRecord:
-                        continue  # dead-lettered by the workers: no decision to compare
-                    if (from_ms is None or record["timestamp_ms"] >= from_ms) and \
-                            (to_ms is None or record["timestamp_ms"] <= to_ms):
-                        records.append(record)
-                        where.append((msg.partition() or 0, msg.offset() or 0))
-                    if len(records) >= batch:
-                        yield _batch(records, where)
-                        records, where = [], []
+            # A record that does not decode was dead-lettered by the workers: nothing to compare.
+            for msg, record in _read_to_end(consumer, starts, codec, log):
+                if (from_ms is None or record["timestamp_ms"] >= from_ms) and \
+                        (to_ms is None or record["timestamp_ms"] <= to_ms):
+                    records.append(record)
+                    where.append((msg.partition() or 0, msg.offset() or 0))
+                if len(records) >= batch:
+                    yield _batch(records, where)
+                    records, where = [], []
             if records:
                 yield _batch(records, where)
         finally:
             consumer.close()
 
     return KafkaHistory(feed.tables, warnings, batches(), published.of)
+
+
+def _read_to_end(consumer: Any, starts: list[TopicPartition], codec: Any, log: Any
+                 ) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """(message, decoded record) of every record from ``starts`` until each partition reports
+    its end (``enable.partition.eof``); records that do not decode are skipped."""
+    consumer.assign(starts)
+    reading = {tp.partition for tp in starts}
+    while reading:
+        polled = consumer.consume(10_000, 1.0)
+        for msg in polled:
+            err = msg.error()
+            if err is not None and err.code() == KafkaError._PARTITION_EOF:
+                reading.discard(msg.partition())
+        for msg in records_of(polled, log):
+            try:
+                yield msg, codec.decode(msg.value())
+            except BadRecord:
+                continue
 
 
 def _batch(records: list[dict[str, Any]], where: list[tuple[int, int]]) -> Batch:
@@ -480,21 +488,9 @@ class _Published:
             return
         codec = codec_for(connection, "prediction", topic)
         try:
-            consumer.assign(begin)
-            reading = {tp.partition for tp in begin}
-            while reading:
-                polled = consumer.consume(10_000, 1.0)
-                for msg in polled:
-                    err = msg.error()
-                    if err is not None and err.code() == KafkaError._PARTITION_EOF:
-                        reading.discard(msg.partition())
-                for msg in records_of(polled, log):
-                    try:
-                        p = codec.decode(msg.value())
-                    except BadRecord:
-                        continue
-                    self._keep(p["order_partition"], p["order_offset"],
-                               _CODE[p["recommendation"]], p["revision"])
+            for _, p in _read_to_end(consumer, begin, codec, log):
+                self._keep(p["order_partition"], p["order_offset"],
+                           _CODE[p["recommendation"]], p["revision"])
         finally:
             consumer.close()
 
