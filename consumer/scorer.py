@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,8 +153,9 @@ class Scorer:
     def lag(self) -> int | None:
         return self.loop.lag()
 
-    def run(self) -> ScorerStats:
-        """Restore the global reference tables, then score until stopped. Raises
+    def run(self, running: Callable[[], None] = lambda: None) -> ScorerStats:
+        """Restore the global reference tables, then score until stopped; ``running()`` is
+        called once, just before the batch loop consumes its first orders. Raises
         ConfigurationError if payments is not co-partitioned with orders."""
         self.log.info("worker_starting", topic=self.topics.orders_topic,
                       model_version=self.core.model.version,
@@ -178,6 +179,7 @@ class Scorer:
                       group=self.settings.scorer.group_id, model_version=self.core.model.version,
                       exactly_once=self.loop.committer.transactional,
                       live_reference=self.reader is not None)
+        running()
         try:
             self.loop.run(self)
         finally:

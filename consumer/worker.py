@@ -13,6 +13,13 @@ configuration error (it does not: a restart would fail the same way).
 Started with ``--supervisor-pid``, the worker stops as if sent SIGTERM once that process is
 gone (it checks its parent every 0.5 s), so a supervisor killed with SIGKILL leaves no orphan
 workers polling the group.
+
+A stop asked for while the worker is still starting (loading the model, asking the brokers for
+topic metadata and limits, restoring the reference tables: before its batch loop consumes an
+order) ends the process at once with status 0 (:class:`StartupStop`): nothing has been consumed,
+so nothing is lost, and a call that waits on unreachable brokers (10 s each) does not hold the
+stop back. A worker that had already joined the consumer group leaves it by session timeout
+then, not by a LeaveGroup.
 """
 
 from __future__ import annotations
@@ -71,6 +78,50 @@ def watch_parent(supervisor_pid: int, on_gone: Callable[[], None],
     return thread
 
 
+class StartupStop:
+    """Until :meth:`running` is called, a SIGTERM or SIGINT ends the process at once (exit
+    status 0, a ``stop_requested`` log line with ``during="startup"``), even while the main
+    thread waits inside a client library's call: Python runs signal handlers between bytecodes
+    only, so a handler would wait for that call to return. The signal's number reaches a
+    watching thread through :func:`signal.set_wakeup_fd`; the Python handlers installed beside
+    it still run for signals after :meth:`running` (they call :meth:`stop` first, which returns
+    then). Make it on the main thread."""
+
+    def __init__(self, log: structlog.typing.FilteringBoundLogger) -> None:
+        self.log = log
+        self._running = threading.Event()
+        self._stopping = threading.RLock()  # the watching thread and a handler may both stop
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._previous = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, name="startup-stop", daemon=True).start()
+
+    def _watch(self) -> None:
+        while data := os.read(self._read, 64):  # b"" once running() closed the write end
+            for signum in data:
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    self.stop(signal.Signals(signum).name)
+
+    def stop(self, reason: str) -> None:
+        """End the process now if the worker is still starting; else do nothing (the batch
+        loop's own stop applies)."""
+        if self._running.is_set():
+            return
+        self._stopping.acquire()  # the second caller waits here for the process to end
+        self.log.info("stop_requested", reason=reason, during="startup")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    def running(self) -> None:
+        """The batch loop is about to consume: from now on a stop finishes the batch in hand,
+        commits and leaves the group (the Python signal handlers)."""
+        if not self._running.is_set():
+            self._running.set()
+            signal.set_wakeup_fd(self._previous)
+            os.close(self._write)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The worker process as the supervisor starts it: settings from the ``TRIAGE_*``
     environment; returns the exit status (module docstring)."""
@@ -114,11 +165,13 @@ def run(settings: WorkerSettings, model_dir: str | Path | None, reference_dir: s
     stop_requested = threading.Event()
 
     def stop(reason: str) -> None:
+        starting.stop(reason)  # still starting: the process ends here
         log.info("stop_requested", reason=reason)
         stop_requested.set()
         if scorer is not None:
             scorer.request_stop()
 
+    starting = StartupStop(log)
     signal.signal(signal.SIGTERM, lambda signum, _: stop(signal.Signals(signum).name))
     signal.signal(signal.SIGINT, lambda signum, _: stop(signal.Signals(signum).name))
     if supervisor_pid:
@@ -191,7 +244,7 @@ def run(settings: WorkerSettings, model_dir: str | Path | None, reference_dir: s
             scoring_metrics.PREDICTIONS.labels(recommendation)
         if stop_requested.is_set():
             scorer.request_stop()
-        scorer.run()
+        scorer.run(running=starting.running)
     except (ConfigurationError, OSError) as exc:  # OSError: a metrics port in use, a file
         if scorer is None:
             log.error("worker_config_error", error=str(exc))

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import prediction
+from triage.bus.embedded import free_port
 from triage.bus.offsets import watermarks
 from triage.consumer.reader import TopicReader
 from triage.settings import Settings
@@ -221,3 +222,26 @@ def test_reading_to_the_end_reads_every_record_on_the_embedded_broker(
     with TopicReader(settings.connection, topic, None) as reader:
         read = [msg.value() for msg, _ in reader.read(until_end=True, idle_s=30.0)]
     assert len(read) == 3000
+
+
+def test_sigterm_to_a_worker_still_starting_ends_it_at_once_with_status_0(
+        tmp_path: Path, model_dir: Path) -> None:
+    """Brokers that do not answer keep a starting worker inside a client call (10 s each, about
+    five of them before the batch loop); the stop is not held back until they return, and the
+    worker does not carry on starting (found as test_security's worker outliving the 90 s its
+    supervisor waits, under load)."""
+    metrics_port, unreachable = free_port(), free_port()  # nothing listens on the second
+    env = clean_env(tmp_path, TRIAGE_BOOTSTRAP_SERVERS=f"127.0.0.1:{unreachable}",
+                    TRIAGE_METRICS_PORT=str(metrics_port))
+    worker = subprocess.Popen([*TRIAGE, "worker", "--model", str(model_dir)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert worker.stdout is not None
+    for line in worker.stdout:  # serving metrics, then asking the brokers for the backlog
+        if "metrics_serving" in line:
+            break
+    worker.send_signal(signal.SIGTERM)
+    rest, _ = worker.communicate(timeout=60)
+    events = [json.loads(line) for line in rest.splitlines() if line.startswith("{")]
+    assert worker.returncode == 0, rest
+    assert [e["event"] for e in events] == ["stop_requested"], rest
+    assert events[0]["reason"] == "SIGTERM" and events[0]["during"] == "startup"
