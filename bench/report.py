@@ -9,11 +9,22 @@ import numpy as np
 
 _NAMES = {"passthrough": "(a) passthrough (raw bytes, no decoding)",
           "scorer": "(b) scorer as shipped, 1 worker",
-          "per_message": "(c) per-message baseline"}
+          "per_message": "(c) per-message baseline",
+          "floor": "(f) floor (codecs, one predict a batch)"}
 
 
 def _met(target: dict[str, Any]) -> str:
     return "met" if target["met"] else "MISSED"
+
+
+def _profile_lines(profile: dict[str, Any]) -> list[str]:
+    """The scorer's CPU per order by stage (bench/profile.py)."""
+    per_order = profile["per_order_us"]
+    lines = ["", f"(b) profiled with py-spy ({profile['samples']:,} samples at "
+                 f"{profile['rate_hz']} Hz; {profile['raw']}): CPU per order by stage, "
+                 f"{profile['measured_cpu_us_per_order']:.1f} µs measured unprofiled"]
+    lines += [f"  {stage:<62}{us:>8.2f} µs" for stage, us in per_order.items()]
+    return lines
 
 
 def _ms(value: float | None) -> str:
@@ -54,6 +65,10 @@ def render(results: dict[str, Any]) -> str:
         f"{_met(t['scorer_at_least_0_35_of_passthrough'])}",
         f"(b)/(c) = {r['scorer_vs_per_message']:.1f}x   target >= 15x: "
         f"{_met(t['scorer_at_least_15x_per_message'])}",
+        *([f"CPU per order, (b) against (f) the floor: {r['scorer_cpu_vs_floor']:.2f}x "
+           f"({results['cpu_s_per_1000']['scorer'] - results['cpu_s_per_1000']['floor']:.4f} "
+           f"s per 1,000 orders added by triage); (f)/(a) = {r['floor_vs_passthrough']:.2f}"]
+          if r.get("scorer_cpu_vs_floor") is not None else []),
         "",
         f"end-to-end latency of (b), scored_at - published_at (batch {lat['batch_size']} / "
         f"{lat['batch_timeout_ms']} ms, {lat['partitions']} partitions, after "
@@ -80,6 +95,20 @@ def render(results: dict[str, Any]) -> str:
         lines += _timing_lines(results["timing"])
     if results.get("backtest"):
         lines += _backtest_lines(results)
+    if results.get("profile"):
+        lines += _profile_lines(results["profile"])
+    if results.get("ab"):
+        ab = results["ab"]
+        lines += ["", f"(b) A/B, {ab['pairs']} interleaved pairs: A {ab['a_module']}, "
+                      f"B {ab['b_module']}"]
+        for side in ("a", "b"):
+            row = ab[side]
+            lines.append(f"  {side.upper()}: CPU s/1k {row['cpu_s_per_1000']} (median "
+                         f"{row['median_cpu_s_per_1000']:.4f}), orders/s "
+                         f"{[round(x) for x in row['orders_per_s']]} (median "
+                         f"{row['median_orders_per_s']:,.0f})")
+        lines.append(f"  B/A: CPU per order {ab['b_vs_a_cpu']:.3f}, orders/s "
+                     f"{ab['b_vs_a_orders_per_s']:.3f}")
     scaling = results["scaling"]
     if scaling:
         workers = [k for k in scaling if k.startswith("workers_") and k != "workers_1_orders_per_s"]

@@ -13,6 +13,7 @@ used: the embedded broker answers it wrongly after batched produces.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -60,7 +61,7 @@ from triage.model.orders import read_orders_csv
 from triage.model.streams import INVENTORY
 from triage.producer.publisher import OrderPublisher, RecordPublisher, reference_publisher
 
-PASSTHROUGH, SCORER, PER_MESSAGE = "passthrough", "scorer", "per_message"
+PASSTHROUGH, SCORER, PER_MESSAGE, FLOOR = "passthrough", "scorer", "per_message", "floor"
 _POLL_S = 0.01           # status files and process liveness
 _COMMIT_POLL_S = 0.02    # committed offsets: the end of a run is known to within this
 _CDF_PERCENTILES = [*range(0, 100), 99.5, 99.9, 100]
@@ -102,6 +103,9 @@ class BenchOptions:
     timing: bool = False  # corrections under simulated producer timing (bench/timing.py)
     backtest: bool = False  # triage models backtest: speed against (b), memory (bench/backtest.py)
     backtest_orders: int = 1_000_000  # of the backtest's memory figure (and 4x that)
+    profile: bool = False  # one more scorer run under py-spy: CPU per order by stage
+    ab_module: str | None = None  # (b) against this module, interleaved runs on one broker
+    ab_pairs: int = 3
     broker: str = "embedded"  # the broker it starts when none is configured: embedded, kafka
     data_dir: Path | None = None
     model_dir: Path | None = None
@@ -113,7 +117,7 @@ class BenchOptions:
 
     def __post_init__(self) -> None:
         for name in ("orders", "partitions", "latency_partitions", "saturation_orders",
-                     "sweep_orders", "per_message_orders", "backtest_orders"):
+                     "sweep_orders", "per_message_orders", "backtest_orders", "ab_pairs"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
         if self.rate <= 0 or self.latency_seconds <= 0:
@@ -252,6 +256,7 @@ class Bench:
             runs = {
                 PASSTHROUGH: self._run_config(PASSTHROUGH, main, models, count_outputs=True),
                 SCORER: self._run_config(SCORER, main, models, count_outputs=True),
+                FLOOR: self._run_config(FLOOR, main, models, count_outputs=True),
             }
             # The live path right after the CSV path (b), so that both meet the same load.
             live_run = self._run_config(SCORER, main, models, count_outputs=True,
@@ -277,6 +282,8 @@ class Bench:
             timing_figures = self._timing(model_dir) if options.timing else None
             backtest_memory = (self._backtest_memory(model_dir, work)
                                if options.backtest else None)
+            profile = self._profile(main, models, runs[SCORER]) if options.profile else None
+            ab = self._ab(main, models) if options.ab_module else None
             if self.broker_pid:
                 self.broker_peak_rss_mb = peak_rss_mb(self.broker_pid)
         load_after = _loadavg()
@@ -289,6 +296,8 @@ class Bench:
         results["targets"].update(_startup_targets(startup))
         results["http"] = http_figures
         results["timing"] = timing_figures
+        results["profile"] = profile
+        results["ab"] = ab
         results["backtest"] = None
         if backtest_speed is not None and backtest_memory is not None:
             results["backtest"] = _backtest_results(backtest_speed, backtest_memory,
@@ -353,6 +362,58 @@ class Bench:
         version = registry.add(model_dir).version
         return memory_runs(_triage(), registry.root, version, n, self.options.seed, work,
                            self.logs, self.say)
+
+    def _profile(self, main: Published, models: tuple[Path, Path], scorer: RunFigures
+                 ) -> dict[str, Any]:
+        """The scorer once more over the same orders, sampled by py-spy (bench/profile.py):
+        its CPU per order by stage, what py-spy cannot see taken from ``scorer``, the
+        unprofiled run's measured CPU. Raises BenchError without py-spy."""
+        from triage.bench.profile import breakdown, py_spy
+
+        try:
+            py_spy()
+        except FileNotFoundError as exc:
+            raise BenchError(str(exc)) from None
+        raw = self.logs / "scorer-profile.txt"
+        raw.unlink(missing_ok=True)
+        self._run_config(SCORER, main, models, profile_to=raw)
+        with open(raw, encoding="utf-8") as lines:
+            figures = breakdown(lines, main.orders, measured_cpu_s=scorer.worker_cpu_s)
+        return {**figures.as_dict(), "raw": str(raw),
+                "measured_cpu_us_per_order": round(scorer.worker_cpu_s / main.orders * 1e6, 2)}
+
+    def _ab(self, main: Published, models: tuple[Path, Path]) -> dict[str, Any]:
+        """(b) as ``ab_module`` runs it (A: say, an earlier commit's worker) and as
+        ``scorer_module`` does (B), ``ab_pairs`` times each, interleaved A, B, A, B... over the
+        same orders on the same broker: CPU per 1,000 orders and orders/s of every run, the
+        medians, and B/A of the medians. The way to measure a change to the hot path against
+        what it changes, on a machine whose speed drifts between runs (docs/benchmarks.md)."""
+        shipped, other = self.options.scorer_module, self.options.ab_module
+        assert other is not None
+        runs: dict[str, list[RunFigures]] = {"a": [], "b": []}
+        try:
+            for _ in range(self.options.ab_pairs):
+                for side, module in (("a", other), ("b", shipped)):
+                    self.options = dataclasses.replace(self.options, scorer_module=module)
+                    runs[side].append(self._run_config(SCORER, main, models))
+        finally:
+            self.options = dataclasses.replace(self.options, scorer_module=shipped)
+
+        def median(figures: list[RunFigures], key: str) -> float:
+            return float(np.median([f.as_dict()[key] for f in figures]))
+
+        out: dict[str, Any] = {"a_module": other, "b_module": shipped,
+                               "pairs": self.options.ab_pairs}
+        for side, figures in runs.items():
+            out[side] = {"cpu_s_per_1000": [f.as_dict()["cpu_s_per_1000"] for f in figures],
+                         "orders_per_s": [f.as_dict()["orders_per_s"] for f in figures],
+                         "median_cpu_s_per_1000": median(figures, "cpu_s_per_1000"),
+                         "median_orders_per_s": median(figures, "orders_per_s")}
+        out["b_vs_a_cpu"] = round(out["b"]["median_cpu_s_per_1000"]
+                                  / out["a"]["median_cpu_s_per_1000"], 3)
+        out["b_vs_a_orders_per_s"] = round(out["b"]["median_orders_per_s"]
+                                           / out["a"]["median_orders_per_s"], 3)
+        return out
 
     def _timing(self, model_dir: Path) -> dict[str, Any]:
         """bench/timing.py: 10,000 simulated orders under late, bursty producers, no broker."""
@@ -709,20 +770,21 @@ class Bench:
             return [sys.executable, "-m", self.options.scorer_module, "--model", str(model_dir),
                     *(["--reference", str(data_dir)] if snapshot else []),
                     "--status-file", str(status)]
-        mode = "passthrough" if config == PASSTHROUGH else "per-message"
+        mode = {PASSTHROUGH: "passthrough", FLOOR: "floor"}.get(config, "per-message")
         return [sys.executable, "-m", "triage.bench.workers", mode, "--model", str(model_dir),
                 "--reference", str(data_dir), "--status-file", str(status), *extra]
 
     def _run_config(self, config: str, source: Published, models: tuple[Path, Path], *,
                     workers: int = 1, batch_size: int | None = None,
                     count_outputs: bool = False, live: LiveTopics | None = None,
-                    start_timeout_s: float | None = None, keep_outputs: bool = False
-                    ) -> RunFigures:
+                    start_timeout_s: float | None = None, keep_outputs: bool = False,
+                    profile_to: Path | None = None) -> RunFigures:
         """``workers`` workers of ``config`` over ``source`` from the beginning, timed from the
         first assignment to the last commit; ``live``: the scorer on these reference streams
         with no CSV snapshot. ``start_timeout_s``: how long the workers may take to get their
         partitions (default: the stall timeout). ``keep_outputs``: its output topics are left
-        for the caller, with its settings in ``kept``."""
+        for the caller, with its settings in ``kept``. ``profile_to``: py-spy samples its one
+        worker into this file (raw format; its figures are then not the unprofiled ones)."""
         self._runs += 1  # a fresh consumer group for every run, even of the same point
         path = "-live" if live else ""
         tag = (f"{config}{path}-{source.name}-w{workers}-"
@@ -734,7 +796,7 @@ class Bench:
                  else f"{name} (batch {settings.scorer.batch_size})")
         self.say(f"running {label} over {source.orders:,} orders")
         with self._workers(config, settings, models, workers, tag,
-                           snapshot=live is None) as procs:
+                           snapshot=live is None, profile_to=profile_to) as procs:
             started, finished = self._wait_done(procs, settings, source.end_offsets, label,
                                                 start_timeout_s)
             cpu_end = {w.proc.pid: cpu_seconds(w.proc.pid) for w in procs}
@@ -767,10 +829,11 @@ class Bench:
 
     @contextlib.contextmanager
     def _workers(self, config: str, settings: WorkerSettings, models: tuple[Path, Path],
-                 count: int, tag: str, extra: list[str] | None = None, snapshot: bool = True
-                 ) -> Iterator[list[_Worker]]:
+                 count: int, tag: str, extra: list[str] | None = None, snapshot: bool = True,
+                 profile_to: Path | None = None) -> Iterator[list[_Worker]]:
         env = {**worker_env(settings), "TRIAGE_LOG_FORMAT": "json"}
         procs: list[_Worker] = []
+        spies: list[subprocess.Popen[bytes]] = []
         try:
             for i in range(count):
                 status = self.logs / f"{tag}-{i}.status.json"
@@ -784,11 +847,22 @@ class Bench:
                     proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
                                             stdout=log, stderr=subprocess.STDOUT)
                 procs.append(_Worker(proc, status, log_path, launched_at))
+                if profile_to is not None:
+                    from triage.bench.profile import record
+
+                    with open(self.logs / f"{tag}-{i}.py-spy.log", "wb") as spy_log:
+                        spies.append(record(proc.pid, profile_to, spy_log))
             yield procs
         finally:
             for w in procs:
                 if w.proc.returncode is None:
                     stop_and_reap(w.proc)
+            for spy in spies:  # it writes its file once the worker is gone
+                try:
+                    spy.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    spy.kill()
+                    spy.wait()
 
     def _wait_done(self, procs: list[_Worker], settings: WorkerSettings,
                    end_offsets: dict[int, int],
@@ -1079,10 +1153,14 @@ class Bench:
                  sweep: list[dict[str, Any]], latency: dict[str, Any], live: dict[str, Any],
                  main: Published, broker: str, load_before: list[float],
                  load_after: list[float]) -> dict[str, Any]:
-        a, b, c = runs[PASSTHROUGH], runs[SCORER], runs[PER_MESSAGE]
+        a, b, c, f = runs[PASSTHROUGH], runs[SCORER], runs[PER_MESSAGE], runs[FLOOR]
         ratios: dict[str, Any] = {
             "scorer_vs_passthrough": round(b.orders_per_s / a.orders_per_s, 3),
-            "scorer_vs_per_message": round(b.orders_per_s / c.orders_per_s, 2)}
+            "scorer_vs_per_message": round(b.orders_per_s / c.orders_per_s, 2),
+            # What triage adds to the floor (bench/workers.py floor), in worker CPU per order.
+            "scorer_cpu_vs_floor": (round(b.worker_cpu_s / f.worker_cpu_s, 2)
+                                    if f.worker_cpu_s > 0 else None),  # /proc counts 10 ms
+            "floor_vs_passthrough": round(f.orders_per_s / a.orders_per_s, 3)}
         p99, floor = latency["fixed_load"]["p99"], latency["passthrough_fixed_load"]["p99"]
         p99_ratio = round(p99 / floor, 2) if p99 is not None and floor else None
         ratios["p99_vs_passthrough_at_fixed_load"] = p99_ratio

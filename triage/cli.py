@@ -412,6 +412,14 @@ def _add_bench(commands: Commands, common: argparse.ArgumentParser) -> None:
     p.add_argument("--backtest-orders", type=int, default=1_000_000,
                    help="orders of the backtest's memory figure, generated; its second run has "
                         "4 times as many (default 1000000)")
+    p.add_argument("--profile", action="store_true",
+                   help="also the scorer once more under py-spy (dev requirements): its CPU per "
+                        "order by stage, decode to commit (docs/benchmarks.md)")
+    p.add_argument("--ab-module", metavar="MODULE",
+                   help="also (b) as run by this module (e.g. an earlier commit's worker, "
+                        "docs/benchmarks.md) against --scorer-module, interleaved")
+    p.add_argument("--ab-pairs", type=int, default=3,
+                   help="runs of each side for --ab-module (default 3)")
     p.add_argument("--data", type=Path, help="orders.csv and reference CSVs (default: generated)")
     p.add_argument("--model", type=Path, help="model directory (default: trained on the data)")
     p.add_argument("--out", type=Path, default=Path("results/bench"),
@@ -1204,6 +1212,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         restore_records=args.restore_records, models=args.models,
         per_message_orders=args.per_message_orders, http=args.http, timing=args.timing,
         backtest=args.backtest, backtest_orders=args.backtest_orders, broker=args.bench_broker,
+        profile=args.profile, ab_module=args.ab_module, ab_pairs=args.ab_pairs,
         data_dir=args.data, model_dir=args.model, out_dir=args.out,
         keep_topics=args.keep_topics, scorer_module=args.scorer_module)
     try:

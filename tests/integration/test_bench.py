@@ -5,7 +5,8 @@ The run uses what ``make bench`` uses, a fresh embedded broker of its own (so th
 broker is not filled with a benchmark's topics), with a shorter session timeout: on the
 embedded broker a group's first join takes half of it, and the run joins nine groups. Sizes are
 tiny (2,000 orders, 2,000 orders/s, a restore of 20,000 stock events, backtests of 2,000 and
-8,000 generated orders) to keep it near a minute and a half."""
+8,000 generated orders) to keep it near a minute and a half; ``--profile`` samples one more
+scorer run with py-spy."""
 
 from __future__ import annotations
 
@@ -36,12 +37,12 @@ def test_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
         [*TRIAGE, "bench", "--orders", "2000", "--json", "--latency-seconds", "1",
          "--rate", "2000", "--saturation-orders", "2000", "--sweep", "500",
          "--restore-records", "20000", "--models", "--http", "--backtest",
-         "--backtest-orders", "2000", "--out", str(out)],
+         "--backtest-orders", "2000", "--profile", "--out", str(out)],
         env=_env(tmp_path), capture_output=True, text=True, timeout=360, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     figures = json.loads(result.stdout)
 
-    for config in ("passthrough", "scorer", "per_message"):
+    for config in ("passthrough", "scorer", "floor", "per_message"):
         row = figures["throughput"][config]
         for key in ("orders_per_s", "seconds", "peak_rss_mb"):
             assert _number(row[key]) and row[key] > 0, (config, key, row[key])
@@ -60,7 +61,13 @@ def test_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     assert figures["latency_ms"]["passthrough_fixed_load"]["orders"] == 2000
     assert figures["latency_ms"]["saturation"]["orders"] == 2000
     assert _number(figures["worker_peak_rss_mb"])
-    assert set(figures["cpu_s_per_1000"]) == {"passthrough", "scorer", "per_message"}
+    assert set(figures["cpu_s_per_1000"]) == {"passthrough", "scorer", "floor", "per_message"}
+    assert _number(figures["ratios"]["floor_vs_passthrough"])
+    # --profile: the scorer's time by stage, from py-spy's samples of a worker
+    profile = figures["profile"]
+    assert profile["samples"] > 0 and Path(profile["raw"]).stat().st_size > 0, profile
+    assert profile["per_order_us"] and all(_number(v) for v in profile["per_order_us"].values())
+    assert _number(profile["measured_cpu_us_per_order"])
     assert _number(figures["scaling"]["workers_2_orders_per_s"])
     assert _number(figures["scaling"]["speedup"])
     assert [p["batch_size"] for p in figures["batch_sweep"]] == [500]

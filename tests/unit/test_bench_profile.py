@@ -1,0 +1,52 @@
+"""bench/profile.py: py-spy's raw stacks sorted into the stages of the per-order breakdown."""
+
+from __future__ import annotations
+
+import pytest
+
+from triage.bench.profile import OUTSIDE, UNSAMPLED, breakdown, stage_of
+
+LOOP = "<module> (consumer/worker.py:300);run (consumer/loop.py:229)"
+PROCESS = f"{LOOP};_process (consumer/loop.py:280);handle (consumer/scorer.py:250)"
+
+
+def test_a_sample_goes_to_its_leaf_most_claimed_frame() -> None:
+    assert stage_of(f"{PROCESS};process (scoring/core.py:214);_decode (scoring/core.py:290);"
+                    "decode (schemas/codec.py:210);decode_Order (<avro codec Order>:3)"
+                    .split(";")) == "decode"
+    assert stage_of(f"{PROCESS};encode (schemas/codec.py:185)".split(";")) == "encode"
+    assert stage_of(f"{PROCESS};process (scoring/core.py:230);_records (scoring/core.py:470);"
+                    "sampled_indices (scoring/sampling.py:20)".split(";")) == "sampling"
+    assert stage_of(f"{PROCESS};process (scoring/core.py:230);_records (scoring/core.py:440)"
+                    .split(";")) == "record building"
+    assert stage_of(f"{PROCESS};process (scoring/core.py:230);inc (prometheus_client/"
+                    "metrics.py:300)".split(";")) == "metrics"
+    assert stage_of(LOOP.split(";")) == "consume"  # the loop's line calling consume()
+    assert stage_of(f"{PROCESS};somewhere (else.py:1)".split(";")) == "hand-over (scorer.handle)"
+    assert stage_of(f"{LOOP};somewhere (else.py:1)".split(";")) == "consume"
+
+
+def test_samples_outside_the_batch_loop_are_counted_apart() -> None:
+    assert stage_of(["<module> (consumer/worker.py:30)", "load (model/artifact.py:330)"]
+                    ) == OUTSIDE
+    assert stage_of([]) == OUTSIDE
+
+
+def test_per_order_figures_are_sampled_seconds_over_orders() -> None:
+    # 250 samples at 250 Hz: 1 s; 500 more outside the loop; 2,000 orders.
+    lines = [f"{PROCESS};encode (schemas/codec.py:185) 150\n",
+             f"{PROCESS};decode (schemas/codec.py:210) 100\n",
+             "<module> (consumer/worker.py:30);load (model/artifact.py:330) 500\n",
+             " 3\n", "\n"]
+    figures = breakdown(lines, orders=2000, measured_cpu_s=1.5, rate_hz=250)
+    assert figures.samples == 753
+    assert figures.seconds[OUTSIDE] == pytest.approx(503 / 250)
+    assert figures.per_order_us["encode"] == pytest.approx(0.6 / 2000 * 1e6)
+    assert figures.per_order_us["decode"] == pytest.approx(0.4 / 2000 * 1e6)
+    assert figures.per_order_us[UNSAMPLED] == pytest.approx(0.5 / 2000 * 1e6)
+    assert OUTSIDE not in figures.per_order_us
+
+
+def test_a_line_that_is_not_py_spy_raw_output_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a py-spy raw line"):
+        breakdown(["run (consumer/loop.py:229) many\n"], orders=1)
