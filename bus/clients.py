@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -52,6 +52,9 @@ def base_config(connection: ConnectionSettings) -> dict[str, Any]:
 # Largest record a producer here sends (librdkafka's default, written out so that code sizing
 # records, such as dead letters, and the client agree).
 PRODUCER_MAX_MESSAGE_BYTES = 1_000_000
+# Records a producer here queues, in flight included (librdkafka's default, written out for
+# produce_batch's room check).
+PRODUCER_QUEUE_MESSAGES = 100_000
 
 
 def producer_config(connection: ConnectionSettings, **overrides: Any) -> dict[str, Any]:
@@ -67,6 +70,7 @@ def producer_config(connection: ConnectionSettings, **overrides: Any) -> dict[st
         "linger.ms": 5,
         "compression.type": "lz4",
         "message.max.bytes": PRODUCER_MAX_MESSAGE_BYTES,
+        "queue.buffering.max.messages": PRODUCER_QUEUE_MESSAGES,
         **overrides,
     }
 
@@ -136,6 +140,25 @@ def produce(producer: Producer, topic: str, **kwargs: Any) -> None:
             return
         except BufferError:  # serve delivery reports so the queue drains, then try again
             producer.poll(0.05)
+
+
+def produce_batch(producer: Producer, topic: str, messages: list[dict[str, Any]],
+                  on_delivery: Callable[[KafkaError | None, Message], None] | None = None
+                  ) -> None:
+    """``producer.produce_batch``: ``messages`` (dicts of ``key``, ``value`` and ``partition``,
+    -1 for the partitioner's choice; no headers) queued in their order, in one call a chunk of
+    up to half the local queue instead of one call a record. Before each chunk it waits
+    (serving delivery reports) until the queue has room for all of it, so that none is refused
+    for a full queue while a later one is queued, which would reorder them; a producer made
+    with ``producer_config`` holds ``PRODUCER_QUEUE_MESSAGES``. Raises KafkaException with the
+    first refused message's error (what ``produce`` raises for it)."""
+    step = PRODUCER_QUEUE_MESSAGES // 2
+    for start in range(0, len(messages), step):
+        chunk = messages[start:start + step] if len(messages) > step else messages
+        while len(producer) + len(chunk) > PRODUCER_QUEUE_MESSAGES:
+            producer.poll(0.05)
+        if producer.produce_batch(topic, chunk, on_delivery=on_delivery) < len(chunk):
+            raise KafkaException(next(m["_error"] for m in chunk if "_error" in m))
 
 
 class Source(NamedTuple):

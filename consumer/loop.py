@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import structlog
-from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from triage.bus.clients import (
     make_admin,
@@ -42,6 +42,7 @@ from triage.bus.clients import (
     make_producer,
     partitions_of,
     produce,
+    produce_batch,
     records_of,
 )
 from triage.bus.health import Health
@@ -279,9 +280,7 @@ class BatchLoop:
         self.consumed += len(records)
         if handled.outputs or handled.commit:
             on_delivery = self.committer.begin()
-            for topic, key, value, headers, partition in handled.outputs:
-                produce(self.producer, topic, key=key, value=value, headers=headers,
-                        partition=partition, on_delivery=on_delivery)
+            self._produce(handled.outputs, on_delivery)
             self.committer.finish(handled.commit, len(handled.outputs))
         if handled.pause:
             self.consumer.pause([TopicPartition(self.topic, p) for p in handled.pause])
@@ -292,6 +291,26 @@ class BatchLoop:
             self.log.info("partitions_resumed", partitions=sorted(handled.resume))
         if records:
             metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+
+    def _produce(self, outputs: Sequence[Output],
+                 on_delivery: Callable[[KafkaError | None, Message], None]) -> None:
+        """Produce ``outputs`` in their order: each run of records to one topic without headers
+        in one ``produce_batch`` call (a dict a record rather than a call a record: a
+        prediction costs about 1 µs less, docs/benchmarks.md), the others one by one."""
+        producer, i, n = self.producer, 0, len(outputs)
+        while i < n:
+            topic, key, value, headers, partition = outputs[i]
+            if headers is not None:
+                produce(producer, topic, key=key, value=value, headers=headers,
+                        partition=partition, on_delivery=on_delivery)
+                i += 1
+                continue
+            run = []
+            while i < n and outputs[i].topic == topic and outputs[i].headers is None:
+                _, key, value, _, partition = outputs[i]
+                run.append({"key": key, "value": value, "partition": partition})
+                i += 1
+            produce_batch(producer, topic, run, on_delivery)
 
     # -- group membership ------------------------------------------------------------------
     # Callbacks receive only the partitions that change (cooperative-sticky is incremental).

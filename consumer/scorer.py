@@ -244,9 +244,12 @@ class Scorer:
         out = self._reference_letters(polled.letters)
         corrections = self.core.correct(polled.late) + self.core.verify()
         sources = [source_of(m) for m in records]
-        for source in sources:
-            key = (source.topic, source.partition)
-            self._consumed_upto[key] = max(self._consumed_upto.get(key, -1), source.offset)
+        # A partition's records come in offset order: its last one is the furthest consumed.
+        last = {(source.topic, source.partition): source.offset for source in sources}
+        consumed = self._consumed_upto
+        for key, offset in last.items():
+            if offset > consumed.get(key, -1):
+                consumed[key] = offset
         outcome = self.core.process([Incoming(m.value(), m.key(), source)
                                      for m, source in zip(records, sources, strict=True)])
         encode_prediction, encode_sample = self.predictions.encode, self.samples.encode

@@ -245,6 +245,20 @@ class FakeProducer:
         if self.open_transaction is not None:
             self.open_transaction.records.append(record)
 
+    def produce_batch(self, topic: str, messages: list[dict[str, Any]], partition: int = -1,
+                      on_delivery: Callable[..., None] | None = None) -> int:
+        """As confluent-kafka's: each message dict queued as produce() would; returns how many
+        were queued (all: this broker's local queue never fills)."""
+        for message in messages:
+            FakeProducer.produce(self, topic, message.get("value"), message.get("key"),
+                                 message.get("partition", partition),
+                                 message.get("callback", on_delivery))
+        return len(messages)
+
+    def __len__(self) -> int:
+        """Records produced and not answered yet (librdkafka's out-queue length)."""
+        return len(self.in_flight)
+
     def poll(self, timeout: float | None = None) -> int:
         if timeout is None or timeout > 0:
             return self._wait()
