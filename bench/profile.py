@@ -63,6 +63,8 @@ STAGES: tuple[tuple[str, str, frozenset[str] | None], ...] = (
 OUTSIDE = "outside the batch loop (start, restore, stop)"
 UNSAMPLED = "measured CPU less sampled time (librdkafka's threads)"
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>.*):(?P<line>\d+)\)$")
+# One record: a stack (maybe empty, or with a frame name read torn across lines) and its count.
+_RECORD = re.compile(r"^(?P<stack>.*) (?P<count>\d+)\n?$", re.DOTALL)
 _LOOP = ("run", "consumer/loop.py")
 
 
@@ -100,21 +102,25 @@ def breakdown(lines: Iterable[str], orders: int, measured_cpu_s: float | None = 
               rate_hz: float = RATE_HZ) -> Breakdown:
     """Sum py-spy raw ``lines`` by stage. ``orders``: how many the loop scored while sampled;
     ``measured_cpu_s``: the worker's CPU over the loop, from an unprofiled run of the same
-    orders, so that what py-spy cannot see is a figure too. Raises ValueError on a line that
-    is not py-spy's raw format."""
+    orders, so that what py-spy cannot see is a figure too. A record split over lines (a frame
+    name that py-spy's ``--nonblocking`` read while the process changed it, seen as a module
+    docstring) is joined up to its count. Raises ValueError if the text ends in something that
+    is not a record."""
     counts: dict[str, int] = {}
     total = 0
+    pending = ""  # a record split over lines: a frame name read torn (--nonblocking)
     for line in lines:
-        line = line.rstrip("\n")
-        if not line:
+        pending += line
+        record = _RECORD.match(pending)
+        if record is None:
             continue
-        stack, _, count = line.rpartition(" ")  # a stack may be empty: py-spy saw no frame
-        if not count.isdigit():
-            raise ValueError(f"not a py-spy raw line: {line[:120]!r}")
-        frames = [frame for frame in stack.split(";") if _FRAME.match(frame)]
+        pending = ""
+        frames = [frame for frame in record["stack"].split(";") if _FRAME.match(frame)]
         stage = stage_of(frames)
-        counts[stage] = counts.get(stage, 0) + int(count)
-        total += int(count)
+        counts[stage] = counts.get(stage, 0) + int(record["count"])
+        total += int(record["count"])
+    if pending.strip():
+        raise ValueError(f"not py-spy raw output: {pending[:120]!r}")
     seconds = {stage: n / rate_hz for stage, n in sorted(counts.items(), key=lambda kv: -kv[1])}
     inside = {stage: s for stage, s in seconds.items() if stage != OUTSIDE}
     per_order = {stage: s / orders * 1e6 for stage, s in inside.items()}

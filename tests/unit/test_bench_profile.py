@@ -47,6 +47,16 @@ def test_per_order_figures_are_sampled_seconds_over_orders() -> None:
     assert OUTSIDE not in figures.per_order_us
 
 
-def test_a_line_that_is_not_py_spy_raw_output_is_refused() -> None:
-    with pytest.raises(ValueError, match="not a py-spy raw line"):
+def test_a_record_torn_over_lines_is_joined_up_to_its_count() -> None:
+    """py-spy --nonblocking can read a frame's name while the process changes it (seen: a
+    module docstring of several lines in place of a function name)."""
+    lines = [f"{PROCESS};The model artifact.\n", "\n", "More of the docstring.;encode "
+             "(schemas/codec.py:185) 7\n", f"{PROCESS};decode (schemas/codec.py:210) 3\n"]
+    figures = breakdown(lines, orders=1, rate_hz=1)
+    assert figures.samples == 10
+    assert figures.seconds == {"encode": 7, "decode": 3}
+
+
+def test_text_that_is_not_py_spy_raw_output_is_refused() -> None:
+    with pytest.raises(ValueError, match="not py-spy raw output"):
         breakdown(["run (consumer/loop.py:229) many\n"], orders=1)
