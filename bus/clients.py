@@ -143,22 +143,31 @@ def produce(producer: Producer, topic: str, **kwargs: Any) -> None:
 
 
 def produce_batch(producer: Producer, topic: str, messages: list[dict[str, Any]],
+                  partition: int = -1,
                   on_delivery: Callable[[KafkaError | None, Message], None] | None = None
                   ) -> None:
-    """``producer.produce_batch``: ``messages`` (dicts of ``key``, ``value`` and ``partition``,
-    -1 for the partitioner's choice; no headers) queued in their order, in one call a chunk of
-    up to half the local queue instead of one call a record. Before each chunk it waits
-    (serving delivery reports) until the queue has room for all of it, so that none is refused
-    for a full queue while a later one is queued, which would reorder them; a producer made
-    with ``producer_config`` holds ``PRODUCER_QUEUE_MESSAGES``. Raises KafkaException with the
-    first refused message's error (what ``produce`` raises for it)."""
+    """``producer.produce_batch``: ``messages`` (dicts of ``key`` and ``value``; no headers) to
+    ``partition`` of ``topic`` (-1: the partitioner's choice by key), queued in their order,
+    one call a chunk of up to half the local queue instead of one call a record. The partition
+    is the call's: confluent-kafka 2.16 ignores a ``partition`` in a message's dict (measured:
+    such records went where their keys hashed). Before each chunk it waits (serving delivery
+    reports) until the queue's count of records has room for all of it, so that none is
+    refused for a full queue while a later one is queued, which would reorder them; a producer
+    made with ``producer_config`` holds ``PRODUCER_QUEUE_MESSAGES`` records and 1 GiB
+    (librdkafka's ``queue.buffering.max.kbytes``, far beyond the loop's two batches). Raises
+    KafkaException with the error of the first record refused (what ``produce`` raises for it;
+    librdkafka may still have queued records after it: the caller must not commit, as with
+    any failed delivery)."""
     step = PRODUCER_QUEUE_MESSAGES // 2
     for start in range(0, len(messages), step):
         chunk = messages[start:start + step] if len(messages) > step else messages
         while len(producer) + len(chunk) > PRODUCER_QUEUE_MESSAGES:
             producer.poll(0.05)
-        if producer.produce_batch(topic, chunk, on_delivery=on_delivery) < len(chunk):
-            raise KafkaException(next(m["_error"] for m in chunk if "_error" in m))
+        if producer.produce_batch(topic, chunk, partition=partition,
+                                  on_delivery=on_delivery) < len(chunk):
+            error = next((m["_error"] for m in chunk if "_error" in m),
+                         KafkaError(KafkaError._FAIL, "produce_batch queued fewer records"))
+            raise KafkaException(error)
 
 
 class Source(NamedTuple):

@@ -294,9 +294,9 @@ class BatchLoop:
 
     def _produce(self, outputs: Sequence[Output],
                  on_delivery: Callable[[KafkaError | None, Message], None]) -> None:
-        """Produce ``outputs`` in their order: each run of records to one topic without headers
-        in one ``produce_batch`` call (a dict a record rather than a call a record: a
-        prediction costs about 1 µs less, docs/benchmarks.md), the others one by one."""
+        """Produce ``outputs`` in their order: each run of records to one partition of one
+        topic (or all to the partitioner, -1) without headers in one ``produce_batch`` call,
+        the others one by one (docs/benchmarks.md has what it saves)."""
         producer, i, n = self.producer, 0, len(outputs)
         while i < n:
             topic, key, value, headers, partition = outputs[i]
@@ -306,11 +306,14 @@ class BatchLoop:
                 i += 1
                 continue
             run = []
-            while i < n and outputs[i].topic == topic and outputs[i].headers is None:
-                _, key, value, _, partition = outputs[i]
-                run.append({"key": key, "value": value, "partition": partition})
+            while i < n:
+                output = outputs[i]
+                if output.topic != topic or output.partition != partition or \
+                        output.headers is not None:
+                    break
+                run.append({"key": output.key, "value": output.value})
                 i += 1
-            produce_batch(producer, topic, run, on_delivery)
+            produce_batch(producer, topic, run, partition, on_delivery)
 
     # -- group membership ------------------------------------------------------------------
     # Callbacks receive only the partitions that change (cooperative-sticky is incremental).

@@ -247,12 +247,12 @@ class FakeProducer:
 
     def produce_batch(self, topic: str, messages: list[dict[str, Any]], partition: int = -1,
                       on_delivery: Callable[..., None] | None = None) -> int:
-        """As confluent-kafka's: each message dict queued as produce() would; returns how many
-        were queued (all: this broker's local queue never fills)."""
+        """As confluent-kafka 2.16's: each message dict queued as produce() would, to the
+        call's ``partition`` (a ``partition`` in the dict is ignored, as there); returns how
+        many were queued (all: this broker's local queue never fills)."""
         for message in messages:
             FakeProducer.produce(self, topic, message.get("value"), message.get("key"),
-                                 message.get("partition", partition),
-                                 message.get("callback", on_delivery))
+                                 partition, message.get("callback", on_delivery))
         return len(messages)
 
     def __len__(self) -> int:

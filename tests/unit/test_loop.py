@@ -243,10 +243,11 @@ def test_at_least_once_commits_nothing_when_a_record_is_not_acknowledged(broker:
     assert consumer.commits == []
 
 
-def test_outputs_are_produced_in_their_order_runs_of_a_topic_batched_headers_one_by_one(
+def test_outputs_are_produced_in_their_order_runs_of_a_partition_batched_headers_one_by_one(
         ) -> None:
-    """A batch's outputs go to the producer in the handler's order, whether a run of records
-    to one topic (produce_batch) or a record with headers (produce) comes between."""
+    """A batch's outputs go to the producer in the handler's order, each to the partition it
+    names, whether in a run of records to one partition of one topic (produce_batch, whose
+    partition is the call's) or one by one (a record with headers)."""
     consumer, producer = FakeConsumer(TOPIC, {0: 4}), FakeProducer()
     calls: list[str] = []
     produce, produce_batch = producer.produce, producer.produce_batch
@@ -254,14 +255,14 @@ def test_outputs_are_produced_in_their_order_runs_of_a_topic_batched_headers_one
     producer.produce_batch = lambda *a, **k: (calls.append("batch"), produce_batch(*a, **k))[1]
 
     def handle(records: list[Record]) -> list[Output]:
-        outputs = [Output(OUT, r.key(), r.value()) for r in records]
+        outputs = [Output(OUT, r.key(), r.value(), None, p)
+                   for r, p in zip(records, [1, 1, 2, 1], strict=True)]
         letter = Output("dead-letters", None, b"letter", [("reason", b"bad")])
         return [*outputs[:2], letter, *outputs[2:], Output("drift", None, b"sample", None, 3)]
 
     loop_of(consumer, producer).run(handle)
-    sent = [(r.topic(), r.value(), r.headers()) for r in producer.acknowledged]
-    assert sent == [(OUT, b"0:0", None), (OUT, b"0:1", None),
-                    ("dead-letters", b"letter", [("reason", b"bad")]),
-                    (OUT, b"0:2", None), (OUT, b"0:3", None), ("drift", b"sample", None)]
-    assert calls == ["batch", "produce", "batch", "batch"]
-    assert [r.partition() for r in producer.acknowledged if r.topic() == "drift"] == [3]
+    sent = [(r.topic(), r.partition(), r.value(), r.headers()) for r in producer.acknowledged]
+    assert sent == [(OUT, 1, b"0:0", None), (OUT, 1, b"0:1", None),
+                    ("dead-letters", 0, b"letter", [("reason", b"bad")]),
+                    (OUT, 2, b"0:2", None), (OUT, 1, b"0:3", None), ("drift", 3, b"sample", None)]
+    assert calls == ["batch", "produce", "batch", "batch", "batch"]

@@ -1,5 +1,6 @@
-"""bus/clients.produce_batch: the records of a run queued in their order or not at all past a
-refusal; never refused for a full local queue (it waits for room first)."""
+"""bus/clients.produce_batch: the records of a run queued in their order, to the partition of
+the call; never refused for a full local queue (it waits for room first); a refused record
+raises its error."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ class QueueProducer:
         self.queued, self.drains, self.refuse = queued, drains, refuse
         self.polls = 0
         self.sent: list[bytes] = []
+        self.partitions: list[int] = []  # of each produce_batch call
 
     def __len__(self) -> int:
         return self.queued
@@ -29,8 +31,9 @@ class QueueProducer:
         self.queued = max(0, self.queued - self.drains)
         return self.drains
 
-    def produce_batch(self, topic: str, messages: list[dict[str, Any]],
+    def produce_batch(self, topic: str, messages: list[dict[str, Any]], partition: int = -1,
                       on_delivery: Any = None) -> int:
+        self.partitions.append(partition)
         ok = 0
         for message in messages:
             if self.queued >= PRODUCER_QUEUE_MESSAGES:
@@ -45,13 +48,13 @@ class QueueProducer:
 
 
 def _messages(n: int) -> list[dict[str, Any]]:
-    return [{"key": None, "value": b"%d" % i, "partition": -1} for i in range(n)]
+    return [{"key": None, "value": b"%d" % i} for i in range(n)]
 
 
 def test_a_run_waits_for_room_in_the_queue_and_goes_whole_in_order() -> None:
     producer = QueueProducer(queued=PRODUCER_QUEUE_MESSAGES - 10, drains=7)
-    produce_batch(producer, "t", _messages(30))  # type: ignore[arg-type]
-    assert producer.sent == [b"%d" % i for i in range(30)]
+    produce_batch(producer, "t", _messages(30), 4)  # type: ignore[arg-type]
+    assert producer.sent == [b"%d" % i for i in range(30)] and producer.partitions == [4]
     assert producer.polls == 3  # 100,000 - 10 - 21 queued: room for 30
 
 
@@ -67,3 +70,4 @@ def test_a_refused_message_raises_its_error() -> None:
     with pytest.raises(KafkaException) as raised:
         produce_batch(producer, "t", _messages(4))  # type: ignore[arg-type]
     assert raised.value.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE
+    assert producer.sent == [b"0", b"1", b"3"]  # librdkafka goes on past it: no commit follows
