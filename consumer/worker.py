@@ -82,15 +82,20 @@ class StartupStop:
     """Until :meth:`running` is called, a SIGTERM or SIGINT ends the process at once (exit
     status 0, a ``stop_requested`` log line with ``during="startup"``), even while the main
     thread waits inside a client library's call: Python runs signal handlers between bytecodes
-    only, so a handler would wait for that call to return. The signal's number reaches a
-    watching thread through :func:`signal.set_wakeup_fd`; the Python handlers installed beside
-    it still run for signals after :meth:`running` (they call :meth:`stop` first, which returns
-    then). Make it on the main thread."""
+    only, on the main thread, so a handler would wait for that call to return. The signal's
+    number reaches a watching thread through :func:`signal.set_wakeup_fd`, and that thread
+    ends the process. The worker's Python handlers call :meth:`stop` first: during start-up
+    it leaves the signal to the watching thread (logging from a handler could wait forever on
+    a lock the interrupted code holds), and a signal the thread had not acted on when the loop
+    started is returned by :meth:`running` for the worker to stop as usual. Make it on the
+    main thread, before the handlers."""
 
     def __init__(self, log: structlog.typing.FilteringBoundLogger) -> None:
         self.log = log
-        self._running = threading.Event()
-        self._stopping = threading.RLock()  # the watching thread and a handler may both stop
+        self._lock = threading.Lock()  # running() against an exit: one of them wins
+        self._running = False
+        self._exiting = False
+        self._deferred: str | None = None  # a signal the main thread's handler left to us
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)
         self._previous = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
@@ -101,25 +106,44 @@ class StartupStop:
             for signum in data:
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     self.stop(signal.Signals(signum).name)
+        os.close(self._read)
 
-    def stop(self, reason: str) -> None:
-        """End the process now if the worker is still starting; else do nothing (the batch
-        loop's own stop applies)."""
-        if self._running.is_set():
-            return
-        self._stopping.acquire()  # the second caller waits here for the process to end
-        self.log.info("stop_requested", reason=reason, during="startup")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    def stop(self, reason: str) -> bool:
+        """True once the worker runs its loop (the caller's own stop applies); else False,
+        having ended the process (from any thread but the main one) or left it to the
+        watching thread (from the main one, a signal handler)."""
+        if threading.current_thread() is threading.main_thread():
+            if self._running:
+                return True
+            self._deferred = reason
+            return False
+        with self._lock:
+            if self._running:
+                return True
+            self._exiting = True
+        try:  # a thread of its own: a log lock held by the interrupted main thread must not
+            said = threading.Thread(target=self.log.info, args=("stop_requested",),
+                                    kwargs={"reason": reason, "during": "startup"}, daemon=True)
+            said.start()  # hold the exit back
+            said.join(1.0)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(0)
 
-    def running(self) -> None:
-        """The batch loop is about to consume: from now on a stop finishes the batch in hand,
-        commits and leaves the group (the Python signal handlers)."""
-        if not self._running.is_set():
-            self._running.set()
-            signal.set_wakeup_fd(self._previous)
-            os.close(self._write)
+    def running(self) -> str | None:
+        """The batch loop is about to consume (or the worker is leaving without it): from now
+        on a stop is the Python handlers' (finish the batch, commit, leave the group). Returns
+        the reason of a stop the watching thread had not acted on yet, else None."""
+        with self._lock:
+            if self._exiting:  # the watching thread is ending the process
+                threading.Event().wait()
+            if self._running:
+                return None
+            self._running = True
+        signal.set_wakeup_fd(self._previous)
+        os.close(self._write)
+        return self._deferred
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +189,8 @@ def run(settings: WorkerSettings, model_dir: str | Path | None, reference_dir: s
     stop_requested = threading.Event()
 
     def stop(reason: str) -> None:
-        starting.stop(reason)  # still starting: the process ends here
+        if not starting.stop(reason):  # still starting: the process ends (StartupStop)
+            return
         log.info("stop_requested", reason=reason)
         stop_requested.set()
         if scorer is not None:
@@ -178,6 +203,12 @@ def run(settings: WorkerSettings, model_dir: str | Path | None, reference_dir: s
         watch_parent(supervisor_pid, lambda: stop("supervisor_gone"))
         if os.getppid() != supervisor_pid:  # it died before the watch began
             stop("supervisor_gone")
+
+    def running() -> None:  # the loop starts: a stop the start-up left pending applies now
+        deferred = starting.running()
+        if deferred is not None:
+            stop(deferred)
+
     health = Health(settings.scorer.health_stall_ms, READINESS)
     server = follower = loop = None
     try:
@@ -244,7 +275,7 @@ def run(settings: WorkerSettings, model_dir: str | Path | None, reference_dir: s
             scoring_metrics.PREDICTIONS.labels(recommendation)
         if stop_requested.is_set():
             scorer.request_stop()
-        scorer.run(running=starting.running)
+        scorer.run(running=running)
     except (ConfigurationError, OSError) as exc:  # OSError: a metrics port in use, a file
         if scorer is None:
             log.error("worker_config_error", error=str(exc))
@@ -253,6 +284,7 @@ def run(settings: WorkerSettings, model_dir: str | Path | None, reference_dir: s
     except Exception as exc:
         return _failed(log, exc)
     finally:
+        starting.running()  # leaving without the loop: a stop now waits for what is left
         if loop is not None:  # left the group and closed, unless its run() already did
             loop.close()
         if follower is not None:
