@@ -61,7 +61,7 @@ STAGES: tuple[tuple[str, str, frozenset[str] | None], ...] = (
     ("consume", "consumer/loop.py", frozenset({"run"})),
 )
 OUTSIDE = "outside the batch loop (start, restore, stop)"
-UNSAMPLED = "measured CPU less sampled time (librdkafka's threads)"
+UNSAMPLED = "measured CPU less the loop's samples (librdkafka, other threads)"
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>.*):(?P<line>\d+)\)$")
 # One record: a stack (maybe empty, or with a frame name read torn across lines) and its count.
 _RECORD = re.compile(r"^(?P<stack>.*) (?P<count>\d+)\n?$", re.DOTALL)

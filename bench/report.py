@@ -107,7 +107,7 @@ def render(results: dict[str, Any]) -> str:
                          f"{row['median_cpu_s_per_1000']:.4f}), orders/s "
                          f"{[round(x) for x in row['orders_per_s']]} (median "
                          f"{row['median_orders_per_s']:,.0f})")
-        lines.append(f"  B/A: CPU per order {ab['b_vs_a_cpu']:.3f}, orders/s "
+        lines.append(f"  B/A: CPU per order {ab['b_vs_a_cpu']}, orders/s "
                      f"{ab['b_vs_a_orders_per_s']:.3f}")
     scaling = results["scaling"]
     if scaling:

@@ -256,7 +256,6 @@ class Bench:
             runs = {
                 PASSTHROUGH: self._run_config(PASSTHROUGH, main, models, count_outputs=True),
                 SCORER: self._run_config(SCORER, main, models, count_outputs=True),
-                FLOOR: self._run_config(FLOOR, main, models, count_outputs=True),
             }
             # The live path right after the CSV path (b), so that both meet the same load.
             live_run = self._run_config(SCORER, main, models, count_outputs=True,
@@ -264,6 +263,7 @@ class Bench:
             # The backtest over what the live run read and published, right after it.
             backtest_speed = (self._backtest_speed(live_run, models, work)
                               if options.backtest else None)
+            runs[FLOOR] = self._run_config(FLOOR, main, models, count_outputs=True)
             # The baseline scores ~500 orders/s: over its own first N orders, not all of them.
             baseline = main if options.per_message_orders >= main.orders else self._publish(
                 "per-message", records[:options.per_message_orders])
@@ -377,6 +377,11 @@ class Bench:
         raw = self.logs / "scorer-profile.txt"
         raw.unlink(missing_ok=True)
         self._run_config(SCORER, main, models, profile_to=raw)
+        if not raw.exists() or raw.stat().st_size == 0:  # py-spy could not attach or read
+            spy_logs = sorted(self.logs.glob("*.py-spy.log"))
+            raise BenchError("py-spy wrote no samples of the worker (attaching to a process "
+                             "needs ptrace: root, or kernel.yama.ptrace_scope 0)"
+                             + (f"; {spy_logs[-1]}:\n" + _tail(spy_logs[-1]) if spy_logs else ""))
         with open(raw, encoding="utf-8") as lines:
             figures = breakdown(lines, main.orders, measured_cpu_s=scorer.worker_cpu_s)
         return {**figures.as_dict(), "raw": str(raw),
@@ -409,8 +414,8 @@ class Bench:
                          "orders_per_s": [f.as_dict()["orders_per_s"] for f in figures],
                          "median_cpu_s_per_1000": median(figures, "cpu_s_per_1000"),
                          "median_orders_per_s": median(figures, "orders_per_s")}
-        out["b_vs_a_cpu"] = round(out["b"]["median_cpu_s_per_1000"]
-                                  / out["a"]["median_cpu_s_per_1000"], 3)
+        a_cpu = out["a"]["median_cpu_s_per_1000"]
+        out["b_vs_a_cpu"] = round(out["b"]["median_cpu_s_per_1000"] / a_cpu, 3) if a_cpu else None
         out["b_vs_a_orders_per_s"] = round(out["b"]["median_orders_per_s"]
                                            / out["a"]["median_orders_per_s"], 3)
         return out
