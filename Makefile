@@ -28,7 +28,7 @@ kafka: $(STAMP)
 	@$(BIN)/python -m triage.bus.apache_kafka resolve \
 	  || echo "the integration tests will run on the embedded broker instead"
 
-# The benchmark of docs/benchmarks.md: passthrough vs scorer vs per-message, latency, scaling,
+# The benchmark of docs/benchmarks.md: passthrough vs scorer vs floor vs per-message, latency, scaling,
 # batch-size sweep, the live reference path, start-up and memory; about 4.5 minutes on 2 cores.
 # BENCH_FLAGS="--restore-records 1000000" adds the million-record restore, "--orders 50000" is
 # shorter.

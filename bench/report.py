@@ -22,7 +22,7 @@ def _profile_lines(profile: dict[str, Any]) -> list[str]:
     per_order = profile["per_order_us"]
     lines = ["", f"(b) profiled with py-spy ({profile['samples']:,} samples at "
                  f"{profile['rate_hz']} Hz; {profile['raw']}): CPU per order by stage, "
-                 f"{profile['measured_cpu_us_per_order']:.1f} µs measured unprofiled"]
+                 f"{profile['measured_cpu_us_per_order']:.1f} µs of worker CPU measured"]
     lines += [f"  {stage:<62}{us:>8.2f} µs" for stage, us in per_order.items()]
     return lines
 

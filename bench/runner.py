@@ -282,7 +282,7 @@ class Bench:
             timing_figures = self._timing(model_dir) if options.timing else None
             backtest_memory = (self._backtest_memory(model_dir, work)
                                if options.backtest else None)
-            profile = self._profile(main, models, runs[SCORER]) if options.profile else None
+            profile = self._profile(main, models) if options.profile else None
             ab = self._ab(main, models) if options.ab_module else None
             if self.broker_pid:
                 self.broker_peak_rss_mb = peak_rss_mb(self.broker_pid)
@@ -363,11 +363,11 @@ class Bench:
         return memory_runs(_triage(), registry.root, version, n, self.options.seed, work,
                            self.logs, self.say)
 
-    def _profile(self, main: Published, models: tuple[Path, Path], scorer: RunFigures
-                 ) -> dict[str, Any]:
+    def _profile(self, main: Published, models: tuple[Path, Path]) -> dict[str, Any]:
         """The scorer once more over the same orders, sampled by py-spy (bench/profile.py):
-        its CPU per order by stage, what py-spy cannot see taken from ``scorer``, the
-        unprofiled run's measured CPU. Raises BenchError without py-spy."""
+        its time per order by stage, and that run's own worker CPU (py-spy reads the worker
+        from another process; the machine's speed drifts between runs, so another run's
+        figure would not do). Raises BenchError without py-spy or samples."""
         from triage.bench.profile import breakdown, py_spy
 
         try:
@@ -376,16 +376,16 @@ class Bench:
             raise BenchError(str(exc)) from None
         raw = self.logs / "scorer-profile.txt"
         raw.unlink(missing_ok=True)
-        self._run_config(SCORER, main, models, profile_to=raw)
+        sampled = self._run_config(SCORER, main, models, profile_to=raw)
         if not raw.exists() or raw.stat().st_size == 0:  # py-spy could not attach or read
             spy_logs = sorted(self.logs.glob("*.py-spy.log"))
             raise BenchError("py-spy wrote no samples of the worker (attaching to a process "
                              "needs ptrace: root, or kernel.yama.ptrace_scope 0)"
                              + (f"; {spy_logs[-1]}:\n" + _tail(spy_logs[-1]) if spy_logs else ""))
         with open(raw, encoding="utf-8") as lines:
-            figures = breakdown(lines, main.orders, measured_cpu_s=scorer.worker_cpu_s)
-        return {**figures.as_dict(), "raw": str(raw),
-                "measured_cpu_us_per_order": round(scorer.worker_cpu_s / main.orders * 1e6, 2)}
+            figures = breakdown(lines, main.orders, measured_cpu_s=sampled.worker_cpu_s)
+        return {**figures.as_dict(), "raw": str(raw), "orders_per_s": round(sampled.orders_per_s),
+                "measured_cpu_us_per_order": round(sampled.worker_cpu_s / main.orders * 1e6, 2)}
 
     def _ab(self, main: Published, models: tuple[Path, Path]) -> dict[str, Any]:
         """(b) as ``ab_module`` runs it (A: say, an earlier commit's worker) and as
