@@ -308,6 +308,26 @@ def _await_metadata(admin: AdminClient, partitions: dict[str, int], timeout_s: f
             time.sleep(0.05)  # the broker's metadata catches up with its controller
 
 
+BROKER_CHECK_S = 10.0  # how long a process waits for its first metadata answer
+
+
+def check_brokers(client: Producer | Consumer | AdminClient, connection: ConnectionSettings,
+                  timeout_s: float = BROKER_CHECK_S) -> None:
+    """Ask the brokers for metadata once; raise InfrastructureError saying where it looked and
+    what to check when none answers within ``timeout_s`` (a wrong address, brokers down or
+    unreachable, security settings they refuse all look alike from here)."""
+    try:
+        client.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        error = exc.args[0].str() if exc.args and isinstance(exc.args[0], KafkaError) else exc
+        address = resolve_bootstrap(connection.bootstrap_servers, connection.state_dir)
+        raise InfrastructureError(
+            f"no Kafka broker answered at {address} within {timeout_s:.0f} s ({error}): check "
+            "TRIAGE_BOOTSTRAP_SERVERS (or --bootstrap), that the brokers are running and "
+            "reachable from here, and the security settings (TRIAGE_SECURITY_PROTOCOL, "
+            "TRIAGE_SASL_*, TRIAGE_SSL_*)") from exc
+
+
 def records_in(consumer: Consumer, topic_names: list[str], timeout_s: float = 5.0
                ) -> int | None:
     """Records held by every partition of ``topic_names`` (high - low watermark, asked of the

@@ -8,11 +8,23 @@ same structlog pipeline: every Kafka client gets :func:`librdkafka_logger` as it
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import time
+from collections.abc import Callable
 
 import structlog
 
 LIBRDKAFKA_EVENT = "librdkafka"
+# A librdkafka line said again within this many seconds, by any client of the process, is
+# counted instead of written: a worker whose brokers do not answer has a dozen clients each
+# retrying every second (768 lines in 26 s, seen by a new user). The next one after the window
+# carries ``repeated``, the count dropped.
+REPEAT_WINDOW_S = 60.0
+_SEEN_KEYS = 256
+# librdkafka's timing and suppression counts, which differ between repeats of one failure.
+_TIMING = re.compile(r"\s*\(after \d+ms in state \w+(?:, \d+ identical error\(s\) suppressed)?\)"
+                     r"|\s*\(\d+ identical error\(s\) suppressed\)")
 _LIBRDKAFKA_LOGGER = "triage.librdkafka"
 _LEVELS = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
 
@@ -52,8 +64,15 @@ class StructlogHandler(logging.Handler):
     librdkafka's syslog level already mapped to a stdlib level (emerg/alert/crit -> CRITICAL,
     err -> ERROR, warning -> WARNING, notice/info -> INFO, debug -> DEBUG); the record is
     logged at that level, so structlog's level filter applies. A record of another shape (a
-    caller logging to this logger itself) keeps its formatted text as ``message``.
+    caller logging to this logger itself) keeps its formatted text as ``message``. A line said
+    within ``REPEAT_WINDOW_S`` before is counted, not written (``repeated`` on the next one).
     """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.clock = clock
+        # (facility, message without its timing) -> (when last logged, repeats not logged)
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         args = record.args
@@ -61,13 +80,31 @@ class StructlogHandler(logging.Handler):
             facility, client, message = (str(a) for a in args)
         else:
             facility, client, message = "", "", record.getMessage()
+        repeated = self._repeats(facility, message)
+        if repeated is None:
+            return
         # The nearest standard level at or below the record's (structlog knows only those).
         level = max((lv for lv in _LEVELS if lv <= record.levelno), default=logging.DEBUG)
+        extra = {"repeated": repeated} if repeated else {}
         try:
             structlog.get_logger("triage").log(level, LIBRDKAFKA_EVENT, facility=facility,
-                                               client=client, message=message)
+                                               client=client, message=message, **extra)
         except Exception:  # a closed stream or a renderer error: stdlib logging's own path
             self.handleError(record)
+
+    def _repeats(self, facility: str, message: str) -> int | None:
+        """None to drop a line said within ``REPEAT_WINDOW_S`` (by any client of the process,
+        its timing aside); else how many such lines were dropped since it was last said."""
+        key = (facility, _TIMING.sub("", message))
+        now = self.clock()
+        last = self._seen.get(key)
+        if last is not None and now - last[0] < REPEAT_WINDOW_S:
+            self._seen[key] = (last[0], last[1] + 1)
+            return None
+        if last is None and len(self._seen) >= _SEEN_KEYS:
+            self._seen.clear()  # many different lines: forget the old ones
+        self._seen[key] = (now, 0)
+        return last[1] if last is not None else 0
 
 
 def librdkafka_logger() -> logging.Logger:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from triage.bus.clients import is_embedded, records_in
+from triage.bus.clients import check_brokers, is_embedded, records_in
 from triage.bus.errors import EXIT_CONFIGURATION, ConfigurationError, exit_status, is_expected
 from triage.bus.health import Health, serve
 from triage.bus.logs import configure_logging
@@ -60,6 +60,7 @@ _PARENT_CHECK_S = 0.5
 # more often there.)
 EARLY_JOIN_MAX_RECORDS = 100_000
 READINESS = ("model_loaded", "reference_restored", "group_joined")  # /readyz waits for these
+_MANIFEST = "manifest.json"  # model/artifact.py MANIFEST, without importing NumPy this early
 
 
 def watch_parent(supervisor_pid: int, on_gone: Callable[[], None],
@@ -216,6 +217,11 @@ def run(settings: WorkerSettings, model_dir: str | Path | None, reference_dir: s
             raise ConfigurationError(
                 "TRIAGE_GROUP_PROTOCOL=consumer (KIP-848) needs Apache Kafka 4.x; the embedded "
                 "broker (tansu) speaks only the classic protocol: leave the setting out there")
+        if model_dir is not None and not (Path(model_dir) / _MANIFEST).is_file():
+            # A configuration error first, before the brokers are asked (model/artifact.py
+            # checks the rest once it is imported, after the group join began).
+            raise ConfigurationError(f"{Path(model_dir) / _MANIFEST} not found: is {model_dir} "
+                                     "a model directory written by `triage train`?")
         loop = BatchLoop(settings.connection, settings.scorer, settings.topics.orders_topic,
                          worker_id=worker_id, status_file=status_file, log=log, health=health)
         if settings.scorer.metrics_port:
@@ -223,6 +229,7 @@ def run(settings: WorkerSettings, model_dir: str | Path | None, reference_dir: s
             server = serve(port, health, setting="--metrics-port or TRIAGE_METRICS_PORT "
                            "(worker N listens on it + N)")
             log.info("metrics_serving", port=port, paths=["/metrics", "/healthz", "/readyz"])
+        check_brokers(loop.consumer, settings.connection)  # else one clear line, exit 1
         # Join now, so the join (3 s on a new group) overlaps the imports and loading below,
         # unless the worker will spend long restoring the reference streams (it would hold
         # partitions it does not read) or may wait long for a registry's first version.

@@ -68,3 +68,27 @@ def test_librdkafka_log_lines_are_json_lines_of_the_structured_log(tmp_path: Pat
     assert refused[0]["client"] == "triage#consumer-1"  # client.id, then librdkafka's count
     assert "Connection refused" in refused[0]["message"]
     assert {"timestamp", "level"} <= refused[0].keys()
+
+
+def test_a_worker_whose_brokers_do_not_answer_says_so_in_one_line_and_exits_1(
+        tmp_path: Path, model_dir: Path) -> None:
+    """Found by a new user: against an address nobody listens on, `triage worker` said nothing
+    for 16 s, then wrote 768 lines of librdkafka's connection failures and an error naming no
+    address. Now: its first metadata request fails, it says where it looked and what to check,
+    and librdkafka's repeats are counted, not written."""
+    nobody = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+    env.update({"TRIAGE_BOOTSTRAP_SERVERS": f"127.0.0.1:{nobody}",
+                "TRIAGE_STATE_DIR": str(tmp_path), "TRIAGE_LOG_FORMAT": "json"})
+    result = subprocess.run([sys.executable, "-m", "triage.cli", "worker", "--model",
+                             str(model_dir)], env=env, capture_output=True, text=True,
+                            timeout=120)
+    events = [json.loads(line) for line in (result.stdout + result.stderr).splitlines()
+              if line.startswith("{")]
+    assert result.returncode == 1, result.stderr[-2000:]
+    failed = [e for e in events if e["event"] == "worker_failed"]
+    assert len(failed) == 1 and f"127.0.0.1:{nobody}" in failed[0]["error"], failed
+    assert "TRIAGE_BOOTSTRAP_SERVERS" in failed[0]["error"]
+    said = [(e["facility"], e["message"].split(" (after")[0]) for e in events
+            if e["event"] == "librdkafka"]
+    assert len(said) == len(set(said)), said  # each failure once
