@@ -135,7 +135,21 @@ def _ensure_data(data_dir: Path | None) -> Path:
 
 
 def _ensure_model(model_dir: Path, data_dir: Path, encoding: str) -> None:
+    """Train a model on ``data_dir`` into ``model_dir`` unless one is there. One that is there
+    is used as it is (a model directory is never overwritten); when its manifest says it was
+    trained on other CSVs than ``data_dir``'s, a line says so and how to get one trained on
+    them."""
     if (model_dir / artifact.MANIFEST).is_file():
+        training = artifact.read_manifest(model_dir).get("training", {})
+        trained_on = training.get("data_sha256", {})
+        if trained_on and any(not (data_dir / name).is_file()
+                              or artifact.sha256_of(data_dir / name) != digest
+                              for name, digest in trained_on.items()):
+            print(f"note: using the model in {model_dir}, trained on "
+                  f"{training.get('data_dir', 'other data')}, not on {data_dir}; "
+                  f"--model DIR trains one on {data_dir} into DIR", flush=True)
+        else:
+            print(f"using the model in {model_dir}", flush=True)
         return
     print(f"training a model on {data_dir} into {model_dir}", flush=True)
     report = train(data_dir, model_dir, encoding=encoding)
