@@ -36,7 +36,7 @@ from triage.bus.interrupt import EXIT_INTERRUPTED, Interrupt
 from triage.bus.logs import configure_logging
 from triage.bus.settings import SettingsError
 from triage.model.streams import REFERENCE_STREAMS
-from triage.settings import Settings, settings_rows
+from triage.settings import Settings, settings_rows, unknown_variables
 
 EXIT_FAILED = EXIT_INFRASTRUCTURE
 EXIT_USAGE = EXIT_CONFIGURATION
@@ -493,6 +493,10 @@ def _settings(args: argparse.Namespace) -> Settings:
              "drift_group_id", "drift_window_samples", "drift_window_minutes",
              "drift_min_samples", "drift_alpha", "drift_metrics_port", "csv_encoding",
              "metrics_port", "gateway_port", "instance_id", "group_protocol")
+    for name, closest in unknown_variables(os.environ):
+        print(f"warning: {name} is not a setting and is ignored"
+              + (f" (did you mean {closest}?)" if closest else "")
+              + "; `triage settings` lists them", file=sys.stderr)
     settings = Settings.from_env().replace(**{n: getattr(args, n, None) for n in names})
     if getattr(args, "log_format", None) is None and "TRIAGE_LOG_FORMAT" not in os.environ \
             and sys.stderr.isatty():

@@ -271,3 +271,13 @@ def test_an_unknown_flag_gets_its_subcommands_usage_and_the_closest_flag(tmp_pat
     assert result.returncode == 2
     assert "usage: triage consume" in result.stderr
     assert "--wokers: did you mean --workers?" in result.stderr
+
+
+def test_a_misspelt_setting_is_warned_of_and_the_command_goes_on() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+    result = subprocess.run([sys.executable, "-m", "triage.cli", "settings"],
+                            env={**env, "TRIAGE_BACH_SIZE": "100"}, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0
+    assert "warning: TRIAGE_BACH_SIZE is not a setting and is ignored (did you mean " \
+           "TRIAGE_BATCH_SIZE?)" in result.stderr
