@@ -347,7 +347,8 @@ def _add_demo(commands: Commands, common: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=Path("artifacts/demo"),
                    help="model directory; trained there unless it exists (default "
                         "artifacts/demo)")
-    p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument("--results", type=Path, default=Path("results"),
+                   help="directory for predictions.jsonl and the summary (default results)")
     _encoding_flag(p)
 
 
@@ -378,7 +379,8 @@ def _add_bench(commands: Commands, common: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-partitions", type=int, default=2,
                    help="partitions of the latency topic (default 2; docs/benchmarks.md)")
     p.add_argument("--saturation-orders", type=int, default=50_000,
-                   help="burst published as fast as possible for the saturation latency")
+                   help="burst published as fast as possible for the saturation latency "
+                        "(default 50000)")
     p.add_argument("--scaling-workers", type=int, default=2,
                    help="workers for the scaling figure, against 1 (0 skips it; default 2)")
     p.add_argument("--sweep", default="10,50,100,250,500,1000,2000",
@@ -423,9 +425,11 @@ def _add_bench(commands: Commands, common: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, help="orders.csv and reference CSVs (default: generated)")
     p.add_argument("--model", type=Path, help="model directory (default: trained on the data)")
     p.add_argument("--out", type=Path, default=Path("results/bench"),
-                   help="where bench.json, the plots and the worker logs go")
+                   help="where bench.json, the plots and the worker logs go (default "
+                        "results/bench)")
     p.add_argument("--scorer-module", default="triage.consumer.worker",
-                   help="module run as (b), for A/B-testing a changed hot path")
+                   help="module run as (b), the scorer as shipped (default "
+                        "triage.consumer.worker), for A/B-testing a changed hot path")
     p.add_argument("--keep-topics", action="store_true", help="do not delete the bench topics")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
