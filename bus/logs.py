@@ -49,8 +49,12 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]),
         # sys.stderr as it is when a line is written, not when this ran: a replaced stream
-        # (a test's capture, a closed terminal) must not break every later line.
-        logger_factory=lambda *_: structlog.PrintLogger(file=sys.stderr),
+        # (a test's capture, a closed terminal) must not break every later line. WriteLogger
+        # writes a line and its newline in one write() (print() makes two), so the lines of
+        # processes sharing a pipe (a supervisor and its workers) do not run into each other
+        # (seen: two workers' stop_requested lines on one line); a pipe keeps writes of up to
+        # PIPE_BUF (4,096 bytes on Linux) whole.
+        logger_factory=lambda *_: structlog.WriteLogger(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
 

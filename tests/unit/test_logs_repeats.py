@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 from structlog.testing import capture_logs
 
 from triage.bus.logs import REPEAT_WINDOW_S, StructlogHandler
@@ -31,3 +32,32 @@ def test_a_repeated_librdkafka_line_is_written_once_a_window_with_the_count_drop
                              "suppressed)"))
     assert [(e["message"][:len(refused)], e.get("repeated")) for e in logs] == [
         (refused, None), ("another failure", None), (refused, 49)]
+
+
+def test_a_log_line_is_one_write_with_its_newline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Processes sharing a pipe (a supervisor and its workers) each write whole lines: print()
+    wrote a line and its newline in two writes, and two workers' lines once ran into one."""
+    import io
+    import sys
+
+    import structlog
+
+    from triage.bus.logs import configure_logging
+
+    class Writes(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.calls.append(text)
+            return super().write(text)
+
+    stream = Writes()
+    monkeypatch.setattr(sys, "stderr", stream)
+    configure_logging("json", "info")
+    try:
+        structlog.get_logger("test").info("stop_requested", reason="SIGTERM")
+    finally:
+        structlog.reset_defaults()
+    assert len(stream.calls) == 1 and stream.calls[0].endswith("}\n"), stream.calls
