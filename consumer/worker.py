@@ -32,7 +32,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import structlog
 
@@ -122,15 +122,16 @@ class StartupStop:
             if self._running:
                 return True
             self._exiting = True
-        try:  # a thread of its own: a log lock held by the interrupted main thread must not
+        try:  # said from a thread of its own, waited for 1 s at most: a log lock held by the
+            # interrupted main thread must not hold the exit back. No flush here: stderr is
+            # line-buffered, so every whole line is out, and a flush would write the main
+            # thread's half-written one.
             said = threading.Thread(target=self.log.info, args=("stop_requested",),
                                     kwargs={"reason": reason, "during": "startup"}, daemon=True)
-            said.start()  # hold the exit back
+            said.start()
             said.join(1.0)
-            sys.stdout.flush()
-            sys.stderr.flush()
         finally:
-            os._exit(0)
+            end_process(0)
 
     def running(self) -> str | None:
         """The batch loop is about to consume (or the worker is leaving without it): from now
@@ -145,6 +146,15 @@ class StartupStop:
         signal.set_wakeup_fd(self._previous)
         os.close(self._write)
         return self._deferred
+
+
+def end_process(status: int) -> NoReturn:
+    """End the worker's process with ``status`` at once, without the interpreter's finalisation:
+    :func:`run` has closed what matters (the group left, the producer flushed), and a client's
+    destructor can wait on a broker connection stuck in a handshake (a worker with failing
+    SASL credentials outlived its supervisor's 90 s wait after SIGTERM, under load). stderr is
+    line-buffered: every whole log line is out already."""
+    os._exit(status)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,4 +340,4 @@ def _failed(log: structlog.typing.FilteringBoundLogger, exc: Exception) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())

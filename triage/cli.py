@@ -805,7 +805,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     # As a pod's PID 1 a process ignores SIGTERM without a handler: stop (status 0, nothing
     # consumed yet) until run() installs the worker's own, which drains the batch in hand.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    from triage.consumer.worker import run
+    from triage.consumer.worker import end_process, run
     from triage.model.reference import check_reference_dir
 
     if not args.worker_id.isdigit():
@@ -813,10 +813,11 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     _check_model_source(args)
     if args.reference:
         check_reference_dir(args.reference, settings.data.csv_encoding)
-    return run(_resolved(settings), args.model.resolve() if args.model else None,
-               args.reference.resolve() if args.reference else None, worker_id=args.worker_id,
-               registry_dir=args.registry.resolve() if args.registry else None,
-               serving_process=True)
+    end_process(run(_resolved(settings), args.model.resolve() if args.model else None,
+                    args.reference.resolve() if args.reference else None,
+                    worker_id=args.worker_id,
+                    registry_dir=args.registry.resolve() if args.registry else None,
+                    serving_process=True))
 
 
 def _check_model_source(args: argparse.Namespace) -> None:
