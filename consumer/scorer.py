@@ -60,7 +60,7 @@ class ScorerStats:
         self.consumed += outcome.size
         self.expired += outcome.expired
         # An order read again whose published revision still holds has its prediction.
-        self.predicted += len(outcome.predictions) + outcome.republished
+        self.predicted += outcome.predicted + outcome.republished
         self.sampled += len(outcome.samples)
         self.dead_lettered.update(d.reason for d in outcome.dead_letters)
         self.batches += 1 if outcome.size else 0  # idle turns (reference polls) are no batch
@@ -254,19 +254,25 @@ class Scorer:
                                      for m, source in zip(records, sources, strict=True)])
         encode_prediction, encode_sample = self.predictions.encode, self.samples.encode
         topics = self.topics
-        if self._same_count:
-            out += [Output(topics.predictions_topic, p.key, encode_prediction(p.record), None,
-                           p.record["order_partition"]) for p in outcome.predictions]
-        else:
-            out += [Output(topics.predictions_topic, p.key, encode_prediction(p.record))
-                    for p in outcome.predictions]
+        for batch in outcome.scored:
+            values = self.predictions.encode_columns(batch.columns, batch.size)
+            if self._same_count:  # each prediction to its order's partition number
+                topic = topics.predictions_topic
+                out += [Output(topic, key, value, None, partition) for key, value, partition
+                        in zip(batch.keys, values, batch.columns["order_partition"],
+                               strict=True)]
+            else:
+                out += [Output(topics.predictions_topic, key, value)
+                        for key, value in zip(batch.keys, values, strict=True)]
         out += [Output(topics.predictions_topic, c.key, encode_prediction(c.record), None,
                        c.partition if self._same_count else -1) for c in corrections]
         self.stats.corrected += len(corrections)
         out += [Output(topics.drift_topic, s.key, encode_sample(s.record))
                 for s in outcome.samples]
-        out += [Output(topics.shadow_topic, p.key, encode_prediction(p.record))
-                for p in outcome.shadow_predictions]
+        for batch in outcome.shadow_scored:
+            out += [Output(topics.shadow_topic, key, value) for key, value in zip(
+                batch.keys, self.predictions.encode_columns(batch.columns, batch.size),
+                strict=True)]
         for letter in outcome.dead_letters:
             item, origin = letter.item, letter.item.source
             assert origin is not None and not isinstance(item.value, Mapping)  # from Kafka

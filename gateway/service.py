@@ -172,14 +172,16 @@ class Gateway:
             incoming.append(item)
         if self.live is None:
             outcome = self.core.process(incoming)
-            complete = [True] * len(outcome.predictions)
+            predictions = outcome.predictions  # the records, built once: they are amended
+            complete = [True] * len(predictions)
         else:
             with self.live.reading(wait=wait):
                 outcome = self.core.process(incoming)
+                predictions = outcome.predictions
                 complete = self.live.complete(np.fromiter(
-                    (p.record["order_timestamp_ms"] for p in outcome.predictions), np.int64,
-                    len(outcome.predictions))).tolist()
-        for scored, whole in zip(outcome.predictions, complete, strict=True):
+                    (p.record["order_timestamp_ms"] for p in predictions), np.int64,
+                    len(predictions))).tolist()
+        for scored, whole in zip(predictions, complete, strict=True):
             position = positions[id(scored.item)]
             # Answered before every reference stream passed the order's time: the features
             # may miss events still to come, as a worker's expired wait may
@@ -191,8 +193,8 @@ class Gateway:
             decisions[position] = Decision(str(orders[position].get("order_id", "")), error={
                 "field": field_of(letter.message), "reason": letter.reason,
                 "message": letter.message})
-        if self.publisher is not None and (outcome.predictions or outcome.samples):
-            self.publisher.publish([(p.key, p.record) for p in outcome.predictions],
+        if self.publisher is not None and (predictions or outcome.samples):
+            self.publisher.publish([(p.key, p.record) for p in predictions],
                                    [(s.key, s.record) for s in outcome.samples])
         done = [d for d in decisions if d is not None]
         assert len(done) == len(orders), "every order ends in a prediction or an error"

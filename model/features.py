@@ -180,8 +180,13 @@ class FeatureBatch:
     def records(self) -> list[dict[str, Any]]:
         """One ``Features`` Avro record per order (prediction.avsc, drift_sample.avsc): the
         declared features by name, missing values as null."""
-        values = [BY_NAME[name].to_avro(column) for name, column in self.columns.items()]
+        values = list(self.avro_columns().values())
         return [dict(zip(FEATURE_NAMES, row, strict=True)) for row in zip(*values, strict=True)]
+
+    def avro_columns(self) -> dict[str, list[Any]]:
+        """The ``Features`` Avro records as columns: feature name -> one plain value per order
+        (missing values as None), in the declared order."""
+        return {name: BY_NAME[name].to_avro(column) for name, column in self.columns.items()}
 
     @classmethod
     def from_values(cls, columns: Mapping[str, Sequence[Any]]) -> FeatureBatch:

@@ -50,7 +50,15 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from triage.bus.errors import BadRecord, InfrastructureError
 from triage.bus.settings import ConnectionSettings
-from triage.schemas.compiled import CompiledCodec, Unsupported, compile_schema
+from triage.schemas.compiled import (
+    CompiledCodec,
+    Layout,
+    Unsupported,
+    column_rows,
+    compile_columns,
+    compile_schema,
+    layout_of,
+)
 from triage.schemas.logical import Convert, UnconvertibleValue, adapt
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
@@ -113,6 +121,19 @@ def compiled_codec(name: str) -> CompiledCodec | None:
         return None
     try:
         return compile_schema(load_schema(name))
+    except Unsupported:
+        return None
+
+
+@functools.cache
+def columns_encoder(name: str, layout: Layout) -> Any:
+    """The generated columns encoder of contract ``name`` for ``layout``
+    (schemas/compiled.py: ``encode_columns(columns, n, header)``), once per process and
+    layout; None where the contract has no generated codec or the layout does not fit it."""
+    if compiled_codec(name) is None:
+        return None
+    try:
+        return compile_columns(load_schema(name), layout)[0]
     except Unsupported:
         return None
 
@@ -200,6 +221,22 @@ class Codec:
         out.write(self._header)
         fastavro.schemaless_writer(out, self.schema, record)
         return out.getvalue()
+
+    def encode_columns(self, columns: dict[str, Any], n: int) -> list[bytes]:
+        """``n`` records given as columns (schemas/compiled.py: field name -> a list of ``n``
+        values, a Constant, a MapMatrix, or a record field's own columns), encoded: the same
+        bytes as :meth:`encode` of each record :func:`~triage.schemas.compiled.column_rows`
+        builds from them. The generated columns encoder writes them where it can; else the
+        records are built and encoded one by one. Raises what :meth:`encode` raises."""
+        if self._encode_body is not None:
+            encoder = columns_encoder(self.schema_name, layout_of(columns))
+            if encoder is not None:
+                try:
+                    out: list[bytes] = encoder(columns, n, self._header)
+                    return out
+                except Exception:  # not sure of fastavro's bytes: record by record
+                    pass
+        return [self.encode(record) for record in column_rows(columns, n)]
 
     def decode(self, data: bytes | None) -> dict[str, Any]:
         """The record in ``data``, in either framing, in the contract's types and units

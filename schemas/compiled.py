@@ -36,6 +36,18 @@ array and unions, with named types referred to by name. Anything else (``fixed``
 ``logicalType``, a recursive record, an array whose items can take no bytes) raises
 :class:`Unsupported`: that schema keeps fastavro.
 
+**Columns.** :func:`compile_columns` writes a third function for a batch given as columns
+instead of a dict per record (what the scorer has: one list per field, from its arrays), so that
+no record dict is built to be taken apart again: ``encode_columns(columns, n, header) ->
+list[bytes]``, ``header + `` the body of each of the ``n`` records. ``columns`` maps each field
+name to a list of ``n`` values, a :class:`Constant` (the same value in every record: encoded
+once), a :class:`MapMatrix` (a map field whose records share their keys, the values a numpy
+array: encoded with numpy), or, for a field whose type is a record, a mapping of that record's
+fields in the same way. Each record's bytes are those ``encode`` gives for the record
+:func:`column_rows` builds from the same columns, so fastavro's (tests/unit/test_compiled_codec.py
+proves both), or it raises and the caller encodes :func:`column_rows`' records one by one. The
+function is generated once per schema and layout (which fields are lists, constants, matrices).
+
 Map keys' encodings are cached (up to 4,096 distinct keys per codec); a ``str`` subclass whose
 ``encode`` is not ``str.encode`` is, as a map key, encoded as the plain string would be.
 """
@@ -48,9 +60,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from triage.bus.errors import BadRecord, ConfigurationError
 
-__all__ = ["CompiledCodec", "Fallback", "Unsupported", "compile_schema"]
+__all__ = ["CompiledCodec", "Constant", "Fallback", "MapMatrix", "Unsupported",
+           "column_rows", "compile_columns", "compile_schema", "layout_of"]
 
 Encoder = Callable[[Any], bytes]
 Decoder = Callable[[bytes, int], tuple[dict[str, Any], int]]
@@ -84,6 +99,106 @@ class CompiledCodec:
     encode: Encoder
     decode: Decoder
     source: str
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A column with the same value in every record (encoded once a batch)."""
+
+    value: Any
+
+
+@dataclass(frozen=True)
+class MapMatrix:
+    """A column of a map field whose records share their keys: record ``i`` holds
+    ``dict(zip(keys, values[i].tolist()))``. ``keys``: distinct strings, in the maps' order;
+    ``values``: a numpy array of shape (records, len(keys)), float32 for a map of ``float``,
+    float64 for a map of ``double`` (any other map or dtype: the records are encoded one by
+    one)."""
+
+    keys: tuple[str, ...]
+    values: np.ndarray
+
+
+Layout = tuple[tuple[str, Any], ...]
+"""Which columns of a batch are lists ("list"), constants ("constant"), map matrices
+("matrix") or a record's own columns (a nested Layout), by field name, sorted."""
+
+
+def layout_of(columns: Any) -> Layout:
+    """The :data:`Layout` of a mapping of columns (see :func:`compile_columns`)."""
+    out = []
+    for name, column in columns.items():
+        if isinstance(column, Constant):
+            kind: Any = "constant"
+        elif isinstance(column, MapMatrix):
+            kind = "matrix"
+        elif isinstance(column, dict):
+            kind = layout_of(column)
+        else:
+            kind = "list"
+        out.append((name, kind))
+    return tuple(sorted(out))
+
+
+def column_rows(columns: Any, n: int) -> list[dict[str, Any]]:
+    """The ``n`` records that ``columns`` (field name -> a list of ``n`` values, a
+    :class:`Constant`, a :class:`MapMatrix` or a mapping of a record field's columns) hold, as
+    dicts: what the generated columns encoder writes, record by record. A Constant's value is
+    the same object in every record (read-only, as records to encode are)."""
+    rows: list[dict[str, Any]] = [{} for _ in range(n)]
+    for name, column in columns.items():
+        if isinstance(column, Constant):
+            values: Any = [column.value] * n
+        elif isinstance(column, MapMatrix):
+            values = [dict(zip(column.keys, row, strict=True)) for row in column.values.tolist()]
+        elif isinstance(column, dict):
+            values = column_rows(column, n)
+        else:
+            values = column
+        if len(values) != n:
+            raise ValueError(f"column {name!r} has {len(values)} values for {n} records")
+        for row, value in zip(rows, values, strict=True):
+            row[name] = value
+    return rows
+
+
+def _matrix_rows(column: Any, n: int, double: bool) -> list[bytes]:
+    """The Avro bytes of each record's map in a :class:`MapMatrix` (one block of every key,
+    then the end), built with numpy; Fallback for anything but the documented shapes and
+    dtypes, and for a NaN (fastavro packs NaN payloads through a double)."""
+    if column.__class__ is not MapMatrix:
+        raise Fallback
+    keys, values = column.keys, column.values
+    dtype = np.dtype(np.float64 if double else np.float32)
+    if (values.__class__ is not np.ndarray or values.dtype != dtype
+            or values.shape != (n, len(keys)) or len(set(keys)) != len(keys)
+            or any(k.__class__ is not str for k in keys)):
+        raise Fallback
+    if not keys:
+        return [b"\x00"] * n
+    if n == 0:
+        return []
+    if np.isnan(values).any():
+        raise Fallback
+    width = 8 if double else 4
+    encoded = [k.encode() for k in keys]
+    pieces = [_SMALL[len(keys)] if len(keys) < 8192 else _long(len(keys))]
+    pieces += [_LENGTHS[len(e)] + e for e in encoded]
+    size = sum(map(len, pieces)) + width * len(keys) + 1
+    rows = np.empty((n, size), dtype=np.uint8)
+    at = len(pieces[0])
+    rows[:, :at] = np.frombuffer(pieces[0], dtype=np.uint8)
+    little = dtype.newbyteorder("<")
+    for j, key in enumerate(pieces[1:]):
+        rows[:, at:at + len(key)] = np.frombuffer(key, dtype=np.uint8)
+        at += len(key)
+        rows[:, at:at + width] = np.ascontiguousarray(values[:, j], dtype=little).view(
+            np.uint8).reshape(n, width)
+        at += width
+    rows[:, at] = 0
+    raw = rows.tobytes()
+    return [raw[i:i + size] for i in range(0, n * size, size)]
 
 
 # --- Varints: tables for the common sizes, a loop of 14-bit chunks beyond. -------------------
@@ -627,6 +742,83 @@ class _Generator:
             self.read(branch, var, out, ind + "    ")
         out += [f"{ind}else:",
                 f"{ind}    raise IndexError(f'union branch {{{index}}} of {size}')"]
+
+
+def _write_columns(generator: _Generator, node: dict[str, Any], var: str, layout: Layout,
+                   setup: list[str], body: list[str], loop: list[tuple[str, str]]) -> list[str]:
+    """The pieces of a record given as columns ``var`` laid out as ``layout``: statements that
+    run once a batch go to ``setup``, those of each record to ``body``; (list, loop variable)
+    pairs to ``loop``."""
+    generator.open_record(node)
+    kinds = dict(layout)
+    if set(kinds) != {f["name"] for f in node["fields"]}:
+        raise Unsupported("the columns are not the record's fields")
+    pieces: list[str] = []
+    once, each = "        ", "            "
+    for field in node["fields"]:
+        kind, column = kinds[field["name"]], generator.name("q")
+        setup.append(f"{once}{column} = {var}[{field['name']!r}]")
+        if isinstance(kind, tuple):  # a record's own columns
+            if generator.node(field["type"])[0] != "record":
+                raise Unsupported(f"columns for {field['name']!r}, not a record")
+            setup.append(f"{once}if {column}.__class__ is not dict: raise Fallback")
+            pieces += _write_columns(generator, generator.node(field["type"])[1], column, kind,
+                                     setup, body, loop)
+        elif kind == "constant":
+            value, encoded = generator.name("v"), generator.name("K")
+            setup += [f"{once}if {column}.__class__ is not Constant: raise Fallback",
+                      f"{once}{value} = {column}.value"]
+            constant = generator.write(field["type"], value, False, setup, once)
+            setup.append(f'{once}{encoded} = b"".join(({"".join(f"{c}, " for c in constant)}))')
+            pieces.append(encoded)
+        elif kind == "matrix":
+            map_kind, map_node = generator.node(field["type"])
+            values = generator.node(map_node["values"])[0] if map_kind == "map" else ""
+            if values not in ("float", "double"):
+                raise Unsupported(f"a matrix for {field['name']!r}, not a map of float or double")
+            value, rows = generator.name("v"), generator.name("m")
+            setup.append(f"{once}{rows} = _matrix_rows({column}, n, {values == 'double'})")
+            loop.append((rows, value))
+            pieces.append(value)
+        else:
+            value = generator.name("v")
+            setup.append(f"{once}if {column}.__class__ is not list or len({column}) != n: "
+                         "raise Fallback")
+            loop.append((column, value))
+            pieces += generator.write(field["type"], value, False, body, each)
+    generator.records_open.pop()
+    return pieces
+
+
+def compile_columns(schema: dict[str, Any], layout: Layout) -> tuple[Any, str]:
+    """(``encode_columns``, its source) for a parsed record schema and a columns layout (see
+    the module docstring and :func:`layout_of`). Raises :class:`Unsupported` for a schema the
+    generator does not take or a layout that does not fit the schema."""
+    generator = _Generator(schema)
+    kind, node = generator.node(schema)
+    if kind != "record":
+        raise Unsupported("the schema is not a record")
+    setup: list[str] = []
+    body: list[str] = []
+    loop: list[tuple[str, str]] = []
+    pieces = _write_columns(generator, node, "c", layout, setup, body, loop)
+    if loop:
+        head = (f"        for {', '.join(v for _, v in loop)}{',' if len(loop) == 1 else ''} "
+                f"in zip({', '.join(c for c, _ in loop)}):")
+    else:
+        head = "        for _ in range(n):"
+    lines = [*setup, "        out = []", "        add = out.append", head, *body,
+             f'            add(b"".join((h, {"".join(f"{p}, " for p in pieces)})))',
+             "        return out"]
+    long_values = [line.replace("_LEN[", "_LENGTHS[") for line in lines]
+    source = "\n".join(["def encode_columns(c, n, h):", "    try:", *lines,
+                        "    except IndexError:", *long_values, ""])
+    namespace: dict[str, Any] = {
+        "Fallback": Fallback, "Constant": Constant, "_matrix_rows": _matrix_rows,
+        "_SMALL": _SMALL, "_LEN": _LEN, "_LENGTHS": _LENGTHS, "_long": _long,
+        "_pack_f": _pack_f, "_pack_d": _pack_d, "_float32": _float32, **generator.consts}
+    exec(compile(source, f"<avro columns encoder {node['name']}>", "exec"), namespace)
+    return namespace["encode_columns"], source
 
 
 def compile_schema(schema: dict[str, Any]) -> CompiledCodec:

@@ -5,7 +5,10 @@ Kafka (with their :class:`Source` coordinates), or already decoded orders (an HT
 no coordinates), and returns an :class:`Outcome` that says, for every record, exactly one of:
 
 * a prediction (:class:`Scored`: the ``prediction.avsc`` record and its key), plus a drift
-  sample (:class:`Sample`) when the sampler picks the order;
+  sample (:class:`Sample`) when the sampler picks the order. The core builds a call's
+  predictions as columns (:class:`ScoredColumns`), which the worker encodes as they are
+  (``Codec.encode_columns``: no record dict per order on the hot path); ``Outcome.predictions``
+  builds the records from them for whoever reads them (the HTTP door, tests);
 * a dead letter (:class:`Rejected`: reason, error class, message), for a record that is too
   large, does not decode, fails a check hook (validation is the first), is not finished by the
   batch's deadline, or makes scoring fail;
@@ -44,6 +47,7 @@ from triage.model.features import FeatureBatch, compute_features
 from triage.model.orders import OrderColumns
 from triage.model.reference import ReferenceTables, truncated_zip_match
 from triage.schemas.codec import Codec
+from triage.schemas.compiled import Constant, MapMatrix, column_rows
 from triage.scoring import metrics
 from triage.scoring.corrections import (
     Kept,
@@ -92,6 +96,25 @@ class Scored(NamedTuple):
     record: Record   # a prediction.avsc record
 
 
+class ScoredColumns(NamedTuple):
+    """The predictions of one predict call as columns: ``columns`` maps each field of
+    ``prediction.avsc`` to a list of ``size`` values, a Constant (the model version, the
+    scoring time; the revision fields when every order is a revision 1) or, for
+    ``probabilities``, a MapMatrix over the model's float32 probabilities; ``features`` to the
+    features' own columns (schemas/compiled.py). ``items[i]`` and ``keys[i]`` (the order_id,
+    UTF-8) are those of prediction ``i``."""
+
+    items: list[Incoming]
+    keys: list[bytes]
+    columns: dict[str, Any]
+    size: int
+
+    def scored(self) -> list[Scored]:
+        """The predictions as records (``column_rows``)."""
+        return [Scored(item, key, record) for item, key, record in zip(
+            self.items, self.keys, column_rows(self.columns, self.size), strict=True)]
+
+
 class Sample(NamedTuple):
     item: Incoming
     key: bytes
@@ -119,13 +142,28 @@ class Outcome:
     and those of earlier batches that waited and are now scored."""
 
     size: int                                                    # records in the batch
-    predictions: list[Scored] = field(default_factory=list)
+    scored: list[ScoredColumns] = field(default_factory=list)    # the predictions
     samples: list[Sample] = field(default_factory=list)
     dead_letters: list[Rejected] = field(default_factory=list)
     deferred: list[Incoming] = field(default_factory=list)       # of the batch, now waiting
     expired: int = 0  # orders scored because the reference wait ran out
-    shadow_predictions: list[Scored] = field(default_factory=list)  # by the shadow model
+    shadow_scored: list[ScoredColumns] = field(default_factory=list)  # by the shadow model
     republished: int = 0  # orders read again whose last revision still holds: nothing new
+
+    @property
+    def predictions(self) -> list[Scored]:
+        """The predictions as records, in order (built from ``scored`` at each call)."""
+        return [p for batch in self.scored for p in batch.scored()]
+
+    @property
+    def shadow_predictions(self) -> list[Scored]:
+        """The shadow model's predictions as records (built from ``shadow_scored``)."""
+        return [p for batch in self.shadow_scored for p in batch.scored()]
+
+    @property
+    def predicted(self) -> int:
+        """How many predictions (without building them)."""
+        return sum(batch.size for batch in self.scored)
 
 
 @dataclass(frozen=True)
@@ -355,8 +393,8 @@ class ScoringCore:
         self._count_unknown_zips(orders.zip_code)
         scored_at = self.clock()
         labels = recommendations.tolist()
-        self._records(outcome, items, orders, features, labels, proba.tolist(),
-                      expired.tolist(), scored_at)
+        self._records(outcome, items, orders, features, labels, proba, expired.tolist(),
+                      scored_at)
         if self.shadow is not None:
             self._shadow(outcome, items, orders, features, labels, expired.tolist(), scored_at)
         if self.observers:
@@ -387,9 +425,9 @@ class ScoringCore:
             return
         labels = recommendations.tolist()
         scored = Outcome(len(items))
-        self._records(scored, items, orders, features, labels, proba.tolist(), expired,
-                      scored_at, model=shadow, shadow=True)
-        outcome.shadow_predictions = scored.predictions
+        self._records(scored, items, orders, features, labels, proba, expired, scored_at,
+                      model=shadow, shadow=True)
+        outcome.shadow_scored = scored.scored
         agreed = sum(a == b for a, b in zip(active, labels, strict=True))
         metrics.SHADOW_PREDICTIONS.inc(len(labels))
         metrics.SHADOW_AGREEMENTS.inc(agreed)
@@ -406,18 +444,17 @@ class ScoringCore:
         return item.source.timestamp_ms if item.source is not None else scored_at
 
     def _records(self, outcome: Outcome, items: list[Incoming], orders: OrderColumns,
-                 features: FeatureBatch, recommendations: list[str],
-                 proba: list[list[float]], expired: list[bool], scored_at: int,
-                 model: Model | None = None, shadow: bool = False) -> None:
-        """The prediction of every scored order, and the drift samples (not for the shadow
-        model's predictions, which count in no metric but the shadow's). With ``retained``,
+                 features: FeatureBatch, recommendations: list[str], proba: np.ndarray,
+                 expired: list[bool], scored_at: int, model: Model | None = None,
+                 shadow: bool = False) -> None:
+        """The predictions of every scored order, as columns (:class:`ScoredColumns`), and
+        the drift samples (not for the shadow model's predictions, which count in no metric
+        but the shadow's). ``proba``: (orders, classes) probabilities. With ``retained``,
         each order's revision follows what was published for it before (module docstring),
         and the batch is kept for corrections."""
         version = (model or self.model).version
         classes = [str(c) for c in model.classes] if model is not None else self.class_names
         timestamps = orders.timestamp_ms.tolist()
-        feature_records = features.records()
-        probabilities = [dict(zip(classes, p, strict=True)) for p in proba]
         keys = [order_id.encode() for order_id in orders.order_id]
         n = len(items)
         revisions: list[int] = [1] * n
@@ -425,35 +462,44 @@ class ScoringCore:
         publish = [True] * n
         if not shadow and self.retained is not None:
             self._revisions(items, orders, features, revisions, reasons, publish)
-        predictions = outcome.predictions
-        # One loop over columns, no indexing: this builds a record per order on the hot path.
-        for item, key, order_id, customer_id, recommendation, probability, feature_record, \
-                timestamp, was_expired, sku, zip_code, revision, reason, new in zip(
-                    items, keys, orders.order_id, orders.customer_id, recommendations,
-                    probabilities, feature_records, timestamps, expired, orders.sku_code,
-                    orders.zip_code, revisions, reasons, publish, strict=True):
-            if not new:
-                continue
+        feature_columns = features.avro_columns()
+        published_ms, partitions, offsets = [], [], []
+        for item in items:  # lineage; an order that did not come from Kafka has none (-1)
             source = item.source
-            predictions.append(Scored(item, key, {
-                "order_id": order_id,
-                "customer_id": customer_id,
-                "recommendation": recommendation,
-                "probabilities": probability,
-                "model_version": version,
-                "features": feature_record,
-                "order_timestamp_ms": timestamp,
-                "scored_at_ms": scored_at,
-                # Lineage; an order that did not come from Kafka has none (-1).
-                "order_published_at_ms": source.timestamp_ms if source else scored_at,
-                "order_partition": source.partition if source else -1,
-                "order_offset": source.offset if source else -1,
-                "reference_wait_expired": was_expired,
-                "revision": revision,
-                "revision_reason": reason,
-                "sku_code": sku,
-                "zip_code": zip_code,
-            }))
+            if source is None:
+                published_ms.append(scored_at)
+                partitions.append(-1)
+                offsets.append(-1)
+            else:
+                published_ms.append(source.timestamp_ms)
+                partitions.append(source.partition)
+                offsets.append(source.offset)
+        revised = revisions.count(1) != n
+        columns: dict[str, Any] = {
+            "order_id": orders.order_id,
+            "customer_id": orders.customer_id,
+            "recommendation": recommendations,
+            "probabilities": MapMatrix(tuple(classes), proba),
+            "model_version": Constant(version),
+            "features": feature_columns,
+            "order_timestamp_ms": timestamps,
+            "scored_at_ms": Constant(scored_at),
+            "order_published_at_ms": published_ms,
+            "order_partition": partitions,
+            "order_offset": offsets,
+            "reference_wait_expired": expired,
+            "revision": revisions if revised else Constant(1),
+            "revision_reason": reasons if revised else Constant(None),
+            "sku_code": orders.sku_code,
+            "zip_code": orders.zip_code,
+        }
+        if publish.count(True) == n:
+            outcome.scored.append(ScoredColumns(items, keys, columns, n))
+        else:
+            rows = [i for i, new in enumerate(publish) if new]
+            outcome.scored.append(ScoredColumns(
+                [items[i] for i in rows], [keys[i] for i in rows], _take(columns, rows),
+                len(rows)))
         if shadow:
             return
         if self.retained is not None:
@@ -469,9 +515,9 @@ class ScoringCore:
                 "order": {"order_id": orders.order_id[i], "customer_id": orders.customer_id[i],
                           "timestamp_ms": timestamps[i], "sku_code": orders.sku_code[i],
                           "zip_code": orders.zip_code[i]},
-                "features": feature_records[i],  # shared with the prediction: both read-only
+                "features": {name: column[i] for name, column in feature_columns.items()},
                 "recommendation": recommendations[i],
-                "probabilities": probabilities[i],
+                "probabilities": dict(zip(classes, proba[i].tolist(), strict=True)),
                 "model_version": version,
                 "scored_at_ms": scored_at,
                 "sample_rate": self.config.sample_rate,  # the report states what was sampled
@@ -668,6 +714,21 @@ class ScoringCore:
         self.log.warning("dead_lettered", reason=reason, error=message[:200],
                          partition=source.partition if source else None,
                          offset=source.offset if source else None)
+
+
+def _take(columns: dict[str, Any], rows: list[int]) -> dict[str, Any]:
+    """The ``rows`` of a batch's columns (lists, Constants, MapMatrix, a record's columns)."""
+    taken: dict[str, Any] = {}
+    for name, column in columns.items():
+        if isinstance(column, Constant):
+            taken[name] = column
+        elif isinstance(column, MapMatrix):
+            taken[name] = MapMatrix(column.keys, column.values[rows])
+        elif isinstance(column, dict):
+            taken[name] = _take(column, rows)
+        else:
+            taken[name] = [column[i] for i in rows]
+    return taken
 
 
 def _partition(item: Incoming) -> int:

@@ -30,12 +30,22 @@ from triage.schemas.codec import (
     Codec,
     DecodeError,
     _read,
+    columns_encoder,
     compiled_codec,
     earlier_versions,
     load_schema,
     schema_fingerprint,
 )
-from triage.schemas.compiled import CompiledCodec, Fallback, Unsupported, compile_schema
+from triage.schemas.compiled import (
+    CompiledCodec,
+    Constant,
+    Fallback,
+    MapMatrix,
+    Unsupported,
+    column_rows,
+    compile_schema,
+    layout_of,
+)
 
 # The contracts of schemas/ whose generated codecs these tests prove equal to fastavro's.
 CONTRACTS = ("order", "prediction", "drift_sample", "drift_report", "model_state", "inventory",
@@ -329,6 +339,155 @@ def test_odd_values_are_written_or_refused_by_fastavro(record: Any) -> None:
     except Exception as exc:
         written = type(exc)
     assert written == expected
+
+
+# --- Batches given as columns ----------------------------------------------------------------
+
+MATRIX_EDGES = [0.0, -0.0, 1.0, 0.5, math.inf, -math.inf, math.nan, FLT_MAX, 1e-45]
+
+
+@st.composite
+def columns_and_records(draw: st.DrawFn, schema: dict[str, Any]
+                        ) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+    """A batch of a schema's records given as columns, each field laid out at random (a list,
+    a constant, a map matrix for a map of float or double, a record's own columns), and the
+    records the columns hold, built beside them (not by column_rows)."""
+    n = draw(st.integers(0, 4))
+    names: dict[str, Any] = {}
+
+    def build(node: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        columns: dict[str, Any] = {}
+        rows: list[dict[str, Any]] = [{} for _ in range(n)]
+        for field in node["fields"]:
+            kind = resolve(field["type"], names)
+            ways = ["list", "constant"]
+            if isinstance(kind, dict) and kind.get("type") == "record":
+                ways.append("record")
+            if isinstance(kind, dict) and kind.get("type") == "map" \
+                    and resolve(kind["values"], names) in ("float", "double"):
+                ways.append("matrix")
+            way = draw(st.sampled_from(ways))
+            if way == "record":
+                names.setdefault(kind["name"], kind)
+                column, held = build(kind)
+            elif way == "matrix":
+                double = resolve(kind["values"], names) == "double"
+                keys = draw(st.lists(with_edges(STRING_EDGES[:6], st.text(max_size=6)),
+                                     unique=True, max_size=5))
+                number = with_edges(MATRIX_EDGES, st.floats(width=64 if double else 32))
+                matrix = np.array([[draw(number) for _ in keys] for _ in range(n)],
+                                  dtype=np.float64 if double else np.float32).reshape(
+                                      n, len(keys))
+                column = MapMatrix(tuple(keys), matrix)
+                held = [dict(zip(keys, row, strict=True)) for row in matrix.tolist()]
+            else:
+                strategy = values(field["type"], names, large=False)
+                if way == "constant":
+                    value = draw(strategy)
+                    column, held = Constant(value), [value] * n
+                else:
+                    column = held = [draw(strategy) for _ in range(n)]
+            columns[field["name"]] = column
+            for row, value in zip(rows, held, strict=True):
+                row[field["name"]] = value
+        return columns, rows
+
+    columns, records = build(schema)
+    return columns, records, n
+
+
+@pytest.mark.parametrize("name", CONTRACTS)
+@EXAMPLES
+@given(data=st.data())
+def test_columns_encode_to_fastavro_s_bytes_of_the_records_they_hold(
+        name: str, data: st.DataObject) -> None:
+    """The generated columns encoder writes fastavro's bytes of each record, or gives way
+    (a NaN in a matrix, a value it cannot be sure of), and the codec then writes the records
+    column_rows builds, which are the records the columns hold."""
+    schema = load_schema(name)
+    columns, records, n = data.draw(columns_and_records(schema))
+    expected = [fastavro_bytes(schema, record) for record in records]
+    assert all(same(a, b) for a, b in zip(column_rows(columns, n), records, strict=True))
+    assert Codec(name).encode_columns(columns, n) == [Codec(name)._header + e for e in expected]
+    encoder = columns_encoder(name, layout_of(columns))
+    assert encoder is not None
+    try:
+        direct = encoder(columns, n, b"")
+    except Exception:
+        direct = None
+    assert direct is None or direct == expected
+
+
+def prediction_columns(n: int = 3) -> dict[str, Any]:
+    """Three predictions laid out as the scoring core lays them out (scoring/core.py)."""
+    assert n == 3
+    return {
+        "order_id": ["O-1", "é" * 5000, ""], "customer_id": ["C", "C", "日本語"],
+        "recommendation": ["Deliver", "Decline", "HoldCheckPayment"],
+        "probabilities": MapMatrix(("Deliver", "Decline"),
+                                   np.array([[0.25, 0.75], [1.0, 0.0], [-0.0, math.inf]],
+                                            dtype=np.float32)),
+        "model_version": Constant("v1"),
+        "features": {"order_hour_of_day": [0, 23, 12], "inventory": [None, 1.5, -2.0],
+                     "payment_status": ["PAID", "MISSING", "x"],
+                     "zip_code_available": [True, False, True]},
+        "order_timestamp_ms": [1_767_225_600_123, 0, -1], "scored_at_ms": Constant(2**41),
+        "order_published_at_ms": [1, 2, 3], "order_partition": [0, 11, -1],
+        "order_offset": [0, 2**40, -1], "reference_wait_expired": [False, True, False],
+        "revision": Constant(1), "revision_reason": Constant(None),
+        "sku_code": ["S", "S", "S"], "zip_code": ["01234", "", "z"]}
+
+
+def test_the_scorer_s_prediction_columns_take_the_generated_encoder() -> None:
+    """The layout the scoring core gives is written by the generated encoder, not record by
+    record: strings past 8 KiB and a zero-key matrix included."""
+    columns = prediction_columns()
+    encoder = columns_encoder("prediction", layout_of(columns))
+    assert encoder is not None
+    schema = load_schema("prediction")
+    assert encoder(columns, 3, b"") == [fastavro_bytes(schema, r)
+                                        for r in column_rows(columns, 3)]
+    empty = {**columns, "probabilities": MapMatrix((), np.zeros((3, 0), dtype=np.float32))}
+    assert encoder(empty, 3, b"") == [fastavro_bytes(schema, r) for r in column_rows(empty, 3)]
+
+
+@pytest.mark.parametrize("change", [
+    {"probabilities": MapMatrix(("a", "b"), np.ones((3, 2)))},  # float64 for a map of float
+    {"probabilities": MapMatrix(("a", "a"), np.ones((3, 2), dtype=np.float32))},  # a key twice
+    {"probabilities": MapMatrix(("a",), np.full((3, 1), np.nan, dtype=np.float32))},
+    {"order_partition": [0, 1, 2**40]},  # beyond an int: fastavro writes it all the same
+    {"order_offset": [np.int64(1), 2, 3]},  # not a plain int
+    {"revision": Constant(np.int32(2))},
+    {"features": {"order_hour_of_day": [1, 2, 3], "inventory": [None, None, None],
+                  "payment_status": Constant("PAID"), "zip_code_available": [1, 0, 1]}},
+])
+def test_columns_the_generated_encoder_is_not_sure_of_are_written_as_fastavro_writes_them(
+        change: dict[str, Any]) -> None:
+    columns = {**prediction_columns(), **change}
+    records = column_rows(columns, 3)
+    expected = [Codec("prediction")._header + fastavro_bytes(load_schema("prediction"), r)
+                for r in copy.deepcopy(records)]
+    assert Codec("prediction").encode_columns(columns, 3) == expected
+
+
+def test_columns_that_do_not_fit_the_schema_are_refused_as_their_records_are() -> None:
+    """Columns that are not the record's fields, or a record's columns for a field that is no
+    record, get no generated encoder; a column of the wrong length is an error; records that
+    miss a field are fastavro's to refuse."""
+    codec = Codec("inventory")
+    good = {"sku_code": ["A", "B"], "timestamp_ms": [1, 2], "inventory": [1.0, 2.0]}
+    assert columns_encoder("inventory", layout_of(good)) is not None
+    assert codec.encode_columns(good, 2) == [codec.encode(r) for r in column_rows(good, 2)]
+    assert columns_encoder("inventory", layout_of({**good, "sku_code": {"x": [1]}})) is None
+    assert columns_encoder("inventory", layout_of({"sku_code": ["A"]})) is None
+    with pytest.raises(ValueError, match="has 1 values for 2 records"):
+        codec.encode_columns({**good, "timestamp_ms": [1]}, 2)
+    try:
+        fastavro_bytes(load_schema("inventory"), {"sku_code": "A"})
+    except Exception as exc:
+        refused = type(exc)
+    with pytest.raises(refused):
+        codec.encode_columns({"sku_code": ["A"]}, 1)
 
 
 def test_a_missing_field_with_a_default_is_written_by_fastavro_with_the_default() -> None:
