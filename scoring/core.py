@@ -474,7 +474,7 @@ class ScoringCore:
                 published_ms.append(source.timestamp_ms)
                 partitions.append(source.partition)
                 offsets.append(source.offset)
-        revised = revisions.count(1) != n
+        revised = revisions.count(1) != n or reasons.count(None) != n
         columns: dict[str, Any] = {
             "order_id": orders.order_id,
             "customer_id": orders.customer_id,
@@ -503,8 +503,8 @@ class ScoringCore:
         if shadow:
             return
         if self.retained is not None:
-            self._keep(items, orders, features, recommendations, expired, revisions, publish,
-                       scored_at)
+            self._keep(orders, features, recommendations, expired, revisions, publish,
+                       scored_at, partitions, offsets, published_ms)
         for recommendation, count in Counter(recommendations).items():
             metrics.PREDICTIONS.labels(recommendation).inc(count)
 
@@ -554,36 +554,43 @@ class ScoringCore:
             revisions[i] = int(kept.revision[row]) + 1
             reasons[i] = revision_reason(streams) if streams else "order_again"
 
-    def _keep(self, items: list[Incoming], orders: OrderColumns, features: FeatureBatch,
-              recommendations: list[str], expired: list[bool], revisions: list[int],
-              publish: list[bool], scored_at: int) -> None:
-        """Keep the published orders read from Kafka, a batch per orders partition."""
+    def _keep(self, orders: OrderColumns, features: FeatureBatch, recommendations: list[str],
+              expired: list[bool], revisions: list[int], publish: list[bool], scored_at: int,
+              partitions: list[int], offsets: list[int], published_ms: list[int]) -> None:
+        """Keep the published orders read from Kafka (``partitions``, ``offsets`` and
+        ``published_ms``: each order's lineage, partition -1 for one from no topic), a batch
+        per orders partition."""
         retained = self.retained
         assert retained is not None
-        by_partition: dict[int, list[int]] = {}
-        for i, (item, new) in enumerate(zip(items, publish, strict=True)):
-            if new and item.source is not None:
-                by_partition.setdefault(item.source.partition, []).append(i)
-        for partition, rows in by_partition.items():
-            take = np.array(rows)
+        partition_of = np.asarray(partitions, dtype=np.int64)
+        rows = np.flatnonzero(np.asarray(publish, dtype=bool) & (partition_of >= 0))
+        if not len(rows):
+            return
+        rows = rows[np.argsort(partition_of[rows], kind="stable")]  # by partition, in order
+        starts = np.flatnonzero(np.diff(partition_of[rows], prepend=-2))
+        offset, published = np.asarray(offsets, dtype=np.int64), np.asarray(published_ms,
+                                                                              dtype=np.int64)
+        was_expired, revision = np.asarray(expired, dtype=bool), np.asarray(revisions,
+                                                                             dtype=np.int32)
+        label = np.asarray(recommendations, dtype=object)
+        for take in np.split(rows, starts[1:]):
+            picked = take.tolist()
             retained.add(Kept(
-                partition=partition,
-                order_id=[orders.order_id[i] for i in rows],
-                customer_id=[orders.customer_id[i] for i in rows],
-                sku_code=[orders.sku_code[i] for i in rows],
-                zip_code=[orders.zip_code[i] for i in rows],
+                partition=int(partition_of[picked[0]]),
+                order_id=[orders.order_id[i] for i in picked],
+                customer_id=[orders.customer_id[i] for i in picked],
+                sku_code=[orders.sku_code[i] for i in picked],
+                zip_code=[orders.zip_code[i] for i in picked],
                 timestamp_ms=orders.timestamp_ms[take],
-                offset=np.fromiter((items[i].source.offset for i in rows),  # type: ignore[union-attr]
-                                   np.int64, len(rows)),
-                published_ms=np.fromiter((items[i].source.timestamp_ms  # type: ignore[union-attr]
-                                          for i in rows), np.int64, len(rows)),
-                expired=np.array([expired[i] for i in rows], dtype=bool),
-                revision=np.array([revisions[i] for i in rows], dtype=np.int32),
-                recommendation=np.array([recommendations[i] for i in rows], dtype=object),
+                offset=offset[take],
+                published_ms=published[take],
+                expired=was_expired[take],
+                revision=revision[take],
+                recommendation=label[take],
                 features=features.take(take),
                 scored_at_ms=scored_at,
-                verified=np.ones(len(rows), dtype=bool),
-                alive=np.ones(len(rows), dtype=bool)))
+                verified=np.ones(len(take), dtype=bool),
+                alive=np.ones(len(take), dtype=bool)))
 
     # -- corrections -------------------------------------------------------------------------
 

@@ -15,7 +15,8 @@ from tests.helpers import CODEC, PoisonedInventory, kafka
 from triage.model import artifact
 from triage.model.orders import OrderColumns, read_orders_csv
 from triage.model.reference import ReferenceTables
-from triage.schemas.codec import Codec
+from triage.schemas.codec import Codec, columns_encoder
+from triage.schemas.compiled import layout_of
 from triage.scoring.core import CoreConfig, Incoming, Outcome, ScoringCore, split_hooks
 from triage.scoring.hooks import Rejection
 from triage.scoring.sampling import sampled_indices
@@ -72,6 +73,23 @@ def test_good_orders_are_predicted_exactly_as_offline_with_their_lineage(parts: 
         assert scored.record["reference_wait_expired"] is False
     sampled = {position(s.item) for s in outcome.samples}
     assert sampled == set(sampled_indices([o["order_id"] for o in orders], 0.05))
+
+
+def test_the_predictions_columns_are_written_by_the_generated_encoder_as_their_records(
+        parts: tuple) -> None:
+    """What the worker produces (the columns, through the encoder generated for their
+    layout: no record by record fallback) is what encoding each prediction record gives;
+    revisions and lineage included."""
+    _, _, orders = parts
+    outcome = core(parts).process(kafka([CODEC.encode(o) for o in orders[:60]]))
+    [batch] = outcome.scored
+    encoder = columns_encoder("prediction", layout_of(batch.columns))
+    assert encoder is not None
+    codec = Codec("prediction")
+    expected = [codec.encode(p.record) for p in outcome.predictions]
+    assert encoder(batch.columns, batch.size, codec._header) == expected
+    assert codec.encode_columns(batch.columns, batch.size) == expected
+    assert batch.keys == [p.key for p in outcome.predictions]
 
 
 def test_decoded_orders_without_coordinates_score_the_same(parts: tuple) -> None:
