@@ -19,9 +19,9 @@ from triage.schemas.codec import codec_for
 
 # consume() waits out its whole timeout unless it fills its batch, and the end-of-partition
 # events that end the read-back do not cut it short: with a 0.5 s poll, every start and every
-# assignment waited 0.5 s even with nothing to read (measured on the embedded broker, which also gives
-# offset 0, not -1, for an empty partition's offsets_for_times). Short polls end it within
-# this of the last end-of-partition event.
+# assignment waited 0.5 s even with nothing to read (measured on the embedded broker, which
+# also gives offset 0, not -1, for an empty partition's offsets_for_times). Short polls end
+# it within this of the last end-of-partition event.
 _POLL_S = 0.05
 
 
