@@ -35,7 +35,8 @@ STAGES: tuple[tuple[str, str, frozenset[str] | None], ...] = (
     ("metrics", "prometheus_client/", None),
     ("sampling", "scoring/sampling.py", None),
     ("validation", "scoring/validation.py", None),
-    ("record building", "model/features.py", frozenset({"records", "avro_columns"})),
+    ("record building", "model/features.py", frozenset({"records", "avro_columns",
+                                                         "_as_is", "_nan_to_null"})),
     ("decode", "schemas/codec.py", frozenset({"decode", "_decode_single_object",
                                               "_decode_registry_framed"})),
     ("encode", "schemas/codec.py", frozenset({"encode", "encode_columns"})),
@@ -51,7 +52,7 @@ STAGES: tuple[tuple[str, str, frozenset[str] | None], ...] = (
     ("features", "model/reference.py", None),
     ("features", "model/orders.py", None),
     ("features", "scoring/feed.py", None),
-    ("record building", "scoring/core.py", frozenset({"_records"})),
+    ("record building", "scoring/core.py", frozenset({"_records", "_take"})),
     ("scoring (the core's own lines)", "scoring/core.py", None),
     ("produce", "bus/clients.py", frozenset({"produce", "produce_batch"})),
     ("produce", "consumer/loop.py", frozenset({"_process"})),
@@ -89,11 +90,20 @@ class Breakdown:
                 "per_order_us": {k: round(v, 2) for k, v in self.per_order_us.items()}}
 
 
+_INNER = frozenset({"<listcomp>", "<dictcomp>", "<setcomp>", "<genexpr>", "<lambda>"})
+
+
 def stage_of(frames: list[str]) -> str:
-    """The stage of one stack (root first), or OUTSIDE if it is not under the batch loop."""
+    """The stage of one stack (root first), or OUTSIDE if it is not under the batch loop. A
+    comprehension's or lambda's frame (its own frame on Python 3.11) counts as the function
+    that holds it: the next frame towards the root in the same file."""
     parsed = [_parse(frame) for frame in frames]
     if not any(function == _LOOP[0] and file.endswith(_LOOP[1]) for function, file in parsed):
         return OUTSIDE
+    for i in range(1, len(parsed)):
+        function, file = parsed[i]
+        if function in _INNER and parsed[i - 1][1] == file:
+            parsed[i] = (parsed[i - 1][0], file)
     for function, file in reversed(parsed):
         for stage, suffix, functions in STAGES:
             if ((suffix.endswith("/") and suffix in file) or file.endswith(suffix)) and (

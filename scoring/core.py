@@ -31,6 +31,7 @@ counted here, so every front door counts alike.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -399,7 +400,14 @@ class ScoringCore:
             self._shadow(outcome, items, orders, features, labels, expired.tolist(), scored_at)
         if self.observers:
             published = [self._published_at(item, scored_at) for item in items]
-            scored = ScoredBatch(orders, features, labels, proba, published, scored_at)
+            # Copies: the prediction columns share these lists and this array, and a hook
+            # (maybe still running in an abandoned thread) must not change what is published.
+            own = dataclasses.replace(
+                orders, order_id=list(orders.order_id), customer_id=list(orders.customer_id),
+                sku_code=list(orders.sku_code), zip_code=list(orders.zip_code),
+                timestamp_ms=orders.timestamp_ms.copy())
+            scored = ScoredBatch(own, features, list(labels), proba.copy(), published,
+                                 scored_at)
             for runner in self.observers:
                 try:
                     runner.call("observe", scored, deadline)
@@ -427,7 +435,7 @@ class ScoringCore:
         scored = Outcome(len(items))
         self._records(scored, items, orders, features, labels, proba, expired, scored_at,
                       model=shadow, shadow=True)
-        outcome.shadow_scored = scored.scored
+        outcome.shadow_scored += scored.scored  # the blame path scores order by order
         agreed = sum(a == b for a, b in zip(active, labels, strict=True))
         metrics.SHADOW_PREDICTIONS.inc(len(labels))
         metrics.SHADOW_AGREEMENTS.inc(agreed)
@@ -568,12 +576,15 @@ class ScoringCore:
             return
         rows = rows[np.argsort(partition_of[rows], kind="stable")]  # by partition, in order
         starts = np.flatnonzero(np.diff(partition_of[rows], prepend=-2))
+        # Kept in the order the partitions first appear in the batch, as scored: of two rows
+        # of one order_id, the later kept is the one that counts (RetainedOrders.add).
+        groups = sorted(np.split(rows, starts[1:]), key=lambda take: int(take[0]))
         offset, published = np.asarray(offsets, dtype=np.int64), np.asarray(published_ms,
                                                                               dtype=np.int64)
         was_expired, revision = np.asarray(expired, dtype=bool), np.asarray(revisions,
                                                                              dtype=np.int32)
         label = np.asarray(recommendations, dtype=object)
-        for take in np.split(rows, starts[1:]):
+        for take in groups:
             picked = take.tolist()
             retained.add(Kept(
                 partition=int(partition_of[picked[0]]),

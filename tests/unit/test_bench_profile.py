@@ -22,6 +22,12 @@ def test_a_sample_goes_to_its_leaf_most_claimed_frame() -> None:
                     .split(";")) == "encode"
     assert stage_of(f"{PROCESS};decode (schemas/codec.py:210);decode (<avro codec Order>:3);"
                     "_read_long (schemas/compiled.py:200)".split(";")) == "decode"
+    # A comprehension's frame (its own on Python 3.11) is its function's.
+    assert stage_of(f"{PROCESS};process (scoring/core.py:230);_records (scoring/core.py:470);"
+                    "avro_columns (model/features.py:189);<dictcomp> (model/features.py:189)"
+                    .split(";")) == "record building"
+    assert stage_of(f"{PROCESS};process (scoring/core.py:230);<listcomp> (scoring/core.py:261)"
+                    .split(";")) == "scoring (the core's own lines)"
     assert stage_of(f"{PROCESS};process (scoring/core.py:230);_records (scoring/core.py:470);"
                     "sampled_indices (scoring/sampling.py:20)".split(";")) == "sampling"
     assert stage_of(f"{PROCESS};process (scoring/core.py:230);_records (scoring/core.py:440)"

@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 
 from tests.helpers import CODEC, PoisonedInventory, kafka
+from triage.bus.clients import Source
 from triage.model import artifact
 from triage.model.orders import OrderColumns, read_orders_csv
 from triage.model.reference import ReferenceTables
 from triage.schemas.codec import Codec, columns_encoder
 from triage.schemas.compiled import layout_of
 from triage.scoring.core import CoreConfig, Incoming, Outcome, ScoringCore, split_hooks
-from triage.scoring.hooks import Rejection
+from triage.scoring.corrections import RetainedOrders
+from triage.scoring.hooks import Rejection, ScoredBatch
 from triage.scoring.sampling import sampled_indices
 from triage.scoring.validation import OrderValidator
 from triage.settings import Settings
@@ -302,6 +304,49 @@ def test_a_hook_factory_that_hangs_is_called_once_and_one_that_raises_is_given_u
         release.set()
 
 
+def test_an_observe_hook_that_changes_its_batch_changes_nothing_published(
+        parts: tuple) -> None:
+    """The hooks see the scored batch; the predictions are built from the same columns, so a
+    hook gets its own copies: what it writes into them is not published."""
+    _, _, orders = parts
+    records = kafka([CODEC.encode(o) for o in orders[:40]])
+
+    class Meddler:
+        def observe(self, batch: ScoredBatch) -> None:
+            batch.probabilities[:] = 0.0
+            batch.recommendations[:] = ["Decline"] * len(batch.recommendations)
+            batch.orders.order_id[:] = ["X"] * len(batch.orders)
+            batch.orders.timestamp_ms[:] = 0
+
+    meddled = core(parts, hooks=[Meddler()]).process(records)
+    clean = core(parts).process(records)
+    codec = Codec("prediction")
+    assert [p.record | {"scored_at_ms": 0} for p in meddled.predictions] == \
+        [p.record | {"scored_at_ms": 0} for p in clean.predictions]
+    assert [len(codec.encode_columns(b.columns, b.size)) for b in meddled.scored] == [40]
+    assert [codec.decode(v)["order_id"] for b in meddled.scored
+            for v in codec.encode_columns(b.columns, b.size)] == [o["order_id"]
+                                                                  for o in orders[:40]]
+
+
+def test_the_retained_order_of_a_batch_is_the_later_record_whatever_the_partitions(
+        parts: tuple) -> None:
+    """One order_id read from two partitions in one batch (a producer that changed its
+    partitioner): the record later in the batch is the one kept as published last."""
+    model, reference, orders = parts
+    scoring = ScoringCore(model, reference, CODEC, config=CoreConfig(),
+                          retained=RetainedOrders(3_600_000))
+    order = orders[0]
+    batch = [Incoming(CODEC.encode(order), b"k", Source("orders", 5, 10, 1_700_000_000_000)),
+             Incoming(CODEC.encode(order), b"k", Source("orders", 2, 20, 1_700_000_000_001))]
+    scoring.process(batch)
+    assert scoring.retained is not None
+    found = scoring.retained.latest(order["order_id"])
+    assert found is not None
+    kept, row = found
+    assert (kept.partition, int(kept.offset[row])) == (2, 20)
+
+
 def test_scoring_that_fails_for_one_order_rescoring_the_batch_one_by_one(parts: tuple) -> None:
     _, reference, orders = parts
     batch = [dict(o) for o in orders[:30]]
@@ -314,8 +359,26 @@ def test_scoring_that_fails_for_one_order_rescoring_the_batch_one_by_one(parts: 
     found = where(outcome)
     assert found[11] == "scoring_failed"
     assert Counter(found.values()) == {"prediction": 29, "scoring_failed": 1}
+    assert len(outcome.shadow_predictions) == 0  # no shadow model here; with one, below
     scored = {position(p.item): p.record for p in outcome.predictions}
     clean = core(parts).process(kafka([CODEC.encode(o) for o in batch[:11]]))
     for p in clean.predictions:  # the rest are scored as they would have been
         assert np.isclose(scored[position(p.item)]["probabilities"]["Deliver"],
                           p.record["probabilities"]["Deliver"])
+
+
+def test_a_shadow_model_scores_every_order_the_one_by_one_rescoring_scored(
+        parts: tuple) -> None:
+    model, reference, orders = parts
+    batch = [dict(o) for o in orders[:30]]
+    batch[11]["sku_code"] = "POISON"
+    poisoned = ReferenceTables(
+        reference.streams.values(),
+        {**reference.tables, "inventory": PoisonedInventory(reference.tables["inventory"])},
+        reference.vocabularies)
+    scoring = core(parts, reference=poisoned)
+    scoring.shadow = model
+    outcome = scoring.process(kafka([CODEC.encode(o) for o in batch]))
+    assert sorted(position(p.item) for p in outcome.shadow_predictions) == \
+        sorted(position(p.item) for p in outcome.predictions)
+    assert len(outcome.shadow_predictions) == 29
