@@ -1,0 +1,289 @@
+"""Windowed features: an entity's behaviour over time (how many orders this customer placed in
+the last hour, how many distinct zips it used in the last 7 days, seconds since its previous
+order), declared once and computed two ways from the same declaration:
+
+* **offline**, over a whole history at once, with pandas (:func:`offline_values`): what
+  training computes, point in time, for every order;
+* **online**, one order at a time, from a state keyed by entity (:class:`WindowState`): what a
+  scorer computes as orders arrive, and what its changelog will restore.
+
+Both follow the one rule below, and the tests hold them to a third, brute-force reading of it
+(tests/unit/test_windows.py), under arrival in any order.
+
+**The window rule.** Orders are ordered by ``(timestamp_ms, order_id)``: time first (UTC
+milliseconds), ties at one millisecond by ``order_id`` as a string. An order ``o`` at time
+``T`` sees the orders of its entity (same value of ``entity``) that come *before* it in that
+order, and with ``include_self`` itself too. Of those, ``count`` and ``distinct_count`` take
+the ones at times in ``(T - window_ms, T]`` (the window is half-open: an order exactly
+``window_ms`` earlier is out); ``seconds_since_last`` takes the latest one before ``o`` and
+gives ``(T - its time) / 1000`` if it lies in that window, else null (``window_ms`` is then the
+maximum lookback). An order whose entity value is empty counts for nobody and gets the
+missing value (0, or null for ``seconds_since_last``).
+
+**An order counts once.** Records of one ``order_id`` are one order (Kafka delivers at least
+once, a replay publishes again): of an order's records the earliest stands, on a tie the one
+with the smallest entity value, then ``of`` value (so that the outcome does not depend on which
+arrived first), and it is that record's entity and time that count. A later
+record of the same order changes nothing; an earlier one replaces it. Every record of an order
+gets the value of the record that stands.
+
+**What the online state needs from its caller.** The value of an order is right once every
+order before it has been added: the scorer asks only when its watermark has passed the order's
+time (the event-time rule of the live join, scoring/feed.py). ``expire(horizon_ms)`` forgets
+what no order at or after ``horizon_ms`` can see; an order that stands before the horizon is
+then refused (:class:`Expired`), never answered from a window that lost orders.
+
+Not yet wired into the scorer, the prediction contract or ``triage train`` (issue 27 says how
+they will take it: a repartition topic keyed by entity, a changelog per store, model_v2).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from triage.bus.errors import BadRecord
+
+Aggregation = Literal["count", "distinct_count", "seconds_since_last"]
+AGGREGATIONS: tuple[str, ...] = ("count", "distinct_count", "seconds_since_last")
+ORDER_FIELDS = frozenset({"order_id", "customer_id", "sku_code", "zip_code"})
+
+
+@dataclass(frozen=True)
+class WindowedFeature:
+    """One windowed feature of orders (module docstring: the window rule).
+
+    ``name``: the feature's name, as it will appear in the features record; ``entity``: the
+    order field that keys the state (``customer_id``, ``sku_code``, ``zip_code``);
+    ``aggregation``: ``count`` (orders, int), ``distinct_count`` (distinct values of ``of``,
+    int) or ``seconds_since_last`` (float seconds, or None); ``window_ms``: the window's length
+    in milliseconds, or ``seconds_since_last``'s maximum lookback; ``of``: the field
+    ``distinct_count`` counts; ``include_self``: the order itself counts (not for
+    ``seconds_since_last``). Raises ValueError for a declaration that breaks these rules."""
+
+    name: str
+    entity: str
+    aggregation: Aggregation
+    window_ms: int
+    of: str | None = None
+    include_self: bool = False
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"{self.name}: aggregation {self.aggregation!r} is not one of "
+                             f"{', '.join(AGGREGATIONS)}")
+        if self.entity not in ORDER_FIELDS - {"order_id"}:
+            raise ValueError(f"{self.name}: entity {self.entity!r} is not an order field "
+                             "(customer_id, sku_code, zip_code)")
+        if not isinstance(self.window_ms, int) or self.window_ms <= 0:
+            raise ValueError(f"{self.name}: window_ms must be a positive int of milliseconds")
+        if (self.aggregation == "distinct_count") != (self.of is not None):
+            raise ValueError(f"{self.name}: 'of' names the counted field of a distinct_count, "
+                             "and only of one")
+        if self.of is not None and self.of not in ORDER_FIELDS:
+            raise ValueError(f"{self.name}: of {self.of!r} is not an order field")
+        if self.include_self and self.aggregation == "seconds_since_last":
+            raise ValueError(f"{self.name}: seconds_since_last never includes the order itself")
+
+    @property
+    def missing(self) -> Any:
+        """The value of an order that has none: null for seconds_since_last, else 0."""
+        return None if self.aggregation == "seconds_since_last" else 0
+
+
+# --- Offline: a whole history at once --------------------------------------------------------
+
+def offline_values(orders: pd.DataFrame, feature: WindowedFeature) -> list[Any]:
+    """The feature's value for every row of ``orders`` (columns ``order_id``,
+    ``timestamp_ms`` (int64 UTC ms), the entity and ``of`` fields), in the rows' order,
+    computed over those same orders: counts as int, seconds as float or None. Rows of one
+    ``order_id`` are one order: each gets the value of the record that stands (module
+    docstring)."""
+    if len(orders) == 0:
+        return []
+    fields = list(dict.fromkeys(["order_id", "timestamp_ms", feature.entity]
+                                + ([feature.of] if feature.of else [])))
+    frame = orders[fields].reset_index(drop=True)
+    frame["timestamp_ms"] = frame["timestamp_ms"].astype(np.int64)
+    # The records that stand: each order_id's earliest, on a tie the smallest entity, then of.
+    events = frame.sort_values(list(dict.fromkeys(["order_id", "timestamp_ms", feature.entity]
+                                                  + ([feature.of] if feature.of else []))),
+                               kind="stable").drop_duplicates("order_id", keep="first")
+    events = events.sort_values(["timestamp_ms", "order_id"], kind="stable")
+    events = events[events[feature.entity] != ""]
+    found: dict[str, Any] = {}
+    for _, group in events.groupby(feature.entity, sort=False):
+        ids = group["order_id"].tolist()
+        found.update(zip(ids, _group_values(
+            feature, group["timestamp_ms"].to_numpy(dtype=np.int64),
+            group[feature.of].tolist() if feature.of else None), strict=True))
+    return [found.get(order_id, feature.missing) for order_id in frame["order_id"].tolist()]
+
+
+def _group_values(feature: WindowedFeature, times: np.ndarray, of: list[Any] | None
+                  ) -> list[Any]:
+    """The values of one entity's standing orders, sorted by (time, id): order ``i`` sees
+    orders ``start[i]`` to ``i - 1`` (those after ``T - window_ms``)."""
+    start = np.searchsorted(times, times - feature.window_ms, side="right")  # time > T - w
+    before = np.arange(len(times))
+    if feature.aggregation == "count":
+        counts: list[Any] = (before - start + (1 if feature.include_self else 0)).tolist()
+        return counts
+    if feature.aggregation == "seconds_since_last":
+        previous = np.concatenate([[0], times[:-1]])
+        return [(t - p) / 1000.0 if i > s else None for i, s, t, p in zip(
+            before.tolist(), start.tolist(), times.tolist(), previous.tolist(), strict=True)]
+    assert of is not None
+    return [len(set(of[s:i + 1] if feature.include_self else of[s:i]))
+            for i, s in enumerate(start.tolist())]
+
+
+# --- Online: one order at a time -------------------------------------------------------------
+
+class Expired(BadRecord):
+    """The order stands before the state's horizon: the orders its window holds may have been
+    forgotten (:meth:`WindowState.expire`). Its value is the one published for it then (the
+    scorer keeps it with the order: scoring/corrections.py). Reason ``window_expired``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("window_expired", message)
+
+
+class WindowState:
+    """The online state of one windowed feature: per entity value, its standing orders as a
+    sorted list of ``(timestamp_ms, order_id, of)``, and which record of each order stands.
+    :meth:`add` an order record, :meth:`value` of an order once every order before it has
+    been added, :meth:`expire` what no later order can see. Memory: one tuple per order in the
+    window (or in the lookback of seconds_since_last) per entity, and each order's standing
+    record for ``dedup_ms`` more (default: one window), so that a redelivery that late is
+    still known as the same order."""
+
+    def __init__(self, feature: WindowedFeature, dedup_ms: int | None = None) -> None:
+        self.feature = feature
+        self.dedup_ms = feature.window_ms if dedup_ms is None else dedup_ms
+        self.entities: dict[str, list[tuple[int, str, Any]]] = {}
+        self.standing: dict[str, tuple[str, int, Any]] = {}  # order_id -> (entity, time, of)
+        self.horizon = -(2**63)  # orders standing before it are not asked (expire)
+
+    def __len__(self) -> int:
+        return len(self.standing)
+
+    def add(self, order: Mapping[str, Any]) -> bool:
+        """Add an order record (``order.avsc``'s fields); False when it changes no value at or
+        after the horizon: an earlier-standing record of the same order is held, or the record
+        is too old for any window at or after the horizon."""
+        feature, order_id = self.feature, order["order_id"]
+        entity, time = order[feature.entity], int(order["timestamp_ms"])
+        of = order[feature.of] if feature.of else None
+        prior = self.standing.get(order_id)
+        if prior is not None:
+            if (prior[1], prior[0], prior[2] or "") <= (time, entity, of or ""):
+                return False
+            self._remove(order_id, prior)
+        self.standing[order_id] = (entity, time, of)
+        if entity == "" or time <= self.horizon - feature.window_ms:
+            return prior is not None
+        bisect.insort(self.entities.setdefault(entity, []), (time, order_id, of))
+        return True
+
+    def _remove(self, order_id: str, prior: tuple[str, int, Any]) -> None:
+        entity, time, _ = prior
+        entries = self.entities.get(entity)
+        if entries is not None:
+            at = bisect.bisect_left(entries, (time, order_id))
+            if at < len(entries) and entries[at][:2] == (time, order_id):
+                del entries[at]
+            if not entries:
+                del self.entities[entity]
+        del self.standing[order_id]
+
+    def value(self, order: Mapping[str, Any]) -> Any:
+        """The feature's value for ``order``, from the orders added so far: that of its
+        standing record (its own if none of its order_id was added). Raises :class:`Expired`
+        for an order that stands before the horizon."""
+        feature, order_id = self.feature, order["order_id"]
+        standing = self.standing.get(order_id)
+        if standing is None:  # not added: as it would stand
+            standing = (order[feature.entity], int(order["timestamp_ms"]),
+                        order[feature.of] if feature.of else None)
+        entity, time, own = standing
+        if time < self.horizon:
+            raise Expired(f"order {order_id} at {time} stands before the horizon "
+                          f"{self.horizon} (UTC ms) of {feature.name}")
+        if entity == "":
+            return feature.missing
+        entries = self.entities.get(entity, [])
+        before = bisect.bisect_left(entries, (time, order_id))
+        start = bisect.bisect_left(entries, (time - feature.window_ms + 1,))
+        if feature.aggregation == "count":
+            return before - start + (1 if feature.include_self else 0)
+        if feature.aggregation == "seconds_since_last":
+            return (time - entries[before - 1][0]) / 1000.0 if before > start else None
+        seen = {of for _, _, of in entries[start:before]}
+        if feature.include_self:
+            seen.add(own)
+        return len(seen)
+
+    def expire(self, horizon_ms: int) -> int:
+        """The caller will ask no order that stands before ``horizon_ms`` (UTC ms): forget the
+        orders no order at or after it can see (at or before ``horizon_ms - window_ms``), and
+        which record of an order stands ``dedup_ms`` after that. Returns how many orders left
+        the windows."""
+        self.horizon = max(self.horizon, horizon_ms)
+        cutoff = self.horizon - self.feature.window_ms
+        gone = 0
+        for entity in list(self.entities):
+            entries = self.entities[entity]
+            keep = bisect.bisect_left(entries, (cutoff + 1,))
+            if keep:
+                gone += keep
+                del entries[:keep]
+                if not entries:
+                    del self.entities[entity]
+        forget = cutoff - self.dedup_ms
+        for order_id in [o for o, (_, time, _) in self.standing.items() if time <= forget]:
+            del self.standing[order_id]
+        return gone
+
+
+def online_values(orders: Iterable[Mapping[str, Any]], feature: WindowedFeature
+                  ) -> list[Any]:
+    """Every order's value from a :class:`WindowState` that is given all of ``orders`` first:
+    what the scorer gives once its watermark has passed them all."""
+    records = list(orders)
+    state = WindowState(feature)
+    for record in records:
+        state.add(record)
+    return [state.value(record) for record in records]
+
+
+HOUR_MS, DAY_MS = 3_600_000, 86_400_000
+
+WINDOWED_FEATURES: tuple[WindowedFeature, ...] = (
+    WindowedFeature("customer_orders_1h", "customer_id", "count", HOUR_MS),
+    WindowedFeature("customer_zip_codes_7d", "customer_id", "distinct_count", 7 * DAY_MS,
+                    of="zip_code", include_self=True),
+    WindowedFeature("customer_seconds_since_last", "customer_id", "seconds_since_last",
+                    7 * DAY_MS),
+    WindowedFeature("sku_orders_10m", "sku_code", "count", 10 * 60_000),
+)
+"""The windowed features declared so far (issue 27's examples): the orders this customer
+placed in the hour before this one, the distinct delivery zips it used in the last 7 days
+(this order's included), the seconds since its previous order (within 7 days), the orders of
+this SKU in the 10 minutes before. No model uses them yet: model_v1's four features stay the
+default."""
+
+
+def declared(features: Sequence[WindowedFeature]) -> dict[str, WindowedFeature]:
+    """name -> declaration; raises ValueError for two declarations of one name."""
+    out: dict[str, WindowedFeature] = {}
+    for feature in features:
+        if feature.name in out:
+            raise ValueError(f"windowed feature {feature.name!r} is declared twice")
+        out[feature.name] = feature
+    return out
