@@ -22,16 +22,22 @@ missing value (0, or null for ``seconds_since_last``).
 
 **An order counts once.** Records of one ``order_id`` are one order (Kafka delivers at least
 once, a replay publishes again): of an order's records the earliest stands, on a tie the one
-with the smallest entity value, then ``of`` value (so that the outcome does not depend on which
-arrived first), and it is that record's entity and time that count. A later
+whose ``(customer_id, sku_code, zip_code)`` is smallest (the same record for every feature,
+whichever arrived first), and it is that record's entity and time that count. A later
 record of the same order changes nothing; an earlier one replaces it. Every record of an order
 gets the value of the record that stands.
+
+Entity and ``of`` values are strings, as ``order.avsc`` has them (a None is read as the empty
+string); times are UTC milliseconds within the tables' range (1900 to 2400).
 
 **What the online state needs from its caller.** The value of an order is right once every
 order before it has been added: the scorer asks only when its watermark has passed the order's
 time (the event-time rule of the live join, scoring/feed.py). ``expire(horizon_ms)`` forgets
 what no order at or after ``horizon_ms`` can see; an order that stands before the horizon is
-then refused (:class:`Expired`), never answered from a window that lost orders.
+then refused (:class:`Expired`), never answered from a window that lost orders. It remembers
+which record of an order stands until ``dedup_ms`` after the order's latest record's time has
+left the windows: records of one order more than that apart are beyond what it can join (the
+scorer will set it to what it keeps of published orders, TRIAGE_CORRECTION_RETENTION_S).
 
 Not yet wired into the scorer, the prediction contract or ``triage train`` (issue 27 says how
 they will take it: a repartition topic keyed by entity, a changelog per store, model_v2).
@@ -40,6 +46,8 @@ they will take it: a repartition topic keyed by entity, a changelog per store, m
 from __future__ import annotations
 
 import bisect
+import heapq
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -52,6 +60,8 @@ from triage.bus.errors import BadRecord
 Aggregation = Literal["count", "distinct_count", "seconds_since_last"]
 AGGREGATIONS: tuple[str, ...] = ("count", "distinct_count", "seconds_since_last")
 ORDER_FIELDS = frozenset({"order_id", "customer_id", "sku_code", "zip_code"})
+TIE_BREAK = ("customer_id", "sku_code", "zip_code")  # of one order's records at one time
+MAX_WINDOW_MS = 2**62  # about 146,000 years: keeps every time - window within int64
 
 
 @dataclass(frozen=True)
@@ -80,8 +90,10 @@ class WindowedFeature:
         if self.entity not in ORDER_FIELDS - {"order_id"}:
             raise ValueError(f"{self.name}: entity {self.entity!r} is not an order field "
                              "(customer_id, sku_code, zip_code)")
-        if not isinstance(self.window_ms, int) or self.window_ms <= 0:
-            raise ValueError(f"{self.name}: window_ms must be a positive int of milliseconds")
+        if (not isinstance(self.window_ms, int) or isinstance(self.window_ms, bool)
+                or not 0 < self.window_ms <= MAX_WINDOW_MS):
+            raise ValueError(f"{self.name}: window_ms must be a positive int of milliseconds, "
+                             f"at most {MAX_WINDOW_MS}")
         if (self.aggregation == "distinct_count") != (self.of is not None):
             raise ValueError(f"{self.name}: 'of' names the counted field of a distinct_count, "
                              "and only of one")
@@ -100,26 +112,24 @@ class WindowedFeature:
 
 def offline_values(orders: pd.DataFrame, feature: WindowedFeature) -> list[Any]:
     """The feature's value for every row of ``orders`` (columns ``order_id``,
-    ``timestamp_ms`` (int64 UTC ms), the entity and ``of`` fields), in the rows' order,
-    computed over those same orders: counts as int, seconds as float or None. Rows of one
-    ``order_id`` are one order: each gets the value of the record that stands (module
-    docstring)."""
+    ``timestamp_ms`` (int64 UTC ms), ``customer_id``, ``sku_code``, ``zip_code``), in the
+    rows' order, computed over those same orders: counts as int, seconds as float or None.
+    Rows of one ``order_id`` are one order: each gets the value of the record that stands
+    (module docstring). O(n log n), with a Python loop over entities."""
     if len(orders) == 0:
         return []
-    fields = list(dict.fromkeys(["order_id", "timestamp_ms", feature.entity]
-                                + ([feature.of] if feature.of else [])))
-    frame = orders[fields].reset_index(drop=True)
+    frame = orders[["order_id", "timestamp_ms", *TIE_BREAK]].reset_index(drop=True)
     frame["timestamp_ms"] = frame["timestamp_ms"].astype(np.int64)
-    # The records that stand: each order_id's earliest, on a tie the smallest entity, then of.
-    events = frame.sort_values(list(dict.fromkeys(["order_id", "timestamp_ms", feature.entity]
-                                                  + ([feature.of] if feature.of else []))),
+    for name in TIE_BREAK:
+        frame[name] = frame[name].fillna("")
+    # The records that stand: each order_id's earliest, on a tie the smallest content.
+    events = frame.sort_values(["order_id", "timestamp_ms", *TIE_BREAK],
                                kind="stable").drop_duplicates("order_id", keep="first")
-    events = events.sort_values(["timestamp_ms", "order_id"], kind="stable")
-    events = events[events[feature.entity] != ""]
-    found: dict[str, Any] = {}
+    events = events[events[feature.entity] != ""].sort_values(["timestamp_ms", "order_id"],
+                                                               kind="stable")
+    found: dict[Any, Any] = {}
     for _, group in events.groupby(feature.entity, sort=False):
-        ids = group["order_id"].tolist()
-        found.update(zip(ids, _group_values(
+        found.update(zip(group["order_id"].tolist(), _group_values(
             feature, group["timestamp_ms"].to_numpy(dtype=np.int64),
             group[feature.of].tolist() if feature.of else None), strict=True))
     return [found.get(order_id, feature.missing) for order_id in frame["order_id"].tolist()]
@@ -139,11 +149,22 @@ def _group_values(feature: WindowedFeature, times: np.ndarray, of: list[Any] | N
         return [(t - p) / 1000.0 if i > s else None for i, s, t, p in zip(
             before.tolist(), start.tolist(), times.tolist(), previous.tolist(), strict=True)]
     assert of is not None
-    return [len(set(of[s:i + 1] if feature.include_self else of[s:i]))
-            for i, s in enumerate(start.tolist())]
+    # Distinct values over a sliding window: the start only moves forward as times grow.
+    seen: Counter[Any] = Counter()
+    low, out = 0, []
+    for i, s in enumerate(start.tolist()):
+        while low < s:
+            seen[of[low]] -= 1
+            if not seen[of[low]]:
+                del seen[of[low]]
+            low += 1
+        if feature.include_self:
+            out.append(len(seen) + (of[i] not in seen))
+        else:
+            out.append(len(seen))
+        seen[of[i]] += 1
+    return out
 
-
-# --- Online: one order at a time -------------------------------------------------------------
 
 class Expired(BadRecord):
     """The order stands before the state's horizon: the orders its window holds may have been
@@ -160,15 +181,20 @@ class WindowState:
     :meth:`add` an order record, :meth:`value` of an order once every order before it has
     been added, :meth:`expire` what no later order can see. Memory: one tuple per order in the
     window (or in the lookback of seconds_since_last) per entity, and each order's standing
-    record for ``dedup_ms`` more (default: one window), so that a redelivery that late is
-    still known as the same order."""
+    record until ``dedup_ms`` (default: one window) after its latest record has left the
+    windows. A value costs O(log n), a distinct count also O(orders in the window)."""
 
     def __init__(self, feature: WindowedFeature, dedup_ms: int | None = None) -> None:
         self.feature = feature
         self.dedup_ms = feature.window_ms if dedup_ms is None else dedup_ms
+        if self.dedup_ms < 0:
+            raise ValueError("dedup_ms must not be negative")
         self.entities: dict[str, list[tuple[int, str, Any]]] = {}
-        self.standing: dict[str, tuple[str, int, Any]] = {}  # order_id -> (entity, time, of)
+        # order_id -> (rank: time and the tie-break fields, entity, of, latest record's time)
+        self.standing: dict[str, tuple[tuple[Any, ...], str, Any, int]] = {}
         self.horizon = -(2**63)  # orders standing before it are not asked (expire)
+        self._entries_by_time: list[tuple[int, str, str]] = []  # heap: (time, order_id, entity)
+        self._orders_by_time: list[tuple[int, str]] = []  # heap: (latest time, order_id)
 
     def __len__(self) -> int:
         return len(self.standing)
@@ -178,29 +204,40 @@ class WindowState:
         after the horizon: an earlier-standing record of the same order is held, or the record
         is too old for any window at or after the horizon."""
         feature, order_id = self.feature, order["order_id"]
-        entity, time = order[feature.entity], int(order["timestamp_ms"])
+        time = int(order["timestamp_ms"])
+        content: list[str] = ["" if order[f] is None else order[f] for f in TIE_BREAK]
+        rank: tuple[Any, ...] = (time, *content)
+        entity = content[TIE_BREAK.index(feature.entity)]
         of = order[feature.of] if feature.of else None
+        of = "" if feature.of and of is None else of
         prior = self.standing.get(order_id)
+        latest = time if prior is None else max(prior[3], time)
+        heapq.heappush(self._orders_by_time, (latest, order_id))
         if prior is not None:
-            if (prior[1], prior[0], prior[2] or "") <= (time, entity, of or ""):
+            if prior[0] <= rank:
+                self.standing[order_id] = (*prior[:3], latest)
                 return False
-            self._remove(order_id, prior)
-        self.standing[order_id] = (entity, time, of)
+            self._remove_entry(order_id, prior)
+        self.standing[order_id] = (rank, entity, of, latest)
         if entity == "" or time <= self.horizon - feature.window_ms:
             return prior is not None
         bisect.insort(self.entities.setdefault(entity, []), (time, order_id, of))
+        heapq.heappush(self._entries_by_time, (time, order_id, entity))
         return True
 
-    def _remove(self, order_id: str, prior: tuple[str, int, Any]) -> None:
-        entity, time, _ = prior
+    def _remove_entry(self, order_id: str, prior: tuple[tuple[Any, ...], str, Any, int]
+                      ) -> None:
+        self._drop(prior[1], prior[0][0], order_id)
+
+    def _drop(self, entity: str, time: int, order_id: str) -> None:
         entries = self.entities.get(entity)
-        if entries is not None:
-            at = bisect.bisect_left(entries, (time, order_id))
-            if at < len(entries) and entries[at][:2] == (time, order_id):
-                del entries[at]
-            if not entries:
-                del self.entities[entity]
-        del self.standing[order_id]
+        if entries is None:
+            return
+        at = bisect.bisect_left(entries, (time, order_id))
+        if at < len(entries) and entries[at][:2] == (time, order_id):
+            del entries[at]
+        if not entries:
+            del self.entities[entity]
 
     def value(self, order: Mapping[str, Any]) -> Any:
         """The feature's value for ``order``, from the orders added so far: that of its
@@ -209,9 +246,12 @@ class WindowState:
         feature, order_id = self.feature, order["order_id"]
         standing = self.standing.get(order_id)
         if standing is None:  # not added: as it would stand
-            standing = (order[feature.entity], int(order["timestamp_ms"]),
-                        order[feature.of] if feature.of else None)
-        entity, time, own = standing
+            time = int(order["timestamp_ms"])
+            entity = "" if order[feature.entity] is None else order[feature.entity]
+            own = order[feature.of] if feature.of else None
+            own = "" if feature.of and own is None else own
+        else:
+            time, entity, own = standing[0][0], standing[1], standing[2]
         if time < self.horizon:
             raise Expired(f"order {order_id} at {time} stands before the horizon "
                           f"{self.horizon} (UTC ms) of {feature.name}")
@@ -232,22 +272,24 @@ class WindowState:
     def expire(self, horizon_ms: int) -> int:
         """The caller will ask no order that stands before ``horizon_ms`` (UTC ms): forget the
         orders no order at or after it can see (at or before ``horizon_ms - window_ms``), and
-        which record of an order stands ``dedup_ms`` after that. Returns how many orders left
-        the windows."""
+        which record of an order stands once its latest record is ``dedup_ms`` older than
+        that. Returns how many orders left the windows. O(log n) an order forgotten."""
         self.horizon = max(self.horizon, horizon_ms)
         cutoff = self.horizon - self.feature.window_ms
         gone = 0
-        for entity in list(self.entities):
-            entries = self.entities[entity]
-            keep = bisect.bisect_left(entries, (cutoff + 1,))
-            if keep:
-                gone += keep
-                del entries[:keep]
-                if not entries:
-                    del self.entities[entity]
-        forget = cutoff - self.dedup_ms
-        for order_id in [o for o, (_, time, _) in self.standing.items() if time <= forget]:
-            del self.standing[order_id]
+        entries = self._entries_by_time
+        while entries and entries[0][0] <= cutoff:
+            time, order_id, entity = heapq.heappop(entries)
+            before = len(self.entities.get(entity, ()))
+            self._drop(entity, time, order_id)
+            gone += before - len(self.entities.get(entity, ()))
+        forget, orders = cutoff - self.dedup_ms, self._orders_by_time
+        while orders and orders[0][0] <= forget:
+            latest, order_id = heapq.heappop(orders)
+            standing = self.standing.get(order_id)
+            if standing is not None and standing[3] == latest:
+                self._remove_entry(order_id, standing)
+                del self.standing[order_id]
         return gone
 
 

@@ -31,10 +31,10 @@ EXAMPLES = settings(max_examples=200, deadline=None)
 
 def oracle(records: list[dict[str, Any]], feature: WindowedFeature) -> list[Any]:
     """The rule, read literally: the standing record of each order_id is its earliest, on a
-    tie the smallest entity, then of; an order sees its entity's standing orders before it in
-    (time, id) order, those after T - window in the window."""
+    tie the one of smallest (customer_id, sku_code, zip_code); an order sees its entity's
+    standing orders before it in (time, id) order, those after T - window in the window."""
     def rank(r: dict[str, Any]) -> tuple[Any, ...]:
-        return (r["timestamp_ms"], r[feature.entity], r[feature.of] if feature.of else "")
+        return (r["timestamp_ms"], r["customer_id"], r["sku_code"], r["zip_code"])
 
     standing: dict[str, tuple[Any, Any, dict[str, Any]]] = {}
     for r in records:
@@ -92,6 +92,11 @@ def histories(draw: st.DrawFn) -> list[dict[str, Any]]:
                         "timestamp_ms": draw(st.integers(0, 60))})
         if records and draw(st.integers(0, 4)) == 0:
             records.append(dict(draw(st.sampled_from(records))))  # a redelivery
+        if records and draw(st.integers(0, 5)) == 0:  # the same order, time and entity,
+            other = dict(draw(st.sampled_from(records)))  # another field changed
+            field = draw(st.sampled_from(["customer_id", "sku_code", "zip_code"]))
+            other[field] = draw(st.sampled_from(["C-0", "S-0", "10000", "S-9", "C-9"]))
+            records.append(other)
     return records
 
 
@@ -159,6 +164,9 @@ def test_online_values_asked_when_the_watermark_passes_them_with_expiry_equal_th
                                                               else []), default=None)
         if horizon is not None:
             state.expire(horizon)
+            cutoff = state.horizon - feature.window_ms  # nothing at or before it is kept
+            assert all(t > cutoff for entries in state.entities.values() for t, _, _ in entries)
+            assert all(latest > cutoff - dedup_ms for *_, latest in state.standing.values())
     assert answered + refused == len(records)
     # A record whose order stands at its own time is never refused: only later records of
     # an order (a redelivery at another time) can be.
@@ -217,6 +225,8 @@ def test_the_rule_at_its_edges() -> None:
     ({"aggregation": "sum"}, "is not one of"),
     ({"entity": "order_id"}, "is not an order field"),
     ({"window_ms": 0}, "positive int"),
+    ({"window_ms": 2**63}, "positive int"),
+    ({"window_ms": True}, "positive int"),
     ({"aggregation": "distinct_count"}, "'of' names"),
     ({"of": "zip_code"}, "'of' names"),
     ({"aggregation": "seconds_since_last", "include_self": True}, "never includes"),
@@ -241,6 +251,41 @@ def test_the_declared_features_compute_offline_as_online_on_generated_orders(
         offline = offline_values(table, feature)
         assert offline == online_values(records, feature), feature.name
         assert any(v not in (0, None) for v in offline), feature.name  # the data exercise it
+
+
+def test_one_record_stands_for_every_feature_and_nulls_read_as_empty() -> None:
+    """Two records of one order at one time: the one of smallest (customer_id, sku_code,
+    zip_code) stands for the customer and the SKU features alike; a None entity or counted
+    value is the empty string, offline and online."""
+    a1 = {"order_id": "A", "customer_id": "C2", "sku_code": "S1", "zip_code": "1",
+          "timestamp_ms": 5}
+    a2 = {**a1, "customer_id": "C1", "sku_code": "S2"}
+    b = {"order_id": "B", "customer_id": "C1", "sku_code": "S1", "zip_code": "2",
+         "timestamp_ms": 6}
+    by_customer = WindowedFeature("c", "customer_id", "count", 100)
+    by_sku = WindowedFeature("s", "sku_code", "count", 100)
+    for records in ([a1, a2, b], [a2, a1, b]):
+        # a2 stands (C1 < C2): B's customer saw A, B's SKU did not.
+        assert offline_values(frame(records), by_customer)[2] == 1
+        assert offline_values(frame(records), by_sku)[2] == 0
+        assert online_values(records, by_customer)[2] == 1
+        assert online_values(records, by_sku)[2] == 0
+    nulls = [{**a1, "zip_code": None}, {**b, "order_id": "X", "zip_code": ""},
+             {**b, "customer_id": None}]
+    zips = WindowedFeature("z", "customer_id", "distinct_count", 100, of="zip_code",
+                           include_self=True)
+    assert offline_values(frame(nulls), zips) == online_values(nulls, zips) == [1, 1, 0]
+
+
+def test_expiry_frees_the_windows_and_the_orders() -> None:
+    feature = WindowedFeature("orders_10ms", "customer_id", "count", 10)
+    state = WindowState(feature, dedup_ms=5)
+    for i in range(1000):
+        state.add({"order_id": f"O-{i}", "customer_id": f"C-{i % 7}", "sku_code": "S",
+                   "zip_code": "1", "timestamp_ms": i})
+    assert state.expire(500) == 491  # times 0 to 490 left the windows
+    assert sum(len(e) for e in state.entities.values()) == 1000 - 491
+    assert len(state) == 1000 - 486  # and which record stands, for times 0 to 485
 
 
 def test_a_name_declared_twice_is_refused() -> None:
