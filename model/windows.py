@@ -217,17 +217,13 @@ class WindowState:
             if prior[0] <= rank:
                 self.standing[order_id] = (*prior[:3], latest)
                 return False
-            self._remove_entry(order_id, prior)
+            self._drop(prior[1], prior[0][0], order_id)
         self.standing[order_id] = (rank, entity, of, latest)
         if entity == "" or time <= self.horizon - feature.window_ms:
             return prior is not None
         bisect.insort(self.entities.setdefault(entity, []), (time, order_id, of))
         heapq.heappush(self._entries_by_time, (time, order_id, entity))
         return True
-
-    def _remove_entry(self, order_id: str, prior: tuple[tuple[Any, ...], str, Any, int]
-                      ) -> None:
-        self._drop(prior[1], prior[0][0], order_id)
 
     def _drop(self, entity: str, time: int, order_id: str) -> None:
         entries = self.entities.get(entity)
@@ -288,7 +284,7 @@ class WindowState:
             latest, order_id = heapq.heappop(orders)
             standing = self.standing.get(order_id)
             if standing is not None and standing[3] == latest:
-                self._remove_entry(order_id, standing)
+                self._drop(standing[1], standing[0][0], order_id)
                 del self.standing[order_id]
         return gone
 

@@ -43,6 +43,14 @@ def core(parts: tuple, *, hooks: list[object] = (), deadline_s: float = 30.0,
                        checks=[OrderValidator(Settings().validation), *checks], observers=observers)
 
 
+def poisoned_reference(reference: ReferenceTables) -> ReferenceTables:
+    """``reference`` with an inventory table whose lookups fail for the SKU "POISON"."""
+    return ReferenceTables(
+        reference.streams.values(),
+        {**reference.tables, "inventory": PoisonedInventory(reference.tables["inventory"])},
+        reference.vocabularies)
+
+
 def position(item: Incoming) -> int:
     """Where a record of ``kafka()`` sat in its batch (its offset)."""
     assert item.source is not None
@@ -130,10 +138,7 @@ def test_every_dead_letter_route(parts: tuple) -> None:
         "invalid_timestamp": CODEC.encode({**good, "timestamp_ms": now + 3 * DAY_MS}),
         "scoring_failed": CODEC.encode({**good, "sku_code": "POISON"}),
     }
-    poisoned = ReferenceTables(
-        reference.streams.values(),
-        {**reference.tables, "inventory": PoisonedInventory(reference.tables["inventory"])},
-        reference.vocabularies)
+    poisoned = poisoned_reference(reference)
     outcome = core(parts, reference=poisoned).process(kafka(list(cases.values())))
     assert list(where(outcome).values()) == list(cases)
     assert {d.reason: d.error_class for d in outcome.dead_letters}["oversized"] == \
@@ -351,10 +356,7 @@ def test_scoring_that_fails_for_one_order_rescoring_the_batch_one_by_one(parts: 
     _, reference, orders = parts
     batch = [dict(o) for o in orders[:30]]
     batch[11]["sku_code"] = "POISON"
-    poisoned = ReferenceTables(
-        reference.streams.values(),
-        {**reference.tables, "inventory": PoisonedInventory(reference.tables["inventory"])},
-        reference.vocabularies)
+    poisoned = poisoned_reference(reference)
     outcome = core(parts, reference=poisoned).process(kafka([CODEC.encode(o) for o in batch]))
     found = where(outcome)
     assert found[11] == "scoring_failed"
@@ -372,10 +374,7 @@ def test_a_shadow_model_scores_every_order_the_one_by_one_rescoring_scored(
     model, reference, orders = parts
     batch = [dict(o) for o in orders[:30]]
     batch[11]["sku_code"] = "POISON"
-    poisoned = ReferenceTables(
-        reference.streams.values(),
-        {**reference.tables, "inventory": PoisonedInventory(reference.tables["inventory"])},
-        reference.vocabularies)
+    poisoned = poisoned_reference(reference)
     scoring = core(parts, reference=poisoned)
     scoring.shadow = model
     outcome = scoring.process(kafka([CODEC.encode(o) for o in batch]))
