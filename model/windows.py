@@ -20,12 +20,15 @@ gives ``(T - its time) / 1000`` if it lies in that window, else null (``window_m
 maximum lookback). An order whose entity value is empty counts for nobody and gets the
 missing value (0, or null for ``seconds_since_last``).
 
-**An order counts once.** Records of one ``order_id`` are one order (Kafka delivers at least
-once, a replay publishes again): of an order's records the earliest stands, on a tie the one
-whose ``(customer_id, sku_code, zip_code)`` is smallest (the same record for every feature,
-whichever arrived first), and it is that record's entity and time that count. A later
-record of the same order changes nothing; an earlier one replaces it. Every record of an order
-gets the value of the record that stands.
+**An order counts once for its entity.** Records of one ``order_id`` with one entity value
+are one order (Kafka delivers at least once, a replay publishes again): of them the earliest
+stands, on a tie the one whose ``(customer_id, sku_code, zip_code)`` is smallest, and it is
+that record's time (and counted value) that counts. A later record of the same order changes
+nothing; an earlier one replaces it. Every record of the order with that entity value gets
+the value of the record that stands. Records of one ``order_id`` that disagree on the entity
+value (a producer that changed an order's customer) are one order *of each* entity value:
+online, each entity's state is reached through a repartition topic keyed by the entity
+(consumer/window_stage.py) and cannot see the others, so the rule does not ask it to.
 
 Entity and ``of`` values are strings, as ``order.avsc`` has them (a None is read as the empty
 string); times are UTC milliseconds within the tables' range (1900 to 2400).
@@ -114,25 +117,28 @@ def offline_values(orders: pd.DataFrame, feature: WindowedFeature) -> list[Any]:
     """The feature's value for every row of ``orders`` (columns ``order_id``,
     ``timestamp_ms`` (int64 UTC ms), ``customer_id``, ``sku_code``, ``zip_code``), in the
     rows' order, computed over those same orders: counts as int, seconds as float or None.
-    Rows of one ``order_id`` are one order: each gets the value of the record that stands
-    (module docstring). O(n log n), with a Python loop over entities."""
+    Rows of one ``order_id`` and entity value are one order: each gets the value of the record
+    that stands (module docstring). O(n log n), with a Python loop over entities."""
     if len(orders) == 0:
         return []
     frame = orders[["order_id", "timestamp_ms", *TIE_BREAK]].reset_index(drop=True)
     frame["timestamp_ms"] = frame["timestamp_ms"].astype(np.int64)
     for name in TIE_BREAK:
         frame[name] = frame[name].fillna("")
-    # The records that stand: each order_id's earliest, on a tie the smallest content.
-    events = frame.sort_values(["order_id", "timestamp_ms", *TIE_BREAK],
-                               kind="stable").drop_duplicates("order_id", keep="first")
-    events = events[events[feature.entity] != ""].sort_values(["timestamp_ms", "order_id"],
-                                                               kind="stable")
-    found: dict[Any, Any] = {}
-    for _, group in events.groupby(feature.entity, sort=False):
-        found.update(zip(group["order_id"].tolist(), _group_values(
-            feature, group["timestamp_ms"].to_numpy(dtype=np.int64),
-            group[feature.of].tolist() if feature.of else None), strict=True))
-    return [found.get(order_id, feature.missing) for order_id in frame["order_id"].tolist()]
+    # The records that stand: each (order_id, entity)'s earliest, on a tie the smallest content.
+    entity = feature.entity
+    events = frame[frame[entity] != ""].sort_values(
+        ["order_id", "timestamp_ms", *TIE_BREAK], kind="stable").drop_duplicates(
+        ["order_id", entity], keep="first").sort_values(["timestamp_ms", "order_id"],
+                                                        kind="stable")
+    found: dict[tuple[Any, Any], Any] = {}
+    for value, group in events.groupby(entity, sort=False):
+        found.update(zip(((order_id, value) for order_id in group["order_id"].tolist()),
+                         _group_values(feature, group["timestamp_ms"].to_numpy(dtype=np.int64),
+                                       group[feature.of].tolist() if feature.of else None),
+                         strict=True))
+    return [found.get(key, feature.missing)
+            for key in zip(frame["order_id"].tolist(), frame[entity].tolist(), strict=True)]
 
 
 def _group_values(feature: WindowedFeature, times: np.ndarray, of: list[Any] | None
@@ -177,7 +183,8 @@ class Expired(BadRecord):
 
 class WindowState:
     """The online state of one windowed feature: per entity value, its standing orders as a
-    sorted list of ``(timestamp_ms, order_id, of)``, and which record of each order stands.
+    sorted list of ``(timestamp_ms, order_id, of)``, and which record of each (order,
+    entity value) stands.
     :meth:`add` an order record, :meth:`value` of an order once every order before it has
     been added, :meth:`expire` what no later order can see. Memory: one tuple per order in the
     window (or in the lookback of seconds_since_last) per entity, and each order's standing
@@ -190,36 +197,41 @@ class WindowState:
         if self.dedup_ms < 0:
             raise ValueError("dedup_ms must not be negative")
         self.entities: dict[str, list[tuple[int, str, Any]]] = {}
-        # order_id -> (rank: time and the tie-break fields, entity, of, latest record's time)
-        self.standing: dict[str, tuple[tuple[Any, ...], str, Any, int]] = {}
+        # (order_id, entity) -> (rank: time and the tie-break fields, of, latest record's time)
+        self.standing: dict[tuple[str, str], tuple[tuple[Any, ...], Any, int]] = {}
         self.horizon = -(2**63)  # orders standing before it are not asked (expire)
         self._entries_by_time: list[tuple[int, str, str]] = []  # heap: (time, order_id, entity)
-        self._orders_by_time: list[tuple[int, str]] = []  # heap: (latest time, order_id)
+        # heap: (latest time, order_id, entity)
+        self._orders_by_time: list[tuple[int, str, str]] = []
 
     def __len__(self) -> int:
         return len(self.standing)
 
     def add(self, order: Mapping[str, Any]) -> bool:
         """Add an order record (``order.avsc``'s fields); False when it changes no value at or
-        after the horizon: an earlier-standing record of the same order is held, or the record
-        is too old for any window at or after the horizon."""
+        after the horizon: an earlier-standing record of the same order and entity value is
+        held, the entity is empty, or the record is too old for any window at or after the
+        horizon."""
         feature, order_id = self.feature, order["order_id"]
         time = int(order["timestamp_ms"])
         content: list[str] = ["" if order[f] is None else order[f] for f in TIE_BREAK]
         rank: tuple[Any, ...] = (time, *content)
         entity = content[TIE_BREAK.index(feature.entity)]
+        if entity == "":
+            return False  # counts for nobody, and its value is the missing one
         of = order[feature.of] if feature.of else None
         of = "" if feature.of and of is None else of
-        prior = self.standing.get(order_id)
-        latest = time if prior is None else max(prior[3], time)
-        heapq.heappush(self._orders_by_time, (latest, order_id))
+        key = (order_id, entity)
+        prior = self.standing.get(key)
+        latest = time if prior is None else max(prior[2], time)
+        heapq.heappush(self._orders_by_time, (latest, order_id, entity))
         if prior is not None:
             if prior[0] <= rank:
-                self.standing[order_id] = (*prior[:3], latest)
+                self.standing[key] = (prior[0], prior[1], latest)
                 return False
-            self._drop(prior[1], prior[0][0], order_id)
-        self.standing[order_id] = (rank, entity, of, latest)
-        if entity == "" or time <= self.horizon - feature.window_ms:
+            self._drop(entity, prior[0][0], order_id)
+        self.standing[key] = (rank, of, latest)
+        if time <= self.horizon - feature.window_ms:
             return prior is not None
         bisect.insort(self.entities.setdefault(entity, []), (time, order_id, of))
         heapq.heappush(self._entries_by_time, (time, order_id, entity))
@@ -236,23 +248,24 @@ class WindowState:
             del self.entities[entity]
 
     def value(self, order: Mapping[str, Any]) -> Any:
-        """The feature's value for ``order``, from the orders added so far: that of its
-        standing record (its own if none of its order_id was added). Raises :class:`Expired`
-        for an order that stands before the horizon."""
+        """The feature's value for ``order``, from the orders added so far: that of the
+        standing record of its order_id and entity value (its own if none was added); the
+        missing value for an empty entity. Raises :class:`Expired` for an order that stands
+        before the horizon."""
         feature, order_id = self.feature, order["order_id"]
-        standing = self.standing.get(order_id)
+        entity = "" if order[feature.entity] is None else order[feature.entity]
+        if entity == "":
+            return feature.missing  # counts for nobody, whatever the horizon
+        standing = self.standing.get((order_id, entity))
         if standing is None:  # not added: as it would stand
             time = int(order["timestamp_ms"])
-            entity = "" if order[feature.entity] is None else order[feature.entity]
             own = order[feature.of] if feature.of else None
             own = "" if feature.of and own is None else own
         else:
-            time, entity, own = standing[0][0], standing[1], standing[2]
+            time, own = standing[0][0], standing[1]
         if time < self.horizon:
             raise Expired(f"order {order_id} at {time} stands before the horizon "
                           f"{self.horizon} (UTC ms) of {feature.name}")
-        if entity == "":
-            return feature.missing
         entries = self.entities.get(entity, [])
         before = bisect.bisect_left(entries, (time, order_id))
         start = bisect.bisect_left(entries, (time - feature.window_ms + 1,))
@@ -281,11 +294,11 @@ class WindowState:
             gone += before - len(self.entities.get(entity, ()))
         forget, orders = cutoff - self.dedup_ms, self._orders_by_time
         while orders and orders[0][0] <= forget:
-            latest, order_id = heapq.heappop(orders)
-            standing = self.standing.get(order_id)
-            if standing is not None and standing[3] == latest:
-                self._drop(standing[1], standing[0][0], order_id)
-                del self.standing[order_id]
+            latest, order_id, entity = heapq.heappop(orders)
+            standing = self.standing.get((order_id, entity))
+            if standing is not None and standing[2] == latest:
+                self._drop(entity, standing[0][0], order_id)
+                del self.standing[(order_id, entity)]
         return gone
 
 

@@ -30,19 +30,21 @@ EXAMPLES = settings(max_examples=200, deadline=None)
 
 
 def oracle(records: list[dict[str, Any]], feature: WindowedFeature) -> list[Any]:
-    """The rule, read literally: the standing record of each order_id is its earliest, on a
-    tie the one of smallest (customer_id, sku_code, zip_code); an order sees its entity's
-    standing orders before it in (time, id) order, those after T - window in the window."""
+    """The rule, read literally: the standing record of each (order_id, entity value) is its
+    earliest, on a tie the one of smallest (customer_id, sku_code, zip_code); an order sees its
+    entity's standing orders before it in (time, id) order, those after T - window in the
+    window."""
     def rank(r: dict[str, Any]) -> tuple[Any, ...]:
         return (r["timestamp_ms"], r["customer_id"], r["sku_code"], r["zip_code"])
 
-    standing: dict[str, tuple[Any, Any, dict[str, Any]]] = {}
+    standing: dict[tuple[str, str], tuple[Any, Any, dict[str, Any]]] = {}
     for r in records:
-        if r["order_id"] not in standing or rank(r) < standing[r["order_id"]][0]:
-            standing[r["order_id"]] = (rank(r), None, r)
+        key = (r["order_id"], r[feature.entity])
+        if key not in standing or rank(r) < standing[key][0]:
+            standing[key] = (rank(r), None, r)
     out = []
     for r in records:
-        own = standing[r["order_id"]][2]
+        own = standing[(r["order_id"], r[feature.entity])][2]
         t, entity = own["timestamp_ms"], own[feature.entity]
         if entity == "":
             out.append(0 if feature.aggregation != "seconds_since_last" else None)
@@ -120,12 +122,12 @@ def test_offline_and_online_in_any_arrival_order_equal_the_rule(
     assert online_values(records, feature) == expected
 
 
-def standing_times(records: list[dict[str, Any]]) -> dict[str, int]:
-    """order_id -> the time of the record that stands (the earliest)."""
-    times: dict[str, int] = {}
+def standing_times(records: list[dict[str, Any]], entity: str) -> dict[tuple[str, str], int]:
+    """(order_id, entity value) -> the time of the record that stands (the earliest)."""
+    times: dict[tuple[str, str], int] = {}
     for r in records:
-        times[r["order_id"]] = min(times.get(r["order_id"], r["timestamp_ms"]),
-                                   r["timestamp_ms"])
+        key = (r["order_id"], r[entity])
+        times[key] = min(times.get(key, r["timestamp_ms"]), r["timestamp_ms"])
     return times
 
 
@@ -140,7 +142,7 @@ def test_online_values_asked_when_the_watermark_passes_them_with_expiry_equal_th
     order comes within the state's dedup_ms of it here: see the test after this one.)"""
     dedup_ms = 200  # beyond the histories' 75 ms
     expected = dict(zip(map(id, records), oracle(records, feature), strict=True))
-    stands = standing_times(records)
+    stands = standing_times(records, feature.entity)
     rng = random.Random(seed)
     arrival = sorted(records, key=lambda r: r["timestamp_ms"] + rng.randint(0, 15))
     state = WindowState(feature, dedup_ms=dedup_ms)
@@ -152,7 +154,7 @@ def test_online_values_asked_when_the_watermark_passes_them_with_expiry_equal_th
         to_come = min((r["timestamp_ms"] for r in arrival[i + 1:]), default=None)
         ready = [r for r in waiting if to_come is None or r["timestamp_ms"] < to_come]
         for r in ready:
-            if stands[r["order_id"]] < state.horizon:
+            if r[feature.entity] and stands[r["order_id"], r[feature.entity]] < state.horizon:
                 with pytest.raises(Expired):
                     state.value(r)
                 refused += 1
@@ -170,7 +172,8 @@ def test_online_values_asked_when_the_watermark_passes_them_with_expiry_equal_th
     assert answered + refused == len(records)
     # A record whose order stands at its own time is never refused: only later records of
     # an order (a redelivery at another time) can be.
-    assert refused <= sum(r["timestamp_ms"] > stands[r["order_id"]] for r in records)
+    assert refused <= sum(r["timestamp_ms"] > stands[r["order_id"], r[feature.entity]]
+                          for r in records)
 
 
 def test_a_record_of_an_order_later_than_the_dedup_horizon_counts_as_a_new_order() -> None:
@@ -253,23 +256,27 @@ def test_the_declared_features_compute_offline_as_online_on_generated_orders(
         assert any(v not in (0, None) for v in offline), feature.name  # the data exercise it
 
 
-def test_one_record_stands_for_every_feature_and_nulls_read_as_empty() -> None:
-    """Two records of one order at one time: the one of smallest (customer_id, sku_code,
-    zip_code) stands for the customer and the SKU features alike; a None entity or counted
-    value is the empty string, offline and online."""
-    a1 = {"order_id": "A", "customer_id": "C2", "sku_code": "S1", "zip_code": "1",
+def test_records_of_one_order_stand_per_entity_value_and_nulls_read_as_empty() -> None:
+    """Two records of one order at one time: for the customer they share, the one of smallest
+    (customer_id, sku_code, zip_code) stands (one order, its zip counted); for the two SKUs
+    they name, each is an order of its SKU (a repartition by SKU cannot see across SKUs). A
+    None entity or counted value is the empty string, offline and online."""
+    a1 = {"order_id": "A", "customer_id": "C1", "sku_code": "S2", "zip_code": "9",
           "timestamp_ms": 5}
-    a2 = {**a1, "customer_id": "C1", "sku_code": "S2"}
-    b = {"order_id": "B", "customer_id": "C1", "sku_code": "S1", "zip_code": "2",
+    a2 = {**a1, "sku_code": "S1", "zip_code": "8"}
+    b = {"order_id": "B", "customer_id": "C1", "sku_code": "S2", "zip_code": "2",
          "timestamp_ms": 6}
     by_customer = WindowedFeature("c", "customer_id", "count", 100)
+    zips = WindowedFeature("z", "customer_id", "distinct_count", 100, of="zip_code",
+                           include_self=True)
     by_sku = WindowedFeature("s", "sku_code", "count", 100)
     for records in ([a1, a2, b], [a2, a1, b]):
-        # a2 stands (C1 < C2): B's customer saw A, B's SKU did not.
-        assert offline_values(frame(records), by_customer)[2] == 1
-        assert offline_values(frame(records), by_sku)[2] == 0
-        assert online_values(records, by_customer)[2] == 1
-        assert online_values(records, by_sku)[2] == 0
+        for compute in (lambda f, r=records: offline_values(frame(r), f),
+                        lambda f, r=records: online_values(r, f)):
+            assert compute(by_customer)[2] == 1  # A once, not twice
+            assert compute(zips)[2] == 2  # a2 stands (S1 < S2): zips 8 and 2, not 9
+            assert compute(by_sku)[2] == 1  # S2 saw a1
+            assert compute(by_sku)[:2] == [0, 0]
     nulls = [{**a1, "zip_code": None}, {**b, "order_id": "X", "zip_code": ""},
              {**b, "customer_id": None}]
     zips = WindowedFeature("z", "customer_id", "distinct_count", 100, of="zip_code",
