@@ -258,18 +258,22 @@ def topic_specs(topics: TopicSettings, reference: Mapping[str, int]) -> dict[str
 
 
 def create_topics(connection: ConnectionSettings, topics: TopicSettings,
-                  reference: Mapping[str, int], timeout_s: float = 30.0) -> dict[str, str]:
+                  reference: Mapping[str, int],
+                  windows: Mapping[str, tuple[int, dict[str, str]]] | None = None,
+                  timeout_s: float = 30.0) -> dict[str, str]:
     """Create the service's topics, ``reference`` (topic -> partitions) the reference streams'
-    (kept forever: REFERENCE_TOPIC_CONFIG); existing ones are left as they are. Returns name ->
-    outcome. Raises KafkaException for a refusal other than "exists", InfrastructureError if
-    the broker's metadata does not show them within ``timeout_s``."""
+    (kept forever: REFERENCE_TOPIC_CONFIG), ``windows`` (topic -> (partitions, configs)) the
+    feature stage's (model/windows.py ``window_topic_specs``); existing ones are left as they
+    are. Returns name -> outcome. Raises KafkaException for a refusal other than "exists",
+    InfrastructureError if the broker's metadata does not show them within ``timeout_s``."""
     admin = make_admin(connection)
     specs = topic_specs(topics, reference)
-    history = set(reference)
+    configs = {name: REFERENCE_TOPIC_CONFIG for name in reference}
+    configs[topics.models_topic] = CONTROL_TOPIC_CONFIG
+    for name, (partitions, config) in (windows or {}).items():
+        specs[name], configs[name] = partitions, config
     futures = admin.create_topics(
-        [NewTopic(name, partitions, topics.replication_factor,
-                  config=REFERENCE_TOPIC_CONFIG if name in history
-                  else CONTROL_TOPIC_CONFIG if name == topics.models_topic else {})
+        [NewTopic(name, partitions, topics.replication_factor, config=configs.get(name, {}))
          for name, partitions in specs.items()],
         request_timeout=timeout_s)
     outcome = {}

@@ -219,6 +219,16 @@ class TopicSettings:
         6, "TRIAGE_REFERENCE_PARTITIONS",
         "Partitions of the global reference streams' topics when created (inventory, "
         "zip_codes; a co-partitioned one, payments, gets the orders topic's count).")
+    windows_topic_prefix: str = setting(
+        "windows", "TRIAGE_WINDOWS_TOPIC_PREFIX",
+        "Names the window stores of the feature stage (`triage windows`): the store of an "
+        "entity is `<prefix>.<entity>` (say `windows.customer_id`), its topics "
+        "`<store>-repartition` (orders keyed by the entity) and `<store>-changelog` (the "
+        "store's state, compacted).")
+    windowed_features_topic: str = setting(
+        "windowed_features", "TRIAGE_WINDOWED_FEATURES_TOPIC",
+        "Topic the feature stage publishes each order's windowed feature values to, keyed by "
+        "order_id (schemas/windowed_features.avsc).")
     # The reference streams' topics, (stream, topic) pairs for those not named as the stream:
     # TRIAGE_<STREAM>_TOPIC, one per stream declared in model/streams.py (listed there and in
     # docs/configuration.md). Set with Settings.of(payments_topic=...) or the variable.

@@ -43,7 +43,7 @@ _ATTEMPTS = 5
 # group has its new generation. Giving up here would hand the batch to the next owner again.
 _REBALANCING = {KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION}
 # Commit errors that mean "these partitions are no longer yours": the new owner re-reads them.
-_LOST_OWNERSHIP = _REBALANCING | {KafkaError.UNKNOWN_MEMBER_ID, KafkaError._ASSIGNMENT_LOST,
+LOST_OWNERSHIP = _REBALANCING | {KafkaError.UNKNOWN_MEMBER_ID, KafkaError._ASSIGNMENT_LOST,
                                   KafkaError.FENCED_INSTANCE_ID}
 
 
@@ -124,7 +124,7 @@ class AtLeastOnce:
                 if err.code() in _REBALANCING and not last:
                     self.log.info("commit_retry_during_rebalance", error=err.str(),
                                   attempt=attempt)
-                elif err.code() in _LOST_OWNERSHIP:
+                elif err.code() in LOST_OWNERSHIP:
                     self.log.warning("commit_rejected_after_rebalance", error=err.str(),
                                      note="the partitions' new owner re-reads this batch")
                     return

@@ -1,7 +1,7 @@
-"""The Kafka worker's settings (consumer/): the scorer workers' section and the drift
-monitor's, and :class:`WorkerSettings`, what a worker process reads from its environment (the
-command line's Settings, triage/settings.py, is one). The machinery, and the flat ``TRIAGE_*``
-variables, are bus/settings.py's."""
+"""The Kafka worker's settings (consumer/): the scorer workers' section, the drift
+monitor's and the feature stage's, and :class:`WorkerSettings`, what a worker process reads
+from its environment (the command line's Settings, triage/settings.py, is one). The
+machinery, and the flat ``TRIAGE_*`` variables, are bus/settings.py's."""
 
 from __future__ import annotations
 
@@ -102,12 +102,41 @@ class DriftSettings:
 
 
 @dataclass(frozen=True)
+class WindowSettings:
+    """The feature stage's (``triage windows``, consumer/window_stage.py). It reads the live
+    join's TRIAGE_REFERENCE_LATENESS_MS and TRIAGE_MAX_CLOCK_SKEW_MS for its marks."""
+
+    windows_group_id: str = setting(
+        "triage-windows", "TRIAGE_WINDOWS_GROUP_ID",
+        "Consumer group of the feature stage's instances (`triage windows`).")
+    windowed_features: str = setting(
+        "", "TRIAGE_WINDOWED_FEATURES",
+        "Windowed features the stage computes, names from model/windows.py's "
+        "WINDOWED_FEATURES separated by commas; empty: all of them.")
+    window_retention_s: int = setting(
+        3600, "TRIAGE_WINDOW_RETENTION_S",
+        "How far (event time) behind the latest order it answered a store keeps orders, past "
+        "their windows, to correct the answers a late order changes and to recognise an "
+        "order read again; an order that stands further back is answered `window_expired`. "
+        "Covers the lateness of orders and, in a replay at N times real time, N times the "
+        "seconds one orders partition may lag another.")
+
+    def __post_init__(self) -> None:
+        at_least_one(self, "window_retention_s")
+
+    def names(self) -> list[str]:
+        """The names listed, in their order (empty: all declared)."""
+        return [n.strip() for n in self.windowed_features.split(",") if n.strip()]
+
+
+@dataclass(frozen=True)
 class WorkerSettings(ScoringSettings):
     """What a scorer worker, the supervisor and the drift monitor read: the scoring sections,
     the worker's, the drift monitor's and the input files'."""
 
     scorer: ScorerSettings = section(ScorerSettings)
     drift: DriftSettings = section(DriftSettings)
+    windows: WindowSettings = section(WindowSettings)
     data: DataSettings = section(DataSettings)
 
     def check(self) -> None:

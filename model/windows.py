@@ -59,6 +59,7 @@ import numpy as np
 import pandas as pd
 
 from triage.bus.errors import BadRecord
+from triage.bus.settings import TopicSettings
 
 Aggregation = Literal["count", "distinct_count", "seconds_since_last"]
 AGGREGATIONS: tuple[str, ...] = ("count", "distinct_count", "seconds_since_last")
@@ -172,6 +173,13 @@ def _group_values(feature: WindowedFeature, times: np.ndarray, of: list[Any] | N
     return out
 
 
+def rank_of(order: Mapping[str, Any]) -> tuple[Any, ...]:
+    """``(timestamp_ms, customer_id, sku_code, zip_code)`` of an order record, None read as
+    "": of an order's records with one entity value, the smallest stands (module docstring)."""
+    return (int(order["timestamp_ms"]), *("" if order[f] is None else order[f]
+                                          for f in TIE_BREAK))
+
+
 class Expired(BadRecord):
     """The order stands before the state's horizon: the orders its window holds may have been
     forgotten (:meth:`WindowState.expire`). Its value is the one published for it then (the
@@ -213,10 +221,8 @@ class WindowState:
         held, the entity is empty, or the record is too old for any window at or after the
         horizon."""
         feature, order_id = self.feature, order["order_id"]
-        time = int(order["timestamp_ms"])
-        content: list[str] = ["" if order[f] is None else order[f] for f in TIE_BREAK]
-        rank: tuple[Any, ...] = (time, *content)
-        entity = content[TIE_BREAK.index(feature.entity)]
+        rank = rank_of(order)
+        time, entity = rank[0], rank[1 + TIE_BREAK.index(feature.entity)]
         if entity == "":
             return False  # counts for nobody, and its value is the missing one
         of = order[feature.of] if feature.of else None
@@ -338,3 +344,54 @@ def declared(features: Sequence[WindowedFeature]) -> dict[str, WindowedFeature]:
             raise ValueError(f"windowed feature {feature.name!r} is declared twice")
         out[feature.name] = feature
     return out
+
+
+# --- The stores of the feature stage (consumer/window_stage.py) ------------------------------
+
+def stores(features: Sequence[WindowedFeature]) -> dict[str, tuple[WindowedFeature, ...]]:
+    """entity -> its features, in declaration order: one store (one state, one repartition
+    topic, one changelog) per entity, whatever the number of its features."""
+    out: dict[str, list[WindowedFeature]] = {}
+    for feature in declared(features).values():
+        out.setdefault(feature.entity, []).append(feature)
+    return {entity: tuple(found) for entity, found in out.items()}
+
+
+def store_name(topics: TopicSettings, entity: str) -> str:
+    """The store of ``entity``: ``<TRIAGE_WINDOWS_TOPIC_PREFIX>.<entity>``."""
+    return f"{topics.windows_topic_prefix}.{entity}"
+
+
+def repartition_topic(topics: TopicSettings, entity: str) -> str:
+    """The topic the orders reach their entity's store through, keyed by the entity."""
+    return f"{store_name(topics, entity)}-repartition"
+
+
+def changelog_topic(topics: TopicSettings, entity: str) -> str:
+    """The store's changelog: its state, one record per (order, entity value) and one of its
+    watermarks, compacted; restored from on start and on rebalance."""
+    return f"{store_name(topics, entity)}-changelog"
+
+
+def window_topic_specs(topics: TopicSettings, features: Sequence[WindowedFeature],
+                       retention_ms: int) -> dict[str, tuple[int, dict[str, str]]]:
+    """Topic -> (partitions, configs) of the feature stage, for ``triage topics create``: per
+    store its repartition and changelog topics, and the output topic; all with the orders
+    topic's partition count (a store's partition p holds the entities the repartition
+    partitioner sends to p; the output is co-partitioned with the orders, keyed by order_id).
+    A changelog is ``compact,delete`` and keeps ``retention_ms`` (what the stage keeps of an
+    order past its window: the correction retention and the lateness) plus its longest window
+    and a day, so a key compaction has not yet replaced is never deleted while the store still
+    holds it (the stage writes a tombstone when it forgets one). The repartition and output
+    topics use the broker's retention (7 days by default): a store's input is read once, and
+    the output is read by the scorer."""
+    specs: dict[str, tuple[int, dict[str, str]]] = {}
+    for entity, found in stores(features).items():
+        keep = max(f.window_ms for f in found) + retention_ms + DAY_MS
+        specs[repartition_topic(topics, entity)] = (topics.orders_partitions, {})
+        specs[changelog_topic(topics, entity)] = (
+            topics.orders_partitions, {"cleanup.policy": "compact,delete",
+                                       "retention.ms": str(keep)})
+    if specs:
+        specs[topics.windowed_features_topic] = (topics.orders_partitions, {})
+    return specs

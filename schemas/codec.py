@@ -109,7 +109,8 @@ def earlier_versions(name: str) -> tuple[dict[str, Any], ...]:
 # fastavro's by tests/unit/test_compiled_codec.py. A contract added to schemas/ takes them only
 # once it is added here and there.
 COMPILED_CONTRACTS = frozenset({"order", "prediction", "drift_sample", "drift_report",
-                                "model_state", "inventory", "payment", "zip_code"})
+                                "model_state", "inventory", "payment", "zip_code",
+                                "windowed_features"})
 
 
 @functools.cache

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "recommendations out. Settings come from TRIAGE_* variables; flags override them.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_broker, _add_topics, _add_datagen, _add_drift, _add_train, _add_replay,
-                _add_produce, _add_consume, _add_worker, _add_models, _add_lag,
+                _add_produce, _add_consume, _add_worker, _add_windows, _add_models, _add_lag,
                 _add_predictions, _add_demo, _add_dlq, _add_bench, _add_serve, _add_settings):
         add(commands, common)
     return parser
@@ -242,6 +242,22 @@ def _add_worker(commands: Commands, common: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-id", default="0",
                    help="this worker's number: its transactional id and metrics port offset")
     _encoding_flag(p)
+
+
+def _add_windows(commands: Commands, common: argparse.ArgumentParser) -> None:
+    p = commands.add_parser(
+        "windows", parents=[common],
+        help="run one instance of the feature stage: windowed features per order, computed "
+             "in state keyed by entity (run more to share the work)",
+        description="Reads the orders in the group TRIAGE_WINDOWS_GROUP_ID, repartitions them "
+                    "by entity, keeps each entity's windows in a store restored from its "
+                    "changelog, and publishes each order's windowed feature values to "
+                    "TRIAGE_WINDOWED_FEATURES_TOPIC (docs/how-it-works.md, \"Windowed "
+                    "features\"). Needs the topics of `triage topics create`.")
+    p.add_argument("--group", dest="windows_group_id", metavar="G",
+                   help="TRIAGE_WINDOWS_GROUP_ID (default triage-windows)")
+    p.add_argument("--features", dest="windowed_features", metavar="NAMES",
+                   help="TRIAGE_WINDOWED_FEATURES: names separated by commas (default: all)")
 
 
 def _add_models(commands: Commands, common: argparse.ArgumentParser) -> None:
@@ -496,7 +512,8 @@ def _settings(args: argparse.Namespace) -> Settings:
              "batch_timeout_ms", "sample_rate", "exactly_once", "drift_reports_topic",
              "drift_group_id", "drift_window_samples", "drift_window_minutes",
              "drift_min_samples", "drift_alpha", "drift_metrics_port", "csv_encoding",
-             "metrics_port", "gateway_port", "instance_id", "group_protocol")
+             "metrics_port", "gateway_port", "instance_id", "group_protocol",
+             "windows_group_id", "windowed_features")
     for name, closest in unknown_variables(os.environ):
         print(f"warning: {name} is not a setting and is ignored"
               + (f" (did you mean {closest}?)" if closest else "")
@@ -557,11 +574,31 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
     from triage.bus.clients import create_topics
+    from triage.consumer.window_stage import chosen_features, retention_ms
     from triage.model.streams import reference_topic_partitions
+    from triage.model.windows import window_topic_specs
 
+    windows = window_topic_specs(settings.topics, chosen_features(settings.windows.names()),
+                                 retention_ms(settings))
     for name, outcome in create_topics(settings.connection, settings.topics,
-                                       reference_topic_partitions(settings.topics)).items():
+                                       reference_topic_partitions(settings.topics),
+                                       windows).items():
         print(f"{name}: {outcome}")
+    return 0
+
+
+def cmd_windows(args: argparse.Namespace, settings: Settings) -> int:
+    """``triage windows``: one feature stage instance until SIGTERM or SIGINT, which finish
+    the turn (its transaction) and leave the group."""
+    from triage.consumer.window_stage import WindowStage
+
+    stage = WindowStage(settings, worker_id=str(os.getpid()))
+    signal.signal(signal.SIGTERM, lambda *_: stage.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: stage.request_stop())
+    try:
+        stage.run(settings.scorer.batch_size, settings.scorer.batch_timeout_ms / 1000)
+    finally:
+        stage.close()
     return 0
 
 
@@ -1242,7 +1279,7 @@ def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
 COMMANDS = {
     "broker": cmd_broker, "topics": cmd_topics, "datagen": cmd_datagen, "train": cmd_train,
     "replay": cmd_replay, "produce": cmd_produce, "consume": cmd_consume,
-    "worker": cmd_worker, "models": cmd_models,
+    "worker": cmd_worker, "windows": cmd_windows, "models": cmd_models,
     "predictions": cmd_predictions, "demo": cmd_demo, "dlq": cmd_dlq, "lag": cmd_lag,
     "settings": cmd_settings, "serve": cmd_serve,
     "bench": cmd_bench,

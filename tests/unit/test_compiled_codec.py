@@ -49,7 +49,7 @@ from triage.schemas.compiled import (
 
 # The contracts of schemas/ whose generated codecs these tests prove equal to fastavro's.
 CONTRACTS = ("order", "prediction", "drift_sample", "drift_report", "model_state", "inventory",
-             "payment", "zip_code")
+             "payment", "zip_code", "windowed_features")
 SCHEMAS = Path(__file__).parents[2] / "schemas"
 HEADER = 10  # C3 01 + the 8-byte fingerprint
 

@@ -1,0 +1,248 @@
+"""The feature stage's task (scoring/window_task.py), driven as the stage drives it: orders from
+several upstream partitions, out of order within them and interleaved, with the upstream
+partitions' watermark markers, restarts from the changelog in between. What it publishes
+(the highest revision of each order) equals the brute-force reading of the window rule
+(tests/unit/test_windows.py ``oracle``) for every order; when no order arrived after the
+watermark had passed it, each is published once."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.unit.test_windows import features, histories, oracle
+from triage.bus.errors import ConfigurationError
+from triage.bus.settings import TopicSettings
+from triage.cli import main
+from triage.consumer.window_stage import chosen_features
+from triage.model.windows import DAY_MS, WINDOWED_FEATURES, WindowedFeature, window_topic_specs
+from triage.scoring.window_task import MARKS_KEY, MIN_MS, WindowOutput, WindowTask
+
+EXAMPLES = settings(max_examples=200, deadline=None)
+Changelog = list[tuple[bytes | None, bytes | None]]
+
+
+class Run:
+    """A task, its changelog and what it published, restartable from the changelog."""
+
+    def __init__(self, entity: str, feats: list[WindowedFeature], upstream: int,
+                 retention_ms: int) -> None:
+        self.args = (entity, feats, upstream, retention_ms)
+        self.task = WindowTask(*self.args)
+        self.changelog: Changelog = []
+        self.published: list[WindowOutput] = []
+
+    def take(self, outputs: list[WindowOutput]) -> None:
+        self.published.extend(outputs)
+        self.changelog.extend(self.task.changes())  # committed with the outputs
+
+    def restart(self) -> None:
+        self.task = WindowTask(*self.args)
+        self.task.restore(self.changelog)
+
+    def latest(self) -> dict[tuple[str, str], WindowOutput]:
+        found: dict[tuple[str, str], WindowOutput] = {}
+        for out in self.published:
+            key = (out.order_id, out.entity_value)
+            if key not in found or out.revision > found[key].revision:
+                found[key] = out
+        return found
+
+
+def as_value(value: Any) -> float | None:
+    """A value as the stage publishes it: counts as floats."""
+    return None if value is None else float(value)
+
+
+@EXAMPLES
+@given(records=histories(), feature=features(), seed=st.integers(0, 2**32 - 1),
+       upstream=st.integers(1, 3), restarts=st.integers(0, 3), lateness=st.integers(0, 5))
+def test_published_values_equal_the_rule_under_disorder_and_restarts(
+        records: list[dict[str, Any]], feature: WindowedFeature, seed: int, upstream: int,
+        restarts: int, lateness: int) -> None:
+    """Each record goes to a random orders partition, up to 10 ms out of order there; the
+    partitions interleave at random; a record is published when it is read (the clock counts
+    records, from 100), and after each read the partition may send its marks, busy or (its
+    queue empty) quiet at the clock less the lateness."""
+    rng = random.Random(seed)
+    run = Run(feature.entity, [feature], upstream, retention_ms=10_000)  # nothing expires
+    queues: list[list[dict[str, Any]]] = [[] for _ in range(upstream)]
+    for r in records:
+        queues[rng.randrange(upstream)].append(r)
+    for queue in queues:
+        queue.sort(key=lambda r: r["timestamp_ms"] + rng.randint(0, 10))
+    read_max = [MIN_MS] * upstream
+    steps = sum(map(len, queues))
+    restart_at = {rng.randrange(steps + 1) for _ in range(restarts)}
+    for step in range(steps + 1):
+        if step in restart_at:
+            run.restart()
+        if step == steps:
+            break
+        clock = 100 + step
+        u = rng.choice([i for i, q in enumerate(queues) if q])
+        r = queues[u].pop(0)
+        if r[feature.entity]:
+            run.take(run.task.add(r, published_ms=clock))
+        read_max[u] = max(read_max[u], r["timestamp_ms"])
+        if rng.random() < 0.5:
+            quiet = clock - lateness if not queues[u] else MIN_MS
+            run.take(run.task.advance(u, read_max[u], quiet))
+    for u in range(upstream):  # every partition goes quiet: the clock jumps past everything
+        run.take(run.task.advance(u, read_max[u], 10**9))
+    assert run.task.waiting == 0
+    expected = oracle(records, feature)
+    latest = run.latest()
+    for r, value in zip(records, expected, strict=True):
+        if not r[feature.entity]:
+            continue
+        out = latest[(r["order_id"], r[feature.entity])]
+        assert out.values == {feature.name: as_value(value)}, (r, out)
+        assert not out.window_expired
+
+
+def order(order_id: str, time_ms: int, customer: str = "C", zip_code: str = "1"
+          ) -> dict[str, Any]:
+    return {"order_id": order_id, "customer_id": customer, "sku_code": "S",
+            "zip_code": zip_code, "timestamp_ms": time_ms}
+
+
+COUNT = WindowedFeature("orders_100ms", "customer_id", "count", 100)
+ZIPS = WindowedFeature("zips_100ms", "customer_id", "distinct_count", 100, of="zip_code",
+                       include_self=True)
+
+
+def test_an_order_waits_until_every_orders_partition_passed_it() -> None:
+    """A partition passes an order when it delivered a later order; one that has sent no
+    marker holds it, a partition beyond the count known (partitions added) too."""
+    task = WindowTask("customer_id", [COUNT], upstream=2, retention_ms=1000)
+    assert task.add(order("A", 10), published_ms=10) == []
+    assert task.advance(0, 50) == []  # partition 1 has said nothing
+    assert task.advance(2, 50) == []  # a third partition appeared: it counts from now on
+    assert task.advance(1, 9) == []
+    out = task.advance(1, 10)
+    assert [(o.order_id, o.revision, o.values) for o in out] == [("A", 1,
+                                                                   {"orders_100ms": 0.0})]
+
+
+def test_quiet_partitions_pass_an_order_once_the_clock_passed_its_time_and_publication(
+        ) -> None:
+    """The live join's rule: a partition with nothing left to read passes an order once it
+    was quiet with the clock the lateness past the later of the order's time and its
+    publication (a replay of old orders is not answered before its own publication)."""
+    task = WindowTask("customer_id", [COUNT], upstream=2, retention_ms=1000)
+    task.add(order("A", 100), published_ms=5000)
+    assert task.advance(0, 100, quiet=4999) == []
+    assert task.advance(1, MIN_MS, quiet=4999) == []
+    assert task.advance(0, 100, quiet=5000) == []  # partition 1 still at 4999
+    out = task.advance(1, MIN_MS, quiet=5000)
+    assert [(o.order_id, o.revision) for o in out] == [("A", 1)]
+
+
+def test_a_late_order_is_answered_at_once_and_corrects_the_orders_it_changes() -> None:
+    task = WindowTask("customer_id", [COUNT, ZIPS], upstream=1, retention_ms=1000)
+    task.add(order("A", 10, zip_code="1"), published_ms=10)
+    task.add(order("C", 30, zip_code="1"), published_ms=30)
+    first = task.advance(0, 40)
+    assert [(o.order_id, o.values) for o in first] == [
+        ("A", {"orders_100ms": 0.0, "zips_100ms": 1.0}),
+        ("C", {"orders_100ms": 1.0, "zips_100ms": 1.0})]
+    late = task.add(order("B", 20, zip_code="2"), published_ms=41)  # the partition passed 40
+    assert [(o.order_id, o.revision, o.values) for o in late] == [
+        ("B", 1, {"orders_100ms": 1.0, "zips_100ms": 2.0}),
+        ("C", 2, {"orders_100ms": 2.0, "zips_100ms": 2.0})]  # A is before B: unchanged
+    assert task.add(order("B", 25, zip_code="3"), published_ms=42) == []  # a later record
+
+
+def test_beyond_the_retention_orders_say_they_could_not_know() -> None:
+    """More than the retention behind the latest order answered, the windows may have lost
+    orders: such an order is published with window_expired and no values, and so is an
+    answered order it changes there (its next revision); a late order further back than the
+    task holds anything is counted."""
+    task = WindowTask("customer_id", [COUNT], upstream=1, retention_ms=50)
+    task.add(order("A", 200), published_ms=200)
+    task.add(order("B", 300), published_ms=300)
+    first = task.advance(0, 300)  # frontier 300, horizon 250
+    assert [(o.order_id, o.values) for o in first] == [("A", {"orders_100ms": 0.0}),
+                                                        ("B", {"orders_100ms": 0.0})]
+    out = task.add(order("X", 180), published_ms=301)
+    assert [(o.order_id, o.revision, o.window_expired, o.values) for o in out] == [
+        ("X", 1, True, {"orders_100ms": None}),
+        ("A", 2, True, {"orders_100ms": None})]  # A, at 200, would see X: it cannot say
+    assert task.beyond_retention == 0
+    task.add(order("Y", 100), published_ms=302)  # at or before 250 - 100 - 50
+    assert task.beyond_retention == 1
+
+
+def test_the_changelog_restores_the_task_and_forgets_with_tombstones() -> None:
+    task = WindowTask("customer_id", [COUNT], upstream=1, retention_ms=10)
+    changelog: Changelog = []
+    for i in range(5):
+        task.add(order(f"O-{i}", i * 10), published_ms=i * 10)
+    changelog += task.changes()
+    task.advance(0, 25)  # O-0 .. O-2 answered, O-3 and O-4 wait
+    changelog += task.changes()
+    restored = WindowTask("customer_id", [COUNT], upstream=1, retention_ms=10)
+    assert restored.restore(changelog) == 5
+    assert restored.frontier == 20 and restored.marks == {0: (25, MIN_MS)}
+    out = restored.advance(0, 40)  # the waiting ones come out, the answered ones do not
+    assert [(o.order_id, o.values["orders_100ms"]) for o in out] == [("O-3", 3.0),
+                                                                       ("O-4", 4.0)]
+    restored.changes()
+    restored.add(order("O-5", 1000), published_ms=1000)
+    restored.advance(0, 1000)  # frontier 1000: O-0 .. O-4 are forgotten (at or before 880)
+    changes = dict(restored.changes())
+    assert sorted(json.loads(k)[0] for k, v in changes.items() if k != MARKS_KEY and v is None
+                  ) == [f"O-{i}" for i in range(5)]
+    assert len(restored) == 1
+    again = WindowTask("customer_id", [COUNT], upstream=1, retention_ms=10)
+    assert again.restore([*changelog, *changes.items()]) == 1
+
+
+def test_orders_in_order_are_answered_once() -> None:
+    """Orders read in time order in every partition, with busy marks: no correction."""
+    task = WindowTask("customer_id", [COUNT, ZIPS], upstream=2, retention_ms=1000)
+    published = []
+    for i in range(40):
+        published += task.add(order(f"O-{i}", i * 7, customer=f"C-{i % 3}",
+                                    zip_code=str(i % 5)), published_ms=i * 7)
+        published += task.advance(i % 2, i * 7)
+    published += task.advance(0, 10**6) + task.advance(1, 10**6)
+    assert sorted(o.order_id for o in published) == sorted(f"O-{i}" for i in range(40))
+    assert {o.revision for o in published} == {1}
+
+
+def test_the_stage_takes_declared_features_and_refuses_others_by_name() -> None:
+    assert chosen_features([]) == WINDOWED_FEATURES
+    assert [f.name for f in chosen_features(["sku_orders_10m"])] == ["sku_orders_10m"]
+    with pytest.raises(ConfigurationError, match="customer_orders_2h, not declared; the "
+                                                 "windowed features are customer_orders_1h"):
+        chosen_features(["customer_orders_2h"])
+
+
+def test_triage_windows_refuses_an_undeclared_feature_before_it_connects(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["windows", "--features", "nope", "--bootstrap", "127.0.0.1:1"]) == 2
+    assert "TRIAGE_WINDOWED_FEATURES names nope, not declared" in capsys.readouterr().err
+
+
+def test_the_stage_topics_one_pair_per_entity_with_a_changelog_kept_past_its_windows(
+        ) -> None:
+    topics = TopicSettings(orders_partitions=3)
+    specs = window_topic_specs(topics, WINDOWED_FEATURES, retention_ms=3_600_000)
+    assert specs == {
+        "windows.customer_id-repartition": (3, {}),
+        "windows.customer_id-changelog": (3, {"cleanup.policy": "compact,delete",
+                                              "retention.ms": str(7 * DAY_MS + 3_600_000
+                                                                  + DAY_MS)}),
+        "windows.sku_code-repartition": (3, {}),
+        "windows.sku_code-changelog": (3, {"cleanup.policy": "compact,delete",
+                                           "retention.ms": str(600_000 + 3_600_000 + DAY_MS)}),
+        "windowed_features": (3, {}),
+    }
+    assert window_topic_specs(topics, [], retention_ms=1) == {}
