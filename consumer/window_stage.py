@@ -31,7 +31,8 @@ transaction is aborted; its partitions go to the others, which restore the tasks
 changelogs (reading ``read_committed`` to the end) and read on from the committed offsets:
 the restored state, the outputs and the offsets are of the same committed turn, so no order
 is counted twice or missed, under kills and rebalances alike. On the embedded broker, which
-does not hide aborted transactions from readers, that holds only without kills.
+does not hide aborted transactions from readers, that holds only while no transaction is
+aborted: no kill, no rebalance that overtakes a turn, no abortable error.
 
 **Bad orders.** An order that does not decode is skipped here (its scorer dead-letters it:
 every order record ends in a prediction or a dead letter there); the stage counts it
@@ -401,16 +402,23 @@ class WindowStage:
 
 def read_changelog(settings: WorkerSettings, topic: str, partition: int,
                    timeout_s: float = 60.0) -> list[tuple[bytes | None, bytes | None]]:
-    """Every committed record of one changelog partition, from its beginning to its end
-    (the last stable offset: read_committed), as (key, value). Raises InfrastructureError if
-    the end is not reached within ``timeout_s``."""
-    consumer = make_consumer(settings.connection, settings.windows.windows_group_id + "-restore",
-                             **{"enable.partition.eof": True})
+    """Every committed record of one changelog partition, from its beginning to its end, as
+    (key, value). The end is the high watermark at the call, read ``read_committed``: a
+    transaction committed by the partition's previous owner whose commit marker has not
+    reached the partition yet (the coordinator writes the markers after EndTxn answers) is
+    waited for, not cut off, and so is one a killed owner left open, until the coordinator
+    aborts it (TRIAGE_TRANSACTION_TIMEOUT_MS), as the committed offsets are (KIP-447).
+    Raises InfrastructureError if the end is not reached within ``timeout_s``."""
+    group = settings.windows.windows_group_id + "-restore"
+    ends = make_consumer(settings.connection, group, **{"isolation.level": "read_uncommitted"})
     try:
-        tp = TopicPartition(topic, partition)
-        low, high = consumer.get_watermark_offsets(tp, timeout=10.0)
-        if high <= low:
-            return []
+        low, high = ends.get_watermark_offsets(TopicPartition(topic, partition), timeout=10.0)
+    finally:
+        ends.close()
+    if high <= low:
+        return []
+    consumer = make_consumer(settings.connection, group, **{"enable.partition.eof": True})
+    try:
         consumer.assign([TopicPartition(topic, partition, low)])
         records: list[tuple[bytes | None, bytes | None]] = []
         deadline = time.monotonic() + timeout_s
@@ -419,9 +427,10 @@ def read_changelog(settings: WorkerSettings, topic: str, partition: int,
                 error = msg.error()
                 if error is None:
                     records.append((msg.key(), msg.value()))
-                elif error.code() == KafkaError._PARTITION_EOF:
+                elif error.code() == KafkaError._PARTITION_EOF and (msg.offset() or 0) >= high:
                     return records
-        raise InfrastructureError(f"{topic}[{partition}] not read to its end within "
-                                  f"{timeout_s:.0f} s ({len(records)} records read)")
+        raise InfrastructureError(f"{topic}[{partition}] not read to its end ({high}) within "
+                                  f"{timeout_s:.0f} s ({len(records)} records read): an open "
+                                  "transaction on it did not end")
     finally:
         consumer.close()

@@ -34,16 +34,18 @@ Entity and ``of`` values are strings, as ``order.avsc`` has them (a None is read
 string); times are UTC milliseconds within the tables' range (1900 to 2400).
 
 **What the online state needs from its caller.** The value of an order is right once every
-order before it has been added: the scorer asks only when its watermark has passed the order's
-time (the event-time rule of the live join, scoring/feed.py). ``expire(horizon_ms)`` forgets
-what no order at or after ``horizon_ms`` can see; an order that stands before the horizon is
-then refused (:class:`Expired`), never answered from a window that lost orders. It remembers
-which record of an order stands until ``dedup_ms`` after the order's latest record's time has
-left the windows: records of one order more than that apart are beyond what it can join (the
-scorer will set it to what it keeps of published orders, TRIAGE_CORRECTION_RETENTION_S).
+order before it has been added: the feature stage's task asks only once every orders
+partition has passed the order's time (the event-time rule of the live join,
+scoring/feed.py). ``expire(horizon_ms)`` forgets what no order at or after ``horizon_ms`` can
+see; an order that stands before the horizon is then refused (:class:`Expired`), never
+answered from a window that lost orders. It remembers which record of an order stands until
+``dedup_ms`` after the order's latest record's time has left the windows: records of one
+order more than that apart are beyond what it can join (the feature stage sets it so that
+every state of a store forgets an order when the store does: scoring/window_task.py,
+TRIAGE_WINDOW_RETENTION_S).
 
-Not yet wired into the scorer, the prediction contract or ``triage train`` (issue 27 says how
-they will take it: a repartition topic keyed by entity, a changelog per store, model_v2).
+The feature stage (consumer/window_stage.py, ``triage windows``) computes them on Kafka; the
+scorer does not join them into predictions yet, and no model uses them.
 """
 
 from __future__ import annotations
@@ -379,12 +381,16 @@ def window_topic_specs(topics: TopicSettings, features: Sequence[WindowedFeature
     store its repartition and changelog topics, and the output topic; all with the orders
     topic's partition count (a store's partition p holds the entities the repartition
     partitioner sends to p; the output is co-partitioned with the orders, keyed by order_id).
-    A changelog is ``compact,delete`` and keeps ``retention_ms`` (what the stage keeps of an
-    order past its window: the correction retention and the lateness) plus its longest window
-    and a day, so a key compaction has not yet replaced is never deleted while the store still
-    holds it (the stage writes a tombstone when it forgets one). The repartition and output
-    topics use the broker's retention (7 days by default): a store's input is read once, and
-    the output is read by the scorer."""
+    A changelog is ``compact,delete``; its ``retention.ms`` is wall-clock time from a key's
+    last write. A store holds an order for its longest window and twice ``retention_ms``
+    (TRIAGE_WINDOW_RETENTION_S) of event time past the latest order it answered, and it
+    writes a tombstone when it forgets one. The changelog keeps the longest window,
+    ``retention_ms`` and a day. That covers the store while event time runs about as fast as
+    the clock, and the retention is at most a day. Beyond that (a slow replay, a longer
+    retention), a key the store still holds can be deleted; after a restore its order then
+    reads as new. A late record of it then comes out ``window_expired``, never silently
+    wrong. The repartition and output topics use the broker's retention (7 days by default):
+    a store's input is read once, and the output is read by the scorer."""
     specs: dict[str, tuple[int, dict[str, str]]] = {}
     for entity, found in stores(features).items():
         keep = max(f.window_ms for f in found) + retention_ms + DAY_MS

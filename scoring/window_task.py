@@ -12,11 +12,13 @@ clock was ``q`` plus ``TRIAGE_REFERENCE_LATENESS_MS``.
 
 **When an order is answered: the live join's rule.** An order at time ``T``, published at
 ``P``, needs every orders partition to have *passed* it (scoring/feed.py): a partition passes
-it when it delivered a later order (``m >= T``), or when it was quiet with the clock the
-lateness past ``T`` and ``P``, whichever is later (``q >= max(T, P)``). Read per partition,
-that is a test of every waiting order on every marker; the task reads it with two sufficient
-conditions that cost a heap each: every partition delivered a later order (``T <= min m``),
-or every partition passed ``max(T, P)`` one way or the other (``max(T, P) <= min max(m, q)``).
+it when it delivered a later order (``m > T``: an order at ``T`` itself may still be followed
+by one at ``T`` with a smaller order_id, which comes before it), or when it was quiet with the
+clock the lateness past ``T`` and ``P``, whichever is later (``q >= max(T, P)``). Read per
+partition, that is a test of every waiting order on every marker; the task reads it with two
+sufficient conditions that cost a heap each: every partition delivered a later order
+(``T < min m``), or every partition passed ``max(T, P)`` one way or the other
+(``max(T, P) <= min max(m - 1, q)``).
 The one case they leave waiting (some partitions passed ``T`` but not ``max(T, P)``, and
 were not quiet since, while others were quiet) ends when those go quiet or deliver a later
 order: later, not wrong. A partition that has sent no marker holds every order, as a
@@ -32,10 +34,11 @@ is the latest time of an order answered, and the *horizon* ``retention_ms`` befo
 order that stands before the horizon is answered with ``window_expired: true`` and no values
 (its windows may have been forgotten); an answered order before the horizon that a late
 order changes is answered again the same way (the next revision, ``window_expired``): it
-could not know, and says so. A late order standing more than ``retention_ms`` and the longest
-window before the horizon may change orders the task has forgotten (it holds an order that
-long past the horizon): such late orders are counted (``beyond_retention``), the one thing
-not flagged on an order.
+could not know, and says so. A record standing more than ``retention_ms`` and the longest
+window before the horizon is further back than the task holds anything: it may be of an order
+answered and forgotten (a redelivery), or new; either way it is answered ``window_expired``
+with revision 0, which never stands above an earlier answer, and not kept; it is counted
+(``beyond_retention``), as what it changes among orders already forgotten cannot be flagged.
 
 **Changelog.** Every change of a (order, entity value) (its standing record, the latest
 record's time, what was emitted) is one record keyed by ``[order_id, entity value]`` (JSON),
@@ -43,8 +46,8 @@ a tombstone once the task forgets it, and the watermarks one record keyed ``"mar
 :meth:`WindowTask.restore` rebuilds a task from them (the last record of each key, as
 compaction keeps): the stage restores a partition's task from its changelog partition when it
 is assigned, then reads the repartition partition on from its committed offset. Changelog,
-outputs and offsets go in one Kafka transaction, so a restored task is exactly the task that
-committed.
+outputs and offsets go in one Kafka transaction, so a restored task is the task that
+committed (the tests hold a restarted task's outputs to those of one never restarted).
 """
 
 from __future__ import annotations
@@ -75,7 +78,9 @@ class WindowOutput:
     """One order's windowed values as the stage publishes them (schemas/windowed_features.avsc):
     ``values``, feature name -> float (counts as floats) or None (seconds_since_last with no
     earlier order, or every value when ``window_expired``); ``timestamp_ms``: the time of the
-    order's standing record, UTC ms; ``revision``: 1 first, one more for each correction."""
+    order's standing record, UTC ms; ``revision``: 1 first, one more for each correction; 0
+    for a record further back than the store holds anything (``window_expired``: it may
+    repeat an order answered before, and never stands above that answer)."""
 
     order_id: str
     timestamp_ms: int
@@ -141,7 +146,7 @@ class WindowTask:
         self.frontier = MIN_MS  # the latest time of an order answered
         self.entries: dict[Key, _Entry] = {}
         self.beyond_retention = 0  # late orders that may change orders no longer held
-        self._busy_pass = self._quiet_pass = MIN_MS  # min m; min max(m, q)
+        self._busy_pass = self._quiet_pass = MIN_MS  # see _passes
         self._by_time: list[tuple[int, str, str]] = []  # waiting: (T, order_id, value)
         self._by_needs: list[tuple[int, str, str]] = []  # waiting: (max(T, P), ...)
         self._latest: list[tuple[int, str, str]] = []  # heap: (latest, order_id, value)
@@ -182,14 +187,20 @@ class WindowTask:
         earlier = None if entry is None else entry.time
         standing = {name: order[name] for name in ORDER_FIELDS}
         standing["timestamp_ms"] = rank[0]
+        if entry is None and rank[0] <= self.horizon - self.longest - self.retention_ms:
+            # Further back than the task holds anything: it may be an order answered and
+            # forgotten. Revision 0 never stands above an earlier answer; it is not kept.
+            self.beyond_retention += 1
+            outputs = [WindowOutput(key[0], rank[0], self.entity, key[1], 0,
+                                    dict.fromkeys(f.name for f in self.features), True)]
+            return outputs + self._emit(self._answered_between(key[1], rank[0],
+                                                               rank[0] + self.longest))
         if entry is None:
             entry = self.entries[key] = _Entry(standing, rank, published_ms, rank[0])
         else:
             self._unindex(key, entry.time)
             entry.order, entry.rank, entry.published = standing, rank, published_ms
         bisect.insort(self._by_entity.setdefault(key[1], []), (entry.time, key[0]))
-        if rank[0] <= self.horizon - self.longest - self.retention_ms:
-            self.beyond_retention += 1  # what it changes may be forgotten already
         heapq.heappush(self._latest, (entry.latest, *key))
         self._dirty.add(key)
         # The answered orders it changes: from its time, or its earlier record's, to a window
@@ -215,29 +226,37 @@ class WindowTask:
         self.marks[upstream] = new
         self._marks_dirty = True
         self.upstream = max(self.upstream, upstream + 1)
-        marks = [self.marks.get(u, (MIN_MS, MIN_MS)) for u in range(self.upstream)]
-        self._busy_pass = min(m for m, _ in marks)
-        self._quiet_pass = min(max(m, q) for m, q in marks)
+        self._passes()
         ready: list[Key] = []
-        for heap, bound in ((self._by_time, self._busy_pass),
-                            (self._by_needs, self._quiet_pass)):
+        for heap, bound, by_needs in ((self._by_time, self._busy_pass, False),
+                                      (self._by_needs, self._quiet_pass, True)):
             while heap and heap[0][0] <= bound:
-                _, order_id, value = heapq.heappop(heap)
+                popped, order_id, value = heapq.heappop(heap)
                 entry = self.entries.get((order_id, value))
-                if entry is not None and not entry.revision:
+                # An entry pushed for a record since replaced, or for an order since forgotten
+                # and read again, is stale: only the one of the standing record counts.
+                if entry is not None and not entry.revision and popped == (
+                        entry.needs if by_needs else entry.time):
                     ready.append((order_id, value))
         ready.sort(key=lambda k: (self.entries[k].time, k[0]))
         outputs = self._emit(ready)
         # Waiting orders the frontier has left more than the retention behind: expired.
         behind: list[Key] = []
         while self._by_time and self._by_time[0][0] < self.horizon:
-            _, order_id, value = heapq.heappop(self._by_time)
+            popped, order_id, value = heapq.heappop(self._by_time)
             entry = self.entries.get((order_id, value))
-            if entry is not None and not entry.revision:
+            if entry is not None and not entry.revision and entry.time == popped:
                 behind.append((order_id, value))
         outputs += self._emit(behind)
         self._expire()
         return outputs
+
+    def _passes(self) -> None:
+        """What every orders partition has passed: by a later order (busy: strictly later,
+        as ties at one millisecond are ordered by order_id), or one way or the other."""
+        marks = [self.marks.get(u, (MIN_MS, MIN_MS)) for u in range(self.upstream)]
+        self._busy_pass = min(m for m, _ in marks) - 1
+        self._quiet_pass = min(max(m - 1, q) for m, q in marks)
 
     def _passed(self, entry: _Entry) -> bool:
         return entry.time <= self._busy_pass or entry.needs <= self._quiet_pass
@@ -340,17 +359,17 @@ class WindowTask:
             self.marks = {int(u): (int(m), int(q)) for u, (m, q) in saved["marks"].items()}
             self.upstream = max([self.upstream, *(u + 1 for u in self.marks)])
             self.frontier = int(saved["frontier"])
-            marks_of = [self.marks.get(u, (MIN_MS, MIN_MS)) for u in range(self.upstream)]
-            self._busy_pass = min(m for m, _ in marks_of)
-            self._quiet_pass = min(max(m, q) for m, q in marks_of)
+            self._passes()
         for raw_key, value in latest.items():
             if value is None:
                 continue
             saved = json.loads(value)
             order_id, entity_value = json.loads(raw_key)
-            order = saved["order"]
+            order, latest_ms = saved["order"], int(saved["latest"])
             for state in self.states:
                 state.add(order)
+                if latest_ms > order["timestamp_ms"]:  # a later record: the dedup horizon
+                    state.add({**order, "timestamp_ms": latest_ms})
             entry = _Entry(order, rank_of(order), int(saved["published"]),
                            int(saved["latest"]), int(saved["revision"]),
                            None if saved["values"] is None else tuple(saved["values"]),
@@ -361,8 +380,8 @@ class WindowTask:
             if not entry.revision:
                 heapq.heappush(self._by_time, (entry.time, order_id, entity_value))
                 heapq.heappush(self._by_needs, (entry.needs, order_id, entity_value))
-        self._expire()
         self._dirty.clear()  # what was restored is in the changelog already
+        self._expire()  # what it forgets gets its tombstone with the task's next changes
         return len(self.entries)
 
 

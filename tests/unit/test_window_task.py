@@ -118,16 +118,18 @@ ZIPS = WindowedFeature("zips_100ms", "customer_id", "distinct_count", 100, of="z
 
 
 def test_an_order_waits_until_every_orders_partition_passed_it() -> None:
-    """A partition passes an order when it delivered a later order; one that has sent no
-    marker holds it, a partition beyond the count known (partitions added) too."""
+    """A partition passes an order when it delivered a later order: at the order's own
+    millisecond another may still come, with a smaller order_id, before it. One that has sent
+    no marker holds it, a partition beyond the count known (partitions added) too."""
     task = WindowTask("customer_id", [COUNT], upstream=2, retention_ms=1000)
-    assert task.add(order("A", 10), published_ms=10) == []
+    assert task.add(order("B", 10), published_ms=10) == []
     assert task.advance(0, 50) == []  # partition 1 has said nothing
     assert task.advance(2, 50) == []  # a third partition appeared: it counts from now on
-    assert task.advance(1, 9) == []
-    out = task.advance(1, 10)
-    assert [(o.order_id, o.revision, o.values) for o in out] == [("A", 1,
-                                                                   {"orders_100ms": 0.0})]
+    assert task.advance(1, 10) == []  # at B's millisecond: not past it
+    assert task.add(order("A", 10), published_ms=11) == []  # A comes before B
+    out = task.advance(1, 11)
+    assert [(o.order_id, o.revision, o.values) for o in out] == [
+        ("A", 1, {"orders_100ms": 0.0}), ("B", 1, {"orders_100ms": 1.0})]
 
 
 def test_quiet_partitions_pass_an_order_once_the_clock_passed_its_time_and_publication(
@@ -167,7 +169,7 @@ def test_beyond_the_retention_orders_say_they_could_not_know() -> None:
     task = WindowTask("customer_id", [COUNT], upstream=1, retention_ms=50)
     task.add(order("A", 200), published_ms=200)
     task.add(order("B", 300), published_ms=300)
-    first = task.advance(0, 300)  # frontier 300, horizon 250
+    first = task.advance(0, 301)  # frontier 300, horizon 250
     assert [(o.order_id, o.values) for o in first] == [("A", {"orders_100ms": 0.0}),
                                                         ("B", {"orders_100ms": 0.0})]
     out = task.add(order("X", 180), published_ms=301)
@@ -175,8 +177,19 @@ def test_beyond_the_retention_orders_say_they_could_not_know() -> None:
         ("X", 1, True, {"orders_100ms": None}),
         ("A", 2, True, {"orders_100ms": None})]  # A, at 200, would see X: it cannot say
     assert task.beyond_retention == 0
-    task.add(order("Y", 100), published_ms=302)  # at or before 250 - 100 - 50
-    assert task.beyond_retention == 1
+    out = task.add(order("Y", 100), published_ms=302)  # at or before 250 - 100 - 50
+    assert [(o.order_id, o.revision, o.window_expired) for o in out] == [("Y", 0, True)]
+    assert task.beyond_retention == 1 and ("Y", "C") not in task.entries
+
+
+def test_a_forgotten_order_read_again_never_stands_above_its_answer() -> None:
+    task = WindowTask("customer_id", [COUNT], upstream=1, retention_ms=10)
+    first = task.add(order("A", 0), 0) + task.advance(0, 1)
+    task.add(order("B", 1000), 1000)
+    task.advance(0, 1001)  # A is forgotten (at or before 1000 - 10 - 100 - 10)
+    again = task.add(order("A", 0), 1002)  # a redelivery
+    assert [(o.revision, o.values) for o in first] == [(1, {"orders_100ms": 0.0})]
+    assert [(o.revision, o.window_expired) for o in again] == [(0, True)]
 
 
 def test_the_changelog_restores_the_task_and_forgets_with_tombstones() -> None:
@@ -190,12 +203,12 @@ def test_the_changelog_restores_the_task_and_forgets_with_tombstones() -> None:
     restored = WindowTask("customer_id", [COUNT], upstream=1, retention_ms=10)
     assert restored.restore(changelog) == 5
     assert restored.frontier == 20 and restored.marks == {0: (25, MIN_MS)}
-    out = restored.advance(0, 40)  # the waiting ones come out, the answered ones do not
+    out = restored.advance(0, 41)  # the waiting ones come out, the answered ones do not
     assert [(o.order_id, o.values["orders_100ms"]) for o in out] == [("O-3", 3.0),
                                                                        ("O-4", 4.0)]
     restored.changes()
     restored.add(order("O-5", 1000), published_ms=1000)
-    restored.advance(0, 1000)  # frontier 1000: O-0 .. O-4 are forgotten (at or before 880)
+    restored.advance(0, 1001)  # frontier 1000: O-0 .. O-4 are forgotten (at or before 880)
     changes = dict(restored.changes())
     assert sorted(json.loads(k)[0] for k, v in changes.items() if k != MARKS_KEY and v is None
                   ) == [f"O-{i}" for i in range(5)]
@@ -246,3 +259,82 @@ def test_the_stage_topics_one_pair_per_entity_with_a_changelog_kept_past_its_win
         "windowed_features": (3, {}),
     }
     assert window_topic_specs(topics, [], retention_ms=1) == {}
+
+
+@EXAMPLES
+@given(records=histories(), feature=features(), seed=st.integers(0, 2**32 - 1),
+       retention=st.integers(0, 30), later=st.lists(st.tuples(st.integers(0, 39),
+                                                              st.integers(1, 30)), max_size=8))
+def test_a_task_restored_from_its_changelog_publishes_what_the_task_would_have(
+        records: list[dict[str, Any]], feature: WindowedFeature, seed: int, retention: int,
+        later: list[tuple[int, int]]) -> None:
+    """The same arrivals and marks into one task and into one restarted from its changelog
+    at random points, with a small retention (orders forgotten, late ones expired) and
+    records of an order read again later in time: the same outputs, one for one."""
+    records = records + [{**records[i], "timestamp_ms": records[i]["timestamp_ms"] + dt}
+                         for i, dt in later if i < len(records)]
+    runs = []
+    for restarts in (False, True):
+        rng = random.Random(seed)
+        run = Run(feature.entity, [feature], 1, retention_ms=retention)
+        read_max = MIN_MS
+        for step, r in enumerate(sorted(records, key=lambda r: r["timestamp_ms"]
+                                        + rng.randint(0, 10))):
+            if restarts and rng.random() < 0.3:
+                run.restart()
+            else:
+                rng.random()  # the same draws either way
+            if r[feature.entity]:
+                run.take(run.task.add(r, published_ms=100 + step))
+            read_max = max(read_max, r["timestamp_ms"])
+            run.take(run.task.advance(0, read_max, 100 + step - 3))
+        run.take(run.task.advance(0, 10**9, 10**9))
+        runs.append(run.published)
+    assert runs[0] == runs[1]
+
+
+def test_a_later_record_of_an_order_after_a_restore_is_not_counted_again() -> None:
+    """The state's memory of an order runs from its latest record, restored too (an order
+    read again at 400 and 450 counted twice after a restart, before)."""
+    count = WindowedFeature("orders_100ms", "customer_id", "count", 100)
+    outputs: dict[str, list[WindowOutput]] = {}
+    for restart in (False, True):
+        run = Run("customer_id", [count], 1, retention_ms=50)
+        run.take(run.task.add(order("A", 100), 100))
+        run.take(run.task.advance(0, 101))
+        run.take(run.task.add(order("A", 400), 400))
+        if restart:
+            run.restart()
+        run.take(run.task.add(order("B", 500), 500))
+        run.take(run.task.advance(0, 501))
+        run.take(run.task.add(order("A", 450), 501))
+        run.take(run.task.add(order("C", 520), 520))
+        run.take(run.task.advance(0, 521))
+        outputs[str(restart)] = run.published
+    assert outputs["True"] == outputs["False"]
+    assert run.latest()[("C", "C")].values == {"orders_100ms": 1.0}  # B; A stands at 100
+
+
+def test_a_replaced_record_does_not_release_its_order_early() -> None:
+    """An earlier record that replaces a waiting order's record, published later, raises
+    what a quiet partition must have passed (max(T, P)); the figure of the record it
+    replaced no longer answers it."""
+    task = WindowTask("customer_id", [COUNT], upstream=1, retention_ms=1000)
+    task.add(order("A", 50), published_ms=50)
+    task.add(order("A", 30), published_ms=200)  # stands now: needs max(30, 200)
+    assert task.advance(0, MIN_MS, quiet=100) == []
+    assert [o.order_id for o in task.advance(0, MIN_MS, quiet=200)] == ["A"]
+
+
+def test_a_restore_writes_the_tombstones_of_what_it_forgets() -> None:
+    task = WindowTask("customer_id", [COUNT], upstream=1, retention_ms=10)
+    changelog: Changelog = []
+    task.add(order("A", 0), published_ms=0)
+    task.advance(0, 1)
+    changelog += task.changes()
+    saved = json.loads(changelog[-1][1] or b"{}")
+    saved["frontier"] = 10_000  # as if later turns moved it and forgot nothing yet
+    changelog.append((MARKS_KEY, json.dumps(saved).encode()))
+    restored = WindowTask("customer_id", [COUNT], upstream=1, retention_ms=10)
+    assert restored.restore(changelog) == 0
+    assert (json.dumps(["A", "C"]).encode(), None) in restored.changes()
