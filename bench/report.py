@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from triage.bench.windows import windows_lines
+
 _NAMES = {"passthrough": "(a) passthrough (raw bytes, no decoding)",
           "scorer": "(b) scorer as shipped, 1 worker",
           "per_message": "(c) per-message baseline",
@@ -95,6 +97,8 @@ def render(results: dict[str, Any]) -> str:
         lines += _timing_lines(results["timing"])
     if results.get("backtest"):
         lines += _backtest_lines(results)
+    if results.get("windows"):
+        lines += windows_lines(results)
     if results.get("profile"):
         lines += _profile_lines(results["profile"])
     if results.get("ab"):

@@ -50,6 +50,14 @@ from triage.bench.procstat import (
     run_measured,
     stop_and_reap,
 )
+from triage.bench.windows import (
+    create_stage_topics,
+    restore_figures,
+    stage_settings,
+    stage_throughput,
+    windows_results,
+    windows_targets,
+)
 from triage.bus.apache_kafka import KAFKA_VERSION, ApacheKafka
 from triage.bus.clients import make_admin, make_consumer, make_producer, source_of
 from triage.bus.embedded import EmbeddedBroker
@@ -103,6 +111,7 @@ class BenchOptions:
     timing: bool = False  # corrections under simulated producer timing (bench/timing.py)
     backtest: bool = False  # triage models backtest: speed against (b), memory (bench/backtest.py)
     backtest_orders: int = 1_000_000  # of the backtest's memory figure (and 4x that)
+    windows: bool = False  # the feature stage: throughput, restore, memory (bench/windows.py)
     profile: bool = False  # one more scorer run under py-spy: CPU per order by stage
     ab_module: str | None = None  # (b) against this module, interleaved runs on one broker
     ab_pairs: int = 3
@@ -282,6 +291,7 @@ class Bench:
             timing_figures = self._timing(model_dir) if options.timing else None
             backtest_memory = (self._backtest_memory(model_dir, work)
                                if options.backtest else None)
+            windows = self._windows(main, runs[SCORER]) if options.windows else None
             profile = self._profile(main, models) if options.profile else None
             ab = self._ab(main, models) if options.ab_module else None
             if self.broker_pid:
@@ -298,6 +308,9 @@ class Bench:
         results["timing"] = timing_figures
         results["profile"] = profile
         results["ab"] = ab
+        results["windows"] = windows
+        if windows is not None:
+            results["targets"].update(windows_targets(windows))
         results["backtest"] = None
         if backtest_speed is not None and backtest_memory is not None:
             results["backtest"] = _backtest_results(backtest_speed, backtest_memory,
@@ -312,6 +325,15 @@ class Bench:
                 "http_batch_at_least_20x_per_request_baseline": {
                     "value": ratio, "target": 20, "met": ratio >= 20}})
         return results
+
+    def _windows(self, main: Published, scorer: RunFigures) -> dict[str, Any]:
+        """bench/windows.py over the bench's orders topic, beside the scorer's run (b)."""
+        settings = stage_settings(self.settings, main.topic, f"bench-{self.run_id}")
+        self.topics += create_stage_topics(settings, self.options.partitions)
+        throughput = stage_throughput(settings, main.orders, self.say)
+        restore = restore_figures(settings, self.options.partitions, self.say)
+        return windows_results(throughput, restore, scorer.orders_per_s,
+                               scorer.as_dict()["cpu_s_per_1000"])
 
     def _backtest_speed(self, live_run: RunFigures, models: tuple[Path, Path], work: Path
                         ) -> dict[str, Any]:

@@ -430,6 +430,10 @@ def _add_bench(commands: Commands, common: argparse.ArgumentParser) -> None:
     p.add_argument("--backtest-orders", type=int, default=1_000_000,
                    help="orders of the backtest's memory figure, generated; its second run has "
                         "4 times as many (default 1000000)")
+    p.add_argument("--windows", action="store_true",
+                   help="also the feature stage (`triage windows`): its throughput over the "
+                        "orders against the scorer's, the restore of its stores from their "
+                        "changelogs against a bare read, their memory per 100k keys")
     p.add_argument("--profile", action="store_true",
                    help="also the scorer once more under py-spy (dev requirements): its CPU per "
                         "order by stage, decode to commit (docs/benchmarks.md)")
@@ -1259,6 +1263,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         per_message_orders=args.per_message_orders, http=args.http, timing=args.timing,
         backtest=args.backtest, backtest_orders=args.backtest_orders, broker=args.bench_broker,
         profile=args.profile, ab_module=args.ab_module, ab_pairs=args.ab_pairs,
+        windows=args.windows,
         data_dir=args.data, model_dir=args.model, out_dir=args.out,
         keep_topics=args.keep_topics, scorer_module=args.scorer_module)
     try:
