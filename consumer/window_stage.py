@@ -34,6 +34,11 @@ is counted twice or missed, under kills and rebalances alike. On the embedded br
 does not hide aborted transactions from readers, that holds only while no transaction is
 aborted: no kill, no rebalance that overtakes a turn, no abortable error.
 
+**Probes and metrics.** With ``--metrics-port`` (TRIAGE_METRICS_PORT), ``/metrics`` (the
+``triage_windows_*`` metrics of :class:`WindowMetrics`), ``/healthz`` (a turn of the loop or a
+restored task within TRIAGE_HEALTH_STALL_MS) and ``/readyz`` (the group joined), as a scorer
+worker serves them (bus/health.py).
+
 **Bad orders.** An order that does not decode is skipped here (its scorer dead-letters it:
 every order record ends in a prediction or a dead letter there); the stage counts it
 (``orders_skipped`` in its progress log line).
@@ -55,6 +60,8 @@ from confluent_kafka import (
     Message,
     TopicPartition,
 )
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import Counter as PromCounter
 
 from triage.bus.clients import (
     check_brokers,
@@ -65,6 +72,7 @@ from triage.bus.clients import (
     records_of,
 )
 from triage.bus.errors import BadRecord, ConfigurationError, InfrastructureError
+from triage.bus.health import Health, serve
 from triage.consumer.commit import LOST_OWNERSHIP, ExactlyOnce, next_offsets, transactional_id
 from triage.consumer.settings import WorkerSettings
 from triage.model.windows import (
@@ -86,6 +94,45 @@ _PROGRESS_S = 10.0
 # clock, and each marker goes to every partition of every store.
 _MARK_EVERY_S = 0.2
 _FLUSH_BEFORE_ABORT_S = 10.0
+
+
+class WindowMetrics:
+    """The stage's Prometheus metrics, in a registry of its own (docs/operating.md,
+    "Metrics")."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.orders = PromCounter("triage_windows_orders_total",
+                                  "Order records the stage read and forwarded to its stores.",
+                                  registry=registry)
+        self.answers = PromCounter(
+            "triage_windows_answers_total",
+            "Windowed feature values published, by store and kind: first (revision 1), "
+            "correction (2 and up), expired (window_expired).", ["store", "kind"],
+            registry=registry)
+        self.beyond = PromCounter(
+            "triage_windows_beyond_retention_total",
+            "Records further back than their store holds anything: what they change among "
+            "orders already forgotten goes unflagged.", ["store"], registry=registry)
+        self.rewinds = PromCounter("triage_windows_rewinds_total",
+                                   "Turns aborted and read again from the committed state.",
+                                   registry=registry)
+        self.restore_seconds = Histogram(
+            "triage_windows_restore_seconds", "Time to restore a task from its changelog.",
+            buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60), registry=registry)
+        self.held = Gauge("triage_windows_orders_held",
+                          "Orders the stores of this instance hold, answered or waiting.",
+                          registry=registry)
+        self.waiting = Gauge("triage_windows_waiting_orders",
+                             "Orders not answered yet: some orders partition has not passed "
+                             "them.", registry=registry)
+
+    def answered(self, outputs: list[WindowOutput]) -> None:
+        for output in outputs:
+            kind = ("expired" if output.window_expired else
+                    "correction" if output.revision > 1 else "first")
+            self.answers.labels(output.entity, kind).inc()
 
 
 def chosen_features(names: Sequence[str],
@@ -116,7 +163,7 @@ class WindowStage:
 
     def __init__(self, settings: WorkerSettings,
                  features: Sequence[WindowedFeature] | None = None,
-                 worker_id: str = "0") -> None:
+                 worker_id: str = "0", metrics_addr: str = "0.0.0.0") -> None:
         self.settings, self.topics = settings, settings.topics
         self.features = tuple(features) if features is not None else chosen_features(
             settings.windows.names())
@@ -149,6 +196,15 @@ class WindowStage:
         self._stop = False
         self.counts = {"orders_read": 0, "orders_skipped": 0, "outputs": 0, "corrections": 0,
                        "restored": 0, "rewinds": 0}
+        self.metrics = WindowMetrics()
+        self.health = Health(settings.scorer.health_stall_ms, ("group_joined",))
+        self._server = None
+        if settings.scorer.metrics_port:
+            self._server = serve(settings.scorer.metrics_port, self.health,
+                                 self.metrics.registry, addr=metrics_addr,
+                                 setting="--metrics-port or TRIAGE_METRICS_PORT")
+            self.log.info("metrics_serving", port=settings.scorer.metrics_port,
+                          paths=["/metrics", "/healthz", "/readyz"])
         self.consumer.subscribe([self.topics.orders_topic, *self.repartition],
                                 on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_revoke)
@@ -159,6 +215,7 @@ class WindowStage:
     # --- the group -------------------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.health.met("group_joined")
         for tp in partitions:
             if tp.topic in self.repartition:
                 self._to_restore.add((tp.topic, tp.partition))  # restored before it is read
@@ -190,6 +247,8 @@ class WindowStage:
             restored = task.restore(records)
             self.tasks[(topic, partition)] = task
             self.counts["restored"] += restored
+            self.metrics.restore_seconds.observe(time.monotonic() - started)
+            self.health.beat()  # a restore of many partitions is progress too
             self.log.info("store_restored", store=topic.removesuffix("-repartition"),
                           partition=partition, records=len(records), orders=restored,
                           frontier_ms=task.frontier,
@@ -207,8 +266,11 @@ class WindowStage:
         next_progress = time.monotonic() + _PROGRESS_S
         while not self._stop:
             self.turn(self.poll(batch_size, timeout_s))
+            self.health.beat()
             if time.monotonic() >= next_progress:
                 next_progress = time.monotonic() + _PROGRESS_S
+                self.metrics.held.set(sum(len(t) for t in self.tasks.values()))
+                self.metrics.waiting.set(sum(t.waiting for t in self.tasks.values()))
                 self.log.info("window_stage_progress", tasks=len(self.tasks),
                               orders_held=sum(len(t) for t in self.tasks.values()), **self.counts)
 
@@ -261,6 +323,7 @@ class WindowStage:
                     produce(self.producer, topic, value=b"", partition=p, headers=headers,
                             on_delivery=on_delivery)
             self._sent[upstream] = (marks, time.monotonic())
+        self.metrics.answered(outputs)
         for output in outputs:
             produce(self.producer, self.topics.windowed_features_topic,
                     key=output.order_id.encode(), value=self.output_codec.encode(output.record()),
@@ -298,6 +361,7 @@ class WindowStage:
         self._sent.clear()
         self._committed_at_assign.clear()
         self.counts["rewinds"] += 1
+        self.metrics.rewinds.inc()
         self.log.info("turn_rewound", error=error, partitions=len(owned),
                       note="the transaction was aborted; its records are read again")
 
@@ -309,6 +373,7 @@ class WindowStage:
             self.counts["orders_skipped"] += 1
             return []
         self.counts["orders_read"] += 1
+        self.metrics.orders.inc()
         now_ms = int(time.time() * 1000)
         time_ms = int(order["timestamp_ms"])
         self.read_max[partition] = max(self.read_max.get(partition, MIN_MS),
@@ -331,7 +396,11 @@ class WindowStage:
         if WATERMARK_HEADER in headers:
             return task.advance(headers[UPSTREAM_HEADER], headers[WATERMARK_HEADER],
                                 headers[QUIET_HEADER])
-        return task.add(self.orders_codec.decode(msg.value()), msg.timestamp()[1])
+        beyond = task.beyond_retention
+        outputs = task.add(self.orders_codec.decode(msg.value()), msg.timestamp()[1])
+        if task.beyond_retention > beyond:
+            self.metrics.beyond.labels(task.entity).inc(task.beyond_retention - beyond)
+        return outputs
 
     def _owned(self, msg: Message) -> bool:
         """Whether a consumed record is of a partition this instance holds (a record fetched
@@ -397,6 +466,9 @@ class WindowStage:
         """Abort the open transaction if any, leave the group."""
         self.committer.abort_open()
         self.consumer.close()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
         self.log.info("window_stage_stopped", **self.counts)
 
 

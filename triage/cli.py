@@ -258,6 +258,8 @@ def _add_windows(commands: Commands, common: argparse.ArgumentParser) -> None:
                    help="TRIAGE_WINDOWS_GROUP_ID (default triage-windows)")
     p.add_argument("--features", dest="windowed_features", metavar="NAMES",
                    help="TRIAGE_WINDOWED_FEATURES: names separated by commas (default: all)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve /metrics, /healthz and /readyz here (TRIAGE_METRICS_PORT)")
 
 
 def _add_models(commands: Commands, common: argparse.ArgumentParser) -> None:
