@@ -38,6 +38,7 @@ _FLUSH_TIMEOUT_S = 60.0  # TRIAGE_DELIVERY_TIMEOUT_MS's default
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
 MAX_UNCOMMITTED_BATCHES = 2  # PipelinedAtLeastOnce: produced, not yet committed (with the open one)
 _ATTEMPTS = 5
+_PURGED = {KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT}
 # A rebalance overtook the commit. With cooperative rebalancing our partitions are revoked only
 # through our own callback, inside a later consume(), so they are still ours: retry once the
 # group has its new generation. Giving up here would hand the batch to the next owner again.
@@ -237,6 +238,14 @@ class ExactlyOnce(AtLeastOnce):
         self.producer.begin_transaction()
         self.open = True
         return self.on_delivery
+
+    def on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        """A record purged by an abort is no failure of the transaction in hand: its report
+        can come after the next one began (the feature stage aborts and goes on), and the
+        aborted batch is read again."""
+        if err is not None and err.code() in _PURGED:
+            return
+        super().on_delivery(err, msg)
 
     def abort_open(self) -> None:
         """Abort a transaction a failure left open, so read_committed readers move on now

@@ -27,8 +27,9 @@ class ScorerSettings:
         "fetched, up to TRIAGE_BATCH_SIZE.")
     metrics_port: int = setting(
         0, "TRIAGE_METRICS_PORT",
-        "Serve /metrics, /healthz and /readyz from each worker on this port + worker number; "
-        "0: off.")
+        "Serve /metrics, /healthz and /readyz from each worker on this port + worker number "
+        "(`triage worker`, `triage windows`: on this port); 0: off. A `triage windows` beside "
+        "`triage consume` on one host needs a port of its own (--metrics-port).")
     delivery_timeout_ms: int = setting(
         60_000, "TRIAGE_DELIVERY_TIMEOUT_MS",
         "Longest a batch waits for the broker to acknowledge what it produced (and, with "

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -60,7 +60,13 @@ from confluent_kafka import (
     Message,
     TopicPartition,
 )
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client import Counter as PromCounter
 
 from triage.bus.clients import (
@@ -103,14 +109,17 @@ class WindowMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
+        # process_* (process_start_time_seconds: restarts) and python_*, as a worker has them.
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
         self.orders = PromCounter("triage_windows_orders_total",
                                   "Order records the stage read and forwarded to its stores.",
                                   registry=registry)
         self.answers = PromCounter(
             "triage_windows_answers_total",
-            "Windowed feature values published, by store and kind: first (revision 1), "
-            "correction (2 and up), expired (window_expired).", ["store", "kind"],
-            registry=registry)
+            "Windowed feature values published (committed), by store and kind: expired "
+            "(window_expired, whatever the revision), else first (revision 1) or correction "
+            "(revision 2 and up).", ["store", "kind"], registry=registry)
         self.beyond = PromCounter(
             "triage_windows_beyond_retention_total",
             "Records further back than their store holds anything: what they change among "
@@ -122,17 +131,22 @@ class WindowMetrics:
             "triage_windows_restore_seconds", "Time to restore a task from its changelog.",
             buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60), registry=registry)
         self.held = Gauge("triage_windows_orders_held",
-                          "Orders the stores of this instance hold, answered or waiting.",
-                          registry=registry)
+                          "Orders a store of this instance holds, answered or waiting (every "
+                          "10 s).", ["store"], registry=registry)
         self.waiting = Gauge("triage_windows_waiting_orders",
-                             "Orders not answered yet: some orders partition has not passed "
-                             "them.", registry=registry)
+                             "Orders of a store not answered yet: some orders partition has not "
+                             "passed them (every 10 s).", ["store"], registry=registry)
 
-    def answered(self, outputs: list[WindowOutput]) -> None:
+    def committed(self, orders: int, outputs: list[WindowOutput],
+                  beyond: dict[str, int]) -> None:
+        """Count a turn once its transaction committed (an aborted turn is read again)."""
+        self.orders.inc(orders)
         for output in outputs:
             kind = ("expired" if output.window_expired else
                     "correction" if output.revision > 1 else "first")
             self.answers.labels(output.entity, kind).inc()
+        for store, count in beyond.items():
+            self.beyond.labels(store).inc(count)
 
 
 def chosen_features(names: Sequence[str],
@@ -198,16 +212,17 @@ class WindowStage:
                        "restored": 0, "rewinds": 0}
         self.metrics = WindowMetrics()
         self.health = Health(settings.scorer.health_stall_ms, ("group_joined",))
-        self._server = None
+        self._turn: tuple[int, list[WindowOutput], dict[str, int]] = (0, [], {})
+        self.consumer.subscribe([self.topics.orders_topic, *self.repartition],
+                                on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_revoke)
+        self._server = None  # last: nothing after it can fail and leave the port bound
         if settings.scorer.metrics_port:
             self._server = serve(settings.scorer.metrics_port, self.health,
                                  self.metrics.registry, addr=metrics_addr,
                                  setting="--metrics-port or TRIAGE_METRICS_PORT")
             self.log.info("metrics_serving", port=settings.scorer.metrics_port,
                           paths=["/metrics", "/healthz", "/readyz"])
-        self.consumer.subscribe([self.topics.orders_topic, *self.repartition],
-                                on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                on_lost=self._on_revoke)
         self.log.info("window_stage_started", group=group,
                       features=[f.name for f in self.features], stores=list(self.stores),
                       upstream_partitions=self.upstream, retention_ms=self.retention_ms)
@@ -243,7 +258,8 @@ class WindowStage:
             entity = self.repartition[topic]
             started = time.monotonic()
             task = WindowTask(entity, self.stores[entity], self.upstream, self.retention_ms)
-            records = read_changelog(self.settings, self.changelog[entity], partition)
+            records = read_changelog(self.settings, self.changelog[entity], partition,
+                                     progress=self.health.beat)
             restored = task.restore(records)
             self.tasks[(topic, partition)] = task
             self.counts["restored"] += restored
@@ -266,11 +282,12 @@ class WindowStage:
         next_progress = time.monotonic() + _PROGRESS_S
         while not self._stop:
             self.turn(self.poll(batch_size, timeout_s))
-            self.health.beat()
             if time.monotonic() >= next_progress:
                 next_progress = time.monotonic() + _PROGRESS_S
-                self.metrics.held.set(sum(len(t) for t in self.tasks.values()))
-                self.metrics.waiting.set(sum(t.waiting for t in self.tasks.values()))
+                for entity in self.stores:
+                    mine = [t for t in self.tasks.values() if t.entity == entity]
+                    self.metrics.held.labels(entity).set(sum(map(len, mine)))
+                    self.metrics.waiting.labels(entity).set(sum(t.waiting for t in mine))
                 self.log.info("window_stage_progress", tasks=len(self.tasks),
                               orders_held=sum(len(t) for t in self.tasks.values()), **self.counts)
 
@@ -278,6 +295,7 @@ class WindowStage:
         """Consume a batch (serving the group's callbacks), restore the tasks assigned since
         the last call, and return the batch's records."""
         batch = self.consumer.consume(batch_size, timeout_s)
+        self.health.beat()  # a turn of the loop: /healthz stays live
         self._restore()
         return records_of(batch, self.log)
 
@@ -296,6 +314,12 @@ class WindowStage:
                                                       or error.txn_requires_abort()):
                 raise
             self.rewind(error.str())
+            return
+        orders, outputs, beyond = self._turn
+        self.counts["orders_read"] += orders
+        self.counts["outputs"] += len(outputs)
+        self.counts["corrections"] += sum(o.revision > 1 for o in outputs)
+        self.metrics.committed(orders, outputs, beyond)
 
     def produce_turn(self, records: list[Message]) -> list[TopicPartition] | None:
         """The turn up to its commit: open the transaction and produce into it. Returns the
@@ -304,6 +328,7 @@ class WindowStage:
         if not records and not self._due_marks():
             return None
         on_delivery = self.committer.begin()
+        self._turn = (0, [], {})  # counted once the transaction commits (turn)
         outputs: list[WindowOutput] = []
         touched: set[tuple[str, int]] = set()
         for msg in records:
@@ -323,13 +348,11 @@ class WindowStage:
                     produce(self.producer, topic, value=b"", partition=p, headers=headers,
                             on_delivery=on_delivery)
             self._sent[upstream] = (marks, time.monotonic())
-        self.metrics.answered(outputs)
+        self._turn = (self._turn[0], outputs, self._turn[2])
         for output in outputs:
             produce(self.producer, self.topics.windowed_features_topic,
                     key=output.order_id.encode(), value=self.output_codec.encode(output.record()),
                     on_delivery=on_delivery)
-            self.counts["outputs"] += 1
-            self.counts["corrections"] += output.revision > 1
         for topic, partition in touched:
             task = self.tasks[(topic, partition)]
             for key, value in task.changes():
@@ -372,8 +395,7 @@ class WindowStage:
         except BadRecord:
             self.counts["orders_skipped"] += 1
             return []
-        self.counts["orders_read"] += 1
-        self.metrics.orders.inc()
+        self._turn = (self._turn[0] + 1, *self._turn[1:])
         now_ms = int(time.time() * 1000)
         time_ms = int(order["timestamp_ms"])
         self.read_max[partition] = max(self.read_max.get(partition, MIN_MS),
@@ -399,7 +421,8 @@ class WindowStage:
         beyond = task.beyond_retention
         outputs = task.add(self.orders_codec.decode(msg.value()), msg.timestamp()[1])
         if task.beyond_retention > beyond:
-            self.metrics.beyond.labels(task.entity).inc(task.beyond_retention - beyond)
+            counts = self._turn[2]
+            counts[task.entity] = counts.get(task.entity, 0) + task.beyond_retention - beyond
         return outputs
 
     def _owned(self, msg: Message) -> bool:
@@ -464,23 +487,27 @@ class WindowStage:
 
     def close(self) -> None:
         """Abort the open transaction if any, leave the group."""
-        self.committer.abort_open()
-        self.consumer.close()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        try:
+            self.committer.abort_open()
+            self.consumer.close()
+        finally:
+            if self._server is not None:
+                self._server.shutdown()
+                self._server.server_close()
         self.log.info("window_stage_stopped", **self.counts)
 
 
 def read_changelog(settings: WorkerSettings, topic: str, partition: int,
-                   timeout_s: float = 60.0) -> list[tuple[bytes | None, bytes | None]]:
+                   timeout_s: float = 60.0, progress: Callable[[], None] | None = None
+                   ) -> list[tuple[bytes | None, bytes | None]]:
     """Every committed record of one changelog partition, from its beginning to its end, as
     (key, value). The end is the high watermark at the call, read ``read_committed``: a
     transaction committed by the partition's previous owner whose commit marker has not
     reached the partition yet (the coordinator writes the markers after EndTxn answers) is
     waited for, not cut off, and so is one a killed owner left open, until the coordinator
     aborts it (TRIAGE_TRANSACTION_TIMEOUT_MS), as the committed offsets are (KIP-447).
-    Raises InfrastructureError if the end is not reached within ``timeout_s``."""
+    ``progress`` is called after each fetch (a health beat). Raises InfrastructureError if the
+    end is not reached within ``timeout_s``."""
     group = settings.windows.windows_group_id + "-restore"
     ends = make_consumer(settings.connection, group, **{"isolation.level": "read_uncommitted"})
     try:
@@ -501,6 +528,8 @@ def read_changelog(settings: WorkerSettings, topic: str, partition: int,
                     records.append((msg.key(), msg.value()))
                 elif error.code() == KafkaError._PARTITION_EOF and (msg.offset() or 0) >= high:
                     return records
+            if progress is not None:
+                progress()
         raise InfrastructureError(f"{topic}[{partition}] not read to its end ({high}) within "
                                   f"{timeout_s:.0f} s ({len(records)} records read): an open "
                                   "transaction on it did not end")

@@ -16,7 +16,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from tests.unit.doubles import FakeConsumer, FakeProducer, Record
 from triage.bus.errors import InfrastructureError
-from triage.consumer.commit import MAX_UNCOMMITTED_BATCHES, AtLeastOnce
+from triage.consumer.commit import MAX_UNCOMMITTED_BATCHES, AtLeastOnce, ExactlyOnce
 from triage.consumer.loop import BatchLoop, Output
 from triage.settings import Settings
 
@@ -266,3 +266,20 @@ def test_outputs_are_produced_in_their_order_runs_of_a_partition_batched_headers
                     ("dead-letters", 0, b"letter", [("reason", b"bad")]),
                     (OUT, 2, b"0:2", None), (OUT, 1, b"0:3", None), ("drift", 3, b"sample", None)]
     assert calls == ["batch", "produce", "batch", "batch", "batch"]
+
+
+def test_exactly_once_takes_a_record_purged_by_an_abort_as_no_failure_of_the_next() -> None:
+    """The feature stage aborts a turn and goes on: the purged records' reports, served in the
+    next transaction, did fail its commit ("record(s) refused: Local: Purged in queue"). A
+    record refused for another reason still does."""
+    consumer, producer = FakeConsumer(TOPIC, {0: 1}), FakeProducer(transactional=True)
+    committer = ExactlyOnce(producer, consumer, structlog.get_logger())
+    on_delivery = committer.begin()
+    for code in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
+        on_delivery(KafkaError(code), Record(OUT, 0, 0, b"", b""))  # the aborted turn's
+    committer.finish([TopicPartition(TOPIC, 0, 1)])
+    assert [t.outcome for t in producer.transactions] == ["committed"]
+    on_delivery = committer.begin()
+    on_delivery(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), Record(OUT, 0, 1, b"", b""))
+    with pytest.raises(InfrastructureError, match="refused"):
+        committer.finish([TopicPartition(TOPIC, 0, 1)])
