@@ -32,7 +32,12 @@ from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 from triage.bus.clients import make_admin
 from triage.consumer.settings import WorkerSettings
 from triage.consumer.window_stage import WindowStage, read_changelog, retention_ms
-from triage.model.windows import WINDOWED_FEATURES, stores, window_topic_specs
+from triage.model.windows import (
+    WINDOWED_FEATURES,
+    changelog_topic,
+    stores,
+    window_topic_specs,
+)
 from triage.scoring.window_task import WindowTask
 
 BENCH_LATENESS_MS = 200
@@ -96,8 +101,7 @@ def restore_figures(settings: WorkerSettings, partitions: int,
                     say: Callable[[str], None]) -> dict[str, Any]:
     """Bare read against restore of every changelog partition, and the stores' memory."""
     features = stores(WINDOWED_FEATURES)
-    topics = {entity: f"{settings.topics.windows_topic_prefix}.{entity}-changelog"
-              for entity in features}
+    topics = {entity: changelog_topic(settings.topics, entity) for entity in features}
     started = time.monotonic()
     read: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {
         (entity, p): read_changelog(settings, topic, p)

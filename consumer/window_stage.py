@@ -325,7 +325,9 @@ class WindowStage:
         """The turn up to its commit: open the transaction and produce into it. Returns the
         offsets to commit with it, None when there was nothing to do (no transaction)."""
         records = [msg for msg in records if self._owned(msg)]
-        if not records and not self._due_marks():
+        # Once a turn (it may ask the broker for ends): with records, after forwarding them.
+        marks = None if records else self._due_marks()
+        if not records and not marks:
             return None
         on_delivery = self.committer.begin()
         self._turn = (0, [], {})  # counted once the transaction commits (turn)
@@ -339,15 +341,15 @@ class WindowStage:
             else:
                 touched.add((topic, partition))
                 outputs.extend(self._apply(self.tasks[(topic, partition)], msg))
-        for upstream, marks in self._due_marks().items():
+        for upstream, mark in (self._due_marks() if marks is None else marks).items():
             headers = [(UPSTREAM_HEADER, str(upstream).encode()),
-                       (WATERMARK_HEADER, str(marks[0]).encode()),
-                       (QUIET_HEADER, str(marks[1]).encode())]
+                       (WATERMARK_HEADER, str(mark[0]).encode()),
+                       (QUIET_HEADER, str(mark[1]).encode())]
             for topic, count in self.store_partitions.items():
                 for p in range(count):
                     produce(self.producer, topic, value=b"", partition=p, headers=headers,
                             on_delivery=on_delivery)
-            self._sent[upstream] = (marks, time.monotonic())
+            self._sent[upstream] = (mark, time.monotonic())
         self._turn = (self._turn[0], outputs, self._turn[2])
         for output in outputs:
             produce(self.producer, self.topics.windowed_features_topic,
