@@ -41,7 +41,7 @@ from confluent_kafka import KafkaError, TopicPartition
 from triage.bus.clients import make_consumer, partitions_of, records_of
 from triage.bus.errors import BadRecord, ConfigurationError
 from triage.model.artifact import Model
-from triage.model.features import FEATURE_NAMES, FeatureBatch
+from triage.model.features import FEATURE_NAMES, WINDOWED_NAMES, FeatureBatch
 from triage.model.orders import ORDER_COLUMNS, OrderColumns, orders_of_frame
 from triage.model.policy import CLASSES, label
 from triage.model.reference import ReferenceTables, read_csv
@@ -172,7 +172,7 @@ class Backtest:
                 "active": CLASSES[act[row]] if act is not None else None,
                 "policy": CLASSES[pol[row]],
                 "features": {name: _plain(features.columns[name][row])
-                             for name in FEATURE_NAMES}})
+                             for name in FEATURE_NAMES if name not in WINDOWED_NAMES}})
 
     def policy_agreement(self, which: str) -> float | None:
         """The share (0..1) of orders on which ``which`` (``candidate`` or ``active``) agreed
@@ -254,7 +254,17 @@ def run(candidate: Model, active: Model | None, tables: ReferenceTables,
     an order the workers would dead-letter is not scored but counted in ``result.refused`` by
     reason. ``on_batch(batch, features,
     candidate's recommendations)`` sees every batch (the tests compare the features with an
-    offline join); ``progress(n)`` is called with each batch's size."""
+    offline join); ``progress(n)`` is called with each batch's size.
+
+    Raises ConfigurationError for a model that reads windowed features: their windows reach
+    back past a batch, and a backtest that scored them from one batch would be wrong without
+    saying so; it is not supported yet."""
+    for model in (candidate, active):
+        if model is not None and model.windowed:
+            raise ConfigurationError(
+                f"model {model.version} reads windowed features ({', '.join(model.windowed)}); "
+                "backtests of such models are not supported yet (their windows reach back "
+                "past a batch of the history): compare it in shadow instead")
     started = time.monotonic()
     for batch in batches:
         if validator is not None:

@@ -44,6 +44,7 @@ from triage.scoring.corrections import RetainedOrders, kept_from_records
 from triage.scoring.feed import Letter, Polled, ReferenceFeed, ReferenceReader
 from triage.scoring.follower import ModelFollower
 from triage.scoring.validation import OrderValidator
+from triage.scoring.windowed import WindowedJoin, WindowedReader
 
 
 @dataclass
@@ -118,6 +119,8 @@ class Scorer:
             observers=observers, gate=self.feed if live_reference else None,
             retained=self.retained, log=self.log)
         self.core.shadow = shadow
+        self.windowed: WindowedReader | None = None
+        self._join_windowed(model, shadow)
         self.predictions = codec_for(connection, "prediction", topics.predictions_topic)
         self.samples = codec_for(connection, "drift_sample", topics.drift_topic)
         # The largest dead letter the producer and the dead-letter topic both accept.
@@ -161,18 +164,22 @@ class Scorer:
                       model_version=self.core.model.version,
                       live_reference=self.reader is not None,
                       reference_snapshot_records=self.feed.tables.size)
+        letters: list[Letter] = []
+        if self.windowed is not None:
+            letters += self.windowed.start(stop=lambda: self.loop.stop_requested,
+                                           progress=self._restore_progress)
         if self.reader is not None:
             self._count_partitions()
             self.reader.start(stop=lambda: self.loop.stop_requested)
             if self.loop.stop_requested:  # asked to stop while the brokers were being asked
                 return self.stats
-            letters = self.reader.restore(stop=lambda: self.loop.stop_requested,
-                                          progress=self._restore_progress)
-            if letters:  # dead letters met while restoring, before the loop runs
-                for output in self._reference_letters(letters):
-                    produce(self.loop.producer, output.topic, key=output.key,
-                            value=output.value, headers=output.headers)
-                self.loop.producer.flush(60.0)
+            letters += self.reader.restore(stop=lambda: self.loop.stop_requested,
+                                           progress=self._restore_progress)
+        if letters:  # dead letters met while restoring, before the loop runs
+            for output in self._reference_letters(letters):
+                produce(self.loop.producer, output.topic, key=output.key,
+                        value=output.value, headers=output.headers)
+            self.loop.producer.flush(60.0)
         if self.health is not None:
             self.health.met("reference_restored")
         self.log.info("worker_started", topic=self.topics.orders_topic,
@@ -185,6 +192,8 @@ class Scorer:
         finally:
             if self.reader is not None:
                 self.reader.close()
+            if self.windowed is not None:
+                self.windowed.close()
             self.log.info("worker_stopped", **self.stats.as_dict())
         return self.stats
 
@@ -204,6 +213,7 @@ class Scorer:
             return
         old, model = self.core.model, models.active
         self.core.shadow = models.shadow
+        self._join_windowed(model, models.shadow, started=True)
         if model is not old:
             self.core.model = model
             metrics.MODEL_SWAPS.inc()
@@ -211,6 +221,29 @@ class Scorer:
             metrics.MODEL_INFO.labels(model.version).set(1)
         self.log.info("model_swapped", version=model.version, replaced=old.version,
                       shadow=models.shadow.version if models.shadow else None)
+
+    def _join_windowed(self, model: Model, shadow: Model | None, started: bool = False
+                       ) -> None:
+        """Join the feature stage's answers for the windowed features ``model`` and
+        ``shadow`` read (scoring/windowed.py); a reader made after the start (a model swapped
+        in) catches up between batches while the orders wait for it."""
+        names = {*model.windowed, *(shadow.windowed if shadow is not None else ())}
+        if self.windowed is not None:
+            self.windowed.join.use(names)
+            return
+        if not names:
+            return
+        join = WindowedJoin(
+            names, max_wait_s=self.settings.reference.reference_max_wait_ms / 1000.0,
+            retention_ms=self.settings.windows.window_retention_s * 1000,
+            skew_ms=self.settings.reference.max_clock_skew_ms)
+        self.windowed = WindowedReader(self.settings.connection, self.topics, join,
+                                       log=self.log)
+        self.core.windowed = join
+        self.log.info("windowed_features_joined", features=join.names,
+                      topic=self.topics.windowed_features_topic)
+        if started:
+            self.windowed.reader.discover()
 
     def _restore_progress(self) -> None:
         """A step of the restore: the process is alive, and says how far it got."""
@@ -231,7 +264,7 @@ class Scorer:
     def pending(self) -> bool:
         """Reference records may arrive and waiting orders become ready with no new order;
         partitions assigned may wait to be read back."""
-        return self.reader is not None or bool(self._to_read_back)
+        return self.reader is not None or self.windowed is not None or bool(self._to_read_back)
 
     def handle(self, records: list[Message]) -> Handled:
         """One consumed batch (maybe empty) -> the records to produce, the offsets settled,
@@ -243,6 +276,10 @@ class Scorer:
         polled = self.reader.poll() if self.reader is not None else Polled([], [])
         out = self._reference_letters(polled.letters)
         corrections = self.core.correct(polled.late) + self.core.verify()
+        if self.windowed is not None:
+            letters, answered = self.windowed.poll()
+            out += self._reference_letters(letters)
+            corrections += self.core.correct_windowed(answered)
         sources = [source_of(m) for m in records]
         # A partition's records come in offset order: its last one is the furthest consumed.
         last = {(source.topic, source.partition): source.offset for source in sources}

@@ -86,6 +86,9 @@ class Decided(BaseModel):
     features: dict[str, Any]
     order_timestamp_ms: int
     reference_complete: bool  # every reference stream had passed the order's time
+    # windowed feature -> why its value is unknown: not_joined for every one the model reads,
+    # since an order given here never passes the feature stage (scoring/windowed.py)
+    windowed_unknown: dict[str, str] = {}
 
 
 # The batch's body as FastAPI would declare and validate ``list[Order]`` with

@@ -81,10 +81,13 @@ class Decision:
         if self.prediction is None:
             return {"order_id": self.order_id, "error": self.error}
         p = self.prediction
-        return {"order_id": self.order_id, "recommendation": p["recommendation"],
-                "model_version": p["model_version"], "probabilities": p["probabilities"],
-                "features": p["features"], "order_timestamp_ms": p["order_timestamp_ms"],
-                "reference_complete": not p["reference_wait_expired"]}
+        answer = {"order_id": self.order_id, "recommendation": p["recommendation"],
+                  "model_version": p["model_version"], "probabilities": p["probabilities"],
+                  "features": p["features"], "order_timestamp_ms": p["order_timestamp_ms"],
+                  "reference_complete": not p["reference_wait_expired"],
+                  # a model reading windowed features: the door cannot know them
+                  "windowed_unknown": p["windowed_unknown"]}
+        return answer
 
 
 class Publisher:

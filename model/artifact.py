@@ -23,6 +23,8 @@ name. The names it knows:
 * ``zip_code_available``: 1.0 or 0.0.
 * ``payment_status=<S>``: one-hot over the vocabulary; a status outside it sets
   ``payment_status=__UNSEEN__``.
+* a windowed feature's name (``customer_orders_1h``...: model/windows.py): its value, NaN
+  where null (XGBoost's missing value). Only in models trained with ``--windowed``.
 
 A manifest naming any other column is refused when the artifact is loaded.
 """
@@ -33,7 +35,7 @@ import hashlib
 import json
 import sys
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +46,7 @@ if TYPE_CHECKING:  # xgboost is imported when a model is loaded, not with this m
     from xgboost import Booster, XGBClassifier
 
 from triage.bus.errors import ConfigurationError
-from triage.model.features import FEATURES, FeatureBatch
+from triage.model.features import FEATURES, WINDOWED_NAMES, FeatureBatch
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.json"
@@ -64,11 +66,19 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def feature_order(vocabularies: dict[str, list[str]]) -> list[str]:
+def feature_order(vocabularies: dict[str, list[str]], windowed: Sequence[str] = ()
+                  ) -> list[str]:
     """Design column names for a model trained now: every feature's trained columns
-    (``in_stock``, not the raw ``inventory``), then, per categorical feature, one
-    ``<name>=<value>`` column for each entry of its vocabulary (model.features.FEATURES)."""
+    (``in_stock``, not the raw ``inventory``), then the ``windowed`` features named (each its
+    own column, NaN where null: XGBoost's missing value), then, per categorical feature, one
+    ``<name>=<value>`` column for each entry of its vocabulary (model.features.FEATURES).
+    Raises ArtifactError for a name in ``windowed`` that is no windowed feature."""
+    unknown = sorted(set(windowed) - set(WINDOWED_NAMES))
+    if unknown:
+        raise ArtifactError(f"{', '.join(unknown)}: no such windowed feature; declared: "
+                            f"{', '.join(WINDOWED_NAMES)} (model/windows.py)")
     numeric = [column for f in FEATURES for column in f.trained_design]
+    numeric += [name for name in WINDOWED_NAMES if name in windowed]
     one_hot = [f"{f.name}={value}" for f in FEATURES if f.categorical
                for value in vocabularies[f.name]]
     return [*numeric, *one_hot]
@@ -230,6 +240,13 @@ class Model:
     @property
     def version(self) -> str:
         return str(self.manifest["version"])
+
+    @property
+    def windowed(self) -> tuple[str, ...]:
+        """The windowed features the model reads (design columns named after them), in
+        declaration order: the scorer joins the feature stage's values only for a model that
+        reads some (scoring/windowed.py)."""
+        return tuple(name for name in WINDOWED_NAMES if name in self.columns.names)
 
     def design_matrix(self, features: FeatureBatch) -> np.ndarray:
         """float32 (len(features), len(feature_order)), columns as the manifest names them."""

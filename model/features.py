@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from triage.model.reference import ReferenceTables
+from triage.model.windows import WINDOWED_FEATURES, WindowedFeature
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class OrderKeys:
     skus: Sequence[str]
     zip_codes: Sequence[str]
     times_ms: np.ndarray  # int64 UTC milliseconds since the epoch
+    # Windowed feature name -> float64 values, NaN where unknown or null (scoring/windowed.py
+    # online, model/windows.py's offline_values in training); a feature absent is all NaN.
+    windowed: Mapping[str, np.ndarray] | None = None
 
 
 def _hour(keys: OrderKeys) -> np.ndarray:
@@ -59,6 +63,15 @@ def _payment_status(keys: OrderKeys) -> np.ndarray:
 def _zip_code_available(keys: OrderKeys) -> np.ndarray:
     # Served strictly after available_from: the roll-out as of 1 ms before the order.
     return keys.reference.as_of("zip_codes", keys.zip_codes, np.asarray(keys.times_ms) - 1)
+
+
+def _windowed(name: str) -> Callable[[OrderKeys], np.ndarray]:
+    def compute(keys: OrderKeys) -> np.ndarray:
+        found = (keys.windowed or {}).get(name)
+        if found is None:
+            return np.full(len(keys.times_ms), np.nan)
+        return np.asarray(found, dtype=np.float64)
+    return compute
 
 
 def _as_is(values: np.ndarray) -> list[Any]:
@@ -108,6 +121,7 @@ class Feature:
     to_avro: Callable[[np.ndarray], list[Any]] = _as_is
     missing: Any = None  # the value of a sample whose record says null (drift monitor)
     stream: str | None = None
+    window: WindowedFeature | None = None
 
 
 FEATURES: tuple[Feature, ...] = (
@@ -138,21 +152,36 @@ FEATURES: tuple[Feature, ...] = (
             coverage=(True, False),
             design={"zip_code_available": lambda v: v}, trained_design=("zip_code_available",),
             stream="zip_codes"),
+    # The windowed features (model/windows.py): float64, NaN where null. A model uses one only
+    # if it was trained with it (triage train --windowed); for the others the scorer does not
+    # join them (scoring/windowed.py) and the prediction holds null.
+    *(Feature(w.name, f"{w.aggregation} of the {w.entity}'s orders in {w.window_ms} ms before "
+              "the order (model/windows.py)", _windowed(w.name), np.float64,
+              ["null", "double"], drift=(), coverage=(np.nan,),
+              design={w.name: lambda v: v}, to_avro=_nan_to_null, missing=np.nan,
+              stream="windowed_features", window=w)
+      for w in WINDOWED_FEATURES),
 )
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
 BY_NAME: dict[str, Feature] = {f.name: f for f in FEATURES}
+WINDOWED_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES if f.window is not None)
 
 
 class FeatureBatch:
     """The features of a batch of orders: one numpy column per declared feature, in
     :data:`FEATURES` order, all of one length. Columns are attributes
-    (``batch.inventory``); construct positionally in declaration order or by name."""
+    (``batch.inventory``); construct positionally in declaration order or by name. The
+    windowed features may be left out: they are then NaN (null, not joined)."""
 
     __slots__ = ("columns",)
 
     def __init__(self, *values: np.ndarray, **named: np.ndarray) -> None:
         columns = dict(zip(FEATURE_NAMES, values, strict=False))
         columns.update(named)
+        if WINDOWED_NAMES and not set(WINDOWED_NAMES) <= set(columns) and columns:
+            size = len(next(iter(columns.values())))
+            for name in WINDOWED_NAMES:
+                columns.setdefault(name, np.full(size, np.nan))
         if set(columns) != set(FEATURE_NAMES) or len(values) > len(FEATURE_NAMES):
             raise TypeError(f"FeatureBatch needs exactly {', '.join(FEATURE_NAMES)}; "
                             f"got {', '.join(columns)}")
@@ -193,12 +222,16 @@ class FeatureBatch:
         """Columns of plain values, as Avro feature records hold them (a None is the
         feature's missing value), as arrays of the declared dtypes."""
         return cls(**{f.name: np.array([f.missing if v is None else v for v in columns[f.name]],
-                                       dtype=f.dtype) for f in FEATURES})
+                                       dtype=f.dtype)
+                      for f in FEATURES if f.name in columns or f.window is None})
 
 
 def compute_features(reference: ReferenceTables, order_ids: Sequence[str], skus: Sequence[str],
-                     zip_codes: Sequence[str], timestamps_ms: np.ndarray) -> FeatureBatch:
-    """Every declared feature of a batch of orders (timestamps in UTC epoch milliseconds)."""
+                     zip_codes: Sequence[str], timestamps_ms: np.ndarray,
+                     windowed: Mapping[str, np.ndarray] | None = None) -> FeatureBatch:
+    """Every declared feature of a batch of orders (timestamps in UTC epoch milliseconds);
+    ``windowed``: the windowed features' values (name -> float64, NaN for null), NaN for
+    those not given."""
     keys = OrderKeys(reference, order_ids, skus, zip_codes,
-                     np.asarray(timestamps_ms, dtype=np.int64))
+                     np.asarray(timestamps_ms, dtype=np.int64), windowed)
     return FeatureBatch(**{f.name: f.compute(keys) for f in FEATURES})

@@ -11,6 +11,7 @@ import numpy as np
 
 from triage.model.features import FeatureBatch, compute_features
 from triage.model.reference import ReferenceTables, parse_timestamps_lenient, read_csv
+from triage.model.windows import WINDOWED_FEATURES, offline_values
 
 ORDER_COLUMNS = ["order_id", "customer_id", "timestamp", "sku_code", "zip_code"]
 
@@ -60,10 +61,29 @@ class OrderColumns:
                                      self.sku_code, self.zip_code, strict=True)
         ]
 
-    def features(self, reference: ReferenceTables) -> FeatureBatch:
-        """Every feature of these orders, as of each order's own millisecond."""
+    def features(self, reference: ReferenceTables, windowed: Sequence[str] = ()
+                 ) -> FeatureBatch:
+        """Every feature of these orders, as of each order's own millisecond; the windowed
+        features named in ``windowed`` computed offline over these same orders
+        (:meth:`windowed_values`), the others null."""
         return compute_features(reference, self.order_id, self.sku_code, self.zip_code,
-                                self.timestamp_ms)
+                                self.timestamp_ms, self.windowed_values(windowed))
+
+    def windowed_values(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Windowed feature name -> float64 values (NaN for null), computed offline, point in
+        time, over these orders as the whole history (model/windows.py ``offline_values``).
+        Raises KeyError for a name that is no declared windowed feature."""
+        if not names:
+            return {}
+        import pandas as pd  # training only: a serving process never imports pandas
+
+        declared = {w.name: w for w in WINDOWED_FEATURES}
+        frame = pd.DataFrame({"order_id": self.order_id, "timestamp_ms": self.timestamp_ms,
+                              "customer_id": self.customer_id, "sku_code": self.sku_code,
+                              "zip_code": self.zip_code})
+        return {name: np.array([np.nan if v is None else v
+                                for v in offline_values(frame, declared[name])],
+                               dtype=np.float64) for name in names}
 
 
 def read_orders_csv(path: str | Path, limit: int | None = None,

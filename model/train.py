@@ -17,6 +17,7 @@ many were added (``metrics.synthetic_rows``).
 from __future__ import annotations
 
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +34,7 @@ from triage.bus.errors import ConfigurationError
 from triage.model import artifact
 from triage.model.artifact import UNSEEN_STATUS, DesignColumns, feature_order
 from triage.model.drift import training_baseline
-from triage.model.features import FEATURE_NAMES, FEATURES, FeatureBatch
+from triage.model.features import FEATURE_NAMES, FEATURES, WINDOWED_NAMES, FeatureBatch
 from triage.model.orders import read_orders_csv
 from triage.model.policy import CLASSES, label
 from triage.model.reference import MISSING_STATUS, ReferenceTables, zip_code_warnings
@@ -103,17 +104,27 @@ def vocabularies(features: FeatureBatch, reference: ReferenceTables) -> dict[str
 
 
 def train(data_dir: str | Path, out_dir: str | Path, *, seed: int = 0, holdout: float = 0.2,
-          min_accuracy: float = MIN_ACCURACY, encoding: str = "utf-8") -> TrainReport:
+          min_accuracy: float = MIN_ACCURACY, encoding: str = "utf-8",
+          windowed: Sequence[str] = ()) -> TrainReport:
     """Train on ``data_dir``'s CSVs and write the artifact to ``out_dir`` if the gate passes.
+    ``windowed``: windowed features (model/windows.py) the model reads besides the four,
+    computed offline, point in time, over orders.csv (``offline_values``); a model that reads
+    them is scored with the feature stage's values (``triage windows``).
 
-    Raises TrainingError (no artifact written) when a class has no example or the holdout
-    accuracy is below ``min_accuracy``; ReferenceDataError when a CSV cannot be read."""
+    Raises TrainingError (no artifact written) when a class has no example, the holdout
+    accuracy is below ``min_accuracy`` or ``windowed`` names an undeclared feature;
+    ReferenceDataError when a CSV cannot be read."""
     data_dir = Path(data_dir)
     orders = read_orders_csv(data_dir / "orders.csv", encoding=encoding)
     reference = ReferenceTables.load(data_dir, encoding=encoding)
     warnings = (*(f"orders.csv {row}; not trained on" for row in orders.skipped),
                 *zip_code_warnings(reference.keys("zip_codes"), orders.zip_code))
-    features = orders.features(reference)
+    unknown = sorted(set(windowed) - set(WINDOWED_NAMES))
+    if unknown:
+        raise TrainingError(f"{', '.join(unknown)}: no such windowed feature; declared: "
+                            f"{', '.join(WINDOWED_NAMES)} (model/windows.py)")
+    windowed = [name for name in WINDOWED_NAMES if name in windowed]
+    features = orders.features(reference, windowed)
     labels = label(features)
     present = set(labels.tolist())
     if len(present) < len(CLASSES):
@@ -126,8 +137,9 @@ def train(data_dir: str | Path, out_dir: str | Path, *, seed: int = 0, holdout: 
     manifest: dict[str, Any] = {
         "categories": categories,
         "classes": class_order,
-        "features": list(FEATURE_NAMES),
-        "feature_order": feature_order(categories),
+        "features": [name for name in FEATURE_NAMES
+                     if name not in WINDOWED_NAMES or name in windowed],
+        "feature_order": feature_order(categories, windowed),
     }
     columns = DesignColumns(manifest["feature_order"])
     matrix = columns.build(_with_unseen(features, rng))

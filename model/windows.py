@@ -45,7 +45,9 @@ every state of a store forgets an order when the store does: scoring/window_task
 TRIAGE_WINDOW_RETENTION_S).
 
 The feature stage (consumer/window_stage.py, ``triage windows``) computes them on Kafka; the
-scorer does not join them into predictions yet, and no model uses them.
+scorer joins its answers into the predictions of a model trained on them
+(``triage train --windowed``: scoring/windowed.py), and training computes them with
+:func:`offline_values` (model/orders.py).
 """
 
 from __future__ import annotations
@@ -55,12 +57,14 @@ import heapq
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pandas as pd
 
 from triage.bus.errors import BadRecord
+
+if TYPE_CHECKING:  # offline_values needs pandas; a serving process never imports it
+    import pandas as pd
 from triage.bus.settings import TopicSettings
 
 Aggregation = Literal["count", "distinct_count", "seconds_since_last"]
@@ -334,8 +338,8 @@ WINDOWED_FEATURES: tuple[WindowedFeature, ...] = (
 """The windowed features declared so far (issue 27's examples): the orders this customer
 placed in the hour before this one, the distinct delivery zips it used in the last 7 days
 (this order's included), the seconds since its previous order (within 7 days), the orders of
-this SKU in the 10 minutes before. No model uses them yet: model_v1's four features stay the
-default."""
+this SKU in the 10 minutes before. A model reads them only if trained with them
+(``triage train --windowed``); model_v1's four features stay the default."""
 
 
 def declared(features: Sequence[WindowedFeature]) -> dict[str, WindowedFeature]:
@@ -389,8 +393,9 @@ def window_topic_specs(topics: TopicSettings, features: Sequence[WindowedFeature
     the clock, and the retention is at most a day. Beyond that (a slow replay, a longer
     retention), a key the store still holds can be deleted; after a restore its order then
     reads as new. A late record of it then comes out ``window_expired``, never silently
-    wrong. The repartition and output topics use the broker's retention (7 days by default):
-    a store's input is read once, and the output is read by the scorer."""
+    wrong. The repartition topics use the broker's retention (7 days by default): a store's
+    input is read once. The output keeps what the changelog does: every scorer reads it from
+    the beginning at start (scoring/windowed.py), and keeps less."""
     specs: dict[str, tuple[int, dict[str, str]]] = {}
     for entity, found in stores(features).items():
         keep = max(f.window_ms for f in found) + retention_ms + DAY_MS
@@ -399,5 +404,7 @@ def window_topic_specs(topics: TopicSettings, features: Sequence[WindowedFeature
             topics.orders_partitions, {"cleanup.policy": "compact,delete",
                                        "retention.ms": str(keep)})
     if specs:
-        specs[topics.windowed_features_topic] = (topics.orders_partitions, {})
+        keep = max(f.window_ms for f in features) + retention_ms + DAY_MS
+        specs[topics.windowed_features_topic] = (topics.orders_partitions,
+                                                 {"retention.ms": str(keep)})
     return specs

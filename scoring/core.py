@@ -44,7 +44,7 @@ import structlog
 from triage.bus.clients import Source
 from triage.bus.errors import BadRecord
 from triage.model.artifact import Model
-from triage.model.features import FeatureBatch, compute_features
+from triage.model.features import FEATURE_NAMES, WINDOWED_NAMES, FeatureBatch, compute_features
 from triage.model.orders import OrderColumns
 from triage.model.reference import ReferenceTables, truncated_zip_match
 from triage.schemas.codec import Codec
@@ -68,6 +68,8 @@ from triage.scoring.hooks import (
 )
 from triage.scoring.sampling import sampled_indices
 from triage.scoring.settings import CoreSettings
+from triage.scoring.windowed import NOT_JOINED, WAIT_EXPIRED, WINDOW_EXPIRED, WindowedJoin
+from triage.scoring.windowed import STREAM as WINDOWED_STREAM
 
 Record = dict[str, Any]
 
@@ -228,6 +230,9 @@ class ScoringCore:
         self.checks = list(checks)
         self.observers = list(observers)
         self.gate = gate
+        # The feature stage's answers (scoring/windowed.py), for a model that reads windowed
+        # features; None: they are not joined (null in the predictions).
+        self.windowed: WindowedJoin | None = None
         self.retained = retained
         self.clock = clock
         self.monotonic = monotonic
@@ -270,16 +275,19 @@ class ScoringCore:
 
     def _admit(self, outcome: Outcome, held: list[_Waiting], now: float, deadline: float,
                fresh: int) -> None:
-        """Score what the gate lets through; keep the rest waiting."""
+        """Score what the gate (and the windowed join) let through; keep the rest waiting."""
+        waited = np.fromiter((now - w.since for w in held), np.float64, len(held))
         if self.gate is None:
             ready, expired = np.ones(len(held), dtype=bool), np.zeros(len(held), dtype=bool)
         else:
             timestamps = np.fromiter((w.record["timestamp_ms"] for w in held), np.int64,
                                      len(held))
             published = np.fromiter((w.published for w in held), np.int64, len(held))
-            waited = np.fromiter((now - w.since for w in held), np.float64, len(held))
             ready, expired = self.gate.admit(timestamps, published, waited)
         go = ready | expired
+        if self.windowed is not None and self.windowed.entities:
+            answered, gave_up = self.windowed.admit([w.record for w in held], waited)
+            go &= answered | gave_up
         self.waiting = {}
         for w, keep in zip(held, (~go).tolist(), strict=True):
             if keep:
@@ -370,8 +378,11 @@ class ScoringCore:
     def _score(self, outcome: Outcome, items: list[Incoming], records: list[Record],
                expired: np.ndarray, deadline: float) -> None:
         orders = OrderColumns.from_records(records)
+        joined = self.windowed.lookup(records) if self.windowed is not None else None
         try:
-            features = orders.features(self.reference)
+            features = compute_features(self.reference, orders.order_id, orders.sku_code,
+                                        orders.zip_code, orders.timestamp_ms,
+                                        joined.values if joined is not None else None)
             recommendations, proba = self.model.predict(features)
         except Exception as exc:
             if len(records) > 1:  # find the record(s) to blame; the rest are scored as usual
@@ -388,6 +399,17 @@ class ScoringCore:
             return
         if self.gate is not None:
             self.gate.scored(orders.timestamp_ms)
+        unknown = joined.unknown if joined is not None else [{} for _ in records]
+        # What a model reads that no join gives (the HTTP door has none): unknown.
+        unjoined = sorted({*self.model.windowed, *(self.shadow.windowed if self.shadow else ())}
+                          - set(self.windowed.names if self.windowed is not None else ()))
+        for row in unknown if unjoined else ():
+            row.update(dict.fromkeys(unjoined, NOT_JOINED))
+        if self.windowed is not None:
+            self.windowed.scored(orders.timestamp_ms)
+            waits = sum(WAIT_EXPIRED in u.values() for u in unknown)
+            if waits:
+                metrics.WINDOWED_WAIT_EXPIRED.inc(waits)
         if expired.any():
             outcome.expired += int(expired.sum())
             metrics.REFERENCE_WAIT_EXPIRED.inc(int(expired.sum()))
@@ -395,9 +417,10 @@ class ScoringCore:
         scored_at = self.clock()
         labels = recommendations.tolist()
         self._records(outcome, items, orders, features, labels, proba, expired.tolist(),
-                      scored_at)
+                      scored_at, unknown)
         if self.shadow is not None:
-            self._shadow(outcome, items, orders, features, labels, expired.tolist(), scored_at)
+            self._shadow(outcome, items, orders, features, labels, expired.tolist(), scored_at,
+                         unknown)
         if self.observers:
             published = [self._published_at(item, scored_at) for item in items]
             # Copies: the prediction columns share these lists and this array, and a hook
@@ -420,7 +443,7 @@ class ScoringCore:
 
     def _shadow(self, outcome: Outcome, items: list[Incoming], orders: OrderColumns,
                 features: FeatureBatch, active: list[str], expired: list[bool],
-                scored_at: int) -> None:
+                scored_at: int, unknown: list[dict[str, str]]) -> None:
         """The shadow model's predictions of the same orders, from the same features: one more
         predict call per batch. A failure costs the shadow predictions, never the batch."""
         shadow = self.shadow
@@ -434,7 +457,7 @@ class ScoringCore:
         labels = recommendations.tolist()
         scored = Outcome(len(items))
         self._records(scored, items, orders, features, labels, proba, expired, scored_at,
-                      model=shadow, shadow=True)
+                      unknown, model=shadow, shadow=True)
         outcome.shadow_scored += scored.scored  # the blame path scores order by order
         agreed = sum(a == b for a, b in zip(active, labels, strict=True))
         metrics.SHADOW_PREDICTIONS.inc(len(labels))
@@ -453,11 +476,12 @@ class ScoringCore:
 
     def _records(self, outcome: Outcome, items: list[Incoming], orders: OrderColumns,
                  features: FeatureBatch, recommendations: list[str], proba: np.ndarray,
-                 expired: list[bool], scored_at: int, model: Model | None = None,
-                 shadow: bool = False) -> None:
+                 expired: list[bool], scored_at: int, unknown: list[dict[str, str]],
+                 model: Model | None = None, shadow: bool = False) -> None:
         """The predictions of every scored order, as columns (:class:`ScoredColumns`), and
         the drift samples (not for the shadow model's predictions, which count in no metric
-        but the shadow's). ``proba``: (orders, classes) probabilities. With ``retained``,
+        but the shadow's). ``proba``: (orders, classes) probabilities; ``unknown``: per order,
+        the windowed features whose value is unknown, and why. With ``retained``,
         each order's revision follows what was published for it before (module docstring),
         and the batch is kept for corrections."""
         version = (model or self.model).version
@@ -500,6 +524,7 @@ class ScoringCore:
             "revision_reason": reasons if revised else Constant(None),
             "sku_code": orders.sku_code,
             "zip_code": orders.zip_code,
+            "windowed_unknown": unknown if any(unknown) else Constant({}),
         }
         if publish.count(True) == n:
             outcome.scored.append(ScoredColumns(items, keys, columns, n))
@@ -512,7 +537,7 @@ class ScoringCore:
             return
         if self.retained is not None:
             self._keep(orders, features, recommendations, expired, revisions, publish,
-                       scored_at, partitions, offsets, published_ms)
+                       scored_at, partitions, offsets, published_ms, unknown)
         for recommendation, count in Counter(recommendations).items():
             metrics.PREDICTIONS.labels(recommendation).inc(count)
 
@@ -564,10 +589,12 @@ class ScoringCore:
 
     def _keep(self, orders: OrderColumns, features: FeatureBatch, recommendations: list[str],
               expired: list[bool], revisions: list[int], publish: list[bool], scored_at: int,
-              partitions: list[int], offsets: list[int], published_ms: list[int]) -> None:
+              partitions: list[int], offsets: list[int], published_ms: list[int],
+              unknown: list[dict[str, str]]) -> None:
         """Keep the published orders read from Kafka (``partitions``, ``offsets`` and
-        ``published_ms``: each order's lineage, partition -1 for one from no topic), a batch
-        per orders partition."""
+        ``published_ms``: each order's lineage, partition -1 for one from no topic;
+        ``unknown``: each order's unknown windowed features), a batch per orders
+        partition."""
         retained = self.retained
         assert retained is not None
         partition_of = np.asarray(partitions, dtype=np.int64)
@@ -601,7 +628,8 @@ class ScoringCore:
                 features=features.take(take),
                 scored_at_ms=scored_at,
                 verified=np.ones(len(take), dtype=bool),
-                alive=np.ones(len(take), dtype=bool)))
+                alive=np.ones(len(take), dtype=bool),
+                windowed_unknown=[unknown[i] for i in picked]))
 
     # -- corrections -------------------------------------------------------------------------
 
@@ -614,6 +642,22 @@ class ScoringCore:
             return []
         found = [(kept, rows[kept.verified[rows]]) for kept, rows in self.retained.affected(late)]
         return self._revise([(kept, rows) for kept, rows in found if len(rows)])
+
+    def correct_windowed(self, order_ids: Sequence[str]) -> list[Correction]:
+        """Corrected revisions of the kept orders among ``order_ids`` (whose feature stage
+        answer changed: scoring/windowed.py) whose windowed features or unknown flags
+        change."""
+        if self.retained is None or not order_ids:
+            return []
+        rows: dict[int, tuple[Kept, list[int]]] = {}
+        for order_id in dict.fromkeys(order_ids):
+            found = self.retained.latest(order_id)
+            if found is not None:
+                kept, row = found
+                if kept.alive[row] and kept.verified[row]:
+                    rows.setdefault(id(kept), (kept, []))[1].append(row)
+        return self._revise([(kept, np.array(sorted(found), dtype=np.int64))
+                             for kept, found in rows.values()])
 
     def read_back(self, kept: Kept) -> None:
         """Keep a batch read back from the predictions topic (scoring/corrections.py): its
@@ -655,11 +699,16 @@ class ScoringCore:
         skus = [kept.sku_code[r] for kept, rows in found for r in rows.tolist()]
         zips = [kept.zip_code[r] for kept, rows in found for r in rows.tolist()]
         times = np.concatenate([kept.timestamp_ms[rows] for kept, rows in found])
-        fresh = compute_features(self.reference, order_ids, skus, zips, times)
         old = FeatureBatch(**{name: np.concatenate([kept.features.columns[name][rows]
                                                     for kept, rows in found])
-                              for name in fresh.columns})
+                              for name in FEATURE_NAMES})
+        old_unknown = [kept.unknown(r) for kept, rows in found for r in rows.tolist()]
+        windowed, unknown = self._windowed_again(found, old, old_unknown)
+        fresh = compute_features(self.reference, order_ids, skus, zips, times, windowed)
         changed = changed_streams(old, fresh)
+        for i, (was, now) in enumerate(zip(old_unknown, unknown, strict=True)):
+            if was != now and WINDOWED_STREAM not in changed[i]:
+                changed[i].append(WINDOWED_STREAM)
         where = [(kept, r) for kept, rows in found for r in rows.tolist()]
         revise = [i for i, streams in enumerate(changed) if streams]
         if not revise:
@@ -683,6 +732,8 @@ class ScoringCore:
             kept.recommendation[row] = label
             if expired is not None and expired[i]:
                 kept.expired[row] = True
+            if kept.windowed_unknown is not None:
+                kept.windowed_unknown[row] = unknown[i]
             for name, column in features.columns.items():
                 kept.features.columns[name][row] = column[j]
             for stream in set(changed[i]):
@@ -705,10 +756,43 @@ class ScoringCore:
                 "revision_reason": reason,
                 "sku_code": kept.sku_code[row],
                 "zip_code": kept.zip_code[row],
+                "windowed_unknown": unknown[i],
             }, kept.partition))
         self.log.info("predictions_corrected", orders=len(out),
                       reasons=dict(Counter(c.record["revision_reason"] for c in out)))
         return out
+
+    def _windowed_again(self, found: list[tuple[Kept, np.ndarray]], old: FeatureBatch,
+                        old_unknown: list[dict[str, str]]
+                        ) -> tuple[dict[str, np.ndarray] | None, list[dict[str, str]]]:
+        """The windowed features of kept rows as the join has them now. Where it has no
+        answer (not come yet, or forgotten), what was published stands, except a null that
+        said nothing (the feature was not joined when it was published: a model swapped in
+        since reads it), which now says ``wait_expired``. An answer ``window_expired`` (the
+        stage no longer knows) does not replace a value published as known."""
+        if self.windowed is None:
+            return ({name: old.columns[name] for name in WINDOWED_NAMES}, old_unknown)
+        orders = [{"order_id": kept.order_id[r], "customer_id": kept.customer_id[r],
+                   "sku_code": kept.sku_code[r], "zip_code": kept.zip_code[r]}
+                  for kept, rows in found for r in rows.tolist()]
+        joined = self.windowed.lookup(orders)
+        values = {name: old.columns[name].copy() for name in WINDOWED_NAMES}
+        unknown = []
+        for i, (now, was) in enumerate(zip(joined.unknown, old_unknown, strict=True)):
+            row = {name: why for name, why in now.items() if why != WAIT_EXPIRED}
+            for name in self.windowed.names:
+                why = now.get(name)
+                if why == WAIT_EXPIRED:  # no answer now: the published one stands
+                    if name in was:
+                        row[name] = was[name]
+                    elif np.isnan(values[name][i]):
+                        row[name] = WAIT_EXPIRED
+                elif why == WINDOW_EXPIRED and name not in was:
+                    row.pop(name, None)  # known when published: the stage forgot it since
+                else:
+                    values[name][i] = joined.values[name][i]
+            unknown.append(row)
+        return values, unknown
 
     def _count_unknown_zips(self, zip_codes: list[str]) -> None:
         """Count orders to zips the reference data does not know (scored as not served), and

@@ -85,6 +85,9 @@ class Kept:
     verified: np.ndarray        # bool
     alive: np.ndarray           # bool
     read_back_at: float = 0.0   # monotonic seconds when read back from the topic
+    # per row, the windowed features published as unknown, and why (prediction.avsc's
+    # windowed_unknown); None: none was
+    windowed_unknown: list[dict[str, str]] | None = None
 
     def __post_init__(self) -> None:
         self._hashes: dict[str, np.ndarray] = {}
@@ -93,6 +96,10 @@ class Kept:
 
     def __len__(self) -> int:
         return len(self.order_id)
+
+    def unknown(self, row: int) -> dict[str, str]:
+        """The windowed features published as unknown for ``row``, and why."""
+        return {} if self.windowed_unknown is None else self.windowed_unknown[row]
 
     def hashes(self, order_key: str) -> np.ndarray:
         """int64 ``hash()`` of each order's ``order_key`` field (one of the order fields kept
@@ -276,4 +283,5 @@ def kept_from_records(partition: int, records: Sequence[dict[str, Any]], read_ba
         verified=~whole,
         alive=whole,
         read_back_at=read_back_at,
+        windowed_unknown=[dict(r["windowed_unknown"]) for r in records],
     )

@@ -45,6 +45,10 @@ REFERENCE_DEAD_LETTERS = Counter("triage_reference_dead_letters_total",
                                  ["stream", "reason"])
 REFERENCE_WAIT_EXPIRED = Counter("triage_reference_wait_expired_total",
                                  "Orders scored because TRIAGE_REFERENCE_MAX_WAIT_MS ran out.")
+WINDOWED_WAIT_EXPIRED = Counter(
+    "triage_windowed_wait_expired_total",
+    "Orders scored without the feature stage's answer because TRIAGE_REFERENCE_MAX_WAIT_MS "
+    "ran out (windowed_unknown says wait_expired; a correction follows the answer).")
 WAITING_ORDERS = Gauge("triage_waiting_orders",
                        "Orders consumed and waiting for the reference streams to pass them.")
 MODEL_REFUSALS = Counter("triage_model_refusals_total",

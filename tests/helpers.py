@@ -30,6 +30,7 @@ from triage.bus.embedded import free_port
 from triage.consumer.reader import TopicReader, collect
 from triage.consumer.supervisor import Supervisor, worker_env
 from triage.model import artifact
+from triage.model.features import WINDOWED_NAMES
 from triage.model.orders import read_orders_csv
 from triage.producer.replay import ReplaySummary, replay
 from triage.schemas.codec import Codec
@@ -191,7 +192,7 @@ def oracle(data_dir: Path) -> pd.DataFrame:
 
 
 def merge_asof_features(events: list[Event]) -> dict[str, dict]:
-    """order_id -> its four features by pandas.merge_asof(direction="backward") over every
+    """order_id -> its features: the four by pandas.merge_asof(direction="backward") over every
     reference event, in publication order (of two events of one key and time, the later
     published wins, as the later row in a file does)."""
     def frame(stream: str, columns: dict[str, str]) -> pd.DataFrame:
@@ -215,7 +216,9 @@ def merge_asof_features(events: list[Event]) -> dict[str, dict]:
         "order_hour_of_day": int(row.at // 3_600_000 % 24),
         "inventory": None if pd.isna(row.level) else float(row.level),
         "payment_status": "MISSING" if pd.isna(row.status) else row.status,
-        "zip_code_available": bool(row.served is True)} for row in joined.itertuples()}
+        "zip_code_available": bool(row.served is True),
+        **dict.fromkeys(WINDOWED_NAMES)}  # null: the model reads none, so none is joined
+        for row in joined.itertuples()}
 
 
 def write_rows(path: Path, rows: list[list[str]], encoding: str = "utf-8") -> None:

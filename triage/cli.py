@@ -144,6 +144,10 @@ def _add_train(commands: Commands, common: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-accuracy", type=float, default=0.995,
                    help="refuse to save a model below this holdout accuracy (default 0.995)")
+    p.add_argument("--windowed", metavar="NAMES",
+                   help="also train on these windowed features (comma-separated, or 'all'; "
+                   "see `triage windows`), computed offline from orders.csv; the scorer "
+                   "then joins the feature stage's values for the model")
     _encoding_flag(p)
 
 
@@ -673,6 +677,17 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
                        reference_dir=args.reference, host=args.host, broker=broker)
 
 
+def _windowed_names(args: argparse.Namespace) -> list[str]:
+    """``--windowed``: the names given, every declared one for 'all', none without it."""
+    if not args.windowed:
+        return []
+    if args.windowed.strip() == "all":
+        from triage.model.features import WINDOWED_NAMES
+
+        return list(WINDOWED_NAMES)
+    return [name.strip() for name in args.windowed.split(",") if name.strip()]
+
+
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     import tempfile
 
@@ -689,7 +704,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     with tempfile.TemporaryDirectory(prefix="triage-train-") as scratch:
         out = args.out or Path(scratch) / "model"
         report = train(args.data, out, seed=args.seed, min_accuracy=args.min_accuracy,
-                       encoding=settings.data.csv_encoding)
+                       encoding=settings.data.csv_encoding, windowed=_windowed_names(args))
         if args.registry is not None:
             added = Registry(args.registry).add(out)
             print(f"added {added.version} to the registry {args.registry}; `triage models "

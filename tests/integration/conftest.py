@@ -30,6 +30,7 @@ from tests.helpers import (
 from triage.bus.clients import create_topics
 from triage.bus.embedded import EmbeddedBroker
 from triage.model.datagen import generate
+from triage.model.features import WINDOWED_NAMES
 from triage.model.orders import read_orders_csv
 from triage.model.streams import reference_topic_partitions
 from triage.settings import Settings
@@ -155,13 +156,15 @@ def live_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def expected(live_data: Path) -> dict[str, dict]:
-    """order_id -> the four features merge_asof gives over the complete CSVs."""
+    """order_id -> the four features merge_asof gives over the complete CSVs (and the windowed
+    ones null)."""
     frame = oracle(live_data)
     ids = read_orders_csv(live_data / "orders.csv").order_id
     return {order_id: {"order_hour_of_day": int(row.order_hour_of_day),
                        "inventory": None if np.isnan(row.inventory) else float(row.inventory),
                        "payment_status": row.payment_status,
-                       "zip_code_available": bool(row.zip_code_available)}
+                       "zip_code_available": bool(row.zip_code_available),
+                       **dict.fromkeys(WINDOWED_NAMES)}  # null: the model reads none
             for order_id, row in zip(ids, frame.itertuples(), strict=True)}
 
 

@@ -45,11 +45,14 @@ PREDICTION = {
     "probabilities": {"Deliver": 0.25, "HoldCheckPayment": 0.75},
     "model_version": "xgb-0123456789ab",
     "features": {"order_hour_of_day": 13, "inventory": None, "payment_status": "MISSING",
-                 "zip_code_available": True},
+                 "zip_code_available": True, "customer_orders_1h": 2.0,
+                 "customer_zip_codes_7d": None, "customer_seconds_since_last": 61.5,
+                 "sku_orders_10m": None},
     "order_timestamp_ms": 1, "scored_at_ms": 2, "order_published_at_ms": 3,
     "order_partition": 4, "order_offset": 5, "reference_wait_expired": True,
     "revision": 2, "revision_reason": "late_reference:payments", "sku_code": "SKU-1",
-    "zip_code": "00501",
+    "zip_code": "00501", "windowed_unknown": {"customer_zip_codes_7d": "wait_expired",
+                                             "sku_orders_10m": "window_expired"},
 }
 
 
@@ -543,14 +546,21 @@ def test_registry_tls_files_are_checked_at_start_up(tmp_path: Path) -> None:
         Settings.of(schema_registry_ssl_ca_location=str(missing))
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_a_prediction_written_with_an_earlier_contract_still_decodes(version: int) -> None:
     """Schema evolution: version 2 added reference_wait_expired, version 3 revision,
-    revision_reason, sku_code and zip_code, each with a default; records written with an
-    earlier version (schemas/history/prediction.<n>.avsc) decode with the defaults."""
-    added = {"reference_wait_expired": False} if version == 1 else {}
-    added |= {"revision": 1, "revision_reason": None, "sku_code": "", "zip_code": ""}
+    revision_reason, sku_code and zip_code, version 4 the windowed features (null) and
+    windowed_unknown (empty), each with a default; records written with an earlier version
+    (schemas/history/prediction.<n>.avsc) decode with the defaults."""
+    added: dict = {"reference_wait_expired": False} if version == 1 else {}
+    if version < 3:
+        added |= {"revision": 1, "revision_reason": None, "sku_code": "", "zip_code": ""}
+    added |= {"windowed_unknown": {}}
+    windowed = {"customer_orders_1h", "customer_zip_codes_7d", "customer_seconds_since_last",
+                "sku_orders_10m"}
     old = {k: v for k, v in PREDICTION.items() if k not in added}
+    old["features"] = {k: v for k, v in old["features"].items() if k not in windowed}
     data = Codec(f"history/prediction.{version}").encode(old)
     assert data[2:10] != Codec("prediction").encode(PREDICTION)[2:10]  # another fingerprint
-    assert Codec("prediction").decode(data) == {**old, **added}
+    assert Codec("prediction").decode(data) == {
+        **old, **added, "features": {**old["features"], **dict.fromkeys(windowed)}}

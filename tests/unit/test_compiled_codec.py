@@ -430,12 +430,17 @@ def prediction_columns(n: int = 3) -> dict[str, Any]:
         "model_version": Constant("v1"),
         "features": {"order_hour_of_day": [0, 23, 12], "inventory": [None, 1.5, -2.0],
                      "payment_status": ["PAID", "MISSING", "x"],
-                     "zip_code_available": [True, False, True]},
+                     "zip_code_available": [True, False, True],
+                     "customer_orders_1h": [None, 0.0, 3.0],
+                     "customer_zip_codes_7d": [1.0, None, 2.0],
+                     "customer_seconds_since_last": [None, 0.5, 86_400.0],
+                     "sku_orders_10m": [None, None, None]},
         "order_timestamp_ms": [1_767_225_600_123, 0, -1], "scored_at_ms": Constant(2**41),
         "order_published_at_ms": [1, 2, 3], "order_partition": [0, 11, -1],
         "order_offset": [0, 2**40, -1], "reference_wait_expired": [False, True, False],
         "revision": Constant(1), "revision_reason": Constant(None),
-        "sku_code": ["S", "S", "S"], "zip_code": ["01234", "", "z"]}
+        "sku_code": ["S", "S", "S"], "zip_code": ["01234", "", "z"],
+        "windowed_unknown": Constant({})}
 
 
 def test_the_scorer_s_prediction_columns_take_the_generated_encoder() -> None:
@@ -449,6 +454,11 @@ def test_the_scorer_s_prediction_columns_take_the_generated_encoder() -> None:
                                         for r in column_rows(columns, 3)]
     empty = {**columns, "probabilities": MapMatrix((), np.zeros((3, 0), dtype=np.float32))}
     assert encoder(empty, 3, b"") == [fastavro_bytes(schema, r) for r in column_rows(empty, 3)]
+    unknown = {**columns, "windowed_unknown": [{}, {"sku_orders_10m": "wait_expired"}, {}]}
+    encoder = columns_encoder("prediction", layout_of(unknown))
+    assert encoder is not None
+    assert encoder(unknown, 3, b"") == [fastavro_bytes(schema, r)
+                                        for r in column_rows(unknown, 3)]
 
 
 @pytest.mark.parametrize("change", [

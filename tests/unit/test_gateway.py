@@ -241,3 +241,24 @@ def test_the_openapi_contract_holds_for_generated_requests(offline: int) -> None
                                                                   negative_data_rejection])
 
             check()
+
+
+def test_a_model_reading_windowed_features_is_answered_saying_the_door_cannot_know_them(
+        tmp_path: Path) -> None:
+    """An order given over HTTP never passes the feature stage, so the door has no windowed
+    state for it: the answer names every windowed feature the model reads as not_joined (their
+    values null), and the order is still answered."""
+    from triage.model.features import WINDOWED_NAMES
+    from triage.model.train import train
+
+    model_dir = tmp_path / "model"
+    train(EXERCISE, model_dir, windowed=["customer_orders_1h", "sku_orders_10m"],
+          min_accuracy=0.0)
+    app, _ = build(Settings(), model_dir=model_dir, registry_dir=None,
+                   reference_dir=EXERCISE, broker=False)
+    with serving(app) as port:
+        status, body = Client(port).request("POST", "/decision/v1", exercise_orders()[0])
+    assert status == 200, body
+    assert body["windowed_unknown"] == {"customer_orders_1h": "not_joined",
+                                        "sku_orders_10m": "not_joined"}
+    assert all(body["features"][name] is None for name in WINDOWED_NAMES)

@@ -256,7 +256,8 @@ def test_the_stage_topics_one_pair_per_entity_with_a_changelog_kept_past_its_win
         "windows.sku_code-repartition": (3, {}),
         "windows.sku_code-changelog": (3, {"cleanup.policy": "compact,delete",
                                            "retention.ms": str(600_000 + 3_600_000 + DAY_MS)}),
-        "windowed_features": (3, {}),
+        # What the changelogs keep, as the scorers read it from the beginning.
+        "windowed_features": (3, {"retention.ms": str(7 * DAY_MS + 3_600_000 + DAY_MS)}),
     }
     assert window_topic_specs(topics, [], retention_ms=1) == {}
 
