@@ -17,6 +17,9 @@ Decisions, and why (the tests in ``tests/test_drift_stats.py`` measure each clai
   ``inventory_level``           PSI     deciles of the training in-stock levels
   ``payment_status``            chi2    statuses; those under 2% merged into ``(other)``
   ``zip_code_available``        chi2    available / not available
+  a windowed feature            chi2    null / the declared bins (model/features.py: counts
+                                        0, 1, 2, 3-4, 5-9, 10+; seconds <1 min ... >= 1 day);
+                                        only for a model that reads it
   ``recommendation``            chi2    the model's classes (prediction drift)
   ============================  ======  ==================================================
 
@@ -66,9 +69,11 @@ LEVEL_BINS = 10
 OTHER = "(other)"
 OK, DRIFT, INSUFFICIENT = "ok", "drift", "insufficient_data"
 AVAILABILITY_LABELS = ("missing", "out of stock", "in stock")
-# Every check, in report order: each feature's declared checks (model.features.FEATURES), then
-# the predictions.
-CHECKS = (*(check.name for f in FEATURES for check in f.drift), "recommendation")
+# Every check of a model that reads no windowed feature, in report order: each feature's declared
+# checks (model.features.FEATURES), then the predictions. A model that reads windowed features
+# has theirs too (Reference.from_manifest).
+CHECKS = (*(check.name for f in FEATURES if f.window is None for check in f.drift),
+          "recommendation")
 
 
 class DriftError(ConfigurationError):
@@ -222,6 +227,29 @@ def _binary_check(check: DriftCheck, feature: str, rate: float, rows: int) -> Ch
                         lambda f, _: np.where(f.columns[feature], yes, no))
 
 
+def bin_labels(edges: Sequence[float]) -> tuple[str, ...]:
+    """The labels of a ``binned`` check's bins: ``null``, then ``<e0``, ``e0-e1`` ... (the
+    upper edge excluded), ``>=ek``."""
+    if not edges:
+        return ("null", "all")
+    inner = [f"{_num(lo)}-{_num(hi)}" for lo, hi in itertools.pairwise(edges)]
+    return ("null", f"<{_num(edges[0])}", *inner, f">={_num(edges[-1])}")
+
+
+def binned_values(edges: Sequence[float], column: np.ndarray) -> np.ndarray:
+    """Each value's bin label (object array); NaN is ``null``."""
+    labels = np.array(bin_labels(edges), dtype=object)
+    codes = np.searchsorted(np.asarray(edges, dtype=float), column, side="right") + 1
+    codes[np.isnan(column)] = 0
+    return labels[codes]
+
+
+def _binned_summary(edges: Sequence[float], column: np.ndarray) -> dict[str, float]:
+    values = binned_values(edges, np.asarray(column, dtype=float))
+    counts = Counter(values.tolist())
+    return {label: counts.get(label, 0) / max(1, len(values)) for label in bin_labels(edges)}
+
+
 def _frequencies(values: np.ndarray) -> dict[str, float]:
     counts = Counter(values.tolist())
     total = sum(counts.values())
@@ -251,42 +279,59 @@ class CheckKind:
     baseline (JSON), and how it builds its reference from that summary. Several checks on one
     feature merge their summaries (dicts) into the feature's baseline entry."""
 
-    summarise: Callable[[np.ndarray], Any]
+    summarise: Callable[[DriftCheck, np.ndarray], Any]
     reference: Callable[[DriftCheck, Feature, Any, int, Mapping[str, Any]], CheckReference]
 
 
 QUANTILES = tuple(q / 10 for q in range(1, 10))
 CHECK_KINDS: dict[str, CheckKind] = {
     "hours": CheckKind(
-        lambda column: (np.bincount(column, minlength=24) / len(column)).tolist(),
+        lambda _, column: (np.bincount(column, minlength=24) / len(column)).tolist(),
         lambda check, f, summary, rows, _: _hour_check(check, f.name, summary, rows)),
     "availability": CheckKind(
-        _availability_summary,
+        lambda _, column: _availability_summary(column),
         lambda check, f, summary, rows, _: _availability_check(check, f.name, summary)),
     "level": CheckKind(
-        _level_summary, lambda check, f, summary, rows, _: _level_check(check, f.name, summary)),
+        lambda _, column: _level_summary(column),
+        lambda check, f, summary, rows, _: _level_check(check, f.name, summary)),
     "categorical": CheckKind(
-        _frequencies,
+        lambda _, column: _frequencies(column),
         # __UNSEEN__ is the model's reserved category, never a raw value.
         lambda check, f, summary, rows, manifest: _categorical(
             check.name, f.name, summary, rows,
             [v for v in manifest["categories"].get(f.name, summary) if not v.startswith("__")],
             _column(f.name))),
     "binary": CheckKind(
-        lambda column: float(column.mean()),
+        lambda _, column: float(column.mean()),
         lambda check, f, summary, rows, _: _binary_check(check, f.name, float(summary), rows)),
+    # A windowed feature: the shares of its bins, null one of them (chi-squared).
+    "binned": CheckKind(
+        lambda check, column: _binned_summary(check.edges, column),
+        lambda check, f, summary, rows, _: _categorical(
+            check.name, f.name, summary, rows, list(bin_labels(check.edges)),
+            lambda features, __: binned_values(check.edges, features.columns[f.name]))),
 }
 
 
-def training_baseline(features: FeatureBatch, recommendations: np.ndarray) -> dict[str, Any]:
+def _checked(feature: Feature, windowed: Sequence[str]) -> bool:
+    """The feature's checks apply: it is no windowed feature, or one the model reads."""
+    return feature.window is None or feature.name in windowed
+
+
+def training_baseline(features: FeatureBatch, recommendations: np.ndarray,
+                      windowed: Sequence[str] = ()) -> dict[str, Any]:
     """The manifest's ``baseline``: per feature, the summaries of its drift checks (one check:
     its summary; several: their dicts merged), the row count, and the frequencies of
     ``recommendations``, the model's predictions on the training rows (the monitor compares
-    live predictions with those)."""
+    live predictions with those). ``windowed``: the windowed features the model reads (the
+    others have no checks)."""
     baseline: dict[str, Any] = {"rows": len(features)}
     for feature in FEATURES:
+        if not _checked(feature, windowed):
+            continue
         column = features.columns[feature.name]
-        summaries = [CHECK_KINDS[check.kind].summarise(column) for check in feature.drift]
+        summaries = [CHECK_KINDS[check.kind].summarise(check, column)
+                     for check in feature.drift]
         baseline[feature.name] = summaries[0] if len(summaries) == 1 else {
             key: value for summary in summaries for key, value in summary.items()}
     baseline["recommendation"] = _frequencies(recommendations)
@@ -307,14 +352,18 @@ class Reference:
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> Reference:
-        """Every declared check's reference, from the manifest's ``baseline``.
+        """Every declared check's reference, from the manifest's ``baseline`` (a windowed
+        feature's only for a model that reads it: its ``feature_order`` names it).
 
         Raises DriftError when the baseline lacks a check's summary (a model trained before
         that check existed: retrain)."""
         baseline = manifest.get("baseline") or {}
         rows = int(baseline.get("rows", 0))
         checks = []
+        read = manifest.get("feature_order") or ()
         for feature in FEATURES:
+            if not _checked(feature, read):
+                continue
             for check in feature.drift:
                 summary = baseline.get(feature.name)
                 try:

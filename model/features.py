@@ -74,6 +74,20 @@ def _windowed(name: str) -> Callable[[OrderKeys], np.ndarray]:
     return compute
 
 
+# The drift bins of a windowed feature, by aggregation (model/drift.py, kind "binned"): counts
+# 0, 1, 2, 3-4, 5-9, 10+; seconds since the last order under a minute, an hour, a day, more.
+# Null (none in the lookback, or unknown) is a bin of its own.
+_WINDOW_BINS: dict[str, tuple[float, ...]] = {
+    "count": (1, 2, 3, 5, 10), "distinct_count": (1, 2, 3, 5, 10),
+    "seconds_since_last": (60, 3600, 86_400)}
+
+
+# Coverage of the windowed features a policy decides on (model/policy.py: v2's burst rule on
+# customer_orders_1h); a model reading one is fitted on these values too (model/train.py).
+_WINDOW_COVERAGE: dict[str, tuple[Any, ...]] = {
+    "customer_orders_1h": (np.nan, 0.0, 1.0, 2.0, 3.0, 4.0, 10.0, 1000.0)}
+
+
 def _as_is(values: np.ndarray) -> list[Any]:
     return values.tolist()  # type: ignore[no-any-return]
 
@@ -85,12 +99,14 @@ def _nan_to_null(values: np.ndarray) -> list[Any]:
 @dataclass(frozen=True)
 class DriftCheck:
     """A drift check on one feature: its name (in reports and metrics), its kind (how the
-    feature is binned and tested: model/drift.py ``CHECK_KINDS``) and, for a binary feature,
-    the labels of true and false."""
+    feature is binned and tested: model/drift.py ``CHECK_KINDS``), for a binary feature the
+    labels of true and false, and for a ``binned`` one its bin edges."""
 
     name: str
     kind: str
     labels: tuple[str, ...] = ()
+    # a "binned" check's bin edges: [-inf, e0), [e0, e1) ... [ek, inf), null a bin apart
+    edges: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -157,7 +173,9 @@ FEATURES: tuple[Feature, ...] = (
     # join them (scoring/windowed.py) and the prediction holds null.
     *(Feature(w.name, f"{w.aggregation} of the {w.entity}'s orders in {w.window_ms} ms before "
               "the order (model/windows.py)", _windowed(w.name), np.float64,
-              ["null", "double"], drift=(), coverage=(np.nan,),
+              ["null", "double"],
+              drift=(DriftCheck(w.name, "binned", edges=_WINDOW_BINS[w.aggregation]),),
+              coverage=_WINDOW_COVERAGE.get(w.name, (np.nan,)),
               design={w.name: lambda v: v}, to_avro=_nan_to_null, missing=np.nan,
               stream="windowed_features", window=w)
       for w in WINDOWED_FEATURES),

@@ -23,6 +23,11 @@ The scenarios (rates as of the order, on the default data):
   withdrawn until its end: availability goes from about 0.9 to about 0.8.
 * ``new-payment-status``: about 2% of orders show ``AWAITING_3DS`` (a 3-D Secure challenge, a
   status training never saw) where they had ``OK``.
+* ``customer-bursts``: behaviour over time (issue 27): about 3% of orders come in bursts of 5,
+  each burst the next 5 orders of the store after a random one, all given to the first one's
+  customer: one customer ordering to 5 zips within minutes (the orders keep their zips, times
+  and payments). Policy v2 declines a customer's fourth order within an hour and later ones
+  (model/policy.py).
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ FAILED_WEIGHTS = (0.4, 0.35, 0.25)
 ZIP_ROLLBACK_ORDER_SHARE = 0.10
 NEW_STATUS = "AWAITING_3DS"
 NEW_STATUS_SHARE = 0.02
+BURST_ORDER_SHARE = 0.03
+BURST_SIZE = 5
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,22 @@ def _zip_rollback(rng: np.random.Generator, data: RawData) -> RawData:
     return replace(data, zip_available_from=available)
 
 
+def _customer_bursts(rng: np.random.Generator, data: RawData) -> RawData:
+    n = len(data.order_ts)
+    customers = data.customer_ids.copy()
+    starts = np.sort(rng.choice(max(1, n - BURST_SIZE), size=round(BURST_ORDER_SHARE * n
+                                                                  / BURST_SIZE),
+                                replace=False))
+    taken = np.zeros(n, dtype=bool)
+    for start in starts.tolist():  # a burst never overlaps another
+        burst = np.arange(start, min(n, start + BURST_SIZE))
+        if taken[burst].any():
+            continue
+        taken[burst] = True
+        customers[burst] = customers[start]
+    return replace(data, customer_ids=customers)
+
+
 def _take_share(rng: np.random.Generator, candidates: np.ndarray, share: np.ndarray,
                 target: float) -> np.ndarray:
     """Candidates in random order, as few as make up ``target`` of the expected orders."""
@@ -157,4 +180,5 @@ _SHIFTS = {
     "payment-failures": _payment_failures,
     "zip-rollback": _zip_rollback,
     "new-payment-status": _new_payment_status,
+    "customer-bursts": _customer_bursts,
 }

@@ -36,7 +36,7 @@ from triage.model.artifact import UNSEEN_STATUS, DesignColumns, feature_order
 from triage.model.drift import training_baseline
 from triage.model.features import FEATURE_NAMES, FEATURES, WINDOWED_NAMES, FeatureBatch
 from triage.model.orders import read_orders_csv
-from triage.model.policy import CLASSES, label
+from triage.model.policy import CLASSES, POLICIES, POLICY_FEATURES
 from triage.model.reference import MISSING_STATUS, ReferenceTables, zip_code_warnings
 from triage.model.tables import confusion_text
 
@@ -77,11 +77,15 @@ def _with_unseen(features: FeatureBatch, rng: np.random.Generator) -> FeatureBat
     return FeatureBatch(**{**features.columns, "payment_status": statuses})
 
 
-def coverage_rows(vocabularies: dict[str, list[str]]) -> FeatureBatch:
+def coverage_rows(vocabularies: dict[str, list[str]], windowed: Sequence[str] = ()
+                  ) -> FeatureBatch:
     """Every combination of the declared coverage values of each feature (a categorical
-    feature: its vocabulary), once each: the product of their counts, in rows."""
+    feature: its vocabulary; a windowed feature not in ``windowed``, the model does not read
+    it: null), once each: the product of their counts, in rows."""
     axes: list[np.ndarray] = [
-        np.array(vocabularies[f.name] if f.categorical else f.coverage, dtype=f.dtype)
+        np.array(vocabularies[f.name] if f.categorical else
+                 f.coverage if f.window is None or f.name in windowed else (np.nan,),
+                 dtype=f.dtype)
         for f in FEATURES]
     grid = np.meshgrid(*(np.arange(len(axis)) for axis in axes), indexing="ij")
     return FeatureBatch(**{f.name: axis[index.ravel()]
@@ -105,26 +109,34 @@ def vocabularies(features: FeatureBatch, reference: ReferenceTables) -> dict[str
 
 def train(data_dir: str | Path, out_dir: str | Path, *, seed: int = 0, holdout: float = 0.2,
           min_accuracy: float = MIN_ACCURACY, encoding: str = "utf-8",
-          windowed: Sequence[str] = ()) -> TrainReport:
+          windowed: Sequence[str] = (), policy: str = "v1") -> TrainReport:
     """Train on ``data_dir``'s CSVs and write the artifact to ``out_dir`` if the gate passes.
     ``windowed``: windowed features (model/windows.py) the model reads besides the four,
     computed offline, point in time, over orders.csv (``offline_values``); a model that reads
-    them is scored with the feature stage's values (``triage windows``).
+    them is scored with the feature stage's values (``triage windows``). ``policy``: the
+    policy that labels the history (model/policy.py ``POLICIES``); the windowed features it
+    decides on are trained on whether named in ``windowed`` or not.
 
     Raises TrainingError (no artifact written) when a class has no example, the holdout
-    accuracy is below ``min_accuracy`` or ``windowed`` names an undeclared feature;
+    accuracy is below ``min_accuracy``, ``windowed`` names an undeclared feature or
+    ``policy`` an unknown policy;
     ReferenceDataError when a CSV cannot be read."""
     data_dir = Path(data_dir)
     orders = read_orders_csv(data_dir / "orders.csv", encoding=encoding)
     reference = ReferenceTables.load(data_dir, encoding=encoding)
     warnings = (*(f"orders.csv {row}; not trained on" for row in orders.skipped),
                 *zip_code_warnings(reference.keys("zip_codes"), orders.zip_code))
+    if policy not in POLICIES:
+        raise TrainingError(f"unknown policy {policy!r}; the policies are "
+                            f"{', '.join(POLICIES)} (model/policy.py)")
+    windowed = [*windowed, *POLICY_FEATURES[policy]]
     unknown = sorted(set(windowed) - set(WINDOWED_NAMES))
     if unknown:
         raise TrainingError(f"{', '.join(unknown)}: no such windowed feature; declared: "
                             f"{', '.join(WINDOWED_NAMES)} (model/windows.py)")
     windowed = [name for name in WINDOWED_NAMES if name in windowed]
     features = orders.features(reference, windowed)
+    label = POLICIES[policy]
     labels = label(features)
     present = set(labels.tolist())
     if len(present) < len(CLASSES):
@@ -140,11 +152,12 @@ def train(data_dir: str | Path, out_dir: str | Path, *, seed: int = 0, holdout: 
         "features": [name for name in FEATURE_NAMES
                      if name not in WINDOWED_NAMES or name in windowed],
         "feature_order": feature_order(categories, windowed),
+        "policy": policy,
     }
     columns = DesignColumns(manifest["feature_order"])
     matrix = columns.build(_with_unseen(features, rng))
     targets = np.searchsorted(np.array(class_order), labels.astype(str))
-    coverage = coverage_rows(categories)
+    coverage = coverage_rows(categories, windowed)
     coverage_matrix = columns.build(coverage)
     coverage_targets = np.searchsorted(np.array(class_order), label(coverage).astype(str))
 
@@ -171,7 +184,7 @@ def train(data_dir: str | Path, out_dir: str | Path, *, seed: int = 0, holdout: 
         # The model's own predictions on every order of the history (coverage rows excluded):
         # live predictions are compared with these, not with the policy's labels.
         "baseline": training_baseline(features, np.array(class_order, dtype=object)[
-            classifier.predict(columns.build(features))]),
+            classifier.predict(columns.build(features))], windowed),
         "training": {"data_dir": str(data_dir.resolve()), "seed": seed, "params": PARAMS,
                      "data_sha256": {name: artifact.sha256_of(data_dir / name) for name in
                                      ("orders.csv", "payments.csv", "inventory.csv",

@@ -131,7 +131,7 @@ def registry(model_dir: Path, history: Path, tmp_path_factory: pytest.TempPathFa
     v2 = reg.add(train(history, tmp_path_factory.mktemp("v2") / "model", seed=11).model_dir
                   or "").version
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module, "label", lambda features: swapped(label(features)))
+        mp.setitem(train_module.POLICIES, "v1", lambda features: swapped(label(features)))
         bad = reg.add(train(history, tmp_path_factory.mktemp("bad") / "model", seed=5)
                       .model_dir or "").version
     assert len({v1, v2, bad}) == 3

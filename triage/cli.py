@@ -148,6 +148,10 @@ def _add_train(commands: Commands, common: argparse.ArgumentParser) -> None:
                    help="also train on these windowed features (comma-separated, or 'all'; "
                    "see `triage windows`), computed offline from orders.csv; the scorer "
                    "then joins the feature stage's values for the model")
+    p.add_argument("--policy", choices=["v1", "v2"], default="v1",
+                   help="the policy that labels the history: v1, the original exercise's "
+                   "(default); v2, v1 that also declines a customer's 4th order within an "
+                   "hour (trains on customer_orders_1h; see datagen --shift customer-bursts)")
     _encoding_flag(p)
 
 
@@ -704,7 +708,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     with tempfile.TemporaryDirectory(prefix="triage-train-") as scratch:
         out = args.out or Path(scratch) / "model"
         report = train(args.data, out, seed=args.seed, min_accuracy=args.min_accuracy,
-                       encoding=settings.data.csv_encoding, windowed=_windowed_names(args))
+                       encoding=settings.data.csv_encoding, windowed=_windowed_names(args),
+                       policy=args.policy)
         if args.registry is not None:
             added = Registry(args.registry).add(out)
             print(f"added {added.version} to the registry {args.registry}; `triage models "

@@ -162,7 +162,9 @@ def test_the_training_data_fed_back_raises_no_alarm(history: Path, model_dir: Pa
         assert check.window_shares == pytest.approx(check.baseline_shares, abs=1e-9), check.name
 
 
-@pytest.fixture(scope="module", params=list(SCENARIOS))
+# customer-bursts changes behaviour over time: only a model that reads windowed features sees
+# it (tests/unit/test_model_v2.py).
+@pytest.fixture(scope="module", params=[s for s in SCENARIOS if s in TARGET])
 def shifted(request: pytest.FixtureRequest, store: Store,
             tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Rows, np.ndarray]:
     scenario = request.param
