@@ -4,6 +4,7 @@ compare with the active version's (the predictions topic) over the orders both s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from triage.bus.settings import ConnectionSettings, TopicSettings
@@ -11,21 +12,23 @@ from triage.bus.settings import ConnectionSettings, TopicSettings
 
 def compare(connection: ConnectionSettings, topics: TopicSettings, *, since_ms: int,
             idle_s: float = 3.0, shadow_version: str | None = None,
-            active_version: str | None = None) -> dict[str, Any]:
+            active_version: str | None = None,
+            policy_of: Callable[[str], str] = lambda version: "v1") -> dict[str, Any]:
     """Agreement of the shadow version with the active one over the orders both scored since
     ``since_ms`` (UTC ms): the shadow topic's predictions joined to the predictions topic's
     first revisions by order (partition and offset of the order, so a re-read order counts
     once; the shadow scored the features of the first revision, and is not corrected). Returns
     {"active", "shadow", "pairs", "agreement" (0..1), "classes", "confusion" (rows: active,
-    columns: shadow), "active_policy_agreement", "shadow_policy_agreement" (0..1: agreement
-    with the policy, model/policy.py, applied to the features both scored with)}; with
+    columns: shadow), "policy", "active_policy_agreement", "shadow_policy_agreement" (0..1:
+    agreement with the shadow version's policy, ``policy_of(version)``, model/policy.py
+    POLICIES, applied to the features the shadow scored with)}; with
     several versions in the window, the most frequent of each, unless ``shadow_version`` and
     ``active_version`` name the pair to compare."""
     from collections import Counter
 
     from triage.consumer.reader import TopicReader
     from triage.model.features import FEATURE_NAMES, FeatureBatch
-    from triage.model.policy import CLASSES, label
+    from triage.model.policy import CLASSES, POLICIES
 
     def read(topic: str, version: str | None) -> dict[tuple[int, int], dict[str, Any]]:
         with TopicReader(connection, topic, "prediction") as reader:
@@ -42,22 +45,25 @@ def compare(connection: ConnectionSettings, topics: TopicSettings, *, since_ms: 
     for a, s in pairs:
         confusion[index[a["recommendation"]]][index[s["recommendation"]]] += 1
     agreed = sum(confusion[i][i] for i in range(len(CLASSES)))
+
+    def most(records: list[dict[str, Any]]) -> str | None:
+        counts = Counter(r["model_version"] for r in records)
+        return counts.most_common(1)[0][0] if counts else None
+
     policy: list[str] = []
+    policy_name = policy_of(shadow_version or most([s for _, s in pairs]) or "") \
+        if pairs else "v1"
     if pairs:
         features = FeatureBatch.from_values(
             {name: [s["features"][name] for _, s in pairs] for name in FEATURE_NAMES})
-        policy = label(features).tolist()
+        policy = POLICIES[policy_name](features).tolist()
 
     def with_policy(side: int) -> float:
         same = sum(pair[side]["recommendation"] == p for pair, p in zip(pairs, policy,
                                                                           strict=True))
         return same / len(pairs) if pairs else 0.0
 
-    def most(records: list[dict[str, Any]]) -> str | None:
-        counts = Counter(r["model_version"] for r in records)
-        return counts.most_common(1)[0][0] if counts else None
-
     return {"active": most([a for a, _ in pairs]), "shadow": most([s for _, s in pairs]),
             "pairs": len(pairs), "agreement": agreed / len(pairs) if pairs else 0.0,
-            "classes": list(CLASSES), "confusion": confusion,
+            "classes": list(CLASSES), "confusion": confusion, "policy": policy_name,
             "active_policy_agreement": with_policy(0), "shadow_policy_agreement": with_policy(1)}

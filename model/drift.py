@@ -17,9 +17,10 @@ Decisions, and why (the tests in ``tests/test_drift_stats.py`` measure each clai
   ``inventory_level``           PSI     deciles of the training in-stock levels
   ``payment_status``            chi2    statuses; those under 2% merged into ``(other)``
   ``zip_code_available``        chi2    available / not available
-  a windowed feature            chi2    null / the declared bins (model/features.py: counts
-                                        0, 1, 2, 3-4, 5-9, 10+; seconds <1 min ... >= 1 day);
-                                        only for a model that reads it
+  a windowed feature            chi2    null (always a bin of its own: unknown values) and
+                                        the declared bins (model/features.py: counts 0, 1,
+                                        2, 3-4, 5-9, 10+; seconds < 1 min, < 1 h, < 1 d,
+                                        more); only for a model that reads it
   ``recommendation``            chi2    the model's classes (prediction drift)
   ============================  ======  ==================================================
 
@@ -34,7 +35,8 @@ Decisions, and why (the tests in ``tests/test_drift_stats.py`` measure each clai
   chi-squared with ``bins - 1`` degrees of freedom, so PSI gets a p-value and its threshold
   scales with the window instead of the fixed 0.1/0.25 rules of thumb, which miss a zip
   availability drop from 0.9 to 0.8 (PSI 0.08) at any window size.
-* **Multiple testing.** Holm's step-down over the six checks at family level ``alpha``
+* **Multiple testing.** Holm's step-down over the six checks (ten for a model that reads the
+  four windowed features) at family level ``alpha``
   (default 0.01) bounds the chance that a window without drift raises any alarm by ``alpha``,
   whatever the dependence between checks (the prediction depends on the features). 0.01, not
   0.05: against one fixed baseline, the realised rate varies with that baseline's own sampling
@@ -161,15 +163,23 @@ def _categorical_counter(values_of: Callable[[FeatureBatch, np.ndarray], np.ndar
 
 def _categorical(name: str, feature: str, frequencies: Mapping[str, float], rows: int,
                  known: Sequence[str],
-                 values_of: Callable[[FeatureBatch, np.ndarray], np.ndarray]) -> CheckReference:
+                 values_of: Callable[[FeatureBatch, np.ndarray], np.ndarray],
+                 apart: Sequence[str] = ()) -> CheckReference:
     """A chi-squared check over categories. Those under MIN_BIN_SHARE of the baseline, and
     those the model knows but the baseline never had, share an ``(other)`` bin; if that bin is
-    itself under MIN_BIN_SHARE, the smallest major category joins it."""
-    major = sorted((c for c, s in frequencies.items() if s >= MIN_BIN_SHARE),
-                   key=lambda c: -frequencies[c])
+    itself under MIN_BIN_SHARE, the smallest major category joins it. A category in ``apart``
+    keeps a bin of its own whatever its share (a windowed feature's ``null``: unknown values
+    must not pass for a shift of the known ones)."""
+    major = sorted((c for c, s in frequencies.items() if s >= MIN_BIN_SHARE or c in apart),
+                   key=lambda c: -frequencies.get(c, 0.0))
+    major += [c for c in apart if c not in major]
     minor = sorted((set(frequencies) | set(known)) - set(major))
-    if minor and len(major) > 1 and sum(frequencies.get(c, 0.0) for c in minor) < MIN_BIN_SHARE:
-        minor = sorted([*minor, major.pop()])
+    joinable = [c for c in major if c not in apart]
+    if minor and len(joinable) > 1 \
+            and sum(frequencies.get(c, 0.0) for c in minor) < MIN_BIN_SHARE:
+        smallest = min(joinable, key=lambda c: frequencies.get(c, 0.0))
+        major.remove(smallest)
+        minor = sorted([*minor, smallest])
     bin_of = {c: i for i, c in enumerate(major)}
     labels = [*major, *([f"{OTHER}: {', '.join(minor)}"] if minor else [])]
     baseline = np.zeros(len(labels))
@@ -227,27 +237,37 @@ def _binary_check(check: DriftCheck, feature: str, rate: float, rows: int) -> Ch
                         lambda f, _: np.where(f.columns[feature], yes, no))
 
 
-def bin_labels(edges: Sequence[float]) -> tuple[str, ...]:
-    """The labels of a ``binned`` check's bins: ``null``, then ``<e0``, ``e0-e1`` ... (the
-    upper edge excluded), ``>=ek``."""
-    if not edges:
-        return ("null", "all")
-    inner = [f"{_num(lo)}-{_num(hi)}" for lo, hi in itertools.pairwise(edges)]
-    return ("null", f"<{_num(edges[0])}", *inner, f">={_num(edges[-1])}")
+def bin_labels(check: DriftCheck) -> tuple[str, ...]:
+    """The labels of a ``binned`` check's bins: ``null``, then the check's own labels, one
+    per bin [-inf, e0), [e0, e1) ... [ek, inf) of its edges. Raises ValueError for a check
+    whose labels do not fit its edges."""
+    if len(check.labels) != len(check.edges) + 1:
+        raise ValueError(f"drift check {check.name}: {len(check.edges)} edges make "
+                         f"{len(check.edges) + 1} bins, not {len(check.labels)}")
+    return ("null", *check.labels)
 
 
-def binned_values(edges: Sequence[float], column: np.ndarray) -> np.ndarray:
+def binned_values(check: DriftCheck, column: np.ndarray) -> np.ndarray:
     """Each value's bin label (object array); NaN is ``null``."""
-    labels = np.array(bin_labels(edges), dtype=object)
-    codes = np.searchsorted(np.asarray(edges, dtype=float), column, side="right") + 1
+    labels = np.array(bin_labels(check), dtype=object)
+    codes = np.searchsorted(np.asarray(check.edges, dtype=float), column, side="right") + 1
     codes[np.isnan(column)] = 0
     return labels[codes]
 
 
-def _binned_summary(edges: Sequence[float], column: np.ndarray) -> dict[str, float]:
-    values = binned_values(edges, np.asarray(column, dtype=float))
+def _binned_summary(check: DriftCheck, column: np.ndarray) -> dict[str, float]:
+    values = binned_values(check, np.asarray(column, dtype=float))
     counts = Counter(values.tolist())
-    return {label: counts.get(label, 0) / max(1, len(values)) for label in bin_labels(edges)}
+    return {label: counts.get(label, 0) / max(1, len(values)) for label in bin_labels(check)}
+
+
+def _binned_check(check: DriftCheck, feature: str, summary: Mapping[str, float], rows: int
+                  ) -> CheckReference:
+    if set(summary) != set(bin_labels(check)):  # a baseline of other bins, or none
+        raise KeyError(check.name)
+    return _categorical(check.name, feature, summary, rows, list(bin_labels(check)),
+                        lambda features, _: binned_values(check, features.columns[feature]),
+                        apart=("null",))
 
 
 def _frequencies(values: np.ndarray) -> dict[str, float]:
@@ -306,10 +326,8 @@ CHECK_KINDS: dict[str, CheckKind] = {
         lambda check, f, summary, rows, _: _binary_check(check, f.name, float(summary), rows)),
     # A windowed feature: the shares of its bins, null one of them (chi-squared).
     "binned": CheckKind(
-        lambda check, column: _binned_summary(check.edges, column),
-        lambda check, f, summary, rows, _: _categorical(
-            check.name, f.name, summary, rows, list(bin_labels(check.edges)),
-            lambda features, __: binned_values(check.edges, features.columns[f.name]))),
+        _binned_summary,
+        lambda check, f, summary, rows, _: _binned_check(check, f.name, summary, rows)),
 }
 
 

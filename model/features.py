@@ -77,9 +77,11 @@ def _windowed(name: str) -> Callable[[OrderKeys], np.ndarray]:
 # The drift bins of a windowed feature, by aggregation (model/drift.py, kind "binned"): counts
 # 0, 1, 2, 3-4, 5-9, 10+; seconds since the last order under a minute, an hour, a day, more.
 # Null (none in the lookback, or unknown) is a bin of its own.
-_WINDOW_BINS: dict[str, tuple[float, ...]] = {
-    "count": (1, 2, 3, 5, 10), "distinct_count": (1, 2, 3, 5, 10),
-    "seconds_since_last": (60, 3600, 86_400)}
+_COUNT_BINS = (("0", "1", "2", "3-4", "5-9", "10+"), (1.0, 2.0, 3.0, 5.0, 10.0))
+_WINDOW_BINS: dict[str, tuple[tuple[str, ...], tuple[float, ...]]] = {
+    "count": _COUNT_BINS, "distinct_count": _COUNT_BINS,
+    "seconds_since_last": (("< 1 min", "1 min - 1 h", "1 h - 1 d", ">= 1 d"),
+                           (60.0, 3600.0, 86_400.0))}
 
 
 # Coverage of the windowed features a policy decides on (model/policy.py: v2's burst rule on
@@ -100,7 +102,7 @@ def _nan_to_null(values: np.ndarray) -> list[Any]:
 class DriftCheck:
     """A drift check on one feature: its name (in reports and metrics), its kind (how the
     feature is binned and tested: model/drift.py ``CHECK_KINDS``), for a binary feature the
-    labels of true and false, and for a ``binned`` one its bin edges."""
+    labels of true and false, and for a ``binned`` one its bins' labels and edges."""
 
     name: str
     kind: str
@@ -174,7 +176,7 @@ FEATURES: tuple[Feature, ...] = (
     *(Feature(w.name, f"{w.aggregation} of the {w.entity}'s orders in {w.window_ms} ms before "
               "the order (model/windows.py)", _windowed(w.name), np.float64,
               ["null", "double"],
-              drift=(DriftCheck(w.name, "binned", edges=_WINDOW_BINS[w.aggregation]),),
+              drift=(DriftCheck(w.name, "binned", *_WINDOW_BINS[w.aggregation]),),
               coverage=_WINDOW_COVERAGE.get(w.name, (np.nan,)),
               design={w.name: lambda v: v}, to_avro=_nan_to_null, missing=np.nan,
               stream="windowed_features", window=w)

@@ -78,6 +78,7 @@ class Version:
     # None: every file its manifest lists is there with its sha256. Else why it cannot be
     # served: a copy not finished ("incomplete: model.json missing") or a changed file.
     problem: str | None = None
+    policy: str = "v1"  # the policy it was trained on (model/policy.py; v1 before it was kept)
 
     @property
     def complete(self) -> bool:
@@ -90,7 +91,8 @@ class Version:
         topic names), which :meth:`Registry.add` makes the manifest's version."""
         return cls(path.name, path, manifest.get("created_at", ""),
                    float(manifest.get("metrics", {}).get("holdout_accuracy", float("nan"))),
-                   dict(manifest.get("training", {}).get("data_sha256", {})))
+                   dict(manifest.get("training", {}).get("data_sha256", {})),
+                   policy=str(manifest.get("policy", "v1")))
 
 
 class Registry:
@@ -238,7 +240,9 @@ def check_accuracy(version: Version, min_accuracy: float, force: bool = False) -
 def check_live(version: str, active: str, pairs: int, shadow_policy_agreement: float,
                active_policy_agreement: float, force: bool = False) -> bool:
     """The live gate: ``version``, run in shadow beside the ``active`` one, must agree with the
-    policy on live traffic at least as often as the active one did on the same orders. The
+    policy on live traffic at least as often as the active one did on the same orders: its own
+    policy (promoting it adopts the policy it was trained on: model_v2 is judged by policy v2,
+    which model_v1 does not follow on bursts). The
     figures are consumer/shadow.py's ``compare``: ``pairs`` orders scored by both, and each
     version's share of them on which it agreed with the policy (0..1). With no pairs there is
     nothing to compare and the gate does not apply (False). Returns True when it did not pass

@@ -8,6 +8,6 @@ SCENARIOS: dict[str, str] = {
     "payment-failures": "~5% more orders have a failed payment status (not OK ~5% -> ~10%)",
     "zip-rollback": "zips taking ~10% of orders are withdrawn (availability ~0.9 -> ~0.8)",
     "new-payment-status": "~2% of orders show AWAITING_3DS, a status training never saw",
-    "customer-bursts": "~3% of orders come in bursts: one customer, 5 orders within minutes, "
-                       "each to another zip",
+    "customer-bursts": "~3% of orders come in bursts: one customer, 5 consecutive orders of "
+                       "the store, each to another zip",
 }

@@ -24,9 +24,10 @@ The scenarios (rates as of the order, on the default data):
 * ``new-payment-status``: about 2% of orders show ``AWAITING_3DS`` (a 3-D Secure challenge, a
   status training never saw) where they had ``OK``.
 * ``customer-bursts``: behaviour over time (issue 27): about 3% of orders come in bursts of 5,
-  each burst the next 5 orders of the store after a random one, all given to the first one's
-  customer: one customer ordering to 5 zips within minutes (the orders keep their zips, times
-  and payments). Policy v2 declines a customer's fourth order within an hour and later ones
+  each burst a random order and the 4 orders of the store after it, all given to the first
+  one's customer: one customer ordering to 5 zips in quick succession (minutes at the default
+  density of 20,000 orders in 4 weeks; longer for sparser data). The orders keep their zips,
+  times and payments. Policy v2 declines a customer's fourth order within an hour and later ones
   (model/policy.py).
 """
 

@@ -928,7 +928,8 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         from triage.consumer.shadow import compare
 
         report = compare(connection, topics, since_ms=int((time.time() - args.minutes * 60)
-                                                          * 1000), idle_s=args.idle)
+                                                          * 1000), idle_s=args.idle,
+                         policy_of=lambda v: _policy_of(registry, v))
         print(json.dumps(report) if args.json else report_text(report))
         return 0
     state = read_state(connection, topics)
@@ -962,7 +963,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
                     min_accuracy=args.min_accuracy)
         if state is not None:
             live = _live_figures(connection, topics, version.version, state.active,
-                                 args.minutes)
+                                 args.minutes, version.policy)
             theirs, ours = live["shadow_policy_agreement"], live["active_policy_agreement"]
             if check_live(version.version, state.active, live["pairs"], theirs, ours,
                           args.force):
@@ -1110,20 +1111,33 @@ def _active_or_none(connection: Any, topics: Any) -> Any:
         return None
 
 
-def _live_figures(connection: Any, topics: Any, version: str, active: str, minutes: float
-                  ) -> dict[str, Any]:
+def _policy_of(registry: Any, version: str) -> str:
+    """The policy ``version`` was trained on (its manifest), v1 for a version the registry
+    does not hold (one trained before policies had names, or elsewhere)."""
+    from triage.bus.errors import ConfigurationError
+
+    try:
+        return str(registry.get(version).policy)
+    except ConfigurationError:
+        return "v1"
+
+
+def _live_figures(connection: Any, topics: Any, version: str, active: str, minutes: float,
+                  policy: str = "v1") -> dict[str, Any]:
     """What the live gate (model/registry.py's check_live) decides on: consumer/shadow.py's
-    compare of ``version`` in shadow with ``active`` over the last ``minutes``, read from the
-    predictions and shadow topics and printed for the person promoting."""
+    compare of ``version`` in shadow with ``active`` over the last ``minutes`` by ``policy``
+    (the candidate's), read from the predictions and shadow topics and printed for the person
+    promoting."""
     from triage.consumer.shadow import compare
 
     report = compare(connection, topics, since_ms=int((time.time() - minutes * 60) * 1000),
-                     idle_s=2.0, shadow_version=version, active_version=active)
+                     idle_s=2.0, shadow_version=version, active_version=active,
+                     policy_of=lambda _: policy)
     if not report["pairs"]:
         print(f"live gate not applied: {version} has not run in shadow beside {active} in the "
               f"last {minutes:g} minutes")
     else:
-        print(f"live: {version} agreed with the policy on "
+        print(f"live: {version} agreed with policy {policy} on "
               f"{report['shadow_policy_agreement']:.2%} of {report['pairs']:,} orders, the "
               f"active {active} on {report['active_policy_agreement']:.2%}")
     return report
@@ -1144,7 +1158,8 @@ def report_text(report: dict[str, Any]) -> str:
     from triage.model.tables import confusion_text
 
     lines.append(confusion_text("active \\ shadow", report["classes"], report["confusion"]))
-    lines.append(f"agreement with the policy on those orders: active "
+    lines.append(f"agreement with policy {report.get('policy', 'v1')} (the shadow's) on those "
+                 f"orders: active "
                  f"{report['active_policy_agreement']:.2%}, shadow "
                  f"{report['shadow_policy_agreement']:.2%}")
     return "\n".join(lines)

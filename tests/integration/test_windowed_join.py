@@ -8,6 +8,7 @@ beside model_v1 through the registry, on data with customer bursts."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -101,10 +102,12 @@ def test_model_v2_declines_bursts_in_shadow_beside_model_v1(
     """model_v2 (policy v2 on the four features and the windowed ones) in shadow through the
     registry, model_v1 active, on data with customer bursts: the workers join the stage's
     answers because the shadow reads them; every order gets both predictions; the shadow
-    declines the bursts v1 delivers, as policy v2 says, on the stage's values."""
+    declines the bursts v1 delivers, as policy v2 says, on the stage's values; `triage models
+    compare` judges both by the shadow's policy (v2), and the live gate lets model_v2 be
+    promoted (model_v1 follows policy v1, not v2)."""
     settings = stage_settings(settings).replace(reference_max_wait_ms=60_000)
     data = tmp_path / "data"
-    generate(600, 41, data, weeks=1, shift="customer-bursts")
+    generate(2_000, 41, data, weeks=1, shift="customer-bursts")
     records = read_orders_csv(data / "orders.csv").records()
     registry = Registry(tmp_path / "models")
     train(data, tmp_path / "v1", min_accuracy=0.0)
@@ -151,3 +154,11 @@ def test_model_v2_declines_bursts_in_shadow_beside_model_v1(
     agreed = sum(p["recommendation"] == want for p, want in zip(seen.values(), v2_policy,
                                                                   strict=True))
     assert agreed / len(seen) >= 0.995
+    compared = cli(settings, "compare", "--registry", root, "--json", "--idle", "2")
+    assert compared.returncode == 0, compared.stderr
+    report = json.loads(compared.stdout)
+    assert report["policy"] == "v2" and report["pairs"] == len(seen)
+    assert report["shadow_policy_agreement"] > report["active_policy_agreement"]
+    promoted = cli(settings, "promote", v2, "--registry", root, "--by", "test")
+    assert promoted.returncode == 0, promoted.stderr
+    assert "agreed with policy v2" in promoted.stdout
