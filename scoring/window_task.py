@@ -53,6 +53,7 @@ committed (the tests hold a restarted task's outputs to those of one never resta
 from __future__ import annotations
 
 import bisect
+import gc
 import heapq
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -347,7 +348,21 @@ class WindowTask:
     def restore(self, records: Iterable[tuple[bytes | None, bytes | None]]) -> int:
         """Rebuild from changelog records (key, value) in their order, onto a new task: the
         last record of each key stands, a tombstone removes it. Returns the orders restored.
-        Raises ValueError for a record that is not this module's."""
+        Raises ValueError for a record that is not this module's.
+
+        Python's cyclic garbage collector is paused meanwhile: the state is millions of
+        long-lived tuples and lists, none of them garbage, and each collection of the oldest
+        generation walks them all (restoring 300,000 keys took 8.3 s with it, 5.1 s
+        without: `triage bench --windows`, docs/benchmarks.md)."""
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._restore(records)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _restore(self, records: Iterable[tuple[bytes | None, bytes | None]]) -> int:
         latest: dict[bytes, bytes | None] = {}
         for key, value in records:
             if key is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -339,3 +340,23 @@ def test_a_restore_writes_the_tombstones_of_what_it_forgets() -> None:
     restored = WindowTask("customer_id", [COUNT], upstream=1, retention_ms=10)
     assert restored.restore(changelog) == 0
     assert (json.dumps(["A", "C"]).encode(), None) in restored.changes()
+
+
+def test_a_restore_pauses_the_garbage_collector_and_leaves_it_as_it_found_it() -> None:
+    import gc
+
+    seen: list[bool] = []
+
+    def records() -> Iterator[tuple[bytes, bytes | None]]:
+        seen.append(gc.isenabled())
+        yield from ()
+
+    features = [w for w in WINDOWED_FEATURES if w.entity == "customer_id"]
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            WindowTask("customer_id", features, 1, 3_600_000).restore(records())
+            assert gc.isenabled() is enabled
+        finally:
+            gc.enable()
+    assert seen == [False, False]
