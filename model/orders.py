@@ -11,7 +11,7 @@ import numpy as np
 
 from triage.model.features import FeatureBatch, compute_features
 from triage.model.reference import ReferenceTables, parse_timestamps_lenient, read_csv
-from triage.model.windows import WINDOWED_FEATURES, offline_values
+from triage.model.windows import WINDOWED_FEATURES, declared, offline_values
 
 ORDER_COLUMNS = ["order_id", "customer_id", "timestamp", "sku_code", "zip_code"]
 
@@ -77,12 +77,12 @@ class OrderColumns:
             return {}
         import pandas as pd  # training only: a serving process never imports pandas
 
-        declared = {w.name: w for w in WINDOWED_FEATURES}
+        features = declared(WINDOWED_FEATURES)
         frame = pd.DataFrame({"order_id": self.order_id, "timestamp_ms": self.timestamp_ms,
                               "customer_id": self.customer_id, "sku_code": self.sku_code,
                               "zip_code": self.zip_code})
         return {name: np.array([np.nan if v is None else v
-                                for v in offline_values(frame, declared[name])],
+                                for v in offline_values(frame, features[name])],
                                dtype=np.float64) for name in names}
 
 

@@ -62,6 +62,7 @@ from triage.bus.errors import BadRecord, WaitTimeout
 from triage.bus.global_reader import GlobalReader
 from triage.bus.settings import ConnectionSettings, TopicSettings
 from triage.model.windows import WINDOWED_FEATURES, WindowedFeature
+from triage.model.windows import declared as by_name
 from triage.schemas.codec import codec_for
 from triage.scoring.feed import Letter
 
@@ -112,7 +113,7 @@ class WindowedJoin:
                  declared: Sequence[WindowedFeature] = WINDOWED_FEATURES,
                  clock: Callable[[], int] = lambda: int(time.time() * 1000),
                  skew_ms: int = 1000) -> None:
-        self.declared = {w.name: w for w in declared}
+        self.declared = by_name(declared)
         self.max_wait_s = max_wait_s
         self.retention_ms = retention_ms
         self.clock = clock
