@@ -143,6 +143,16 @@ def breakdown(lines: Iterable[str], orders: int, measured_cpu_s: float | None = 
     return Breakdown(seconds, per_order, total)
 
 
+def breakdown_of_file(raw: Path, orders: int, measured_cpu_s: float | None = None,
+                      rate_hz: float = RATE_HZ) -> Breakdown:
+    """:func:`breakdown` of the py-spy raw file ``raw``. A frame name read torn
+    (``--nonblocking``) can hold any bytes, UTF-8 or not (seen: 0xf9 in a bench run): bytes that
+    are not UTF-8 become U+FFFD in that frame name, which then claims no stage, and every count
+    is kept. Raises OSError if the file cannot be read, ValueError as :func:`breakdown` does."""
+    with open(raw, encoding="utf-8", errors="replace") as lines:
+        return breakdown(lines, orders, measured_cpu_s, rate_hz)
+
+
 def py_spy() -> str:
     """The py-spy executable beside this Python (the dev requirements pin it), else on PATH.
     Raises FileNotFoundError naming how to install it."""

@@ -390,7 +390,7 @@ class Bench:
         its time per order by stage, and that run's own worker CPU (py-spy reads the worker
         from another process; the machine's speed drifts between runs, so another run's
         figure would not do). Raises BenchError without py-spy or samples."""
-        from triage.bench.profile import breakdown, py_spy
+        from triage.bench.profile import breakdown_of_file, py_spy
 
         try:
             py_spy()
@@ -404,8 +404,10 @@ class Bench:
             raise BenchError("py-spy wrote no samples of the worker (attaching to a process "
                              "needs ptrace: root, or kernel.yama.ptrace_scope 0)"
                              + (f"; {spy_logs[-1]}:\n" + _tail(spy_logs[-1]) if spy_logs else ""))
-        with open(raw, encoding="utf-8") as lines:
-            figures = breakdown(lines, main.orders, measured_cpu_s=sampled.worker_cpu_s)
+        try:
+            figures = breakdown_of_file(raw, main.orders, measured_cpu_s=sampled.worker_cpu_s)
+        except ValueError as exc:
+            raise BenchError(f"{raw}: {exc}") from None
         return {**figures.as_dict(), "raw": str(raw), "orders_per_s": round(sampled.orders_per_s),
                 "measured_cpu_us_per_order": round(sampled.worker_cpu_s / main.orders * 1e6, 2)}
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from triage.bench.profile import OUTSIDE, UNSAMPLED, breakdown, stage_of
+from triage.bench.profile import OUTSIDE, UNSAMPLED, breakdown, breakdown_of_file, stage_of
 
 LOOP = "<module> (consumer/worker.py:300);run (consumer/loop.py:229)"
 PROCESS = f"{LOOP};_process (consumer/loop.py:280);handle (consumer/scorer.py:250)"
@@ -73,3 +75,16 @@ def test_a_record_torn_over_lines_is_joined_up_to_its_count() -> None:
 def test_text_that_is_not_py_spy_raw_output_is_refused() -> None:
     with pytest.raises(ValueError, match="not py-spy raw output"):
         breakdown(["run (consumer/loop.py:229) many\n"], orders=1)
+
+
+def test_a_frame_name_read_torn_into_bytes_that_are_not_utf8_keeps_every_count(
+        tmp_path: Path) -> None:
+    """A bench run's py-spy file held 0xf9 in a torn frame name: reading it as UTF-8 failed the
+    whole run with UnicodeDecodeError."""
+    raw = tmp_path / "profile.txt"
+    raw.write_bytes(f"{PROCESS};".encode() + b"\xf9\x80garbled\n\xff;"
+                    + b"encode (schemas/codec.py:185) 7\n"
+                    + f"{PROCESS};decode (schemas/codec.py:210) 3\n".encode())
+    figures = breakdown_of_file(raw, orders=1, rate_hz=1)
+    assert figures.samples == 10
+    assert figures.seconds == {"encode": 7, "decode": 3}
