@@ -182,8 +182,9 @@ def _group_values(feature: WindowedFeature, times: np.ndarray, of: list[Any] | N
 def rank_of(order: Mapping[str, Any]) -> tuple[Any, ...]:
     """``(timestamp_ms, customer_id, sku_code, zip_code)`` of an order record, None read as
     "": of an order's records with one entity value, the smallest stands (module docstring)."""
-    return (int(order["timestamp_ms"]), *("" if order[f] is None else order[f]
-                                          for f in TIE_BREAK))
+    customer, sku, zip_code = order["customer_id"], order["sku_code"], order["zip_code"]
+    return (int(order["timestamp_ms"]), "" if customer is None else customer,  # TIE_BREAK
+            "" if sku is None else sku, "" if zip_code is None else zip_code)
 
 
 class Expired(BadRecord):
@@ -196,23 +197,38 @@ class Expired(BadRecord):
 
 
 class WindowState:
-    """The online state of one windowed feature: per entity value, its standing orders as a
-    sorted list of ``(timestamp_ms, order_id, of)``, and which record of each (order,
-    entity value) stands.
-    :meth:`add` an order record, :meth:`value` of an order once every order before it has
-    been added, :meth:`expire` what no later order can see. Memory: one tuple per order in the
-    window (or in the lookback of seconds_since_last) per entity, and each order's standing
-    record until ``dedup_ms`` (default: one window) after its latest record has left the
-    windows. A value costs O(log n), a distinct count also O(orders in the window)."""
+    """The online state of a store: the windowed features of one entity, computed from one
+    index. Per entity value, its standing orders as a sorted list of ``(timestamp_ms,
+    order_id, of)`` (``of``: the standing record's values of the fields the distinct counts
+    count, a tuple, empty when there are none), and which record of each (order, entity value)
+    stands.
+    :meth:`add` an order record, :meth:`values` of an order once every order before it has
+    been added, :meth:`expire` what no later order can see. ``features``: one declaration, or
+    several of one entity (the state keeps what the longest window needs). Memory: one tuple
+    per order in the longest window (or lookback) per entity, and each order's standing
+    record until ``dedup_ms`` (default: the longest window) after its latest record has left
+    the windows. A value costs O(log n) per feature, a distinct count also O(orders in its
+    window). Raises ValueError for no features, or features of several entities."""
 
-    def __init__(self, feature: WindowedFeature, dedup_ms: int | None = None) -> None:
-        self.feature = feature
-        self.dedup_ms = feature.window_ms if dedup_ms is None else dedup_ms
+    def __init__(self, features: WindowedFeature | Sequence[WindowedFeature],
+                 dedup_ms: int | None = None) -> None:
+        self.features = ((features,) if isinstance(features, WindowedFeature)
+                         else tuple(features))
+        if not self.features or len({f.entity for f in self.features}) != 1:
+            raise ValueError("a window state takes the features of one entity, at least one")
+        self.entity = self.features[0].entity
+        self.window_ms = max(f.window_ms for f in self.features)
+        self.dedup_ms = self.window_ms if dedup_ms is None else dedup_ms
         if self.dedup_ms < 0:
             raise ValueError("dedup_ms must not be negative")
-        self.entities: dict[str, list[tuple[int, str, Any]]] = {}
+        # The fields the distinct counts count, once each; a feature's place among them.
+        self.of_fields = tuple(dict.fromkeys(f.of for f in self.features if f.of))
+        self._plan = tuple((f.aggregation, f.window_ms, f.include_self,
+                            self.of_fields.index(f.of) if f.of else -1)
+                           for f in self.features)
+        self.entities: dict[str, list[tuple[int, str, tuple[Any, ...]]]] = {}
         # (order_id, entity) -> (rank: time and the tie-break fields, of, latest record's time)
-        self.standing: dict[tuple[str, str], tuple[tuple[Any, ...], Any, int]] = {}
+        self.standing: dict[tuple[str, str], tuple[tuple[Any, ...], tuple[Any, ...], int]] = {}
         self.horizon = -(2**63)  # orders standing before it are not asked (expire)
         self._entries_by_time: list[tuple[int, str, str]] = []  # heap: (time, order_id, entity)
         # heap: (latest time, order_id, entity)
@@ -221,18 +237,21 @@ class WindowState:
     def __len__(self) -> int:
         return len(self.standing)
 
-    def add(self, order: Mapping[str, Any]) -> bool:
-        """Add an order record (``order.avsc``'s fields); False when it changes no value at or
-        after the horizon: an earlier-standing record of the same order and entity value is
-        held, the entity is empty, or the record is too old for any window at or after the
-        horizon."""
-        feature, order_id = self.feature, order["order_id"]
-        rank = rank_of(order)
-        time, entity = rank[0], rank[1 + TIE_BREAK.index(feature.entity)]
+    def _of(self, order: Mapping[str, Any]) -> tuple[Any, ...]:
+        if not self.of_fields:
+            return ()
+        return tuple(["" if order[f] is None else order[f] for f in self.of_fields])
+
+    def add(self, order: Mapping[str, Any], rank: tuple[Any, ...] | None = None) -> bool:
+        """Add an order record (``order.avsc``'s fields; ``rank``: its :func:`rank_of`, if the
+        caller has it); False when it changes no value at or after the horizon: an
+        earlier-standing record of the same order and entity value is held, the entity is
+        empty, or the record is too old for any window at or after the horizon."""
+        order_id = order["order_id"]
+        rank = rank_of(order) if rank is None else rank
+        time, entity = rank[0], rank[1 + TIE_BREAK.index(self.entity)]
         if entity == "":
             return False  # counts for nobody, and its value is the missing one
-        of = order[feature.of] if feature.of else None
-        of = "" if feature.of and of is None else of
         key = (order_id, entity)
         prior = self.standing.get(key)
         latest = time if prior is None else max(prior[2], time)
@@ -242,12 +261,45 @@ class WindowState:
                 self.standing[key] = (prior[0], prior[1], latest)
                 return False
             self._drop(entity, prior[0][0], order_id)
+        of = self._of(order)
         self.standing[key] = (rank, of, latest)
-        if time <= self.horizon - feature.window_ms:
+        if time <= self.horizon - self.window_ms:
             return prior is not None
         bisect.insort(self.entities.setdefault(entity, []), (time, order_id, of))
         heapq.heappush(self._entries_by_time, (time, order_id, entity))
         return True
+
+    def load(self, records: Iterable[tuple[Mapping[str, Any], tuple[Any, ...], int]]) -> int:
+        """Fill a new state in bulk: ``(order, rank, latest)`` per (order, entity value), the
+        record that stands, its :func:`rank_of` and the latest time of the order's records
+        (UTC ms), as :meth:`add` of the
+        one and then of a record at ``latest`` would leave it, at a fraction of the cost
+        (a restore: scoring/window_task.py). Records with an empty entity are skipped, as
+        :meth:`add` skips them. Returns the orders loaded. Raises ValueError if the state
+        holds anything, or if two records are of one (order, entity value)."""
+        if self.standing or self.entities:
+            raise ValueError("load() fills a new state")
+        position = 1 + TIE_BREAK.index(self.entity)
+        standing, entities = self.standing, self.entities
+        entries_by_time, orders_by_time = self._entries_by_time, self._orders_by_time
+        for order, rank, latest in records:
+            entity = rank[position]
+            if entity == "":
+                continue
+            order_id, time = order["order_id"], rank[0]
+            if (order_id, entity) in standing:
+                raise ValueError(f"order {order_id} of {entity!r} loaded twice")
+            of = self._of(order)
+            latest = max(latest, time)
+            standing[(order_id, entity)] = (rank, of, latest)
+            entities.setdefault(entity, []).append((time, order_id, of))
+            entries_by_time.append((time, order_id, entity))
+            orders_by_time.append((latest, order_id, entity))
+        for entries in entities.values():
+            entries.sort()
+        heapq.heapify(entries_by_time)
+        heapq.heapify(orders_by_time)
+        return len(standing)
 
     def _drop(self, entity: str, time: int, order_id: str) -> None:
         entries = self.entities.get(entity)
@@ -259,44 +311,54 @@ class WindowState:
         if not entries:
             del self.entities[entity]
 
-    def value(self, order: Mapping[str, Any]) -> Any:
-        """The feature's value for ``order``, from the orders added so far: that of the
-        standing record of its order_id and entity value (its own if none was added); the
-        missing value for an empty entity. Raises :class:`Expired` for an order that stands
-        before the horizon."""
-        feature, order_id = self.feature, order["order_id"]
-        entity = "" if order[feature.entity] is None else order[feature.entity]
-        if entity == "":
-            return feature.missing  # counts for nobody, whatever the horizon
+    def values(self, order: Mapping[str, Any]) -> tuple[Any, ...]:
+        """Every feature's value for ``order`` (in the order of ``features``), from the orders
+        added so far: that of the standing record of its order_id and entity value (its own
+        if none was added); the missing values for an empty entity. Raises :class:`Expired`
+        for an order that stands before the horizon."""
+        order_id = order["order_id"]
+        entity = "" if order[self.entity] is None else order[self.entity]
+        if entity == "":  # counts for nobody, whatever the horizon
+            return tuple(f.missing for f in self.features)
         standing = self.standing.get((order_id, entity))
         if standing is None:  # not added: as it would stand
-            time = int(order["timestamp_ms"])
-            own = order[feature.of] if feature.of else None
-            own = "" if feature.of and own is None else own
+            time, own = int(order["timestamp_ms"]), self._of(order)
         else:
             time, own = standing[0][0], standing[1]
         if time < self.horizon:
             raise Expired(f"order {order_id} at {time} stands before the horizon "
-                          f"{self.horizon} (UTC ms) of {feature.name}")
+                          f"{self.horizon} (UTC ms) of {', '.join(f.name for f in self.features)}")
         entries = self.entities.get(entity, [])
         before = bisect.bisect_left(entries, (time, order_id))
-        start = bisect.bisect_left(entries, (time - feature.window_ms + 1,))
-        if feature.aggregation == "count":
-            return before - start + (1 if feature.include_self else 0)
-        if feature.aggregation == "seconds_since_last":
-            return (time - entries[before - 1][0]) / 1000.0 if before > start else None
-        seen = {of for _, _, of in entries[start:before]}
-        if feature.include_self:
-            seen.add(own)
-        return len(seen)
+        out: list[Any] = []
+        for aggregation, window_ms, include_self, of in self._plan:
+            start = bisect.bisect_left(entries, (time - window_ms + 1,))
+            if aggregation == "count":
+                out.append(before - start + (1 if include_self else 0))
+            elif aggregation == "seconds_since_last":
+                out.append((time - entries[before - 1][0]) / 1000.0 if before > start else None)
+            else:
+                seen = {entry[2][of] for entry in entries[start:before]}
+                if include_self:
+                    seen.add(own[of])
+                out.append(len(seen))
+        return tuple(out)
+
+    def value(self, order: Mapping[str, Any]) -> Any:
+        """The value of a state of one feature (:meth:`values`). Raises ValueError for a state
+        of several, :class:`Expired` as :meth:`values` does."""
+        if len(self.features) != 1:
+            raise ValueError("value() is for a state of one feature: use values()")
+        return self.values(order)[0]
 
     def expire(self, horizon_ms: int) -> int:
         """The caller will ask no order that stands before ``horizon_ms`` (UTC ms): forget the
-        orders no order at or after it can see (at or before ``horizon_ms - window_ms``), and
-        which record of an order stands once its latest record is ``dedup_ms`` older than
-        that. Returns how many orders left the windows. O(log n) an order forgotten."""
+        orders no order at or after it can see (at or before ``horizon_ms`` less the longest
+        window), and which record of an order stands once its latest record is ``dedup_ms``
+        older than that. Returns how many orders left the windows. O(log n) an order
+        forgotten."""
         self.horizon = max(self.horizon, horizon_ms)
-        cutoff = self.horizon - self.feature.window_ms
+        cutoff = self.horizon - self.window_ms
         gone = 0
         entries = self._entries_by_time
         while entries and entries[0][0] <= cutoff:

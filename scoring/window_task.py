@@ -57,7 +57,8 @@ import gc
 import heapq
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from triage.model.windows import (
@@ -99,7 +100,7 @@ class WindowOutput:
                 "values": dict(self.values)}
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     order: dict[str, Any]  # the standing record: ORDER_FIELDS
     rank: tuple[Any, ...]
@@ -108,10 +109,14 @@ class _Entry:
     revision: int = 0  # 0: not answered yet
     values: tuple[Any, ...] | None = None
     expired: bool = False
+    time: int = field(init=False)  # the standing record's, UTC ms
 
-    @property
-    def time(self) -> int:
-        return int(self.rank[0])
+    def __post_init__(self) -> None:
+        self.time = int(self.rank[0])
+
+    def stand(self, order: dict[str, Any], rank: tuple[Any, ...], published: int) -> None:
+        """An earlier record of the order stands now."""
+        self.order, self.rank, self.published, self.time = order, rank, published, rank[0]
 
     @property
     def needs(self) -> int:
@@ -122,7 +127,7 @@ class _Entry:
 class WindowTask:
     """The task of one partition of one entity's store (module docstring).
 
-    ``features``: the entity's windowed features (one :class:`WindowState` each);
+    ``features``: the entity's windowed features (one :class:`WindowState` holds them all);
     ``upstream``: partitions of the orders topic (markers from a partition past the count
     extend it); ``retention_ms``: how far behind the frontier (event time, ms) orders are kept
     for corrections and deduplication.
@@ -138,9 +143,8 @@ class WindowTask:
         self.entity, self.features = entity, tuple(features)
         self.upstream, self.retention_ms = upstream, retention_ms
         self.longest = max(f.window_ms for f in features)
-        # Every state forgets an order when the task does: retention_ms past the longest window.
-        self.states = [WindowState(f, dedup_ms=retention_ms + self.longest - f.window_ms)
-                       for f in features]
+        # The state forgets an order when the task does: retention_ms past the longest window.
+        self.state = WindowState(features, dedup_ms=retention_ms)
         # entity value -> its orders held, sorted by (time, order_id)
         self._by_entity: dict[str, list[tuple[int, str]]] = {}
         self.marks: dict[int, tuple[int, int]] = {}  # partition -> (m, q), UTC ms
@@ -176,8 +180,7 @@ class WindowTask:
         value = order[self.entity]
         key = (order["order_id"], "" if value is None else value)
         rank = rank_of(order)
-        for state in self.states:
-            state.add(order)
+        self.state.add(order, rank)
         entry = self.entries.get(key)
         if entry is not None and entry.rank <= rank:
             if rank[0] > entry.latest:
@@ -200,7 +203,7 @@ class WindowTask:
             entry = self.entries[key] = _Entry(standing, rank, published_ms, rank[0])
         else:
             self._unindex(key, entry.time)
-            entry.order, entry.rank, entry.published = standing, rank, published_ms
+            entry.stand(standing, rank, published_ms)
         bisect.insort(self._by_entity.setdefault(key[1], []), (entry.time, key[0]))
         heapq.heappush(self._latest, (entry.latest, *key))
         self._dirty.add(key)
@@ -228,7 +231,7 @@ class WindowTask:
         self._marks_dirty = True
         self.upstream = max(self.upstream, upstream + 1)
         self._passes()
-        ready: list[Key] = []
+        ready: list[tuple[int, str, str]] = []  # (T, order_id, value)
         for heap, bound, by_needs in ((self._by_time, self._busy_pass, False),
                                       (self._by_needs, self._quiet_pass, True)):
             while heap and heap[0][0] <= bound:
@@ -238,9 +241,9 @@ class WindowTask:
                 # and read again, is stale: only the one of the standing record counts.
                 if entry is not None and not entry.revision and popped == (
                         entry.needs if by_needs else entry.time):
-                    ready.append((order_id, value))
-        ready.sort(key=lambda k: (self.entries[k].time, k[0]))
-        outputs = self._emit(ready)
+                    ready.append((entry.time, order_id, value))
+        ready.sort()  # (time, order_id) order; an order popped from both heaps is emitted once
+        outputs = self._emit([(order_id, value) for _, order_id, value in ready])
         # Waiting orders the frontier has left more than the retention behind: expired.
         behind: list[Key] = []
         while self._by_time and self._by_time[0][0] < self.horizon:
@@ -290,7 +293,7 @@ class WindowTask:
                 values: tuple[Any, ...] | None = None
             else:
                 try:
-                    values = tuple(state.value(entry.order) for state in self.states)
+                    values = self.state.values(entry.order)
                 except Expired:
                     values = None
             if entry.revision and values == entry.values and entry.expired == (values is None):
@@ -315,8 +318,7 @@ class WindowTask:
 
     def _expire(self) -> None:
         horizon = self.horizon
-        for state in self.states:
-            state.expire(horizon)
+        self.state.expire(horizon)
         forget = horizon - self.longest - self.retention_ms
         while self._latest and self._latest[0][0] <= forget:
             latest, order_id, value = heapq.heappop(self._latest)
@@ -333,7 +335,7 @@ class WindowTask:
         out: list[tuple[bytes, bytes | None]] = []
         for key in sorted(self._dirty):
             entry = self.entries.get(key)
-            out.append((json.dumps(list(key)).encode(), None if entry is None else json.dumps(
+            out.append((changelog_key(key), None if entry is None else json.dumps(
                 {"order": entry.order, "published": entry.published, "latest": entry.latest,
                  "revision": entry.revision, "values": entry.values,
                  "expired": entry.expired}).encode()))
@@ -370,34 +372,60 @@ class WindowTask:
             latest[key] = value
         marks = latest.pop(MARKS_KEY, None)
         if marks is not None:
-            saved = json.loads(marks)
+            saved = _json(marks)
             self.marks = {int(u): (int(m), int(q)) for u, (m, q) in saved["marks"].items()}
             self.upstream = max([self.upstream, *(u + 1 for u in self.marks)])
             self.frontier = int(saved["frontier"])
             self._passes()
-        for raw_key, value in latest.items():
+        # In bulk: lists and heaps filled, then sorted and heapified once. The key is the
+        # value's own (order_id, entity value): it need not be read.
+        loaded: list[tuple[dict[str, Any], tuple[Any, ...], int]] = []
+        for value in latest.values():
             if value is None:
                 continue
-            saved = json.loads(value)
-            order_id, entity_value = json.loads(raw_key)
-            order, latest_ms = saved["order"], int(saved["latest"])
-            for state in self.states:
-                state.add(order)
-                if latest_ms > order["timestamp_ms"]:  # a later record: the dedup horizon
-                    state.add({**order, "timestamp_ms": latest_ms})
+            saved = _json(value)
+            order = saved["order"]
             entry = _Entry(order, rank_of(order), int(saved["published"]),
                            int(saved["latest"]), int(saved["revision"]),
                            None if saved["values"] is None else tuple(saved["values"]),
                            bool(saved["expired"]))
+            order_id, entity_value = order["order_id"], order[self.entity] or ""
             self.entries[(order_id, entity_value)] = entry
-            bisect.insort(self._by_entity.setdefault(entity_value, []), (entry.time, order_id))
-            heapq.heappush(self._latest, (entry.latest, order_id, entity_value))
+            loaded.append((order, entry.rank, entry.latest))
+            self._by_entity.setdefault(entity_value, []).append((entry.time, order_id))
+            self._latest.append((entry.latest, order_id, entity_value))
             if not entry.revision:
-                heapq.heappush(self._by_time, (entry.time, order_id, entity_value))
-                heapq.heappush(self._by_needs, (entry.needs, order_id, entity_value))
+                self._by_time.append((entry.time, order_id, entity_value))
+                self._by_needs.append((entry.needs, order_id, entity_value))
+        self.state.load(loaded)
+        for held in self._by_entity.values():
+            held.sort()
+        for heap in (self._latest, self._by_time, self._by_needs):
+            heapq.heapify(heap)
         self._dirty.clear()  # what was restored is in the changelog already
         self._expire()  # what it forgets gets its tombstone with the task's next changes
         return len(self.entries)
+
+
+def changelog_key(key: Key) -> bytes:
+    """The changelog key of (order_id, entity value): ``json.dumps([order_id, value])``'s
+    bytes exactly (compaction keeps one record a key, so a key must never change its
+    bytes), built from the json module's own string encoder without its general path."""
+    return f"[{encode_basestring_ascii(key[0])}, {encode_basestring_ascii(key[1])}]".encode()
+
+
+_DECODE = json.JSONDecoder().raw_decode
+
+
+def _json(value: bytes) -> Any:
+    """A changelog value's JSON, without json.loads's encoding detection and whitespace
+    scan (the task writes UTF-8 and no padding). Raises ValueError for text that is not
+    one JSON document."""
+    text = value.decode()
+    found, end = _DECODE(text)
+    if end != len(text):
+        raise ValueError(f"not one JSON document: {text[:80]!r}")
+    return found
 
 
 def missing_output(order: Mapping[str, Any], entity: str, features: Sequence[WindowedFeature]

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from triage.model.datagen import generate
 from triage.model.orders import read_orders_csv
 from triage.model.windows import (
+    TIE_BREAK,
     WINDOWED_FEATURES,
     Expired,
     WindowedFeature,
@@ -24,6 +25,7 @@ from triage.model.windows import (
     declared,
     offline_values,
     online_values,
+    rank_of,
 )
 
 EXAMPLES = settings(max_examples=200, deadline=None)
@@ -69,14 +71,22 @@ def oracle(records: list[dict[str, Any]], feature: WindowedFeature) -> list[Any]
 
 
 @st.composite
-def features(draw: st.DrawFn) -> WindowedFeature:
+def features(draw: st.DrawFn, entity: str | None = None, name: str = "f") -> WindowedFeature:
     aggregation = draw(st.sampled_from(["count", "distinct_count", "seconds_since_last"]))
     return WindowedFeature(
-        name="f", entity=draw(st.sampled_from(["customer_id", "sku_code", "zip_code"])),
+        name=name, entity=entity or draw(st.sampled_from(["customer_id", "sku_code",
+                                                          "zip_code"])),
         aggregation=aggregation, window_ms=draw(st.integers(1, 40)),
         of=draw(st.sampled_from(["zip_code", "sku_code", "order_id"]))
         if aggregation == "distinct_count" else None,
         include_self=aggregation != "seconds_since_last" and draw(st.booleans()))
+
+
+@st.composite
+def store_features(draw: st.DrawFn) -> list[WindowedFeature]:
+    """One to three features of one entity: what one state (a store) computes together."""
+    entity = draw(st.sampled_from(["customer_id", "sku_code", "zip_code"]))
+    return [draw(features(entity, f"f{i}")) for i in range(draw(st.integers(1, 3)))]
 
 
 @st.composite
@@ -132,20 +142,23 @@ def standing_times(records: list[dict[str, Any]], entity: str) -> dict[tuple[str
 
 
 @EXAMPLES
-@given(records=histories(), feature=features(), seed=st.integers(0, 2**32 - 1))
+@given(records=histories(), feats=store_features(), seed=st.integers(0, 2**32 - 1))
 def test_online_values_asked_when_the_watermark_passes_them_with_expiry_equal_the_rule(
-        records: list[dict[str, Any]], feature: WindowedFeature, seed: int) -> None:
+        records: list[dict[str, Any]], feats: list[WindowedFeature], seed: int) -> None:
     """Records arrive out of order (each up to 15 ms late); a record is asked for once every
     record at or before its time has arrived (the scorer's watermark), and the state forgets
-    what no record still to come can see. Every answer is the rule's; a record whose order
-    stands before the horizon by then is refused (Expired), not answered. (Every record of an
-    order comes within the state's dedup_ms of it here: see the test after this one.)"""
+    what no record still to come can see. Every answer is the rule's, for every feature of
+    the state (one to three of one entity, windows of any lengths: a store); a record whose
+    order stands before the horizon by then is refused (Expired), not answered. (Every record
+    of an order comes within the state's dedup_ms of it here: see the test after this one.)"""
     dedup_ms = 200  # beyond the histories' 75 ms
-    expected = dict(zip(map(id, records), oracle(records, feature), strict=True))
-    stands = standing_times(records, feature.entity)
+    entity = feats[0].entity
+    expected = dict(zip(map(id, records), zip(*(oracle(records, f) for f in feats),
+                                              strict=True), strict=True))
+    stands = standing_times(records, entity)
     rng = random.Random(seed)
     arrival = sorted(records, key=lambda r: r["timestamp_ms"] + rng.randint(0, 15))
-    state = WindowState(feature, dedup_ms=dedup_ms)
+    state = WindowState(feats, dedup_ms=dedup_ms)
     answered = refused = 0
     waiting: list[dict[str, Any]] = []
     for i, record in enumerate(arrival):
@@ -154,25 +167,25 @@ def test_online_values_asked_when_the_watermark_passes_them_with_expiry_equal_th
         to_come = min((r["timestamp_ms"] for r in arrival[i + 1:]), default=None)
         ready = [r for r in waiting if to_come is None or r["timestamp_ms"] < to_come]
         for r in ready:
-            if r[feature.entity] and stands[r["order_id"], r[feature.entity]] < state.horizon:
+            if r[entity] and stands[r["order_id"], r[entity]] < state.horizon:
                 with pytest.raises(Expired):
-                    state.value(r)
+                    state.values(r)
                 refused += 1
             else:
-                assert state.value(r) == expected[id(r)], r
+                assert state.values(r) == expected[id(r)], r
                 answered += 1
         waiting = [r for r in waiting if not any(r is q for q in ready)]
         horizon = min([r["timestamp_ms"] for r in waiting] + ([to_come] if to_come is not None
                                                               else []), default=None)
         if horizon is not None:
             state.expire(horizon)
-            cutoff = state.horizon - feature.window_ms  # nothing at or before it is kept
+            cutoff = state.horizon - max(f.window_ms for f in feats)  # nothing at or before
             assert all(t > cutoff for entries in state.entities.values() for t, _, _ in entries)
             assert all(latest > cutoff - dedup_ms for *_, latest in state.standing.values())
     assert answered + refused == len(records)
     # A record whose order stands at its own time is never refused: only later records of
     # an order (a redelivery at another time) can be.
-    assert refused <= sum(r["timestamp_ms"] > stands[r["order_id"], r[feature.entity]]
+    assert refused <= sum(r["timestamp_ms"] > stands[r["order_id"], r[entity]]
                           for r in records)
 
 
@@ -299,3 +312,51 @@ def test_a_name_declared_twice_is_refused() -> None:
     feature = WindowedFeature("f", "customer_id", "count", 1000)
     with pytest.raises(ValueError, match="declared twice"):
         declared([feature, feature])
+
+
+@EXAMPLES
+@given(records=histories(), feats=store_features(), horizon=st.integers(0, 80))
+def test_a_state_loaded_in_bulk_answers_as_the_one_built_record_by_record(
+        records: list[dict[str, Any]], feats: list[WindowedFeature], horizon: int) -> None:
+    """load() (a restore) from each order's standing record and latest time gives the state
+    that add() of every record gave: the same values, and after an expiry the same orders
+    forgotten, the same records refused as already counted."""
+    built = WindowState(feats, dedup_ms=10)
+    for record in records:
+        built.add(record)
+    loaded = WindowState(feats, dedup_ms=10)
+    assert loaded.load((dict(zip(("timestamp_ms", *TIE_BREAK), rank, strict=True))
+                        | {"order_id": order_id}, rank, latest)
+                       for (order_id, _), (rank, _, latest) in built.standing.items()
+                       ) == len(built)
+    assert loaded.standing == built.standing and loaded.entities == built.entities
+    for state in (built, loaded):
+        state.expire(horizon)
+    assert loaded.standing == built.standing and loaded.entities == built.entities
+    for record in records:
+        assert loaded.add(record) == built.add(record)
+        try:
+            expected: Any = built.values(record)
+        except Expired:
+            with pytest.raises(Expired):
+                loaded.values(record)
+        else:
+            assert loaded.values(record) == expected
+
+
+def test_a_state_refuses_features_of_two_entities_a_second_load_and_value_of_several() -> None:
+    count = WindowedFeature("c", "customer_id", "count", 100)
+    with pytest.raises(ValueError, match="one entity"):
+        WindowState([count, WindowedFeature("s", "sku_code", "count", 100)])
+    with pytest.raises(ValueError, match="one entity"):
+        WindowState([])
+    order = {"order_id": "A", "customer_id": "C", "sku_code": "S", "zip_code": "1",
+             "timestamp_ms": 5}
+    state = WindowState([count, WindowedFeature("l", "customer_id", "seconds_since_last", 9)])
+    with pytest.raises(ValueError, match="twice"):
+        state.load([(order, rank_of(order), 5), (order, rank_of(order), 7)])
+    with pytest.raises(ValueError, match="new state"):
+        state.load([])
+    with pytest.raises(ValueError, match="use values"):
+        state.value(order)
+    assert state.values(order) == (0, None)
