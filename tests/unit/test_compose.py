@@ -34,6 +34,7 @@ EXPECTED_COMMAND = {
     "init-data": "datagen",
     "init-model": "train",
     "consumer": "consume",
+    "windows": "windows",
     "replay": "replay",
     "drift-monitor": "drift",
     "gateway": "serve",

@@ -24,6 +24,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 import triage.consumer.metrics  # noqa: F401 - registers the worker's metrics in REGISTRY
 from tests.helpers import PROMETHEUS
 from triage.consumer.drift_monitor import DriftMetrics
+from triage.consumer.window_stage import WindowMetrics
 from triage.settings import Settings, settings_rows
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,6 +97,7 @@ def test_the_config_names_only_real_settings_and_the_pods_serve_their_probes(
     assert not unknown, f"not settings of triage: {unknown}"
     settings = config_settings(tmp_path)  # the values parse and pass validation
     for name, port in (("triage-scorer", settings.scorer.metrics_port),
+                       ("triage-windows", settings.scorer.metrics_port),
                        ("triage-drift-monitor", settings.drift.drift_metrics_port)):
         pod = by_kind("Deployment", name)["spec"]["template"]
         container = pod["spec"]["containers"][0]
@@ -123,6 +125,22 @@ def test_the_config_names_only_real_settings_and_the_pods_serve_their_probes(
         volume = next(v for v in scorer["volumes"] if v["name"] == mount["name"])
         key = path.removeprefix(mount["mountPath"] + "/")
         assert key in by_kind("Secret", volume["secret"]["secretName"])["stringData"]
+
+
+def test_the_feature_stage_runs_no_more_instances_than_partitions_and_drains_a_turn(
+        tmp_path: Path) -> None:
+    settings = config_settings(tmp_path)
+    deployment = by_kind("Deployment", "triage-windows")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["containers"][0]["args"] == ["windows"]
+    # Instances beyond the partition count own no store; two let one take over from the other.
+    assert 2 <= deployment["spec"]["replicas"] <= settings.topics.orders_partitions
+    # SIGTERM finishes the turn: its transaction waits for the acknowledgements, then commits.
+    assert pod["terminationGracePeriodSeconds"] * 1000 > settings.scorer.delivery_timeout_ms
+    assert not any("persistentVolumeClaim" in v for v in pod["volumes"])  # restored, not kept
+    pdb = by_kind("PodDisruptionBudget", "triage-windows")["spec"]
+    assert pdb["selector"] == deployment["spec"]["selector"]
+    assert pdb["maxUnavailable"] == 1
 
 
 def test_the_gateway_serves_its_probes_and_metrics_on_the_port_it_listens_on() -> None:
@@ -190,10 +208,12 @@ def metric_names(expr: str) -> set[str]:
 
 
 def exported_metrics() -> dict[str, bool]:
-    """Every sample name the worker and the drift monitor export -> True when the metric has
-    no labels (so a running process always exports it, even before any event)."""
+    """Every sample name the worker, the feature stage and the drift monitor export -> True
+    when the metric has no labels (so a running process always exports it, even before any
+    event)."""
     names: dict[str, bool] = {}
-    for registry in (REGISTRY, DriftMetrics(CollectorRegistry()).registry):
+    for registry in (REGISTRY, DriftMetrics(CollectorRegistry()).registry,
+                     WindowMetrics().registry):
         for family in registry.collect():
             for sample in family.samples:
                 names[sample.name] = not sample.labels
@@ -244,14 +264,19 @@ def test_prometheus_and_grafana_in_compose_mount_what_exists() -> None:
             assert (ROOT / volume.split(":")[0]).exists(), (service, volume)
     config = yaml.safe_load((PROMETHEUS / "prometheus-compose.yml").read_text())
     jobs = {job["job_name"] for job in config["scrape_configs"]}
-    assert jobs == {"triage-scorer", "triage-drift-monitor", "triage-gateway"}
+    assert jobs == {"triage-scorer", "triage-windows", "triage-drift-monitor", "triage-gateway"}
     gateway = next(job for job in config["scrape_configs"] if job["job_name"] == "triage-gateway")
     command = compose["gateway"]["command"]
     assert gateway["static_configs"][0]["targets"] == [
         f"gateway:{command[command.index('--port') + 1]}"]
     consumer = compose["consumer"]["environment"]
+    scrape = {job["job_name"]: job for job in config["scrape_configs"]}
     assert consumer["TRIAGE_METRICS_PORT"] == str(
-        config["scrape_configs"][0]["dns_sd_configs"][0]["port"])
+        scrape["triage-scorer"]["dns_sd_configs"][0]["port"])
+    windows = compose["windows"]["command"]
+    assert windows[0] == "windows" and windows[windows.index("--metrics-port") + 1] == str(
+        scrape["triage-windows"]["dns_sd_configs"][0]["port"])
+    assert scrape["triage-windows"]["dns_sd_configs"][0]["names"] == ["windows"]
     datasource = yaml.safe_load(
         (GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
     assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
