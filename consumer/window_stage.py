@@ -104,9 +104,11 @@ _FLUSH_BEFORE_ABORT_S = 10.0
 
 class WindowMetrics:
     """The stage's Prometheus metrics, in a registry of its own (docs/operating.md,
-    "Metrics")."""
+    "Metrics"). ``stores``: the entities of the stores this instance runs; their labelled
+    series are exported at 0 from the start, so that ``increase()`` in an alert counts the
+    first events too (Prometheus sees no increase from a series that appears already at N)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stores: Sequence[str] = ()) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
         # process_* (process_start_time_seconds: restarts) and python_*, as a worker has them.
@@ -136,6 +138,12 @@ class WindowMetrics:
         self.waiting = Gauge("triage_windows_waiting_orders",
                              "Orders of a store not answered yet: some orders partition has not "
                              "passed them (every 10 s).", ["store"], registry=registry)
+        for store in stores:
+            self.beyond.labels(store)
+            self.held.labels(store)
+            self.waiting.labels(store)
+            for kind in ("first", "correction", "expired"):
+                self.answers.labels(store, kind)
 
     def committed(self, orders: int, outputs: list[WindowOutput],
                   beyond: dict[str, int]) -> None:
@@ -194,7 +202,8 @@ class WindowStage:
         self.producer = make_producer(
             connection, **{"transactional.id": transactional_id(group, worker_id),
                            "transaction.timeout.ms": settings.scorer.transaction_timeout_ms})
-        self.committer = ExactlyOnce(self.producer, self.consumer, self.log)
+        self.committer = ExactlyOnce(self.producer, self.consumer, self.log,
+                                     settings.scorer.delivery_timeout_ms / 1000.0)
         self.repartition = {repartition_topic(self.topics, e): e for e in self.stores}
         self.changelog = {e: changelog_topic(self.topics, e) for e in self.stores}
         self.upstream = len(partitions_of(self.consumer, self.topics.orders_topic))
@@ -210,7 +219,7 @@ class WindowStage:
         self._stop = False
         self.counts = {"orders_read": 0, "orders_skipped": 0, "outputs": 0, "corrections": 0,
                        "restored": 0, "rewinds": 0}
-        self.metrics = WindowMetrics()
+        self.metrics = WindowMetrics(tuple(self.stores))
         self.health = Health(settings.scorer.health_stall_ms, ("group_joined",))
         self._turn: tuple[int, list[WindowOutput], dict[str, int]] = (0, [], {})
         self.consumer.subscribe([self.topics.orders_topic, *self.repartition],

@@ -207,7 +207,7 @@ def test_a_turn_aborted_by_a_rebalance_is_read_again_from_what_was_committed(
     where the refusal would have, since a rebalance cannot be timed into one turn. Its probes
     and metrics answer over HTTP meanwhile."""
     port = free_port()
-    settings = stage_settings(settings).replace(metrics_port=port)
+    settings = stage_settings(settings).replace(metrics_port=port, delivery_timeout_ms=45_000)
     records = histories(tmp_path)
     expected = expected_values(records)
     shuffled = out_of_order(records)
@@ -215,6 +215,8 @@ def test_a_turn_aborted_by_a_rebalance_is_read_again_from_what_was_committed(
     publish(settings, shuffled[:half])
     stage = WindowStage(settings, worker_id="in-test", metrics_addr="127.0.0.1")
     assert get(port, "/healthz")[0] == 503  # starting: no turn yet
+    # A turn waits TRIAGE_DELIVERY_TIMEOUT_MS for its acknowledgements, as a worker's batch.
+    assert stage.committer.flush_timeout_s == 45.0
     outputs = Outputs(settings)
     try:
         def some_published() -> bool:
@@ -254,3 +256,5 @@ def test_a_turn_aborted_by_a_rebalance_is_read_again_from_what_was_committed(
     empty = sum(1 for r in records for entity in ("customer_id", "sku_code") if not r[entity])
     assert first == len([key for key in expected if key[2]]) + empty
     assert f"triage_windows_orders_total {float(len(records))}" in metrics
+    for store in ("customer_id", "sku_code"):  # exported from the start, for increase()
+        assert f'triage_windows_beyond_retention_total{{store="{store}"}}' in metrics

@@ -24,7 +24,8 @@ from prometheus_client import REGISTRY, CollectorRegistry
 import triage.consumer.metrics  # noqa: F401 - registers the worker's metrics in REGISTRY
 from tests.helpers import PROMETHEUS
 from triage.consumer.drift_monitor import DriftMetrics
-from triage.consumer.window_stage import WindowMetrics
+from triage.consumer.window_stage import WindowMetrics, chosen_features
+from triage.model.windows import stores as window_stores
 from triage.settings import Settings, settings_rows
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,8 +134,11 @@ def test_the_feature_stage_runs_no_more_instances_than_partitions_and_drains_a_t
     deployment = by_kind("Deployment", "triage-windows")
     pod = deployment["spec"]["template"]["spec"]
     assert pod["containers"][0]["args"] == ["windows"]
-    # Instances beyond the partition count own no store; two let one take over from the other.
-    assert 2 <= deployment["spec"]["replicas"] <= settings.topics.orders_partitions
+    # Two let one take over from the other; the group has the orders topic's partitions and
+    # each store's repartition topic's to share, and an instance beyond those would own none.
+    stores = window_stores(chosen_features(settings.windows.names()))
+    assert 2 <= deployment["spec"]["replicas"] <= settings.topics.orders_partitions * (
+        1 + len(stores))
     # SIGTERM finishes the turn: its transaction waits for the acknowledgements, then commits.
     assert pod["terminationGracePeriodSeconds"] * 1000 > settings.scorer.delivery_timeout_ms
     assert not any("persistentVolumeClaim" in v for v in pod["volumes"])  # restored, not kept

@@ -20,7 +20,7 @@ from tests.unit.test_windows import features, histories, oracle
 from triage.bus.errors import ConfigurationError
 from triage.bus.settings import TopicSettings
 from triage.cli import main
-from triage.consumer.window_stage import chosen_features
+from triage.consumer.window_stage import WindowMetrics, chosen_features
 from triage.model.windows import DAY_MS, WINDOWED_FEATURES, WindowedFeature, window_topic_specs
 from triage.scoring.window_task import (
     MARKS_KEY,
@@ -384,3 +384,16 @@ def test_a_changelog_value_that_is_not_one_json_document_is_refused() -> None:
     with pytest.raises(ValueError, match="not one JSON document"):
         WindowTask("customer_id", [COUNT], upstream=1, retention_ms=10).restore(
             [(key, value + b" {}")])
+
+
+def test_the_stage_exports_its_stores_labelled_series_at_zero_from_the_start() -> None:
+    """An alert's increase() sees no increase from a series that first appears at N: records
+    beyond the retention in a pod's first scrape interval went unseen (a review found it)."""
+    registry = WindowMetrics(("customer_id", "sku_code")).registry
+    for store in ("customer_id", "sku_code"):
+        assert registry.get_sample_value("triage_windows_beyond_retention_total",
+                                         {"store": store}) == 0.0
+        for kind in ("first", "correction", "expired"):
+            assert registry.get_sample_value("triage_windows_answers_total",
+                                             {"store": store, "kind": kind}) == 0.0
+        assert registry.get_sample_value("triage_windows_waiting_orders", {"store": store}) == 0
