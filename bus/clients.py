@@ -11,7 +11,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic  # type: ignore[attr-defined]
 
 from triage.bus.embedded import resolve_bootstrap
-from triage.bus.errors import InfrastructureError
+from triage.bus.errors import ConfigurationError, InfrastructureError
 from triage.bus.logs import librdkafka_logger
 from triage.bus.settings import ConnectionSettings, TopicSettings
 
@@ -330,6 +330,24 @@ def check_brokers(client: Producer | Consumer | AdminClient, connection: Connect
             "TRIAGE_BOOTSTRAP_SERVERS (or --bootstrap), that the brokers are running and "
             "reachable from here, and the security settings (TRIAGE_SECURITY_PROTOCOL, "
             "TRIAGE_SASL_*, TRIAGE_SSL_*)") from exc
+
+
+def require_topics(client: Producer | Consumer | AdminClient, topic_names: list[str],
+                   timeout_s: float = BROKER_CHECK_S) -> None:
+    """Raise ConfigurationError naming those of ``topic_names`` the brokers do not have, and
+    how to create them. Asks for every topic's metadata at once, not for these by name: a
+    metadata request that names a topic makes a broker with auto-creation create it, with the
+    broker's default partition count (a worker started before `triage topics create` left an
+    orders topic of 4 partitions beside reference topics of 6). Raises KafkaException if the
+    brokers do not answer within ``timeout_s``."""
+    found = client.list_topics(timeout=timeout_s).topics
+    missing = [t for t in topic_names if t not in found or found[t].error is not None]
+    if missing:
+        raise ConfigurationError(
+            f"topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} not found on the "
+            "brokers: create the project's topics with `triage topics create` (with the same "
+            "TRIAGE_*_TOPIC settings as this command), or point those settings at topics "
+            "that exist")
 
 
 def records_in(consumer: Consumer, topic_names: list[str], timeout_s: float = 5.0

@@ -55,11 +55,13 @@ class ScorerStats:
     dead_lettered: Counter[str] = field(default_factory=Counter)
     batches: int = 0
     expired: int = 0  # scored because the reference wait ran out
+    windowed_expired: int = 0  # scored before the feature stage answered them
     corrected: int = 0  # revisions published for late reference events
 
     def count(self, outcome: Outcome) -> None:
         self.consumed += outcome.size
         self.expired += outcome.expired
+        self.windowed_expired += outcome.windowed_expired
         # An order read again whose published revision still holds has its prediction.
         self.predicted += outcome.predicted + outcome.republished
         self.sampled += len(outcome.samples)
@@ -74,7 +76,8 @@ class ScorerStats:
     def as_dict(self) -> dict[str, object]:
         return {"consumed": self.consumed, "predicted": self.predicted, "sampled": self.sampled,
                 "dead_lettered": dict(self.dead_lettered), "batches": self.batches,
-                "reference_wait_expired": self.expired, "corrected": self.corrected}
+                "reference_wait_expired": self.expired,
+                "windowed_wait_expired": self.windowed_expired, "corrected": self.corrected}
 
 
 class Scorer:
@@ -315,6 +318,13 @@ class Scorer:
             assert origin is not None and not isinstance(item.value, Mapping)  # from Kafka
             out.append(self._dead_letter(topics.dlq_topic, origin, item.key, item.value,
                                          letter.reason, letter.error_class, letter.message))
+        if outcome.windowed_expired and not self.stats.windowed_expired:
+            self.log.warning(
+                "windowed_wait_expired", orders=outcome.windowed_expired,
+                topic=self.topics.windowed_features_topic,
+                note="orders were scored with their windowed features null (wait_expired) "
+                     "because the feature stage had not answered within the max wait: is "
+                     "`triage windows` running? Its answers correct them when they come")
         self.stats.count(outcome)
         metrics.CONSUMED.inc(outcome.size)
         pause, resume = self._flow_control()

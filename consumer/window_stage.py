@@ -76,6 +76,7 @@ from triage.bus.clients import (
     partitions_of,
     produce,
     records_of,
+    require_topics,
 )
 from triage.bus.errors import BadRecord, ConfigurationError, InfrastructureError
 from triage.bus.health import Health, serve
@@ -166,8 +167,8 @@ def chosen_features(names: Sequence[str],
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ConfigurationError(
-            f"TRIAGE_WINDOWED_FEATURES names {', '.join(unknown)}, not declared; the windowed "
-            f"features are {', '.join(known)} (model/windows.py)")
+            f"TRIAGE_WINDOWED_FEATURES (--features) names {', '.join(unknown)}, not declared; "
+            f"the windowed features are {', '.join(known)} (model/windows.py)")
     return tuple(known[n] for n in names) if names else tuple(known.values())
 
 
@@ -181,7 +182,8 @@ class WindowStage:
     """One instance of the feature stage (module docstring). ``run`` until ``request_stop``;
     ``close`` leaves the group. Raises InfrastructureError (from the broker checks and the
     transactions) when the brokers will not serve it; the process then exits 1 and is
-    restarted, resuming from the committed transactions."""
+    restarted, resuming from the committed transactions; ConfigurationError (exit 2) when one
+    of its topics does not exist (`triage topics create` makes them)."""
 
     def __init__(self, settings: WorkerSettings,
                  features: Sequence[WindowedFeature] | None = None,
@@ -199,13 +201,16 @@ class WindowStage:
         group = settings.windows.windows_group_id
         self.consumer = make_consumer(connection, group)
         check_brokers(self.consumer, connection)
+        self.repartition = {repartition_topic(self.topics, e): e for e in self.stores}
+        self.changelog = {e: changelog_topic(self.topics, e) for e in self.stores}
+        require_topics(self.consumer, [self.topics.orders_topic, *self.repartition,
+                                       *self.changelog.values(),
+                                       self.topics.windowed_features_topic])
         self.producer = make_producer(
             connection, **{"transactional.id": transactional_id(group, worker_id),
                            "transaction.timeout.ms": settings.scorer.transaction_timeout_ms})
         self.committer = ExactlyOnce(self.producer, self.consumer, self.log,
                                      settings.scorer.delivery_timeout_ms / 1000.0)
-        self.repartition = {repartition_topic(self.topics, e): e for e in self.stores}
-        self.changelog = {e: changelog_topic(self.topics, e) for e in self.stores}
         self.upstream = len(partitions_of(self.consumer, self.topics.orders_topic))
         self.store_partitions = {topic: len(partitions_of(self.consumer, topic))
                                  for topic in self.repartition}

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import structlog
 
-from triage.bus.clients import check_brokers, is_embedded, records_in
+from triage.bus.clients import check_brokers, is_embedded, records_in, require_topics
 from triage.bus.errors import EXIT_CONFIGURATION, ConfigurationError, exit_status, is_expected
 from triage.bus.health import Health, serve
 from triage.bus.logs import configure_logging
@@ -240,6 +240,7 @@ def run(settings: WorkerSettings, model_dir: str | Path | None, reference_dir: s
                            "(worker N listens on it + N)")
             log.info("metrics_serving", port=port, paths=["/metrics", "/healthz", "/readyz"])
         check_brokers(loop.consumer, settings.connection)  # else one clear line, exit 1
+        require_topics(loop.consumer, [settings.topics.orders_topic])  # else exit 2: create it
         # Join now, so the join (3 s on a new group) overlaps the imports and loading below,
         # unless the worker will spend long restoring the reference streams (it would hold
         # partitions it does not read) or may wait long for a registry's first version.

@@ -106,6 +106,12 @@ def _build(settings: GatewaySettings, log: Any, closing: list[Any], *, model_dir
                    ready=ready)
     log.info("gateway_loaded", model_version=model.version, reference_records=reference.size,
              broker=broker)
+    if model.windowed:
+        log.warning("windowed_features_not_joined", model_version=model.version,
+                    features=list(model.windowed),
+                    note="an order given over HTTP never passes the feature stage: these "
+                         "features are null in its answers (windowed_unknown: not_joined), and "
+                         "its decision may differ from the stream's (docs/contracts.md)")
     return app, closing
 
 

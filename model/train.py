@@ -59,6 +59,7 @@ class TrainReport:
     rows: int
     synthetic_rows: int
     warnings: tuple[str, ...] = ()  # about the data: rows skipped, zips that look truncated
+    windowed: tuple[str, ...] = ()  # the windowed features the model reads (its policy's too)
 
     def confusion_table(self) -> str:
         """The holdout's confusion matrix as text (rows: the policy's labels, columns: the
@@ -171,7 +172,7 @@ def train(data_dir: str | Path, out_dir: str | Path, *, seed: int = 0, holdout: 
     confusion = confusion_matrix(targets[test_idx], predicted,
                                  labels=range(len(class_order))).tolist()
     report = TrainReport(None, None, accuracy, confusion, tuple(class_order), len(labels),
-                         len(coverage), warnings)
+                         len(coverage), warnings, tuple(windowed))
     if accuracy < min_accuracy:
         raise TrainingError(f"holdout accuracy {accuracy:.4%} is below the gate "
                             f"{min_accuracy:.2%}; no artifact written\n{report.confusion_table()}")
@@ -195,4 +196,4 @@ def train(data_dir: str | Path, out_dir: str | Path, *, seed: int = 0, holdout: 
     artifact.save(classifier, manifest, out_dir)
     version = artifact.read_manifest(out_dir)["version"]
     return TrainReport(Path(out_dir), version, accuracy, confusion, tuple(class_order),
-                       len(labels), len(coverage), warnings)
+                       len(labels), len(coverage), warnings, tuple(windowed))

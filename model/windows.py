@@ -41,8 +41,8 @@ see; an order that stands before the horizon is then refused (:class:`Expired`),
 answered from a window that lost orders. It remembers which record of an order stands until
 ``dedup_ms`` after the order's latest record's time has left the windows: records of one
 order more than that apart are beyond what it can join (the feature stage sets it so that
-every state of a store forgets an order when the store does: scoring/window_task.py,
-TRIAGE_WINDOW_RETENTION_S).
+a store's state, one for all its features, forgets an order when the store's task does:
+scoring/window_task.py, TRIAGE_WINDOW_RETENTION_S).
 
 The feature stage (consumer/window_stage.py, ``triage windows``) computes them on Kafka; the
 scorer joins its answers into the predictions of a model trained on them

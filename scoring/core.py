@@ -150,6 +150,7 @@ class Outcome:
     dead_letters: list[Rejected] = field(default_factory=list)
     deferred: list[Incoming] = field(default_factory=list)       # of the batch, now waiting
     expired: int = 0  # orders scored because the reference wait ran out
+    windowed_expired: int = 0  # orders scored before the feature stage answered (wait_expired)
     shadow_scored: list[ScoredColumns] = field(default_factory=list)  # by the shadow model
     republished: int = 0  # orders read again whose last revision still holds: nothing new
 
@@ -409,6 +410,7 @@ class ScoringCore:
             self.windowed.scored(orders.timestamp_ms)
             waits = sum(WAIT_EXPIRED in u.values() for u in unknown)
             if waits:
+                outcome.windowed_expired += waits
                 metrics.WINDOWED_WAIT_EXPIRED.inc(waits)
         if expired.any():
             outcome.expired += int(expired.sum())

@@ -728,6 +728,12 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     print(report.confusion_table())
     if args.out is not None:
         print(f"model {report.version} written to {report.model_dir}")
+    if report.windowed:
+        print(f"the model reads the windowed features {', '.join(report.windowed)}: its "
+              "scorers join them from the feature stage, so run `triage windows` beside them "
+              "(orders wait for its answers up to TRIAGE_REFERENCE_MAX_WAIT_MS, then are "
+              "scored with those features null); `triage serve` cannot know them "
+              "(docs/models.md)")
     return 0
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import TRIAGE, get, wait_for
-from triage.bus.clients import create_topics
+from triage.bus.clients import create_topics, make_admin
 from triage.bus.embedded import free_port
 from triage.consumer.supervisor import worker_env
 from triage.model.streams import reference_topic_partitions
@@ -142,3 +142,23 @@ def test_a_worker_counts_the_reference_backlog_it_decides_its_join_on(
         assert records_in(consumer, [f"no-such-topic-{uuid.uuid4().hex}"]) == 0
     finally:
         consumer.close()
+
+
+def test_a_worker_and_the_stage_without_their_topics_exit_2_naming_them_and_create_none(
+        model_dir: Path, settings: Settings) -> None:
+    """Started before `triage topics create`: a worker restarted forever on
+    UNKNOWN_TOPIC_OR_PART, and its metadata requests for the orders topic by name had a broker
+    with auto-creation make it with its own partition count (a new user's trial found 4 beside
+    reference topics of 6). Both now exit 2 at once, naming the topics and the command."""
+    absent = f"orders-absent-{uuid.uuid4().hex[:8]}"
+    missing = settings.replace(orders_topic=absent, windows_topic_prefix=f"{absent}-windows",
+                               windowed_features_topic=f"{absent}-windowed")
+    for command in (["worker", "--model", str(model_dir)], ["windows"]):
+        result = subprocess.run([*TRIAGE, *command], env=worker_env(missing),
+                                capture_output=True, text=True, timeout=90)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert absent in result.stderr and "triage topics create" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert f"{absent}-windows.customer_id-changelog" in result.stderr  # every one it needs
+    admin = make_admin(settings.connection)
+    assert not [t for t in admin.list_topics(timeout=10).topics if t.startswith(absent)]

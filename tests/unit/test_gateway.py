@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from tests.helpers import EXERCISE, HOLD_S, Client, exercise_orders, oracle, serving
 from triage.gateway.app import MAX_BATCH, make_app
@@ -254,8 +255,13 @@ def test_a_model_reading_windowed_features_is_answered_saying_the_door_cannot_kn
     model_dir = tmp_path / "model"
     train(EXERCISE, model_dir, windowed=["customer_orders_1h", "sku_orders_10m"],
           min_accuracy=0.0)
-    app, _ = build(Settings(), model_dir=model_dir, registry_dir=None,
-                   reference_dir=EXERCISE, broker=False)
+    with capture_logs() as logs:
+        app, _ = build(Settings(), model_dir=model_dir, registry_dir=None,
+                       reference_dir=EXERCISE, broker=False)
+    # said once at the start too, not only in each answer (a new user's trial missed it)
+    (warning,) = [e for e in logs if e["event"] == "windowed_features_not_joined"]
+    assert warning["log_level"] == "warning"
+    assert warning["features"] == ["customer_orders_1h", "sku_orders_10m"]
     with serving(app) as port:
         status, body = Client(port).request("POST", "/decision/v1", exercise_orders()[0])
     assert status == 200, body

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from triage.cli import main
 from triage.model import artifact
 from triage.model.datagen import generate
 from triage.model.drift import CHECKS, DriftError, Reference, evaluate
@@ -66,10 +67,16 @@ def test_model_v2_learns_policy_v2_and_reads_the_windowed_features(
     assert (predicted[v1 != v2] == "Decline").all()
 
 
-def test_policy_v2_trains_on_the_windowed_feature_it_decides_on(
-        bursts: Path, tmp_path: Path) -> None:
-    train(bursts, tmp_path / "m", policy="v2")  # no --windowed: it reads it all the same
+def test_policy_v2_trains_on_the_windowed_feature_it_decides_on_and_says_it_needs_the_stage(
+        bursts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # no --windowed: it reads it all the same, and says what its scorers need (a new user's
+    # trial found nothing said so)
+    assert main(["train", "--data", str(bursts), "--out", str(tmp_path / "m"),
+                 "--policy", "v2"]) == 0
     assert artifact.load(tmp_path / "m").windowed == ("customer_orders_1h",)
+    out = capsys.readouterr().out
+    assert "reads the windowed features customer_orders_1h" in out
+    assert "`triage windows`" in out
     with pytest.raises(TrainingError, match="unknown policy 'v9'"):
         train(bursts, tmp_path / "x", policy="v9")
 

@@ -248,7 +248,8 @@ def test_the_stage_takes_declared_features_and_refuses_others_by_name() -> None:
 def test_triage_windows_refuses_an_undeclared_feature_before_it_connects(
         capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["windows", "--features", "nope", "--bootstrap", "127.0.0.1:1"]) == 2
-    assert "TRIAGE_WINDOWED_FEATURES names nope, not declared" in capsys.readouterr().err
+    assert "TRIAGE_WINDOWED_FEATURES (--features) names nope, not declared" in \
+        capsys.readouterr().err
 
 
 def test_the_stage_topics_one_pair_per_entity_with_a_changelog_kept_past_its_windows(

@@ -134,7 +134,9 @@ def test_past_the_max_wait_an_order_is_flagged_then_corrected_when_the_answer_co
     monotonic.now += 0.2
     assert core.process([]).predictions == []
     join.behind = False
-    (scored,) = core.process([]).predictions
+    outcome = core.process([])
+    (scored,) = outcome.predictions
+    assert outcome.windowed_expired == 1  # the worker's progress line and its warning count it
     assert windowed(scored.record) == {**dict.fromkeys(CUSTOMER), "sku_orders_10m": 4.0}
     assert scored.record["windowed_unknown"] == dict.fromkeys(CUSTOMER, "wait_expired")
     (fixed,) = core.correct_windowed(join.apply([customer_answer("o-1", 1.0)]))
