@@ -821,7 +821,7 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     import structlog
 
-    from triage.bus.clients import make_admin, partitions_of
+    from triage.bus.clients import make_admin, partitions_of, require_topics
     from triage.consumer.autoscale import Autoscaler
     from triage.consumer.supervisor import Supervisor
     from triage.model.reference import check_reference_dir
@@ -842,8 +842,11 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
         raise SettingsError(f"--workers must be a number >= 1 or 'auto', got {args.workers!r}")
     most = args.max_workers if autoscaler else workers
     try:
-        partitions = len(partitions_of(make_admin(settings.connection),
-                                       settings.topics.orders_topic))
+        admin = make_admin(settings.connection)
+        # Before the topic is asked for by name, which has a broker with auto-creation make
+        # it with its own partition count: a missing topic is exit 2, naming the command.
+        require_topics(admin, [settings.topics.orders_topic])
+        partitions = len(partitions_of(admin, settings.topics.orders_topic))
     except KafkaException as exc:  # the workers retry on their own; this check is advisory
         log.warning("partitions_unknown", topic=settings.topics.orders_topic, error=str(exc))
         partitions = most

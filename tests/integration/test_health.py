@@ -149,11 +149,13 @@ def test_a_worker_and_the_stage_without_their_topics_exit_2_naming_them_and_crea
     """Started before `triage topics create`: a worker restarted forever on
     UNKNOWN_TOPIC_OR_PART, and its metadata requests for the orders topic by name had a broker
     with auto-creation make it with its own partition count (a new user's trial found 4 beside
-    reference topics of 6). Both now exit 2 at once, naming the topics and the command."""
+    reference topics of 6; `triage consume` asked for it by name first). All three now exit 2
+    at once, naming the topics and the command."""
     absent = f"orders-absent-{uuid.uuid4().hex[:8]}"
     missing = settings.replace(orders_topic=absent, windows_topic_prefix=f"{absent}-windows",
                                windowed_features_topic=f"{absent}-windowed")
-    for command in (["worker", "--model", str(model_dir)], ["windows"]):
+    for command in (["worker", "--model", str(model_dir)],
+                    ["consume", "--workers", "1", "--model", str(model_dir)], ["windows"]):
         result = subprocess.run([*TRIAGE, *command], env=worker_env(missing),
                                 capture_output=True, text=True, timeout=90)
         assert result.returncode == 2, result.stderr[-2000:]
