@@ -80,6 +80,7 @@ _RESTORE_TIMEOUT_S = 600.0  # a worker's own limit on restoring (ReferenceReader
 _STARTUP_RUNS = 3           # `triage consume` launches; the median is the figure
 _EXERCISE_ORDERS = 10_000   # the original exercise's orders.csv (and its reference files)
 _COMMAND_RUNS = 5           # `triage --help` and `triage produce` runs; the median counts
+_PROFILE_ATTEMPTS = 3       # profiled runs of (b) until py-spy has samples (_profile)
 _BACKTEST_TIMEOUT_S = 600.0  # one backtest process of the speed figures
 _BACKTEST_SOURCES = {
     "kafka": "Kafka (kafka_history + run): the orders topic, the live path's reference topics "
@@ -397,8 +398,17 @@ class Bench:
         except FileNotFoundError as exc:
             raise BenchError(str(exc)) from None
         raw = self.logs / "scorer-profile.txt"
-        raw.unlink(missing_ok=True)
-        sampled = self._run_config(SCORER, main, models, profile_to=raw)
+        # py-spy keeps the samples of threads it does not judge idle: a short run on a loaded
+        # machine can end before it has one (a make test run saw an empty file once, py-spy
+        # attached). The run goes again, up to _PROFILE_ATTEMPTS times in all.
+        for attempt in range(1, _PROFILE_ATTEMPTS + 1):
+            raw.unlink(missing_ok=True)
+            sampled = self._run_config(SCORER, main, models, profile_to=raw)
+            if raw.exists() and raw.stat().st_size > 0:
+                break
+            if attempt < _PROFILE_ATTEMPTS:
+                self.say(f"  py-spy wrote no samples of the worker (run {attempt} of at most "
+                         f"{_PROFILE_ATTEMPTS}); profiling it again")
         if not raw.exists() or raw.stat().st_size == 0:  # py-spy could not attach or read
             spy_logs = sorted(self.logs.glob("*.py-spy.log"))
             raise BenchError("py-spy wrote no samples of the worker (attaching to a process "

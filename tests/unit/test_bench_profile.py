@@ -88,3 +88,35 @@ def test_a_frame_name_read_torn_into_bytes_that_are_not_utf8_keeps_every_count(
     figures = breakdown_of_file(raw, orders=1, rate_hz=1)
     assert figures.samples == 10
     assert figures.seconds == {"encode": 7, "decode": 3}
+
+
+def test_a_profiled_run_without_samples_is_run_again(tmp_path: Path) -> None:
+    """py-spy keeps only the samples of threads it does not judge idle: a short run on a
+    loaded machine once ended with an empty file (py-spy attached), and the whole bench with
+    it. The profiled run goes again; the figures are the run's with samples."""
+    from triage.bench.runner import Bench, BenchError, Published, RunFigures
+
+    said: list[str] = []
+    runs: list[Path] = []
+    line = "<module> (w.py:1);run (consumer/loop.py:229);encode (schemas/codec.py:185) 9\n"
+
+    def run_config(config: str, main: Published, models: object, profile_to: Path
+                   ) -> RunFigures:
+        runs.append(profile_to)
+        profile_to.write_text(line if len(runs) == 2 else "")  # the first one: no samples
+        return RunFigures(config, 1, main.orders, 1.0, 0.5, 100.0, None)
+
+    bench = object.__new__(Bench)
+    bench.logs, bench.say = tmp_path, said.append
+    bench._run_config = run_config  # type: ignore[method-assign]
+    main = Published("orders", "t", 100, {0: 100}, 1.0)
+    figures = bench._profile(main, (tmp_path, tmp_path))
+    assert len(runs) == 2 and figures["samples"] == 9
+    assert any("no samples" in s for s in said)
+    runs.clear()
+    bench._run_config = lambda *a, **k: (runs.append(k["profile_to"]),  # type: ignore
+                                         k["profile_to"].write_text(""),
+                                         RunFigures("b", 1, 100, 1.0, 0.5, 100.0, None))[2]
+    with pytest.raises(BenchError, match="py-spy wrote no samples"):
+        bench._profile(main, (tmp_path, tmp_path))
+    assert len(runs) == 3
