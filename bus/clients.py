@@ -333,14 +333,20 @@ def check_brokers(client: Producer | Consumer | AdminClient, connection: Connect
 
 
 def require_topics(client: Producer | Consumer | AdminClient, topic_names: list[str],
-                   timeout_s: float = BROKER_CHECK_S) -> None:
-    """Raise ConfigurationError naming those of ``topic_names`` the brokers do not have, and
-    how to create them. Asks for every topic's metadata at once, not for these by name: a
-    metadata request that names a topic makes a broker with auto-creation create it, with the
-    broker's default partition count (a worker started before `triage topics create` left an
-    orders topic of 4 partitions beside reference topics of 6). Raises KafkaException if the
-    brokers do not answer within ``timeout_s``."""
-    found = client.list_topics(timeout=timeout_s).topics
+                   timeout_s: float = BROKER_CHECK_S) -> dict[str, int]:
+    """Each of ``topic_names`` -> its partition count; raise ConfigurationError naming those
+    the brokers do not have, and how to create them. Asks for every topic's metadata at once,
+    not for these by name: a metadata request that names a topic makes a broker with
+    auto-creation create it, with the broker's default partition count (a worker started
+    before `triage topics create` left an orders topic of 4 partitions beside reference
+    topics of 6). Raises KafkaException if the brokers do not answer within ``timeout_s``. An
+    AdminClient is polled afterwards, as :func:`partitions_of` polls it, so that its log lines
+    (the brokers' refusals) come out."""
+    try:
+        found = client.list_topics(timeout=timeout_s).topics
+    finally:
+        if isinstance(client, AdminClient):
+            client.poll(0)
     missing = [t for t in topic_names if t not in found or found[t].error is not None]
     if missing:
         raise ConfigurationError(
@@ -348,6 +354,7 @@ def require_topics(client: Producer | Consumer | AdminClient, topic_names: list[
             "brokers: create the project's topics with `triage topics create` (with the same "
             "TRIAGE_*_TOPIC settings as this command), or point those settings at topics "
             "that exist")
+    return {t: len(found[t].partitions) for t in topic_names}
 
 
 def records_in(consumer: Consumer, topic_names: list[str], timeout_s: float = 5.0

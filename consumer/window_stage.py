@@ -73,7 +73,6 @@ from triage.bus.clients import (
     check_brokers,
     make_consumer,
     make_producer,
-    partitions_of,
     produce,
     records_of,
     require_topics,
@@ -203,17 +202,16 @@ class WindowStage:
         check_brokers(self.consumer, connection)
         self.repartition = {repartition_topic(self.topics, e): e for e in self.stores}
         self.changelog = {e: changelog_topic(self.topics, e) for e in self.stores}
-        require_topics(self.consumer, [self.topics.orders_topic, *self.repartition,
-                                       *self.changelog.values(),
-                                       self.topics.windowed_features_topic])
+        partitions = require_topics(self.consumer, [self.topics.orders_topic, *self.repartition,
+                                                    *self.changelog.values(),
+                                                    self.topics.windowed_features_topic])
         self.producer = make_producer(
             connection, **{"transactional.id": transactional_id(group, worker_id),
                            "transaction.timeout.ms": settings.scorer.transaction_timeout_ms})
         self.committer = ExactlyOnce(self.producer, self.consumer, self.log,
                                      settings.scorer.delivery_timeout_ms / 1000.0)
-        self.upstream = len(partitions_of(self.consumer, self.topics.orders_topic))
-        self.store_partitions = {topic: len(partitions_of(self.consumer, topic))
-                                 for topic in self.repartition}
+        self.upstream = partitions[self.topics.orders_topic]
+        self.store_partitions = {topic: partitions[topic] for topic in self.repartition}
         self.tasks: dict[tuple[str, int], WindowTask] = {}
         self._to_restore: set[tuple[str, int]] = set()
         self.read_max: dict[int, int] = {}  # orders partition -> latest order time, UTC ms
